@@ -1,0 +1,32 @@
+# replay-migrate: the two commands of the README, and a few helpers. Every target that needs the
+# host runs scripts/setup-host.sh first (idempotent: a second run only checks).
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint unit bench clean-vms
+
+setup:
+	bash scripts/setup-host.sh
+
+demo: setup
+	$(VENV)/bin/replay-migrate -v demo
+
+# lint + the whole suite, VM tests included (they build/reuse the image and a shared checkpoint)
+test: setup lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+# the tests that need no guest (seconds)
+unit: setup
+	$(PY) -m pytest -m "not vm" $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/run.py
+
+# destroy every domain this project defined (names start with rm-) and their clone folders
+clean-vms: setup
+	$(PY) -m server.cleanup

@@ -1,0 +1,258 @@
+"""Checkpoints: a booted, settled desktop saved as disk overlay + sparse memory image.
+
+Both sites hold the same checkpoint before a migration; a clone starts from it by *restoring*
+(seconds) instead of booting (~35 s under TCG). A checkpoint folder holds::
+
+    disk.qcow2      qcow2 overlay over the guest image's base.qcow2 (never written again)
+    memory.sav      libvirt sparse save image of the running desktop
+    manifest.json   what it is: image recipe, virt type, sizes, timings, later root hashes
+    screen.png      the desktop at save time
+
+Clones live in ``<state>/clones/<name>/``: their own overlay over the checkpoint's disk, their own
+copy of the memory image with the clone's identity in its header, serial log, recorder socket.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from replay_migrate.errors import CheckpointError, NoSuchDomainError, VMError
+from server.images import ensure_image
+from server.paths import checkpoints_dir, clones_dir
+from vm.machine import Hypervisor, Machine, create_overlay, file_allocated, remove_run_dir
+from vm.probe import choose_virt
+from vm.spec import DomainSpec, GuestImage, VirtType
+
+log = logging.getLogger("replay_migrate.checkpoint")
+DOMAIN_PREFIX = "rm-"
+"""Every domain this project defines is named with this prefix (clean-up finds them by it)."""
+SETTLE_S = 15.0
+"""Idle time after the desktop is up before saving, so boot-time writers (font caches, udev,
+journald) are done and clones start from a quiet guest."""
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class Manifest:
+    name: str
+    image_recipe: str
+    image_dir: str
+    virt: str
+    memory_mib: int
+    created: float
+    boot_to_desktop_s: float
+    save_s: float
+    memory_apparent_bytes: int
+    memory_allocated_bytes: int
+    disk_allocated_bytes: int
+    roots: dict[str, str] = field(default_factory=dict)
+    version: int = MANIFEST_VERSION
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest:
+        try:
+            data: dict[str, Any] = json.loads(path.read_text())
+            return cls(**data)
+        except FileNotFoundError:
+            raise CheckpointError(f"{path.parent}: no manifest (incomplete checkpoint)") from None
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{path}: unreadable manifest: {e}") from e
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.replace(path)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    dir: Path
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    @property
+    def disk(self) -> Path:
+        return self.dir / "disk.qcow2"
+
+    @property
+    def memory(self) -> Path:
+        return self.dir / "memory.sav"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.dir / "manifest.json"
+
+    @property
+    def manifest(self) -> Manifest:
+        return Manifest.load(self.manifest_path)
+
+    @property
+    def image(self) -> GuestImage:
+        m = self.manifest
+        return GuestImage(Path(m.image_dir), m.image_recipe)
+
+    def check(self) -> None:
+        for p in (self.disk, self.memory, self.manifest_path):
+            if not p.is_file():
+                raise CheckpointError(f"checkpoint {self.name!r} is incomplete: {p.name} is missing")
+        self.image.check()
+
+
+def get(name: str) -> Checkpoint:
+    ck = Checkpoint(checkpoints_dir() / name)
+    if not ck.dir.is_dir():
+        raise CheckpointError(f"no checkpoint named {name!r} in {checkpoints_dir()}")
+    ck.check()
+    return ck
+
+
+def list_all() -> list[Checkpoint]:
+    d = checkpoints_dir()
+    return sorted((Checkpoint(p) for p in d.iterdir() if (p / "manifest.json").is_file()),
+                  key=lambda c: c.name) if d.is_dir() else []
+
+
+def _check_name(name: str) -> None:
+    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+        raise CheckpointError(f"bad name {name!r}: use letters, digits, '-', '_' and '.'")
+
+
+def create(hv: Hypervisor, name: str, *, memory_mib: int = 1024, settle_s: float = SETTLE_S,
+           image: GuestImage | None = None, virt: VirtType | None = None) -> Checkpoint:
+    """Boot the guest image to the settled desktop and save it as checkpoint ``name``."""
+    _check_name(name)
+    ck = Checkpoint(checkpoints_dir() / name)
+    if ck.dir.exists():
+        raise CheckpointError(f"checkpoint {name!r} exists already (checkpoint rm {name})")
+    image = image or ensure_image().image
+    if virt is None:
+        virt, why = choose_virt(image.kernel, image.dir.parent)
+        log.info("virtualisation: %s (%s)", virt.name, why)
+    partial = ck.dir.with_name(name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    dom_name = f"{DOMAIN_PREFIX}ckpt-{name}"
+    _remove_domain(hv, dom_name)
+    create_overlay(partial / "disk.qcow2", image.base)
+    spec = DomainSpec(name=dom_name, image=image, disk=partial / "disk.qcow2",
+                      run_dir=partial / "boot", virt=virt, memory_mib=memory_mib)
+    m = hv.define(spec)
+    try:
+        t0 = time.monotonic()
+        m.start()
+        m.wait_mark("APPS_READY")
+        m.wait_mark("AGENT_READY", timeout=60)
+        boot_s = time.monotonic() - t0
+        m.wait_agent()
+        time.sleep(settle_s)
+        # flush the page cache and the journal so the overlay holds a clean file system
+        m.exec("sync")
+        with m.frozen():
+            pass
+        time.sleep(1.0)
+        (partial / "screen.png").write_bytes(m.screenshot().png())
+        t1 = time.monotonic()
+        m.save(partial / "memory.sav")
+        save_s = time.monotonic() - t1
+    except BaseException:
+        _remove_domain(hv, dom_name)
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    m.undefine()
+    remove_run_dir(partial / "boot")
+    mem = partial / "memory.sav"
+    Manifest(name=name, image_recipe=image.recipe_hash, image_dir=str(image.dir), virt=virt.value,
+             memory_mib=memory_mib, created=time.time(), boot_to_desktop_s=round(boot_s, 2),
+             save_s=round(save_s, 2), memory_apparent_bytes=mem.stat().st_size,
+             memory_allocated_bytes=file_allocated(mem),
+             disk_allocated_bytes=file_allocated(partial / "disk.qcow2")).save(
+                 partial / "manifest.json")
+    partial.rename(ck.dir)
+    return ck
+
+
+def ensure(hv: Hypervisor, name: str, **kw: Any) -> tuple[Checkpoint, bool]:
+    """Checkpoint ``name`` for the current image recipe: reused if it exists and matches,
+    (re)created otherwise. Returns (checkpoint, created)."""
+    image = ensure_image().image
+    ck = Checkpoint(checkpoints_dir() / name)
+    if ck.manifest_path.is_file():
+        try:
+            if ck.manifest.image_recipe == image.recipe_hash:
+                ck.check()
+                return ck, False
+        except CheckpointError as e:
+            log.warning("recreating checkpoint %s: %s", name, e)
+        remove(hv, name)
+    return create(hv, name, image=image, **kw), True
+
+
+def remove(hv: Hypervisor, name: str) -> None:
+    """Delete a checkpoint; refused while clones of it are defined."""
+    d = checkpoints_dir() / name
+    if not d.exists():
+        raise CheckpointError(f"no checkpoint named {name!r}")
+    users = [c for c in clones_of(name) if hv.exists(c)]
+    if users:
+        raise CheckpointError(f"checkpoint {name!r} is used by {', '.join(users)}: remove them first")
+    shutil.rmtree(d)
+
+
+def clones_of(name: str) -> list[str]:
+    out = []
+    for p in clones_dir().iterdir() if clones_dir().is_dir() else []:
+        origin = p / "checkpoint"
+        if origin.is_file() and origin.read_text().strip() == name:
+            out.append(p.name)
+    return sorted(out)
+
+
+def clone_names() -> list[str]:
+    d = clones_dir()
+    return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+
+
+def clone_dir(name: str) -> Path:
+    return clones_dir() / name
+
+
+def start_clone(hv: Hypervisor, ck: Checkpoint, name: str, *, paused: bool = False,
+                replace: bool = False) -> Machine:
+    """Start domain ``name`` as a clone of checkpoint ``ck`` (restore, not boot)."""
+    _check_name(name)
+    ck.check()
+    if hv.exists(name):
+        if not replace:
+            raise VMError(f"a domain named {name!r} already exists")
+        hv.lookup(name).remove()
+    run_dir = clone_dir(name)
+    remove_run_dir(run_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoint").write_text(ck.name + "\n")
+    create_overlay(run_dir / "disk.qcow2", ck.disk)
+    try:
+        return hv.restore_clone(ck.memory, name=name, disk=run_dir / "disk.qcow2", run_dir=run_dir,
+                                paused=paused)
+    except BaseException:
+        remove_run_dir(run_dir)
+        raise
+
+
+def remove_clone(hv: Hypervisor, name: str) -> None:
+    """Destroy and undefine clone ``name`` and delete its folder."""
+    _remove_domain(hv, name)
+    remove_run_dir(clone_dir(name))
+
+
+def _remove_domain(hv: Hypervisor, name: str) -> None:
+    try:
+        hv.lookup(name).remove()
+    except NoSuchDomainError:
+        pass

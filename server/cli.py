@@ -1,0 +1,169 @@
+"""The ``replay-migrate`` command line.
+
+Exit codes: 0 success; 1 an unexpected error (a bug: traceback printed); otherwise the
+``exit_code`` of the ReplayMigrateError subclass raised (see replay_migrate/errors.py and the
+README's table). Errors are printed as one line ``replay-migrate: error: ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from replay_migrate import __version__
+from replay_migrate.errors import ReplayMigrateError
+from server import checkpoint as ckpt
+from server.images import ensure_image
+from server.report import emit_json, human_bytes, table
+from vm.machine import Hypervisor, Machine
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _hv(args: argparse.Namespace) -> Hypervisor:
+    return Hypervisor(args.connect)
+
+
+# ---- image ------------------------------------------------------------------------------------
+def cmd_image_build(args: argparse.Namespace) -> int:
+    r = ensure_image(force=args.force)
+    print(f"{r.image.dir} ({f'built in {r.seconds:.0f} s' if r.built else 'cached'})")
+    return 0
+
+
+# ---- checkpoint -------------------------------------------------------------------------------
+def cmd_checkpoint_create(args: argparse.Namespace) -> int:
+    with _hv(args) as hv:
+        ck = ckpt.create(hv, args.name, memory_mib=args.memory_mib, settle_s=args.settle)
+        m = ck.manifest
+        print(f"checkpoint {ck.name}: {ck.dir} (boot to desktop {m.boot_to_desktop_s:.1f} s, "
+              f"memory image {human_bytes(m.memory_allocated_bytes)} allocated)")
+    return 0
+
+
+def cmd_checkpoint_list(args: argparse.Namespace) -> int:
+    rows = []
+    for ck in ckpt.list_all():
+        m = ck.manifest
+        rows.append([ck.name, m.image_recipe, m.virt, m.memory_mib,
+                     human_bytes(m.memory_allocated_bytes), human_bytes(m.disk_allocated_bytes),
+                     ", ".join(ckpt.clones_of(ck.name)) or "-"])
+    if args.json:
+        emit_json([{"name": r[0], "image": r[1], "virt": r[2], "memory_mib": r[3]} for r in rows])
+    else:
+        table(rows, ["name", "image", "virt", "MiB", "memory", "disk", "clones"])
+    return 0
+
+
+def cmd_checkpoint_rm(args: argparse.Namespace) -> int:
+    with _hv(args) as hv:
+        ckpt.remove(hv, args.name)
+    return 0
+
+
+# ---- vm -----------------------------------------------------------------------------------------
+def cmd_vm_start(args: argparse.Namespace) -> int:
+    with _hv(args) as hv:
+        m = ckpt.start_clone(hv, ckpt.get(args.checkpoint), args.name, paused=args.paused)
+        print(f"{m.name}: {m.state.value} (clone of {args.checkpoint}, files in {m.run_dir})")
+    return 0
+
+
+def cmd_vm_list(args: argparse.Namespace) -> int:
+    with _hv(args) as hv:
+        names = set(hv.names(ckpt.DOMAIN_PREFIX)) | {n for n in ckpt.clone_names() if hv.exists(n)}
+        table([[n, hv.lookup(n).state.value] for n in sorted(names)], ["domain", "state"])
+    return 0
+
+
+def cmd_vm_rm(args: argparse.Namespace) -> int:
+    with _hv(args) as hv:
+        for name in args.names:
+            ckpt.remove_clone(hv, name)
+    return 0
+
+
+def cmd_vm_screenshot(args: argparse.Namespace) -> int:
+    with _hv(args) as hv:
+        args.out.write_bytes(hv.lookup(args.name).screenshot().png())
+    return 0
+
+
+def cmd_vm_exec(args: argparse.Namespace) -> int:
+    with _hv(args) as hv:
+        m: Machine = hv.lookup(args.name)
+        r = m.exec(args.command, timeout=args.timeout)
+        sys.stdout.write(r.stdout)
+        sys.stderr.write(r.stderr)
+        return r.exit_code
+
+
+# ---- parser -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="replay-migrate", description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--version", action="version", version=f"replay-migrate {__version__}")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    ap.add_argument("--connect", default="qemu:///system", help="libvirt URI (default: %(default)s)")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def add(parent: argparse._SubParsersAction[argparse.ArgumentParser], name: str, fn: Handler,
+            help: str) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help, description=help)
+        p.set_defaults(fn=fn)
+        return p
+
+    img = sub.add_parser("image", help="the guest image").add_subparsers(dest="sub", required=True)
+    p = add(img, "build", cmd_image_build, "build the guest image (or say where the cached one is)")
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+
+    ck = sub.add_parser("checkpoint", help="checkpoints both sites share").add_subparsers(dest="sub", required=True)
+    p = add(ck, "create", cmd_checkpoint_create, "boot the image to the settled desktop and save it")
+    p.add_argument("name")
+    p.add_argument("--memory-mib", type=int, default=1024)
+    p.add_argument("--settle", type=float, default=ckpt.SETTLE_S, help="idle seconds before saving")
+    p = add(ck, "list", cmd_checkpoint_list, "list checkpoints")
+    p.add_argument("--json", action="store_true")
+    p = add(ck, "rm", cmd_checkpoint_rm, "delete a checkpoint (refused while clones use it)")
+    p.add_argument("name")
+
+    vmp = sub.add_parser("vm", help="clones of checkpoints").add_subparsers(dest="sub", required=True)
+    p = add(vmp, "start", cmd_vm_start, "start a clone of a checkpoint (by restoring it)")
+    p.add_argument("--from", dest="checkpoint", required=True, metavar="CHECKPOINT")
+    p.add_argument("--paused", action="store_true")
+    p.add_argument("name")
+    add(vmp, "list", cmd_vm_list, "list our domains")
+    p = add(vmp, "rm", cmd_vm_rm, "destroy clones and delete their files")
+    p.add_argument("names", nargs="+")
+    p = add(vmp, "screenshot", cmd_vm_screenshot, "save the screen as PNG")
+    p.add_argument("name")
+    p.add_argument("out", type=Path)
+    p = add(vmp, "exec", cmd_vm_exec, "run a shell command in the guest (guest agent)")
+    p.add_argument("name")
+    p.add_argument("command")
+    p.add_argument("--timeout", type=float, default=120.0)
+
+    from server import demo
+    p = add(sub, "demo", demo.cmd_demo, "set up, and show the platform's numbers as a table")
+    demo.add_arguments(p)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return int(args.fn(args))
+    except ReplayMigrateError as e:
+        print(f"replay-migrate: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("replay-migrate: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,68 @@
+"""Shared fixtures. VM tests (``@pytest.mark.vm``) share one checkpoint per image recipe: it is
+made once per machine (boot ~35-90 s under TCG) and reused by later runs, like the image itself.
+If libvirt or QEMU is missing, VM tests fail with a message saying so; they are never skipped."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from replay_migrate.errors import HostError
+from server import checkpoint as ckpt
+from server.cleanup import cleanup
+from vm.machine import Hypervisor, Machine
+
+TEST_CHECKPOINT = "test-desktop"
+CLONE_PREFIX = "rm-test-"
+
+
+def _require_host() -> None:
+    missing = [t for t in ("virsh", "qemu-system-x86_64", "qemu-img", "qemu-io", "mmdebstrap")
+               if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"VM tests need {', '.join(missing)}: run `make test` (scripts/setup-host.sh "
+                    "installs libvirt, QEMU and the image tools)", pytrace=False)
+    if os.geteuid() != 0:
+        pytest.fail("VM tests need root (libvirt's system daemon)", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def hv() -> Iterator[Hypervisor]:
+    _require_host()
+    try:
+        h = Hypervisor(connect_timeout=10)
+    except HostError as e:
+        pytest.fail(f"VM tests need libvirtd: {e}", pytrace=False)
+    cleanup(h, CLONE_PREFIX)          # leftovers of an interrupted run
+    yield h
+    cleanup(h, CLONE_PREFIX)
+    h.close()
+
+
+@pytest.fixture(scope="session")
+def checkpoint(hv: Hypervisor) -> ckpt.Checkpoint:
+    """The shared test checkpoint for the current image recipe (created if needed)."""
+    ck, _created = ckpt.ensure(hv, TEST_CHECKPOINT)
+    return ck
+
+
+_counter = itertools.count()
+
+
+@pytest.fixture
+def make_clone(hv: Hypervisor, checkpoint: ckpt.Checkpoint) -> Iterator[Callable[..., Machine]]:
+    """``make_clone(paused=False)`` → a running clone of the test checkpoint, removed afterwards."""
+    made: list[str] = []
+
+    def make(paused: bool = False) -> Machine:
+        name = f"{CLONE_PREFIX}{os.getpid()}-{next(_counter)}"
+        made.append(name)
+        return ckpt.start_clone(hv, checkpoint, name, paused=paused, replace=True)
+
+    yield make
+    for name in made:
+        ckpt.remove_clone(hv, name)

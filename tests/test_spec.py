@@ -1,0 +1,70 @@
+"""Domain XML from the template, and a clone's identity rewrite (no libvirt needed)."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from replay_migrate.errors import ImageError
+from vm.spec import RECORDER_CHANNEL, DomainSpec, GuestImage, VirtType, clone_xml, domain_name
+
+
+def spec(tmp_path: Path, virt: VirtType = VirtType.TCG) -> DomainSpec:
+    return DomainSpec(name="rm-x", image=GuestImage(tmp_path / "img", "abc"),
+                      disk=tmp_path / "d.qcow2", run_dir=tmp_path / "run", virt=virt)
+
+
+def test_template_fills_every_field(tmp_path: Path) -> None:
+    root = ET.fromstring(spec(tmp_path).xml())
+    assert root.get("type") == "qemu"
+    assert root.findtext("name") == "rm-x"
+    assert root.findtext("os/kernel") == str(tmp_path / "img" / "vmlinuz")
+    assert root.find("devices/disk/source").get("file") == str(tmp_path / "d.qcow2")  # type: ignore[union-attr]
+    chans = {c.find("target").get("name"): c for c in root.findall("devices/channel")}  # type: ignore[union-attr]
+    assert chans[RECORDER_CHANNEL].find("source").get("path") == str(tmp_path / "run" / "recorder.sock")  # type: ignore[union-attr]
+    assert root.find("cpu").get("mode") == "maximum"  # type: ignore[union-attr]
+    assert "$" not in spec(tmp_path).xml()
+
+
+def test_kvm_uses_host_cpu_without_arch_capabilities(tmp_path: Path) -> None:
+    root = ET.fromstring(spec(tmp_path, VirtType.KVM).xml())
+    assert root.get("type") == "kvm"
+    cpu = root.find("cpu")
+    assert cpu is not None and cpu.get("mode") == "host-passthrough"
+    assert cpu.find("feature").get("name") == "arch-capabilities"  # type: ignore[union-attr]
+
+
+def test_clone_xml_changes_identity_only(tmp_path: Path) -> None:
+    saved = spec(tmp_path).xml().replace("<name>", "<uuid>1b4e28ba-2fa1-11d2-883f-0016d3cca427</uuid><name>")
+    saved = saved.replace("<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/>",
+                          "<channel type='unix'><source mode='bind' path='/var/lib/libvirt/qemu/channel/"
+                          "target/domain-1-rm-x/org.qemu.guest_agent.0'/><target type='virtio' "
+                          "name='org.qemu.guest_agent.0'/>")
+    out = clone_xml(saved, "rm-y", tmp_path / "c.qcow2", tmp_path / "crun")
+    root = ET.fromstring(out)
+    assert domain_name(out) == "rm-y"
+    assert root.findtext("uuid") not in (None, "1b4e28ba-2fa1-11d2-883f-0016d3cca427")
+    assert root.find("devices/disk/source").get("file") == str(tmp_path / "c.qcow2")  # type: ignore[union-attr]
+    assert root.find("devices/serial/source").get("path") == str(tmp_path / "crun" / "serial.log")  # type: ignore[union-attr]
+    for ch in root.findall("devices/channel"):
+        name = ch.find("target").get("name")  # type: ignore[union-attr]
+        src = ch.find("source")
+        if name == RECORDER_CHANNEL:
+            assert src is not None and src.get("path") == str(tmp_path / "crun" / "recorder.sock")
+        else:
+            assert src is None   # libvirt makes a fresh agent socket path
+    assert root.findtext("memory") == ET.fromstring(saved).findtext("memory")
+
+
+def test_clone_xml_rejects_garbage(tmp_path: Path) -> None:
+    with pytest.raises(ImageError):
+        clone_xml("<domain", "x", tmp_path, tmp_path)
+    with pytest.raises(ImageError, match="no uuid"):
+        clone_xml("<domain><name>a</name></domain>", "x", tmp_path, tmp_path)
+
+
+def test_guest_image_check_names_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match=r"base\.qcow2"):
+        GuestImage(tmp_path, "x").check()
