@@ -12,9 +12,10 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from replay_migrate import __version__
-from replay_migrate.errors import ReplayMigrateError
+from replay_migrate.errors import ReplayMigrateError, UsageError
 from server import checkpoint as ckpt
 from server.images import ensure_image
 from server.report import emit_json, human_bytes, table
@@ -102,14 +103,23 @@ def cmd_vm_exec(args: argparse.Namespace) -> int:
 
 
 # ---- parser -----------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on a usage error; ours is UsageError's code (64, EX_USAGE), so that 2
+    keeps meaning the generic ReplayMigrateError."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(UsageError.exit_code, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="replay-migrate", description=__doc__.splitlines()[0] if __doc__ else None)
+    ap = _Parser(prog="replay-migrate", description="Migrate a desktop VM by replaying its user's input.")
     ap.add_argument("--version", action="version", version=f"replay-migrate {__version__}")
     ap.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     ap.add_argument("--connect", default="qemu:///system", help="libvirt URI (default: %(default)s)")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    def add(parent: argparse._SubParsersAction[argparse.ArgumentParser], name: str, fn: Handler,
+    def add(parent: argparse._SubParsersAction[_Parser], name: str, fn: Handler,
             help: str) -> argparse.ArgumentParser:
         p = parent.add_parser(name, help=help, description=help)
         p.set_defaults(fn=fn)

@@ -1,0 +1,44 @@
+"""The command line: errors become one line and the error class's exit code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from replay_migrate.errors import CheckpointError, NoSuchDomainError, UsageError
+from server.cli import main
+
+
+def test_missing_domain_exit_code(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["vm", "screenshot", "rm-no-such-domain", str(tmp_path / "x.png")]) == NoSuchDomainError.exit_code
+    assert "no domain named 'rm-no-such-domain'" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_missing_checkpoint(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                            tmp_path: Path) -> None:
+    monkeypatch.setenv("REPLAY_MIGRATE_STATE", str(tmp_path))
+    assert main(["vm", "start", "--from", "nope", "rm-x"]) == CheckpointError.exit_code
+    assert "no checkpoint named 'nope'" in capsys.readouterr().err
+    assert main(["checkpoint", "rm", "nope"]) == CheckpointError.exit_code
+
+
+def test_bad_checkpoint_name(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                             tmp_path: Path) -> None:
+    monkeypatch.setenv("REPLAY_MIGRATE_STATE", str(tmp_path))
+    assert main(["checkpoint", "create", "../etc"]) == CheckpointError.exit_code
+    assert "bad name" in capsys.readouterr().err
+
+
+def test_checkpoint_list_empty(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                               tmp_path: Path) -> None:
+    monkeypatch.setenv("REPLAY_MIGRATE_STATE", str(tmp_path))
+    assert main(["checkpoint", "list", "--json"]) == 0
+    assert capsys.readouterr().out.strip() == "[]"
+
+
+def test_usage_error_exit_code() -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["vm"])
+    assert e.value.code == UsageError.exit_code
