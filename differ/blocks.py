@@ -1,0 +1,682 @@
+"""Block sources: memory save images, qcow2 overlays and raw files as rows of 4 KiB leaves.
+
+Each source says which leaves it knows without reading (holes, zero pages, clusters a qcow2 overlay
+does not allocate, whose digest comes from the shared backing chain's saved tree) and reads the rest
+with large ``pread`` calls, so the Merkle code touches only what may differ. See ``differ.source``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import blake3
+import numpy as np
+import numpy.typing as npt
+
+from differ.saveimage import (
+    DEFAULT_MAX_DATA_LEN,
+    DEFAULT_MAX_RAM_BLOCKS,
+    DEFAULT_MAX_SCAN,
+    LIBVIRT_MAGIC,
+    LIBVIRT_PARTIAL_MAGIC,
+    SaveImage,
+    SaveLayout,
+    data_extents,
+)
+from differ.source import LEAF_SIZE, ZERO_LEAF_DIGEST, BlockSource, ImageKind
+from replay_migrate.errors import HostError, ImageError
+
+QCOW2_MAGIC = b"QFI\xfb"
+DIGEST_SIZE = 32
+DEFAULT_READ_LEAVES = 256
+"""Leaves read per call when hashing a whole source (1 MiB: large reads, bounded memory)."""
+DEFAULT_QEMU_TIMEOUT = 600.0
+"""Seconds a qemu-img call may take (a full ``convert`` of a multi-GiB backing image included)."""
+DEFAULT_MAX_FALLBACK_BYTES = 64 << 20
+"""Largest range read through ``qemu-img convert`` in one call (compressed clusters, backing data
+inside a partly allocated leaf), bounding the temporary file."""
+LEAF_DIGESTS_FORMAT = 1
+
+
+def _leaf_count(size: int) -> int:
+    return -(-size // LEAF_SIZE)
+
+
+def _check_range(source: BlockSource, index: int, count: int) -> None:
+    if count < 1 or index < 0 or index + count > source.leaf_count:
+        raise ValueError(f"leaves {index}..{index + count - 1} outside 0..{source.leaf_count - 1}")
+
+
+def _short_zero_digest(size: int) -> bytes | None:
+    """Digest of the last leaf when it is short and all zeros; None when the last leaf is whole.
+
+    A short leaf is hashed as its real bytes, so it must never be reported as a (full) zero leaf."""
+    tail = size % LEAF_SIZE
+    return blake3.blake3(bytes(tail)).digest() if tail else None
+
+
+def _hole_mask(fd: int, size: int) -> npt.NDArray[np.bool_]:
+    """One bool per leaf: True where the whole leaf lies in a file hole (reads as zeros)."""
+    mask = np.ones(_leaf_count(size), dtype=np.bool_)
+    for start, end in data_extents(fd, 0, size):
+        mask[start // LEAF_SIZE : _leaf_count(end)] = False
+    return mask
+
+
+def _iter_zero_leaves(mask: npt.NDArray[np.bool_], size: int) -> Iterator[tuple[int, bytes | None]]:
+    short = _short_zero_digest(size)
+    last = len(mask) - 1
+    for i in np.flatnonzero(mask).tolist():
+        yield i, (short if i == last and short is not None else None)
+
+
+def _open_readonly(path: str, what: str) -> tuple[int, os.stat_result]:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such {what}") from None
+    except OSError as e:
+        raise ImageError(f"{path}: cannot open {what}: {e.strerror}") from None
+    st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode):
+        os.close(fd)
+        raise ImageError(f"{path}: is a directory, not a {what}")
+    return fd, st
+
+
+class _FileSource:
+    """Shared plumbing of the sources that read a file directly: size, pread, close."""
+
+    _kind: ImageKind = "raw"
+    _label = "raw"
+
+    def __init__(self, path: str | os.PathLike[str], what: str) -> None:
+        self.path = os.fspath(path)
+        self._fd, st = _open_readonly(self.path, what)
+        self._size = st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(self._fd, 0, os.SEEK_END)
+
+    @property
+    def kind(self) -> ImageKind:
+        return self._kind
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def leaf_count(self) -> int:
+        return _leaf_count(self._size)
+
+    def known_leaves(self) -> Iterator[tuple[int, bytes | None]]:
+        raise NotImplementedError
+
+    def read(self, index: int, count: int = 1) -> bytes:
+        _check_range(self, index, count)
+        offset = index * LEAF_SIZE
+        length = min(count * LEAF_SIZE, self._size - offset)
+        try:
+            data = os.pread(self._fd, length, offset)
+        except OSError as e:
+            raise ImageError(f"{self.path}: read of {length} bytes at {offset} failed: {e.strerror}") from None
+        if len(data) != length:
+            raise ImageError(f"{self.path}: short read at {offset} (the file shrank while open?)")
+        return data
+
+    def label(self, index: int) -> str:
+        return self._label
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> _FileSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RawImageSource(_FileSource):
+    """A plain file or block device; holes are zero leaves (SEEK_DATA/SEEK_HOLE)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(path, "raw image")
+
+    def known_leaves(self) -> Iterator[tuple[int, bytes | None]]:
+        return _iter_zero_leaves(_hole_mask(self._fd, self._size), self._size)
+
+
+class MemoryImageSource(_FileSource):
+    """A sparse save image as 4 KiB pieces of the *file* at ``i * 4096``.
+
+    Non-RAM regions (header, XML, stream prologue with the bitmaps, device state) are just their own
+    leaves, so two saves of clones of one checkpoint line up leaf for leaf. A RAM page whose bitmap
+    bit is clear is a zero leaf without reading: QEMU never reads it on restore (it is a hole in every
+    file QEMU writes); holes anywhere else are zero leaves too."""
+
+    _kind: ImageKind = "memory"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_data_len: int = DEFAULT_MAX_DATA_LEN,
+        max_ram_blocks: int = DEFAULT_MAX_RAM_BLOCKS,
+        max_scan: int = DEFAULT_MAX_SCAN,
+    ) -> None:
+        self.image = SaveImage.open(path, max_data_len=max_data_len, max_ram_blocks=max_ram_blocks, max_scan=max_scan)
+        try:
+            super().__init__(path, "memory image")
+        except BaseException:
+            self.image.close()
+            raise
+        if self._size != self.image.layout.file_size:
+            self.close()
+            raise ImageError(f"{self.path}: changed size while being opened")
+        blocks = [b for b in self.image.layout.blocks if not b.ignored]
+        self._starts = [b.pages_offset // LEAF_SIZE for b in blocks]
+        self._ends = [b.pages_end // LEAF_SIZE for b in blocks]
+        self._names = [b.name for b in blocks]
+
+    @property
+    def layout(self) -> SaveLayout:
+        return self.image.layout
+
+    def zero_mask(self) -> npt.NDArray[np.bool_]:
+        """One bool per leaf: a hole, or a RAM page whose bitmap bit is clear."""
+        mask = _hole_mask(self._fd, self._size)
+        for b in self.image.layout.blocks:
+            if not b.ignored:
+                first = b.pages_offset // LEAF_SIZE
+                mask[first : first + b.npages] |= ~self.image.present(b)
+        return mask
+
+    def known_leaves(self) -> Iterator[tuple[int, bytes | None]]:
+        return _iter_zero_leaves(self.zero_mask(), self._size)
+
+    def label(self, index: int) -> str:
+        k = bisect.bisect_right(self._starts, index) - 1
+        if k >= 0 and index < self._ends[k]:
+            return self._names[k]
+        return "non-ram"
+
+    def close(self) -> None:
+        self.image.close()
+        super().close()
+
+
+# ---------------------------------------------------------------- qemu-img plumbing
+
+
+def run_tool(
+    argv: Sequence[str], *, timeout: float, what: str, path: str, cwd: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a QEMU tool; a missing tool is a HostError, a failure an ImageError naming ``path``."""
+    try:
+        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, cwd=cwd, check=False)
+    except FileNotFoundError:
+        raise HostError(f"{argv[0]} not found: install qemu-utils (scripts/setup-host.sh)") from None
+    except subprocess.TimeoutExpired:
+        raise ImageError(f"{path}: {what} did not finish within {timeout:g} s") from None
+    if proc.returncode != 0:
+        lines = (proc.stderr.strip() or proc.stdout.strip()).splitlines() or [f"exit status {proc.returncode}"]
+        raise ImageError(f"{path}: {what} failed: {lines[-1][:500]}")
+    return proc
+
+
+def _json_tool(argv: Sequence[str], *, timeout: float, what: str, path: str) -> Any:
+    out = run_tool(argv, timeout=timeout, what=what, path=path).stdout
+    try:
+        return json.loads(out)
+    except json.JSONDecodeError:
+        raise ImageError(f"{path}: {what} printed something that is not JSON") from None
+
+
+def qemu_img_info(
+    path: str,
+    *,
+    fmt: str | None = None,
+    qemu_img: str = "qemu-img",
+    timeout: float = DEFAULT_QEMU_TIMEOUT,
+    force_share: bool = False,
+) -> list[dict[str, Any]]:
+    """``qemu-img info --backing-chain``: one dict per image of the chain, the top first."""
+    argv = [qemu_img, "info", "--output=json", "--backing-chain"]
+    argv += (["-f", fmt] if fmt else []) + (["-U"] if force_share else []) + [path]
+    info = _json_tool(argv, timeout=timeout, what="qemu-img info", path=path)
+    if isinstance(info, dict):
+        info = [info]
+    if not isinstance(info, list) or not info or not all(isinstance(i, dict) for i in info):
+        raise ImageError(f"{path}: unexpected qemu-img info output")
+    return info
+
+
+def _image_opts_range(path: str, fmt: str, offset: int, length: int, force_share: bool) -> str:
+    """``--image-opts`` for the guest-visible bytes ``[offset, offset+length)`` of an image: a raw
+    window (offset/size) over the format driver, so qemu-img reads only that range."""
+    opts = [
+        "driver=raw",
+        f"offset={offset}",
+        f"size={length}",
+        f"file.driver={fmt}",
+        "file.file.driver=file",
+        "file.file.filename=" + path.replace(",", ",,"),
+    ]
+    if force_share:
+        opts += ["file.force-share=on", "file.read-only=on"]
+    return ",".join(opts)
+
+
+def read_guest_range(
+    path: str,
+    offset: int,
+    length: int,
+    *,
+    fmt: str = "qcow2",
+    qemu_img: str = "qemu-img",
+    timeout: float = DEFAULT_QEMU_TIMEOUT,
+    tmp_dir: str | None = None,
+    force_share: bool = False,
+) -> bytes:
+    """Guest-visible bytes of an image read by QEMU itself (compressed clusters, external data
+    files, backing data): the slow but always-correct path."""
+    with tempfile.TemporaryDirectory(prefix="rm-range-", dir=tmp_dir) as tmp:
+        out = os.path.join(tmp, "range.raw")
+        argv = [
+            qemu_img,
+            "convert",
+            "-O",
+            "raw",
+            "--image-opts",
+            _image_opts_range(path, fmt, offset, length, force_share),
+            out,
+        ]
+        run_tool(argv, timeout=timeout, what=f"qemu-img convert of bytes {offset}+{length}", path=path)
+        with open(out, "rb") as f:
+            data = f.read()
+    if len(data) != length:
+        raise ImageError(f"{path}: qemu-img returned {len(data)} bytes for a range of {length}")
+    return data
+
+
+# ---------------------------------------------------------------- leaf digests of a backing chain
+
+
+@dataclass(frozen=True)
+class LeafDigests:
+    """The 32-byte digest of every leaf of an image's guest-visible content: the saved tree of a
+    checkpoint's backing chain, computed once and loaded for every later diff."""
+
+    digests: npt.NDArray[np.uint8]
+    """Shape ``(leaf_count, 32)``."""
+    size: int
+    """The image's size in bytes (the last leaf is short when it is not a multiple of 4 KiB)."""
+
+    def __post_init__(self) -> None:
+        d = self.digests
+        if d.dtype != np.uint8 or d.ndim != 2 or d.shape != (_leaf_count(self.size), DIGEST_SIZE):
+            raise ImageError(f"leaf digests of shape {d.shape} ({d.dtype}) do not fit an image of {self.size} bytes")
+
+    def __len__(self) -> int:
+        return int(self.digests.shape[0])
+
+    def digest(self, index: int) -> bytes:
+        return bytes(self.digests[index].tobytes())
+
+    def zero_mask(self) -> npt.NDArray[np.bool_]:
+        """True for leaves whose digest is the zero-leaf digest."""
+        zero = np.frombuffer(ZERO_LEAF_DIGEST, dtype=np.uint8)
+        return np.asarray((self.digests == zero).all(axis=1), dtype=np.bool_)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write an uncompressed ``.npz`` (digests, size, format) atomically."""
+        target = os.fspath(path)
+        tmp = f"{target}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, digests=self.digests, size=np.int64(self.size), format=np.int64(LEAF_DIGESTS_FORMAT))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except OSError as e:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise ImageError(f"{target}: cannot write leaf digests: {e.strerror}") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> LeafDigests:
+        target = os.fspath(path)
+        try:
+            with np.load(target, allow_pickle=False) as z:
+                if set(z.files) != {"digests", "size", "format"}:
+                    raise ImageError(f"{target}: not a leaf-digest file (members {sorted(z.files)})")
+                fmt, size, digests = int(z["format"]), int(z["size"]), z["digests"]
+        except FileNotFoundError:
+            raise ImageError(f"{target}: no such leaf-digest file") from None
+        except (OSError, ValueError, EOFError) as e:
+            raise ImageError(f"{target}: unreadable leaf-digest file ({e})") from None
+        if fmt != LEAF_DIGESTS_FORMAT:
+            raise ImageError(f"{target}: leaf-digest format {fmt} not supported")
+        try:
+            return cls(np.ascontiguousarray(digests), size)
+        except ImageError as e:
+            raise ImageError(f"{target}: {e}") from None
+
+    @classmethod
+    def of_source(cls, source: BlockSource, *, chunk_leaves: int = DEFAULT_READ_LEAVES) -> LeafDigests:
+        """Hash every leaf of ``source``: known leaves without reading, the rest in large reads."""
+        n = source.leaf_count
+        out = np.empty((n, DIGEST_SIZE), dtype=np.uint8)
+        todo = np.ones(n, dtype=np.bool_)
+        zero = np.frombuffer(ZERO_LEAF_DIGEST, dtype=np.uint8)
+        for i, digest in source.known_leaves():
+            out[i] = zero if digest is None else np.frombuffer(digest, dtype=np.uint8)
+            todo[i] = False
+        for start, stop in _runs(todo):
+            for first in range(start, stop, chunk_leaves):
+                count = min(chunk_leaves, stop - first)
+                data = memoryview(source.read(first, count))
+                for k in range(count):
+                    piece = data[k * LEAF_SIZE : (k + 1) * LEAF_SIZE]
+                    out[first + k] = np.frombuffer(blake3.blake3(piece).digest(), dtype=np.uint8)
+        return cls(out, source.size)
+
+
+def _runs(mask: npt.NDArray[np.bool_]) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of every run of True in ``mask``."""
+    padded = np.concatenate(([False], mask, [False])).astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    for k in range(0, len(edges), 2):
+        yield int(edges[k]), int(edges[k + 1])
+
+
+def compute_leaf_digests(
+    path: str | os.PathLike[str],
+    *,
+    fmt: str | None = None,
+    qemu_img: str = "qemu-img",
+    timeout: float = DEFAULT_QEMU_TIMEOUT,
+    tmp_dir: str | None = None,
+    chunk_leaves: int = DEFAULT_READ_LEAVES,
+) -> LeafDigests:
+    """The leaf digests of an image's guest-visible content (a checkpoint's backing chain).
+
+    A raw image is hashed in place; any other format is first expanded by ``qemu-img convert -O
+    raw`` into a sparse temporary file (zeros become holes, never hashed one by one). Run once per
+    checkpoint and keep the result with :meth:`LeafDigests.save`."""
+    spath = os.fspath(path)
+    if not os.path.exists(spath):
+        raise ImageError(f"{spath}: no such image")
+    info = qemu_img_info(spath, fmt=fmt, qemu_img=qemu_img, timeout=timeout)
+    fmt = fmt or str(info[0].get("format", ""))
+    if fmt == "raw":
+        with RawImageSource(spath) as src:
+            return LeafDigests.of_source(src, chunk_leaves=chunk_leaves)
+    with tempfile.TemporaryDirectory(prefix="rm-digests-", dir=tmp_dir) as tmp:
+        out = os.path.join(tmp, "guest.raw")
+        run_tool(
+            [qemu_img, "convert", "-f", fmt, "-O", "raw", spath, out],
+            timeout=timeout,
+            what="qemu-img convert -O raw",
+            path=spath,
+        )
+        with RawImageSource(out) as src:
+            return LeafDigests.of_source(src, chunk_leaves=chunk_leaves)
+
+
+# ---------------------------------------------------------------- qcow2 overlays
+
+_ZERO, _HOST, _QEMU = 0, 1, 2
+"""How a mapped extent is read: zeros, straight from the overlay file, or through qemu-img."""
+
+
+@dataclass(frozen=True)
+class _Extent:
+    start: int
+    end: int
+    mode: int
+    host_offset: int
+
+
+class Qcow2OverlaySource:
+    """The guest-visible content of a qcow2 overlay whose backing chain both sides share.
+
+    ``qemu-img map`` tells which clusters the overlay allocates (depth 0). Only those are read:
+    uncompressed data straight from the overlay file at its host offset, compressed clusters or an
+    external data file through qemu-img. Every other leaf takes its digest from ``backing_tree``
+    (the backing chain's saved leaf digests) or is a zero leaf. Without a backing tree, leaves with
+    backing data are read through qemu-img: correct but slow."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        backing_tree: LeafDigests | None = None,
+        qemu_img: str = "qemu-img",
+        timeout: float = DEFAULT_QEMU_TIMEOUT,
+        force_share: bool = False,
+        tmp_dir: str | None = None,
+        max_fallback_bytes: int = DEFAULT_MAX_FALLBACK_BYTES,
+    ) -> None:
+        self.path = os.fspath(path)
+        self._qemu_img, self._timeout, self._force_share = qemu_img, timeout, force_share
+        self._tmp_dir, self._max_fallback = tmp_dir, max_fallback_bytes
+        self._fd, _ = _open_readonly(self.path, "qcow2 overlay")
+        try:
+            self._setup(backing_tree)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, tree: LeafDigests | None) -> None:
+        if os.pread(self._fd, 4, 0) != QCOW2_MAGIC:
+            raise ImageError(f"{self.path}: not a qcow2 image (no QFI\\xfb magic)")
+        chain = qemu_img_info(
+            self.path, fmt="qcow2", qemu_img=self._qemu_img, timeout=self._timeout, force_share=self._force_share
+        )
+        top = chain[0]
+        if top.get("encrypted"):
+            raise ImageError(f"{self.path}: encrypted qcow2 overlays are not supported")
+        specific = top.get("format-specific", {}).get("data", {})
+        if specific.get("corrupt"):
+            raise ImageError(f"{self.path}: qcow2 image is marked corrupt (run qemu-img check)")
+        external = bool(specific.get("data-file"))
+        size = top.get("virtual-size")
+        if not isinstance(size, int) or size < 0:
+            raise ImageError(f"{self.path}: qemu-img info gave no virtual size")
+        self._size = size
+        has_backing = len(chain) > 1
+        if tree is not None:
+            if not has_backing:
+                raise ImageError(f"{self.path}: a backing tree was given but the overlay has no backing file")
+            bsize = chain[1].get("virtual-size")
+            if bsize != tree.size:
+                raise ImageError(
+                    f"{self.path}: backing tree is for an image of {tree.size} bytes, the backing file has {bsize}"
+                )
+        self._tree = tree
+        self._extents = self._load_map(external)
+        self._starts = [e.start for e in self._extents]
+        self._classify(tree)
+
+    def _load_map(self, external: bool) -> list[_Extent]:
+        argv = [self._qemu_img, "map", "--output=json", "-f", "qcow2"]
+        argv += (["-U"] if self._force_share else []) + [self.path]
+        entries = _json_tool(argv, timeout=self._timeout, what="qemu-img map", path=self.path)
+        if not isinstance(entries, list):
+            raise ImageError(f"{self.path}: unexpected qemu-img map output")
+        extents: list[_Extent] = []
+        self._ov_data = np.zeros(self.leaf_count, dtype=np.bool_)
+        self._ov_zero = np.zeros(self.leaf_count, dtype=np.bool_)
+        self._bk_data = np.zeros(self.leaf_count, dtype=np.bool_)
+        pos = 0
+        for e in entries:
+            try:
+                start, length, depth = int(e["start"]), int(e["length"]), int(e["depth"])
+                zero, data = bool(e["zero"]), bool(e["data"])
+                compressed = bool(e.get("compressed", False))
+                host = e.get("offset")
+            except (KeyError, TypeError, ValueError):
+                raise ImageError(f"{self.path}: unexpected qemu-img map entry {str(e)[:200]}") from None
+            if start != pos or length <= 0:
+                raise ImageError(f"{self.path}: qemu-img map has a gap or overlap at {pos}")
+            pos = start + length
+            lo, hi = start // LEAF_SIZE, _leaf_count(pos)
+            if zero:
+                mode = _ZERO
+                if depth == 0:
+                    self._ov_zero[lo:hi] = True
+            elif depth > 0:
+                mode = _QEMU
+                self._bk_data[lo:hi] = True
+            else:
+                direct = data and isinstance(host, int) and not compressed and not external
+                mode = _HOST if direct else _QEMU
+                self._ov_data[lo:hi] = True
+            extents.append(_Extent(start, pos, mode, host if mode == _HOST else -1))
+        if pos != self._size:
+            raise ImageError(f"{self.path}: qemu-img map covers {pos} bytes, the disk has {self._size}")
+        return extents
+
+    def _classify(self, tree: LeafDigests | None) -> None:
+        n = self.leaf_count
+        self._zero = ~self._ov_data & ~self._bk_data
+        from_backing = ~self._ov_data & ~self._ov_zero & self._bk_data
+        self._from_tree = np.zeros(n, dtype=np.bool_)
+        if tree is not None:
+            # a tree leaf stands for an overlay leaf only if both have the same length
+            same = min(len(tree), n)
+            if tree.size != self._size and same and min(tree.size, self._size) % LEAF_SIZE:
+                same -= 1
+            self._from_tree[:same] = from_backing[:same]
+            tree_zero = np.zeros(n, dtype=np.bool_)
+            tree_zero[:same] = tree.zero_mask()[:same]
+            self._zero |= self._from_tree & tree_zero
+            self._from_tree &= ~tree_zero
+
+    @property
+    def kind(self) -> ImageKind:
+        return "disk"
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def leaf_count(self) -> int:
+        return _leaf_count(self._size)
+
+    def overlay_leaves(self) -> npt.NDArray[np.intp]:
+        """Indices of leaves with data allocated in the overlay itself: the ones that get read."""
+        return np.flatnonzero(self._ov_data)
+
+    def known_leaves(self) -> Iterator[tuple[int, bytes | None]]:
+        short = _short_zero_digest(self._size)
+        last = self.leaf_count - 1
+        tree = self._tree
+        for i in np.flatnonzero(self._zero | self._from_tree).tolist():
+            if self._zero[i]:
+                yield i, (short if i == last and short is not None else None)
+            else:
+                assert tree is not None
+                yield i, tree.digest(i)
+
+    def read(self, index: int, count: int = 1) -> bytes:
+        _check_range(self, index, count)
+        start = index * LEAF_SIZE
+        end = min(self._size, start + count * LEAF_SIZE)
+        buf = bytearray(end - start)
+        view = memoryview(buf)
+        slow: list[tuple[int, int]] = []
+        k = bisect.bisect_right(self._starts, start) - 1
+        while k < len(self._extents) and self._extents[k].start < end:
+            ext = self._extents[k]
+            lo, hi = max(ext.start, start), min(ext.end, end)
+            if ext.mode == _HOST:
+                want = hi - lo
+                try:
+                    got = os.preadv(self._fd, [view[lo - start : hi - start]], ext.host_offset + lo - ext.start)
+                except OSError as e:
+                    raise ImageError(
+                        f"{self.path}: read at host offset {ext.host_offset} failed: {e.strerror}"
+                    ) from None
+                if got != want:
+                    raise ImageError(f"{self.path}: short read of a cluster at host offset {ext.host_offset}")
+            elif ext.mode == _QEMU:
+                if slow and slow[-1][1] == lo:
+                    slow[-1] = (slow[-1][0], hi)
+                else:
+                    slow.append((lo, hi))
+            k += 1
+        for lo, hi in slow:
+            for piece in range(lo, hi, self._max_fallback):
+                piece_end = min(hi, piece + self._max_fallback)
+                view[piece - start : piece_end - start] = read_guest_range(
+                    self.path,
+                    piece,
+                    piece_end - piece,
+                    qemu_img=self._qemu_img,
+                    timeout=self._timeout,
+                    tmp_dir=self._tmp_dir,
+                    force_share=self._force_share,
+                )
+        return bytes(buf)
+
+    def label(self, index: int) -> str:
+        return "disk"
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> Qcow2OverlaySource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------- factory
+
+
+def detect_format(path: str | os.PathLike[str]) -> ImageKind:
+    """``memory`` for a libvirt save image, ``disk`` for qcow2, else ``raw`` (by magic)."""
+    spath = os.fspath(path)
+    fd, _ = _open_readonly(spath, "image")
+    try:
+        head = os.pread(fd, 16, 0)
+    except OSError as e:
+        raise ImageError(f"{spath}: cannot read: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if head in (LIBVIRT_MAGIC, LIBVIRT_PARTIAL_MAGIC):
+        return "memory"
+    if head[:4] == QCOW2_MAGIC:
+        return "disk"
+    return "raw"
+
+
+def open_source(
+    path: str | os.PathLike[str],
+    *,
+    backing_tree: LeafDigests | None = None,
+    qemu_img: str = "qemu-img",
+    force_share: bool = False,
+) -> BlockSource:
+    """Open ``path`` as the right block source for its format (sniffed from the magic)."""
+    kind = detect_format(path)
+    if kind == "memory":
+        return MemoryImageSource(path)
+    if kind == "disk":
+        return Qcow2OverlaySource(path, backing_tree=backing_tree, qemu_img=qemu_img, force_share=force_share)
+    return RawImageSource(path)

@@ -1,0 +1,443 @@
+"""Block sinks: patch a *copy* of an image with verified leaves, then swap it in atomically.
+
+Every sink copies the image sparsely next to the original (same directory: the rename is atomic and
+a qcow2 overlay's relative backing path still resolves), applies writes to the copy, offers a source
+over the copy to recompute the root, and on ``commit`` fsyncs and renames it over the original;
+``abort`` deletes it. Memory and raw images are patched with pwrite and hole punching; a qcow2
+overlay through ``qemu-io`` (guest-visible writes, batched), since its clusters are QEMU's to place.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import numpy as np
+
+from differ.blocks import (
+    DEFAULT_QEMU_TIMEOUT,
+    QCOW2_MAGIC,
+    LeafDigests,
+    MemoryImageSource,
+    Qcow2OverlaySource,
+    RawImageSource,
+    detect_format,
+    qemu_img_info,
+    run_tool,
+)
+from differ.saveimage import DEFAULT_COPY_CHUNK, ImageWriter, data_extents
+from differ.source import LEAF_SIZE, BlockSink, BlockSource
+from replay_migrate.errors import ImageError
+
+FICLONE = 0x40049409
+"""ioctl that makes the copy share the original's extents (btrfs, XFS): instant and exact."""
+DEFAULT_MAX_BATCH_BYTES = 64 << 20
+"""Pending qcow2 leaf data held in memory before it is written with one qemu-io run."""
+DEFAULT_MAX_COMMANDS = 1024
+"""Most ``-c`` commands per qemu-io invocation."""
+DEFAULT_MAX_ARGV_BYTES = 256 << 10
+"""Most argument bytes per qemu-io invocation (far below Linux's ARG_MAX)."""
+
+
+def sparse_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, chunk: int = DEFAULT_COPY_CHUNK) -> str:
+    """Copy ``src`` to the new file ``dst`` keeping it sparse (``cp --sparse=always``): a reflink
+    where the file system can, else only the source's data extents, skipping all-zero 4 KiB pages.
+    Returns ``"reflink"`` or ``"sparse"``. ``dst`` must not exist; the source's mode is kept."""
+    spath, dpath = os.fspath(src), os.fspath(dst)
+    try:
+        sfd = os.open(spath, os.O_RDONLY)
+    except OSError as e:
+        raise ImageError(f"{spath}: cannot open for copying: {e.strerror}") from None
+    try:
+        try:
+            dfd = os.open(dpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as e:
+            raise ImageError(f"{dpath}: cannot create the working copy: {e.strerror}") from None
+        try:
+            shutil.copymode(spath, dpath)
+            try:
+                fcntl.ioctl(dfd, FICLONE, sfd)
+                return "reflink"
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.ENOSYS):
+                    raise
+            size = os.fstat(sfd).st_size
+            os.ftruncate(dfd, size)
+            for start, end in data_extents(sfd, 0, size):
+                _copy_nonzero(sfd, dfd, start, end, chunk)
+            return "sparse"
+        except OSError as e:
+            os.close(dfd)
+            dfd = -1
+            os.unlink(dpath)
+            raise ImageError(f"{spath}: copying to {dpath} failed: {e.strerror}") from None
+        finally:
+            if dfd >= 0:
+                os.close(dfd)
+    finally:
+        os.close(sfd)
+
+
+def _copy_nonzero(sfd: int, dfd: int, start: int, end: int, chunk: int) -> None:
+    """Copy ``[start, end)`` writing only the 4 KiB pages that are not all zeros."""
+    chunk = max(LEAF_SIZE, chunk - chunk % LEAF_SIZE)
+    pos = start - start % LEAF_SIZE
+    while pos < end:
+        data = os.pread(sfd, min(chunk, end - pos), pos)
+        if not data:
+            raise OSError(errno.EIO, f"source ended at {pos}")
+        whole = len(data) - len(data) % LEAF_SIZE
+        pages = np.frombuffer(data, dtype=np.uint8, count=whole).reshape(-1, LEAF_SIZE)
+        nonzero: list[bool] = np.asarray(pages.any(axis=1), dtype=np.bool_).tolist()
+        if whole < len(data):
+            nonzero.append(any(data[whole:]))
+        k = 0
+        while k < len(nonzero):
+            if not nonzero[k]:
+                k += 1
+                continue
+            first = k
+            while k < len(nonzero) and nonzero[k]:
+                k += 1
+            piece = memoryview(data)[first * LEAF_SIZE : k * LEAF_SIZE]
+            offset = pos + first * LEAF_SIZE
+            while piece:
+                n = os.pwrite(dfd, piece, offset)
+                piece, offset = piece[n:], offset + n
+        pos += len(data)
+
+
+def _sibling_path(path: str, tag: str) -> str:
+    """A fresh name next to ``path`` for its working copy (hidden, unique)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.{tag}-", dir=directory)
+    os.close(fd)
+    os.unlink(tmp)
+    return tmp
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _CopySink:
+    """The copy / commit / abort life cycle shared by every sink."""
+
+    def __init__(self, path: str | os.PathLike[str], what: str) -> None:
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise ImageError(f"{self.path}: no such {what}")
+        self.copy_path = _sibling_path(self.path, "rm-patch")
+        self.copy_method = sparse_copy(self.path, self.copy_path)
+        self._state = "open"
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise RuntimeError(f"sink for {self.path} is already {self._state}")
+
+    def _finish_writes(self) -> None:
+        """Make every pending write reach the copy (overridden by batching sinks)."""
+
+    def _close_copy(self) -> None:
+        """Release handles on the copy (overridden)."""
+
+    def commit(self) -> None:
+        """fsync the copy and rename it over the original: all or nothing."""
+        self._check_open()
+        self._finish_writes()
+        self._close_copy()
+        try:
+            fd = os.open(self.copy_path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(self.copy_path, self.path)
+            _fsync_dir(self.path)
+        except OSError as e:
+            raise ImageError(f"{self.path}: committing the patched copy failed: {e.strerror}") from None
+        self._state = "committed"
+
+    def abort(self) -> None:
+        """Delete the copy; the original was never touched. Safe to call twice."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        self._close_copy()
+        try:
+            os.unlink(self.copy_path)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> _CopySink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()
+
+
+class _FileSink(_CopySink):
+    """Leaves written with pwrite into the copy; zero leaves become holes."""
+
+    def __init__(self, path: str | os.PathLike[str], what: str) -> None:
+        super().__init__(path, what)
+        try:
+            self._writer = ImageWriter(self.copy_path)
+        except ImageError:
+            os.unlink(self.copy_path)
+            raise
+
+    def write(self, index: int, data: bytes) -> None:
+        """Write a leaf; an all-zero one becomes a hole (a short last leaf of zeros arrives as data)."""
+        self._check_open()
+        _check_leaf(index, data)
+        offset = index * LEAF_SIZE
+        if data.count(0) == len(data):
+            end = offset + len(data)
+            if self._writer.size() < end:
+                self._writer.truncate(end)
+            self._writer.punch_hole(offset, len(data))
+        else:
+            self._writer.write(offset, data)
+
+    def zero(self, index: int) -> None:
+        """Zero a leaf as a hole. Past the end of the copy nothing is needed: ``set_size`` extends
+        it with zeros."""
+        self._check_open()
+        _check_leaf(index, b"\0")
+        self._writer.punch_hole(index * LEAF_SIZE, LEAF_SIZE)
+
+    def set_size(self, size: int) -> None:
+        self._check_open()
+        if size < 0:
+            raise ValueError(f"negative size {size}")
+        self._writer.truncate(size)
+
+    def _close_copy(self) -> None:
+        self._writer.close()
+
+
+class MemoryImageSink(_FileSink):
+    """Patches a copy of a sparse save image; ``source()`` reparses the copy."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(path, "memory image")
+
+    def source(self) -> BlockSource:
+        self._check_open()
+        return MemoryImageSource(self.copy_path)
+
+
+class RawImageSink(_FileSink):
+    """Patches a copy of a raw image file."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(path, "raw image")
+
+    def source(self) -> BlockSource:
+        self._check_open()
+        return RawImageSource(self.copy_path)
+
+
+def _check_leaf(index: int, data: bytes) -> None:
+    if index < 0:
+        raise ValueError(f"negative leaf index {index}")
+    if not 0 < len(data) <= LEAF_SIZE:
+        raise ValueError(f"leaf {index}: {len(data)} bytes, expected 1..{LEAF_SIZE}")
+
+
+class Qcow2OverlaySink(_CopySink):
+    """Patches a sparse copy of a qcow2 overlay through ``qemu-io`` so the guest-visible content
+    changes exactly as asked whatever the cluster layout; the backing chain is left alone.
+
+    Writes are collected (the last one per leaf wins) and applied in batches: runs of consecutive
+    leaves become one ``write -s FILE`` or ``write -z`` command, many commands per qemu-io run."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        backing_tree: LeafDigests | None = None,
+        qemu_img: str = "qemu-img",
+        qemu_io: str = "qemu-io",
+        timeout: float = DEFAULT_QEMU_TIMEOUT,
+        tmp_dir: str | None = None,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        max_commands: int = DEFAULT_MAX_COMMANDS,
+        max_argv_bytes: int = DEFAULT_MAX_ARGV_BYTES,
+    ) -> None:
+        spath = os.fspath(path)
+        if detect_format(spath) != "disk":
+            raise ImageError(f"{spath}: not a qcow2 image (no {QCOW2_MAGIC!r} magic)")
+        self._qemu_img, self._qemu_io, self._timeout = qemu_img, qemu_io, timeout
+        self._tmp_dir, self._max_batch = tmp_dir, max_batch_bytes
+        self._max_commands, self._max_argv = max_commands, max_argv_bytes
+        self._backing_tree = backing_tree
+        self._pending: dict[int, bytes | None] = {}
+        self._pending_bytes = 0
+        self._flush_at = max_batch_bytes
+        super().__init__(spath, "qcow2 overlay")
+        try:
+            self._virtual_size = self._query_size()
+        except BaseException:
+            os.unlink(self.copy_path)
+            raise
+
+    def _query_size(self) -> int:
+        info = qemu_img_info(self.copy_path, fmt="qcow2", qemu_img=self._qemu_img, timeout=self._timeout)
+        size = info[0].get("virtual-size")
+        if not isinstance(size, int):
+            raise ImageError(f"{self.path}: qemu-img info gave no virtual size")
+        return size
+
+    def write(self, index: int, data: bytes) -> None:
+        """Queue a leaf; an all-zero one becomes ``write -z`` (no data file, no allocation)."""
+        self._check_open()
+        _check_leaf(index, data)
+        if data.count(0) == len(data):
+            self.zero(index)
+            return
+        old = self._pending.get(index)
+        self._pending_bytes += len(data) - (len(old) if old else 0)
+        self._pending[index] = bytes(data)
+        if self._pending_bytes >= self._flush_at:
+            self.flush()
+
+    def zero(self, index: int) -> None:
+        self._check_open()
+        _check_leaf(index, b"\0")
+        old = self._pending.get(index)
+        self._pending_bytes -= len(old) if old else 0
+        self._pending[index] = None
+
+    def set_size(self, size: int) -> None:
+        """``qemu-img resize`` the copy when the virtual size differs (pending writes first when
+        shrinking, so nothing is written past the new end)."""
+        self._check_open()
+        if size < 0 or size % 512:
+            raise ValueError(f"qcow2 virtual size {size} is not a non-negative multiple of 512")
+        if size == self._virtual_size:
+            return
+        argv = [self._qemu_img, "resize", "-q", "-f", "qcow2"]
+        if size < self._virtual_size:
+            self.flush()
+            argv.append("--shrink")
+        run_tool([*argv, self.copy_path, str(size)], timeout=self._timeout, what="qemu-img resize", path=self.path)
+        self._virtual_size = size
+
+    def flush(self, *, final: bool = False) -> None:
+        """Apply the pending writes that lie inside the disk now. Writes past its end wait for a
+        growing ``set_size``; at ``final`` (source, commit) any still waiting is an error."""
+        self._check_open()
+        size = self._virtual_size
+        ready: dict[int, bytes | None] = {}
+        waiting: dict[int, bytes | None] = {}
+        for index, data in self._pending.items():
+            offset = index * LEAF_SIZE
+            inside = offset < size if data is None else offset + len(data) <= size
+            (ready if inside else waiting)[index] = data
+        if final:
+            beyond = sorted(i for i, d in waiting.items() if d is not None)
+            if beyond:
+                raise ImageError(
+                    f"{self.path}: leaf {beyond[0]} ends past the disk's end ({size} bytes); call set_size first"
+                )
+            waiting = {}  # zero leaves past the end are zeros already
+        if ready:
+            with tempfile.TemporaryDirectory(prefix="rm-qemu-io-", dir=self._tmp_dir) as tmp:
+                batch: list[str] = []
+                argv_bytes = 0
+                for cmd in self._commands(ready, tmp):
+                    if batch and (len(batch) >= self._max_commands or argv_bytes + len(cmd) > self._max_argv):
+                        self._run_qemu_io(batch, tmp)
+                        batch, argv_bytes = [], 0
+                    batch.append(cmd)
+                    argv_bytes += len(cmd) + 4
+                if batch:
+                    self._run_qemu_io(batch, tmp)
+        self._pending = waiting
+        self._pending_bytes = sum(len(d) for d in waiting.values() if d is not None)
+        self._flush_at = self._pending_bytes + self._max_batch
+
+    def _commands(self, pending: dict[int, bytes | None], tmp: str) -> Iterator[str]:
+        """qemu-io commands for ``pending``: one per run of consecutive data or zero leaves. Data
+        files are named relative to ``tmp``, the working directory (qemu-io splits its commands on
+        blanks, so no path of ours goes into them)."""
+        size = self._virtual_size
+        items = sorted(pending.items())
+        k = 0
+        while k < len(items):
+            first, data = items[k]
+            is_zero = data is None
+            j = k + 1
+            while (
+                j < len(items)
+                and items[j][0] == items[j - 1][0] + 1
+                and (items[j][1] is None) == is_zero
+                and (is_zero or len(items[j - 1][1] or b"") == LEAF_SIZE)
+            ):
+                j += 1
+            offset, last = first * LEAF_SIZE, items[j - 1][0]
+            run = items[k:j]
+            k = j
+            if is_zero:
+                yield f"write -q -z {offset} {min((last + 1) * LEAF_SIZE, size) - offset}"
+                continue
+            name = f"d{first}"
+            length = 0
+            with open(os.path.join(tmp, name), "wb") as f:
+                for _, piece in run:
+                    length += f.write(piece or b"")
+            yield f"write -q -s {name} {offset} {length}"
+
+    def _run_qemu_io(self, commands: list[str], cwd: str) -> None:
+        argv = [self._qemu_io, "-f", "qcow2"]
+        for cmd in commands:
+            argv += ["-c", cmd]
+        argv.append(os.path.abspath(self.copy_path))
+        proc = run_tool(argv, timeout=self._timeout, what="qemu-io", path=self.path, cwd=cwd)
+        out = proc.stdout + proc.stderr
+        if "fail" in out.lower() or "error" in out.lower():
+            raise ImageError(f"{self.path}: qemu-io reported: {out.strip().splitlines()[-1][:300]}")
+
+    def source(self) -> BlockSource:
+        self._check_open()
+        self.flush(final=True)
+        return Qcow2OverlaySource(
+            self.copy_path,
+            backing_tree=self._backing_tree,
+            qemu_img=self._qemu_img,
+            timeout=self._timeout,
+            tmp_dir=self._tmp_dir,
+        )
+
+    def _finish_writes(self) -> None:
+        self.flush(final=True)
+
+    def abort(self) -> None:
+        self._pending.clear()
+        super().abort()
+
+
+def open_sink(
+    path: str | os.PathLike[str],
+    *,
+    backing_tree: LeafDigests | None = None,
+    qemu_img: str = "qemu-img",
+    qemu_io: str = "qemu-io",
+) -> BlockSink:
+    """The right sink for ``path``'s format (sniffed from the magic, as ``open_source`` does)."""
+    kind = detect_format(path)
+    if kind == "memory":
+        return MemoryImageSink(path)
+    if kind == "disk":
+        return Qcow2OverlaySink(path, backing_tree=backing_tree, qemu_img=qemu_img, qemu_io=qemu_io)
+    return RawImageSink(path)
