@@ -1,0 +1,816 @@
+"""The in-guest recorder agent: capture X input, encode the log, stream it to the host.
+
+Runs on the guest's own python3 with python3-xlib and python3-msgpack only (Debian bookworm: Python
+3.11, python-xlib 0.33, msgpack 1.0.3)::
+
+    PYTHONPATH=/usr/local/lib/replay-migrate python3 -m recorder.agent \\
+        --port /dev/virtio-ports/org.replaymigrate.log.0 --display :0 --ready-mark /dev/ttyS0
+
+Threads, and why:
+
+- main: X RECORD (``record_enable_context`` blocks for the life of the context). Its callback only
+  parses the 32-byte events and puts tuples on a queue: it never blocks on I/O, so a slow or absent
+  host never stalls capture.
+- pump: the only owner of the log encoder, the channel protocol (``AgentSide``), the fallback log
+  file and the port. Frames every ``frame_events`` events or ``frame_ms``, appends each frame to the
+  fallback file, reads attach/ack/expect and writes hello/frames/echoes when the port is writable.
+- flusher: RECORD hands over intercepted events only when the server flushes output to *some* client
+  (DESIGN.md §7), so motion could sit for seconds. This thread's own connection selects motion and
+  key events on the root window and does a round trip every ``flush_ms``. The same connection takes
+  the screen samples for sync marks (a connection must stay in one thread).
+
+The port is opened non-blocking: with no host connected a virtio port reports POLLHUP and a write
+would block, so nothing is ever written blindly; frames wait in the resend buffer (bounded; the
+fallback file has every frame) until a host attaches (``recorder.channel``).
+
+Timing: X events carry the server's millisecond clock, which is taken as is (unwrapped across its
+32-bit wrap) rather than the moment the callback ran, so RECORD's buffering does not distort the
+gaps (a double click recorded 100 ms apart would replay as two single clicks). The server's clock is
+anchored to ours once at start with a property change round trip.
+
+On SIGTERM/SIGINT the agent ends the log (an END event), tries for ``drain_s`` to get everything
+to an attached host, and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import logging
+import os
+import queue
+import select
+import signal
+import sys
+import threading
+import time
+import tty
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from types import FrameType
+from typing import Any
+
+from recorder.channel import DEFAULT_RESEND_LIMIT_BYTES, AgentSide, AgentState, Attached, Expected, Skipped
+from recorder.logformat import (
+    Button,
+    EncodedFrame,
+    Event,
+    Key,
+    LogEncoder,
+    LogHeader,
+    Motion,
+    SyncMark,
+    region_digest,
+)
+
+log = logging.getLogger("recorder.agent")
+
+_XLIB_MISSING: str | None = None
+try:
+    from Xlib import X, Xatom, display
+    from Xlib.error import DisplayError, XError
+    from Xlib.ext import record
+    from Xlib.protocol import rq
+except ImportError as _e:  # reported by main(): the rest of the module (and its tests) works without
+    _XLIB_MISSING = str(_e)
+
+try:
+    from replay_migrate import __version__ as AGENT_VERSION
+except ImportError:  # pragma: no cover - the package is copied into the guest beside this one
+    AGENT_VERSION = "0"
+
+DEFAULT_PORT = "/dev/virtio-ports/org.replaymigrate.log.0"
+DEFAULT_LOG_FILE = "/run/replay-migrate/session.rmlog"
+"""tmpfs: the fallback log must not dirty the guest's disk (it would show up as divergent blocks)."""
+DEFAULT_FRAME_EVENTS = 64
+"""Cut a frame after this many events..."""
+DEFAULT_FRAME_MS = 250
+"""...or when its oldest event is this old. Bounds how far a live replay trails (not the downtime: the
+log is flushed when recording stops). Each frame costs 16 bytes of framing, so this sets the log
+size: typing makes ~14 events/s, and 100 ms frames measured 18.6 bytes/event, 250 ms 14.7, 500 ms
+11.7 (``python -m bench.bench_log --frame-ms``)."""
+DEFAULT_MOTION_WINDOW_MS = 20
+DEFAULT_FLUSH_MS = 100
+"""RECORD flush round trip period (DESIGN.md §7: motion otherwise sits buffered for seconds)."""
+DEFAULT_SYNC_SIZE = 64
+"""Side of the square sampled around the pointer after a click (px)."""
+DEFAULT_SYNC_IDLE_MS = 300
+"""A sync mark is taken once no key or button event came for this long after one did."""
+DEFAULT_SYNC_WINDOW_MAX = (640, 800)
+"""Largest region sampled from the focused window after typing (from its top-left corner)."""
+DEFAULT_RETRY_MS = 200
+"""How often to look again at a port that is missing or has no host (POLLHUP)."""
+DEFAULT_QUEUE_MAX = 100_000
+"""Captured events waiting for the pump; beyond this they are dropped and counted (never blocks)."""
+DEFAULT_DRAIN_S = 2.0
+"""On exit, how long to keep sending to an attached host."""
+READ_CHUNK = 64 * 1024
+
+_READY = "ready"
+_X_KEY_PRESS, _X_KEY_RELEASE, _X_BUTTON_PRESS, _X_BUTTON_RELEASE, _X_MOTION = 2, 3, 4, 5, 6
+
+
+def uptime() -> float:
+    try:
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return time.monotonic()
+
+
+# ------------------------------------------------------------------------------------------- pieces
+
+
+class Clock:
+    """Maps X server time (ms, 32-bit, wrapping) and the monotonic clock to µs since the origin."""
+
+    def __init__(self, server_ms: int, mono_ns: int, wall_us: int) -> None:
+        self.origin_wall_us = wall_us
+        self._mono0 = mono_ns
+        self._last_ms = server_ms
+        self._acc_ms = 0
+
+    def from_server(self, ms: int) -> int:
+        d = (ms - self._last_ms) & 0xFFFFFFFF
+        if d >= 1 << 31:  # slightly older than the previous one
+            d -= 1 << 32
+        self._last_ms = ms
+        self._acc_ms += d
+        return max(0, self._acc_ms * 1000)
+
+    def from_mono(self, mono_ns: int) -> int:
+        return max(0, (mono_ns - self._mono0) // 1000)
+
+
+class FallbackLog:
+    """Every frame appended to a log file (a valid log: ``python -m recorder.logformat FILE``), with an
+    in-memory index so the pump can re-read frames evicted from the resend buffer. A write error
+    disables it (logged once) rather than stopping the recording."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._offsets: list[tuple[int, int]] = []
+        self._size = 0
+        self._fd: int | None = None
+        try:
+            parent = os.path.dirname(path)
+            if parent:
+                os.makedirs(parent, exist_ok=True)
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            log.error("fallback log %s unusable (%s): frames evicted from memory will be lost", path, e)
+
+    def append(self, frame: EncodedFrame) -> None:
+        if frame.seq != len(self._offsets):
+            raise RuntimeError(f"fallback log: frame {frame.seq} after {len(self._offsets)}")
+        self._offsets.append((self._size, len(frame.data)))
+        self._size += len(frame.data)
+        if self._fd is None:
+            return
+        try:
+            view = memoryview(frame.data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as e:
+            log.error("fallback log %s: write failed (%s); no longer written", self.path, e)
+            self._close()
+
+    def read(self, seq: int) -> bytes | None:
+        if self._fd is None or not 0 <= seq < len(self._offsets):
+            return None
+        off, n = self._offsets[seq]
+        try:
+            data = os.pread(self._fd, n, off)
+        except OSError:
+            return None
+        return data if len(data) == n else None
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+    def close(self) -> None:
+        self._close()
+
+
+class Port:
+    """The virtio-serial port (or a tty standing in for it), non-blocking, reopened if it vanishes.
+
+    ``hup`` means no host is connected: a virtio port then polls POLLHUP and reads return 0; a pty
+    whose master is closed returns EIO. While hung up it is left out of poll for ``retry_ms``.
+    """
+
+    def __init__(self, path: str, retry_ms: int) -> None:
+        self.path = path
+        self.retry_s = retry_ms / 1000
+        self.fd: int | None = None
+        self.retry_at = 0.0
+        self._last_errno: int | None = None
+
+    def ensure_open(self, now: float) -> bool:
+        if self.fd is not None:
+            return True
+        if now < self.retry_at:
+            return False
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno != self._last_errno:  # say it once per reason, not every retry
+                log.info("port %s not available yet (%s)", self.path, e.strerror)
+                self._last_errno = e.errno
+            self.retry_at = now + self.retry_s
+            return False
+        self._last_errno = None
+        if os.isatty(fd):
+            tty.setraw(fd)  # no line discipline: bytes through unchanged, no echo
+        self.fd = fd
+        log.info("port %s open", self.path)
+        return True
+
+    def backoff(self, now: float) -> None:
+        self.retry_at = now + self.retry_s
+
+    def usable(self, now: float) -> bool:
+        return self.fd is not None and now >= self.retry_at
+
+    def reopen_later(self, now: float) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
+        self.retry_at = now + self.retry_s
+
+
+@dataclass
+class SyncPolicy:
+    size: int = DEFAULT_SYNC_SIZE
+    idle_ms: int = DEFAULT_SYNC_IDLE_MS
+    window_max: tuple[int, int] = DEFAULT_SYNC_WINDOW_MAX
+
+
+class SyncTrigger:
+    """Shared between the pump (which sees input) and the flusher (which samples the screen): a
+    mark is due ``idle_ms`` after the last key or button event, around the pointer if the burst
+    ended with a button release, else over the focused window."""
+
+    def __init__(self, idle_ms: int) -> None:
+        self.idle_ns = idle_ms * 1_000_000
+        self._lock = threading.Lock()
+        self._gen = 0
+        self._pending: tuple[str, int, int] | None = None
+        self._last_ns = 0
+
+    def note(self, ev: Event, mono_ns: int) -> None:
+        if isinstance(ev, Motion):
+            return
+        with self._lock:
+            self._gen += 1
+            self._last_ns = mono_ns
+            if isinstance(ev, Button) and not ev.down and ev.button <= 3:
+                self._pending = ("click", 0, 0)
+            elif isinstance(ev, Key) or self._pending is None:
+                self._pending = ("typing", 0, 0)
+
+    def due(self, mono_ns: int) -> tuple[str, int] | None:
+        with self._lock:
+            if self._pending is None or mono_ns - self._last_ns < self.idle_ns:
+                return None
+            return self._pending[0], self._gen
+
+    def done(self, gen: int) -> bool:
+        """Clear the pending mark if no input came since ``due()``; say whether to emit it."""
+        with self._lock:
+            if gen != self._gen:
+                return False
+            self._pending = None
+            return True
+
+
+class Sampler:
+    """Samples screen regions to canonical RGB (see ``logformat.region_digest``) via GetImage."""
+
+    def __init__(self, disp: Any, policy: SyncPolicy) -> None:
+        self.d = disp
+        self.policy = policy
+        scr = disp.screen()
+        self.root = scr.root
+        self.width, self.height = scr.width_in_pixels, scr.height_in_pixels
+        info = disp.display.info
+        bpp = {f.depth: f.bits_per_pixel for f in info.pixmap_formats}.get(scr.root_depth)
+        visual = next((v for dp in scr.allowed_depths for v in dp.visuals if v.visual_id == scr.root_visual),
+                      None)
+        masks = (visual.red_mask, visual.green_mask, visual.blue_mask) if visual is not None else None
+        self.lsb_first = info.image_byte_order == 0
+        self.ok = bpp == 32 and masks == (0xFF0000, 0x00FF00, 0x0000FF)
+        if not self.ok:
+            log.warning("screen is %s bpp with masks %s: sync marks disabled", bpp, masks)
+
+    def region(self, label: str) -> tuple[int, int, int, int]:
+        """The region to sample: around the pointer for a click, the focused window for typing."""
+        ptr = self.root.query_pointer()
+        px, py = ptr.root_x, ptr.root_y
+        win = None
+        if label == "typing":
+            focus = self.d.get_input_focus().focus
+            win = focus if hasattr(focus, "id") and focus.id != self.root.id else None
+            if win is None and ptr.child:  # PointerRoot focus (no window manager): the pointer's window
+                win = ptr.child
+        if win is not None:
+            top = self._toplevel(win)
+            if top is not None:
+                g = top.get_geometry()
+                pos = top.translate_coords(self.root, 0, 0)
+                x, y = -pos.x, -pos.y
+                mw, mh = self.policy.window_max
+                return self._clip(x, y, min(g.width, mw), min(g.height, mh))
+        s = self.policy.size
+        return self._clip(px - s // 2, py - s // 2, s, s)
+
+    def _toplevel(self, win: Any) -> Any:
+        for _ in range(64):
+            parent = win.query_tree().parent
+            pid = getattr(parent, "id", parent)
+            if not pid or pid == self.root.id:
+                return win
+            win = parent
+        return None
+
+    def _clip(self, x: int, y: int, w: int, h: int) -> tuple[int, int, int, int]:
+        x0, y0 = max(0, x), max(0, y)
+        x1, y1 = min(self.width, x + w), min(self.height, y + h)
+        return x0, y0, max(1, x1 - x0), max(1, y1 - y0)
+
+    def sample(self, x: int, y: int, w: int, h: int) -> bytes:
+        data = self.root.get_image(x, y, w, h, X.ZPixmap, 0xFFFFFFFF).data
+        rgb = bytearray(w * h * 3)
+        r, g, b = (2, 1, 0) if self.lsb_first else (1, 2, 3)
+        rgb[0::3] = data[r::4]
+        rgb[1::3] = data[g::4]
+        rgb[2::3] = data[b::4]
+        return bytes(rgb)
+
+
+# ------------------------------------------------------------------------------------------ threads
+
+
+def _server_time(disp: Any) -> int:
+    """The X server's current time (ms): change a property on a scratch window and read the
+    PropertyNotify's timestamp."""
+    win = disp.screen().root.create_window(-1, -1, 1, 1, 0, X.CopyFromParent,
+                                           override_redirect=True, event_mask=X.PropertyChangeMask)
+    win.change_property(Xatom.WM_NAME, Xatom.STRING, 8, b"replay-migrate-clock")
+    disp.flush()
+    while True:
+        ev = disp.next_event()
+        if ev.type == X.PropertyNotify and ev.window.id == win.id:
+            t = int(ev.time)
+            win.destroy()
+            disp.flush()
+            return t
+
+
+class Flusher(threading.Thread):
+    """Keeps RECORD flowing (selection on root + round trip every ``flush_ms``) and takes sync marks."""
+
+    def __init__(self, disp: Any, flush_ms: int, sampler: Sampler | None, trigger: SyncTrigger | None,
+                 clock: Clock, put: Callable[[object], None], on_fatal: Callable[[str], None]) -> None:
+        super().__init__(name="flusher", daemon=True)
+        self.d, self.flush_s = disp, flush_ms / 1000
+        self.sampler, self.trigger, self.clock, self.put = sampler, trigger, clock, put
+        self.on_fatal = on_fatal
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self.d.screen().root.change_attributes(
+                event_mask=X.PointerMotionMask | X.KeyPressMask | X.KeyReleaseMask)
+            self.d.sync()
+            fd = self.d.fileno()
+            while not self.stop.is_set():
+                ready, _, _ = select.select([fd], [], [], self.flush_s)
+                while self.d.pending_events():
+                    self.d.next_event()
+                if not ready:
+                    self.d.get_input_focus()  # a round trip: the server writes to us, RECORD flushes
+                self._maybe_sync()
+        except Exception as e:  # X went away or a bug: the agent cannot work on without this thread
+            if not self.stop.is_set():
+                self.on_fatal(f"flusher: {type(e).__name__}: {e}")
+
+    def _maybe_sync(self) -> None:
+        if self.sampler is None or self.trigger is None:
+            return
+        due = self.trigger.due(time.monotonic_ns())
+        if due is None:
+            return
+        label, gen = due
+        try:
+            x, y, w, h = self.sampler.region(label)
+            rgb = self.sampler.sample(x, y, w, h)
+        except XError as e:  # a window went away between the queries: no mark this time
+            log.debug("sync sample failed: %s", e)
+            self.trigger.done(gen)
+            return
+        t = self.clock.from_mono(time.monotonic_ns())
+        if self.trigger.done(gen):
+            self.put(SyncMark(t, x, y, w, h, region_digest(rgb), label))
+
+
+@dataclass
+class PumpConfig:
+    frame_events: int = DEFAULT_FRAME_EVENTS
+    frame_ms: int = DEFAULT_FRAME_MS
+    motion_window_ms: int = DEFAULT_MOTION_WINDOW_MS
+    resend_bytes: int = DEFAULT_RESEND_LIMIT_BYTES
+    retry_ms: int = DEFAULT_RETRY_MS
+    drain_s: float = DEFAULT_DRAIN_S
+
+
+class Pump(threading.Thread):
+    """Captured events → frames → fallback file + port; host messages → acks, resends, echoes."""
+
+    def __init__(self, header: LogHeader, clock: Clock, port: Port, fallback: FallbackLog,
+                 cfg: PumpConfig, q: queue.Queue[object], wake_r: int, trigger: SyncTrigger | None,
+                 ready_mark: str | None, on_fatal: Callable[[str], None]) -> None:
+        super().__init__(name="pump", daemon=True)
+        self.clock, self.port, self.fallback, self.cfg = clock, port, fallback, cfg
+        self.q, self.wake_r, self.trigger, self.ready_mark = q, wake_r, trigger, ready_mark
+        self.on_fatal = on_fatal
+        self.encoder = LogEncoder(header, motion_window_us=cfg.motion_window_ms * 1000,
+                                  frame_events=cfg.frame_events)
+        self.agent = AgentSide(agent_version=header.agent_version, width=header.width,
+                               height=header.height, keymap=header.keymap,
+                               resend_limit_bytes=cfg.resend_bytes, fallback=fallback.read)
+        self.out = b""
+        self.first_pending_ns: int | None = None
+        self.stop_requested = threading.Event()
+        self.stats: collections.Counter[str] = collections.Counter()
+        self._store([self.encoder.start()])
+
+    # -- events and frames
+    def _store(self, frames: list[EncodedFrame]) -> None:
+        for f in frames:
+            self.fallback.append(f)
+            self.agent.add_frame(f.seq, f.data)
+            self.stats["frames"] += 1
+        if self.encoder.pending == 0:
+            self.first_pending_ns = None
+
+    def _take(self, item: object) -> None:
+        now = time.monotonic_ns()
+        if self.encoder.ended:
+            return  # stopping: the log is closed
+        if item == _READY:
+            self._ready()
+            return
+        ev: Event
+        if isinstance(item, SyncMark):
+            ev = replace(item, t_us=max(item.t_us, self.encoder.last_t_us))
+            self.stats["sync"] += 1
+        elif isinstance(item, tuple):
+            typ, detail, x, y, server_ms = item
+            t = max(self.clock.from_server(server_ms), self.encoder.last_t_us)
+            if typ in (_X_KEY_PRESS, _X_KEY_RELEASE):
+                if not 8 <= detail <= 255:
+                    return
+                ev = Key(t, detail, typ == _X_KEY_PRESS)
+            elif typ in (_X_BUTTON_PRESS, _X_BUTTON_RELEASE):
+                if not 1 <= detail <= 255:
+                    return
+                ev = Button(t, detail, typ == _X_BUTTON_PRESS)
+            else:
+                ev = Motion(t, min(max(x, 0), 32767), min(max(y, 0), 32767))
+            self.agent.captured(ev)
+            if self.trigger is not None:
+                self.trigger.note(ev, now)
+            self.stats["events"] += 1
+        else:
+            return
+        self._store(self.encoder.add(ev))
+        if self.encoder.pending and self.first_pending_ns is None:
+            self.first_pending_ns = now
+
+    def _ready(self) -> None:
+        log.info("capturing")
+        if self.ready_mark:
+            try:
+                with open(self.ready_mark, "a") as f:
+                    f.write(f"RM_MARK AGENT_READY uptime={uptime():.2f}\n")
+            except OSError as e:
+                log.error("cannot write the ready mark to %s: %s", self.ready_mark, e)
+
+    # -- port
+    def _read(self, now: float) -> None:
+        assert self.port.fd is not None
+        try:
+            data = os.read(self.port.fd, READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._hangup(now, f"read: {e.strerror}")
+            return
+        if not data:
+            self._hangup(now, "no host")
+            return
+        for ev in self.agent.receive_data(data):
+            if isinstance(ev, Attached):
+                self.out = b""  # a half-sent message is useless to the new host (it scans for hello)
+                log.info("host attached, resending from frame %d%s", ev.resume_from,
+                         " (new session)" if ev.new_session else "")
+            elif isinstance(ev, Skipped):
+                log.warning("skipped %d bytes from the host: %s", ev.nbytes, ev.reason)
+            elif isinstance(ev, Expected):
+                self.stats["expects"] += 1
+
+    def _write(self, now: float) -> None:
+        assert self.port.fd is not None
+        if not self.out:
+            self.out = self.agent.data_to_send()
+        while self.out:
+            try:
+                n = os.write(self.port.fd, self.out)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                self._hangup(now, f"write: {e.strerror}")
+                return
+            self.out = self.out[n:]
+            if not self.out:
+                self.out = self.agent.data_to_send()
+
+    def _hangup(self, now: float, why: str) -> None:
+        if self.agent.state is AgentState.ATTACHED:
+            log.info("host gone (%s); keeping frames from %d", why, self.agent.first_kept)
+        self.agent.connection_lost()
+        self.out = b""
+        if os.path.exists(self.port.path):
+            self.port.backoff(now)
+        else:
+            self.port.reopen_later(now)  # hot-unplugged: open it again when it comes back
+
+    def _wants_write(self) -> bool:
+        return bool(self.out) or self.agent.wants_to_send
+
+    # -- loop
+    def run(self) -> None:
+        try:
+            self._loop()
+        except Exception as e:
+            log.exception("pump failed")
+            self.on_fatal(f"pump: {type(e).__name__}: {e}")
+
+    def _loop(self) -> None:
+        poller = select.poll()
+        poller.register(self.wake_r, select.POLLIN)
+        registered: int | None = None
+        drain_until: float | None = None
+        while True:
+            now = time.monotonic()
+            if self.stop_requested.is_set() and drain_until is None:
+                self._drain_queue()
+                self._store(self.encoder.end(max(self.clock.from_mono(time.monotonic_ns()),
+                                                 self.encoder.last_t_us)))
+                drain_until = now + self.cfg.drain_s
+            if drain_until is not None and (now >= drain_until or not self._wants_write()
+                                            or self.agent.state is not AgentState.ATTACHED):
+                return
+            self.port.ensure_open(now)
+            fd = self.port.fd if self.port.usable(now) else None
+            if registered is not None and registered != fd:
+                poller.unregister(registered)
+                registered = None
+            if fd is not None:
+                mask = select.POLLIN | (select.POLLOUT if self._wants_write() else 0)
+                if registered is None:
+                    poller.register(fd, mask)
+                else:
+                    poller.modify(fd, mask)
+                registered = fd
+            timeout = self._timeout(now)
+            for rfd, revents in poller.poll(timeout):
+                now = time.monotonic()
+                if rfd == self.wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self.wake_r, 4096)
+                    continue
+                if self.port.fd != rfd:
+                    continue
+                if revents & select.POLLIN:
+                    self._read(now)
+                elif revents & (select.POLLHUP | select.POLLERR):
+                    self._hangup(now, "POLLHUP")
+                    continue
+                if self.port.fd == rfd and revents & select.POLLOUT:
+                    self._write(now)
+            self._drain_queue()
+            if (self.first_pending_ns is not None
+                    and time.monotonic_ns() - self.first_pending_ns >= self.cfg.frame_ms * 1_000_000):
+                self._store(self.encoder.flush())
+            if self.port.usable(time.monotonic()) and self._wants_write():
+                self._write(time.monotonic())
+
+    def _drain_queue(self) -> None:
+        while True:
+            try:
+                item = self.q.get_nowait()
+            except queue.Empty:
+                return
+            self._take(item)
+
+    def _timeout(self, now: float) -> int:
+        """Poll timeout (ms): until the frame deadline or the next look at the port."""
+        waits = [1000.0]
+        if self.first_pending_ns is not None:
+            due = self.first_pending_ns + self.cfg.frame_ms * 1_000_000 - time.monotonic_ns()
+            waits.append(max(0.0, due / 1e6))
+        if self.port.fd is None or not self.port.usable(now):
+            waits.append(max(0.0, (self.port.retry_at - now) * 1000))
+        return int(min(waits)) + 1
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+class _Stop(Exception):
+    pass
+
+
+def _keymap_name(disp: Any) -> str:
+    """The XKB layout (and variant) from the root window's _XKB_RULES_NAMES, e.g. ``us``."""
+    try:
+        prop = disp.screen().root.get_full_property(disp.intern_atom("_XKB_RULES_NAMES"), Xatom.STRING)
+        if prop is not None:
+            raw = prop.value if isinstance(prop.value, bytes | str) else bytes(prop.value)
+            names = (raw.decode("latin-1") if isinstance(raw, bytes) else raw).split("\0")
+            layout = names[2] if len(names) > 2 else ""
+            variant = names[3] if len(names) > 3 else ""
+            if layout:
+                return f"{layout}({variant})" if variant else layout
+    except Exception as e:  # the property is a nicety: never fail the agent for it
+        log.debug("no XKB rules names: %s", e)
+    return "us"
+
+
+def _size(s: str) -> tuple[int, int]:
+    w, _, h = s.lower().partition("x")
+    try:
+        return int(w), int(h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {s!r}") from None
+
+
+def _positive(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {s}")
+    return v
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python3 -m recorder.agent", description=__doc__.split("\n")[0])
+    p.add_argument("--port", default=DEFAULT_PORT, help="virtio-serial port (default %(default)s)")
+    p.add_argument("--log-file", default=DEFAULT_LOG_FILE,
+                   help="fallback log with every frame (default %(default)s, on tmpfs)")
+    p.add_argument("--display", default=os.environ.get("DISPLAY", ":0"), help="X display (default $DISPLAY)")
+    p.add_argument("--ready-mark", help="file/tty to write 'RM_MARK AGENT_READY uptime=S' to when capturing")
+    p.add_argument("--checkpoint-id", default="", help="checkpoint the session starts from (log header)")
+    p.add_argument("--frame-events", type=_positive, default=DEFAULT_FRAME_EVENTS)
+    p.add_argument("--frame-ms", type=_positive, default=DEFAULT_FRAME_MS)
+    p.add_argument("--motion-window-ms", type=int, default=DEFAULT_MOTION_WINDOW_MS,
+                   help="coalesce motion within this window, 0 = off (default %(default)s)")
+    p.add_argument("--flush-ms", type=_positive, default=DEFAULT_FLUSH_MS)
+    p.add_argument("--resend-bytes", type=_positive, default=DEFAULT_RESEND_LIMIT_BYTES,
+                   help="unacked frames kept in memory (default %(default)s)")
+    p.add_argument("--sync-size", type=_positive, default=DEFAULT_SYNC_SIZE)
+    p.add_argument("--sync-idle-ms", type=_positive, default=DEFAULT_SYNC_IDLE_MS)
+    p.add_argument("--sync-window-max", type=_size, default=DEFAULT_SYNC_WINDOW_MAX, metavar="WxH")
+    p.add_argument("--no-sync", action="store_true", help="no sync marks")
+    p.add_argument("--retry-ms", type=_positive, default=DEFAULT_RETRY_MS)
+    p.add_argument("--queue-max", type=_positive, default=DEFAULT_QUEUE_MAX)
+    p.add_argument("--drain-s", type=float, default=DEFAULT_DRAIN_S)
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="recorder-agent: %(levelname)s %(message)s", stream=sys.stderr)
+    if _XLIB_MISSING is not None:
+        log.error("python3-xlib is missing: %s", _XLIB_MISSING)
+        return 3
+    try:
+        rec, aux, local = (display.Display(args.display) for _ in range(3))
+    except (DisplayError, OSError) as e:
+        log.error("cannot open display %s: %s", args.display, e)
+        return 4
+    if not rec.has_extension("RECORD"):
+        log.error("display %s has no RECORD extension", args.display)
+        return 4
+
+    # the clock anchor and the header
+    server_ms = _server_time(local)
+    clock = Clock(server_ms, time.monotonic_ns(), time.time_ns() // 1000)
+    scr = local.screen()
+    header = LogHeader(scr.width_in_pixels, scr.height_in_pixels, _keymap_name(local), args.checkpoint_id,
+                       clock.origin_wall_us, AGENT_VERSION)
+
+    q: queue.Queue[object] = queue.Queue(maxsize=args.queue_max)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    dropped = [0]
+    fatal: list[str] = []
+
+    def wake() -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.write(wake_w, b"\0")
+
+    def put(item: object) -> None:
+        try:
+            q.put_nowait(item)
+        except queue.Full:
+            dropped[0] += 1
+        wake()
+
+    def on_fatal(why: str) -> None:
+        fatal.append(why)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    policy = SyncPolicy(args.sync_size, args.sync_idle_ms, args.sync_window_max)
+    sampler = None if args.no_sync else Sampler(aux, policy)
+    trigger = SyncTrigger(args.sync_idle_ms) if sampler is not None and sampler.ok else None
+    cfg = PumpConfig(args.frame_events, args.frame_ms, args.motion_window_ms, args.resend_bytes,
+                     args.retry_ms, args.drain_s)
+    fallback = FallbackLog(args.log_file)
+    pump = Pump(header, clock, Port(args.port, args.retry_ms), fallback, cfg, q, wake_r, trigger,
+                args.ready_mark, on_fatal)
+    flusher = Flusher(aux, args.flush_ms, sampler if trigger else None, trigger, clock, put, on_fatal)
+
+    ev_field = rq.EventField(None)  # type: ignore[arg-type]  # python-xlib passes None itself
+    device = (X.KeyPress, X.KeyRelease, X.ButtonPress, X.ButtonRelease, X.MotionNotify)
+
+    def on_record(reply: Any) -> None:
+        # runs in the main thread for every RECORD reply: parse and enqueue, nothing else
+        if reply.category == record.StartOfData:
+            put(_READY)
+            return
+        if reply.category != record.FromServer or reply.client_swapped or not reply.data:
+            return
+        data = reply.data
+        while len(data) >= 32:
+            ev, data = ev_field.parse_binary_value(data, rec.display, None, None)
+            if ev.type in device:
+                put((ev.type, ev.detail, ev.root_x, ev.root_y, ev.time))
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the shutdown short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise _Stop(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    status = 0
+    try:
+        ctx = rec.record_create_context(0, [record.AllClients], [{
+            "core_requests": (0, 0), "core_replies": (0, 0), "ext_requests": (0, 0, 0, 0),
+            "ext_replies": (0, 0, 0, 0), "delivered_events": (0, 0),
+            "device_events": (X.KeyPress, X.MotionNotify),
+            "errors": (0, 0), "client_started": False, "client_died": False,
+        }])
+        pump.start()
+        flusher.start()
+        log.info("recording %s (%dx%d, keymap %s) to %s and %s", args.display, header.width, header.height,
+                 header.keymap, args.port, args.log_file)
+        rec.record_enable_context(ctx, on_record)  # returns only if the context is disabled
+        log.error("the RECORD context ended")
+        status = 1
+    except _Stop as e:
+        log.info("stopping (%s)", e)
+    except Exception as e:
+        log.error("X connection failed: %s: %s", type(e).__name__, e)
+        status = 1
+    if fatal:
+        log.error("%s", fatal[0])
+        status = 1
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    flusher.stop.set()
+    pump.stop_requested.set()
+    wake()
+    if pump.is_alive():
+        pump.join(args.drain_s + 5)
+    fallback.close()
+    s = pump.stats
+    log.info("%d events, %d sync marks, %d frames (%d re-read from the fallback log, %d lost), "
+             "%d events dropped (queue full)", s["events"], s["sync"], s["frames"], pump.agent.recovered_frames,
+             pump.agent.lost_frames, dropped[0])
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

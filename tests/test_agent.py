@@ -1,0 +1,378 @@
+"""recorder.agent for real: Xvfb with RECORD, the agent on Debian's /usr/bin/python3 (python3-xlib,
+python3-msgpack), real input from xdotool, and the host side of the channel in this process.
+
+The port stand-in is a pty: like a virtio-serial port its slave end is a character device the agent
+opens by path (``O_RDWR | O_NONBLOCK``), it is bidirectional, and a host that does not read makes
+the agent's writes fail with EAGAIN once the kernel buffer is full, just as a virtio port whose
+host is slow or absent does. (The agent puts a tty into raw mode; a virtio port is not a tty.) A
+host disconnect is modelled by dropping the host-side object and every byte in flight, then
+attaching with a new one, which is what the agent sees when a real host reconnects.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import select
+import shutil
+import signal
+import subprocess
+import time
+import tty
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from recorder.channel import Echo, Hello, HostSide, LogFrame
+from recorder.logformat import (
+    Button,
+    End,
+    Event,
+    EventsFrame,
+    Key,
+    LogDecoder,
+    Motion,
+    SyncMark,
+    read_log,
+    region_digest,
+)
+from replayer.keymap import char_stroke
+
+REPO = Path(__file__).resolve().parents[1]
+SYSTEM_PYTHON = "/usr/bin/python3"
+XVFB = "/usr/bin/Xvfb"
+W, H = 1280, 800
+
+
+def missing_prerequisites() -> list[str]:
+    missing = []
+    if not os.access(XVFB, os.X_OK):
+        missing.append(f"{XVFB} (apt-get install xvfb)")
+    if shutil.which("xdotool") is None:
+        missing.append("xdotool (apt-get install xdotool)")
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        missing.append(SYSTEM_PYTHON)
+    else:
+        for mod, pkg in (("Xlib", "python3-xlib"), ("msgpack", "python3-msgpack")):
+            r = subprocess.run([SYSTEM_PYTHON, "-c", f"import {mod}"], capture_output=True)
+            if r.returncode != 0:
+                missing.append(f"{pkg} for {SYSTEM_PYTHON} (apt-get install {pkg})")
+    return missing
+
+
+@pytest.fixture(scope="module")
+def display() -> Iterator[str]:
+    missing = missing_prerequisites()
+    if missing:
+        pytest.fail("cannot test the recorder agent; missing: " + "; ".join(missing))
+    r, w = os.pipe()
+    proc = subprocess.Popen(
+        [XVFB, "-displayfd", str(w), "-screen", "0", f"{W}x{H}x24", "+extension", "RECORD",
+         "-nolisten", "tcp", "-br", "-noreset"],
+        pass_fds=[w], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    os.close(w)
+    try:
+        ready, _, _ = select.select([r], [], [], 20)
+        num = os.read(r, 64).decode().strip() if ready else ""
+        if not num.isdigit():
+            pytest.fail("Xvfb did not start (no display number on -displayfd)")
+        yield f":{num}"
+    finally:
+        os.close(r)
+        proc.terminate()
+        proc.wait(10)
+
+
+def xdo(disp: str, *args: str) -> None:
+    subprocess.run(["xdotool", *args], env={**os.environ, "DISPLAY": disp}, check=True, timeout=30)
+
+
+class Agent:
+    """The agent in a subprocess on the system python, its port a pty whose master we hold."""
+
+    def __init__(self, disp: str, tmp: Path, *extra: str, port: str | None = None) -> None:
+        self.master, self.slave = pty.openpty()
+        tty.setraw(self.slave)  # before the agent opens it: no window where bytes are cooked
+        os.set_blocking(self.master, False)
+        self.port = port or os.ttyname(self.slave)
+        self.log_file = tmp / "session.rmlog"
+        self.ready = tmp / "ready"
+        self.err = tmp / "agent.err"
+        with open(self.err, "wb") as err:
+            self.proc = subprocess.Popen(
+                [SYSTEM_PYTHON, "-m", "recorder.agent", "--port", self.port, "--log-file", str(self.log_file),
+                 "--display", disp, "--ready-mark", str(self.ready), "-v", *extra],
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO)},
+                cwd="/", stderr=err,
+            )
+        deadline = time.monotonic() + 30
+        while "RM_MARK AGENT_READY uptime=" not in (self.ready.read_text() if self.ready.exists() else ""):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"agent not ready (exit {self.proc.poll()}):\n{self.stderr()}")
+            time.sleep(0.05)
+
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            pytest.fail(f"agent did not stop on SIGTERM:\n{self.stderr()}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self.master)
+        os.close(self.slave)
+
+    def discard_pending(self) -> int:
+        """Throw away whatever the agent wrote that nobody read (lost in a disconnect)."""
+        n = 0
+        while True:
+            try:
+                n += len(os.read(self.master, 65536))
+            except BlockingIOError:
+                return n
+
+
+class Host:
+    """The host end: a HostSide on the pty master, decoding the log as frames arrive."""
+
+    def __init__(self, agent: Agent, decoder: LogDecoder | None = None, *, resume_from: int = 0,
+                 session: bytes = b"") -> None:
+        self.agent = agent
+        self.side = HostSide(resume_from=resume_from, session=session)
+        self.decoder = decoder or LogDecoder()
+        self.events: list[Event] = []
+        self.echoes: dict[int, float] = {}
+        self.hellos: list[Hello] = []
+
+    def connect(self) -> None:
+        self.side.connect()
+        self._send()
+
+    def _send(self) -> None:
+        data = self.side.data_to_send()
+        while data:
+            try:
+                data = data[os.write(self.agent.master, data) :]
+            except BlockingIOError:
+                time.sleep(0.001)
+
+    def pump(self, until: Callable[[], bool], timeout: float = 10, max_bytes: int | None = None) -> bool:
+        deadline = time.monotonic() + timeout
+        taken = 0
+        while not until():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            select.select([self.agent.master], [], [], min(left, 0.05))
+            try:
+                data = os.read(self.agent.master, 65536 if max_bytes is None else max_bytes - taken)
+            except BlockingIOError:
+                continue
+            taken += len(data)
+            self.feed(data)
+            if max_bytes is not None and taken >= max_bytes:
+                return until()
+        return True
+
+    def feed(self, data: bytes) -> None:
+        now = time.monotonic()
+        for ev in self.side.receive_data(data):
+            if isinstance(ev, LogFrame):
+                for f in self.decoder.feed(ev.data):
+                    if isinstance(f, EventsFrame):
+                        self.events += f.events
+            elif isinstance(ev, Echo):
+                self.echoes[ev.replay_seq] = now
+            elif isinstance(ev, Hello):
+                self.hellos.append(ev)
+            else:
+                raise AssertionError(f"unexpected channel event {ev}")
+        self._send()
+
+    def inputs(self) -> list[tuple[object, ...]]:
+        return [summary(e) for e in self.events if not isinstance(e, SyncMark | End)]
+
+
+def summary(e: Event) -> tuple[object, ...]:
+    if isinstance(e, Key):
+        return ("key", e.keycode, e.down)
+    if isinstance(e, Button):
+        return ("button", e.button, e.down)
+    if isinstance(e, Motion):
+        return ("motion", e.x, e.y)
+    return (type(e).__name__,)
+
+
+def typed(text: str) -> list[tuple[object, ...]]:
+    out: list[tuple[object, ...]] = []
+    for ch in text:
+        s = char_stroke(ch)
+        assert not s.shift
+        out += [("key", s.keycode, True), ("key", s.keycode, False)]
+    return out
+
+
+def click(button: int) -> list[tuple[object, ...]]:
+    return [("button", button, True), ("button", button, False)]
+
+
+@pytest.fixture
+def agent_factory(display: str, tmp_path: Path) -> Iterator[Callable[..., Agent]]:
+    agents: list[Agent] = []
+
+    def make(*extra: str, port: str | None = None) -> Agent:
+        a = Agent(display, tmp_path, *extra, port=port)
+        agents.append(a)
+        return a
+
+    yield make
+    for a in agents:
+        a.close()
+
+
+def test_records_real_input_in_order(display: str, agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory()
+    host = Host(agent)
+    host.connect()
+    assert host.pump(lambda: bool(host.hellos), 10), agent.stderr()
+    hello = host.hellos[0]
+    assert (hello.width, hello.height, hello.keymap) == (W, H, "us")
+
+    xdo(display, "mousemove", "100", "150")
+    xdo(display, "type", "--delay", "30", "hello world 42")
+    xdo(display, "keydown", "shift", "keydown", "a", "keyup", "a", "keyup", "shift")
+    xdo(display, "keydown", "ctrl", "keydown", "s", "keyup", "s", "keyup", "ctrl")  # xdotool key's order varies
+    xdo(display, "mousemove", "300", "400")
+    xdo(display, "click", "1")
+    xdo(display, "click", "3")
+    xdo(display, "click", "4", "click", "5")  # the wheel: up, down
+    expected = [
+        ("motion", 100, 150), *typed("hello world 42"),
+        ("key", 50, True), ("key", 38, True), ("key", 38, False), ("key", 50, False),
+        ("key", 37, True), ("key", 39, True), ("key", 39, False), ("key", 37, False),
+        ("motion", 300, 400), *click(1), *click(3), *click(4), *click(5),
+    ]
+    assert host.pump(lambda: len(host.inputs()) >= len(expected), 10), (host.inputs(), agent.stderr())
+    assert host.inputs() == expected
+
+    # a sync mark once input is idle: 64x64 around the pointer, of a black root window (Xvfb -br)
+    assert host.pump(lambda: any(isinstance(e, SyncMark) for e in host.events[-3:]), 5), agent.stderr()
+    mark = next(e for e in reversed(host.events) if isinstance(e, SyncMark))
+    assert (mark.x, mark.y, mark.w, mark.h, mark.label) == (268, 368, 64, 64, "click")
+    assert mark.digest == region_digest(bytes(64 * 64 * 3))
+
+    # times: from the X server clock, in order, with the typing gaps
+    keys = [e for e in host.events if isinstance(e, Key)]
+    assert keys[27].t_us - keys[0].t_us >= 200_000  # 14 characters at 30 ms
+    assert host.decoder.header is not None and host.decoder.header.width == W
+
+    # SIGTERM: the log is ended and drained to the attached host
+    assert agent.stop() == 0, agent.stderr()
+    host.pump(lambda: host.decoder.ended, 5)
+    assert host.decoder.ended and isinstance(host.events[-1], End)
+    # the fallback file holds exactly the same log
+    log = read_log(str(agent.log_file))
+    assert list(log.events) == host.events
+
+
+def test_reconnect_loses_and_duplicates_nothing(display: str, agent_factory: Callable[..., Agent]) -> None:
+    # a tiny resend buffer: most frames are re-read from the fallback file when the host comes back
+    agent = agent_factory("--resend-bytes", "300", "--frame-ms", "20", "--motion-window-ms", "0")
+    expected: list[tuple[object, ...]] = []
+
+    # batch A: nobody attached yet
+    xdo(display, "mousemove", "10", "10", "type", "--delay", "5", "abc def")
+    expected += [("motion", 10, 10), *typed("abc def")]
+    time.sleep(0.3)
+
+    host = Host(agent)
+    host.connect()
+    assert host.pump(lambda: len(host.inputs()) >= len(expected), 10), agent.stderr()
+    host.side.ack(host.side.next_seq - 1)
+
+    # batch B while attached; the host reads only part of it, then "disconnects"
+    xdo(display, "type", "--delay", "5", "ghi jkl mno")
+    expected += typed("ghi jkl mno")
+    time.sleep(0.5)
+    host.pump(lambda: False, 2, max_bytes=150)
+    assert len(host.inputs()) < len(expected)
+
+    # batch C while nobody reads; whatever was in flight is lost
+    xdo(display, "mousemove", "20", "30", "click", "1", "type", "--delay", "5", "pqr stu")
+    expected += [("motion", 20, 30), *click(1), *typed("pqr stu")]
+    time.sleep(0.5)
+    agent.discard_pending()
+
+    # a new host object resumes from what the old one had decoded (its persisted state)
+    host2 = Host(agent, host.decoder, resume_from=host.side.next_seq, session=host.side.session)
+    host2.events = list(host.events)
+    host2.connect()
+    assert host2.pump(lambda: len(host2.inputs()) >= len(expected), 15), (host2.inputs(), agent.stderr())
+    assert not host2.hellos[0].restarted
+    host2.pump(lambda: False, 0.5)
+    assert host2.inputs() == expected
+    assert host2.side.duplicates == 0
+    assert agent.stop() == 0
+    m = re.search(r"\((\d+) re-read from the fallback log, (\d+) lost\)", agent.stderr())
+    assert m is not None and int(m[1]) > 0 and int(m[2]) == 0, agent.stderr()
+
+
+def test_expect_echo_round_trip(display: str, agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory()
+    host = Host(agent)
+    host.connect()
+    assert host.pump(lambda: bool(host.hellos), 10), agent.stderr()
+    steps: list[tuple[Key | Button | Motion, list[str]]] = [
+        (Key(0, 38, True), ["keydown", "a"]),
+        (Key(0, 38, False), ["keyup", "a"]),
+        (Motion(0, 321, 222), ["mousemove", "321", "222"]),
+        (Button(0, 1, True), ["mousedown", "1"]),
+        (Button(0, 1, False), ["mouseup", "1"]),
+    ]
+    latencies = []
+    for seq, (ev, cmd) in enumerate(steps, 1):
+        host.side.expect(seq, ev)
+        host._send()
+        time.sleep(0.05)  # the expect is there before the event (the replayer's order)
+        t0 = time.monotonic()
+        xdo(display, *cmd)
+        assert host.pump(lambda s=seq: s in host.echoes, 5), (seq, ev, agent.stderr())  # type: ignore[misc]
+        latencies.append(host.echoes[seq] - t0)
+    assert sorted(host.echoes) == [1, 2, 3, 4, 5]
+    assert sorted(latencies)[2] < 1.0  # median, including an xdotool process start
+
+    # the event first, the expect after it: still echoed (once)
+    xdo(display, "key", "b")
+    time.sleep(0.3)
+    host.side.expect(10, Key(0, 56, True))
+    host.side.expect(11, Key(0, 56, True))
+    host._send()
+    assert host.pump(lambda: 10 in host.echoes, 5), agent.stderr()
+    host.pump(lambda: False, 0.5)
+    assert 11 not in host.echoes
+    assert agent.stop() == 0
+
+
+def test_records_with_no_port_and_keeps_everything_in_the_fallback(
+    display: str, agent_factory: Callable[..., Agent], tmp_path: Path
+) -> None:
+    agent = agent_factory(port=str(tmp_path / "no-such-port"))
+    xdo(display, "mousemove", "50", "60", "type", "--delay", "10", "offline")
+    time.sleep(0.5)
+    assert agent.stop() == 0, agent.stderr()
+    log = read_log(str(agent.log_file))
+    inputs = [summary(e) for e in log.events if not isinstance(e, SyncMark | End)]
+    assert inputs == [("motion", 50, 60), *typed("offline")]
+    assert isinstance(log.events[-1], End)
+    assert "not available" in agent.stderr()

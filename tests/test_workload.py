@@ -1,0 +1,178 @@
+"""replayer.workload: the workload format, its errors (with line numbers), the shipped workloads and
+event synthesis."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+from recorder.logformat import Button, Key, Motion
+from replay_migrate.errors import UsageError
+from replayer import workload as wl
+from replayer.keymap import CTRL, Combo, Stroke
+from replayer.workload import (
+    Click,
+    Drag,
+    Move,
+    PressKeys,
+    Scroll,
+    TypeText,
+    Wait,
+    load_workload,
+    parse_workload,
+    shipped_workloads,
+    synthesize,
+)
+
+
+def test_parse_every_action() -> None:
+    text = '''
+# a comment
+type "Hi \\"you\\"\\n"   # trailing comment with "quotes"
+key ctrl+s Return backspace*3
+move 10 20
+click 250 400
+click 250 400 right
+doubleclick 1 2
+drag 1 2 300 400 middle
+scroll 5 6 down 3
+scroll 5 6 left
+wait 1.5
+TYPE "#not a comment"
+'''
+    acts = parse_workload(text)
+    first = acts[0]
+    assert isinstance(first, TypeText)
+    assert first == TypeText('Hi "you"\n', first.strokes, 3)
+    assert first.strokes[0] == Stroke(43, True)
+    assert acts[1] == PressKeys((Combo((CTRL,), 39), Combo((), 36), *[Combo((), 22)] * 3), 4)
+    assert acts[2:] == [
+        Move(10, 20, 5), Click(250, 400, 1, 1, 6), Click(250, 400, 3, 1, 7), Click(1, 2, 1, 2, 8),
+        Drag(1, 2, 300, 400, 2, 9), Scroll(5, 6, 5, 3, 10), Scroll(5, 6, 6, 1, 11), Wait(1.5, 12),
+        TypeText("#not a comment", acts[-1].strokes, 13),  # type: ignore[union-attr]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("line", "msg"),
+    [
+        ("fly 1 2", "unknown action"),
+        ('type "abc', "unterminated"),
+        ('type "a\\qb"', "unknown escape"),
+        ("type abc", "quoted string"),
+        ('type ""', "1..4096"),
+        ('type "ü"', "US keyboard"),
+        ("key", "one or more"),
+        ("key ctrl+nokey", "unknown key"),
+        ("key a*0", "repeat count"),
+        ("key a*1000", "repeat count"),
+        ("move 10", "takes 2 arguments"),
+        ("move 1280 0", "not in 0..1279"),
+        ("move 0 800", "not in 0..799"),
+        ("move -1 0", "whole number"),
+        ("move 1.5 0", "whole number"),
+        ("click 1 2 left extra", "takes 2 to 3"),
+        ("click 1 2 fourth", "unknown button"),
+        ("scroll 1 2 sideways", "direction"),
+        ("scroll 1 2 up 0", "count"),
+        ("wait soon", "number of seconds"),
+        ("wait -1", "not in 0..600"),
+        ("wait 1e9", "not in 0..600"),
+        ("wait nan", "not in 0..600"),
+        ('move "1" 2', "must not be quoted"),
+    ],
+)
+def test_errors_name_the_line(line: str, msg: str) -> None:
+    with pytest.raises(UsageError, match=msg) as ei:
+        parse_workload(f"# ok\nwait 1\n{line}\n", source="w.wl")
+    assert str(ei.value).startswith("w.wl:3: ")
+
+
+def test_limits_are_parameters() -> None:
+    assert parse_workload("move 1500 900", screen=(1920, 1080)) == [Move(1500, 900, 1)]
+    with pytest.raises(UsageError, match="more than 2 actions"):
+        parse_workload("wait 1\nwait 1\nwait 1", max_actions=2)
+    with pytest.raises(UsageError, match=r"0\.\.10"):
+        parse_workload("wait 11", max_wait_s=10)
+
+
+def test_load_errors(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="cannot read"):
+        load_workload(tmp_path / "missing.wl")
+    p = tmp_path / "bad.wl"
+    p.write_bytes(b"type \"\xff\"")
+    with pytest.raises(UsageError, match="not UTF-8"):
+        load_workload(p)
+    p.write_text("wait 1\n" * 10)
+    with pytest.raises(UsageError, match="larger than"):
+        load_workload(p, max_bytes=20)
+
+
+def test_shipped_workloads_parse_and_end_quiescent() -> None:
+    shipped = shipped_workloads()
+    assert set(shipped) == {"notes", "shell", "mixed"}
+    durations = {}
+    for name, path in shipped.items():
+        acts = load_workload(path)
+        assert acts, name
+        assert isinstance(acts[-1], Wait) and acts[-1].seconds >= 1, name  # time for the last effects
+        evs = synthesize(acts)
+        durations[name] = evs[-1].t_us / 1e6
+        text = "".join(a.text for a in acts if isinstance(a, TypeText))
+        if name in ("shell", "mixed"):
+            assert "sync\n" in text
+        if name in ("notes", "mixed"):
+            # saved with ctrl+s and with the Save button (top-left of the notepad at +520+0)
+            assert any(isinstance(a, PressKeys) and Combo((CTRL,), 39) in a.combos for a in acts)
+            assert any(isinstance(a, Click) and 520 <= a.x < 620 and a.y < 28 for a in acts)
+        kinds = {type(e) for e in evs}
+        assert {Key, Motion, Button} <= kinds
+    assert durations["mixed"] >= 180  # several minutes
+
+
+def test_typing_into_a_window_happens_with_the_pointer_over_it() -> None:
+    """No window manager: keys go to the window under the pointer. Every type/key action must
+    happen while the pointer is over the xterm (x < 508) or the notepad text area (x >= 520, y > 28)."""
+    for name, path in shipped_workloads().items():
+        pos: tuple[int, int] | None = None
+        for a in load_workload(path):
+            if isinstance(a, Move | Click | Scroll):
+                pos = (a.x, a.y)
+            elif isinstance(a, Drag):
+                pos = (a.x2, a.y2)
+            elif isinstance(a, TypeText | PressKeys):
+                assert pos is not None, (name, a.line)
+                x, y = pos
+                assert (x < 508 and y < 732) or (x >= 520 and 28 < y < 740), (name, a.line)
+
+
+def test_synthesis_is_deterministic_and_plausible() -> None:
+    acts = parse_workload('click 100 100\ntype "aB"\nkey ctrl+s\nwait 2\nscroll 10 10 up 2\ndrag 0 0 50 50')
+    evs = synthesize(acts, seed=1)
+    assert evs == synthesize(acts, seed=1)
+    assert evs != synthesize(acts, seed=2)
+    ts = [e.t_us for e in evs]
+    assert ts == sorted(ts)
+    keys = [(e.keycode, e.down) for e in evs if isinstance(e, Key)]
+    assert keys == [(38, True), (38, False), (50, True), (56, True), (56, False), (50, False),
+                    (37, True), (39, True), (39, False), (37, False)]
+    buttons = [(e.button, e.down) for e in evs if isinstance(e, Button)]
+    assert buttons == [(1, True), (1, False), (4, True), (4, False), (4, True), (4, False), (1, True), (1, False)]
+    motions = [e for e in evs if isinstance(e, Motion)]
+    assert motions[0] != Motion(motions[0].t_us, 100, 100)  # a path, not a jump
+    assert any((m.x, m.y) == (100, 100) for m in motions)
+    assert (motions[-1].x, motions[-1].y) == (50, 50)
+    # the wait shows as a gap of at least 2 s
+    gaps = [b.t_us - a.t_us for a, b in itertools.pairwise(evs)]
+    assert max(gaps) >= 2_000_000
+
+
+def test_main(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert wl.main([str(p) for p in shipped_workloads().values()]) == 0
+    assert "actions" in capsys.readouterr().out
+    bad = tmp_path / "x.wl"
+    bad.write_text("jump\n")
+    assert wl.main([str(bad)]) == UsageError.exit_code
+    assert "x.wl:1" in capsys.readouterr().err
