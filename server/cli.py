@@ -102,6 +102,81 @@ def cmd_vm_exec(args: argparse.Namespace) -> int:
         return r.exit_code
 
 
+# ---- recording, workloads and replay --------------------------------------------------------
+def cmd_record(args: argparse.Namespace) -> int:
+    from replayer.link import RecorderLink, record
+
+    with _hv(args) as hv:
+        m = hv.lookup(args.domain)
+        with RecorderLink(m) as link, open(args.out, "wb") as out:
+            hello = link.open()
+            print(f"recording {m.name} ({hello.width}x{hello.height}, keymap {hello.keymap}) to {args.out}; "
+                  "Ctrl-C stops", file=sys.stderr)
+            try:
+                st = record(link, out, duration_s=args.duration)
+            except KeyboardInterrupt:
+                st = None
+        if st is not None:
+            print(f"{st.frames} frames, {st.bytes} bytes in {st.seconds:.1f} s"
+                  + (" (the log ended)" if st.ended else ""), file=sys.stderr)
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from replayer.link import RecorderLink
+    from replayer.replay import ReplayConfig, Replayer, events_from_chunks, file_chunks
+
+    cfg = ReplayConfig(gap_cap_s=args.gap_cap, echo_timeout_s=args.echo_timeout,
+                       sync_timeout_s=args.sync_timeout, strict_sync=args.strict_sync)
+    with _hv(args) as hv:
+        m = hv.lookup(args.domain)
+        with RecorderLink(m) as link:
+            link.open()
+            rep = Replayer(m, link, cfg)
+            chunks = file_chunks(args.log, follow=args.follow, idle_timeout_s=args.idle_timeout)
+            stats = rep.replay(events_from_chunks(chunks, on_header=rep.check_header))
+    if args.json:
+        emit_json(stats.as_dict())
+    else:
+        table([["events", stats.events], ["injected", stats.injected], ["time", f"{stats.seconds:.1f} s"],
+               ["sync marks met", stats.sync_met], ["sync marks failed", len(stats.sync_failed)],
+               ["echo mean / max", f"{stats.as_dict()['echo_mean_s']} / {stats.echo_max_s:.3f} s"]],
+              ["replay", str(args.log)])
+        for what in stats.sync_failed:
+            print(f"failed: {what}")
+    return 0
+
+
+def _workload(name: str) -> Path:
+    from replayer.workload import shipped_workloads
+
+    shipped = shipped_workloads()
+    if name in shipped:
+        return shipped[name]
+    p = Path(name)
+    if not p.is_file():
+        raise UsageError(f"no workload {name!r}: give a file or one of {', '.join(shipped)}")
+    return p
+
+
+def cmd_workload_list(args: argparse.Namespace) -> int:
+    from replayer.workload import shipped_workloads
+
+    table([[n, str(p)] for n, p in shipped_workloads().items()], ["workload", "file"])
+    return 0
+
+
+def cmd_workload_run(args: argparse.Namespace) -> int:
+    from replayer.drive import drive
+    from replayer.workload import load_workload
+
+    actions = load_workload(_workload(args.workload))
+    with _hv(args) as hv:
+        st = drive(hv.lookup(args.domain), actions, seed=args.seed)
+    print(f"{st.events} input events in {st.seconds:.1f} s")
+    return 0
+
+
 # ---- parser -----------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     """argparse exits 2 on a usage error; ours is UsageError's code (64, EX_USAGE), so that 2
@@ -154,6 +229,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("command")
     p.add_argument("--timeout", type=float, default=120.0)
+
+    p = add(sub, "record", cmd_record, "record a running domain's input log into a file, live")
+    p.add_argument("domain")
+    p.add_argument("--out", type=Path, required=True, metavar="LOG")
+    p.add_argument("--duration", type=float, help="stop after this many seconds (default: Ctrl-C)")
+
+    p = add(sub, "replay", cmd_replay, "replay an input log into a domain, closed loop")
+    p.add_argument("log", type=Path)
+    p.add_argument("--into", dest="domain", required=True)
+    p.add_argument("--follow", action="store_true", help="keep reading a log that is still growing")
+    p.add_argument("--idle-timeout", type=float, default=None,
+                   help="with --follow: stop when the log has not grown for this long")
+    p.add_argument("--gap-cap", type=float, default=2.0, help="longest idle gap kept, s (default %(default)s)")
+    p.add_argument("--echo-timeout", type=float, default=10.0, help="s per event (default %(default)s)")
+    p.add_argument("--sync-timeout", type=float, default=5.0, help="s per sync mark (default %(default)s)")
+    p.add_argument("--strict-sync", action="store_true", help="fail on a sync mark that is not met")
+    p.add_argument("--json", action="store_true")
+
+    wl = sub.add_parser("workload", help="scripted user sessions").add_subparsers(dest="sub", required=True)
+    add(wl, "list", cmd_workload_list, "list the shipped workloads")
+    p = add(wl, "run", cmd_workload_run, "type a workload into a domain as a user at its console would")
+    p.add_argument("workload", help="a shipped workload's name or a file")
+    p.add_argument("--into", dest="domain", required=True)
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic user's timing")
 
     from server import demo
     p = add(sub, "demo", demo.cmd_demo, "set up, and show the platform's numbers as a table")

@@ -5,10 +5,13 @@ The images here are synthetic but laid out byte for byte as libvirt 11 + QEMU 10
 
 from __future__ import annotations
 
+import filecmp
 import itertools
 import os
 import random
+import shutil
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +21,7 @@ import pytest
 from differ import saveimage
 from differ.saveimage import ImageWriter, SaveImage, copy_range, data_extents, parse_save_image, punch_hole
 from replay_migrate.errors import ImageError
+from vm.machine import Hypervisor, Machine
 
 PAGE = 4096
 MIB = 1 << 20
@@ -502,3 +506,60 @@ def test_copy_range_keeps_holes(tmp_path: Path) -> None:
         os.close(dst)
     assert dst_path.read_bytes() == img.path.read_bytes()
     assert abs(_allocated(dst_path) - _allocated(img.path)) <= 8 * PAGE
+
+
+# ---- on real guests ------------------------------------------------------------------------------
+
+
+def _patch_page_by_page(src_path: Path, dst_path: Path) -> int:
+    """Make ``dst`` byte-identical to ``src`` with the reader and writer only: differing RAM pages
+    written, pages that are zero in ``src`` punched out, non-RAM regions copied, size set."""
+    changed = 0
+    with SaveImage.open(src_path) as a, SaveImage.open(dst_path) as b, ImageWriter(dst_path) as w:
+        assert [(x.name, x.pages_offset, x.used_length) for x in a.layout.blocks] == \
+               [(x.name, x.pages_offset, x.used_length) for x in b.layout.blocks]
+        for blk_a, blk_b in zip(a.layout.blocks, b.layout.blocks, strict=True):
+            pa, pb = a.present(blk_a), b.present(blk_b)
+            for n in range(blk_a.npages):
+                if not pa[n]:
+                    if pb[n]:
+                        w.punch_hole(blk_a.page_offset(n), blk_a.page_size)
+                        changed += 1
+                    continue
+                off, size = blk_a.page_offset(n), blk_a.page_size
+                page = os.pread(a.fd, size, off)
+                if not pb[n] or os.pread(b.fd, size, off) != page:
+                    w.write(off, page)
+                    changed += 1
+        for start, end in a.layout.non_ram_regions():
+            w.copy_from(a.fd, start, end)
+        w.truncate(a.layout.file_size)
+        w.fsync()
+    return changed
+
+
+@pytest.mark.vm
+def test_patched_image_resumes_as_the_other_clone(make_clone: Callable[..., Machine], hv: Hypervisor,
+                                                   tmp_path: Path) -> None:
+    a, b = make_clone(), make_clone()
+    for m, word in ((a, "alpha"), (b, "bravo")):
+        m.wait_agent()
+        m.exec(f"echo {word} > /dev/shm/who")           # memory only: tmpfs
+    a_run = a.run_dir
+    a.pause()
+    shot_a = a.screenshot()
+    a.save(tmp_path / "a.sav")
+    b.save(tmp_path / "b.sav")
+    patched = tmp_path / "b-patched.sav"
+    shutil.copyfile(tmp_path / "b.sav", patched)
+    changed = _patch_page_by_page(tmp_path / "a.sav", patched)
+    assert changed > 0
+    assert filecmp.cmp(tmp_path / "a.sav", patched, shallow=False)
+    # the patched image now carries a's identity and disk: restore it and a's guest continues
+    back = hv.restore(patched, paused=True)
+    assert back.name == a.name and back.run_dir == a_run
+    assert back.screenshot().rgb == shot_a.rgb
+    back.resume()
+    back.wait_agent()
+    assert back.exec("cat /dev/shm/who").stdout == "alpha\n"
+    assert back.exec("echo written-after-restore > /root/after.txt && sync && cat /root/after.txt").exit_code == 0

@@ -1,0 +1,210 @@
+"""Closed-loop replay of an input log into a VM clone.
+
+Each key, button and pointer event is injected with one QMP ``input-send-event`` call, announced
+first to the guest's recorder agent with ``expect``; the next event goes only after the agent has
+*echoed* this one, i.e. after X really delivered it (DESIGN.md §7: open-loop batches lost 20 % of
+events and let a button release overtake later keys). Idle gaps longer than ``gap_cap_s`` are
+compressed. A sync mark makes the replayer wait (bounded) until the screen region it names shows
+the recorded digest: a click is only replayed once the window it lands in looks as it did.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from recorder.channel import LogFrame
+from recorder.logformat import (
+    Button,
+    End,
+    Event,
+    EventsFrame,
+    Key,
+    LogDecoder,
+    LogHeader,
+    Motion,
+    SyncMark,
+    region_digest,
+)
+from replay_migrate.errors import LogFormatError, ReplayError
+from replayer.drive import to_qmp
+from replayer.link import RecorderLink
+from vm.machine import Machine
+
+GAP_CAP_S = 2.0
+"""Longest idle gap kept from the recording; longer ones are cut to this."""
+ECHO_TIMEOUT_S = 10.0
+"""How long one injected event may take to be echoed by the guest (TCG guests are slow)."""
+SYNC_TIMEOUT_S = 5.0
+"""How long to wait for a sync mark's screen region before counting it as failed."""
+SYNC_POLL_S = 0.1
+FOLLOW_POLL_S = 0.05
+"""How often a growing log file is checked for new bytes."""
+
+
+@dataclass
+class ReplayConfig:
+    gap_cap_s: float = GAP_CAP_S
+    echo_timeout_s: float = ECHO_TIMEOUT_S
+    sync_timeout_s: float = SYNC_TIMEOUT_S
+    strict_sync: bool = False
+    """Fail (ReplayError) on a sync mark that is not met instead of counting it."""
+    speed: float = 1.0
+    """>1 replays gaps faster; the closed loop bounds the real rate anyway."""
+
+
+@dataclass
+class ReplayStats:
+    events: int = 0
+    injected: int = 0
+    skipped_motion: int = 0
+    sync_met: int = 0
+    sync_failed: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    echo_max_s: float = 0.0
+    echo_total_s: float = 0.0
+    ended: bool = False
+
+    def as_dict(self) -> dict[str, object]:
+        return {"events": self.events, "injected": self.injected, "skipped_motion": self.skipped_motion,
+                "sync_met": self.sync_met, "sync_failed": list(self.sync_failed),
+                "seconds": round(self.seconds, 3), "echo_max_s": round(self.echo_max_s, 4),
+                "echo_mean_s": round(self.echo_total_s / self.injected, 4) if self.injected else 0.0,
+                "ended": self.ended}
+
+
+def describe(ev: Event) -> str:
+    if isinstance(ev, Key):
+        return f"key {ev.keycode} {'press' if ev.down else 'release'} at {ev.t_us / 1e6:.3f} s"
+    if isinstance(ev, Button):
+        return f"button {ev.button} {'press' if ev.down else 'release'} at {ev.t_us / 1e6:.3f} s"
+    if isinstance(ev, Motion):
+        return f"pointer to {ev.x},{ev.y} at {ev.t_us / 1e6:.3f} s"
+    if isinstance(ev, SyncMark):
+        return f"sync mark {ev.label!r} at {ev.t_us / 1e6:.3f} s"
+    return f"end of log at {ev.t_us / 1e6:.3f} s"
+
+
+class Replayer:
+    """Injects events into ``machine`` one at a time, closed loop over ``link``."""
+
+    def __init__(self, machine: Machine, link: RecorderLink, config: ReplayConfig | None = None) -> None:
+        self.machine = machine
+        self.link = link
+        self.config = config or ReplayConfig()
+        self.stats = ReplayStats()
+        self.pointer: tuple[int, int] | None = None
+        self._seq = 0
+        self._last_t_us: int | None = None
+        self._last_wall = time.monotonic()
+        self._t0 = time.monotonic()
+        self.log = logging.getLogger(f"replay_migrate.replay.{machine.name}")
+
+    def check_header(self, header: LogHeader) -> None:
+        if (header.width, header.height) != self.machine.screen_size:
+            raise ReplayError(f"the log was recorded on a {header.width}x{header.height} screen; "
+                              f"{self.machine.name!r} has {self.machine.screen_size[0]}x{self.machine.screen_size[1]}")
+
+    def replay(self, events: Iterable[Event]) -> ReplayStats:
+        for ev in events:
+            self.stats.events += 1
+            if isinstance(ev, End):
+                self.stats.ended = True
+                break
+            self._wait_gap(ev.t_us)
+            if isinstance(ev, SyncMark):
+                self._sync(ev)
+            else:
+                self._inject(ev)
+            self._last_t_us = ev.t_us
+            self._last_wall = time.monotonic()
+        self.stats.seconds = time.monotonic() - self._t0
+        return self.stats
+
+    def _wait_gap(self, t_us: int) -> None:
+        if self._last_t_us is None:
+            return
+        gap = min(max(0, t_us - self._last_t_us) / 1e6, self.config.gap_cap_s) / self.config.speed
+        left = gap - (time.monotonic() - self._last_wall)
+        if left > 0:
+            time.sleep(left)
+
+    def _inject(self, ev: Key | Button | Motion) -> None:
+        if isinstance(ev, Motion):
+            if self.pointer == (ev.x, ev.y):   # X reports no motion to where the pointer is
+                self.stats.skipped_motion += 1
+                return
+            self.pointer = (ev.x, ev.y)
+        qmp = to_qmp(ev, self.machine.screen_size)
+        self._seq += 1
+        self.link.expect(self._seq, ev)
+        t = time.monotonic()
+        self.machine.send_input(qmp)
+        others: list[object] = []
+        if not self.link.wait_echo(self._seq, self.config.echo_timeout_s, others):  # type: ignore[arg-type]
+            raise ReplayError(f"event {self.stats.events} ({describe(ev)}) was not echoed by the guest "
+                              f"within {self.config.echo_timeout_s:.0f} s")
+        for o in others:     # the target's own recording of what we replay: keep its agent lean
+            if isinstance(o, LogFrame):
+                self.link.ack(o.seq)
+        dt = time.monotonic() - t
+        self.stats.injected += 1
+        self.stats.echo_total_s += dt
+        self.stats.echo_max_s = max(self.stats.echo_max_s, dt)
+
+    def _sync(self, mark: SyncMark) -> None:
+        deadline = time.monotonic() + self.config.sync_timeout_s
+        while True:
+            shot = self.machine.screenshot()
+            if region_digest(shot.region(mark.x, mark.y, mark.w, mark.h)) == mark.digest:
+                self.stats.sync_met += 1
+                return
+            if time.monotonic() > deadline:
+                what = f"{describe(mark)} ({mark.w}x{mark.h} at {mark.x},{mark.y})"
+                if self.config.strict_sync:
+                    raise ReplayError(f"{what} was not met within {self.config.sync_timeout_s:.0f} s")
+                self.log.warning("%s not met", what)
+                self.stats.sync_failed.append(what)
+                return
+            time.sleep(SYNC_POLL_S)
+
+
+def events_from_chunks(chunks: Iterable[bytes], *, on_header: Callable[[LogHeader], None] | None = None,
+                       require_end: bool = False) -> Iterator[Event]:
+    """Decode a log arriving in chunks (a file, a growing file, a session) into events."""
+    dec = LogDecoder()
+    for chunk in chunks:
+        for frame in dec.feed(chunk):
+            if isinstance(frame, EventsFrame):
+                yield from frame.events
+            elif on_header is not None:
+                on_header(frame.header)
+        if dec.ended:
+            break
+    dec.close(require_end=require_end)
+
+
+def file_chunks(path: Path, *, follow: bool = False, chunk: int = 1 << 16,
+                idle_timeout_s: float | None = None) -> Iterator[bytes]:
+    """The bytes of ``path``; with ``follow`` keep reading what is appended (tail -f) until the
+    caller stops (the decoder sees the end of the log) or nothing new came for ``idle_timeout_s``."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise LogFormatError(f"{path}: cannot read the log: {e.strerror}") from e
+    with f:
+        idle_since = time.monotonic()
+        while True:
+            data = f.read(chunk)
+            if data:
+                idle_since = time.monotonic()
+                yield data
+                continue
+            if not follow:
+                return
+            if idle_timeout_s is not None and time.monotonic() - idle_since > idle_timeout_s:
+                return
+            time.sleep(FOLLOW_POLL_S)

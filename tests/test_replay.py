@@ -1,0 +1,118 @@
+"""Record a workload in one clone, replay it closed loop into another, compare what they did."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from recorder.logformat import Button, End, Event, Key, LogHeader, Motion, SyncMark, decode_log, encode_log, read_log
+from replay_migrate.errors import LogFormatError
+from replayer.drive import drive
+from replayer.link import RecorderLink, record
+from replayer.replay import ReplayConfig, Replayer, describe, events_from_chunks, file_chunks
+from replayer.workload import load_workload, parse_workload, shipped_workloads
+from vm.machine import Machine
+
+HEADER = LogHeader(1280, 800, "us", "ck", 0, "test")
+SHORT_WORKLOAD = """
+click 250 400
+type "mkdir -p /root/w && cd /root/w && seq 1 300 > n.txt && echo done > d.txt; sync\\n"
+wait 2
+click 770 420
+type "replayed notes\\n"
+key ctrl+s
+wait 1.5
+"""
+FILES = "cat /root/w/n.txt /root/w/d.txt /root/notes.txt | md5sum"
+
+
+def comparable(events: list[Event]) -> list[tuple[object, ...]]:
+    """Events without their times and sync marks (which depend on screen timing)."""
+    out: list[tuple[object, ...]] = []
+    for e in events:
+        if isinstance(e, Key):
+            out.append(("key", e.keycode, e.down))
+        elif isinstance(e, Button):
+            out.append(("button", e.button, e.down))
+        elif isinstance(e, Motion):
+            out.append(("motion", e.x, e.y))
+    return out
+
+
+def test_describe_names_the_event() -> None:
+    assert describe(Key(1_500_000, 38, True)) == "key 38 press at 1.500 s"
+    assert "pointer to 3,4" in describe(Motion(0, 3, 4))
+
+
+def test_events_from_chunks_any_split(tmp_path: Path) -> None:
+    evs: list[Event] = [Key(10, 38, True), Key(20, 38, False), Motion(30, 5, 6), Button(40, 1, True), End(50)]
+    data = encode_log(HEADER, evs)
+    for size in (1, 7, 64, len(data)):
+        headers: list[LogHeader] = []
+        got = list(events_from_chunks((data[i:i + size] for i in range(0, len(data), size)),
+                                      on_header=headers.append))
+        assert got == evs and headers == [HEADER]
+    with pytest.raises(LogFormatError):
+        list(events_from_chunks([data[:-3]]))
+
+
+def test_file_chunks_follows_a_growing_file(tmp_path: Path) -> None:
+    p = tmp_path / "log"
+    data = encode_log(HEADER, [Key(10, 38, True), Key(20, 38, False), End(30)])
+    p.write_bytes(data[:10])
+
+    def grow() -> None:
+        time.sleep(0.3)
+        with open(p, "ab") as f:
+            f.write(data[10:])
+
+    threading.Thread(target=grow).start()
+    got = list(events_from_chunks(file_chunks(p, follow=True, idle_timeout_s=5)))
+    assert isinstance(got[-1], End) and len(got) == 3
+
+
+@pytest.mark.vm
+def test_record_then_replay_converges(make_clone: Callable[..., Machine], tmp_path: Path) -> None:
+    source, target = make_clone(), make_clone()
+    log_path = tmp_path / "session.rmlog"
+    stop = threading.Event()
+    result: dict[str, object] = {}
+
+    with RecorderLink(source) as link, open(log_path, "wb") as out:
+        link.open()
+        rec = threading.Thread(target=lambda: result.update(st=record(link, out, stop=stop.is_set)))
+        rec.start()
+        drive(source, parse_workload(SHORT_WORKLOAD))
+        time.sleep(1.5)               # the agent frames events every few hundred ms
+        stop.set()
+        rec.join(30)
+    log = read_log(str(log_path), require_end=False)
+    recorded = comparable(list(log.events))
+    assert sum(1 for e in recorded if e[0] == "key") >= 2 * len("replayed notes")
+    assert any(isinstance(e, SyncMark) for e in log.events)
+
+    with RecorderLink(target) as tlink:
+        tlink.open()
+        stats = Replayer(target, tlink, ReplayConfig()).replay(iter(log.events))
+    assert stats.injected > 0 and stats.sync_failed == [], stats.as_dict()
+
+    src_files = source.exec(FILES).stdout
+    assert target.exec(FILES).stdout == src_files
+    assert source.exec("cat /root/w/d.txt").stdout == "done\n"
+
+    # what the target's own recorder saw (its fallback log in the guest) is what the source recorded
+    time.sleep(1.0)
+    replayed = decode_log(target.read_file("/run/replay-migrate/session.rmlog"), require_end=False)
+    assert comparable(list(replayed.events)) == recorded
+
+
+def test_shipped_workloads_parse() -> None:
+    names = shipped_workloads()
+    assert {"notes", "shell", "mixed"} <= set(names)
+    for p in names.values():
+        assert load_workload(p)
+
