@@ -13,11 +13,15 @@ Threads, and why:
   host never stalls capture.
 - pump: the only owner of the log encoder, the channel protocol (``AgentSide``), the fallback log
   file and the port. Frames every ``frame_events`` events or ``frame_ms``, appends each frame to the
-  fallback file, reads attach/ack/expect and writes hello/frames/echoes when the port is writable.
+  fallback file, reads attach/ack/expect/check and writes hello/frames/echoes/check answers when the
+  port is writable. It hands check requests to the flusher (``CheckQueue``) and gets the digests
+  back on its queue, so sampling the screen never holds up the port.
 - flusher: RECORD hands over intercepted events only when the server flushes output to *some* client
   (DESIGN.md §7), so motion could sit for seconds. This thread's own connection selects motion and
   key events on the root window and does a round trip every ``flush_ms``. The same connection takes
-  the screen samples for sync marks (a connection must stay in one thread).
+  the screen samples for sync marks and for the host's checks (a connection must stay in one
+  thread): one code path (``Sampler``), so a check on the replay target computes its digest exactly
+  as the recording's sync mark was computed.
 
 The port is opened non-blocking: with no host connected a virtio port reports POLLHUP and a write
 would block, so nothing is ever written blindly; frames wait in the resend buffer (bounded; the
@@ -51,7 +55,16 @@ from dataclasses import dataclass, replace
 from types import FrameType
 from typing import Any
 
-from recorder.channel import DEFAULT_RESEND_LIMIT_BYTES, AgentSide, AgentState, Attached, Expected, Skipped
+from recorder.channel import (
+    DEFAULT_MAX_PENDING_CHECKS,
+    DEFAULT_RESEND_LIMIT_BYTES,
+    AgentSide,
+    AgentState,
+    Attached,
+    CheckRequested,
+    Expected,
+    Skipped,
+)
 from recorder.logformat import (
     Button,
     EncodedFrame,
@@ -306,7 +319,7 @@ class Sampler:
         self.lsb_first = info.image_byte_order == 0
         self.ok = bpp == 32 and masks == (0xFF0000, 0x00FF00, 0x0000FF)
         if not self.ok:
-            log.warning("screen is %s bpp with masks %s: sync marks disabled", bpp, masks)
+            log.warning("screen is %s bpp with masks %s: sync marks and checks disabled", bpp, masks)
 
     def region(self, label: str) -> tuple[int, int, int, int]:
         """The region to sample: around the pointer for a click, the focused window for typing."""
@@ -344,6 +357,8 @@ class Sampler:
         return x0, y0, max(1, x1 - x0), max(1, y1 - y0)
 
     def sample(self, x: int, y: int, w: int, h: int) -> bytes:
+        """Canonical RGB of a region (within the screen; X raises BadMatch otherwise). A whole
+        1280x800 screen measured ~35 ms on Xvfb (GetImage + reordering)."""
         data = self.root.get_image(x, y, w, h, X.ZPixmap, 0xFFFFFFFF).data
         rgb = bytearray(w * h * 3)
         r, g, b = (2, 1, 0) if self.lsb_first else (1, 2, 3)
@@ -351,6 +366,41 @@ class Sampler:
         rgb[1::3] = data[g::4]
         rgb[2::3] = data[b::4]
         return bytes(rgb)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckAnswer:
+    """Flusher → pump: the digest for a host's check (b"" if the region could not be sampled)."""
+
+    req_id: int
+    digest: bytes
+
+
+class CheckQueue:
+    """Pump → flusher: check requests, newest ``maxlen`` kept, with a pipe that wakes the flusher
+    (it would otherwise sleep up to ``flush_ms`` in select)."""
+
+    def __init__(self, maxlen: int = DEFAULT_MAX_PENDING_CHECKS) -> None:
+        self._lock = threading.Lock()
+        self._reqs: collections.deque[CheckRequested] = collections.deque(maxlen=maxlen)
+        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def fileno(self) -> int:
+        return self._r
+
+    def put(self, req: CheckRequested) -> None:
+        with self._lock:
+            self._reqs.append(req)
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._w, b"\0")
+
+    def take(self) -> list[CheckRequested]:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._r, 4096)
+        with self._lock:
+            reqs = list(self._reqs)
+            self._reqs.clear()
+        return reqs
 
 
 # ------------------------------------------------------------------------------------------ threads
@@ -373,13 +423,16 @@ def _server_time(disp: Any) -> int:
 
 
 class Flusher(threading.Thread):
-    """Keeps RECORD flowing (selection on root + round trip every ``flush_ms``) and takes sync marks."""
+    """Keeps RECORD flowing (selection on root + round trip every ``flush_ms``), takes sync marks and
+    answers the host's checks. ``sampler`` is None if the screen cannot be sampled: no marks, and
+    every check is answered with an empty digest."""
 
     def __init__(self, disp: Any, flush_ms: int, sampler: Sampler | None, trigger: SyncTrigger | None,
-                 clock: Clock, put: Callable[[object], None], on_fatal: Callable[[str], None]) -> None:
+                 checks: CheckQueue, clock: Clock, put: Callable[[object], None],
+                 on_fatal: Callable[[str], None]) -> None:
         super().__init__(name="flusher", daemon=True)
         self.d, self.flush_s = disp, flush_ms / 1000
-        self.sampler, self.trigger, self.clock, self.put = sampler, trigger, clock, put
+        self.sampler, self.trigger, self.checks, self.clock, self.put = sampler, trigger, checks, clock, put
         self.on_fatal = on_fatal
         self.stop = threading.Event()
 
@@ -390,15 +443,29 @@ class Flusher(threading.Thread):
             self.d.sync()
             fd = self.d.fileno()
             while not self.stop.is_set():
-                ready, _, _ = select.select([fd], [], [], self.flush_s)
+                ready, _, _ = select.select([fd, self.checks.fileno()], [], [], self.flush_s)
                 while self.d.pending_events():
                     self.d.next_event()
-                if not ready:
+                if fd not in ready:
                     self.d.get_input_focus()  # a round trip: the server writes to us, RECORD flushes
+                for req in self.checks.take():
+                    self.put(CheckAnswer(req.req_id, self._check(req)))
                 self._maybe_sync()
         except Exception as e:  # X went away or a bug: the agent cannot work on without this thread
             if not self.stop.is_set():
                 self.on_fatal(f"flusher: {type(e).__name__}: {e}")
+
+    def _check(self, req: CheckRequested) -> bytes:
+        """The digest a sync mark of that region would carry now; b"" if the region is not wholly on
+        the screen (clipping it would answer for another region) or cannot be sampled."""
+        s = self.sampler
+        if s is None or req.x + req.w > s.width or req.y + req.h > s.height:
+            return b""
+        try:
+            return region_digest(s.sample(req.x, req.y, req.w, req.h))
+        except XError as e:  # e.g. the screen shrank (RandR) since we connected
+            log.debug("check %d: sample failed: %s", req.req_id, e)
+            return b""
 
     def _maybe_sync(self) -> None:
         if self.sampler is None or self.trigger is None:
@@ -434,10 +501,11 @@ class Pump(threading.Thread):
 
     def __init__(self, header: LogHeader, clock: Clock, port: Port, fallback: FallbackLog,
                  cfg: PumpConfig, q: queue.Queue[object], wake_r: int, trigger: SyncTrigger | None,
-                 ready_mark: str | None, on_fatal: Callable[[str], None]) -> None:
+                 checks: CheckQueue, ready_mark: str | None, on_fatal: Callable[[str], None]) -> None:
         super().__init__(name="pump", daemon=True)
         self.clock, self.port, self.fallback, self.cfg = clock, port, fallback, cfg
         self.q, self.wake_r, self.trigger, self.ready_mark = q, wake_r, trigger, ready_mark
+        self.checks = checks
         self.on_fatal = on_fatal
         self.encoder = LogEncoder(header, motion_window_us=cfg.motion_window_ms * 1000,
                                   frame_events=cfg.frame_events)
@@ -461,6 +529,9 @@ class Pump(threading.Thread):
 
     def _take(self, item: object) -> None:
         now = time.monotonic_ns()
+        if isinstance(item, CheckAnswer):
+            self.stats["checks"] += self.agent.checked(item.req_id, item.digest)
+            return
         if self.encoder.ended:
             return  # stopping: the log is closed
         if item == _READY:
@@ -524,6 +595,8 @@ class Pump(threading.Thread):
                 log.warning("skipped %d bytes from the host: %s", ev.nbytes, ev.reason)
             elif isinstance(ev, Expected):
                 self.stats["expects"] += 1
+            elif isinstance(ev, CheckRequested):
+                self.checks.put(ev)
 
     def _write(self, now: float) -> None:
         assert self.port.fd is not None
@@ -742,14 +815,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.kill(os.getpid(), signal.SIGTERM)
 
     policy = SyncPolicy(args.sync_size, args.sync_idle_ms, args.sync_window_max)
-    sampler = None if args.no_sync else Sampler(aux, policy)
-    trigger = SyncTrigger(args.sync_idle_ms) if sampler is not None and sampler.ok else None
+    screen = Sampler(aux, policy)
+    sampler = screen if screen.ok else None  # the host's checks need it even with --no-sync
+    trigger = SyncTrigger(args.sync_idle_ms) if sampler is not None and not args.no_sync else None
+    checks = CheckQueue()
     cfg = PumpConfig(args.frame_events, args.frame_ms, args.motion_window_ms, args.resend_bytes,
                      args.retry_ms, args.drain_s)
     fallback = FallbackLog(args.log_file)
-    pump = Pump(header, clock, Port(args.port, args.retry_ms), fallback, cfg, q, wake_r, trigger,
+    pump = Pump(header, clock, Port(args.port, args.retry_ms), fallback, cfg, q, wake_r, trigger, checks,
                 args.ready_mark, on_fatal)
-    flusher = Flusher(aux, args.flush_ms, sampler if trigger else None, trigger, clock, put, on_fatal)
+    flusher = Flusher(aux, args.flush_ms, sampler, trigger, checks, clock, put, on_fatal)
 
     ev_field = rq.EventField(None)  # type: ignore[arg-type]  # python-xlib passes None itself
     device = (X.KeyPress, X.KeyRelease, X.ButtonPress, X.ButtonRelease, X.MotionNotify)
@@ -806,9 +881,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         pump.join(args.drain_s + 5)
     fallback.close()
     s = pump.stats
-    log.info("%d events, %d sync marks, %d frames (%d re-read from the fallback log, %d lost), "
-             "%d events dropped (queue full)", s["events"], s["sync"], s["frames"], pump.agent.recovered_frames,
-             pump.agent.lost_frames, dropped[0])
+    log.info("%d events, %d sync marks, %d checks answered, %d frames (%d re-read from the fallback log, "
+             "%d lost), %d events dropped (queue full)", s["events"], s["sync"], s["checks"], s["frames"],
+             pump.agent.recovered_frames, pump.agent.lost_frames, dropped[0])
     return status
 
 

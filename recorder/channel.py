@@ -11,10 +11,12 @@ The crc32 covers everything before it. Bodies (positional msgpack arrays):
       1  HELLO   [version, token, session, agent_version, width, height, keymap, next_seq, resume_from]
       2  FRAME   [seq, frame]           frame = one log frame (recorder.logformat), its own seq inside
       3  ECHO    [replay_seq]
+      4  CHECKED [req_id, digest]       digest = region_digest of the region, or b"" if it cannot be sampled
     host → guest
       17 ATTACH  [version, token, session, resume_from]
       18 ACK     [seq]
       19 EXPECT  [replay_seq, kind, *fields]    kind and fields as in the log (key, button or motion)
+      20 CHECK   [req_id, x, y, w, h]   region as in a sync mark: x, y in 0..32767, w, h in 1..32767
 
 Connection life: the host side connects and sends ``attach`` with a fresh random ``token``, the agent's
 ``session`` it knows (empty the first time) and ``resume_from`` = the first log seq it does not hold.
@@ -35,6 +37,17 @@ Closed loop: the replayer sends ``expect`` for the event it is about to inject; 
 captures a matching event (same kind, keycode/button or position) it sends ``echo`` with that
 replay seq. Events captured before their expect arrived are remembered briefly (``echo_history``)
 so that race does not lose an echo; each captured event answers at most one expect.
+
+Screen checks: the replayer waits for a sync mark by asking the target's own agent for the digest
+of the mark's region (``check``), so both digests come from X ``GetImage`` the same way. A host
+screenshot cannot stand in: with std VGA it includes X's software cursor, which ``GetImage`` leaves
+out, so a mark near the pointer would never match. The agent answers ``checked`` with the same
+``req_id`` and ``recorder.logformat.region_digest`` of the region's canonical RGB, or an empty digest
+when it cannot sample it (the region leaves the screen, an X error, a screen format it cannot read).
+A check is a read, so nothing about it is resent: a request or answer lost in a reconnection is
+simply asked again. The agent answers only requests of the current attachment, and of those only
+the newest ``max_pending_checks`` (a replayer that asks faster than the agent samples gets answers
+to its latest requests).
 
 Both sides keep their output in an outbox drained with ``data_to_send()``: replies are caused by
 input (hello and resend on attach, re-attach on a corrupt stream) as well as by calls, and the
@@ -58,6 +71,8 @@ import msgpack
 from recorder.logformat import (
     DEFAULT_MAX_FRAME_BYTES,
     FRAME_OVERHEAD,
+    MAX_COORD,
+    MAX_DIGEST_BYTES,
     Button,
     Event,
     Key,
@@ -69,7 +84,8 @@ from recorder.logformat import (
 )
 from replay_migrate.errors import LogFormatError, ProtocolError
 
-CHANNEL_VERSION = 1
+CHANNEL_VERSION = 2
+"""2: CHECK/CHECKED (screen region digests asked of the agent)."""
 MSG_MAGIC = b"Rc"
 _HEAD = struct.Struct(">2sBI")
 _CRC = struct.Struct(">I")
@@ -84,6 +100,9 @@ DEFAULT_MAX_PENDING_EXPECTS = 64
 """Expects the agent holds unanswered; the oldest is dropped beyond this (the replayer has timed out)."""
 DEFAULT_ECHO_HISTORY = 64
 """Captured events remembered for an expect that arrives after its event did."""
+DEFAULT_MAX_PENDING_CHECKS = 16
+"""Check answers waiting to be sent (and, in the agent, requests waiting to be sampled); the oldest
+is dropped beyond this."""
 MAX_CONTROL_BODY = 1024
 """Largest body of any message but FRAME: everything else is a few small fields."""
 TOKEN_BYTES = 8
@@ -93,9 +112,11 @@ class MsgType(IntEnum):
     HELLO = 1
     FRAME = 2
     ECHO = 3
+    CHECKED = 4
     ATTACH = 17
     ACK = 18
     EXPECT = 19
+    CHECK = 20
 
 
 def _encode(mtype: MsgType, body: list[Any]) -> bytes:
@@ -113,9 +134,12 @@ class _Corrupt(Exception):
 
 
 _AGENT_ALLOWED: dict[int, int] = {
-    MsgType.ATTACH: MAX_CONTROL_BODY, MsgType.ACK: MAX_CONTROL_BODY, MsgType.EXPECT: MAX_CONTROL_BODY
+    MsgType.ATTACH: MAX_CONTROL_BODY, MsgType.ACK: MAX_CONTROL_BODY, MsgType.EXPECT: MAX_CONTROL_BODY,
+    MsgType.CHECK: MAX_CONTROL_BODY,
 }
-_HOST_SCAN_ALLOWED: dict[int, int] = {MsgType.HELLO: MAX_CONTROL_BODY, MsgType.ECHO: MAX_CONTROL_BODY}
+_HOST_SCAN_ALLOWED: dict[int, int] = {
+    MsgType.HELLO: MAX_CONTROL_BODY, MsgType.ECHO: MAX_CONTROL_BODY, MsgType.CHECKED: MAX_CONTROL_BODY
+}
 
 
 class _Reader:
@@ -200,6 +224,21 @@ def _body(data: bytes, what: str, min_len: int, max_len: int | None = None) -> l
 _EXPECTABLE = (Kind.KEY_PRESS, Kind.KEY_RELEASE, Kind.BUTTON_PRESS, Kind.BUTTON_RELEASE, Kind.MOTION)
 
 
+def _region_problem(req_id: object, x: object, y: object, w: object, h: object) -> str | None:
+    """What is wrong with a check's fields, or None: the bounds of a sync mark's region."""
+    if not _is_uint(req_id):
+        return f"request id {req_id!r} is not an unsigned integer"
+    if not (_is_uint(x, MAX_COORD) and _is_uint(y, MAX_COORD)):
+        return f"region origin {x!r},{y!r} not in 0..{MAX_COORD}"
+    if not (_is_uint(w, MAX_COORD) and _is_uint(h, MAX_COORD)) or not w or not h:
+        return f"region size {w!r}x{h!r} not in 1..{MAX_COORD}"
+    return None
+
+
+def _is_digest(v: object) -> bool:
+    return type(v) is bytes and len(v) <= MAX_DIGEST_BYTES
+
+
 def _expect_event(kind: object, fields: list[Any], what: str) -> Event:
     if type(kind) is not int or kind not in _EXPECTABLE:
         raise _Corrupt(f"{what}: kind {kind!r} cannot be expected")
@@ -240,6 +279,17 @@ class Expected:
 
 
 @dataclass(frozen=True, slots=True)
+class CheckRequested:
+    """The host asks for the digest of a screen region: sample it and answer with ``checked``."""
+
+    req_id: int
+    x: int
+    y: int
+    w: int
+    h: int
+
+
+@dataclass(frozen=True, slots=True)
 class Skipped:
     """Input that was not a valid message for the agent (corruption, a stale connection, a bug)."""
 
@@ -247,7 +297,7 @@ class Skipped:
     reason: str
 
 
-AgentEvent = Attached | Acked | Expected | Skipped
+AgentEvent = Attached | Acked | Expected | CheckRequested | Skipped
 
 
 def _matches(ev: Event, kind: int, fields: list[object]) -> bool:
@@ -274,6 +324,7 @@ class AgentSide:
         fallback: Callable[[int], bytes | None] | None = None,
         max_pending_expects: int = DEFAULT_MAX_PENDING_EXPECTS,
         echo_history: int = DEFAULT_ECHO_HISTORY,
+        max_pending_checks: int = DEFAULT_MAX_PENDING_CHECKS,
     ) -> None:
         self.agent_version = agent_version
         self.width, self.height, self.keymap = width, height, keymap
@@ -298,6 +349,11 @@ class AgentSide:
             maxlen=max_pending_expects
         )
         self._history: collections.deque[Event] = collections.deque(maxlen=echo_history)
+        self._asked: collections.deque[int] = collections.deque(maxlen=max_pending_checks)
+        """Check requests of this attachment not answered yet."""
+        self._checked: collections.deque[bytes] = collections.deque(maxlen=max_pending_checks)
+        """Check answers not yet sent, apart from ``_control`` so a host that asks but does not read
+        cannot make them pile up."""
 
     # -- frames
     def add_frame(self, seq: int, frame: bytes) -> None:
@@ -331,6 +387,21 @@ class AgentSide:
     def _echo(self, replay_seq: int) -> None:
         if self.state is AgentState.ATTACHED:
             self._control.append(_encode(MsgType.ECHO, [replay_seq]))
+
+    # -- screen checks
+    def checked(self, req_id: int, digest: bytes) -> bool:
+        """Answer a ``CheckRequested``: ``region_digest`` of the region, or b"" if it could not be
+        sampled. Returns whether the answer is queued: one to a request of an earlier attachment (or
+        one forgotten beyond ``max_pending_checks``) is dropped, as the host asking it is gone."""
+        if not _is_uint(req_id) or not _is_digest(digest):
+            raise ProtocolError(f"bad check answer: request {req_id!r}, digest {digest!r}")
+        if req_id not in self._asked:
+            return False
+        self._asked.remove(req_id)
+        if self.state is not AgentState.ATTACHED:
+            return False
+        self._checked.append(_encode(MsgType.CHECKED, [req_id, digest]))
+        return True
 
     # -- input
     def receive_data(self, data: bytes) -> list[AgentEvent]:
@@ -366,6 +437,8 @@ class AgentSide:
                 CHANNEL_VERSION, token, self.session, self.agent_version, self.width, self.height,
                 self.keymap, self.next_seq, start,
             ])]
+            self._asked.clear()  # an older host's requests: nobody waits for their answers
+            self._checked.clear()
             self._cursor = start
             if not new_session and start > 0:
                 self._ack(start - 1)  # the host holds everything before resume_from
@@ -376,6 +449,13 @@ class AgentSide:
                 raise _Corrupt("ack: seq is not an unsigned integer")
             self._ack(seq)
             return Acked(seq)
+        if mtype == MsgType.CHECK:
+            body = _body(data, "check", 5, 5)
+            problem = _region_problem(*body)
+            if problem is not None:
+                raise _Corrupt(f"check: {problem}")
+            self._asked.append(body[0])
+            return CheckRequested(*body)
         body = _body(data, "expect", 2)
         replay_seq, kind = body[0], body[1]
         if not _is_uint(replay_seq):
@@ -393,13 +473,17 @@ class AgentSide:
     # -- output
     @property
     def wants_to_send(self) -> bool:
-        return bool(self._control) or (self.state is AgentState.ATTACHED and self._cursor < self.next_seq)
+        if self._control or self._checked:
+            return True
+        return self.state is AgentState.ATTACHED and self._cursor < self.next_seq
 
     def data_to_send(self, max_bytes: int = DEFAULT_SEND_CHUNK) -> bytes:
         """Bytes to write to the port now: control messages, then frames from the resend cursor, up
         to about ``max_bytes`` (a message is never split). Empty when there is nothing to send."""
         out = bytearray(b"".join(self._control))
         self._control.clear()
+        while self._checked:
+            out += self._checked.popleft()
         if self.state is not AgentState.ATTACHED:
             return bytes(out)
         while self._cursor < self.next_seq and len(out) < max_bytes:
@@ -421,6 +505,8 @@ class AgentSide:
         """The host went away: forget partial input and queued output, keep every frame."""
         self.state = AgentState.DETACHED
         self._control.clear()
+        self._asked.clear()
+        self._checked.clear()
         self._reader.buf.clear()
 
 
@@ -461,6 +547,15 @@ class Echo:
 
 
 @dataclass(frozen=True, slots=True)
+class Checked:
+    """The agent's answer to ``check(req_id, ...)``: ``region_digest`` of the region as X ``GetImage``
+    shows it (no software cursor), or b"" if the agent could not sample that region."""
+
+    req_id: int
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Gap:
     """Frames ``first``..``last`` are lost (the agent could not find them): the log has a hole."""
 
@@ -475,11 +570,11 @@ class Resync:
     reason: str
 
 
-HostEvent = Hello | LogFrame | Echo | Gap | Resync
+HostEvent = Hello | LogFrame | Echo | Checked | Gap | Resync
 
 
 class HostSide:
-    """The host end: attach (resume), receive frames in order exactly once, ack, expect/echo.
+    """The host end: attach (resume), receive frames in order exactly once, ack, expect/echo, check.
 
     A new ``HostSide`` made with the ``resume_from`` and ``session`` a previous one reached picks up
     where it left off; ``connect()`` (again) after every (re)connection of the port.
@@ -505,7 +600,8 @@ class HostSide:
         self._reader = _Reader()
         frame_limit = max_frame_bytes + FRAME_OVERHEAD + 16  # + the msgpack around it
         self._stream_allowed: dict[int, int] = {
-            MsgType.FRAME: frame_limit, MsgType.ECHO: MAX_CONTROL_BODY, MsgType.HELLO: MAX_CONTROL_BODY
+            MsgType.FRAME: frame_limit, MsgType.ECHO: MAX_CONTROL_BODY, MsgType.HELLO: MAX_CONTROL_BODY,
+            MsgType.CHECKED: MAX_CONTROL_BODY,
         }
 
     def connect(self) -> None:
@@ -540,13 +636,25 @@ class HostSide:
             raise ProtocolError("expect while disconnected: connect() first")
         self._out.append(_encode(MsgType.EXPECT, [replay_seq, int(event.kind), *event_fields(event)]))
 
+    def check(self, req_id: int, x: int, y: int, w: int, h: int) -> None:
+        """Ask the agent for the digest of screen region (x, y, w, h); it answers ``Checked(req_id, ...)``.
+        An answer can be lost in a reconnection: ask again after a timeout (a fresh ``req_id`` tells a
+        late answer from the new one)."""
+        problem = _region_problem(req_id, x, y, w, h)
+        if problem is not None:
+            raise ProtocolError(f"check: {problem}")
+        if self.state is HostState.DISCONNECTED:
+            raise ProtocolError("check while disconnected: connect() first")
+        self._out.append(_encode(MsgType.CHECK, [req_id, x, y, w, h]))
+
     def data_to_send(self) -> bytes:
         out = b"".join(self._out)
         self._out.clear()
         return out
 
     def receive_data(self, data: bytes) -> list[HostEvent]:
-        """Bytes read from the channel → hello, frames (in order, once), echoes, gaps, resyncs.
+        """Bytes read from the channel → hello, frames (in order, once), echoes, check answers, gaps,
+        resyncs.
 
         Raises ProtocolError only when the agent cannot be talked to at all (another channel version,
         a hello that contradicts what the host holds); a damaged stream is answered by ``Resync``.
@@ -574,6 +682,11 @@ class HostSide:
             if not _is_uint(replay_seq):
                 raise _Corrupt("echo: replay seq is not an unsigned integer")
             return [Echo(replay_seq)]
+        if mtype == MsgType.CHECKED:
+            req_id, digest = _body(data, "checked", 2, 2)
+            if not _is_uint(req_id) or not _is_digest(digest):
+                raise _Corrupt("checked: bad fields")
+            return [Checked(req_id, digest)]
         if mtype == MsgType.HELLO:
             if self.state is not HostState.ATTACHING:
                 raise _Corrupt("hello while streaming")

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from recorder.channel import Echo, Gap, Hello, HostEvent, HostSide, LogFrame, Resync
+from recorder.channel import Checked, Echo, Gap, Hello, HostEvent, HostSide, LogFrame, Resync
 from recorder.logformat import Button, Key, LogDecoder, Motion
 from replay_migrate.errors import ReplayError, TransportError
 from vm.machine import Machine
@@ -40,6 +40,7 @@ class RecorderLink:
         self.hello: Hello | None = None
         self.gaps: list[Gap] = []
         self.reconnects = 0
+        self._check_id = 0
         self._sock: socket.socket | None = None
         self._pending: list[HostEvent] = []
         self.log = logging.getLogger(f"replay_migrate.recorder.{machine.name}")
@@ -138,6 +139,24 @@ class RecorderLink:
     def expect(self, replay_seq: int, event: Key | Button | Motion) -> None:
         self.host.expect(replay_seq, event)
         self._flush()
+
+    def check(self, x: int, y: int, w: int, h: int, timeout: float,
+              on_event: list[HostEvent] | None = None) -> bytes:
+        """The digest of a screen region as the guest's own agent sees it (X GetImage, no software
+        cursor): what sync marks were made with. b"" if the agent could not sample it."""
+        self._check_id += 1
+        req = self._check_id
+        self.host.check(req, x, y, w, h)
+        self._flush()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for ev in self.poll(max(0.0, deadline - time.monotonic())):
+                if isinstance(ev, Checked) and ev.req_id == req:
+                    return ev.digest
+                if on_event is not None and not isinstance(ev, Checked):
+                    on_event.append(ev)
+        raise ReplayError(f"the recorder agent of {self.machine.name!r} did not answer a screen check "
+                          f"in {timeout:.0f} s")
 
     def wait_echo(self, replay_seq: int, timeout: float, on_event: list[HostEvent] | None = None) -> bool:
         """Wait for the echo of ``replay_seq``; other events go to ``on_event`` if given."""

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recorder.channel import LogFrame
+from recorder.channel import HostEvent, LogFrame
 from recorder.logformat import (
     Button,
     End,
@@ -27,7 +27,6 @@ from recorder.logformat import (
     LogHeader,
     Motion,
     SyncMark,
-    region_digest,
 )
 from replay_migrate.errors import LogFormatError, ReplayError
 from replayer.drive import to_qmp
@@ -143,23 +142,25 @@ class Replayer:
         self.link.expect(self._seq, ev)
         t = time.monotonic()
         self.machine.send_input(qmp)
-        others: list[object] = []
-        if not self.link.wait_echo(self._seq, self.config.echo_timeout_s, others):  # type: ignore[arg-type]
+        others: list[HostEvent] = []
+        if not self.link.wait_echo(self._seq, self.config.echo_timeout_s, others):
             raise ReplayError(f"event {self.stats.events} ({describe(ev)}) was not echoed by the guest "
                               f"within {self.config.echo_timeout_s:.0f} s")
-        for o in others:     # the target's own recording of what we replay: keep its agent lean
-            if isinstance(o, LogFrame):
-                self.link.ack(o.seq)
+        self._ack_frames(others)
         dt = time.monotonic() - t
         self.stats.injected += 1
         self.stats.echo_total_s += dt
         self.stats.echo_max_s = max(self.stats.echo_max_s, dt)
 
     def _sync(self, mark: SyncMark) -> None:
+        """Wait until the target's agent sees the region as the source's did. Asked of the agent,
+        not taken from a QEMU screenshot: that one includes X's software cursor, GetImage not."""
         deadline = time.monotonic() + self.config.sync_timeout_s
         while True:
-            shot = self.machine.screenshot()
-            if region_digest(shot.region(mark.x, mark.y, mark.w, mark.h)) == mark.digest:
+            others: list[HostEvent] = []
+            digest = self.link.check(mark.x, mark.y, mark.w, mark.h, self.config.echo_timeout_s, others)
+            self._ack_frames(others)
+            if digest == mark.digest:
                 self.stats.sync_met += 1
                 return
             if time.monotonic() > deadline:
@@ -170,6 +171,13 @@ class Replayer:
                 self.stats.sync_failed.append(what)
                 return
             time.sleep(SYNC_POLL_S)
+
+    def _ack_frames(self, events: list[HostEvent]) -> None:
+        """Ack the target agent's own recording of what we replay, so its resend buffer stays as
+        small as the source's (whose host acked every frame)."""
+        for ev in events:
+            if isinstance(ev, LogFrame):
+                self.link.ack(ev.seq)
 
 
 def events_from_chunks(chunks: Iterable[bytes], *, on_header: Callable[[LogHeader], None] | None = None,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from recorder.channel import Echo, Hello, HostSide, LogFrame
+from recorder.channel import Checked, Echo, Hello, HostSide, LogFrame
 from recorder.logformat import (
     Button,
     End,
@@ -153,6 +153,7 @@ class Host:
         self.decoder = decoder or LogDecoder()
         self.events: list[Event] = []
         self.echoes: dict[int, float] = {}
+        self.checks: dict[int, bytes] = {}
         self.hellos: list[Hello] = []
 
     def connect(self) -> None:
@@ -196,9 +197,18 @@ class Host:
                 self.echoes[ev.replay_seq] = now
             elif isinstance(ev, Hello):
                 self.hellos.append(ev)
+            elif isinstance(ev, Checked):
+                self.checks[ev.req_id] = ev.digest
             else:
                 raise AssertionError(f"unexpected channel event {ev}")
         self._send()
+
+    def check(self, req_id: int, x: int, y: int, w: int, h: int, timeout: float = 5) -> bytes:
+        """Ask the agent for a region's digest and wait for the answer."""
+        self.side.check(req_id, x, y, w, h)
+        self._send()
+        assert self.pump(lambda: req_id in self.checks, timeout), (req_id, self.agent.stderr())
+        return self.checks[req_id]
 
     def inputs(self) -> list[tuple[object, ...]]:
         return [summary(e) for e in self.events if not isinstance(e, SyncMark | End)]
@@ -376,3 +386,85 @@ def test_records_with_no_port_and_keeps_everything_in_the_fallback(
     assert inputs == [("motion", 50, 60), *typed("offline")]
     assert isinstance(log.events[-1], End)
     assert "not available" in agent.stderr()
+
+
+PAINTER = """
+import sys
+from Xlib import X, display
+root_px, win_px, x, y, w, h = (int(a, 0) for a in sys.argv[1:])
+d = display.Display()
+s = d.screen()
+s.root.change_attributes(background_pixel=root_px)
+s.root.clear_area()
+win = s.root.create_window(x, y, w, h, 0, s.root_depth, X.InputOutput, X.CopyFromParent,
+                           background_pixel=win_px, override_redirect=True)
+win.map()
+d.sync()
+print("painted", flush=True)
+sys.stdin.read()
+s.root.change_attributes(background_pixel=s.black_pixel)
+s.root.clear_area()
+d.sync()
+"""
+ROOT_RGB, WIN_RGB = bytes([0x33, 0x66, 0x99]), bytes([0xC0, 0x80, 0x40])
+WIN = (400, 300, 200, 100)
+
+
+def painted_rgb(x: int, y: int, w: int, h: int) -> bytes:
+    """Canonical RGB of a region of the screen PAINTER draws: ROOT_RGB with a WIN_RGB rectangle."""
+    wx, wy, ww, wh = WIN
+    lo, hi = min(max(wx - x, 0), w), min(max(wx + ww - x, 0), w)
+    through = ROOT_RGB * lo + WIN_RGB * (hi - lo) + ROOT_RGB * (w - hi)
+    return b"".join(through if wy <= row < wy + wh else ROOT_RGB * w for row in range(y, y + h))
+
+
+@pytest.fixture
+def painted(display: str) -> Iterator[None]:
+    """The root in one colour, an override-redirect window in another; black again afterwards (the
+    other tests expect Xvfb -br's black root)."""
+    proc = subprocess.Popen([SYSTEM_PYTHON, "-c", PAINTER, "0x336699", "0xC08040", *map(str, WIN)],
+                            env={"DISPLAY": display, "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 20)
+        assert ready and proc.stdout.readline() == b"painted\n", proc.stderr.read() if proc.stderr else ""
+        yield
+    finally:
+        proc.stdin.close()
+        proc.wait(10)
+
+
+def test_check_digests_a_region_as_the_sync_marks_do(
+    display: str, agent_factory: Callable[..., Agent], painted: None
+) -> None:
+    agent = agent_factory()
+    host = Host(agent)
+    host.connect()
+    assert host.pump(lambda: bool(host.hellos), 10), agent.stderr()
+
+    # a region straddling the window's corner: layout and channel order both matter
+    assert host.check(1, 368, 268, 64, 64) == region_digest(painted_rgb(368, 268, 64, 64))
+    # the pointer in the region does not count (GetImage leaves X's cursor out), as for the marks
+    xdo(display, "mousemove", "400", "300", "click", "1")
+    assert host.pump(lambda: any(isinstance(e, SyncMark) for e in host.events), 5), agent.stderr()
+    mark = next(e for e in host.events if isinstance(e, SyncMark))
+    assert (mark.x, mark.y, mark.w, mark.h, mark.label) == (368, 268, 64, 64, "click")
+    assert host.check(2, mark.x, mark.y, mark.w, mark.h) == mark.digest == region_digest(
+        painted_rgb(368, 268, 64, 64))
+    # a whole screen, promptly (the flusher is woken, not left to its next flush)
+    t0 = time.monotonic()
+    assert host.check(3, 0, 0, W, H) == region_digest(painted_rgb(0, 0, W, H))
+    assert time.monotonic() - t0 < 2.0
+    assert host.check(4, 599, 399, 1, 1) == region_digest(WIN_RGB)
+    # a region that leaves the screen is not clipped (that would answer for another region): empty
+    assert host.check(5, W - 10, 0, 11, 10) == b""
+    assert host.check(6, 0, H, 1, 1) == b""
+    # several in one write are all answered
+    for i in range(10, 14):
+        host.side.check(i, i, 0, 8, 8)
+    host._send()
+    assert host.pump(lambda: all(i in host.checks for i in range(10, 14)), 5), agent.stderr()
+    assert {host.checks[i] for i in range(10, 14)} == {region_digest(ROOT_RGB * 64)}
+    assert agent.stop() == 0
+    assert "10 checks answered" in agent.stderr()

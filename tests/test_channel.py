@@ -1,5 +1,5 @@
 """recorder.channel: attach/resume without loss or duplication, resend buffer and fallback,
-resynchronisation on a damaged stream, expect/echo, and hostile bytes."""
+resynchronisation on a damaged stream, expect/echo, screen checks, and hostile bytes."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from recorder.channel import (
     AgentSide,
     AgentState,
     Attached,
+    Checked,
+    CheckRequested,
     Echo,
     Expected,
     Gap,
@@ -27,7 +29,17 @@ from recorder.channel import (
     Resync,
     Skipped,
 )
-from recorder.logformat import Button, EncodedFrame, Key, LogDecoder, LogEncoder, LogHeader, Motion
+from recorder.logformat import (
+    MAX_COORD,
+    Button,
+    EncodedFrame,
+    Key,
+    LogDecoder,
+    LogEncoder,
+    LogHeader,
+    Motion,
+    region_digest,
+)
 from replay_migrate.errors import ProtocolError
 
 HEADER = LogHeader(1280, 800, "us", "", 0, "t")
@@ -78,6 +90,22 @@ def exchange(a: AgentSide, h: HostSide, rounds: int = 10) -> list[ch.HostEvent]:
 
 def frames_of(events: list[ch.HostEvent]) -> list[int]:
     return [e.seq for e in events if isinstance(e, LogFrame)]
+
+
+def msg(mtype: int, body: object) -> bytes:
+    """A well-framed message with any body (crc right), as a buggy or hostile peer could send."""
+    data: bytes = msgpack.packb(body)
+    head = struct.pack(">2sBI", b"Rc", mtype, len(data))
+    return head + data + struct.pack(">I", zlib.crc32(head + data))
+
+
+def attached(log: Log, n: int = 0, **kw: object) -> tuple[AgentSide, HostSide]:
+    a = agent_with(log, n, **kw)
+    h = HostSide()
+    h.connect()
+    exchange(a, h)
+    assert h.state is HostState.STREAMING
+    return a, h
 
 
 def test_attach_hello_and_streaming() -> None:
@@ -301,11 +329,6 @@ def test_agent_reports_bad_host_messages_and_goes_on() -> None:
     log = Log()
     a = agent_with(log, 0)
 
-    def msg(mtype: int, body: object) -> bytes:
-        data: bytes = msgpack.packb(body)
-        head = struct.pack(">2sBI", b"Rc", mtype, len(data))
-        return head + data + struct.pack(">I", zlib.crc32(head + data))
-
     evs = a.receive_data(b"junk" + msg(ch.MsgType.ACK, ["x"]) + msg(ch.MsgType.EXPECT, [1, 7])
                          + msg(ch.MsgType.ATTACH, [1, b"t", b"", 0]))
     assert [type(e) for e in evs] == [Skipped, Skipped, Skipped, Attached]
@@ -343,15 +366,17 @@ def test_stream_split_anywhere(data: st.DataObject) -> None:
     h.connect()
     a.receive_data(h.data_to_send())
     h.expect(1, Key(0, 38, True))
+    h.check(5, 0, 0, 8, 8)
     a.receive_data(h.data_to_send())
     a.captured(Key(0, 38, True))
+    a.checked(5, b"D" * 8)
     wire = a.data_to_send()
     cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=10)))
     evs: list[ch.HostEvent] = []
     for lo, hi in itertools.pairwise([0, *cuts, len(wire)]):
         evs += h.receive_data(wire[lo:hi])
     assert frames_of(evs) == list(range(6))
-    assert Echo(1) in evs
+    assert Echo(1) in evs and Checked(5, b"D" * 8) in evs
 
 
 def test_add_frame_out_of_order_is_a_bug() -> None:
@@ -369,3 +394,108 @@ def test_a_garbage_header_claiming_a_long_body_does_not_stall_the_scan() -> None
     bogus = struct.pack(">2sBI", b"Rc", ch.MsgType.HELLO, 1000)
     evs = h.receive_data(bogus + a.data_to_send())
     assert [type(e) for e in evs] == [Hello, LogFrame]
+
+
+# ------------------------------------------------------------------------------------ screen checks
+
+DIGEST = region_digest(bytes(64 * 64 * 3))
+
+
+def test_check_round_trip() -> None:
+    log = Log()
+    a, h = attached(log, 2)
+    h.check(1, 10, 20, 64, 64)
+    h.check(2, 0, 0, MAX_COORD, MAX_COORD)  # the largest region the protocol carries
+    assert a.receive_data(h.data_to_send()) == [CheckRequested(1, 10, 20, 64, 64),
+                                                CheckRequested(2, 0, 0, MAX_COORD, MAX_COORD)]
+    assert a.checked(1, DIGEST)
+    assert a.checked(2, b"")  # empty: the agent could not sample it (here: off its screen)
+    f = log.next()
+    a.add_frame(f.seq, f.data)
+    assert a.wants_to_send
+    evs = h.receive_data(a.data_to_send())
+    assert evs == [Checked(1, DIGEST), Checked(2, b""), LogFrame(f.seq, f.data)]
+    assert not a.checked(1, DIGEST)  # answered already: nothing is sent twice
+    assert a.data_to_send() == b""
+
+
+def test_a_check_of_an_earlier_attachment_is_not_answered() -> None:
+    log = Log()
+    a, h = attached(log)
+    h.check(1, 0, 0, 8, 8)
+    h.check(2, 0, 0, 8, 8)
+    a.receive_data(h.data_to_send())
+    h.connect()  # the host re-attaches (e.g. after a resync) while the agent samples
+    a.receive_data(h.data_to_send())
+    assert not a.checked(1, DIGEST)
+    assert [e for e in exchange(a, h) if isinstance(e, Checked)] == []
+    h.check(3, 0, 0, 8, 8)
+    a.receive_data(h.data_to_send())
+    a.connection_lost()  # the port went away before the answer
+    assert not a.checked(3, DIGEST)
+    assert not a.checked(99, DIGEST)  # never asked
+    assert a.data_to_send() == b""
+
+
+def test_checks_held_by_the_agent_are_bounded() -> None:
+    log = Log()
+    a, h = attached(log, max_pending_checks=2)
+    for i in range(5):
+        h.check(i, 0, 0, 8, 8)
+    assert len(a.receive_data(h.data_to_send())) == 5
+    assert [a.checked(i, DIGEST) for i in range(5)] == [False, False, False, True, True]  # newest 2 kept
+    for i in range(5, 10):  # answered, but the host does not read
+        h.check(i, 0, 0, 8, 8)
+        a.receive_data(h.data_to_send())
+        assert a.checked(i, DIGEST)
+    assert [e.req_id for e in h.receive_data(a.data_to_send()) if isinstance(e, Checked)] == [8, 9]
+
+
+@pytest.mark.parametrize("args", [
+    (-1, 0, 0, 1, 1), (1, -1, 0, 1, 1), (1, 0, MAX_COORD + 1, 1, 1), (1, 0, 0, 0, 1), (1, 0, 0, 1, 0),
+    (1, 0, 0, MAX_COORD + 1, 1), (1, 0, 0, 1, 2**40), (1.0, 0, 0, 1, 1), (1, True, 0, 1, 1), (1, 0, 0, "8", 8),
+    (2**63, 0, 0, 1, 1),
+])
+def test_check_refuses_bad_arguments(args: tuple[int, int, int, int, int]) -> None:
+    h = HostSide()
+    h.connect()
+    with pytest.raises(ProtocolError):
+        h.check(*args)
+    assert h.data_to_send().count(b"Rc") == 1  # only the attach
+
+
+def test_check_while_disconnected_and_bad_answers_are_bugs() -> None:
+    with pytest.raises(ProtocolError, match="disconnected"):
+        HostSide().check(1, 0, 0, 8, 8)
+    a = AgentSide(agent_version="t", width=1, height=1, keymap="us")
+    for req_id, digest in ((-1, DIGEST), (1, b"x" * 33), (1, "digest")):
+        with pytest.raises(ProtocolError):
+            a.checked(req_id, digest)  # type: ignore[arg-type]
+
+
+def test_malformed_checks_are_skipped_and_the_agent_goes_on() -> None:
+    log = Log()
+    a, h = attached(log)
+    bad = [[1, 0, 0, 8], [1, 0, 0, 8, 8, 9], [1, 0, 0, 0, 8], [1, -1, 0, 8, 8], ["1", 0, 0, 8, 8],
+           [1, 0, 0, 8, MAX_COORD + 1], {"x": 1}]
+    wire = b"".join(msg(ch.MsgType.CHECK, b) for b in bad) + msg(ch.MsgType.CHECK, [1, 0, 0, 8, 8])
+    broken = bytearray(msg(ch.MsgType.CHECK, [2, 0, 0, 8, 8]))
+    broken[-1] ^= 1  # bad crc
+    evs = a.receive_data(bytes(broken) + wire)
+    assert [type(e) for e in evs] == [Skipped] * (len(bad) + 1) + [CheckRequested]
+    assert a.checked(1, DIGEST) and not a.checked(2, DIGEST)
+    assert a.state is AgentState.ATTACHED
+    assert [e for e in h.receive_data(a.data_to_send()) if isinstance(e, Checked)] == [Checked(1, DIGEST)]
+
+
+@pytest.mark.parametrize("body", [[1], [1, DIGEST, 0], [-1, DIGEST], [1, "digest"], [1, b"x" * 33], [1, None]])
+def test_a_malformed_check_answer_resyncs_and_loses_nothing(body: list[object]) -> None:
+    log = Log()
+    a, h = attached(log, 2)
+    for _ in range(2):
+        f = log.next()
+        a.add_frame(f.seq, f.data)
+    evs = h.receive_data(msg(ch.MsgType.CHECKED, body) + a.data_to_send())
+    assert isinstance(evs[0], Resync) and h.state is HostState.ATTACHING
+    evs += exchange(a, h)
+    assert frames_of(evs) == [3, 4]  # after 0..2 before it
