@@ -1,0 +1,530 @@
+"""Merkle trees of blake3 digests over a :class:`~differ.source.BlockSource`.
+
+Definition (version 1), fixed so that both sites compute the same root:
+
+* **leaf** ``i`` = ``blake3(bytes of leaf i)``, 32 bytes, plain unkeyed blake3 of the leaf's real
+  bytes (a short last leaf is not padded). Plain so that a leaf digest is a *content* digest: the
+  transfer protocol's content index and ``b3sum`` of a 4 KiB block agree with it.
+* **interior node** = ``blake3(concatenation of its children's digests, key=NODE_KEY)``: level
+  ``k+1`` groups level ``k`` by ``fanout`` (the last group may be short). The key separates nodes
+  from leaves, so a 512-byte leaf can never pass for a node (second-preimage hygiene).
+* the **top** is the single node of the last level (the leaf itself for a one-leaf image, 32 zero
+  bytes for an empty image);
+* the **root** = ``blake3(top || le64 size || le64 leaf_count || le32 leaf_size || le32 fanout,
+  key=ROOT_KEY)``: images of different sizes or tree shapes never share a root.
+
+Levels are numpy ``(n, 32) uint8`` arrays, ``levels[0]`` the leaves and ``levels[-1]`` the top.
+A tree file stores only the leaves (zstd, so runs of zero-page digests cost nothing) behind a header
+with the shape and the root; loading rebuilds the interior levels (~1/fanout of the leaf count) and
+checks the root, which doubles as the file's integrity check.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import queue
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from multiprocessing import resource_tracker, shared_memory
+from pathlib import Path
+
+import blake3
+import numpy as np
+import numpy.typing as npt
+import zstandard
+
+from differ.source import LEAF_SIZE, BlockSource
+from replay_migrate.errors import ImageError
+
+DIGEST_SIZE = 32
+DEFAULT_FANOUT = 16
+"""16 children per node: 5 levels over a 1 GiB image. Lower fan-outs send fewer walk bytes per
+differing leaf (d·fanout·depth) but need more levels; see ``bench/bench_differ.py``."""
+MIN_FANOUT = 2
+MAX_FANOUT = 256
+MAX_LEAVES = 1 << 32
+"""Largest leaf count a tree accepts (16 TiB at 4 KiB): leaf indices travel as 32-bit integers."""
+
+NODE_KEY = blake3.blake3(b"node", derive_key_context="replay-migrate merkle v1").digest()
+ROOT_KEY = blake3.blake3(b"root", derive_key_context="replay-migrate merkle v1").digest()
+ABSENT_DIGEST = blake3.blake3(b"absent", derive_key_context="replay-migrate merkle v1").digest()
+"""Stand-in for a leaf whose digest is unknown (see :meth:`MerkleTree.resized`). It is a keyed
+output, so no content is known to hash to it: a comparison against it always says "differs"."""
+EMPTY_TOP = bytes(DIGEST_SIZE)
+
+READ_LEAVES = 256
+"""Leaves per ``BlockSource.read`` call when building (1 MiB): few calls, bounded memory."""
+PARALLEL_MIN_BYTES = 256 << 20
+"""Below this many bytes to read, :meth:`MerkleTree.build` hashes in-process (``workers=None``):
+starting worker processes costs ~0.3 s."""
+MAX_WORKERS = 8
+PARALLEL_CHUNK_LEAVES = 1024
+"""Leaves per task handed to a worker process (4 MiB): amortises the inter-process round trip."""
+SLOTS_PER_WORKER = 4
+"""Tasks in flight per worker process: keeps each busy while the caller reads the next chunk."""
+
+FILE_MAGIC = b"RMMERKLE"
+FILE_VERSION = 1
+_FILE_HEADER = struct.Struct("<8sHHIQQ32sH")
+MAX_STAMP = 1024
+"""Largest caller stamp (see :func:`load_or_build`) a tree file may carry."""
+
+_ROOT_META = struct.Struct("<QQII")
+
+UInt8Array = npt.NDArray[np.uint8]
+
+
+@functools.lru_cache(maxsize=64)
+def zero_digest(length: int = LEAF_SIZE) -> bytes:
+    """The digest of a zero leaf of ``length`` bytes (holes and zero pages)."""
+    return blake3.blake3(bytes(length)).digest()
+
+
+def leaf_digest(data: bytes | memoryview) -> bytes:
+    """The digest of one leaf's bytes."""
+    return blake3.blake3(data).digest()
+
+
+def leaf_count_for(size: int, leaf_size: int = LEAF_SIZE) -> int:
+    """Number of leaves of an image of ``size`` bytes (the last one may be short)."""
+    return -(-size // leaf_size)
+
+
+def leaf_length(size: int, index: int, leaf_size: int = LEAF_SIZE) -> int:
+    """Length in bytes of leaf ``index`` of an image of ``size`` bytes."""
+    return max(0, min(leaf_size, size - index * leaf_size))
+
+
+def node_digest(children: bytes | memoryview) -> bytes:
+    """An interior node over the concatenated digests of its children."""
+    return blake3.blake3(children, key=NODE_KEY).digest()
+
+
+def root_digest(top: bytes, size: int, leaf_count: int, fanout: int, leaf_size: int = LEAF_SIZE) -> bytes:
+    """The root: the top node bound to the image's size and the tree's shape."""
+    return blake3.blake3(top + _ROOT_META.pack(size, leaf_count, leaf_size, fanout), key=ROOT_KEY).digest()
+
+
+def _parent_level(level: UInt8Array, fanout: int) -> UInt8Array:
+    buf = np.ascontiguousarray(level).data.cast("B")
+    step = fanout * DIGEST_SIZE
+    hasher = blake3.blake3
+    key = NODE_KEY
+    out = b"".join([hasher(buf[j : j + step], key=key).digest() for j in range(0, len(buf), step)])
+    return np.frombuffer(out, dtype=np.uint8).reshape(-1, DIGEST_SIZE)
+
+
+def _hash_leaves(data: bytes | memoryview) -> bytes:
+    """Concatenated digests of consecutive leaves in ``data`` (the last one may be short)."""
+    mv = memoryview(data).cast("B")
+    hasher = blake3.blake3
+    return b"".join([hasher(mv[i : i + LEAF_SIZE]).digest() for i in range(0, len(mv), LEAF_SIZE)])
+
+
+class MerkleTree:
+    """An immutable Merkle tree: the leaf digests plus every interior level and the root."""
+
+    __slots__ = ("_levels", "_root", "fanout", "leaf_count", "leaf_size", "size")
+
+    def __init__(self, leaves: UInt8Array, size: int, fanout: int = DEFAULT_FANOUT, leaf_size: int = LEAF_SIZE):
+        """Build the interior levels over ``leaves`` (an ``(n, 32) uint8`` array, not copied)."""
+        if not MIN_FANOUT <= fanout <= MAX_FANOUT:
+            raise ValueError(f"fanout {fanout} outside {MIN_FANOUT}..{MAX_FANOUT}")
+        if leaf_size != LEAF_SIZE:
+            raise ValueError(f"leaf size {leaf_size} is not {LEAF_SIZE}")
+        if size < 0:
+            raise ValueError("negative size")
+        n = leaf_count_for(size, leaf_size)
+        if leaves.dtype != np.uint8 or leaves.shape != (n, DIGEST_SIZE):
+            raise ValueError(f"leaves must be a ({n}, {DIGEST_SIZE}) uint8 array, got {leaves.shape}")
+        if n > MAX_LEAVES:
+            raise ValueError(f"{n} leaves exceed {MAX_LEAVES}")
+        self.size = size
+        self.leaf_count = n
+        self.fanout = fanout
+        self.leaf_size = leaf_size
+        levels = [leaves]
+        while len(levels[-1]) > 1:
+            levels.append(_parent_level(levels[-1], fanout))
+        self._levels: tuple[UInt8Array, ...] = tuple(levels)
+        self._root = root_digest(self.top, size, n, fanout, leaf_size)
+
+    # -- shape and digests ---------------------------------------------------------------------
+
+    @property
+    def levels(self) -> tuple[UInt8Array, ...]:
+        """``levels[0]`` = leaves, ``levels[-1]`` = the top (one node; no node for an empty image)."""
+        return self._levels
+
+    @property
+    def leaves(self) -> UInt8Array:
+        return self._levels[0]
+
+    @property
+    def depth(self) -> int:
+        """Index of the top level: 0 for images of at most one leaf."""
+        return len(self._levels) - 1
+
+    @property
+    def top(self) -> bytes:
+        return self._levels[-1].tobytes() if self.leaf_count else EMPTY_TOP
+
+    @property
+    def root(self) -> bytes:
+        return self._root
+
+    def leaf(self, index: int) -> bytes:
+        return self._levels[0][index : index + 1].tobytes()
+
+    def leaf_length(self, index: int) -> int:
+        return leaf_length(self.size, index, self.leaf_size)
+
+    def zero_mask(self) -> npt.NDArray[np.bool_]:
+        """Which leaves are zero leaves (by digest)."""
+        n = self.leaf_count
+        mask = np.zeros(n, dtype=bool)
+        if n:
+            full = np.frombuffer(zero_digest(self.leaf_size), dtype=np.uint8)
+            mask[:] = (self.leaves == full).all(axis=1)
+            last = np.frombuffer(zero_digest(self.leaf_length(n - 1)), dtype=np.uint8)
+            mask[n - 1] = bool((self.leaves[n - 1] == last).all())
+        return mask
+
+    def __repr__(self) -> str:
+        return (
+            f"MerkleTree(size={self.size}, leaves={self.leaf_count}, fanout={self.fanout}, "
+            f"root={self.root.hex()[:16]}…)"
+        )
+
+    # -- derived trees -----------------------------------------------------------------------
+
+    def replace_leaves(self, indices: npt.NDArray[np.int64], digests: UInt8Array) -> MerkleTree:
+        """A tree with leaves ``indices`` set to ``digests`` (rebuilds the interior: ~n/fanout hashes)."""
+        leaves = self.leaves.copy()
+        leaves[indices] = digests
+        return MerkleTree(leaves, self.size, self.fanout, self.leaf_size)
+
+    def resized(self, size: int, fanout: int | None = None) -> MerkleTree:
+        """This image's tree as it will be after ``set_size(size)``, in a tree of ``fanout``.
+
+        Leaves past the old end become zero leaves (a sink extends with zeros). A leaf whose length
+        changes (the old or the new last leaf) gets :data:`ABSENT_DIGEST`: its new digest is not known
+        without reading, and the transfer protocol must treat it as different anyway.
+        """
+        fanout = self.fanout if fanout is None else fanout
+        if size == self.size and fanout == self.fanout:
+            return self
+        n_old, n_new = self.leaf_count, leaf_count_for(size, self.leaf_size)
+        leaves = np.empty((n_new, DIGEST_SIZE), dtype=np.uint8)
+        keep = min(n_old, n_new)
+        leaves[:keep] = self.leaves[:keep]
+        for i in {n_old - 1, n_new - 1}:
+            if 0 <= i < keep and leaf_length(self.size, i) != leaf_length(size, i):
+                leaves[i] = np.frombuffer(ABSENT_DIGEST, dtype=np.uint8)
+        if n_new > n_old:
+            leaves[n_old:] = np.frombuffer(zero_digest(self.leaf_size), dtype=np.uint8)
+            leaves[n_new - 1] = np.frombuffer(zero_digest(leaf_length(size, n_new - 1)), dtype=np.uint8)
+        return MerkleTree(leaves, size, fanout, self.leaf_size)
+
+    def differing_leaves(self, other: MerkleTree) -> npt.NDArray[np.int64]:
+        """Indices of leaves that differ from ``other`` (local comparison; leaves past the shorter
+        tree's end count as differing). For reports and tests: the network uses the protocol."""
+        n = min(self.leaf_count, other.leaf_count)
+        diff = np.flatnonzero((self.leaves[:n] != other.leaves[:n]).any(axis=1))
+        extra = np.arange(n, max(self.leaf_count, other.leaf_count), dtype=np.int64)
+        return np.concatenate([diff.astype(np.int64), extra])
+
+    # -- building ------------------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        source: BlockSource,
+        fanout: int = DEFAULT_FANOUT,
+        *,
+        workers: int | None = None,
+        read_leaves: int = READ_LEAVES,
+    ) -> MerkleTree:
+        """Hash ``source``: known leaves (holes, zero pages, backing digests) are taken without
+        reading; the rest is read ``read_leaves`` at a time and hashed leaf by leaf.
+
+        ``workers``: processes that hash (``None``: one per CPU but one, up to :data:`MAX_WORKERS`,
+        when at least two and more than :data:`PARALLEL_MIN_BYTES` to read; else in-process).
+        Processes, not threads: per-4-KiB blake3 calls fight over the GIL, and two threads hashing
+        leaves ran at half the speed of one here. All reads stay in the calling thread, so a source
+        need not be thread-safe; workers see the bytes through shared memory. On a 2-CPU host the
+        copying leaves no spare core, so the default stays in-process there (measured: 0.8 GiB/s
+        with 2 workers vs 1.0 in-process; 2 workers hashing alone reach 1.7).
+        """
+        size, n = source.size, source.leaf_count
+        if n != leaf_count_for(size):
+            raise ImageError(f"source reports {n} leaves for {size} bytes")
+        if not 1 <= read_leaves <= 1 << 16:
+            raise ValueError("read_leaves outside 1..65536")
+        leaves = np.empty((n, DIGEST_SIZE), dtype=np.uint8)
+        zeros: list[int] = []
+        given: list[int] = []
+        given_digests: list[bytes] = []
+        prev = -1
+        for index, digest in source.known_leaves():  # collected, then stored in bulk: millions of
+            if not prev < index < n:  # backing leaves in a big qcow2 disk
+                raise ImageError(f"source's known leaves are not increasing within 0..{n - 1}")
+            prev = index
+            if digest is None:
+                zeros.append(index)
+            elif len(digest) != DIGEST_SIZE:
+                raise ImageError("source gave a known digest that is not 32 bytes")
+            else:
+                given.append(index)
+                given_digests.append(digest)
+        known = np.zeros(n, dtype=bool)
+        if given:
+            gi = np.asarray(given, dtype=np.int64)
+            leaves[gi] = np.frombuffer(b"".join(given_digests), dtype=np.uint8).reshape(-1, DIGEST_SIZE)
+            known[gi] = True
+        if zeros:
+            zi = np.asarray(zeros, dtype=np.int64)
+            leaves[zi] = np.frombuffer(zero_digest(), dtype=np.uint8)
+            if zi[-1] == n - 1:
+                leaves[n - 1] = np.frombuffer(zero_digest(leaf_length(size, n - 1)), dtype=np.uint8)
+            known[zi] = True
+        runs = list(_runs(np.flatnonzero(~known), read_leaves))
+        to_read = sum(c for _, c in runs) * LEAF_SIZE
+        if workers is None:
+            spare = (os.cpu_count() or 1) - 1  # the calling thread needs a core to read and copy
+            workers = min(spare, MAX_WORKERS) if to_read >= PARALLEL_MIN_BYTES and spare > 1 else 1
+        if workers > 1 and runs:
+            _hash_parallel(source, runs, leaves, workers)
+        else:
+            for start, count in runs:
+                data = _read_checked(source, start, count)
+                leaves[start : start + count] = np.frombuffer(_hash_leaves(data), dtype=np.uint8).reshape(
+                    count, DIGEST_SIZE
+                )
+        return cls(leaves, size, fanout)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, fanout: int = DEFAULT_FANOUT) -> MerkleTree:
+        """The tree of an in-memory image (tests, small images)."""
+        n = leaf_count_for(len(data))
+        leaves = np.frombuffer(_hash_leaves(data), dtype=np.uint8).reshape(n, DIGEST_SIZE)
+        return cls(leaves.copy(), len(data), fanout)
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str], stamp: bytes = b"") -> None:
+        """Write the tree to ``path`` atomically (temporary file + rename)."""
+        if len(stamp) > MAX_STAMP:
+            raise ValueError(f"stamp longer than {MAX_STAMP} bytes")
+        header = _FILE_HEADER.pack(
+            FILE_MAGIC, FILE_VERSION, self.fanout, self.leaf_size, self.size, self.leaf_count, self.root, len(stamp)
+        )
+        body = zstandard.ZstdCompressor(level=1, write_checksum=True).compress(self.leaves.tobytes())
+        target = Path(path)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(header + stamp + body)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> tuple[MerkleTree, bytes]:
+        """Read a tree file; returns the tree and the caller's stamp. Raises :class:`ImageError`
+        when the file is malformed, of another version, or its leaves do not give its root."""
+        try:
+            with open(path, "rb") as f:
+                head = f.read(_FILE_HEADER.size)
+                if len(head) != _FILE_HEADER.size:
+                    raise ImageError(f"tree file {path}: truncated header")
+                magic, version, fanout, leaf_size, size, n, root, stamp_len = _FILE_HEADER.unpack(head)
+                if magic != FILE_MAGIC:
+                    raise ImageError(f"tree file {path}: not a Merkle tree file")
+                if version != FILE_VERSION:
+                    raise ImageError(f"tree file {path}: version {version}, this code reads {FILE_VERSION}")
+                if (
+                    not MIN_FANOUT <= fanout <= MAX_FANOUT
+                    or leaf_size != LEAF_SIZE
+                    or n != leaf_count_for(size, leaf_size)
+                    or n > MAX_LEAVES
+                    or stamp_len > MAX_STAMP
+                ):
+                    raise ImageError(f"tree file {path}: inconsistent header")
+                stamp = f.read(stamp_len)
+                body = f.read()
+        except OSError as e:
+            raise ImageError(f"tree file {path}: {e.strerror}") from e
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(body, max_output_size=n * DIGEST_SIZE)
+        except zstandard.ZstdError as e:
+            raise ImageError(f"tree file {path}: corrupt leaf data") from e
+        if len(stamp) != stamp_len or len(raw) != n * DIGEST_SIZE:
+            raise ImageError(f"tree file {path}: truncated")
+        leaves = np.frombuffer(raw, dtype=np.uint8).reshape(n, DIGEST_SIZE).copy()
+        tree = cls(leaves, size, fanout, leaf_size)
+        if tree.root != root:
+            raise ImageError(f"tree file {path}: leaves do not match the stored root")
+        return tree, stamp
+
+
+def load_or_build(
+    source: BlockSource,
+    path: str | os.PathLike[str],
+    stamp: bytes,
+    fanout: int = DEFAULT_FANOUT,
+    *,
+    workers: int | None = None,
+) -> MerkleTree:
+    """The saved tree at ``path`` if its stamp, size and fan-out match, else build and save it.
+
+    ``stamp`` is the caller's identity of the image's content (e.g. inode, size, mtime_ns of a file
+    nobody writes in place), so an unchanged image is never rehashed.
+    """
+    try:
+        tree, saved = MerkleTree.load(path)
+        if saved == stamp and tree.size == source.size and tree.fanout == fanout:
+            return tree
+    except ImageError:
+        pass
+    tree = MerkleTree.build(source, fanout, workers=workers)
+    tree.save(path, stamp)
+    return tree
+
+
+# -- building helpers ------------------------------------------------------------------------
+
+
+def _runs(indices: npt.NDArray[np.intp], max_count: int) -> Iterator[tuple[int, int]]:
+    """Split sorted leaf indices into ``(start, count)`` runs of consecutive leaves, each at most
+    ``max_count`` long."""
+    if len(indices) == 0:
+        return
+    breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    ends = np.concatenate([breaks, [len(indices)]])
+    for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+        first, total = int(indices[s]), e - s
+        for off in range(0, total, max_count):
+            yield first + off, min(max_count, total - off)
+
+
+def _read_checked(source: BlockSource, start: int, count: int) -> bytes:
+    data = source.read(start, count)
+    want = min((start + count) * LEAF_SIZE, source.size) - start * LEAF_SIZE
+    if len(data) != want:
+        raise ImageError(f"source returned {len(data)} bytes for leaves {start}..{start + count - 1}, expected {want}")
+    return data
+
+
+_REQUEST = struct.Struct("<QQ")
+
+
+def _hash_parallel(source: BlockSource, runs: list[tuple[int, int]], leaves: UInt8Array, workers: int) -> None:
+    """Read in this thread into a ring of shared-memory slots; worker processes hash the slots.
+
+    Workers are plain subprocesses (``python -m differ.merkle --hash-worker``) fed offsets over a
+    pipe: no fork of a possibly multi-threaded caller, no re-import of the caller's ``__main__``.
+    One thread per worker drains its digests as they come, so a full pipe never stalls a worker.
+    """
+    chunks: list[tuple[int, int]] = []
+    for start, count in runs:
+        for off in range(0, count, PARALLEL_CHUNK_LEAVES):
+            chunks.append((start + off, min(PARALLEL_CHUNK_LEAVES, count - off)))
+    workers = min(workers, len(chunks))
+    slot_bytes = PARALLEL_CHUNK_LEAVES * LEAF_SIZE
+    nslots = SLOTS_PER_WORKER * workers  # chunk k uses slot k % nslots and worker k % workers
+    shm = shared_memory.SharedMemory(create=True, size=slot_bytes * nslots)
+    env = dict(os.environ)
+    pkg_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    cmd = [sys.executable, "-m", "differ.merkle", "--hash-worker", shm.name]
+    procs: list[subprocess.Popen[bytes]] = []
+    queues: list[queue.SimpleQueue[tuple[int, int, int] | None]] = [queue.SimpleQueue() for _ in range(workers)]
+    done = [threading.Event() for _ in chunks]
+    failed: list[bool] = []
+
+    def drain(w: int) -> None:
+        stdout = procs[w].stdout
+        assert stdout is not None
+        while (task := queues[w].get()) is not None:
+            k, start, count = task
+            out = stdout.read(count * DIGEST_SIZE)
+            if len(out) != count * DIGEST_SIZE:
+                failed.append(True)
+                for event in done:
+                    event.set()
+                return
+            leaves[start : start + count] = np.frombuffer(out, dtype=np.uint8).reshape(count, DIGEST_SIZE)
+            done[k].set()
+
+    def wait(k: int) -> None:
+        done[k].wait()
+        if failed:
+            raise ImageError("a hashing worker process died")
+
+    threads: list[threading.Thread] = []
+    try:
+        for w in range(workers):
+            procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env))
+            threads.append(threading.Thread(target=drain, args=(w,), daemon=True))
+            threads[-1].start()
+        for k, (start, count) in enumerate(chunks):
+            if k >= nslots:
+                wait(k - nslots)
+            data = _read_checked(source, start, count)
+            off = (k % nslots) * slot_bytes
+            assert shm.buf is not None
+            shm.buf[off : off + len(data)] = data
+            queues[k % workers].put((k, start, count))
+            stdin = procs[k % workers].stdin
+            assert stdin is not None
+            stdin.write(_REQUEST.pack(off, len(data)))
+            stdin.flush()
+        for k in range(max(0, len(chunks) - nslots), len(chunks)):
+            wait(k)
+    finally:
+        for w, proc in enumerate(procs):
+            queues[w].put(None)
+            if proc.stdin is not None:
+                proc.stdin.close()
+        for proc in procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for t in threads:
+            t.join(timeout=5)
+        for proc in procs:
+            if proc.stdout is not None:
+                proc.stdout.close()
+        shm.close()
+        shm.unlink()
+
+
+def _worker_main(shm_name: str) -> None:
+    """Hash requests ``(offset, nbytes)`` from stdin over the shared slots; digests to stdout."""
+    shm = shared_memory.SharedMemory(name=shm_name)
+    # Python 3.11 registers an attached segment with the resource tracker as if this process owned
+    # it; the parent unlinks it (3.13 has track=False for this).
+    resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    try:
+        while len(req := stdin.read(_REQUEST.size)) == _REQUEST.size:
+            off, nbytes = _REQUEST.unpack(req)
+            assert shm.buf is not None
+            stdout.write(_hash_leaves(shm.buf[off : off + nbytes]))
+            stdout.flush()
+    finally:
+        shm.close()
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--hash-worker"]:
+    _worker_main(sys.argv[2])

@@ -1,0 +1,1674 @@
+"""The tree-walk and block-transfer protocol, sans-I/O: bytes in, events and bytes out.
+
+A :class:`Source` holds the trees and block sources of images A; a :class:`Target` holds those of
+images B, the sinks that patch B, and a content index (every leaf of its own images and of the
+reference trees it is given: the shared base or checkpoint). Both exchange msgpack messages
+``{"t": type, "v": version, ...}``; each side has a state enum and refuses a message in the wrong
+state (:class:`ProtocolError`, state FAILED, sinks aborted). The transport moves opaque messages
+(:meth:`data_to_send` / :meth:`receive_data`); :func:`run_local` pumps them in memory.
+
+Flow (T = target, S = source)::
+
+    T→S hello   params (walk digest length, delta sub-block, fingerprint length and key), and per
+                image: name, size, leaves, fanout, root
+    S→T tree    per image the source's shape and root; for images whose roots differ, the first
+                walk part
+    T⇄S walk    ping-pong: each part carries a bitmap of which of the *peer's* last digests differ
+                and the sender's truncated digests of the children of those nodes
+    T→S want    per image: which leaves differ and, per differing leaf, a request
+    S→T blocks  numbered batches of answers, each at most ``max_message_bytes``
+    T→S ack     per applied batch (flow control, resume point)
+    S→T end     batch count;  T→S verified | failed
+
+Improvements over "one level per round trip, digests one way, bitmaps back":
+
+* **ping-pong walk**: the side that receives digests answers with the bitmap *and* the next level
+  of its own digests, so every one-way message descends a level; round trips are halved (a 1 GiB
+  image at fan-out 16: 4 round trips to the first block instead of 6). Parity is chosen per image
+  so that the source sends the leaf level (the source always sends even levels, the target odd
+  ones) and the target can answer it with its requests at once.
+* **truncated walk digests** (``digest_bytes``, 8 by default): a node collision only makes the walk
+  miss a difference, which the final root check (full 32-byte digests) turns into FAILED.
+* **requests decided by the target**: for a differing leaf whose source digest prefix the target
+  already holds (own images, references, or another leaf earlier in this transfer) it asks for a
+  *confirmation* carrying the rest of its candidate's digest (24 bytes) and the source answers with
+  one byte; zero leaves need no bytes at all. Otherwise it asks for the block, with keyed
+  fingerprints of its own block's sub-blocks so the source can send only the sub-blocks that
+  differ (a *delta*: DESIGN.md §5 found half of divergent pages differ in ≤ 8 bytes). The source
+  sends the remaining bytes of its digest with every block, so the target checks every block
+  against the full 32-byte digest before the sink sees it.
+
+Only the block phase is resumable (:meth:`Target.resume` → the source re-emits batches from the
+target's next expected one; duplicates are ignored): the walk is a few small messages, restart it.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import blake3
+import msgpack
+import numpy as np
+import numpy.typing as npt
+import zstandard
+
+from differ.merkle import (
+    ABSENT_DIGEST,
+    DIGEST_SIZE,
+    MAX_FANOUT,
+    MAX_LEAVES,
+    MIN_FANOUT,
+    MerkleTree,
+    leaf_count_for,
+    leaf_length,
+    zero_digest,
+)
+from differ.source import LEAF_SIZE, BlockSink, BlockSource
+from replay_migrate.errors import ProtocolError, ReplayMigrateError, VerificationError
+
+PROTOCOL_VERSION = 1
+
+# -- parameters ----------------------------------------------------------------------------------
+
+MIN_DIGEST_BYTES, MAX_DIGEST_BYTES = 4, DIGEST_SIZE
+MIN_SUB_BLOCK, MAX_SUB_BLOCK = 64, LEAF_SIZE
+MIN_FINGERPRINT_BYTES, MAX_FINGERPRINT_BYTES = 2, 16
+MIN_MESSAGE_BYTES = 64 << 10
+"""A batch must hold at least one full block with its metadata."""
+BATCH_SLACK = 1024
+"""Bytes of a blocks message kept for its msgpack envelope."""
+FRAGMENT_OVERHEAD = 128
+"""Bytes of a fragment frame kept for its msgpack envelope."""
+KEY_SIZE = 32
+READ_RUN = 256
+"""Most leaves the target reads from its own image in one call (for fingerprints and deltas)."""
+
+
+@dataclass(frozen=True)
+class ProtocolParams:
+    """Every limit and tunable of the protocol, with its default.
+
+    The target proposes ``digest_bytes``, ``sub_block_size``, ``fingerprint_bytes`` in its hello;
+    the source accepts any value inside the hard bounds above. The limits bound what a side
+    *accepts*, so a peer cannot make it allocate more than they allow.
+    """
+
+    digest_bytes: int = 8
+    """Bytes of each node digest in the walk. 8: a false "equal" has probability 2^-64 per
+    comparison, and the final 32-byte root check catches it (FAILED, never a wrong image)."""
+    sub_block_size: int = 256
+    """Delta granularity: the target fingerprints its block in pieces of this size (16 per leaf);
+    the source sends the pieces whose fingerprints differ. Measured in ``bench/bench_differ.py``."""
+    fingerprint_bytes: int = 4
+    """Bytes of each keyed sub-block fingerprint. A false match rebuilds a wrong block, which fails
+    its digest check and fails the transfer (nothing written): ~2^-32 per differing sub-block with
+    4 bytes and the per-transfer random key; 2 bytes failed within 4000 pages in the bench."""
+    delta: bool = True
+    """Target: send fingerprints (ask for deltas) for leaves where it has a non-zero block."""
+    zstd_level: int = 3
+    max_message_bytes: int = 1 << 20
+    """Largest wire message; walk and want messages larger than this travel as fragments."""
+    max_batch_entries: int = 4096
+    """Most answers in one blocks message (answers for references are 1 byte each)."""
+    window: int = 8
+    """Blocks messages the source emits ahead of the target's acks."""
+    max_logical_bytes: int = 256 << 20
+    """Largest reassembled (fragmented) message."""
+    max_images: int = 16
+    max_name_len: int = 64
+    max_leaves: int = 1 << 28
+    """Most leaves per image (1 TiB): the target allocates 32 bytes per leaf of the *source's*
+    announced size (its resized tree), so this bounds what a peer can make it allocate. At most
+    2^32 (positions travel as 32-bit integers)."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (MIN_DIGEST_BYTES <= self.digest_bytes <= MAX_DIGEST_BYTES, "digest_bytes"),
+            (
+                MIN_SUB_BLOCK <= self.sub_block_size <= MAX_SUB_BLOCK
+                and self.sub_block_size & (self.sub_block_size - 1) == 0,
+                "sub_block_size",
+            ),
+            (MIN_FINGERPRINT_BYTES <= self.fingerprint_bytes <= MAX_FINGERPRINT_BYTES, "fingerprint_bytes"),
+            (1 <= self.zstd_level <= 22, "zstd_level"),
+            (MIN_MESSAGE_BYTES <= self.max_message_bytes <= 1 << 30, "max_message_bytes"),
+            (1 <= self.max_batch_entries <= 1 << 20, "max_batch_entries"),
+            (1 <= self.window <= 1 << 16, "window"),
+            (self.max_message_bytes <= self.max_logical_bytes <= 1 << 34, "max_logical_bytes"),
+            (1 <= self.max_images <= 256, "max_images"),
+            (1 <= self.max_name_len <= 1024, "max_name_len"),
+            (1 <= self.max_leaves <= MAX_LEAVES, "max_leaves"),
+        ]
+        for ok, name in checks:
+            if not ok:
+                raise ValueError(f"ProtocolParams.{name} out of range")
+
+
+# -- messages --------------------------------------------------------------------------------
+
+
+class MsgType(enum.StrEnum):
+    HELLO = "hello"
+    TREE = "tree"
+    WALK = "walk"
+    WANT = "want"
+    BLOCKS = "blocks"
+    END = "end"
+    ACK = "ack"
+    RESUME = "resume"
+    VERIFIED = "verified"
+    FAILED = "failed"
+    FRAG = "frag"
+
+
+_TYPES = frozenset(m.value for m in MsgType)
+FRAGMENTABLE = frozenset({MsgType.HELLO, MsgType.TREE, MsgType.WALK, MsgType.WANT})
+
+
+class FailCode(enum.IntEnum):
+    """Why a side gave up; the only failure detail sent to the peer (never exception text)."""
+
+    PROTOCOL = 1
+    VERIFICATION = 2
+    ABORTED = 3
+    INTERNAL = 4
+
+
+class Req(enum.IntEnum):
+    """Target's request for one differing leaf."""
+
+    BLOCK = 0
+    """Send the block (the target has nothing similar at that place)."""
+    DELTA = 1
+    """Send the block; fingerprints of the target's block at that place are attached."""
+    REF = 2
+    """The target holds content with the source's digest prefix; confirm the rest (attached)."""
+    ZERO = 3
+    """The source's digest prefix is the zero leaf's; confirm."""
+    DUP = 4
+    """Same digest prefix as an earlier requested leaf of this transfer (position attached)."""
+
+
+class Ans(enum.IntEnum):
+    """Source's answer for one requested leaf."""
+
+    OK = 0
+    """Confirmed (REF, ZERO, DUP): the target applies what it proposed."""
+    ZERO = 1
+    """The leaf is all zeros."""
+    FULL = 2
+    """The whole leaf follows (rest of digest, bytes in the batch body)."""
+    DELTA = 3
+    """The sub-blocks whose fingerprints differ follow (rest of digest, bitmap, bytes)."""
+
+
+class _How(enum.Enum):
+    REFERENCED = "referenced"
+    DUPLICATE = "duplicate"
+    ZERO = "zero"
+    FULL = "full"
+    DELTA = "delta"
+
+
+_HOW = {Ans.ZERO: _How.ZERO, Ans.FULL: _How.FULL, Ans.DELTA: _How.DELTA}
+_CONFIRMED = {Req.REF: _How.REFERENCED, Req.DUP: _How.DUPLICATE, Req.ZERO: _How.ZERO}
+
+
+class SourceState(enum.Enum):
+    IDLE = "idle"
+    """Waiting for the target's hello."""
+    WALKING = "walking"
+    SENDING = "sending"
+    SENT = "sent"
+    """All batches and the end message are out; waiting for acks, verified or resume."""
+    VERIFIED = "verified"
+    FAILED = "failed"
+
+
+class TargetState(enum.Enum):
+    IDLE = "idle"
+    """Before :meth:`Target.start`."""
+    HELLO_SENT = "hello_sent"
+    WALKING = "walking"
+    RECEIVING = "receiving"
+    VERIFIED = "verified"
+    FAILED = "failed"
+
+
+# -- events ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WalkDone:
+    """The walk is over: divergent leaves per image (target: found; source: requested)."""
+
+    divergent: dict[str, int]
+
+
+@dataclass(frozen=True)
+class BatchApplied:
+    batch: int
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class BatchAcked:
+    batch: int
+
+
+@dataclass(frozen=True)
+class Verified:
+    pass
+
+
+@dataclass(frozen=True)
+class PeerFailed:
+    code: FailCode
+
+
+Event = WalkDone | BatchApplied | BatchAcked | Verified | PeerFailed
+
+
+# -- images and stats ----------------------------------------------------------------------------
+
+
+@dataclass
+class SourceImage:
+    name: str
+    source: BlockSource
+    tree: MerkleTree
+
+
+@dataclass
+class TargetImage:
+    """Image B: its original content (``source``, read for references and deltas, never written),
+    its tree, and the sink that patches a copy (None only for a dry run)."""
+
+    name: str
+    source: BlockSource
+    tree: MerkleTree
+    sink: BlockSink | None = None
+
+
+@dataclass
+class ReferenceImage:
+    """Content the target holds besides its images (base image, checkpoint): a reference source."""
+
+    source: BlockSource
+    tree: MerkleTree
+
+
+@dataclass
+class ImageStats:
+    leaves: int = 0
+    divergent: int = 0
+    referenced: int = 0
+    duplicate: int = 0
+    zero: int = 0
+    full: int = 0
+    delta: int = 0
+    plain_bytes: int = 0
+    """zstd of every divergent leaf on its own (what shipping the divergent blocks would cost);
+    measured by the source when asked (``measure_plain``)."""
+    resized: bool = False
+
+
+@dataclass
+class TransferStats:
+    """What a transfer cost (DESIGN.md §9). A side counts what it *sends*; :meth:`merged` adds the
+    two sides' counts (what :func:`run_local` returns)."""
+
+    images: dict[str, ImageStats] = field(default_factory=dict)
+    root_bytes: int = 0
+    walk_digest_bytes: int = 0
+    bitmap_bytes: int = 0
+    leaf_digest_bytes: int = 0
+    """Rests of leaf digests: with every block (source) and with every confirmation (target)."""
+    fingerprint_bytes: int = 0
+    block_bytes: int = 0
+    """Block payload on the wire: compressed batch bodies plus delta sub-block bitmaps."""
+    wire_bytes: dict[str, int] = field(default_factory=dict)
+    messages: dict[str, int] = field(default_factory=dict)
+    received_bytes: int = 0
+    round_trips: int = 0
+    """Messages the target sent and had to wait for an answer to (hello, walks, want)."""
+    batches: int = 0
+    duplicate_batches: int = 0
+    flat_hash_bytes: int = 0
+    """32 bytes per source leaf: the cost of sending every leaf digest instead of walking."""
+    dry_run: bool = False
+    verified: bool = False
+
+    @property
+    def hash_bytes(self) -> int:
+        """Roots, walk digests, bitmaps and leaf digests (fingerprints are counted apart)."""
+        return self.root_bytes + self.walk_digest_bytes + self.bitmap_bytes + self.leaf_digest_bytes
+
+    @property
+    def wire_total(self) -> int:
+        return sum(self.wire_bytes.values())
+
+    @property
+    def plain_bytes(self) -> int:
+        return sum(s.plain_bytes for s in self.images.values())
+
+    def merged(self, other: TransferStats) -> TransferStats:
+        out = TransferStats()
+        for name in {*self.images, *other.images}:
+            a, b = self.images.get(name, ImageStats()), other.images.get(name, ImageStats())
+            out.images[name] = ImageStats(
+                leaves=max(a.leaves, b.leaves),
+                divergent=max(a.divergent, b.divergent),
+                referenced=a.referenced + b.referenced,
+                duplicate=a.duplicate + b.duplicate,
+                zero=a.zero + b.zero,
+                full=a.full + b.full,
+                delta=a.delta + b.delta,
+                plain_bytes=a.plain_bytes + b.plain_bytes,
+                resized=a.resized or b.resized,
+            )
+        for name in (
+            "root_bytes",
+            "walk_digest_bytes",
+            "bitmap_bytes",
+            "leaf_digest_bytes",
+            "fingerprint_bytes",
+            "block_bytes",
+            "received_bytes",
+            "round_trips",
+            "batches",
+            "duplicate_batches",
+        ):
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        for key in {*self.wire_bytes, *other.wire_bytes}:
+            out.wire_bytes[key] = self.wire_bytes.get(key, 0) + other.wire_bytes.get(key, 0)
+        for key in {*self.messages, *other.messages}:
+            out.messages[key] = self.messages.get(key, 0) + other.messages.get(key, 0)
+        out.flat_hash_bytes = max(self.flat_hash_bytes, other.flat_hash_bytes)
+        out.dry_run = self.dry_run or other.dry_run
+        out.verified = self.verified or other.verified
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hash_bytes"] = self.hash_bytes
+        d["wire_total"] = self.wire_total
+        d["plain_bytes"] = self.plain_bytes
+        return d
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def _children(parents: npt.NDArray[np.int64], fanout: int, child_level_size: int) -> npt.NDArray[np.int64]:
+    kids = (parents[:, None] * fanout + np.arange(fanout, dtype=np.int64)).ravel()
+    return kids[kids < child_level_size]
+
+
+def _pack_bits(mask: npt.NDArray[np.bool_]) -> bytes:
+    return np.packbits(mask, bitorder="little").tobytes()
+
+
+def _unpack_bits(data: bytes, n: int, what: str) -> npt.NDArray[np.bool_]:
+    if len(data) != (n + 7) // 8:
+        raise ProtocolError(f"{what}: bitmap of {len(data)} bytes for {n} entries")
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
+    if bits[n:].any():
+        raise ProtocolError(f"{what}: bitmap padding bits set")
+    return bits[:n].astype(bool)
+
+
+def _fingerprints(block: bytes | bytearray, sub: int, nbytes: int, key: bytes) -> bytes:
+    mv = memoryview(block)
+    hasher = blake3.blake3
+    return b"".join([hasher(mv[j : j + sub], key=key).digest(nbytes) for j in range(0, len(mv), sub)])
+
+
+def _n_sub(length: int, sub: int) -> int:
+    return -(-length // sub)
+
+
+def _fit(data: bytes, length: int) -> bytes:
+    """``data`` truncated or zero-padded to ``length`` (a leaf seen after ``set_size``)."""
+    return data[:length] if len(data) >= length else data + bytes(length - len(data))
+
+
+def _prefix_keys(digests: npt.NDArray[np.uint8], nbytes: int) -> npt.NDArray[np.uint64]:
+    """Big-endian integer of the first ``nbytes`` (≤ 8) bytes of each digest: sortable lookup keys."""
+    buf = np.zeros((len(digests), 8), dtype=np.uint8)
+    buf[:, :nbytes] = digests[:, :nbytes]
+    return buf.view(">u8").ravel().astype(np.uint64)
+
+
+def _get(msg: dict[str, Any], key: str) -> Any:
+    try:
+        return msg[key]
+    except KeyError:
+        raise ProtocolError(f"message field {key!r} missing") from None
+
+
+def _int(msg: dict[str, Any], key: str, lo: int, hi: int) -> int:
+    v = _get(msg, key)
+    if type(v) is not int or not lo <= v <= hi:
+        raise ProtocolError(f"message field {key!r} is not an integer in {lo}..{hi}")
+    return v
+
+
+def _bin(msg: dict[str, Any], key: str, length: int | None = None, max_len: int | None = None) -> bytes:
+    v = _get(msg, key)
+    if not isinstance(v, bytes):
+        raise ProtocolError(f"message field {key!r} is not bytes")
+    if length is not None and len(v) != length:
+        raise ProtocolError(f"message field {key!r} has {len(v)} bytes, expected {length}")
+    if max_len is not None and len(v) > max_len:
+        raise ProtocolError(f"message field {key!r} longer than {max_len} bytes")
+    return v
+
+
+def _str(msg: dict[str, Any], key: str, max_len: int) -> str:
+    v = _get(msg, key)
+    if not isinstance(v, str) or not 1 <= len(v) <= max_len:
+        raise ProtocolError(f"message field {key!r} is not a string of 1..{max_len} characters")
+    return v
+
+
+def _list(msg: dict[str, Any], key: str, length: int | None = None, max_len: int | None = None) -> list[Any]:
+    v = _get(msg, key)
+    if not isinstance(v, list):
+        raise ProtocolError(f"message field {key!r} is not a list")
+    if (length is not None and len(v) != length) or (max_len is not None and len(v) > max_len):
+        raise ProtocolError(f"message field {key!r} has {len(v)} entries")
+    return v
+
+
+def _map(v: Any, what: str) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise ProtocolError(f"{what} is not a map")
+    return v
+
+
+def _check_images(images: Sequence[SourceImage | TargetImage], params: ProtocolParams) -> None:
+    names = [spec.name for spec in images]
+    if not 1 <= len(images) <= params.max_images or len(set(names)) != len(names):
+        raise ValueError("images must be 1..max_images with distinct names")
+    for spec in images:
+        if (spec.tree.size, spec.tree.leaf_count) != (spec.source.size, spec.source.leaf_count):
+            raise ValueError(f"image {spec.name!r}: tree and source disagree on the size")
+        if not 1 <= len(spec.name) <= params.max_name_len or spec.tree.leaf_count > params.max_leaves:
+            raise ValueError(f"image {spec.name!r}: name or size outside the limits")
+
+
+@dataclass
+class _Shape:
+    name: str
+    size: int
+    leaves: int
+    fanout: int
+    root: bytes
+
+    def encode(self) -> dict[str, Any]:
+        return {"n": self.name, "s": self.size, "l": self.leaves, "f": self.fanout, "r": self.root}
+
+    @staticmethod
+    def decode(v: Any, params: ProtocolParams) -> _Shape:
+        m = _map(v, "image entry")
+        name = _str(m, "n", params.max_name_len)
+        size = _int(m, "s", 0, params.max_leaves * LEAF_SIZE)
+        leaves = _int(m, "l", 0, params.max_leaves)
+        fanout = _int(m, "f", MIN_FANOUT, MAX_FANOUT)
+        root = _bin(m, "r", DIGEST_SIZE)
+        if leaves != leaf_count_for(size):
+            raise ProtocolError(f"image {name!r}: {leaves} leaves do not fit {size} bytes")
+        return _Shape(name, size, leaves, fanout, root)
+
+    @staticmethod
+    def of(name: str, tree: MerkleTree) -> _Shape:
+        return _Shape(name, tree.size, tree.leaf_count, tree.fanout, tree.root)
+
+
+class _Walk:
+    """One image's walk state on one side: the tree compared and the digests last sent."""
+
+    def __init__(self, tree: MerkleTree, t: int) -> None:
+        self.tree = tree
+        self.t = t
+        self.sizes = [len(lv) for lv in tree.levels]
+        self.active = True
+        self.sent_level = -1
+        self.sent_nodes: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
+
+    def digests(self, level: int, nodes: npt.NDArray[np.int64]) -> bytes:
+        return self.tree.levels[level][nodes, : self.t].tobytes()
+
+    def compare(self, level: int, nodes: npt.NDArray[np.int64], peer: bytes, what: str) -> npt.NDArray[np.bool_]:
+        if len(peer) != len(nodes) * self.t:
+            raise ProtocolError(f"{what}: {len(peer)} digest bytes for {len(nodes)} nodes")
+        theirs = np.frombuffer(peer, dtype=np.uint8).reshape(len(nodes), self.t)
+        diff: npt.NDArray[np.bool_] = (self.tree.levels[level][nodes, : self.t] != theirs).any(axis=1)
+        return diff
+
+    def nodes_for(self, part: dict[str, Any], level: int, what: str) -> npt.NDArray[np.int64]:
+        """The nodes (at ``level``) the peer's part carries digests for: the children of the
+        nodes I sent that its bitmap marks as differing."""
+        if self.sent_level != level + 1:
+            raise ProtocolError(f"{what}: walk part for level {level}, expected {self.sent_level - 1}")
+        mask = _unpack_bits(_bin(part, "m"), len(self.sent_nodes), what)
+        parents = self.sent_nodes[mask]
+        if len(parents) == 0:
+            raise ProtocolError(f"{what}: walk part with no differing node")
+        return _children(parents, self.tree.fanout, self.sizes[level])
+
+    def reply(
+        self, level: int, nodes: npt.NDArray[np.int64], diff: npt.NDArray[np.bool_], stats: TransferStats
+    ) -> dict[str, Any] | None:
+        """My answer to the peer's digests at ``level``: the bitmap and my next level, or None when
+        nothing differs (the walk of this image is over)."""
+        if not diff.any():
+            self.active = False
+            return None
+        kids = _children(nodes[diff], self.tree.fanout, self.sizes[level - 1])
+        bitmap, digests = _pack_bits(diff), self.digests(level - 1, kids)
+        stats.bitmap_bytes += len(bitmap)
+        stats.walk_digest_bytes += len(digests)
+        self.sent_level, self.sent_nodes = level - 1, kids
+        return {"l": level - 1, "m": bitmap, "d": digests}
+
+
+class _ContentIndex:
+    """Digest prefix → where the target holds that content (numpy sorted keys: ~16 B per leaf)."""
+
+    def __init__(self, holdings: Sequence[tuple[BlockSource, MerkleTree]], t: int) -> None:
+        self.t = t
+        self.k = min(t, 8)
+        self.holdings = list(holdings)
+        keys, sids, leaves = [], [], []
+        absent = np.frombuffer(ABSENT_DIGEST, dtype=np.uint8)
+        for sid, (_, tree) in enumerate(self.holdings):
+            ok = ~tree.zero_mask() & ~(tree.leaves == absent).all(axis=1)
+            idx = np.flatnonzero(ok).astype(np.int64)
+            keys.append(_prefix_keys(tree.leaves[idx], self.k))
+            sids.append(np.full(len(idx), sid, dtype=np.int64))
+            leaves.append(idx)
+        all_keys = np.concatenate(keys) if keys else np.zeros(0, dtype=np.uint64)
+        order = np.argsort(all_keys, kind="stable")
+        self.keys = all_keys[order]
+        self.sids = (np.concatenate(sids) if sids else np.zeros(0, dtype=np.int64))[order]
+        self.leaves = (np.concatenate(leaves) if leaves else np.zeros(0, dtype=np.int64))[order]
+
+    def lookup(self, prefixes: npt.NDArray[np.uint8]) -> list[tuple[int, int] | None]:
+        """For each t-byte prefix: (holding, leaf) of content with that digest prefix, or None."""
+        out: list[tuple[int, int] | None] = [None] * len(prefixes)
+        if len(self.keys) == 0 or len(prefixes) == 0:
+            return out
+        q = _prefix_keys(prefixes, self.k)
+        pos = np.minimum(np.searchsorted(self.keys, q), len(self.keys) - 1)
+        for i in np.flatnonzero(self.keys[pos] == q).tolist():
+            sid, leaf = int(self.sids[pos[i]]), int(self.leaves[pos[i]])
+            if self.t <= 8 or bytes(self.holdings[sid][1].leaves[leaf, : self.t]) == bytes(prefixes[i]):
+                out[i] = (sid, leaf)
+        return out
+
+    def digest(self, loc: tuple[int, int]) -> bytes:
+        return self.holdings[loc[0]][1].leaf(loc[1])
+
+    def read(self, loc: tuple[int, int]) -> bytes:
+        return self.holdings[loc[0]][0].read(loc[1], 1)
+
+
+# -- the shared endpoint ---------------------------------------------------------------------------
+
+
+class _Endpoint:
+    """Framing, decoding with limits, fragments, failure handling: what both sides share."""
+
+    _TERMINAL: tuple[enum.Enum, ...]
+    _FAILED: enum.Enum
+
+    def __init__(self, params: ProtocolParams | None) -> None:
+        self.params = params or ProtocolParams()
+        self.stats = TransferStats()
+        self._out: deque[bytes] = deque()
+        self._frag_parts: list[bytes] = []
+        self._frag_type: str | None = None
+        self._frag_count = 0
+        self._frag_size = 0
+        self.state: Any
+
+    # sending
+
+    def _send(self, mtype: MsgType, body: dict[str, Any]) -> None:
+        data = msgpack.packb({"t": str(mtype), "v": PROTOCOL_VERSION, **body}, use_bin_type=True)
+        limit = self.params.max_message_bytes
+        frames = [data]
+        if len(data) > limit:
+            if mtype not in FRAGMENTABLE:
+                raise AssertionError(f"{mtype} message of {len(data)} bytes exceeds the limit")
+            step = limit - FRAGMENT_OVERHEAD
+            chunks = [data[i : i + step] for i in range(0, len(data), step)]
+            frames = [
+                msgpack.packb(
+                    {"t": "frag", "v": PROTOCOL_VERSION, "lt": str(mtype), "i": i, "n": len(chunks), "d": c},
+                    use_bin_type=True,
+                )
+                for i, c in enumerate(chunks)
+            ]
+        for frame in frames:
+            self._out.append(frame)
+            self.stats.wire_bytes[str(mtype)] = self.stats.wire_bytes.get(str(mtype), 0) + len(frame)
+        self.stats.messages[str(mtype)] = self.stats.messages.get(str(mtype), 0) + 1
+
+    def data_to_send(self) -> list[bytes]:
+        """Messages to deliver to the peer, in order (each one wire message / websocket frame)."""
+        out = list(self._out)
+        self._out.clear()
+        return out
+
+    # receiving
+
+    def _unpack(self, data: bytes, limit: int) -> dict[str, Any]:
+        if len(data) > limit:
+            raise ProtocolError(f"message of {len(data)} bytes exceeds the limit of {limit}")
+        p = self.params
+        try:
+            obj = msgpack.unpackb(
+                data,
+                raw=False,
+                strict_map_key=True,
+                use_list=True,
+                max_str_len=max(p.max_name_len * 4, 64),
+                max_bin_len=limit,
+                max_array_len=p.max_images,
+                max_map_len=16,
+                max_ext_len=0,
+            )
+        except Exception:
+            raise ProtocolError("malformed message (not decodable msgpack within the limits)") from None
+        msg = _map(obj, "message")
+        if _get(msg, "v") != PROTOCOL_VERSION:
+            raise ProtocolError("unsupported protocol version")
+        t = _get(msg, "t")
+        if not isinstance(t, str) or t not in _TYPES:
+            raise ProtocolError("unknown message type")
+        return msg
+
+    def _decode(self, data: bytes) -> dict[str, Any] | None:
+        """The next whole message, or None while a fragmented one is incomplete."""
+        self.stats.received_bytes += len(data)
+        msg = self._unpack(data, self.params.max_message_bytes)
+        if msg["t"] != MsgType.FRAG:
+            if self._frag_type is not None:
+                raise ProtocolError("message interleaved with a fragmented one")
+            return msg
+        lt = _get(msg, "lt")
+        if not isinstance(lt, str) or lt not in FRAGMENTABLE:
+            raise ProtocolError("fragment of a message type that is never fragmented")
+        step = self.params.max_message_bytes - FRAGMENT_OVERHEAD
+        i = _int(msg, "i", 0, self.params.max_logical_bytes // step + 1)
+        n = _int(msg, "n", 2, self.params.max_logical_bytes // step + 1)
+        chunk = _bin(msg, "d", max_len=step)
+        if i == 0 and self._frag_type is None:
+            self._frag_type, self._frag_count, self._frag_parts, self._frag_size = lt, n, [], 0
+        elif self._frag_type != lt or self._frag_count != n or i != len(self._frag_parts):
+            raise ProtocolError("fragment out of sequence")
+        self._frag_parts.append(chunk)
+        self._frag_size += len(chunk)
+        if self._frag_size > self.params.max_logical_bytes:
+            raise ProtocolError("fragmented message exceeds the limit")
+        if i < n - 1:
+            return None
+        whole = b"".join(self._frag_parts)
+        self._frag_type, self._frag_parts = None, []
+        inner = self._unpack(whole, self.params.max_logical_bytes)
+        if inner["t"] != lt:
+            raise ProtocolError("fragmented message of another type than announced")
+        return inner
+
+    def _check_live(self) -> None:
+        if self.state in self._TERMINAL:
+            # A finished transfer stays finished: a VERIFIED side has committed, and a late or
+            # bogus message must not turn that into FAILED.
+            raise ProtocolError(f"message after the transfer ended ({self.state.value})")
+
+    def _fail(self, code: FailCode, tell_peer: bool = True) -> None:
+        if self.state in self._TERMINAL:
+            return
+        self.state = self._FAILED
+        self._out.clear()
+        self._cleanup()
+        if tell_peer:
+            self._send(MsgType.FAILED, {"c": int(code)})
+
+    def _cleanup(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        """Give up locally (user cancel): FAILED, sinks aborted, the peer told."""
+        self._fail(FailCode.ABORTED)
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Process one wire message from the peer; returns what happened. Raises
+        :class:`ProtocolError` / :class:`VerificationError` (the side is then FAILED, sinks
+        aborted, and a failed message is queued for the peer)."""
+        self._check_live()
+        try:
+            msg = self._decode(data)
+            if msg is None:
+                return []
+            if msg["t"] == MsgType.FAILED:
+                code = _int(msg, "c", min(FailCode), max(FailCode))
+                self._fail(FailCode(code), tell_peer=False)
+                return [PeerFailed(FailCode(code))]
+            return self._dispatch(msg)
+        except VerificationError:
+            self._fail(FailCode.VERIFICATION)
+            raise
+        except ReplayMigrateError:
+            self._fail(FailCode.PROTOCOL)
+            raise
+        except BaseException:
+            self._fail(FailCode.INTERNAL)
+            raise
+
+    def _dispatch(self, msg: dict[str, Any]) -> list[Event]:
+        raise NotImplementedError
+
+    def _wrong_state(self, msg: dict[str, Any]) -> ProtocolError:
+        return ProtocolError(f"{msg['t']} message not allowed in state {self.state.value}")
+
+
+# -- the source ------------------------------------------------------------------------------------
+
+
+class _SrcImg:
+    def __init__(self, gi: int, spec: SourceImage) -> None:
+        self.gi = gi
+        self.name = spec.name
+        self.source = spec.source
+        self.tree = spec.tree
+        self.walk: _Walk | None = None
+
+
+class Source:
+    """The sending side (holds images A). Sans-I/O: feed :meth:`receive_data`, drain
+    :meth:`data_to_send`. ``measure_plain``: also zstd every divergent leaf alone, for reports."""
+
+    def __init__(
+        self,
+        images: Sequence[SourceImage],
+        params: ProtocolParams | None = None,
+        *,
+        measure_plain: bool = False,
+    ) -> None:
+        self._ep = _SourceEndpoint(self, params)
+        self.params = self._ep.params
+        _check_images(images, self.params)
+        self._images = [_SrcImg(i, spec) for i, spec in enumerate(images)]
+        self._measure_plain = measure_plain
+        self._cctx = zstandard.ZstdCompressor(
+            level=self.params.zstd_level, write_checksum=False, write_content_size=True, write_dict_id=False
+        )
+        for im in self._images:
+            self._ep.stats.images[im.name] = ImageStats(leaves=im.tree.leaf_count)
+            self._ep.stats.flat_hash_bytes += DIGEST_SIZE * im.tree.leaf_count
+        # negotiated in hello
+        self._t = self.params.digest_bytes
+        self._sub = self.params.sub_block_size
+        self._fb = self.params.fingerprint_bytes
+        self._key = b""
+        # the plan (one entry per requested leaf, images in order, leaves ascending)
+        self._p_img = np.zeros(0, dtype=np.int64)
+        self._p_leaf = np.zeros(0, dtype=np.int64)
+        self._p_req = np.zeros(0, dtype=np.uint8)
+        self._p_aux = np.zeros(0, dtype=np.int64)
+        self._cands = b""
+        self._fps = b""
+        self._starts: list[int] = [0]
+        self._next_batch = 0
+        self._acked = -1
+        self._carry: tuple[int, tuple[Ans, bytes, bytes, bytes]] | None = None
+        self._plain_done = 0
+
+    @property
+    def state(self) -> SourceState:
+        st: SourceState = self._ep.state
+        return st
+
+    @property
+    def stats(self) -> TransferStats:
+        return self._ep.stats
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        return self._ep.receive_data(data)
+
+    def data_to_send(self) -> list[bytes]:
+        """Queued messages, plus block batches up to ``window`` ahead of the acks (made lazily)."""
+        if self._ep.state is SourceState.SENDING:
+            try:
+                self._emit_batches()
+            except BaseException:
+                self._ep._fail(FailCode.INTERNAL)
+                raise
+        return self._ep.data_to_send()
+
+    def abort(self) -> None:
+        self._ep.abort()
+
+    def resume(self, next_batch: int) -> None:
+        """Re-emit batches from ``next_batch`` (the target's next expected batch), e.g. after the
+        transport reconnected; same as receiving the target's resume message."""
+        self._ep._check_live()
+        self._resume(next_batch)
+
+    # handlers
+
+    def _dispatch(self, msg: dict[str, Any]) -> list[Event]:
+        t, st = msg["t"], self.state
+        if t == MsgType.HELLO and st is SourceState.IDLE:
+            return self._on_hello(msg)
+        if t == MsgType.WALK and st is SourceState.WALKING:
+            return self._on_walk(msg)
+        if t == MsgType.WANT and st is SourceState.WALKING:
+            return self._on_want(msg)
+        if t == MsgType.ACK and st in (SourceState.SENDING, SourceState.SENT):
+            n = _int(msg, "n", 0, max(0, self._next_batch - 1))
+            if n >= self._next_batch:
+                raise ProtocolError("ack of a batch not sent")
+            self._acked = max(self._acked, n)
+            return [BatchAcked(n)]
+        if t == MsgType.RESUME and st in (SourceState.SENDING, SourceState.SENT):
+            self._resume(_int(msg, "n", 0, 1 << 32))
+            return []
+        if t == MsgType.VERIFIED and st is SourceState.SENT:
+            self._ep.state = SourceState.VERIFIED
+            self._ep.stats.verified = True
+            return [Verified()]
+        raise self._ep._wrong_state(msg)
+
+    def _on_hello(self, msg: dict[str, Any]) -> list[Event]:
+        p = self.params
+        self._t = _int(msg, "db", MIN_DIGEST_BYTES, MAX_DIGEST_BYTES)
+        self._sub = _int(msg, "sb", MIN_SUB_BLOCK, MAX_SUB_BLOCK)
+        if self._sub & (self._sub - 1):
+            raise ProtocolError("sub-block size is not a power of two")
+        self._fb = _int(msg, "fb", MIN_FINGERPRINT_BYTES, MAX_FINGERPRINT_BYTES)
+        self._key = _bin(msg, "key", KEY_SIZE)
+        theirs = [_Shape.decode(v, p) for v in _list(msg, "img", max_len=p.max_images)]
+        by_name = {s.name: s for s in theirs}
+        if len(by_name) != len(theirs) or set(by_name) != {im.name for im in self._images}:
+            raise ProtocolError("the target's images are not the source's images")
+        shapes: list[dict[str, Any]] = []
+        parts: list[dict[str, Any] | None] = []
+        for im in self._images:
+            shapes.append(_Shape.of(im.name, im.tree).encode())
+            self._ep.stats.root_bytes += DIGEST_SIZE
+            walk = im.walk = _Walk(im.tree, self._t)
+            if by_name[im.name].root == im.tree.root or im.tree.leaf_count == 0:
+                walk.active = False
+                parts.append(None)
+                continue
+            depth = im.tree.depth
+            level = depth if depth % 2 == 0 else depth - 1  # the source sends even levels
+            nodes = np.arange(walk.sizes[level], dtype=np.int64)
+            walk.sent_level, walk.sent_nodes = level, nodes
+            digests = walk.digests(level, nodes)
+            self._ep.stats.walk_digest_bytes += len(digests)
+            parts.append({"l": level, "d": digests})
+        self._ep.state = SourceState.WALKING
+        self._ep._send(MsgType.TREE, {"img": shapes, "p": parts})
+        return []
+
+    def _on_walk(self, msg: dict[str, Any]) -> list[Event]:
+        parts = _list(msg, "p", len(self._images))
+        replies: list[dict[str, Any] | None] = []
+        for im, part in zip(self._images, parts, strict=True):
+            walk = im.walk
+            assert walk is not None
+            if part is None:
+                # nothing more from the target: no differences below what I sent, or (after I
+                # sent the leaf level) its requests will come in the want message
+                walk.active = walk.active and walk.sent_level == 0
+                replies.append(None)
+                continue
+            what = f"walk of {im.name!r}"
+            part = _map(part, what)
+            if not walk.active:
+                raise ProtocolError(f"{what}: part for a finished walk")
+            level = _int(part, "l", 1, len(walk.sizes) - 1)
+            if level % 2 == 0:
+                raise ProtocolError(f"{what}: the target sent an even level")
+            nodes = walk.nodes_for(part, level, what)
+            diff = walk.compare(level, nodes, _bin(part, "d"), what)
+            replies.append(walk.reply(level, nodes, diff, self._ep.stats))
+        self._ep._send(MsgType.WALK, {"p": replies})
+        return []
+
+    def _on_want(self, msg: dict[str, Any]) -> list[Event]:
+        parts = _list(msg, "p", len(self._images))
+        imgs, leaves, reqs, auxs = [], [], [], []
+        cands, fps = [], []
+        rest = DIGEST_SIZE - self._t
+        pos = 0
+        fp_off = 0
+        cand_row = 0
+        divergent: dict[str, int] = {}
+        for im, part in zip(self._images, parts, strict=True):
+            walk = im.walk
+            assert walk is not None
+            divergent[im.name] = 0
+            if part is None:
+                continue
+            what = f"want of {im.name!r}"
+            part = _map(part, what)
+            if not walk.active or walk.sent_level != 0:
+                raise ProtocolError(f"{what}: the source did not send this image's leaf level")
+            mask = _unpack_bits(_bin(part, "m"), len(walk.sent_nodes), what)
+            lv = walk.sent_nodes[mask]
+            if len(lv) == 0:
+                raise ProtocolError(f"{what}: no differing leaf")
+            kinds = np.frombuffer(_bin(part, "k", len(lv)), dtype=np.uint8)
+            if (kinds > max(Req)).any():
+                raise ProtocolError(f"{what}: unknown request kind")
+            n_ref = int((kinds == Req.REF).sum())
+            n_dup = int((kinds == Req.DUP).sum())
+            c = _bin(part, "c", n_ref * rest)
+            u = np.frombuffer(_bin(part, "u", n_dup * 4), dtype="<u4").astype(np.int64)
+            lengths = np.minimum(LEAF_SIZE, im.tree.size - lv * LEAF_SIZE)
+            nsub = -(-lengths // self._sub)
+            fp_need = int(nsub[kinds == Req.DELTA].sum()) * self._fb
+            f = _bin(part, "f", fp_need)
+            aux = np.zeros(len(lv), dtype=np.int64)
+            ref_i = np.flatnonzero(kinds == Req.REF)
+            aux[ref_i] = cand_row + np.arange(len(ref_i))
+            cand_row += len(ref_i)
+            dup_i = np.flatnonzero(kinds == Req.DUP)
+            aux[dup_i] = u
+            delta_i = np.flatnonzero(kinds == Req.DELTA)
+            fp_sizes = nsub[delta_i] * self._fb
+            aux[delta_i] = fp_off + np.cumsum(fp_sizes) - fp_sizes  # where each leaf's fingerprints start
+            fp_off += fp_need
+            imgs.append(np.full(len(lv), im.gi, dtype=np.int64))
+            leaves.append(lv)
+            reqs.append(kinds)
+            auxs.append(aux)
+            cands.append(c)
+            fps.append(f)
+            divergent[im.name] = len(lv)
+            self._ep.stats.images[im.name].divergent = len(lv)
+            pos += len(lv)
+        if pos > self.params.max_leaves:
+            raise ProtocolError("want for more leaves than the limit")
+        for im in self._images:
+            assert im.walk is not None
+            im.walk.active = False
+        self._p_img = np.concatenate(imgs) if imgs else np.zeros(0, dtype=np.int64)
+        self._p_leaf = np.concatenate(leaves) if leaves else np.zeros(0, dtype=np.int64)
+        self._p_req = np.concatenate(reqs) if reqs else np.zeros(0, dtype=np.uint8)
+        self._p_aux = np.concatenate(auxs) if auxs else np.zeros(0, dtype=np.int64)
+        self._cands = b"".join(cands)
+        self._fps = b"".join(fps)
+        # a duplicate must point back at an earlier leaf that is sent as a block
+        dup = np.flatnonzero(self._p_req == Req.DUP)
+        if len(dup):
+            refd = self._p_aux[dup]
+            if (refd >= dup).any() or not np.isin(self._p_req[refd], (Req.BLOCK, Req.DELTA)).all():
+                raise ProtocolError("want: a duplicate does not refer to an earlier block request")
+        self._ep.state = SourceState.SENDING
+        return [WalkDone(divergent)]
+
+    # batches
+
+    def _resume(self, n: int) -> None:
+        if self.state not in (SourceState.SENDING, SourceState.SENT) or not 0 <= n <= self._next_batch:
+            raise ProtocolError("resume from a batch not sent")
+        self._acked = n - 1
+        self._next_batch = n
+        self._carry = None
+        self._ep._out.clear()
+        self._ep.state = SourceState.SENDING
+
+    def _emit_batches(self) -> None:
+        total = len(self._p_leaf)
+        while self._next_batch <= self._acked + self.params.window:
+            n = self._next_batch
+            if n == len(self._starts) - 1 and self._starts[-1] >= total:
+                self._ep._send(MsgType.END, {"n": n})
+                self._ep.state = SourceState.SENT
+                return
+            self._ep._send(MsgType.BLOCKS, self._encode_batch(n))
+            self._next_batch += 1
+
+    def _answer(self, pos: int) -> tuple[Ans, bytes, bytes, bytes]:
+        """(kind, rest of digest, delta bitmap, payload) for plan entry ``pos``."""
+        if self._carry is not None and self._carry[0] == pos:
+            return self._carry[1]
+        im = self._images[int(self._p_img[pos])]
+        leaf, req, aux = int(self._p_leaf[pos]), Req(int(self._p_req[pos])), int(self._p_aux[pos])
+        digest = im.tree.leaf(leaf)
+        length = im.tree.leaf_length(leaf)
+        t = self._t
+        data: bytes | None = None
+        if self._measure_plain and pos >= self._plain_done:
+            data = im.source.read(leaf, 1)
+            self._ep.stats.images[im.name].plain_bytes += len(self._cctx.compress(data))
+            self._plain_done = pos + 1
+        if req is Req.REF:
+            rest = DIGEST_SIZE - t
+            if digest[t:] == self._cands[aux * rest : (aux + 1) * rest]:
+                return Ans.OK, b"", b"", b""
+        elif req is Req.ZERO:
+            if digest == zero_digest(length):
+                return Ans.OK, b"", b"", b""
+        elif req is Req.DUP:
+            other = self._images[int(self._p_img[aux])].tree.leaf(int(self._p_leaf[aux]))
+            if digest == other:
+                return Ans.OK, b"", b"", b""
+        if digest == zero_digest(length):
+            return Ans.ZERO, b"", b"", b""
+        if data is None:
+            data = im.source.read(leaf, 1)
+        if len(data) != length:
+            raise ProtocolError(f"image {im.name!r}: source gave {len(data)} bytes for leaf {leaf}")
+        if req is Req.DELTA:
+            nsub = _n_sub(length, self._sub)
+            theirs = np.frombuffer(self._fps, dtype=np.uint8, count=nsub * self._fb, offset=aux)
+            mine = np.frombuffer(_fingerprints(data, self._sub, self._fb, self._key), dtype=np.uint8)
+            diff = (mine.reshape(nsub, self._fb) != theirs.reshape(nsub, self._fb)).any(axis=1)
+            k = int(diff.sum())
+            if 0 < k < nsub:
+                mv = memoryview(data)
+                payload = b"".join(mv[j * self._sub : (j + 1) * self._sub] for j in np.flatnonzero(diff).tolist())
+                return Ans.DELTA, digest[t:], _pack_bits(diff), payload
+        return Ans.FULL, digest[t:], b"", data
+
+    def _encode_batch(self, n: int) -> dict[str, Any]:
+        start = self._starts[n]
+        fixed_end = self._starts[n + 1] if n + 1 < len(self._starts) else None
+        end_limit = fixed_end if fixed_end is not None else len(self._p_leaf)
+        budget = self.params.max_message_bytes - BATCH_SLACK
+        kinds = bytearray()
+        rests: list[bytes] = []
+        masks: list[bytes] = []
+        payload: list[bytes] = []
+        used = 0
+        pos = start
+        while pos < end_limit:
+            if fixed_end is None and pos - start >= self.params.max_batch_entries:
+                break
+            ans = self._answer(pos)
+            kind, rest, mask, data = ans
+            cost = 1 + len(rest) + len(mask) + len(data)
+            if fixed_end is None and pos > start and used + cost > budget:
+                self._carry = (pos, ans)
+                break
+            used += cost
+            kinds.append(kind)
+            rests.append(rest)
+            masks.append(mask)
+            payload.append(data)
+            pos += 1
+        if fixed_end is None:
+            self._starts.append(pos)
+        body = b"".join(payload)
+        z = self._cctx.compress(body) if body else b""
+        msg: dict[str, Any] = {"n": n, "o": start, "k": bytes(kinds), "h": b"".join(rests), "dm": b"".join(masks)}
+        if len(z) < len(body):
+            msg["z"] = z
+        else:
+            msg["r"] = body
+        st = self._ep.stats
+        st.leaf_digest_bytes += len(msg["h"])
+        st.block_bytes += len(msg.get("z", msg.get("r", b""))) + len(msg["dm"])
+        st.batches += 1
+        return msg
+
+
+class _SourceEndpoint(_Endpoint):
+    _TERMINAL = (SourceState.VERIFIED, SourceState.FAILED)
+    _FAILED = SourceState.FAILED
+
+    def __init__(self, owner: Source, params: ProtocolParams | None) -> None:
+        super().__init__(params)
+        self.owner = owner
+        self.state = SourceState.IDLE
+
+    def _dispatch(self, msg: dict[str, Any]) -> list[Event]:
+        return self.owner._dispatch(msg)
+
+
+# -- the target ------------------------------------------------------------------------------------
+
+
+class _TgtImg:
+    def __init__(self, spec: TargetImage) -> None:
+        self.name = spec.name
+        self.source = spec.source
+        self.tree = spec.tree
+        self.sink = spec.sink
+        self.gi = -1
+        self.shape: _Shape | None = None
+        self.view: MerkleTree | None = None
+        self.walk: _Walk | None = None
+        self.want_mask: npt.NDArray[np.bool_] = np.zeros(0, dtype=bool)
+        self.diff_leaves: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
+        self.prefixes: npt.NDArray[np.uint8] = np.zeros((0, 0), dtype=np.uint8)
+        self.touched = False
+
+
+class Target:
+    """The receiving side (holds images B and their sinks). Call :meth:`start`, then pump.
+
+    ``references``: other content the target holds (base image, checkpoint), used for references.
+    ``dry_run``: walk, receive and verify every block, but write nothing; the final check then
+    recomputes the roots from the target's trees with the verified leaf digests substituted.
+    ``key``: the fingerprint key (random by default; tests pass one to be deterministic).
+    ``verify_untouched``: also rehash images the transfer did not change before committing, which
+    catches a stale target tree (one that no longer describes the image) at the cost of reading the
+    image; False trusts the tree for those.
+    """
+
+    def __init__(
+        self,
+        images: Sequence[TargetImage],
+        params: ProtocolParams | None = None,
+        *,
+        references: Sequence[ReferenceImage] = (),
+        dry_run: bool = False,
+        key: bytes | None = None,
+        verify_untouched: bool = True,
+    ) -> None:
+        self._ep = _TargetEndpoint(self, params)
+        self.params = self._ep.params
+        _check_images(images, self.params)
+        if not dry_run and any(spec.sink is None for spec in images):
+            raise ValueError("every image needs a sink unless dry_run")
+        self._images = [_TgtImg(im) for im in images]
+        self._by_gi: list[_TgtImg] = []
+        self._references = list(references)
+        self.dry_run = dry_run
+        self.verify_untouched = verify_untouched
+        self._key = key if key is not None else _random_key()
+        if len(self._key) != KEY_SIZE:
+            raise ValueError("key must be 32 bytes")
+        self._t = self.params.digest_bytes
+        self._index: _ContentIndex | None = None
+        self._dctx = zstandard.ZstdDecompressor()
+        self._ep.stats.dry_run = dry_run
+        # the plan, by global position
+        self._p_img = np.zeros(0, dtype=np.int64)
+        self._p_leaf = np.zeros(0, dtype=np.int64)
+        self._p_req = np.zeros(0, dtype=np.uint8)
+        self._p_prefix = np.zeros((0, self._t), dtype=np.uint8)
+        self._p_ref: dict[int, tuple[int, int]] = {}
+        self._p_dup: dict[int, int] = {}
+        self._dup_targets: set[int] = set()
+        self._dup_cache: dict[int, bytes] = {}
+        self._full = np.zeros((0, DIGEST_SIZE), dtype=np.uint8)
+        self._next_batch = 0
+        self._applied = 0
+
+    @property
+    def state(self) -> TargetState:
+        st: TargetState = self._ep.state
+        return st
+
+    @property
+    def stats(self) -> TransferStats:
+        return self._ep.stats
+
+    @property
+    def roots(self) -> dict[str, bytes]:
+        """The source's roots by image name (once VERIFIED: the roots of the committed images)."""
+        return {im.name: im.shape.root for im in self._by_gi if im.shape is not None}
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        """(leaves applied, leaves requested)."""
+        return self._applied, len(self._p_leaf)
+
+    def start(self) -> None:
+        """Queue the hello message."""
+        if self.state is not TargetState.IDLE:
+            raise RuntimeError("Target.start called twice")
+        p = self.params
+        shapes = [_Shape.of(im.name, im.tree).encode() for im in self._images]
+        self._ep.stats.root_bytes += DIGEST_SIZE * len(shapes)
+        self._ep.stats.round_trips += 1
+        self._ep.state = TargetState.HELLO_SENT
+        self._ep._send(
+            MsgType.HELLO,
+            {"db": p.digest_bytes, "sb": p.sub_block_size, "fb": p.fingerprint_bytes, "key": self._key, "img": shapes},
+        )
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        return self._ep.receive_data(data)
+
+    def data_to_send(self) -> list[bytes]:
+        return self._ep.data_to_send()
+
+    def abort(self) -> None:
+        self._ep.abort()
+
+    def resume(self) -> None:
+        """After a reconnect: ask the source to re-emit from the next batch not yet applied."""
+        self._ep._check_live()
+        if self.state is not TargetState.RECEIVING:
+            raise ProtocolError("resume outside the block phase: restart the transfer")
+        self._ep._out.clear()
+        self._ep._send(MsgType.RESUME, {"n": self._next_batch})
+
+    # handlers
+
+    def _dispatch(self, msg: dict[str, Any]) -> list[Event]:
+        t, st = msg["t"], self.state
+        if t == MsgType.TREE and st is TargetState.HELLO_SENT:
+            return self._on_tree(msg)
+        if t == MsgType.WALK and st is TargetState.WALKING:
+            return self._on_walk(_list(msg, "p", len(self._by_gi)))
+        if t == MsgType.BLOCKS and st is TargetState.RECEIVING:
+            return self._on_blocks(msg)
+        if t == MsgType.END and st is TargetState.RECEIVING:
+            return self._on_end(msg)
+        raise self._ep._wrong_state(msg)
+
+    def _on_tree(self, msg: dict[str, Any]) -> list[Event]:
+        p = self.params
+        shapes = [_Shape.decode(v, p) for v in _list(msg, "img", len(self._images))]
+        mine = {im.name: im for im in self._images}
+        if {s.name for s in shapes} != set(mine) or len({s.name for s in shapes}) != len(shapes):
+            raise ProtocolError("the source's images are not the target's images")
+        for gi, shape in enumerate(shapes):
+            im = mine[shape.name]
+            im.gi, im.shape = gi, shape
+            im.view = im.tree.resized(shape.size, shape.fanout)
+            im.walk = _Walk(im.view, self._t)
+            im.walk.active = False  # until the first part arrives
+            self._ep.stats.images[im.name] = ImageStats(leaves=shape.leaves, resized=shape.size != im.tree.size)
+            self._ep.stats.flat_hash_bytes += DIGEST_SIZE * shape.leaves
+        self._by_gi = sorted(self._images, key=lambda im: im.gi)
+        parts = _list(msg, "p", len(shapes))
+        for im, part in zip(self._by_gi, parts, strict=True):
+            assert im.walk is not None and im.shape is not None
+            if part is not None:
+                if im.shape.leaves == 0:
+                    raise ProtocolError(f"walk of {im.name!r}: walk part for an empty image")
+                im.walk.active = True
+        self._ep.state = TargetState.WALKING
+        return self._on_walk(parts, first=True)
+
+    def _on_walk(self, parts: list[Any], first: bool = False) -> list[Event]:
+        replies: list[dict[str, Any] | None] = []
+        for im, part in zip(self._by_gi, parts, strict=True):
+            walk = im.walk
+            assert walk is not None
+            if part is None:
+                walk.active = False
+                replies.append(None)
+                continue
+            what = f"walk of {im.name!r}"
+            part = _map(part, what)
+            if not walk.active:
+                raise ProtocolError(f"{what}: part for a finished walk")
+            level = _int(part, "l", 0, len(walk.sizes) - 1)
+            if level % 2:
+                raise ProtocolError(f"{what}: the source sent an odd level")
+            if first:
+                depth = len(walk.sizes) - 1
+                if level != (depth if depth % 2 == 0 else depth - 1):
+                    raise ProtocolError(f"{what}: first part at level {level}")
+                nodes = np.arange(walk.sizes[level], dtype=np.int64)
+            else:
+                nodes = walk.nodes_for(part, level, what)
+            digests = _bin(part, "d")
+            diff = walk.compare(level, nodes, digests, what)
+            if level == 0:
+                walk.active = False
+                im.want_mask = diff
+                im.diff_leaves = nodes[diff]
+                im.prefixes = np.frombuffer(digests, dtype=np.uint8).reshape(len(nodes), self._t)[diff]
+                replies.append(None)
+            else:
+                replies.append(walk.reply(level, nodes, diff, self._ep.stats))
+        if any(r is not None for r in replies):
+            self._ep.stats.round_trips += 1
+            self._ep._send(MsgType.WALK, {"p": replies})
+            return []
+        return self._send_want()
+
+    def _send_want(self) -> list[Event]:
+        """All walks are over: decide per differing leaf how to get it, and ask."""
+        t = self._t
+        st = self._ep.stats
+        holdings: list[tuple[BlockSource, MerkleTree]] = []
+        if any(len(im.diff_leaves) for im in self._by_gi):  # ~50 ms per GiB held: only when needed
+            holdings = [(im.source, im.tree) for im in self._images] + [(r.source, r.tree) for r in self._references]
+        index = self._index = _ContentIndex(holdings, t)
+        parts: list[dict[str, Any] | None] = []
+        first_of: dict[bytes, int] = {}
+        p_img, p_leaf, p_req, p_pref = [], [], [], []
+        pos0 = 0
+        divergent: dict[str, int] = {}
+        for im in self._by_gi:
+            assert im.shape is not None and im.view is not None
+            lv, pref = im.diff_leaves, im.prefixes
+            divergent[im.name] = len(lv)
+            st.images[im.name].divergent = len(lv)
+            if not self.dry_run and im.shape.size != im.tree.size:
+                assert im.sink is not None
+                im.sink.set_size(im.shape.size)
+                im.touched = True
+            if len(lv) == 0:
+                parts.append(None)
+                continue
+            im.touched = True
+            size = im.shape.size
+            kinds = np.empty(len(lv), dtype=np.uint8)
+            cands: list[bytes] = []
+            dups: list[int] = []
+            fp_leaves: list[int] = []
+            locs = index.lookup(pref)
+            zero_full = zero_digest()[:t]
+            for j, leaf in enumerate(lv.tolist()):
+                pos = pos0 + j
+                length = leaf_length(size, leaf)
+                pb = pref[j].tobytes()
+                zd = zero_full if length == LEAF_SIZE else zero_digest(length)[:t]
+                loc = locs[j]
+                if pb == zd:
+                    kinds[j] = Req.ZERO
+                elif loc is not None:
+                    kinds[j] = Req.REF
+                    cands.append(index.digest(loc)[t:])
+                    self._p_ref[pos] = loc
+                elif pb in first_of:
+                    kinds[j] = Req.DUP
+                    dups.append(first_of[pb])
+                    self._p_dup[pos] = first_of[pb]
+                    self._dup_targets.add(first_of[pb])
+                else:
+                    first_of[pb] = pos
+                    if self.params.delta and self._has_base(im, leaf):
+                        kinds[j] = Req.DELTA
+                        fp_leaves.append(leaf)
+                    else:
+                        kinds[j] = Req.BLOCK
+            fps = self._fingerprint_leaves(im, fp_leaves)
+            part = {
+                "m": _pack_bits(im.want_mask),
+                "k": kinds.tobytes(),
+                "c": b"".join(cands),
+                "u": np.asarray(dups, dtype="<u4").tobytes(),
+                "f": fps,
+            }
+            st.bitmap_bytes += len(part["m"])
+            st.leaf_digest_bytes += len(part["c"])
+            st.fingerprint_bytes += len(fps)
+            parts.append(part)
+            p_img.append(np.full(len(lv), im.gi, dtype=np.int64))
+            p_leaf.append(lv)
+            p_req.append(kinds)
+            p_pref.append(pref)
+            pos0 += len(lv)
+        if p_leaf:
+            self._p_img = np.concatenate(p_img)
+            self._p_leaf = np.concatenate(p_leaf)
+            self._p_req = np.concatenate(p_req)
+            self._p_prefix = np.concatenate(p_pref)
+        self._full = np.zeros((len(self._p_leaf), DIGEST_SIZE), dtype=np.uint8)
+        st.round_trips += 1
+        self._ep.state = TargetState.RECEIVING
+        self._ep._send(MsgType.WANT, {"p": parts})
+        return [WalkDone(divergent)]
+
+    def _has_base(self, im: _TgtImg, leaf: int) -> bool:
+        """Whether the target has a non-zero block at ``leaf`` (after the resize) to delta against."""
+        assert im.view is not None
+        if leaf >= im.tree.leaf_count:
+            return False
+        return im.view.leaf(leaf) != zero_digest(im.view.leaf_length(leaf))
+
+    def _base_blocks(self, im: _TgtImg, leaves: list[int]) -> dict[int, bytes]:
+        """The target's own blocks at ``leaves`` (sorted, all inside its original image), as they
+        are after the resize; consecutive leaves are read in one call (a qcow2 source may spawn
+        qemu-img per call for backing data)."""
+        assert im.shape is not None
+        out: dict[int, bytes] = {}
+        k = 0
+        while k < len(leaves):
+            run = 1
+            while k + run < len(leaves) and leaves[k + run] == leaves[k] + run and run < READ_RUN:
+                run += 1
+            data = im.source.read(leaves[k], run)
+            for j in range(run):
+                leaf = leaves[k + j]
+                out[leaf] = _fit(data[j * LEAF_SIZE : (j + 1) * LEAF_SIZE], leaf_length(im.shape.size, leaf))
+            k += run
+        return out
+
+    def _fingerprint_leaves(self, im: _TgtImg, leaves: list[int]) -> bytes:
+        sub, fb = self.params.sub_block_size, self.params.fingerprint_bytes
+        blocks = self._base_blocks(im, leaves)
+        return b"".join(_fingerprints(blocks[leaf], sub, fb, self._key) for leaf in leaves)
+
+    def _on_blocks(self, msg: dict[str, Any]) -> list[Event]:
+        n = _int(msg, "n", 0, 1 << 32)
+        if n < self._next_batch:
+            self._ep.stats.duplicate_batches += 1
+            self._ep._send(MsgType.ACK, {"n": n})
+            return []
+        if n > self._next_batch:
+            raise ProtocolError(f"blocks message {n} while expecting {self._next_batch}")
+        total = len(self._p_leaf)
+        o = _int(msg, "o", 0, total)
+        if o != self._applied:
+            raise ProtocolError("blocks message does not start where the previous one ended")
+        kinds = _bin(msg, "k", max_len=min(self.params.max_batch_entries, total - o))
+        if not kinds:
+            raise ProtocolError("empty blocks message")
+        rests = _bin(msg, "h")
+        masks = _bin(msg, "dm")
+        t, sub = self._t, self.params.sub_block_size
+        rest_len = DIGEST_SIZE - t
+        # pass 1: layout (what the body must hold), kinds allowed for each request
+        layout: list[tuple[Ans, int, int, npt.NDArray[np.bool_] | None]] = []
+        raw_len = r_off = m_off = 0
+        for j, kb in enumerate(kinds):
+            pos = o + j
+            if kb > max(Ans):
+                raise ProtocolError("unknown answer kind")
+            kind, req = Ans(kb), Req(int(self._p_req[pos]))
+            im = self._by_gi[int(self._p_img[pos])]
+            assert im.shape is not None
+            length = leaf_length(im.shape.size, int(self._p_leaf[pos]))
+            if kind is Ans.OK and req not in (Req.REF, Req.ZERO, Req.DUP):
+                raise ProtocolError("confirmation of a leaf that was not proposed")
+            if kind is Ans.DELTA and req is not Req.DELTA:
+                raise ProtocolError("delta for a leaf without fingerprints")
+            bits = None
+            if kind in (Ans.FULL, Ans.DELTA):
+                r_off += rest_len
+            if kind is Ans.FULL:
+                raw_len += length
+            elif kind is Ans.DELTA:
+                nsub = _n_sub(length, sub)
+                nb = (nsub + 7) // 8
+                bits = _unpack_bits(masks[m_off : m_off + nb], nsub, "delta") if m_off + nb <= len(masks) else None
+                if bits is None or not bits.any():
+                    raise ProtocolError("malformed delta bitmap")
+                m_off += nb
+                for s in np.flatnonzero(bits).tolist():
+                    raw_len += min(sub, length - s * sub)
+            layout.append((kind, length, raw_len, bits))
+        if r_off != len(rests) or m_off != len(masks):
+            raise ProtocolError("blocks message: digest or bitmap bytes do not match its entries")
+        if "z" in msg:
+            z = _bin(msg, "z")
+            try:
+                body = self._dctx.decompress(z, max_output_size=raw_len) if z else b""
+            except zstandard.ZstdError:
+                raise ProtocolError("blocks message: corrupt compressed body") from None
+        else:
+            body = _bin(msg, "r")
+        if len(body) != raw_len:
+            raise ProtocolError("blocks message: body length does not match its entries")
+        # pass 2: reconstruct and verify every leaf before any write
+        wanted: dict[int, list[int]] = {}  # image → leaves whose delta needs the target's block
+        for j, entry in enumerate(layout):
+            if entry[0] is Ans.DELTA:
+                wanted.setdefault(int(self._p_img[o + j]), []).append(int(self._p_leaf[o + j]))
+        bases = {gi: self._base_blocks(self._by_gi[gi], leaves) for gi, leaves in wanted.items()}
+        ready: list[tuple[_TgtImg, int, bytes | None, _How]] = []
+        b_off = r_off = 0
+        for j, (kind, length, _, bits) in enumerate(layout):
+            pos = o + j
+            im = self._by_gi[int(self._p_img[pos])]
+            leaf = int(self._p_leaf[pos])
+            req = Req(int(self._p_req[pos]))
+            prefix = self._p_prefix[pos].tobytes()
+            data: bytes | None
+            if kind is Ans.OK and req is Req.REF:
+                loc = self._p_ref[pos]
+                digest = self._index.digest(loc) if self._index else b""
+                data = self._index.read(loc) if self._index else b""
+            elif kind is Ans.OK and req is Req.DUP:
+                ref = self._p_dup[pos]
+                digest = self._full[ref].tobytes()
+                data = self._dup_cache.get(ref)
+                if data is None:
+                    raise ProtocolError("duplicate of a leaf not received")
+            elif kind in (Ans.OK, Ans.ZERO):
+                digest, data = zero_digest(length), None
+                if prefix != digest[:t]:
+                    raise VerificationError(f"image {im.name!r}: leaf {leaf} announced as zero does not match the walk")
+            else:
+                digest = prefix + rests[r_off : r_off + rest_len]
+                r_off += rest_len
+                if kind is Ans.FULL:
+                    data = body[b_off : b_off + length]
+                    b_off += length
+                else:
+                    assert bits is not None
+                    block = bytearray(bases[im.gi][leaf])
+                    for s in np.flatnonzero(bits).tolist():
+                        piece = min(sub, length - s * sub)
+                        block[s * sub : s * sub + piece] = body[b_off : b_off + piece]
+                        b_off += piece
+                    data = bytes(block)
+            if data is not None and blake3.blake3(data).digest() != digest:
+                raise VerificationError(f"image {im.name!r}: leaf {leaf} does not match the source's digest")
+            self._full[pos] = np.frombuffer(digest, dtype=np.uint8)
+            if pos in self._dup_targets:
+                self._dup_cache[pos] = data if data is not None else bytes(length)
+            ready.append((im, leaf, data, _CONFIRMED[req] if kind is Ans.OK else _HOW[kind]))
+        # pass 3: write
+        for im, leaf, data, how in ready:
+            if im.sink is not None and not self.dry_run:
+                if data is None:
+                    im.sink.zero(leaf)
+                else:
+                    im.sink.write(leaf, data)
+            counts = self._ep.stats.images[im.name]
+            setattr(counts, how.value, getattr(counts, how.value) + 1)
+        self._applied += len(kinds)
+        self._next_batch += 1
+        self._ep.stats.batches += 1
+        self._ep._send(MsgType.ACK, {"n": n})
+        return [BatchApplied(n, self._applied, total)]
+
+    def _on_end(self, msg: dict[str, Any]) -> list[Event]:
+        n = _int(msg, "n", 0, 1 << 32)
+        if n != self._next_batch or self._applied != len(self._p_leaf):
+            raise ProtocolError("end before every requested leaf arrived")
+        for im in self._by_gi:
+            assert im.shape is not None and im.view is not None
+            sel = self._p_img == im.gi
+            if self.dry_run:
+                root = im.view.replace_leaves(self._p_leaf[sel], self._full[sel]).root if sel.any() else im.view.root
+            elif im.touched or self.verify_untouched:
+                assert im.sink is not None
+                patched = im.sink.source()
+                try:
+                    root = MerkleTree.build(patched, im.shape.fanout).root
+                finally:
+                    patched.close()
+            else:
+                root = im.view.root
+            if root != im.shape.root:
+                raise VerificationError(f"image {im.name!r}: the patched image's root differs from the source's")
+        if not self.dry_run:
+            for im in self._by_gi:
+                assert im.sink is not None
+                im.sink.commit()
+        self._ep.state = TargetState.VERIFIED
+        self._ep.stats.verified = True
+        self._ep._send(MsgType.VERIFIED, {})
+        return [Verified()]
+
+    def _cleanup(self) -> None:
+        for im in self._images:
+            if im.sink is not None and not self.dry_run:
+                try:
+                    im.sink.abort()
+                except Exception:  # abort the others whatever one of them does
+                    pass
+
+
+class _TargetEndpoint(_Endpoint):
+    _TERMINAL = (TargetState.VERIFIED, TargetState.FAILED)
+    _FAILED = TargetState.FAILED
+
+    def __init__(self, owner: Target, params: ProtocolParams | None) -> None:
+        super().__init__(params)
+        self.owner = owner
+        self.state = TargetState.IDLE
+
+    def _dispatch(self, msg: dict[str, Any]) -> list[Event]:
+        return self.owner._dispatch(msg)
+
+    def _cleanup(self) -> None:
+        self.owner._cleanup()
+
+
+def _random_key() -> bytes:
+    return os.urandom(KEY_SIZE)
+
+
+# -- the in-memory driver ----------------------------------------------------------------------------
+
+
+def run_local(source: Source, target: Target, *, max_steps: int = 1 << 24) -> TransferStats:
+    """Run a whole transfer in memory (CLI ``diff``/``sync``, tests); returns both sides' stats
+    merged. Raises what either side raised, after delivering its failed message to the other (so
+    the target's sinks are aborted whichever side failed)."""
+    sides: tuple[tuple[Target | Source, Target | Source], ...] = ((target, source), (source, target))
+    if target.state is TargetState.IDLE:
+        target.start()
+    try:
+        for _ in range(max_steps):
+            moved = False
+            for sender, receiver in sides:
+                for data in sender.data_to_send():
+                    moved = True
+                    receiver.receive_data(data)
+            if not moved:
+                break
+    except BaseException:
+        for sender, receiver in sides:  # tell the other side, whichever failed
+            for data in sender.data_to_send():
+                if receiver.state.value not in ("verified", "failed"):
+                    try:
+                        receiver.receive_data(data)
+                    except ReplayMigrateError:
+                        pass
+        if target.state.value not in ("verified", "failed"):
+            target.abort()
+        raise
+    if target.state is not TargetState.VERIFIED or source.state is not SourceState.VERIFIED:
+        target.abort()
+        raise ProtocolError(f"transfer stalled (source {source.state.value}, target {target.state.value})")
+    return source.stats.merged(target.stats)
