@@ -110,6 +110,12 @@ DEFAULT_SYNC_SIZE = 64
 """Side of the square sampled around the pointer after a click (px)."""
 DEFAULT_SYNC_IDLE_MS = 300
 """A sync mark is taken once no key or button event came for this long after one did."""
+DEFAULT_SYNC_STABLE_SAMPLES = 3
+"""A sync mark is emitted only once this many consecutive samples (one per flush tick) are equal: a
+screen still changing (a command printing, a window redrawing) would give a digest of a moment the
+replaying target may never show when it checks."""
+DEFAULT_SYNC_MAX_WAIT_MS = 3000
+"""A region that does not settle within this long after the mark was due gets no mark."""
 DEFAULT_SYNC_WINDOW_MAX = (640, 800)
 """Largest region sampled from the focused window after typing (from its top-left corner)."""
 DEFAULT_RETRY_MS = 200
@@ -435,6 +441,8 @@ class Flusher(threading.Thread):
         self.sampler, self.trigger, self.checks, self.clock, self.put = sampler, trigger, checks, clock, put
         self.on_fatal = on_fatal
         self.stop = threading.Event()
+        self._settling: tuple[int, str, tuple[int, int, int, int], bytes, int, int] | None = None
+        """(generation, label, region, last sample, equal samples so far, first sample's time)"""
 
     def run(self) -> None:
         try:
@@ -468,20 +476,37 @@ class Flusher(threading.Thread):
             return b""
 
     def _maybe_sync(self) -> None:
+        """Take the due mark once its region has settled (see DEFAULT_SYNC_STABLE_SAMPLES)."""
         if self.sampler is None or self.trigger is None:
             return
-        due = self.trigger.due(time.monotonic_ns())
+        now = time.monotonic_ns()
+        due = self.trigger.due(now)
         if due is None:
+            self._settling = None
             return
         label, gen = due
         try:
-            x, y, w, h = self.sampler.region(label)
-            rgb = self.sampler.sample(x, y, w, h)
+            if self._settling is None or self._settling[0] != gen:
+                region = self.sampler.region(label)
+                self._settling = (gen, label, region, self.sampler.sample(*region), 1, now)
+            else:
+                _, _, region, last, equal, first = self._settling
+                rgb = self.sampler.sample(*region)
+                self._settling = (gen, label, region, rgb, equal + 1 if rgb == last else 1, first)
         except XError as e:  # a window went away between the queries: no mark this time
             log.debug("sync sample failed: %s", e)
+            self._settling = None
             self.trigger.done(gen)
             return
-        t = self.clock.from_mono(time.monotonic_ns())
+        _, _, (x, y, w, h), rgb, equal, first = self._settling
+        if equal < DEFAULT_SYNC_STABLE_SAMPLES:
+            if now - first > DEFAULT_SYNC_MAX_WAIT_MS * 1_000_000:
+                log.debug("sync region %s did not settle: no mark", (x, y, w, h))
+                self._settling = None
+                self.trigger.done(gen)
+            return
+        self._settling = None
+        t = self.clock.from_mono(now)
         if self.trigger.done(gen):
             self.put(SyncMark(t, x, y, w, h, region_digest(rgb), label))
 

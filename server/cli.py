@@ -106,6 +106,15 @@ def cmd_vm_exec(args: argparse.Namespace) -> int:
 def cmd_record(args: argparse.Namespace) -> int:
     from replayer.link import RecorderLink, record
 
+    if (args.out is None) == (args.to is None):
+        raise UsageError("record needs exactly one of --out LOG (a file) and --to URL (a migration session)")
+    if args.to is not None:
+        from server.migratecmd import cmd_record_to
+
+        if not args.session:
+            raise UsageError("record --to needs --session")
+        return cmd_record_to(args)
+
     with _hv(args) as hv:
         m = hv.lookup(args.domain)
         with RecorderLink(m) as link, open(args.out, "wb") as out:
@@ -230,10 +239,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("command")
     p.add_argument("--timeout", type=float, default=120.0)
 
-    p = add(sub, "record", cmd_record, "record a running domain's input log into a file, live")
+    p = add(sub, "record", cmd_record,
+            "record a running domain's input log, live: into a file (--out) or a migration session (--to)")
     p.add_argument("domain")
-    p.add_argument("--out", type=Path, required=True, metavar="LOG")
-    p.add_argument("--duration", type=float, help="stop after this many seconds (default: Ctrl-C)")
+    p.add_argument("--out", type=Path, metavar="LOG", help="write the log to this file")
+    p.add_argument("--to", metavar="URL", help="stream it to the handoff service ws[s]://HOST:PORT, and "
+                   "migrate at `replay-migrate suspend DOMAIN`")
+    p.add_argument("--session", help="with --to: the session id both sides use")
+    p.add_argument("--token", default=None, help="with --to: bearer token (default: $REPLAY_MIGRATE_TOKEN)")
+    p.add_argument("--duration", type=float, help="stop (with --to: suspend) after this many seconds")
+    p.add_argument("--json", action="store_true", help="with --to: print the report as JSON")
+
+    from server import migratecmd
+    p = add(sub, "suspend", migratecmd.cmd_suspend,
+            "migrate now: tell the domain's `record --to` process to suspend, and print its report")
+    migratecmd.add_suspend_arguments(p)
+    p = add(sub, "follow", migratecmd.cmd_follow,
+            "target side: start a clone of CHECKPOINT, replay the session's log into it, take over at suspend")
+    migratecmd.add_follow_arguments(p)
+    p = add(sub, "migrate", migratecmd.cmd_migrate,
+            "migrate DOMAIN to a new clone on this host through a loopback service (both sides here)")
+    migratecmd.add_migrate_arguments(p)
 
     p = add(sub, "replay", cmd_replay, "replay an input log into a domain, closed loop")
     p.add_argument("log", type=Path)
@@ -253,6 +279,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workload", help="a shipped workload's name or a file")
     p.add_argument("--into", dest="domain", required=True)
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic user's timing")
+
+    from server import service
+    p = add(sub, "serve", service.cmd_serve, "run the session-handoff service (websockets)")
+    service.add_serve_arguments(p)
+
+    from server import diffcmd
+    p = add(sub, "diff", diffcmd.cmd_diff, "dry run: what making image B equal to image A would ship")
+    diffcmd.add_arguments(p)
+    p = add(sub, "sync", diffcmd.cmd_sync, "make image B equal to image A through the transfer protocol, verified")
+    diffcmd.add_arguments(p)
 
     from server import demo
     p = add(sub, "demo", demo.cmd_demo, "set up, and show the platform's numbers as a table")

@@ -1,64 +1,102 @@
-"""``replay-migrate demo`` / ``make demo``: the whole story on one host, as a table.
+"""``replay-migrate demo`` / ``make demo``: the whole story on one host.
 
-For now (the platform): KVM or TCG, the image (built or cached), boot to the desktop, the memory
-image's size, save and restore times of a clone.
+Set up (the image and the checkpoint are built once and reused), start the source VM from the
+checkpoint, run a shipped workload in it while its recorder's log streams through a loopback
+handoff service into a target VM that replays it, migrate at the end, print the report, save a
+screenshot of the source at suspend beside one of the resumed target, and say whether the two
+states are identical.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import subprocess
 import time
 from pathlib import Path
 
+from replayer.drive import drive
+from replayer.workload import load_workload, shipped_workloads
 from server import checkpoint as ckpt
 from server.images import ensure_image
+from server.migratecmd import migrate_embedded, print_report
 from server.report import emit_json, human_bytes, table
 from vm.machine import Hypervisor, file_allocated
 from vm.probe import choose_virt
+from vm.savehdr import HEADER, read_header
 
 DEMO_CHECKPOINT = "demo"
+SOURCE = f"{ckpt.DOMAIN_PREFIX}demo-source"
+TARGET = f"{ckpt.DOMAIN_PREFIX}demo-target"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=DEMO_CHECKPOINT, help="checkpoint to use or create")
-    p.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for screenshots")
-    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    p.add_argument("--workload", default="notes", help="a shipped workload (%(default)s) or a file")
+    p.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for screenshots and the report")
+    p.add_argument("--json", action="store_true", help="print the migration report as JSON")
+    p.add_argument("--keep", action="store_true", help="leave the target VM running afterwards")
+
+
+def _guest_state(path: Path) -> bytes:
+    h = read_header(path)
+    with open(path, "rb") as f:
+        f.seek(HEADER.size + h.data_len)
+        return f.read()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    args.out.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[str, str]] = []
     r = ensure_image()
-    rows.append(("guest image", f"{r.image.dir.name}: "
-                 + (f"built in {r.seconds:.0f} s" if r.built else "cached")))
+    rows.append(("guest image", f"{r.image.dir.name}: " + (f"built in {r.seconds:.0f} s" if r.built else "cached")))
     virt, why = choose_virt(r.image.kernel, r.image.dir.parent)
     rows.append(("virtualisation", f"{'KVM' if virt.value == 'kvm' else 'TCG'} ({why})"))
-    args.out.mkdir(parents=True, exist_ok=True)
-    with Hypervisor(args.connect) as hv:
+    shipped = shipped_workloads()
+    workload = shipped.get(args.workload, Path(args.workload))
+    actions = load_workload(workload)
+    with Hypervisor(args.connect) as hv, Hypervisor(args.connect) as hv2:
         ck, created = ckpt.ensure(hv, args.checkpoint, virt=virt)
         m = ck.manifest
         rows.append(("checkpoint", f"{ck.name}: " + ("created now" if created else "cached")))
-        rows.append(("boot to desktop", f"{m.boot_to_desktop_s:.1f} s"
-                     + ("" if created else " (when the checkpoint was made)")))
-        rows.append(("memory image (apparent / allocated)",
+        rows.append(("boot to desktop", f"{m.boot_to_desktop_s:.1f} s" + ("" if created else " (when it was made)")))
+        rows.append(("checkpoint memory image (apparent / allocated)",
                      f"{human_bytes(m.memory_apparent_bytes)} / {human_bytes(m.memory_allocated_bytes)}"))
-        name = f"{ckpt.DOMAIN_PREFIX}demo-clone"
-        t0 = time.monotonic()
-        clone = ckpt.start_clone(hv, ck, name, replace=True)
-        restore_s = time.monotonic() - t0
-        try:
-            clone.wait_agent()
-            (args.out / "clone.png").write_bytes(clone.screenshot().png())
-            save = ckpt.clone_dir(name) / "saved.sav"
-            t1 = time.monotonic()
-            clone.save(save)
-            save_s = time.monotonic() - t1
-            rows.append(("restore a clone", f"{restore_s:.2f} s"))
-            rows.append(("save a clone (sparse)", f"{save_s:.2f} s, {human_bytes(file_allocated(save))} allocated"))
-        finally:
+        rows.append(("checkpoint save", f"{m.save_s:.2f} s"))
+        for name in (SOURCE, TARGET):
             ckpt.remove_clone(hv, name)
-    rows.append(("screenshot of the clone", str(args.out / "clone.png")))
+        t0 = time.monotonic()
+        source = ckpt.start_clone(hv, ck, SOURCE)
+        rows.append(("restore the source VM from the checkpoint", f"{time.monotonic() - t0:.2f} s"))
+        source.wait_agent()
+
+        async def user() -> None:
+            print(f"demo: running workload {workload.name} in {SOURCE} while {TARGET} replays it", flush=True)
+            await asyncio.to_thread(drive, source, actions)
+
+        try:
+            report, src, tgt = asyncio.run(migrate_embedded(hv, hv2, source, ck, TARGET, user=user,
+                                                            screenshots=args.out))
+            assert src.state_files is not None and tgt.machine is not None
+            src_image, tgt_run = src.state_files.memory, tgt.machine.run_dir
+            memory_same = _guest_state(src_image) == _guest_state(tgt_run / "suspend.sav")
+            disk_same = subprocess.run(
+                ["qemu-img", "compare", "-q", "-U", "-f", "qcow2", "-F", "qcow2",
+                 str(src_image.parent / "disk.qcow2"), str(tgt_run / "disk.qcow2")]).returncode == 0
+            rows.append(("source memory image at suspend (allocated)", human_bytes(file_allocated(src_image))))
+        finally:
+            ckpt.remove_clone(hv, SOURCE)
+            if not args.keep:
+                ckpt.remove_clone(hv, TARGET)
+    rows.append(("screenshots", f"{args.out / 'source-at-suspend.png'}, {args.out / 'target-resumed.png'}"))
+    rows.append(("states identical", "yes: memory and disk" if memory_same and disk_same else
+                 f"NO (memory {'same' if memory_same else 'differs'}, disk {'same' if disk_same else 'differs'})"))
+    (args.out / "report.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+    table(rows, ["platform and demo", ""])
+    print()
     if args.json:
-        emit_json(dict(rows))
+        emit_json(report.as_dict())
     else:
-        table(rows, ["what", "result"])
-    return 0
+        print_report(report.as_dict(), False, title=f"migration ({workload.name})")
+    return 0 if report.verified and memory_same and disk_same else 1

@@ -156,23 +156,26 @@ class Hypervisor:
         return Machine(self, dom)
 
     def restore_clone(self, memory_image: Path, *, name: str, disk: Path, run_dir: Path,
-                      paused: bool = False) -> Machine:
-        """Start domain ``name`` from a copy of ``memory_image`` with a clone's identity.
+                      paused: bool = False, copy: bool = True) -> Machine:
+        """Start domain ``name`` from ``memory_image`` with a clone's identity.
 
-        ``disk`` must already hold the clone's overlay (the disk state that goes with the
-        memory image). The copy (``run_dir/memory.sav``) is the clone's own: the source image is
-        only read, so any number of clones can be made from one checkpoint.
+        ``disk`` must already hold the clone's overlay (the disk state that goes with the memory
+        image). With ``copy`` the image is copied to ``run_dir/memory.sav`` first and only read,
+        so any number of clones can be made from one checkpoint; without, the image's own header
+        is rewritten (a migrated image the target now owns).
         """
         if self.exists(name):
             raise VMError(f"a domain named {name!r} already exists")
         if not disk.is_file():
             raise ImageError(f"clone disk {disk} does not exist")
         header = savehdr.read_header(memory_image)
-        copy = run_dir / "memory.sav"
-        sparse_copy(memory_image, copy)
+        image = memory_image
+        if copy:
+            image = run_dir / "memory.sav"
+            sparse_copy(memory_image, image)
         (run_dir / "serial.log").unlink(missing_ok=True)
-        savehdr.rewrite_xml(copy, clone_xml(header.xml, name, disk, run_dir))
-        return self.restore(copy, paused=paused)
+        savehdr.rewrite_xml(image, clone_xml(header.xml, name, disk, run_dir))
+        return self.restore(image, paused=paused)
 
     def restore(self, memory_image: Path, *, paused: bool = False) -> Machine:
         """Restore the domain saved in ``memory_image`` under the identity in its header."""

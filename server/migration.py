@@ -1,0 +1,417 @@
+"""A migration, both ends: the source streams its recorder's log into a session and, at suspend,
+answers the tree walk and ships blocks; the target replays the log into a clone of the shared
+checkpoint as it arrives, then patches, verifies, restores and resumes, and confirms.
+
+Both ends are asyncio code around blocking parts (libvirt, the recorder channel, hashing), which
+run in worker threads. The order of a suspend, on both sides alike so their guests stay alike:
+let the agent flush its last frames, sync and freeze the file systems, pause, save. Nothing is
+resumed at the target unless every block and both roots verified; the source's VM is released
+only after the target confirms, and on any failure it is restored and resumed where it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from differ.protocol import ProtocolParams, Source, SourceState, Target, TargetState, TransferStats, WalkDone
+from differ.protocol import Verified as DiffVerified
+from recorder.logformat import End, Event, EventsFrame, LogDecoder
+from replay_migrate.errors import ReplayMigrateError, VerificationError
+from replayer.link import RecorderLink
+from replayer.replay import ReplayConfig, Replayer, ReplayStats
+from server import checkpoint as ckpt
+from server.client import Frame, LogEnded, SessionClient
+from server.session import State, Stream
+from server.vmstate import (
+    DISK,
+    MEMORY,
+    VmState,
+    build_trees,
+    checkpoint_trees,
+    open_sources,
+    open_target_images,
+    plain_transfer_bytes,
+    references,
+    source_images,
+)
+from vm.machine import Hypervisor, Machine, MachineState
+
+FLUSH_S = 1.0
+"""Time the source's agent gets to frame its last events before the guest is frozen (its frames
+are cut every 250 ms; a sync mark follows 300 ms after the last key)."""
+SETTLE_S = 1.0
+"""Time the target's guest gets after the last replayed event before it is frozen."""
+DRAIN_S = 0.5
+"""How long the source keeps reading the recorder channel after pausing, for frames in flight."""
+CONFIRM_TIMEOUT_S = 600.0
+"""How long the source waits for the target's confirm after shipping the blocks."""
+LOG_POLL_S = 0.2
+
+
+@dataclass
+class Report:
+    """DESIGN.md §9: what a migration cost and whether it verified."""
+
+    log_bytes: int = 0
+    log_frames: int = 0
+    hash_bytes: int = 0
+    block_bytes: int = 0
+    fingerprint_bytes: int = 0
+    wire_bytes: int = 0
+    baseline_bytes: int = 0
+    savings: float = 0.0
+    divergent_blocks: dict[str, int] = field(default_factory=dict)
+    referenced_blocks: int = 0
+    delta_blocks: int = 0
+    full_blocks: int = 0
+    round_trips: int = 0
+    events_replayed: int = 0
+    sync_marks_met: int = 0
+    sync_marks_failed: int = 0
+    replay_s: float = 0.0
+    diff_s: float = 0.0
+    transfer_s: float = 0.0
+    downtime_s: float = 0.0
+    verified: bool = False
+
+    def add_transfer(self, stats: TransferStats) -> None:
+        self.hash_bytes = stats.hash_bytes
+        self.block_bytes = stats.block_bytes
+        self.fingerprint_bytes = stats.fingerprint_bytes
+        self.round_trips = stats.round_trips
+        self.divergent_blocks = {name: s.divergent for name, s in stats.images.items()}
+        self.referenced_blocks = sum(s.referenced + s.duplicate for s in stats.images.values())
+        self.delta_blocks = sum(s.delta for s in stats.images.values())
+        self.full_blocks = sum(s.full for s in stats.images.values())
+
+    def finish(self) -> None:
+        self.savings = round(1 - self.wire_bytes / self.baseline_bytes, 4) if self.baseline_bytes else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("replay_s", "diff_s", "transfer_s", "downtime_s"):
+            d[k] = round(d[k], 3)
+        return d
+
+
+async def _pump_diff(client: SessionClient, side: Source | Target, *, stream: Stream,
+                     until: Callable[[], bool], on_event: Callable[[object], None] | None = None) -> None:
+    """Move diff-protocol messages between ``side`` and the session until ``until()``."""
+    for msg in side.data_to_send():
+        await client.send_diff(msg)
+    while not until():
+        ev = await client.recv()
+        if isinstance(ev, Frame) and ev.stream is stream:
+            for dev in side.receive_data(ev.data):
+                if on_event is not None:
+                    on_event(dev)
+            for msg in side.data_to_send():
+                await client.send_diff(msg)
+
+
+# ---- the source ----------------------------------------------------------------------------------
+class SourceSide:
+    """The source site's half: ``stream_log`` while the user works, then ``suspend``."""
+
+    def __init__(self, hv: Hypervisor, machine: Machine, checkpoint: ckpt.Checkpoint, client: SessionClient,
+                 *, params: ProtocolParams | None = None) -> None:
+        self.hv = hv
+        self.machine = machine
+        self.checkpoint = checkpoint
+        self.client = client
+        self.params = params
+        self.report = Report()
+        self.stats: TransferStats | None = None
+        self.state_files: VmState | None = None
+        self.screenshot_at_suspend: Path | None = None
+        """Where to save the source's screen at the moment it is paused (the demo shows it)."""
+        self.link = RecorderLink(machine)
+        self.log = logging.getLogger(f"replay_migrate.source.{machine.name}")
+
+    async def _forward(self, poll_s: float) -> int:
+        frames = await asyncio.to_thread(self.link.frames, poll_s)
+        for fr in frames:
+            await self.client.send_log(fr.data)
+            self.link.ack(fr.seq)        # journalled in the session: the agent may forget it
+            self.report.log_bytes += len(fr.data)
+            self.report.log_frames += 1
+        return len(frames)
+
+    async def stream_log(self, stop: asyncio.Event) -> None:
+        """Forward the recorder's frames into the session until ``stop`` is set."""
+        await asyncio.to_thread(self.link.open)
+        while not stop.is_set():
+            await self._forward(LOG_POLL_S)
+
+    async def suspend(self) -> Report:
+        """End the log, quiesce, pause, save; answer the walk and ship blocks; wait for the confirm.
+        On any failure the VM is restored from its saved state and resumed."""
+        m = self.machine
+        t_end = time.monotonic() + FLUSH_S
+        while time.monotonic() < t_end:
+            await self._forward(0.1)
+        await asyncio.to_thread(m.exec, "sync")
+        await asyncio.to_thread(m.fsfreeze)
+        await asyncio.to_thread(m.pause)
+        t_pause = time.monotonic()
+        saved = False
+        try:
+            if self.screenshot_at_suspend is not None:
+                shot = await asyncio.to_thread(m.screenshot)
+                self.screenshot_at_suspend.write_bytes(shot.png())
+            await self._forward(DRAIN_S)
+            self.link.close()
+            await self.client.suspend()
+            await self.client.end_log()
+            run_dir = m.run_dir
+            image = run_dir / "suspend.sav"
+            await asyncio.to_thread(m.save, image)
+            saved = True
+            self.state_files = VmState(image, run_dir / "disk.qcow2", self.checkpoint)
+            await self._answer_walk()
+            await self.client.wait_confirmed(CONFIRM_TIMEOUT_S)
+        except BaseException:
+            await asyncio.shield(asyncio.to_thread(self._restore, saved))
+            raise
+        self.report.downtime_s = time.monotonic() - t_pause
+        self.report.verified = True
+        self.report.wire_bytes = self.client.wire_bytes_sent + self.client.wire_bytes_received
+        self.report.finish()
+        return self.report
+
+    async def _answer_walk(self) -> None:
+        assert self.state_files is not None
+        trees = await asyncio.to_thread(checkpoint_trees, self.checkpoint)
+        with ExitStack() as stack:
+            sources = stack.enter_context(open_sources(self.state_files, trees))
+            t0 = time.monotonic()
+            mine = await asyncio.to_thread(build_trees, sources)
+            self.report.baseline_bytes = await asyncio.to_thread(plain_transfer_bytes, sources, mine, trees)
+            src = Source(source_images(sources, mine), self.params, measure_plain=True)
+            walked = [0.0]
+
+            def seen(ev: object) -> None:
+                if isinstance(ev, WalkDone):
+                    walked[0] = time.monotonic()
+
+            await _pump_diff(self.client, src, stream=Stream.T2S, on_event=seen,
+                             until=lambda: src.state in (SourceState.VERIFIED, SourceState.FAILED))
+            if src.state is not SourceState.VERIFIED:
+                raise VerificationError("the target did not verify the transfer")
+            await self.client.wait_state(State.VERIFIED, CONFIRM_TIMEOUT_S)
+            want = {MEMORY: mine[MEMORY].root, DISK: mine[DISK].root}
+            if dict(self.client.roots or {}) != want:
+                raise VerificationError("the target reports roots other than the source's")
+            self.stats = src.stats
+            self.report.add_transfer(src.stats)
+            self.report.diff_s = (walked[0] or time.monotonic()) - t0
+            self.report.transfer_s = time.monotonic() - (walked[0] or t0)
+
+    def _restore(self, saved: bool) -> None:
+        """Put the source VM back as it was (the migration did not finish)."""
+        m = self.machine
+        try:
+            if saved and self.state_files is not None:
+                back = self.hv.restore(self.state_files.memory)
+            else:
+                back = m
+                if back.state is MachineState.PAUSED:
+                    back.resume()
+            back.wait_agent(30)
+            back.fsthaw()
+            self.log.warning("migration failed: %s runs on at the source", back.name)
+        except ReplayMigrateError as e:
+            self.log.error("could not resume the source VM %s: %s (its state is in %s)", m.name, e,
+                           self.state_files.memory if self.state_files else "the domain")
+
+    async def release(self) -> None:
+        """After the confirm: the source's saved state is no longer needed."""
+        if self.state_files is not None:
+            self.state_files.memory.unlink(missing_ok=True)
+
+
+# ---- the target ----------------------------------------------------------------------------------
+class _EventFeed:
+    """Decoded log events handed from the session reader to the replay thread, in order."""
+
+    def __init__(self) -> None:
+        self.q: queue.Queue[Event | None] = queue.Queue()
+        self.decoder = LogDecoder()
+
+    def feed(self, data: bytes) -> None:
+        for frame in self.decoder.feed(data):
+            if isinstance(frame, EventsFrame):
+                for ev in frame.events:
+                    self.q.put(ev)
+
+    def close(self) -> None:
+        self.q.put(None)
+
+    def __iter__(self) -> Iterator[Event]:
+        while True:
+            ev = self.q.get()
+            if ev is None or isinstance(ev, End):
+                return
+            yield ev
+
+
+class TargetSide:
+    """The target site's half: a clone of the checkpoint that follows the source's log, then takes
+    over the source's state."""
+
+    def __init__(self, hv: Hypervisor, checkpoint: ckpt.Checkpoint, client: SessionClient, name: str,
+                 *, replay: ReplayConfig | None = None, params: ProtocolParams | None = None) -> None:
+        self.hv = hv
+        self.checkpoint = checkpoint
+        self.client = client
+        self.name = name
+        self.replay_config = replay or ReplayConfig()
+        self.params = params
+        self.report = Report()
+        self.stats: TransferStats | None = None
+        self.replay_stats: ReplayStats | None = None
+        self.machine: Machine | None = None
+        self.t_resumed = 0.0
+        self.log = logging.getLogger(f"replay_migrate.target.{name}")
+
+    async def run(self) -> Report:
+        m = await asyncio.to_thread(ckpt.start_clone, self.hv, self.checkpoint, self.name, replace=True)
+        self.machine = m
+        try:
+            await self._follow(m)
+            await self._take_over(m)
+        except BaseException:
+            await asyncio.shield(asyncio.to_thread(self._discard))
+            raise
+        self.report.wire_bytes = self.client.wire_bytes_sent + self.client.wire_bytes_received
+        return self.report
+
+    async def _follow(self, m: Machine) -> None:
+        """Replay the log as it arrives, until the source ends it."""
+        link = RecorderLink(m)
+        await asyncio.to_thread(link.open)
+        feed = _EventFeed()
+        replayer = Replayer(m, link, self.replay_config)
+        result: list[ReplayStats | BaseException] = []
+
+        def run_replay() -> None:
+            try:
+                result.append(replayer.replay(feed))
+            except BaseException as e:
+                result.append(e)
+
+        t0 = time.monotonic()
+        worker = threading.Thread(target=run_replay, name=f"replay-{m.name}", daemon=True)
+        worker.start()
+        try:
+            while not (result and isinstance(result[0], BaseException)):
+                try:
+                    ev = await self.client.recv(timeout=LOG_POLL_S)
+                except TimeoutError:
+                    continue
+                if isinstance(ev, Frame) and ev.stream is Stream.LOG:
+                    feed.feed(ev.data)
+                    self.report.log_bytes += len(ev.data)
+                    self.report.log_frames += 1
+                elif isinstance(ev, LogEnded):
+                    break
+        finally:
+            feed.close()
+            await asyncio.to_thread(worker.join)
+            link.close()
+        if isinstance(result[0], BaseException):
+            raise result[0]
+        stats = result[0]
+        self.replay_stats = stats
+        self.report.replay_s = time.monotonic() - t0
+        self.report.events_replayed = stats.injected
+        self.report.sync_marks_met = stats.sync_met
+        self.report.sync_marks_failed = len(stats.sync_failed)
+
+    async def _take_over(self, m: Machine) -> None:
+        """Quiesce like the source did, then walk, patch, verify, restore and resume."""
+        await asyncio.sleep(SETTLE_S)
+        await asyncio.to_thread(m.exec, "sync")
+        await asyncio.to_thread(m.fsfreeze)
+        await asyncio.to_thread(m.pause)
+        run_dir = m.run_dir
+        image = run_dir / "suspend.sav"
+        await asyncio.to_thread(m.save, image)
+        state = VmState(image, run_dir / "disk.qcow2", self.checkpoint)
+        trees = await asyncio.to_thread(checkpoint_trees, self.checkpoint)
+        t0 = time.monotonic()
+        walked = [0.0]
+        with ExitStack() as stack:
+            sources = stack.enter_context(open_sources(state, trees))
+            mine = await asyncio.to_thread(build_trees, sources)
+            images = stack.enter_context(open_target_images(state, trees, sources, mine))
+            tgt = Target(images, self.params, references=references(self.checkpoint, trees, stack))
+            await self.client.phase("diffing")
+            tgt.start()
+            pending: list[object] = []
+
+            def seen(ev: object) -> None:
+                if isinstance(ev, WalkDone):
+                    walked[0] = time.monotonic()
+                pending.append(ev)
+
+            def finished() -> bool:
+                return tgt.state in (TargetState.VERIFIED, TargetState.FAILED)
+
+            # walk, announce the block phase to the session, then receive the blocks
+            await _pump_diff(self.client, tgt, stream=Stream.S2T, on_event=seen,
+                             until=lambda: finished() or bool(walked[0]))
+            if walked[0]:
+                await self.client.phase("transferring")
+            await _pump_diff(self.client, tgt, stream=Stream.S2T, on_event=seen, until=finished)
+            if tgt.state is not TargetState.VERIFIED or not any(isinstance(e, DiffVerified) for e in pending):
+                raise VerificationError("the transfer did not verify: nothing was resumed")
+            for msg in tgt.data_to_send():
+                await self.client.send_diff(msg)
+            self.stats = tgt.stats
+            self.report.add_transfer(tgt.stats)
+            roots = tgt.roots
+        self.report.diff_s = (walked[0] or time.monotonic()) - t0
+        self.report.transfer_s = time.monotonic() - (walked[0] or t0)
+        await self.client.verified(roots)
+        back = await asyncio.to_thread(self.hv.restore_clone, image, name=m.name, disk=state.disk,
+                                       run_dir=run_dir, paused=False, copy=False)
+        await asyncio.to_thread(back.wait_agent)
+        await asyncio.to_thread(back.fsthaw)
+        self.machine = back
+        self.t_resumed = time.monotonic()
+        await self.client.resumed()
+        self.report.verified = True
+
+    def _discard(self) -> None:
+        """The migration failed: the target's clone is not the user's VM; remove it."""
+        try:
+            ckpt.remove_clone(self.hv, self.name)
+        except ReplayMigrateError as e:
+            self.log.error("could not remove the target clone %s: %s", self.name, e)
+
+
+def merged_report(src: SourceSide, tgt: TargetSide) -> Report:
+    """One report from both sides of an embedded migration (each side counts what it sent)."""
+    r = src.report
+    if src.stats is not None and tgt.stats is not None:
+        r.add_transfer(src.stats.merged(tgt.stats))
+    r.events_replayed = tgt.report.events_replayed
+    r.sync_marks_met = tgt.report.sync_marks_met
+    r.sync_marks_failed = tgt.report.sync_marks_failed
+    r.replay_s = tgt.report.replay_s
+    r.diff_s = tgt.report.diff_s
+    r.transfer_s = tgt.report.transfer_s
+    r.verified = src.report.verified and tgt.report.verified
+    r.finish()
+    return r
+

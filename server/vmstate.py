@@ -1,0 +1,161 @@
+"""A VM's state as the differ sees it: the memory image and the disk overlay of one side, and
+the checkpoint both sides share.
+
+The checkpoint's trees are computed once and kept in its folder (``memory.tree``: the Merkle tree
+of its memory image; ``disk.leaves.npz``: the leaf digests of its disk's guest-visible content,
+base image included), so a diff reads only what changed since the checkpoint: the pages present
+in the new memory image and the clusters the clone's overlay allocates.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from differ.blocks import LeafDigests, MemoryImageSource, Qcow2OverlaySource, compute_leaf_digests, detect_format
+from differ.merkle import DEFAULT_FANOUT, MerkleTree, load_or_build
+from differ.patch import MemoryImageSink, Qcow2OverlaySink
+from differ.protocol import (
+    ProtocolParams,
+    ReferenceImage,
+    Source,
+    SourceImage,
+    Target,
+    TargetImage,
+    TransferStats,
+    run_local,
+)
+from differ.source import BlockSink, BlockSource
+from differ.sync import baseline_bytes
+from replay_migrate.errors import ImageError
+from server.checkpoint import Checkpoint
+
+log = logging.getLogger("replay_migrate.vmstate")
+FANOUT = DEFAULT_FANOUT
+MEMORY = "memory"
+DISK = "disk"
+
+
+def _stamp(path: Path) -> bytes:
+    """Identity of a file nobody writes in place (checkpoint files never change once made)."""
+    st = path.stat()
+    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode()
+
+
+@dataclass(frozen=True)
+class CheckpointTrees:
+    memory: MerkleTree
+    """Tree of the checkpoint's memory image."""
+    disk: LeafDigests
+    """Leaf digests of the checkpoint disk's guest-visible content (the clones' backing chain)."""
+
+    @property
+    def disk_tree(self) -> MerkleTree:
+        return MerkleTree(self.disk.digests, self.disk.size, FANOUT)
+
+
+def checkpoint_trees(ck: Checkpoint) -> CheckpointTrees:
+    """The checkpoint's trees, computed and saved on first use (~10-20 s), loaded afterwards."""
+    with MemoryImageSource(ck.memory) as src:
+        memory = load_or_build(src, ck.dir / "memory.tree", _stamp(ck.memory), FANOUT)
+    digests_path = ck.dir / "disk.leaves.npz"
+    stamp_path = ck.dir / "disk.leaves.stamp"
+    disk: LeafDigests | None = None
+    if digests_path.exists() and stamp_path.exists() and stamp_path.read_bytes() == _stamp(ck.disk):
+        try:
+            disk = LeafDigests.load(digests_path)
+        except ImageError as e:
+            log.warning("recomputing the disk digests of %s: %s", ck.name, e)
+    if disk is None:
+        log.info("hashing the guest-visible disk of checkpoint %s (once)", ck.name)
+        disk = compute_leaf_digests(ck.disk, fmt="qcow2")
+        disk.save(digests_path)
+        stamp_path.write_bytes(_stamp(ck.disk))
+    trees = CheckpointTrees(memory, disk)
+    m = ck.manifest
+    roots = {MEMORY: memory.root.hex(), DISK: trees.disk_tree.root.hex()}
+    if m.roots != roots:
+        m.roots = roots
+        m.save(ck.manifest_path)
+    return trees
+
+
+@dataclass(frozen=True)
+class VmState:
+    """One side's state at suspend: a sparse memory image and a qcow2 overlay on ``checkpoint``."""
+
+    memory: Path
+    disk: Path
+    checkpoint: Checkpoint
+
+    def check(self) -> None:
+        for p, kind in ((self.memory, "memory"), (self.disk, "disk")):
+            if not p.is_file():
+                raise ImageError(f"{p}: no such {kind} image")
+            if detect_format(p) != kind:
+                raise ImageError(f"{p}: not a {'sparse save image' if kind == 'memory' else 'qcow2 overlay'}")
+
+
+@contextmanager
+def open_sources(state: VmState, trees: CheckpointTrees) -> Iterator[dict[str, BlockSource]]:
+    state.check()
+    with ExitStack() as stack:
+        yield {MEMORY: stack.enter_context(MemoryImageSource(state.memory)),
+               DISK: stack.enter_context(Qcow2OverlaySource(state.disk, backing_tree=trees.disk))}
+
+
+def build_trees(sources: dict[str, BlockSource]) -> dict[str, MerkleTree]:
+    return {name: MerkleTree.build(src, FANOUT) for name, src in sources.items()}
+
+
+def source_images(sources: dict[str, BlockSource], trees: dict[str, MerkleTree]) -> list[SourceImage]:
+    return [SourceImage(name, src, trees[name]) for name, src in sources.items()]
+
+
+@contextmanager
+def open_target_images(state: VmState, trees: CheckpointTrees, sources: dict[str, BlockSource],
+                       source_trees: dict[str, MerkleTree], *, dry_run: bool = False) -> Iterator[list[TargetImage]]:
+    """The target's images with sinks that patch copies (replacing the originals only on commit)."""
+    sinks: dict[str, BlockSink | None] = {MEMORY: None, DISK: None}
+    if not dry_run:
+        sinks = {MEMORY: MemoryImageSink(state.memory),
+                 DISK: Qcow2OverlaySink(state.disk, backing_tree=trees.disk)}
+    try:
+        yield [TargetImage(name, sources[name], source_trees[name], sinks[name]) for name in (MEMORY, DISK)]
+    finally:
+        for sink in sinks.values():
+            if sink is not None:
+                sink.abort()      # no-op after commit
+
+
+def references(ck: Checkpoint, trees: CheckpointTrees, stack: ExitStack) -> list[ReferenceImage]:
+    """Content the target holds besides its own images: the checkpoint's memory image."""
+    return [ReferenceImage(stack.enter_context(MemoryImageSource(ck.memory)), trees.memory)]
+
+
+def plain_transfer_bytes(sources: dict[str, BlockSource], trees: dict[str, MerkleTree],
+                         ck_trees: CheckpointTrees) -> int:
+    """DESIGN.md §9 ``baseline_bytes``: zstd of every block that differs from the checkpoint."""
+    return (baseline_bytes(sources[MEMORY], trees[MEMORY], ck_trees.memory)
+            + baseline_bytes(sources[DISK], trees[DISK], ck_trees.disk_tree))
+
+
+def sync_states(a: VmState, b: VmState, *, params: ProtocolParams | None = None,
+                dry_run: bool = False) -> tuple[TransferStats, int]:
+    """Make B's images equal A's through the transfer protocol in memory (one host): the same
+    Source/Target objects the network path uses. Returns (stats, plain transfer bytes of A)."""
+    if a.checkpoint.name != b.checkpoint.name:
+        raise ImageError(f"{a.memory} and {b.memory} are not of one checkpoint")
+    trees = checkpoint_trees(a.checkpoint)
+    with ExitStack() as stack:
+        src_a = stack.enter_context(open_sources(a, trees))
+        src_b = stack.enter_context(open_sources(b, trees))
+        trees_a, trees_b = build_trees(src_a), build_trees(src_b)
+        baseline = plain_transfer_bytes(src_a, trees_a, trees)
+        timgs = stack.enter_context(open_target_images(b, trees, src_b, trees_b, dry_run=dry_run))
+        source = Source(source_images(src_a, trees_a), params, measure_plain=True)
+        target = Target(timgs, params, references=references(a.checkpoint, trees, stack), dry_run=dry_run)
+        return run_local(source, target), baseline
