@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -21,10 +20,11 @@ from replayer.workload import load_workload, shipped_workloads
 from server import checkpoint as ckpt
 from server.images import ensure_image
 from server.migratecmd import migrate_embedded, print_report
+from server.migration import SourceSide
 from server.report import emit_json, human_bytes, table
+from server.vmstate import VmState, same_state
 from vm.machine import Hypervisor, file_allocated
 from vm.probe import choose_virt
-from vm.savehdr import HEADER, read_header
 
 DEMO_CHECKPOINT = "demo"
 SOURCE = f"{ckpt.DOMAIN_PREFIX}demo-source"
@@ -37,13 +37,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for screenshots and the report")
     p.add_argument("--json", action="store_true", help="print the migration report as JSON")
     p.add_argument("--keep", action="store_true", help="leave the target VM running afterwards")
-
-
-def _guest_state(path: Path) -> bytes:
-    h = read_header(path)
-    with open(path, "rb") as f:
-        f.seek(HEADER.size + h.data_len)
-        return f.read()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -75,16 +68,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"demo: running workload {workload.name} in {SOURCE} while {TARGET} replays it", flush=True)
             await asyncio.to_thread(drive, source, actions)
 
+        same: list[bool] = []
+
+        def compare(src: SourceSide, state: VmState) -> None:
+            assert src.state_files is not None
+            same.extend(same_state(src.state_files, state))
+
         try:
-            report, src, tgt = asyncio.run(migrate_embedded(hv, hv2, source, ck, TARGET, user=user,
-                                                            screenshots=args.out))
-            assert src.state_files is not None and tgt.machine is not None
-            src_image, tgt_run = src.state_files.memory, tgt.machine.run_dir
-            memory_same = _guest_state(src_image) == _guest_state(tgt_run / "suspend.sav")
-            disk_same = subprocess.run(
-                ["qemu-img", "compare", "-q", "-U", "-f", "qcow2", "-F", "qcow2",
-                 str(src_image.parent / "disk.qcow2"), str(tgt_run / "disk.qcow2")]).returncode == 0
-            rows.append(("source memory image at suspend (allocated)", human_bytes(file_allocated(src_image))))
+            report, src, _ = asyncio.run(migrate_embedded(hv, hv2, source, ck, TARGET, user=user,
+                                                          screenshots=args.out, on_verified=compare))
+            memory_same, disk_same = same if same else (False, False)
+            assert src.state_files is not None
+            rows.append(("source memory image at suspend (allocated)",
+                         human_bytes(file_allocated(src.state_files.memory))))
         finally:
             ckpt.remove_clone(hv, SOURCE)
             if not args.keep:

@@ -31,6 +31,7 @@ from server.migration import Report, SourceSide, TargetSide, merged_report
 from server.report import emit_json, human_bytes, table
 from server.service import ServiceConfig, start_service
 from server.session import TOKEN_ENV
+from server.vmstate import VmState
 from vm.machine import Hypervisor, Machine
 
 PID_FILE = "record.pid"
@@ -174,8 +175,9 @@ def _replay_config(args: argparse.Namespace) -> ReplayConfig:
 # ---- both, embedded -------------------------------------------------------------------------------
 async def migrate_embedded(hv_source: Hypervisor, hv_target: Hypervisor, m: Machine, ck: ckpt.Checkpoint,
                            target_name: str, *, user: Callable[[], Awaitable[None]],
-                           replay: ReplayConfig | None = None,
-                           screenshots: Path | None = None) -> tuple[Report, SourceSide, TargetSide]:
+                           replay: ReplayConfig | None = None, screenshots: Path | None = None,
+                           on_verified: Callable[[SourceSide, VmState], None] | None = None,
+                           ) -> tuple[Report, SourceSide, TargetSide]:
     """Service on loopback, source and target in this process; ``user`` is what happens at the
     source before the suspend (a workload, or waiting for the person at the console)."""
     token = secrets.token_urlsafe(24)
@@ -186,6 +188,8 @@ async def migrate_embedded(hv_source: Hypervisor, hv_target: Hypervisor, m: Mach
                 SessionClient(url, "target", token=token) as tc:
             src = SourceSide(hv_source, m, ck, sc)
             tgt = TargetSide(hv_target, ck, tc, target_name, replay=replay)
+            if on_verified is not None:
+                tgt.on_verified = lambda state: on_verified(src, state)
             stop = asyncio.Event()
             target_task = asyncio.create_task(tgt.run())
             streaming = asyncio.create_task(src.stream_log(stop))

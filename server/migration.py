@@ -281,6 +281,9 @@ class TargetSide:
         self.replay_stats: ReplayStats | None = None
         self.machine: Machine | None = None
         self.t_resumed = 0.0
+        self.on_verified: Callable[[VmState], None] | None = None
+        """Called with the patched, verified state before the VM is restored from it (the demo and
+        the tests compare it with the source's there: once the guest runs, it writes)."""
         self.log = logging.getLogger(f"replay_migrate.target.{name}")
 
     async def run(self) -> Report:
@@ -383,6 +386,8 @@ class TargetSide:
         self.report.diff_s = (walked[0] or time.monotonic()) - t0
         self.report.transfer_s = time.monotonic() - (walked[0] or t0)
         await self.client.verified(roots)
+        if self.on_verified is not None:
+            await asyncio.to_thread(self.on_verified, state)
         back = await asyncio.to_thread(self.hv.restore_clone, image, name=m.name, disk=state.disk,
                                        run_dir=run_dir, paused=False, copy=False)
         await asyncio.to_thread(back.wait_agent)

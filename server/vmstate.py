@@ -10,6 +10,7 @@ in the new memory image and the clusters the clone's overlay allocates.
 from __future__ import annotations
 
 import logging
+import subprocess
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from differ.source import BlockSink, BlockSource
 from differ.sync import baseline_bytes
 from replay_migrate.errors import ImageError
 from server.checkpoint import Checkpoint
+from vm.savehdr import HEADER, read_header
 
 log = logging.getLogger("replay_migrate.vmstate")
 FANOUT = DEFAULT_FANOUT
@@ -159,3 +161,21 @@ def sync_states(a: VmState, b: VmState, *, params: ProtocolParams | None = None,
         source = Source(source_images(src_a, trees_a), params, measure_plain=True)
         target = Target(timgs, params, references=references(a.checkpoint, trees, stack), dry_run=dry_run)
         return run_local(source, target), baseline
+
+
+def guest_state(path: Path) -> bytes:
+    """A memory image without its libvirt header (domain name, UUID, file paths): what the guest
+    and QEMU's devices hold. Two sides' images of one state differ only in that header."""
+    h = read_header(path)
+    with open(path, "rb") as f:
+        f.seek(HEADER.size + h.data_len)
+        return f.read()
+
+
+def same_state(a: VmState, b: VmState) -> tuple[bool, bool]:
+    """(memory equal, disk equal) of two states on this host: the memory images' guest parts
+    byte for byte, the disks as the guests see them (``qemu-img compare``)."""
+    memory = guest_state(a.memory) == guest_state(b.memory)
+    r = subprocess.run(["qemu-img", "compare", "-q", "-U", "-f", "qcow2", "-F", "qcow2", str(a.disk), str(b.disk)],
+                       capture_output=True, text=True)
+    return memory, r.returncode == 0
