@@ -100,6 +100,8 @@ class Replayer:
         self._last_t_us: int | None = None
         self._last_wall = time.monotonic()
         self._t0 = time.monotonic()
+        self.on_progress: Callable[[int], None] | None = None
+        """Called with the number of events replayed so far, after each one."""
         self.log = logging.getLogger(f"replay_migrate.replay.{machine.name}")
 
     def check_header(self, header: LogHeader) -> None:
@@ -120,6 +122,8 @@ class Replayer:
                 self._inject(ev)
             self._last_t_us = ev.t_us
             self._last_wall = time.monotonic()
+            if self.on_progress is not None:
+                self.on_progress(self.stats.events)
         self.stats.seconds = time.monotonic() - self._t0
         return self.stats
 

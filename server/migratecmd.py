@@ -28,7 +28,7 @@ from replayer.workload import load_workload
 from server import checkpoint as ckpt
 from server.client import SessionClient, session_url
 from server.migration import Report, SourceSide, TargetSide, merged_report
-from server.report import emit_json, human_bytes, table
+from server.report import Progress, emit_json, human_bytes, table
 from server.service import ServiceConfig, start_service
 from server.session import TOKEN_ENV
 from server.vmstate import VmState
@@ -82,6 +82,7 @@ async def _source(args: argparse.Namespace, hv: Hypervisor, m: Machine, ck: ckpt
                   stop: asyncio.Event) -> Report:
     async with SessionClient(_url(args, args.to), "source", token=_token(args)) as client:
         src = SourceSide(hv, m, ck, client)
+        src.progress = Progress()
         streaming = asyncio.create_task(src.stream_log(stop))
         await stop.wait()
         await streaming
@@ -161,9 +162,15 @@ def cmd_follow(args: argparse.Namespace) -> int:
     with Hypervisor(args.connect) as hv:
         async def main() -> Report:
             async with SessionClient(_url(args, args.source_url), "target", token=_token(args)) as client:
-                return await TargetSide(hv, ck, client, name, replay=_replay_config(args)).run()
+                side = TargetSide(hv, ck, client, name, replay=_replay_config(args))
+                side.progress = bar
+                return await side.run()
 
-        report = asyncio.run(main()).as_dict()
+        bar = Progress()
+        try:
+            report = asyncio.run(main()).as_dict()
+        finally:
+            bar.close()
     print_report(report, args.json, title=f"{name} (target)")
     return 0
 
@@ -177,7 +184,7 @@ async def migrate_embedded(hv_source: Hypervisor, hv_target: Hypervisor, m: Mach
                            target_name: str, *, user: Callable[[], Awaitable[None]],
                            replay: ReplayConfig | None = None, screenshots: Path | None = None,
                            on_verified: Callable[[SourceSide, VmState], None] | None = None,
-                           ) -> tuple[Report, SourceSide, TargetSide]:
+                           progress: Progress | None = None) -> tuple[Report, SourceSide, TargetSide]:
     """Service on loopback, source and target in this process; ``user`` is what happens at the
     source before the suspend (a workload, or waiting for the person at the console)."""
     token = secrets.token_urlsafe(24)
@@ -188,6 +195,7 @@ async def migrate_embedded(hv_source: Hypervisor, hv_target: Hypervisor, m: Mach
                 SessionClient(url, "target", token=token) as tc:
             src = SourceSide(hv_source, m, ck, sc)
             tgt = TargetSide(hv_target, ck, tc, target_name, replay=replay)
+            src.progress = tgt.progress = progress or Progress(enabled=False)
             if on_verified is not None:
                 tgt.on_verified = lambda state: on_verified(src, state)
             stop = asyncio.Event()
@@ -229,8 +237,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 print(f"recording {m.name}: work in it, then press Enter here to migrate", file=sys.stderr)
                 await asyncio.to_thread(sys.stdin.readline)
 
-        report, _, _ = asyncio.run(migrate_embedded(hv, hv2, m, ck, target, user=user,
-                                                    replay=_replay_config(args)))
+        bar = Progress()
+        try:
+            report, _, _ = asyncio.run(migrate_embedded(hv, hv2, m, ck, target, user=user,
+                                                        replay=_replay_config(args), progress=bar))
+        finally:
+            bar.close()
     print_report(report.as_dict(), args.json)
     return 0
 

@@ -22,7 +22,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from differ.protocol import ProtocolParams, Source, SourceState, Target, TargetState, TransferStats, WalkDone
+from differ.protocol import (
+    BatchApplied,
+    ProtocolParams,
+    Source,
+    SourceState,
+    Target,
+    TargetState,
+    TransferStats,
+    WalkDone,
+)
 from differ.protocol import Verified as DiffVerified
 from recorder.logformat import End, Event, EventsFrame, LogDecoder
 from replay_migrate.errors import ReplayMigrateError, VerificationError
@@ -34,6 +43,7 @@ from server.session import State, Stream
 from server.vmstate import (
     DISK,
     MEMORY,
+    CheckpointTrees,
     VmState,
     build_trees,
     checkpoint_trees,
@@ -132,9 +142,12 @@ class SourceSide:
         self.report = Report()
         self.stats: TransferStats | None = None
         self.state_files: VmState | None = None
+        self.progress: Callable[[str, int, int], None] = lambda what, done, total: None
+        """(what, done, total): the CLI passes a terminal progress bar."""
         self.screenshot_at_suspend: Path | None = None
         """Where to save the source's screen at the moment it is paused (the demo shows it)."""
         self.link = RecorderLink(machine)
+        self._trees: asyncio.Task[CheckpointTrees] | None = None
         self.log = logging.getLogger(f"replay_migrate.source.{machine.name}")
 
     async def _forward(self, poll_s: float) -> int:
@@ -147,7 +160,9 @@ class SourceSide:
         return len(frames)
 
     async def stream_log(self, stop: asyncio.Event) -> None:
-        """Forward the recorder's frames into the session until ``stop`` is set."""
+        """Forward the recorder's frames into the session until ``stop`` is set. The checkpoint's
+        trees are loaded (or computed, the first time) meanwhile, off the suspend's critical path."""
+        self._trees = asyncio.create_task(asyncio.to_thread(checkpoint_trees, self.checkpoint))
         await asyncio.to_thread(self.link.open)
         while not stop.is_set():
             await self._forward(LOG_POLL_S)
@@ -190,7 +205,8 @@ class SourceSide:
 
     async def _answer_walk(self) -> None:
         assert self.state_files is not None
-        trees = await asyncio.to_thread(checkpoint_trees, self.checkpoint)
+        self.progress("hashing", 0, 0)
+        trees = await (self._trees or asyncio.to_thread(checkpoint_trees, self.checkpoint))
         with ExitStack() as stack:
             sources = stack.enter_context(open_sources(self.state_files, trees))
             t0 = time.monotonic()
@@ -281,12 +297,16 @@ class TargetSide:
         self.replay_stats: ReplayStats | None = None
         self.machine: Machine | None = None
         self.t_resumed = 0.0
+        self._trees: asyncio.Task[CheckpointTrees] | None = None
+        self.progress: Callable[[str, int, int], None] = lambda what, done, total: None
+        """(what, done, total): the CLI passes a terminal progress bar."""
         self.on_verified: Callable[[VmState], None] | None = None
         """Called with the patched, verified state before the VM is restored from it (the demo and
         the tests compare it with the source's there: once the guest runs, it writes)."""
         self.log = logging.getLogger(f"replay_migrate.target.{name}")
 
     async def run(self) -> Report:
+        self._trees = asyncio.create_task(asyncio.to_thread(checkpoint_trees, self.checkpoint))
         m = await asyncio.to_thread(ckpt.start_clone, self.hv, self.checkpoint, self.name, replace=True)
         self.machine = m
         try:
@@ -304,6 +324,7 @@ class TargetSide:
         await asyncio.to_thread(link.open)
         feed = _EventFeed()
         replayer = Replayer(m, link, self.replay_config)
+        replayer.on_progress = lambda n: self.progress("replay", n, 0)
         result: list[ReplayStats | BaseException] = []
 
         def run_replay() -> None:
@@ -342,6 +363,7 @@ class TargetSide:
 
     async def _take_over(self, m: Machine) -> None:
         """Quiesce like the source did, then walk, patch, verify, restore and resume."""
+        t_end = time.monotonic()
         await asyncio.sleep(SETTLE_S)
         await asyncio.to_thread(m.exec, "sync")
         await asyncio.to_thread(m.fsfreeze)
@@ -350,7 +372,9 @@ class TargetSide:
         image = run_dir / "suspend.sav"
         await asyncio.to_thread(m.save, image)
         state = VmState(image, run_dir / "disk.qcow2", self.checkpoint)
-        trees = await asyncio.to_thread(checkpoint_trees, self.checkpoint)
+        self.progress("hashing", 0, 0)
+        trees = await (self._trees or asyncio.to_thread(checkpoint_trees, self.checkpoint))
+        self.log.info("saved and ready to diff %.2f s after the log ended", time.monotonic() - t_end)
         t0 = time.monotonic()
         walked = [0.0]
         with ExitStack() as stack:
@@ -365,6 +389,8 @@ class TargetSide:
             def seen(ev: object) -> None:
                 if isinstance(ev, WalkDone):
                     walked[0] = time.monotonic()
+                elif isinstance(ev, BatchApplied):
+                    self.progress("transfer", ev.done, ev.total)
                 pending.append(ev)
 
             def finished() -> bool:
@@ -385,6 +411,7 @@ class TargetSide:
             roots = tgt.roots
         self.report.diff_s = (walked[0] or time.monotonic()) - t0
         self.report.transfer_s = time.monotonic() - (walked[0] or t0)
+        self.log.info("verified: walk %.2f s, blocks %.2f s", self.report.diff_s, self.report.transfer_s)
         await self.client.verified(roots)
         if self.on_verified is not None:
             await asyncio.to_thread(self.on_verified, state)
@@ -394,6 +421,7 @@ class TargetSide:
         await asyncio.to_thread(back.fsthaw)
         self.machine = back
         self.t_resumed = time.monotonic()
+        self.log.info("resumed %.2f s after the log ended", self.t_resumed - t_end)
         await self.client.resumed()
         self.report.verified = True
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
@@ -40,3 +41,38 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+class Progress:
+    """A one-line progress display on a terminal (stderr), nothing when not a TTY: what a long step
+    is doing, ``done`` of ``total`` (total 0: a count without an end). Updates are throttled."""
+
+    def __init__(self, out: TextIO | None = None, *, enabled: bool | None = None, interval_s: float = 0.2) -> None:
+        self.out = out or sys.stderr
+        self.enabled = self.out.isatty() if enabled is None else enabled
+        self.interval_s = interval_s
+        self._last = 0.0
+        self._shown = False
+
+    def __call__(self, what: str, done: int, total: int = 0) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self._last < self.interval_s and not (total and done >= total):
+            return
+        self._last = now
+        if total:
+            width = 30
+            filled = min(width, width * done // total)
+            line = f"{what:<12} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+        else:
+            line = f"{what:<12} {done}"
+        self.out.write("\r" + line.ljust(72)[:100])
+        self.out.flush()
+        self._shown = True
+
+    def close(self) -> None:
+        if self._shown:
+            self.out.write("\r" + " " * 72 + "\r")
+            self.out.flush()
+            self._shown = False
