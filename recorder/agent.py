@@ -110,12 +110,14 @@ DEFAULT_SYNC_SIZE = 64
 """Side of the square sampled around the pointer after a click (px)."""
 DEFAULT_SYNC_IDLE_MS = 300
 """A sync mark is taken once no key or button event came for this long after one did."""
-DEFAULT_SYNC_STABLE_SAMPLES = 3
-"""A sync mark is emitted only once this many consecutive samples (one per flush tick) are equal: a
-screen still changing (a command printing, a window redrawing) would give a digest of a moment the
-replaying target may never show when it checks."""
-DEFAULT_SYNC_MAX_WAIT_MS = 3000
-"""A region that does not settle within this long after the mark was due gets no mark."""
+DEFAULT_SYNC_STABLE_SAMPLES = 2
+"""A sync mark waits until this many consecutive samples (one per flush tick) are equal: a screen
+still changing (a command printing, a window redrawing) gives a digest of a moment the replaying
+target may pass before it checks."""
+DEFAULT_SYNC_MAX_WAIT_MS = 2000
+"""A region still changing this long after the mark was due is marked as it is then: a blinking text
+cursor never holds still under a slow (TCG) guest's sampling, and the target will see both of its
+phases again while it waits."""
 DEFAULT_SYNC_WINDOW_MAX = (640, 800)
 """Largest region sampled from the focused window after typing (from its top-left corner)."""
 DEFAULT_RETRY_MS = 200
@@ -499,11 +501,7 @@ class Flusher(threading.Thread):
             self.trigger.done(gen)
             return
         _, _, (x, y, w, h), rgb, equal, first = self._settling
-        if equal < DEFAULT_SYNC_STABLE_SAMPLES:
-            if now - first > DEFAULT_SYNC_MAX_WAIT_MS * 1_000_000:
-                log.debug("sync region %s did not settle: no mark", (x, y, w, h))
-                self._settling = None
-                self.trigger.done(gen)
+        if equal < DEFAULT_SYNC_STABLE_SAMPLES and now - first <= DEFAULT_SYNC_MAX_WAIT_MS * 1_000_000:
             return
         self._settling = None
         t = self.clock.from_mono(now)

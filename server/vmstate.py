@@ -22,15 +22,12 @@ from differ.patch import MemoryImageSink, Qcow2OverlaySink
 from differ.protocol import (
     ProtocolParams,
     ReferenceImage,
-    Source,
     SourceImage,
-    Target,
     TargetImage,
     TransferStats,
-    run_local,
 )
 from differ.source import BlockSink, BlockSource
-from differ.sync import baseline_bytes
+from differ.sync import baseline_bytes, sync_local
 from replay_migrate.errors import ImageError
 from server.checkpoint import Checkpoint
 from vm.savehdr import HEADER, read_header
@@ -147,20 +144,22 @@ def plain_transfer_bytes(sources: dict[str, BlockSource], trees: dict[str, Merkl
 
 def sync_states(a: VmState, b: VmState, *, params: ProtocolParams | None = None,
                 dry_run: bool = False) -> tuple[TransferStats, int]:
-    """Make B's images equal A's through the transfer protocol in memory (one host): the same
-    Source/Target objects the network path uses. Returns (stats, plain transfer bytes of A)."""
+    """Make B's images equal A's through the transfer protocol in memory (one host), with the
+    checkpoint as reference content. Returns (stats, plain transfer bytes of A)."""
     if a.checkpoint.name != b.checkpoint.name:
         raise ImageError(f"{a.memory} and {b.memory} are not of one checkpoint")
     trees = checkpoint_trees(a.checkpoint)
     with ExitStack() as stack:
         src_a = stack.enter_context(open_sources(a, trees))
         src_b = stack.enter_context(open_sources(b, trees))
-        trees_a, trees_b = build_trees(src_a), build_trees(src_b)
+        trees_a = build_trees(src_a)
         baseline = plain_transfer_bytes(src_a, trees_a, trees)
-        timgs = stack.enter_context(open_target_images(b, trees, src_b, trees_b, dry_run=dry_run))
-        source = Source(source_images(src_a, trees_a), params, measure_plain=True)
-        target = Target(timgs, params, references=references(a.checkpoint, trees, stack), dry_run=dry_run)
-        return run_local(source, target), baseline
+        timgs = stack.enter_context(open_target_images(b, trees, src_b, build_trees(src_b), dry_run=dry_run))
+        refs = [(r.source, r.tree) for r in references(a.checkpoint, trees, stack)]
+        stats = sync_local(src_a, {t.name: (t.source, t.sink) for t in timgs}, source_trees=trees_a,
+                           target_trees={t.name: t.tree for t in timgs}, references=refs, fanout=FANOUT,
+                           params=params, dry_run=dry_run)
+        return stats, baseline
 
 
 def guest_state(path: Path) -> bytes:
