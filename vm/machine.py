@@ -21,6 +21,7 @@ import shutil
 import socket
 import subprocess
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -237,8 +238,6 @@ class Machine:
     @property
     def run_dir(self) -> Path:
         """The folder of the domain's serial log and recorder socket (from its XML)."""
-        import xml.etree.ElementTree as ET
-
         el = ET.fromstring(self.xml).find("devices/serial/source")
         if el is None or not el.get("path"):
             raise VMError(f"{self.name!r} is not one of ours: no serial log file")

@@ -1,0 +1,141 @@
+"""bench/tables.py: the markdown report and the plots from a results dict (real matplotlib)."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.tables import (
+    breakdown_rows,
+    bytes_rows,
+    goal_lines,
+    human,
+    md_table,
+    plot_bytes,
+    plot_divergence,
+    plot_time,
+    render_markdown,
+    saving,
+    short_cause,
+    time_rows,
+)
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(wire: int) -> dict[str, Any]:
+    return {"link": "10M-40ms", "e2e_s": 20.0, "downtime_s": 18.0, "replay_lag_s": 5.0, "restore_s": 1.5,
+            "report": {"wire_bytes": wire, "log_bytes": 1000, "hash_bytes": 2000, "block_bytes": 50_000,
+                       "fingerprint_bytes": 0},
+            "target_report": {"hash_bytes": 3000, "fingerprint_bytes": 4000, "block_bytes": 0,
+                              "divergent_blocks": {"memory": 100, "disk": 3}, "referenced_blocks": 40,
+                              "delta_blocks": 50, "full_blocks": 13, "round_trips": 4}}
+
+
+def _workload(wire: int, plain: int) -> dict[str, Any]:
+    return {
+        "bytes": {"replay-migrate": wire, "plain": plain, "full": 90_000_000, "rsync": 8_000_000,
+                  "no-replay": 1_000_000},
+        "runs": {"10M-40ms": _run(wire)},
+        "timing": {
+            "10M-40ms": {"replay-migrate": {"e2e_s": 20.0, "downtime_s": 18.0, "how": "measured migration"},
+                         "plain": {"e2e_s": 25.0, "downtime_s": 23.0, "how": "bytes sent over the link"}},
+            "100M-5ms": {"plain": {"e2e_s": 8.0, "downtime_s": 7.0, "how": "bytes sent over the link"}},
+        },
+        "divergence": {
+            "memory": {"total": 100, "by_block": {"pc.ram": 95, "non-ram": 5},
+                       "by_cause": {"content present elsewhere at the target (page placement)": 60,
+                                    "<= 8 bytes differ (counters, timestamps)": 35,
+                                    "device state / save header (non-RAM)": 5},
+                       "by_owner": {"pixels (X framebuffer, pixmaps)": 60, "unrecognised": 35},
+                       "owner_cause": {"pixels (X framebuffer, pixmaps)": {
+                           "content present elsewhere at the target (page placement)": 60}},
+                       "gpa_mib": {"192-256": 95}, "median_bytes_differing": 12.0},
+            "disk": {"total": 3, "by_class": {"journal": 2, "inode table (inode fields: times, sizes, generation)": 1},
+                     "files": {}, "inodes": {"/root/notes.txt": 1}, "note": ""},
+        },
+    }
+
+
+RESULTS: dict[str, Any] = {
+    "meta": {"date": "2026-01-01 00:00 UTC", "host": "test", "checkpoint": "bench", "virt": "TCG",
+             "memory_mib": 1024, "elapsed_s": 600.0, "notes": ["a note"],
+             "link": {"netem": True, "message": None,
+                      "shapes": [{"key": "10M-40ms", "name": "10 Mbit/s, 40 ms RTT", "rate_mbit": 10, "rtt_ms": 40},
+                                 {"key": "100M-5ms", "name": "100 Mbit/s, 5 ms RTT", "rate_mbit": 100,
+                                  "rtt_ms": 5}]}},
+    "workloads": {"notes": _workload(150_000, 2_000_000), "shell": _workload(400_000, 2_000_000)},
+}
+
+
+def test_human_and_saving() -> None:
+    assert human(512) == "512 B"
+    assert human(1536) == "1.5 KiB"
+    assert human(3 << 30) == "3.0 GiB"
+    assert saving(25, 100) == "75.0 %"
+    assert saving(300, 100) == "-200.0 %"
+    assert saving(1, 0) == "-"
+
+
+def test_md_table_escapes_pipes() -> None:
+    assert md_table(["a", "b"], [["x|y", 1]]) == "| a | b |\n|---|---|\n| x\\|y | 1 |\n"
+
+
+def test_bytes_rows_compare_every_method_with_every_baseline() -> None:
+    rows = bytes_rows(RESULTS)
+    rm = rows[0]
+    assert rm[:2] == ["notes", "replay-migrate (replay + Merkle diff)"]
+    assert rm[3] == "150,000"
+    assert rm[4:] == ["92.5 %", "99.8 %", "98.1 %", "85.0 %"]      # vs plain, full, rsync, no-replay
+    plain = next(r for r in rows if r[1].startswith("plain"))
+    assert plain[4] == ""                                          # not against itself
+
+
+def test_time_rows_name_the_link_and_the_replay_lag() -> None:
+    rows = time_rows(RESULTS)
+    assert ["notes", "replay-migrate (replay + Merkle diff)", "10 Mbit/s, 40 ms RTT", "20.0 s", "18.0 s"] == rows[0][:5]
+    assert "finished replaying 5.0 s after the source paused" in rows[0][5]
+    assert any(r[2] == "100 Mbit/s, 5 ms RTT" and r[3] == "8.0 s" for r in rows)
+
+
+def test_breakdown_adds_both_sides() -> None:
+    row = breakdown_rows(RESULTS)[0]
+    assert row[3] == human(5000) and row[4] == human(4000) and row[5] == human(50_000)
+    assert row[7] == "100 / 3" and row[8] == "40 / 50 / 13"
+
+
+def test_goals_are_reported_not_asserted() -> None:
+    lines = goal_lines(RESULTS)
+    assert "notes: replay-migrate ships 7.5 % of the plain transfer's bytes (goal <= 10 %): met" in lines[0]
+    assert "shell: replay-migrate ships 20.0 %" in lines[1] and "NOT met" in lines[1]
+    assert any("notes at 10 Mbit/s" in line and "faster (met)" in line for line in lines)
+
+
+def test_render_markdown(tmp_path: Path) -> None:
+    md = render_markdown(RESULTS, ["bytes.png"])
+    for text in ("# Migration benchmark", "## Bytes on the wire", "## Time", "## Divergence", "### notes",
+                 "| pixels (X framebuffer, pixmaps) | 60 | 60 |", "/root/notes.txt", "## Goals", "![bytes](bytes.png)",
+                 "- a note"):
+        assert text in md
+    no_link = copy.deepcopy(RESULTS)
+    no_link["meta"]["link"] = {"netem": False, "message": "no netem here", "shapes": []}
+    assert "**Shaped link: not available.** no netem here" in render_markdown(no_link)
+
+
+def test_short_cause_names() -> None:
+    assert short_cause("content present elsewhere at the target (page placement)") == "moved"
+    assert short_cause("something new") == "something new"
+
+
+def test_plots_are_pngs(tmp_path: Path) -> None:
+    for fn, name in ((plot_bytes, "bytes.png"), (plot_time, "time.png"), (plot_divergence, "div.png")):
+        path = fn(RESULTS, tmp_path / name)
+        assert path is not None and path.read_bytes()[:8] == PNG
+    no_link = copy.deepcopy(RESULTS)
+    no_link["meta"]["link"]["shapes"] = []
+    assert plot_time(no_link, tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
