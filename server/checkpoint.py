@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from replay_migrate.errors import CheckpointError, NoSuchDomainError, VMError
-from server.images import ensure_image
+from server.images import ensure_image, prune_images
 from server.paths import checkpoints_dir, clones_dir
 from vm.machine import Hypervisor, Machine, create_overlay, file_allocated, remove_run_dir
 from vm.probe import choose_virt
@@ -136,6 +136,7 @@ def create(hv: Hypervisor, name: str, *, memory_mib: int = 1024, settle_s: float
     if virt is None:
         virt, why = choose_virt(image.kernel, image.dir.parent)
         log.info("virtualisation: %s (%s)", virt.name, why)
+    log.info("creating checkpoint %s: booting the guest to its desktop (~1-2 min under TCG)", name)
     partial = ck.dir.with_name(name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     dom_name = f"{DOMAIN_PREFIX}ckpt-{name}"
@@ -191,7 +192,10 @@ def ensure(hv: Hypervisor, name: str, **kw: Any) -> tuple[Checkpoint, bool]:
         except CheckpointError as e:
             log.warning("recreating checkpoint %s: %s", name, e)
         remove(hv, name)
-    return create(hv, name, image=image, **kw), True
+    ck = create(hv, name, image=image, **kw)
+    for old in prune_images({image.recipe_hash} | {c.manifest.image_recipe for c in list_all()}):
+        log.info("removed the unused guest image %s", old.name)
+    return ck, True
 
 
 def remove(hv: Hypervisor, name: str) -> None:

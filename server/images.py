@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -91,11 +92,16 @@ def ensure_image(*, force: bool = False) -> ImageResult:
         return ImageResult(image, True, seconds)
 
 
-def prune_images(keep: str) -> list[Path]:
-    """Remove cached images other than ``keep`` (a recipe hash); returns what was removed."""
-    removed = []
-    for p in images_dir().iterdir() if images_dir().exists() else []:
-        if p.is_dir() and p.name != keep:
-            shutil.rmtree(p)
-            removed.append(p)
+def prune_images(keep: set[str]) -> list[Path]:
+    """Remove finished cached images whose recipe hash is not in ``keep`` (builds in progress, named
+    ``<hash>.partial``, are left alone); returns what was removed."""
+    removed: list[Path] = []
+    if not images_dir().exists():
+        return removed
+    with open(images_dir() / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for p in images_dir().iterdir():
+            if p.is_dir() and re.fullmatch(r"[0-9a-f]{16}", p.name) and p.name not in keep:
+                shutil.rmtree(p)
+                removed.append(p)
     return removed

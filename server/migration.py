@@ -303,6 +303,9 @@ class TargetSide:
         self.on_verified: Callable[[VmState], None] | None = None
         """Called with the patched, verified state before the VM is restored from it (the demo and
         the tests compare it with the source's there: once the guest runs, it writes)."""
+        self.on_saved: Callable[[VmState], None] | None = None
+        """Called with the replayed clone's own state right after it is saved, before the walk
+        patches it (the benchmark keeps it there to find what replay left divergent)."""
         self.log = logging.getLogger(f"replay_migrate.target.{name}")
 
     async def run(self) -> Report:
@@ -372,6 +375,8 @@ class TargetSide:
         image = run_dir / "suspend.sav"
         await asyncio.to_thread(m.save, image)
         state = VmState(image, run_dir / "disk.qcow2", self.checkpoint)
+        if self.on_saved is not None:
+            await asyncio.to_thread(self.on_saved, state)
         self.progress("hashing", 0, 0)
         trees = await (self._trees or asyncio.to_thread(checkpoint_trees, self.checkpoint))
         self.log.info("saved and ready to diff %.2f s after the log ended", time.monotonic() - t_end)

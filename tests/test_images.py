@@ -35,3 +35,14 @@ def test_recipe_hash_tracks_the_recipe(tmp_path: Path, monkeypatch: pytest.Monke
 def test_real_recipe_hash_is_stable() -> None:
     assert images.recipe_hash() == images.recipe_hash()
     assert len(images.recipe_hash()) == 16
+
+
+def test_prune_keeps_what_is_used_and_builds_in_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REPLAY_MIGRATE_CACHE", str(tmp_path))
+    d = images.images_dir()
+    for name in ("0123456789abcdef", "fedcba9876543210", "0123456789abcdef.partial", "test1"):
+        (d / name).mkdir(parents=True)
+    removed = images.prune_images({"0123456789abcdef"})
+    assert [p.name for p in removed] == ["fedcba9876543210"]
+    assert sorted(p.name for p in d.iterdir() if p.is_dir()) == ["0123456789abcdef", "0123456789abcdef.partial",
+                                                                 "test1"]
