@@ -98,7 +98,10 @@ class Replayer:
         self.pointer: tuple[int, int] | None = None
         self._seq = 0
         self._last_t_us: int | None = None
-        self._last_wall = time.monotonic()
+        self._due = 0.0
+        """Wall time the current event is due at: the previous one's due time plus the recorded
+        gap (capped). Echo latency does not push the schedule back, so a replay that fell behind
+        catches up instead of trailing the source by the sum of all echo waits."""
         self._t0 = time.monotonic()
         self.on_progress: Callable[[int], None] | None = None
         """Called with the number of events replayed so far, after each one."""
@@ -121,19 +124,20 @@ class Replayer:
             else:
                 self._inject(ev)
             self._last_t_us = ev.t_us
-            self._last_wall = time.monotonic()
             if self.on_progress is not None:
                 self.on_progress(self.stats.events)
         self.stats.seconds = time.monotonic() - self._t0
         return self.stats
 
     def _wait_gap(self, t_us: int) -> None:
+        now = time.monotonic()
         if self._last_t_us is None:
+            self._due = now
             return
         gap = min(max(0, t_us - self._last_t_us) / 1e6, self.config.gap_cap_s) / self.config.speed
-        left = gap - (time.monotonic() - self._last_wall)
-        if left > 0:
-            time.sleep(left)
+        self._due += gap
+        if self._due > now:
+            time.sleep(self._due - now)
 
     def _inject(self, ev: Key | Button | Motion) -> None:
         if isinstance(ev, Motion):

@@ -118,3 +118,21 @@ def test_shipped_workloads_parse() -> None:
     for p in names.values():
         assert load_workload(p)
 
+
+
+
+def test_schedule_does_not_accumulate_echo_latency(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    slept: list[float] = []
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(time, "sleep", lambda s: (slept.append(s), now.__setitem__(0, now[0] + s)))
+    rep = Replayer.__new__(Replayer)
+    rep.config = ReplayConfig(gap_cap_s=2.0)
+    rep._last_t_us = None
+    rep._due = 0.0
+    for t_us in (0, 100_000, 200_000, 5_200_000, 5_300_000):
+        rep._wait_gap(t_us)
+        rep._last_t_us = t_us
+        now[0] += 0.04                     # each event's injection and echo take 40 ms
+    # 100 ms gaps with 40 ms spent: 60 ms sleeps; the 5 s gap is capped at 2 s
+    assert [round(s, 3) for s in slept] == [0.06, 0.06, 1.96, 0.06]
