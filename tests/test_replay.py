@@ -119,8 +119,6 @@ def test_shipped_workloads_parse() -> None:
         assert load_workload(p)
 
 
-
-
 def test_schedule_does_not_accumulate_echo_latency(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [100.0]
     slept: list[float] = []
