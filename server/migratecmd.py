@@ -36,6 +36,8 @@ from vm.machine import Hypervisor, Machine
 
 PID_FILE = "record.pid"
 RESULT_FILE = "migration.json"
+CLEANUP_WAIT_S = 120.0
+"""How long an embedded migration that failed waits for the target side to remove its clone."""
 SUSPEND_WAIT_S = 1800.0
 """How long ``suspend`` waits for the recording process to finish the migration."""
 
@@ -211,8 +213,11 @@ async def migrate_embedded(hv_source: Hypervisor, hv_target: Hypervisor, m: Mach
                 await target_task
             except BaseException:
                 stop.set()
-                for task in (streaming, target_task):
-                    task.cancel()
+                streaming.cancel()
+                # the failing side told the session; give the other one time to clean up after itself
+                done, _ = await asyncio.wait({target_task}, timeout=CLEANUP_WAIT_S)
+                if not done:
+                    target_task.cancel()
                 await asyncio.gather(streaming, target_task, return_exceptions=True)
                 raise
     if screenshots is not None and tgt.machine is not None:

@@ -34,12 +34,19 @@ from differ.protocol import (
 )
 from differ.protocol import Verified as DiffVerified
 from recorder.logformat import End, Event, EventsFrame, LogDecoder
-from replay_migrate.errors import ReplayMigrateError, VerificationError
+from replay_migrate.errors import (
+    ImageError,
+    ProtocolError,
+    ReplayError,
+    ReplayMigrateError,
+    VerificationError,
+    VMError,
+)
 from replayer.link import RecorderLink
 from replayer.replay import ReplayConfig, Replayer, ReplayStats
 from server import checkpoint as ckpt
-from server.client import Frame, LogEnded, SessionClient
-from server.session import State, Stream
+from server.client import Frame, LogEnded, SessionClient, SessionFailedError
+from server.session import Reason, State, Stream
 from server.vmstate import (
     DISK,
     MEMORY,
@@ -62,6 +69,8 @@ SETTLE_S = 1.0
 """Time the target's guest gets after the last replayed event before it is frozen."""
 DRAIN_S = 0.5
 """How long the source keeps reading the recorder channel after pausing, for frames in flight."""
+ABORT_TIMEOUT_S = 10.0
+"""How long a failing side tries to tell the session before it cleans up anyway."""
 CONFIRM_TIMEOUT_S = 600.0
 """How long the source waits for the target's confirm after shipping the blocks."""
 LOG_POLL_S = 0.2
@@ -126,6 +135,29 @@ async def _pump_diff(client: SessionClient, side: Source | Target, *, stream: St
                     on_event(dev)
             for msg in side.data_to_send():
                 await client.send_diff(msg)
+
+
+def _reason(e: BaseException) -> Reason:
+    """The session's word for why this side gives up (no exception text crosses the wire)."""
+    if isinstance(e, ReplayError):
+        return Reason.REPLAY_FAILED
+    if isinstance(e, VerificationError):
+        return Reason.VERIFY_FAILED
+    if isinstance(e, ProtocolError):
+        return Reason.DIFF_FAILED
+    if isinstance(e, VMError | ImageError):
+        return Reason.VM_FAILED
+    return Reason.CANCELLED
+
+
+async def _give_up(client: SessionClient, e: BaseException, log: logging.Logger) -> None:
+    """Fail the session so the peer learns at once (unless the session already ended)."""
+    if isinstance(e, SessionFailedError):
+        return
+    try:
+        await asyncio.wait_for(client.abort(_reason(e)), ABORT_TIMEOUT_S)
+    except (ReplayMigrateError, TimeoutError) as err:
+        log.warning("could not tell the session that this side failed: %s", err)
 
 
 # ---- the source ----------------------------------------------------------------------------------
@@ -194,7 +226,10 @@ class SourceSide:
             self.state_files = VmState(image, run_dir / "disk.qcow2", self.checkpoint)
             await self._answer_walk()
             await self.client.wait_confirmed(CONFIRM_TIMEOUT_S)
-        except BaseException:
+        except BaseException as e:
+            if self.client.confirmed or (isinstance(e, SessionFailedError) and not e.keep_vm):
+                raise      # the target runs the VM now: the source must not come back too
+            await asyncio.shield(_give_up(self.client, e, self.log))
             await asyncio.shield(asyncio.to_thread(self._restore, saved))
             raise
         self.report.downtime_s = time.monotonic() - t_pause
@@ -315,7 +350,8 @@ class TargetSide:
         try:
             await self._follow(m)
             await self._take_over(m)
-        except BaseException:
+        except BaseException as e:
+            await asyncio.shield(_give_up(self.client, e, self.log))
             await asyncio.shield(asyncio.to_thread(self._discard))
             raise
         self.report.wire_bytes = self.client.wire_bytes_sent + self.client.wire_bytes_received

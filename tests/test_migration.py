@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from replay_migrate.errors import ReplayMigrateError, VerificationError
 from replayer.drive import drive
 from replayer.replay import ReplayConfig
 from replayer.workload import parse_workload
@@ -79,3 +80,27 @@ def test_migrate_embedded(make_clone: Callable[..., Machine], hv: Hypervisor, ch
             assert target.read_file("/root/notes.txt").endswith(b"Migrated by replaying input.\n")
         finally:
             ckpt.remove_clone(hv, target_name)
+
+
+@pytest.mark.vm
+def test_a_failed_migration_leaves_the_source_running(make_clone: Callable[..., Machine], hv: Hypervisor,
+                                                      checkpoint: ckpt.Checkpoint) -> None:
+    source = make_clone()
+    source.wait_agent()
+    target_name = f"{source.name}-failed"
+    with Hypervisor() as hv2:
+        async def user() -> None:
+            await asyncio.to_thread(drive, source, parse_workload(
+                'click 250 400\ntype "echo kept > /root/kept.txt; sync\\n"\nwait 1.5'))
+
+        def reject(src: SourceSide, state: VmState) -> None:
+            raise VerificationError("refused by the test after verification")
+
+        with pytest.raises(ReplayMigrateError):
+            asyncio.run(migrate_embedded(hv, hv2, source, checkpoint, target_name, user=user, on_verified=reject))
+    assert not hv.exists(target_name)                       # the target's clone is gone
+    back = hv.lookup(source.name)                           # and the source runs on where it was
+    assert back.state is MachineState.RUNNING
+    back.wait_agent()
+    assert back.exec("cat /root/kept.txt").stdout == "kept\n"
+    assert back.exec("touch /root/writable && echo ok").stdout == "ok\n"   # thawed
