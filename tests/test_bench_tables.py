@@ -98,7 +98,7 @@ def test_bytes_rows_compare_every_method_with_every_baseline() -> None:
 def test_time_rows_name_the_link_and_the_replay_lag() -> None:
     rows = time_rows(RESULTS)
     assert ["notes", "replay-migrate (replay + Merkle diff)", "10 Mbit/s, 40 ms RTT", "20.0 s", "18.0 s"] == rows[0][:5]
-    assert "finished replaying 5.0 s after the source paused" in rows[0][5]
+    assert "the target was saved 5.0 s after the source paused" in rows[0][5]
     assert any(r[2] == "100 Mbit/s, 5 ms RTT" and r[3] == "8.0 s" for r in rows)
 
 

@@ -1,0 +1,471 @@
+"""replay-migrate against the baselines, per workload, on the same source state, over a shaped link.
+
+    python bench/bench_migration.py [--workloads notes shell mixed bigfile] [--out bench/results]
+
+For each workload one real migration runs between two network namespaces joined by a veth pair
+(source VM driven by the workload in one, the handoff service and the replaying target in the
+other); with ``tc netem`` it runs over 10 Mbit/s / 40 ms RTT. Its source state and the target's
+own state before patching are kept, and on them, on this host: the plain state transfer, the full
+image, rsync, the Merkle diff without replay (bytes and sender CPU time), and where replay left
+divergence and why. With netem, the baselines' real byte counts are then sent over each shaped
+link by a small TCP sender and timed, and the short workloads migrate once more at 100 Mbit/s /
+5 ms. Writes ``migration.md``, ``migration.json`` and PNG plots to ``--out``.
+
+Without netem in the kernel the link stays unshaped, everything else is measured, the report says
+why there are no shaped times, and the exit status is 3 (``--no-link`` asks for that run on
+purpose and exits 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import libvirt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import tables
+from bench.baselines import rsync_delta, source_costs, sparse_zstd
+from bench.divergence import disk_divergence, memory_divergence
+from bench.netns import NETEM_MISSING, SHAPES, NetnsLink, Shape
+from bench.sides import KEPT_DISK, KEPT_MEMORY
+from replay_migrate.errors import HostError
+from replayer.workload import load_workload, shipped_workloads, synthesize
+from server import checkpoint as ckpt
+from server.client import session_url
+from server.migration import FLUSH_S
+from server.paths import checkpoints_dir
+from server.session import TOKEN_ENV
+from server.vmstate import CheckpointTrees, VmState, checkpoint_trees
+from vm.machine import Hypervisor, MachineState
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+VENV_BIN = Path(sys.executable).parent
+CHECKPOINT = "bench"
+PREFIX = f"{ckpt.DOMAIN_PREFIX}bench-"
+WORKLOADS = ("notes", "shell", "mixed", "bigfile")
+TRIMMED = {"mixed": HERE / "workloads" / "mixed-short.wl"}
+"""Bench-only copies that keep `make bench` under 30 minutes (mixed.wl alone runs ~5 min)."""
+REPEAT_AT_SECOND_LINK = ("notes", "shell")
+"""Short workloads migrated once more on the second link (the others: first link only)."""
+SERVICE_PORT = 7700
+LINKSEND_PORT = 7701
+SERVICE_START_S = 30.0
+"""How long the service and the link receiver get to start listening."""
+TARGET_START_S = 180.0
+"""How long the target process gets to restore its clone before the source starts working."""
+MIGRATION_MARGIN_S = 900.0
+"""A migration may take this long beyond its workload's own duration before it is killed."""
+MAX_SEND_BYTES = 24 << 20
+"""Largest transfer sent for real per baseline (~20 s at 10 Mbit/s); larger byte counts are timed
+by the link's throughput measured with a transfer of this size (marked "extrapolated")."""
+CALIBRATION_SMALL_BYTES = 1 << 20
+"""The small calibration transfer: with the large one it gives the link's fixed cost and rate."""
+DEFAULT_WORK = Path("/var/tmp/rm-bench")
+"""Kept states and scratch files; must be on the clones' file system (hard links)."""
+EXIT_NO_NETEM = 3
+WATCH_S = 1.0
+"""How often the host's other running domains are counted during a migration."""
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- processes in the namespaces -------------------------------------------------------------------
+class Proc:
+    """A background process with its output in a log file; stopped by its own pid only."""
+
+    def __init__(self, name: str, argv: list[str], logfile: Path, env: dict[str, str]) -> None:
+        self.name = name
+        self.logfile = logfile
+        self._out: IO[bytes] = open(logfile, "wb")
+        self.p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._out, cwd=REPO, env=env)
+
+    def wait_line(self, needle: str, timeout: float) -> None:
+        """Block until the process prints a line containing ``needle`` on stdout."""
+        assert self.p.stdout is not None
+        deadline = time.monotonic() + timeout
+        os.set_blocking(self.p.stdout.fileno(), False)
+        buf = b""
+        while time.monotonic() < deadline:
+            chunk = self.p.stdout.read()
+            if chunk:
+                buf += chunk
+                if needle.encode() in buf:
+                    return
+            if self.p.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise HostError(f"{self.name} did not start (see {self.logfile}): {self.tail()}")
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise HostError(f"{self.name} did not finish in {timeout:.0f} s (see {self.logfile})") from None
+
+    def tail(self, n: int = 800) -> str:
+        try:
+            return self.logfile.read_text(errors="replace")[-n:].strip()
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.terminate()
+            try:
+                self.p.wait(10)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+        self._out.close()
+
+
+def _env(token: str) -> dict[str, str]:
+    return {**os.environ, TOKEN_ENV: token, "PYTHONPATH": str(REPO)}
+
+
+# ---- one migration ---------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One migration's outcome: both sides' reports and timestamps, and the derived times."""
+
+    link: str
+    source: dict[str, Any]
+    target: dict[str, Any]
+    other_vms: float = 0.0
+    """Mean number of other running domains (not the benchmark's) during the run: CPU contention."""
+
+    def derived(self) -> dict[str, float]:
+        s, t = self.source, self.target
+        return {
+            "e2e_s": t["t_resumed"] - s["t_request"],
+            "downtime_s": t["t_resumed"] - s["t_paused"],
+            "quiesce_s": max(0.0, s["t_paused"] - s["t_request"] - FLUSH_S),
+            "save_s": s["t_saved"] - s["t_paused"],
+            "restore_s": t["t_resumed"] - t["t_verified"],
+            "replay_lag_s": t["t_saved"] - s["t_paused"],
+            "e2e_confirmed_s": s["t_done"] - s["t_request"],  # until the source holds the confirm
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"link": self.link, **{k: round(v, 3) for k, v in self.derived().items()},
+                "report": self.source["report"], "target_report": self.target["report"],
+                "replay": self.target.get("replay", {}), "events_driven": self.source.get("events_driven"),
+                "drive_s": self.source.get("drive_s"), "other_vms_running": round(self.other_vms, 2)}
+
+
+def _watch(hv: Hypervisor, proc: Proc, limit: float) -> float:
+    """Wait for ``proc`` (at most ``limit`` s) while counting the host's other running domains
+    every :data:`WATCH_S`; returns their mean count (TCG guests compete for the same cores)."""
+    samples: list[int] = []
+    deadline = time.monotonic() + limit
+    while proc.p.poll() is None and time.monotonic() < deadline:
+        try:
+            doms = hv.conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+            samples.append(sum(1 for d in doms if not d.name().startswith(PREFIX)))
+        except libvirt.libvirtError:  # a domain vanishing mid-listing: skip the sample
+            pass
+        time.sleep(WATCH_S)
+    return sum(samples) / len(samples) if samples else 0.0
+
+
+def _remove_ours(hv: Hypervisor, names: Sequence[str]) -> None:
+    for name in names:
+        if not name.startswith(PREFIX):
+            raise ValueError(f"refusing to remove {name!r}: not one of the benchmark's clones")
+        ckpt.remove_clone(hv, name)
+
+
+def migrate(hv: Hypervisor, ck: ckpt.Checkpoint, wl: str, workload: Path, link: NetnsLink, link_key: str,
+            token: str, work: Path, *, keep: bool) -> Run:
+    """Source clone driven by ``workload`` in the source namespace, target clone replaying in the
+    target namespace, the service there too; returns when the target runs the migrated VM."""
+    src_name, tgt_name = f"{PREFIX}{wl}-src", f"{PREFIX}{wl}-tgt"
+    wdir = work / wl
+    wdir.mkdir(parents=True, exist_ok=True)
+    duration = synthesize(load_workload(workload))[-1].t_us / 1e6
+    _remove_ours(hv, (src_name, tgt_name))
+    session = secrets.token_hex(8)
+    url = session_url(f"ws://{link.cfg.tgt_addr}:{SERVICE_PORT}", session)
+    py = str(VENV_BIN / "python")
+    procs: list[Proc] = []
+    try:
+        src = ckpt.start_clone(hv, ck, src_name)
+        src.wait_agent()
+        tgt_argv = [py, "-m", "bench.sides", "target", "--url", url, "--checkpoint", ck.name,
+                    "--name", tgt_name, "--out", str(wdir / f"target-{link_key}.json")]
+        src_argv = [py, "-m", "bench.sides", "source", "--url", url, "--checkpoint", ck.name,
+                    "--domain", src_name, "--workload", str(workload), "--out", str(wdir / f"source-{link_key}.json")]
+        if keep:
+            tgt_argv += ["--keep", str(wdir / "target")]
+            src_argv += ["--keep", str(wdir / "source")]
+        tgt = Proc("target", link.tgt(tgt_argv), wdir / f"target-{link_key}.log", _env(token))
+        procs.append(tgt)
+        deadline = time.monotonic() + TARGET_START_S
+        while not (hv.exists(tgt_name) and hv.lookup(tgt_name).state is MachineState.RUNNING):
+            if tgt.p.poll() is not None or time.monotonic() > deadline:
+                raise HostError(f"the target clone did not start: {tgt.tail()}")
+            time.sleep(0.2)
+        log(f"{wl} ({link_key}): target {tgt_name} follows; driving {workload.name} (~{duration:.0f} s) "
+            f"into {src_name}")
+        source = Proc("source", link.src(src_argv), wdir / f"source-{link_key}.log", _env(token))
+        procs.append(source)
+        limit = duration + MIGRATION_MARGIN_S
+        others = _watch(hv, source, limit)
+        for p in (source, tgt):
+            if p.wait(limit) != 0:
+                raise HostError(f"the {p.name} side failed: {p.tail()}")
+        result = Run(link_key, json.loads((wdir / f"source-{link_key}.json").read_text()),
+                     json.loads((wdir / f"target-{link_key}.json").read_text()), others)
+    finally:
+        for p in procs:
+            p.stop()
+        _remove_ours(hv, (src_name, tgt_name))
+    d = result.derived()
+    log(f"{wl} ({link_key}): {result.source['report']['wire_bytes']:,} wire bytes, end to end "
+        f"{d['e2e_s']:.1f} s, downtime {d['downtime_s']:.1f} s ({others:.1f} other VMs running on average)")
+    return result
+
+
+# ---- baselines and the link ------------------------------------------------------------------------
+def measure_baselines(ck: ckpt.Checkpoint, wdir: Path, trees: CheckpointTrees) -> dict[str, Any]:
+    """Bytes and sender time of every baseline, and the divergence, on the kept states."""
+    s_mem, s_disk = wdir / "source" / KEPT_MEMORY, wdir / "source" / KEPT_DISK
+    t_mem, t_disk = wdir / "target" / KEPT_MEMORY, wdir / "target" / KEPT_DISK
+    state = VmState(s_mem, s_disk, ck)
+    costs = source_costs(state, ck, trees, wdir)
+    full = sparse_zstd([s_mem, s_disk, ck.disk])
+    rs = rsync_delta([s_mem, s_disk], [ck.memory, ck.disk], wdir)
+    nr = costs.no_replay
+    out: dict[str, Any] = {
+        "bytes": {"plain": costs.plain_bytes, "full": full.bytes, "rsync": rs.stats.wire_bytes,
+                  "no-replay": nr.wire_total},
+        "prep_s": {"plain": costs.tree_s + costs.plain_s, "full": full.seconds, "rsync": rs.seconds,
+                   "no-replay": costs.tree_s + costs.no_replay_s},
+        "details": {
+            "source_tree_s": round(costs.tree_s, 3),
+            "full": asdict(full),
+            "rsync": {**asdict(rs.stats), "seconds": round(rs.seconds, 3)},
+            "no-replay": {"divergent": {k: v.divergent for k, v in nr.images.items()},
+                          "round_trips": nr.round_trips, "hash_bytes": nr.hash_bytes,
+                          "block_bytes": nr.block_bytes, "fingerprint_bytes": nr.fingerprint_bytes},
+        },
+    }
+    t0 = time.perf_counter()
+    out["divergence"] = {"memory": asdict(memory_divergence(s_mem, t_mem)),
+                         "disk": asdict(disk_divergence(s_disk, t_disk, trees, wdir))}
+    out["details"]["divergence_s"] = round(time.perf_counter() - t0, 3)
+    return out
+
+
+def send_times(link: NetnsLink, sizes: list[int], token: str) -> list[float]:
+    """Send each size over the link (source namespace -> target namespace); seconds each."""
+    if not sizes:
+        return []
+    argv = link.src([str(VENV_BIN / "python"), "-m", "bench.linksend", "send", "--to",
+                     f"{link.cfg.tgt_addr}:{LINKSEND_PORT}", "--bytes", *map(str, sizes)])
+    r = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=_env(token), check=False,
+                       timeout=sum(sizes) / 1e5 + 600)
+    if r.returncode != 0:
+        raise HostError(f"link sender failed: {r.stderr.strip()[-400:]}")
+    return [float(t["seconds"]) for t in json.loads(r.stdout)]
+
+
+def time_baselines(link: NetnsLink, shape: Shape, workloads: dict[str, dict[str, Any]], token: str) -> None:
+    """Each baseline's bytes over the shaped link, then its end-to-end time and downtime:
+    quiesce + save (replay-migrate's, measured) + max(sender CPU, link) + restore (measured).
+    The sender's work may overlap the transfer, so taking the max favours the baselines."""
+    link.shape(shape)
+    wanted = sorted({n for w in workloads.values() for n in w["bytes"].values() if n <= MAX_SEND_BYTES})
+    times = send_times(link, [CALIBRATION_SMALL_BYTES, MAX_SEND_BYTES, *wanted], token)
+    t_small, t_big = times[0], times[1]
+    # bytes/s beyond the fixed cost (handshake, slow start); the plain average if timing noise
+    # made the small transfer look as slow as the large one
+    rate = ((MAX_SEND_BYTES - CALIBRATION_SMALL_BYTES) / (t_big - t_small) if t_big > t_small
+            else MAX_SEND_BYTES / t_big)
+    measured = dict(zip(wanted, times[2:], strict=True))
+    log(f"link {shape.name}: {rate * 8 / 1e6:.1f} Mbit/s measured over {MAX_SEND_BYTES >> 20} MiB")
+    for w in workloads.values():
+        run = w["runs"].get(SHAPES[0].key) or w["runs"].get(tables.UNSHAPED)
+        timing = w.setdefault("timing", {}).setdefault(shape.key, {})
+        for method, n in w["bytes"].items():
+            if method == "replay-migrate":
+                continue
+            if n in measured:
+                link_s, how = measured[n], "bytes sent over the link"
+            else:
+                link_s, how = t_big + (n - MAX_SEND_BYTES) / rate, "extrapolated from the link's measured rate"
+            if method == "no-replay":
+                link_s += w["details"]["no-replay"]["round_trips"] * shape.rtt_ms / 1000
+            work_s = max(w["prep_s"][method], link_s)
+            downtime = run["save_s"] + work_s + run["restore_s"]
+            timing[method] = {"e2e_s": run["quiesce_s"] + downtime, "downtime_s": downtime, "link_s": link_s,
+                              "how": how}
+
+
+# ---- the whole benchmark ---------------------------------------------------------------------------
+def workload_file(name: str) -> Path:
+    if name in TRIMMED:
+        return TRIMMED[name]
+    shipped = shipped_workloads()
+    if name in shipped:
+        return shipped[name]
+    p = Path(name)
+    if not p.is_file():
+        raise SystemExit(f"no workload {name!r} (shipped: {', '.join(shipped)})")
+    return p
+
+
+def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
+    t_begin = time.monotonic()
+    work: Path = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    if work.stat().st_dev != checkpoints_dir().stat().st_dev:
+        raise SystemExit(f"--work {work} must be on the file system of {checkpoints_dir()} (hard links)")
+    token = secrets.token_urlsafe(24)
+    results: dict[str, Any] = {"meta": {}, "workloads": {}}
+    notes: list[str] = []
+    with Hypervisor() as hv:
+        ck, created = ckpt.ensure(hv, CHECKPOINT)
+        log(f"checkpoint {ck.name}: {'created' if created else 'cached'}")
+        trees = checkpoint_trees(ck)
+        manifest = ck.manifest
+        with NetnsLink() as link:
+            shapes = [s for s in SHAPES] if link.netem and not args.no_link else []
+            message = None
+            if not link.netem and not args.no_link:
+                message = NETEM_MISSING
+                log(f"WARNING: {NETEM_MISSING}; measuring bytes and unshaped times only, exit status will be "
+                    f"{EXIT_NO_NETEM}")
+            elif args.no_link:
+                message = "shaped-link timings skipped on request (--no-link)."
+            first = shapes[0].key if shapes else tables.UNSHAPED
+            service = Proc("service", link.tgt([str(VENV_BIN / "replay-migrate"), "serve", "--listen",
+                                                f"{link.cfg.tgt_addr}:{SERVICE_PORT}"]),
+                           work / "service.log", _env(token))
+            receiver = Proc("link receiver", link.tgt([str(VENV_BIN / "python"), "-m", "bench.linksend", "recv",
+                                                       "--listen", f"{link.cfg.tgt_addr}:{LINKSEND_PORT}"]),
+                            work / "receiver.log", _env(token))
+            try:
+                service.wait_line("serving on", SERVICE_START_S)
+                receiver.wait_line("ready", SERVICE_START_S)
+                for wl in args.workloads:
+                    path = workload_file(wl)
+                    if wl in TRIMMED:
+                        notes.append(f"`{wl}` ran as the bench-only trimmed copy `{path.relative_to(REPO)}`.")
+                    if shapes:
+                        link.shape(shapes[0])
+                    run = migrate(hv, ck, wl, path, link, first, token, work, keep=True)
+                    shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+                    w: dict[str, Any] = {"file": str(shown), "session_s": round(run.source["drive_s"], 1),
+                                         "runs": {first: run.as_dict()}}
+                    log(f"{wl}: baselines and divergence on the kept states")
+                    w.update(measure_baselines(ck, work / wl, trees))
+                    w["bytes"] = {"replay-migrate": run.source["report"]["wire_bytes"], **w["bytes"]}
+                    d = run.derived()
+                    w["timing"] = {first: {"replay-migrate": {"e2e_s": d["e2e_s"], "downtime_s": d["downtime_s"],
+                                                              "how": "measured migration"}}}
+                    results["workloads"][wl] = w
+                    if not args.keep_work:
+                        shutil.rmtree(work / wl / "source", ignore_errors=True)
+                        shutil.rmtree(work / wl / "target", ignore_errors=True)
+                for shape in shapes[1:]:
+                    link.shape(shape)
+                    for wl in args.workloads:
+                        if wl not in REPEAT_AT_SECOND_LINK:
+                            continue
+                        run = migrate(hv, ck, wl, workload_file(wl), link, shape.key, token, work, keep=False)
+                        w = results["workloads"][wl]
+                        w["runs"][shape.key] = run.as_dict()
+                        d = run.derived()
+                        w["timing"].setdefault(shape.key, {})["replay-migrate"] = {
+                            "e2e_s": d["e2e_s"], "downtime_s": d["downtime_s"], "how": "measured migration"}
+                for shape in shapes:
+                    time_baselines(link, shape, results["workloads"], token)
+            finally:
+                receiver.stop()
+                service.stop()
+    if shapes:
+        notes.append("Baseline times: quiesce, save and restore as measured in the workload's replay-migrate "
+                     "run; the transfer is the baseline's real byte count sent over the same shaped link; "
+                     "the sender's CPU time (hashing, compressing, rsync) counts only where it exceeds the "
+                     "transfer (max, favouring the baselines). Target-side writes are not counted.")
+        notes.append(f"replay-migrate ran on the second link ({SHAPES[1].name}) for "
+                     f"{', '.join(REPEAT_AT_SECOND_LINK)} only, to keep `make bench` under 30 minutes.")
+    results["meta"] = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "host": f"{platform.node()}, {os.cpu_count()} CPUs, Linux {platform.release()}",
+        "checkpoint": ck.name, "virt": "TCG" if manifest.virt == "qemu" else "KVM",
+        "memory_mib": manifest.memory_mib,
+        "link": {"netem": bool(shapes), "message": message,
+                 "shapes": [{"key": s.key, "name": s.name, "rate_mbit": s.rate_mbit, "rtt_ms": s.rtt_ms}
+                            for s in shapes]},
+        "params": {"max_send_bytes": MAX_SEND_BYTES, "repeat_at_second_link": list(REPEAT_AT_SECOND_LINK),
+                   "flush_s": FLUSH_S},
+        "notes": notes,
+        "elapsed_s": round(time.monotonic() - t_begin, 1),
+    }
+    return results, bool(message) and not args.no_link
+
+
+def write_results(results: dict[str, Any], out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    order = {name: i for i, name in enumerate(WORKLOADS)}
+    results["workloads"] = dict(sorted(results["workloads"].items(), key=lambda kv: order.get(kv[0], len(order))))
+    (out / "migration.json").write_text(json.dumps(results, indent=2) + "\n")
+    plots = [p for p in (tables.plot_bytes(results, out / "bytes.png"),
+                         tables.plot_time(results, out / "time_vs_bandwidth.png"),
+                         tables.plot_divergence(results, out / "divergence.png")) if p is not None]
+    stale = out / "time_vs_bandwidth.png"
+    if stale not in plots:
+        stale.unlink(missing_ok=True)
+    md = out / "migration.md"
+    md.write_text(tables.render_markdown(results, [p.name for p in plots]))
+    return md
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
+    ap.add_argument("--no-link", action="store_true", help="do not shape the link (no shaped times; exit 0)")
+    ap.add_argument("--keep-work", action="store_true", help="keep the saved states in --work afterwards")
+    ap.add_argument("--render", type=Path, metavar="JSON",
+                    help="only re-render the report and plots of an earlier run's migration.json into --out")
+    args = ap.parse_args(argv)
+    if args.render is not None:
+        md = write_results(json.loads(args.render.read_text()), args.out)
+        print(md.read_text())
+        return 0
+    if os.geteuid() != 0:
+        print("bench_migration: needs root (network namespaces, libvirt)", file=sys.stderr)
+        return EXIT_NO_NETEM
+    results, no_netem = run_all(args)
+    md = write_results(results, args.out)
+    print(md.read_text())
+    if no_netem:
+        print(f"bench_migration: {NETEM_MISSING}", file=sys.stderr)
+        return EXIT_NO_NETEM
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

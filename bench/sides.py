@@ -1,0 +1,157 @@
+"""The two ends of a benchmarked migration, each run as its own process (in its own network
+namespace) around the same :class:`~server.migration.SourceSide` / :class:`~server.migration.TargetSide`
+the CLI's ``record --to`` and ``follow`` use, with what the benchmark needs besides:
+
+* timestamps on the host's monotonic clock (one clock for both processes): when the user asked to
+  migrate, when each VM paused, saved, verified, resumed;
+* the source's saved state is kept (``record --to`` deletes it after the confirm), and so is the
+  target's own state from before the walk patched it (hard links made in ``on_saved``), so the
+  baselines and the divergence analysis see exactly what the migration saw.
+
+    python -m bench.sides source --url URL --domain D --checkpoint C --workload W.wl --keep DIR --out R.json
+    python -m bench.sides target --url URL --name N --checkpoint C [--keep DIR] --out R.json
+
+The token comes from ``$REPLAY_MIGRATE_TOKEN``. Each writes one JSON object to ``--out``, also on
+failure (``{"error": ...}``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from replayer.drive import drive
+from replayer.replay import ReplayConfig
+from replayer.workload import load_workload
+from server import checkpoint as ckpt
+from server.client import SessionClient
+from server.migration import SourceSide, TargetSide
+from server.session import TOKEN_ENV
+from server.vmstate import VmState
+from vm.machine import Hypervisor, Machine
+
+KEPT_MEMORY = "memory.sav"
+KEPT_DISK = "disk.qcow2"
+REPLAY_GAP_CAP_S = 2.0
+"""The CLI's default ``--gap-cap``: idle gaps of the log longer than this are shortened at replay."""
+
+
+class StampedMachine(Machine):
+    """A Machine that notes when it was paused and when its save finished."""
+
+    t_paused = 0.0
+    t_saved = 0.0
+
+    def pause(self) -> None:
+        super().pause()
+        self.t_paused = time.monotonic()
+
+    def save(self, path: Path) -> None:
+        super().save(path)
+        self.t_saved = time.monotonic()
+
+
+def keep_state(state: VmState, keep: Path) -> None:
+    """Hard-link a side's saved images into ``keep`` (the originals get patched or deleted)."""
+    keep.mkdir(parents=True, exist_ok=True)
+    for src, name in ((state.memory, KEPT_MEMORY), (state.disk, KEPT_DISK)):
+        dst = keep / name
+        dst.unlink(missing_ok=True)
+        os.link(src, dst)
+
+
+def _token() -> str:
+    token = os.environ.get(TOKEN_ENV)
+    if not token:
+        raise SystemExit(f"bench.sides: set ${TOKEN_ENV}")
+    return token
+
+
+async def run_source(args: argparse.Namespace) -> dict[str, Any]:
+    actions = load_workload(args.workload)
+    ck = ckpt.get(args.checkpoint)
+    with Hypervisor() as hv:
+        m = StampedMachine(hv, hv.lookup(args.domain).dom)
+        async with SessionClient(args.url, "source", token=_token()) as client:
+            src = SourceSide(hv, m, ck, client)
+            stop = asyncio.Event()
+            streaming = asyncio.create_task(src.stream_log(stop))
+            t_start = time.monotonic()
+            driven = await asyncio.to_thread(drive, m, actions, seed=args.seed)
+            t_request = time.monotonic()
+            stop.set()
+            await streaming
+            report = await src.suspend()
+            t_done = time.monotonic()
+            assert src.state_files is not None
+            if args.keep is not None:
+                keep_state(src.state_files, args.keep)
+    return {"t_start": t_start, "t_request": t_request, "t_paused": m.t_paused, "t_saved": m.t_saved,
+            "t_done": t_done, "events_driven": driven.events, "drive_s": driven.seconds,
+            "report": report.as_dict()}
+
+
+async def run_target(args: argparse.Namespace) -> dict[str, Any]:
+    ck = ckpt.get(args.checkpoint)
+    stamps: dict[str, float] = {}
+
+    def saved(state: VmState) -> None:
+        stamps["t_saved"] = time.monotonic()
+        if args.keep is not None:
+            keep_state(state, args.keep)
+
+    def verified(state: VmState) -> None:
+        stamps["t_verified"] = time.monotonic()
+
+    with Hypervisor() as hv:
+        async with SessionClient(args.url, "target", token=_token()) as client:
+            stamps["t_attached"] = time.monotonic()
+            side = TargetSide(hv, ck, client, args.name, replay=ReplayConfig(gap_cap_s=args.gap_cap))
+            side.on_saved = saved
+            side.on_verified = verified
+            report = await side.run()
+    replay = asdict(side.replay_stats) if side.replay_stats is not None else {}
+    return {**stamps, "t_resumed": side.t_resumed, "report": report.as_dict(), "replay": replay}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.sides", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="role", required=True)
+    for role in ("source", "target"):
+        p = sub.add_parser(role)
+        p.add_argument("--url", required=True, help="ws://HOST:PORT/sessions/ID")
+        p.add_argument("--checkpoint", required=True)
+        p.add_argument("--keep", type=Path, default=None, help="hard-link the saved state here")
+        p.add_argument("--out", type=Path, required=True)
+        if role == "source":
+            p.add_argument("--domain", required=True)
+            p.add_argument("--workload", type=Path, required=True)
+            p.add_argument("--seed", type=int, default=0)
+        else:
+            p.add_argument("--name", required=True)
+            p.add_argument("--gap-cap", type=float, default=REPLAY_GAP_CAP_S)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s {args.role} %(name)s: %(message)s")
+    try:
+        result = asyncio.run(run_source(args) if args.role == "source" else run_target(args))
+    except BaseException as e:
+        args.out.write_text(json.dumps({"error": f"{type(e).__name__}: {e}",
+                                        "traceback": traceback.format_exc()}))
+        raise
+    args.out.write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,352 @@
+"""The migration benchmark's results as a markdown report and PNG plots (pure: a results dict in,
+text and files out, so they are tested without VMs).
+
+The results dict is what ``bench/bench_migration.py`` writes as ``migration.json``: ``meta`` and,
+per workload, ``bytes``/``prep_s`` per method, ``runs`` of replay-migrate per link, ``timing`` per
+link and method, and ``divergence``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+METHODS: tuple[tuple[str, str], ...] = (
+    ("replay-migrate", "replay-migrate (replay + Merkle diff)"),
+    ("no-replay", "Merkle diff without replay"),
+    ("plain", "plain state transfer (ISR-style)"),
+    ("rsync", "rsync --no-whole-file, zstd"),
+    ("full", "full image (memory + disk), zstd"),
+)
+BASELINES = ("plain", "full", "rsync", "no-replay")
+GOAL_SHARE_OF_PLAIN = 0.10
+"""Issue 6's goal: replay-migrate ships at most this share of the plain transfer (notes, shell)."""
+GOAL_WORKLOADS = ("notes", "shell")
+GOAL_LINK = "10M-40ms"
+UNSHAPED = "unshaped"
+
+
+def human(n: float) -> str:
+    """Bytes as people read them (powers of 1024)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def saving(bytes_: float, baseline: float) -> str:
+    """1 - bytes/baseline as a percentage (negative: more bytes than the baseline)."""
+    if not baseline:
+        return "-"
+    return f"{100 * (1 - bytes_ / baseline):.1f} %"
+
+
+def _secs(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f} s"
+
+
+def by_count(d: Mapping[str, int]) -> list[tuple[str, int]]:
+    """Largest first (the JSON may hold them in any order)."""
+    return sorted(d.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    def cell(v: object) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |",
+             "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def bytes_rows(results: Mapping[str, Any]) -> list[list[str]]:
+    rows: list[list[str]] = []
+    for wl, w in results["workloads"].items():
+        b = w.get("bytes", {})
+        for key, label in METHODS:
+            if key not in b:
+                continue
+            rows.append([wl, label, human(b[key]), f"{b[key]:,}",
+                         *(("" if base == key else saving(b[key], b.get(base, 0))) for base in BASELINES)])
+    return rows
+
+
+def time_rows(results: Mapping[str, Any]) -> list[list[str]]:
+    rows: list[list[str]] = []
+    for wl, w in results["workloads"].items():
+        for link, per_method in w.get("timing", {}).items():
+            for key, label in METHODS:
+                t = per_method.get(key)
+                if t is None:
+                    continue
+                how = t.get("how", "")
+                run = w.get("runs", {}).get(link)
+                if key == "replay-migrate" and run is not None:
+                    how += (f"; the target was saved {run['replay_lag_s']:.1f} s after the source paused "
+                            f"(replay catching up, settle, save); restore {run['restore_s']:.1f} s")
+                rows.append([wl, label, _link_name(results, link), _secs(t.get("e2e_s")),
+                             _secs(t.get("downtime_s")), how])
+    return rows
+
+
+def _link_name(results: Mapping[str, Any], key: str) -> str:
+    for s in results["meta"].get("link", {}).get("shapes", []):
+        if s["key"] == key:
+            return str(s["name"])
+    return "unshaped veth (no netem)" if key == UNSHAPED else key
+
+
+def divergence_rows(results: Mapping[str, Any]) -> list[list[str]]:
+    rows: list[list[str]] = []
+    for wl, w in results["workloads"].items():
+        d = w.get("divergence")
+        if not d:
+            continue
+        mem, disk = d["memory"], d["disk"]
+        blocks = ", ".join(f"{k} {v}" for k, v in by_count(mem["by_block"]))
+        classes = ", ".join(f"{k} {v}" for k, v in by_count(disk["by_class"]))
+        nr = w.get("details", {}).get("no-replay", {}).get("divergent", {})
+        without = f"{nr['memory']} / {nr['disk']}" if nr else "-"
+        rows.append([wl, str(mem["total"]), blocks or "-", str(disk["total"]), classes or "-", without])
+    return rows
+
+
+CAUSE_SHORT = (
+    ("content present elsewhere", "moved"),
+    ("zero on one side", "one side zero"),
+    ("<= ", "<= 8 B differ"),
+    ("9-", "9-64 B differ"),
+    ("> ", "> 64 B differ"),
+    ("random content", "random"),
+    ("device state", "non-RAM"),
+)
+"""Column headers for the memory causes of ``bench.divergence`` (matched by prefix)."""
+
+
+def short_cause(cause: str) -> str:
+    for prefix, short in CAUSE_SHORT:
+        if cause.startswith(prefix):
+            return short
+    return cause
+
+
+def _count_table(headers: Sequence[str], counts: Mapping[str, int]) -> str:
+    return md_table(headers, [[k, v] for k, v in by_count(counts)])
+
+
+def _owner_cause_table(mem: Mapping[str, Any]) -> str:
+    causes = [c for c, _ in by_count(mem["by_cause"])]
+    rows = [[owner, n, *(mem["owner_cause"].get(owner, {}).get(c, "") for c in causes)]
+            for owner, n in by_count(mem["by_owner"])]
+    return md_table(["page looks like", "pages", *map(short_cause, causes)], rows)
+
+
+def _cause_section(wl: str, d: Mapping[str, Any]) -> str:
+    mem, disk = d["memory"], d["disk"]
+    out = [f"### {wl}\n"]
+    if mem["by_cause"]:
+        out.append(_count_table(["memory: how the two pages differ", "pages"], mem["by_cause"]))
+        if mem.get("by_owner"):
+            out.append("\nBy what the page holds (content heuristic, no guest symbols), split by how it differs:\n")
+            out.append(_owner_cause_table(mem))
+        ranges = sorted(mem["gpa_mib"].items(), key=lambda kv: int(kv[0].split("-")[0]))
+        gpa = ", ".join(f"{k} MiB: {v}" for k, v in ranges)
+        out.append(f"\npc.ram pages by guest-physical range: {gpa or '-'}; median bytes differing per page "
+                   f"{mem['median_bytes_differing']:.0f}.\n")
+    if disk["by_class"]:
+        out.append("\n" + _count_table(["disk: ext4 role", "4 KiB blocks"], disk["by_class"]))
+    if disk.get("files"):
+        out.append("\n" + _count_table(["file (data blocks)", "blocks"], disk["files"]))
+    if disk.get("inodes"):
+        out.append("\n" + _count_table(["file whose inode record differs", "inodes"], disk["inodes"]))
+    if disk.get("note"):
+        out.append(f"\n{disk['note']}\n")
+    return "\n".join(out) + "\n"
+
+
+def breakdown_rows(results: Mapping[str, Any]) -> list[list[str]]:
+    """Where replay-migrate's bytes go (first run of each workload): log, walk hashes, delta
+    fingerprints, blocks, and the rest (websocket framing, session control)."""
+    rows: list[list[str]] = []
+    for wl, w in results["workloads"].items():
+        runs = w.get("runs", {})
+        if not runs:
+            continue
+        run = next(iter(runs.values()))
+        s, t = run["report"], run.get("target_report", {})
+        log = s.get("log_bytes", 0)
+        hashes = s.get("hash_bytes", 0) + t.get("hash_bytes", 0)
+        fps = s.get("fingerprint_bytes", 0) + t.get("fingerprint_bytes", 0)
+        blocks = s.get("block_bytes", 0) + t.get("block_bytes", 0)
+        wire = s.get("wire_bytes", 0)
+        div = t.get("divergent_blocks") or s.get("divergent_blocks", {})
+        rows.append([wl, human(wire), human(log), human(hashes), human(fps), human(blocks),
+                     human(max(0, wire - log - hashes - fps - blocks)),
+                     f"{div.get('memory', 0)} / {div.get('disk', 0)}",
+                     f"{t.get('referenced_blocks', 0)} / {t.get('delta_blocks', 0)} / {t.get('full_blocks', 0)}",
+                     str(t.get("round_trips", 0))])
+    return rows
+
+
+def goal_lines(results: Mapping[str, Any]) -> list[str]:
+    """Issue 6's goals, reported (never asserted)."""
+    lines = []
+    for wl in GOAL_WORKLOADS:
+        w = results["workloads"].get(wl)
+        if not w or "plain" not in w.get("bytes", {}):
+            lines.append(f"- {wl}: not measured")
+            continue
+        share = w["bytes"]["replay-migrate"] / w["bytes"]["plain"]
+        verdict = "met" if share <= GOAL_SHARE_OF_PLAIN else "NOT met"
+        lines.append(f"- {wl}: replay-migrate ships {100 * share:.1f} % of the plain transfer's bytes "
+                     f"(goal <= {100 * GOAL_SHARE_OF_PLAIN:.0f} %): {verdict}")
+    for wl in results["workloads"]:
+        t = results["workloads"][wl].get("timing", {}).get(GOAL_LINK, {})
+        rm, plain = t.get("replay-migrate"), t.get("plain")
+        if rm is None or plain is None or rm.get("e2e_s") is None or plain.get("e2e_s") is None:
+            continue
+        faster = rm["e2e_s"] < plain["e2e_s"]
+        lines.append(f"- {wl} at 10 Mbit/s: end to end {rm['e2e_s']:.1f} s vs plain transfer "
+                     f"{plain['e2e_s']:.1f} s: {'faster (met)' if faster else 'NOT faster'}")
+    if not any(w.get("timing", {}).get(GOAL_LINK) for w in results["workloads"].values()):
+        lines.append("- faster end to end than the plain transfer at 10 Mbit/s: not measured "
+                     "(no shaped link on this host, see above)")
+    return lines
+
+
+def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
+    meta = results["meta"]
+    link = meta.get("link", {})
+    out = ["# Migration benchmark: replay-migrate against the baselines\n",
+           f"Run {meta.get('date', '?')} on {meta.get('host', '?')}; checkpoint `{meta.get('checkpoint', '?')}` "
+           f"({meta.get('virt', '?')}, {meta.get('memory_mib', '?')} MiB guest); this benchmark took "
+           f"{meta.get('elapsed_s', 0) / 60:.1f} min. Every method is measured on the same source state "
+           "(the one replay-migrate's source saved at suspend).\n"]
+    if link.get("message"):
+        out.append(f"**Shaped link: not available.** {link['message']}\n")
+    for note in meta.get("notes", []):
+        out.append(f"- {note}")
+    out.append("\n## Bytes on the wire\n")
+    out.append("Savings columns: 1 - bytes / that baseline's bytes (negative: more than the baseline).\n")
+    out.append(md_table(["workload", "method", "bytes", "exact", "vs plain", "vs full", "vs rsync",
+                         "vs no-replay"], bytes_rows(results)))
+    rows = breakdown_rows(results)
+    if rows:
+        out.append("\nWhere replay-migrate's bytes go (wire = everything on the source's socket):\n")
+        out.append(md_table(["workload", "wire", "input log", "walk hashes", "delta fingerprints", "blocks",
+                             "framing, control", "divergent leaves mem / disk",
+                             "sent as reference / delta / full", "round trips"], rows))
+    out.append("\n## Time: end to end (migrate requested -> VM running at the target) and downtime "
+               "(source paused -> target running)\n")
+    rows = time_rows(results)
+    out.append(md_table(["workload", "method", "link", "end to end", "downtime", "how"], rows)
+               if rows else "No times measured.\n")
+    out.append("\n## Divergence left after replay (source vs the replayed target, before patching)\n")
+    out.append("The last column, for comparison, is what differs without replay (the source vs the checkpoint).\n")
+    out.append(md_table(["workload", "memory leaves", "by RAM block", "disk leaves", "by ext4 role",
+                         "without replay: mem / disk"], divergence_rows(results)))
+    out.append("")
+    for wl, w in results["workloads"].items():
+        if w.get("divergence"):
+            out.append(_cause_section(wl, w["divergence"]))
+    out.append("## Goals (issue 6)\n")
+    out += goal_lines(results)
+    if plots:
+        out.append("\n## Plots\n")
+        out += [f"![{Path(p).stem}]({Path(p).name})\n" for p in plots]
+    return "\n".join(out) + "\n"
+
+
+# ---- plots -----------------------------------------------------------------------------------------
+def plot_bytes(results: Mapping[str, Any], path: Path) -> Path:
+    """Grouped bars: bytes per method per workload (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(results["workloads"])
+    present = {k for w in results["workloads"].values() for k in w.get("bytes", {})}
+    methods = [(k, label) for k, label in METHODS if k in present]
+    width = 0.8 / max(1, len(methods))
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    for j, (key, label) in enumerate(methods):
+        xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(workloads))]
+        ys = [results["workloads"][wl].get("bytes", {}).get(key, 0) for wl in workloads]
+        ax.bar(xs, ys, width, label=label)
+    ax.set_xticks(range(len(workloads)), workloads)
+    ax.set_yscale("log")
+    ax.set_ylabel("bytes on the wire")
+    ax.set_title("Bytes per method (same source state)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_time(results: Mapping[str, Any], path: Path) -> Path | None:
+    """End-to-end time against link rate, one panel per workload; None when no link was shaped."""
+    shapes = {s["key"]: s for s in results["meta"].get("link", {}).get("shapes", [])}
+    series: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for wl, w in results["workloads"].items():
+        for link, per_method in w.get("timing", {}).items():
+            if link not in shapes:
+                continue
+            for key, t in per_method.items():
+                if t.get("e2e_s") is not None:
+                    series.setdefault(wl, {}).setdefault(key, []).append((shapes[link]["rate_mbit"], t["e2e_s"]))
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 4), squeeze=False)
+    labels = dict(METHODS)
+    for ax, (wl, per_method) in zip(axes[0], series.items(), strict=True):
+        for key, _label in METHODS:
+            pts = sorted(per_method.get(key, []))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=labels[key])
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("link rate (Mbit/s)")
+        ax.set_title(wl)
+    axes[0][0].set_ylabel("end to end (s)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_divergence(results: Mapping[str, Any], path: Path) -> Path | None:
+    """Stacked bars: the divergent memory pages of each workload by cause."""
+    data = {wl: w["divergence"]["memory"]["by_cause"] for wl, w in results["workloads"].items()
+            if w.get("divergence")}
+    if not data:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    causes = sorted({c for d in data.values() for c in d})
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    bottom = [0.0] * len(data)
+    for cause in causes:
+        ys = [float(d.get(cause, 0)) for d in data.values()]
+        ax.bar(list(data), ys, bottom=bottom, label=cause)
+        bottom = [b + y for b, y in zip(bottom, ys, strict=True)]
+    ax.set_ylabel("divergent 4 KiB leaves of the memory image")
+    ax.set_title("What replay leaves different in memory")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
