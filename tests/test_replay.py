@@ -31,16 +31,28 @@ FILES = "cat /root/w/n.txt /root/w/d.txt /root/notes.txt | md5sum"
 
 
 def comparable(events: list[Event]) -> list[tuple[object, ...]]:
-    """Events without their times and sync marks (which depend on screen timing)."""
+    """Keys and buttons, each with where the pointer was: what the applications saw. Times, sync
+    marks and the pointer's path in between are left out: each recorder coalesces motion within
+    20 ms, and a replay catching up moves the pointer faster than the user did."""
     out: list[tuple[object, ...]] = []
+    pointer: tuple[int, int] | None = None
     for e in events:
-        if isinstance(e, Key):
-            out.append(("key", e.keycode, e.down))
+        if isinstance(e, Motion):
+            pointer = (e.x, e.y)
+        elif isinstance(e, Key):
+            out.append(("key", e.keycode, e.down, pointer))
         elif isinstance(e, Button):
-            out.append(("button", e.button, e.down))
-        elif isinstance(e, Motion):
-            out.append(("motion", e.x, e.y))
+            out.append(("button", e.button, e.down, pointer))
     return out
+
+
+def motions(events: list[Event]) -> list[tuple[int, int]]:
+    return [(e.x, e.y) for e in events if isinstance(e, Motion)]
+
+
+def is_subsequence(short: list[tuple[int, int]], long: list[tuple[int, int]]) -> bool:
+    it = iter(long)
+    return all(any(x == y for y in it) for x in short)
 
 
 def test_describe_names_the_event() -> None:
@@ -93,6 +105,7 @@ def test_record_then_replay_converges(make_clone: Callable[..., Machine], tmp_pa
     log = read_log(str(log_path), require_end=False)
     recorded = comparable(list(log.events))
     assert sum(1 for e in recorded if e[0] == "key") >= 2 * len("replayed notes")
+    assert len(motions(list(log.events))) > 10
     assert any(isinstance(e, SyncMark) for e in log.events)
 
     with RecorderLink(target) as tlink:
@@ -110,6 +123,7 @@ def test_record_then_replay_converges(make_clone: Callable[..., Machine], tmp_pa
     time.sleep(1.0)
     replayed = decode_log(target.read_file("/run/replay-migrate/session.rmlog"), require_end=False)
     assert comparable(list(replayed.events)) == recorded
+    assert is_subsequence(motions(list(replayed.events)), motions(list(log.events)))
 
 
 def test_shipped_workloads_parse() -> None:
