@@ -43,7 +43,7 @@ from bench.divergence import disk_divergence, memory_divergence
 from bench.netns import NETEM_MISSING, SHAPES, NetnsLink, Shape
 from bench.sides import KEPT_DISK, KEPT_MEMORY
 from replay_migrate.errors import HostError
-from replayer.workload import load_workload, shipped_workloads, synthesize
+from replayer.workload import find_workload, load_workload, synthesize
 from server import checkpoint as ckpt
 from server.client import session_url
 from server.migration import FLUSH_S
@@ -322,15 +322,7 @@ def time_baselines(link: NetnsLink, shape: Shape, workloads: dict[str, dict[str,
 
 # ---- the whole benchmark ---------------------------------------------------------------------------
 def workload_file(name: str) -> Path:
-    if name in TRIMMED:
-        return TRIMMED[name]
-    shipped = shipped_workloads()
-    if name in shipped:
-        return shipped[name]
-    p = Path(name)
-    if not p.is_file():
-        raise SystemExit(f"no workload {name!r} (shipped: {', '.join(shipped)})")
-    return p
+    return TRIMMED[name] if name in TRIMMED else find_workload(name)
 
 
 def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:

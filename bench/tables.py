@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from server.report import human_bytes
+
 METHODS: tuple[tuple[str, str], ...] = (
     ("replay-migrate", "replay-migrate (replay + Merkle diff)"),
     ("no-replay", "Merkle diff without replay"),
@@ -27,13 +29,8 @@ GOAL_LINK = "10M-40ms"
 UNSHAPED = "unshaped"
 
 
-def human(n: float) -> str:
-    """Bytes as people read them (powers of 1024)."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+human = human_bytes
+"""Bytes as people read them (powers of 1024)."""
 
 
 def saving(bytes_: float, baseline: float) -> str:

@@ -310,6 +310,17 @@ def shipped_workloads() -> dict[str, Path]:
     return {p.stem: p for p in sorted(WORKLOADS_DIR.glob("*.wl"))}
 
 
+def find_workload(name: str) -> Path:
+    """A shipped workload by name, else a workload file; UsageError naming the choices if neither."""
+    shipped = shipped_workloads()
+    if name in shipped:
+        return shipped[name]
+    p = Path(name)
+    if not p.is_file():
+        raise UsageError(f"no workload {name!r}: give a file or one of {', '.join(shipped)}")
+    return p
+
+
 # ----------------------------------------------------------------------------------------- synthesis
 
 

@@ -156,18 +156,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _workload(name: str) -> Path:
-    from replayer.workload import shipped_workloads
-
-    shipped = shipped_workloads()
-    if name in shipped:
-        return shipped[name]
-    p = Path(name)
-    if not p.is_file():
-        raise UsageError(f"no workload {name!r}: give a file or one of {', '.join(shipped)}")
-    return p
-
-
 def cmd_workload_list(args: argparse.Namespace) -> int:
     from replayer.workload import shipped_workloads
 
@@ -177,9 +165,9 @@ def cmd_workload_list(args: argparse.Namespace) -> int:
 
 def cmd_workload_run(args: argparse.Namespace) -> int:
     from replayer.drive import drive
-    from replayer.workload import load_workload
+    from replayer.workload import find_workload, load_workload
 
-    actions = load_workload(_workload(args.workload))
+    actions = load_workload(find_workload(args.workload))
     with _hv(args) as hv:
         st = drive(hv.lookup(args.domain), actions, seed=args.seed)
     print(f"{st.events} input events in {st.seconds:.1f} s")

@@ -16,13 +16,11 @@ import time
 from pathlib import Path
 
 from replayer.drive import drive
-from replayer.workload import load_workload, shipped_workloads
+from replayer.workload import find_workload, load_workload
 from server import checkpoint as ckpt
 from server.images import ensure_image
-from server.migratecmd import migrate_embedded, print_report
-from server.migration import SourceSide
+from server.migratecmd import migrate_embedded, print_report, state_comparison
 from server.report import emit_json, human_bytes, table
-from server.vmstate import VmState, same_state
 from vm.machine import Hypervisor, file_allocated
 from vm.probe import choose_virt
 
@@ -46,8 +44,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     rows.append(("guest image", f"{r.image.dir.name}: " + (f"built in {r.seconds:.0f} s" if r.built else "cached")))
     virt, why = choose_virt(r.image.kernel, r.image.dir.parent)
     rows.append(("virtualisation", f"{'KVM' if virt.value == 'kvm' else 'TCG'} ({why})"))
-    shipped = shipped_workloads()
-    workload = shipped.get(args.workload, Path(args.workload))
+    workload = find_workload(args.workload)
     actions = load_workload(workload)
     with Hypervisor(args.connect) as hv, Hypervisor(args.connect) as hv2:
         ck, created = ckpt.ensure(hv, args.checkpoint, virt=virt)
@@ -68,12 +65,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"demo: running workload {workload.name} in {SOURCE} while {TARGET} replays it", flush=True)
             await asyncio.to_thread(drive, source, actions)
 
-        same: list[bool] = []
-
-        def compare(src: SourceSide, state: VmState) -> None:
-            assert src.state_files is not None
-            same.extend(same_state(src.state_files, state))
-
+        same, compare = state_comparison()
         try:
             report, src, _ = asyncio.run(migrate_embedded(hv, hv2, source, ck, TARGET, user=user,
                                                           screenshots=args.out, on_verified=compare))

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from replay_migrate.errors import ReplayMigrateError, UsageError, VMError
+from replay_migrate.errors import ReplayMigrateError, UsageError, VerificationError, VMError
 from replayer.drive import drive
 from replayer.replay import ReplayConfig
 from replayer.workload import load_workload
@@ -31,7 +31,7 @@ from server.migration import Report, SourceSide, TargetSide, merged_report
 from server.report import Progress, emit_json, human_bytes, table
 from server.service import ServiceConfig, start_service
 from server.session import TOKEN_ENV
-from server.vmstate import VmState
+from server.vmstate import VmState, same_state
 from vm.machine import Hypervisor, Machine
 
 PID_FILE = "record.pid"
@@ -224,6 +224,19 @@ async def migrate_embedded(hv_source: Hypervisor, hv_target: Hypervisor, m: Mach
         shot = await asyncio.to_thread(tgt.machine.screenshot)
         (screenshots / "target-resumed.png").write_bytes(shot.png())
     return merged_report(src, tgt), src, tgt
+
+
+def state_comparison() -> tuple[list[bool], Callable[[SourceSide, VmState], None]]:
+    """An ``on_verified`` hook for an embedded migration and the list it fills with (memory equal,
+    disk equal): the source's saved state against the target's patched one, before it resumes."""
+    same: list[bool] = []
+
+    def compare(src: SourceSide, state: VmState) -> None:
+        if src.state_files is None:
+            raise VerificationError("the source has no saved state to compare with")
+        same.extend(same_state(src.state_files, state))
+
+    return same, compare
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

@@ -15,9 +15,9 @@ from replayer.drive import drive
 from replayer.replay import ReplayConfig
 from replayer.workload import parse_workload
 from server import checkpoint as ckpt
-from server.migratecmd import migrate_embedded
+from server.migratecmd import migrate_embedded, state_comparison
 from server.migration import Report, SourceSide
-from server.vmstate import VmState, same_state
+from server.vmstate import VmState
 from vm.machine import Hypervisor, Machine, MachineState
 
 WORKLOAD = """
@@ -51,12 +51,7 @@ def test_migrate_embedded(make_clone: Callable[..., Machine], hv: Hypervisor, ch
         async def user() -> None:
             await asyncio.to_thread(drive, source, parse_workload(WORKLOAD))
 
-        same: list[bool] = []
-
-        def compare(src: SourceSide, state: VmState) -> None:
-            assert src.state_files is not None
-            same.extend(same_state(src.state_files, state))
-
+        same, compare = state_comparison()
         try:
             # a generous sync wait: on a loaded 2-core host a TCG target can take seconds to catch up
             report, _, _ = asyncio.run(migrate_embedded(hv, hv2, source, checkpoint, target_name, user=user,
