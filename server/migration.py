@@ -332,6 +332,8 @@ class TargetSide:
         self.replay_stats: ReplayStats | None = None
         self.machine: Machine | None = None
         self.t_resumed = 0.0
+        self.inspect_s = 0.0
+        """Time ``on_verified`` took: not part of a real migration, left out of its downtime."""
         self._trees: asyncio.Task[CheckpointTrees] | None = None
         self.progress: Callable[[str, int, int], None] = lambda what, done, total: None
         """(what, done, total): the CLI passes a terminal progress bar."""
@@ -455,7 +457,9 @@ class TargetSide:
         self.log.info("verified: walk %.2f s, blocks %.2f s", self.report.diff_s, self.report.transfer_s)
         await self.client.verified(roots)
         if self.on_verified is not None:
+            t_inspect = time.monotonic()
             await asyncio.to_thread(self.on_verified, state)
+            self.inspect_s = time.monotonic() - t_inspect
         back = await asyncio.to_thread(self.hv.restore_clone, image, name=m.name, disk=state.disk,
                                        run_dir=run_dir, paused=False, copy=False)
         await asyncio.to_thread(back.wait_agent)
@@ -485,6 +489,7 @@ def merged_report(src: SourceSide, tgt: TargetSide) -> Report:
     r.replay_s = tgt.report.replay_s
     r.diff_s = tgt.report.diff_s
     r.transfer_s = tgt.report.transfer_s
+    r.downtime_s = max(0.0, r.downtime_s - tgt.inspect_s)
     r.verified = src.report.verified and tgt.report.verified
     r.finish()
     return r
