@@ -110,7 +110,7 @@ def test_record_then_replay_converges(make_clone: Callable[..., Machine], tmp_pa
 
     with RecorderLink(target) as tlink:
         tlink.open()
-        stats = Replayer(target, tlink, ReplayConfig()).replay(iter(log.events))
+        stats = Replayer(target, tlink, ReplayConfig(sync_timeout_s=20)).replay(iter(log.events))
     # sync marks are hints (a mark of a moment the target passes before it looks can fail: counted,
     # not fatal); at least one must have been met, i.e. the agents' digests agree
     assert stats.injected > 0 and stats.sync_met >= 1, stats.as_dict()
