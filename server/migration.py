@@ -62,9 +62,10 @@ from server.vmstate import (
 )
 from vm.machine import Hypervisor, Machine, MachineState
 
-FLUSH_S = 1.0
-"""Time the source's agent gets to frame its last events before the guest is frozen (its frames
-are cut every 250 ms; a sync mark follows 300 ms after the last key)."""
+FLUSH_S = 3.0
+"""Time the source's agent gets before the guest is frozen: its frames are cut every 250 ms, and
+the last sync mark comes 300 ms after the last key plus up to 2 s for the region to settle. That
+mark matters: the target waits for it, so it saves only once its screen looks like the source's."""
 SETTLE_S = 1.0
 """Time the target's guest gets after the last replayed event before it is frozen."""
 DRAIN_S = 0.5

@@ -27,7 +27,7 @@ wait 2
 click 770 420
 type "Migrated by replaying input.\\n"
 key ctrl+s
-wait 1.5
+wait 3
 """
 FILES = "cd /root && find . -type f -not -name '.*' | sort | xargs md5sum"
 

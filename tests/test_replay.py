@@ -25,7 +25,7 @@ wait 2
 click 770 420
 type "replayed notes\\n"
 key ctrl+s
-wait 1.5
+wait 3
 """
 FILES = "cat /root/w/n.txt /root/w/d.txt /root/notes.txt | md5sum"
 
