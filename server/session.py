@@ -616,8 +616,10 @@ class Session:
     def _on_verified(self, role: Role, msg: dict[str, Any], now: float) -> None:
         self._require(role, Role.TARGET, {State.TRANSFERRING}, "verified")
         self.roots = dict(msg["roots"])
-        self._transition(State.VERIFIED, now)
+        # roots first: a source that wakes on the VERIFIED state must already hold them (it once
+        # read no roots, failed a migration that had verified, and resumed its VM)
         self._send(Role.SOURCE, encode("verified", roots=self.roots))
+        self._transition(State.VERIFIED, now)
 
     def _on_resumed(self, role: Role, msg: dict[str, Any], now: float) -> None:
         self._require(role, Role.TARGET, {State.VERIFIED}, "resumed")

@@ -146,6 +146,7 @@ def test_happy_path(caplog: pytest.LogCaptureFixture) -> None:
     tgt.send("verified", roots=ROOTS)
     assert st(s) is State.VERIFIED
     src_msgs = src.out()
+    assert [m["t"] for m in src_msgs][-2:] == ["verified", "state"]     # roots before the state
     assert {"v": 1, "t": "verified", "roots": ROOTS} in src_msgs
     tgt.send("resumed")
     assert st(s) is State.RESUMED
