@@ -1,9 +1,18 @@
 """A shaped link between two network namespaces, for timing migrations and transfers.
 
-The source and the target side each live in their own namespace, joined by one veth pair; ``tc
-netem`` on both ends gives every packet half the round-trip time and serialises it at the link
-rate, so both directions see the same link. libvirt is reached through its unix socket, which no
-network namespace hides, so a process in either namespace can drive VMs.
+The source and the target side each live in their own namespace, joined by one veth pair, and
+both directions see the same link: ``rate_mbit`` each way, half the RTT added each way. libvirt is
+reached through its unix socket, which no network namespace hides, so a process in either
+namespace can drive VMs. Two shapers:
+
+* ``tc netem`` on both veth ends, where the kernel has ``sch_netem``: every packet is delayed and
+  serialised at the link rate;
+* otherwise the userspace link emulator (``bench/linkemu.py``) in the target namespace: the
+  target's servers listen on 127.0.0.1 (:attr:`NetnsLink.serve_host`), and the emulator listens on
+  the target address at the same ports and forwards to them, shaped. The source keeps connecting to
+  the target address, so all its traffic crosses the emulated link; processes in the target
+  namespace reach the servers directly. It models rate, delay and queue per direction but
+  terminates TCP (no slow start over the emulated RTT): see its module docstring.
 
 Everything here is built as argv lists by pure functions (tested without root) and run by
 :class:`NetnsLink`, which deletes what it created on exit (and what a killed run left behind on
@@ -12,11 +21,17 @@ entry: the names are ours alone).
 
 from __future__ import annotations
 
+import os
+import select
 import shutil
 import subprocess
+import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 from replay_migrate.errors import HostError
 
@@ -24,6 +39,16 @@ NETEM_LIMIT_PACKETS = 1000
 """netem's queue (its default): at 10 Mbit/s that is ~1.2 s of full-size packets."""
 CMD_TIMEOUT_S = 20.0
 """Longest an ``ip``/``tc`` call may take."""
+EMULATOR_START_S = 15.0
+"""How long the link emulator gets to print ``ready`` (a Python start-up: well under a second)."""
+EMULATOR_STOP_S = 10.0
+"""How long the emulator gets to exit on SIGTERM before it is killed."""
+LOCALHOST = "127.0.0.1"
+"""Where the target namespace's servers listen behind the emulator."""
+REPO = Path(__file__).resolve().parent.parent
+SHAPER_NETEM = "tc netem"
+SHAPER_EMULATOR = ("userspace link emulator (bench/linkemu.py): rate and delay per direction, "
+                   "TCP terminated at the emulator")
 NETEM_MISSING = (
     "this kernel has no sch_netem (tc: 'Specified qdisc kind is unknown'; CONFIG_NET_SCH_NETEM is not "
     "set), so the shaped-link timings cannot be measured here; run `make bench` on a host whose "
@@ -118,6 +143,15 @@ def unshape_commands(cfg: LinkConfig) -> list[list[str]]:
             for ns, dev in ((cfg.src_ns, cfg.src_if), (cfg.tgt_ns, cfg.tgt_if))]
 
 
+def emulator_argv(cfg: LinkConfig, shape: Shape, ports: Sequence[int], *,
+                  python: str = sys.executable) -> list[str]:
+    """The link emulator in the target namespace: the target address's ``ports`` forwarded to the
+    same ports on 127.0.0.1, at ``shape``."""
+    forwards = [a for p in ports for a in ("--forward", f"{cfg.tgt_addr}:{p}={LOCALHOST}:{p}")]
+    return ns_exec(cfg.tgt_ns, [python, "-m", "bench.linkemu", "--rate-mbit", f"{shape.rate_mbit:g}",
+                                "--rtt-ms", f"{shape.rtt_ms:g}", *forwards])
+
+
 def _run(argv: Sequence[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
     try:
         r = subprocess.run(list(argv), capture_output=True, text=True, timeout=CMD_TIMEOUT_S)
@@ -137,13 +171,37 @@ def netem_unknown(stderr: str) -> bool:
 class NetnsLink:
     """The two namespaces and their veth, for the ``with`` block's lifetime.
 
-    ``netem`` says whether shaping works here (probed on the fresh link); :meth:`shape` raises a
-    HostError with :data:`NETEM_MISSING` when it does not, never shapes some other way."""
+    ``netem`` says whether the kernel shapes (probed on the fresh link). Where it does not and
+    ``ports`` are given, :meth:`shape` runs the link emulator for those TCP ports instead (servers
+    in the target namespace then listen on :attr:`serve_host`); with neither, :meth:`shape` raises
+    a HostError with :data:`NETEM_MISSING`. ``log`` receives the emulator's stderr."""
 
-    def __init__(self, cfg: LinkConfig | None = None) -> None:
+    def __init__(self, cfg: LinkConfig | None = None, *, ports: Sequence[int] = (), log: Path | None = None,
+                 python: str = sys.executable) -> None:
         self.cfg = cfg or LinkConfig()
+        self.ports = tuple(ports)
+        self.log = log
+        self.python = python
         self.netem = False
         self.shaped: Shape | None = None
+        self._emulator: subprocess.Popen[bytes] | None = None
+        self._emulator_log: IO[bytes] | None = None
+
+    @property
+    def emulated(self) -> bool:
+        """Whether :meth:`shape` uses the userspace emulator (no netem here, ports to forward)."""
+        return not self.netem and bool(self.ports)
+
+    @property
+    def shaper(self) -> str | None:
+        """What shapes this link, for the report; None when nothing can."""
+        return SHAPER_NETEM if self.netem else SHAPER_EMULATOR if self.emulated else None
+
+    @property
+    def serve_host(self) -> str:
+        """Where servers in the target namespace listen, and where processes there reach them:
+        the target address, or 127.0.0.1 behind the emulator (which holds the target address)."""
+        return LOCALHOST if self.emulated else self.cfg.tgt_addr
 
     def __enter__(self) -> NetnsLink:
         for tool in ("ip", "tc"):
@@ -164,6 +222,7 @@ class NetnsLink:
         self.delete()
 
     def delete(self) -> None:
+        self._stop_emulator()
         for argv in teardown_commands(self.cfg):
             _run(argv, check=False)
 
@@ -179,16 +238,62 @@ class NetnsLink:
         return True
 
     def shape(self, shape: Shape) -> None:
-        if not self.netem:
+        if self.netem:
+            for argv in netem_commands(self.cfg, shape):
+                _run(argv)
+        elif self.emulated:
+            if shape == self.shaped and self._emulator is not None and self._emulator.poll() is None:
+                return
+            self._stop_emulator()
+            self._start_emulator(shape)
+        else:
             raise HostError(NETEM_MISSING)
-        for argv in netem_commands(self.cfg, shape):
-            _run(argv)
         self.shaped = shape
 
     def unshape(self) -> None:
+        """Back to the plain veth. Behind the emulator that means no forwarder: nothing answers on
+        the target address's forwarded ports until the next :meth:`shape`."""
+        self._stop_emulator()
         for argv in unshape_commands(self.cfg):
             _run(argv, check=False)
         self.shaped = None
+
+    def _start_emulator(self, shape: Shape) -> None:
+        argv = emulator_argv(self.cfg, shape, self.ports, python=self.python)
+        self._emulator_log = open(self.log, "ab") if self.log is not None else None
+        self._emulator = p = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=self._emulator_log, cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert p.stdout is not None
+        deadline = time.monotonic() + EMULATOR_START_S
+        out = b""
+        while b"ready" not in out and p.poll() is None and time.monotonic() < deadline:
+            if select.select([p.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                piece = os.read(p.stdout.fileno(), 4096)
+                if not piece:
+                    break
+                out += piece
+        if b"ready" not in out:
+            self._stop_emulator()
+            where = f" (see {self.log})" if self.log is not None else ""
+            raise HostError(f"the link emulator did not start{where}: `{' '.join(argv)}`")
+
+    def _stop_emulator(self) -> None:
+        p, self._emulator = self._emulator, None
+        if p is not None:
+            self.shaped = None
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(EMULATOR_STOP_S)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            if p.stdout is not None:
+                p.stdout.close()
+        if self._emulator_log is not None:
+            self._emulator_log.close()
+            self._emulator_log = None
 
     def src(self, argv: Sequence[str]) -> list[str]:
         return ns_exec(self.cfg.src_ns, argv)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -14,10 +15,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.netns import (
     NETEM_MISSING,
+    SHAPER_EMULATOR,
+    SHAPER_NETEM,
     SHAPES,
     LinkConfig,
     NetnsLink,
     Shape,
+    emulator_argv,
     netem_commands,
     netem_unknown,
     ns_exec,
@@ -115,3 +119,56 @@ def test_real_link_carries_bytes_and_is_removed() -> None:
 
 def test_netem_missing_message_says_what_to_do() -> None:
     assert "sch_netem" in NETEM_MISSING and "CONFIG_NET_SCH_NETEM" in NETEM_MISSING
+
+
+def test_the_emulator_runs_in_the_target_namespace_forwarding_each_port_to_localhost() -> None:
+    assert emulator_argv(CFG, Shape(10, 40), (7700, 7701), python="/venv/bin/python") == [
+        "ip", "netns", "exec", "rm-bench-tgt", "/venv/bin/python", "-m", "bench.linkemu",
+        "--rate-mbit", "10", "--rtt-ms", "40",
+        "--forward", "10.231.0.2:7700=127.0.0.1:7700", "--forward", "10.231.0.2:7701=127.0.0.1:7701"]
+    assert emulator_argv(CFG, Shape(100, 5), (1,))[-5:-2] == ["100", "--rtt-ms", "5"]
+
+
+def test_shaper_and_where_the_target_serves() -> None:
+    plain = NetnsLink(CFG)                                  # no ports: no emulator
+    assert (plain.shaper, plain.emulated, plain.serve_host) == (None, False, "10.231.0.2")
+    with pytest.raises(HostError, match="sch_netem"):
+        plain.shape(SHAPES[0])
+    emu = NetnsLink(CFG, ports=(7700,))
+    assert (emu.shaper, emu.emulated, emu.serve_host) == (SHAPER_EMULATOR, True, "127.0.0.1")
+    netem = NetnsLink(CFG, ports=(7700,))
+    netem.netem = True                                      # as probed on a kernel with netem
+    assert (netem.shaper, netem.emulated, netem.serve_host) == (SHAPER_NETEM, False, "10.231.0.2")
+    assert "TCP terminated" in SHAPER_EMULATOR
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2")
+def test_real_link_is_shaped_with_netem_or_the_emulator(tmp_path: Path) -> None:
+    cfg = LinkConfig(src_ns="rm-benchemu-src", tgt_ns="rm-benchemu-tgt", src_if="rmbe-src",
+                     tgt_if="rmbe-tgt", src_addr="10.231.0.9", tgt_addr="10.231.0.10")
+    port, shape, size = 7798, Shape(8, 100), 200_000                  # 0.2 s of serialisation
+    repo = Path(__file__).resolve().parent.parent
+    with NetnsLink(cfg, ports=(port,), log=tmp_path / "emu.log") as link:
+        recv = subprocess.Popen(link.tgt([sys.executable, "-m", "bench.linksend", "recv", "--listen",
+                                          f"{link.serve_host}:{port}"]), stdout=subprocess.PIPE, text=True,
+                                cwd=repo)
+        try:
+            assert recv.stdout is not None and recv.stdout.readline().strip() == "ready"
+            link.shape(shape)
+            link.shape(shape)                                         # the same shape: nothing restarts
+            out = subprocess.run(link.src([sys.executable, "-m", "bench.linksend", "send", "--to",
+                                           f"{cfg.tgt_addr}:{port}", "--bytes", str(size)]),
+                                 capture_output=True, text=True, check=True, cwd=repo).stdout
+            [timed] = json.loads(out)
+            model = size * 8 / (shape.rate_mbit * 1e6) + shape.rtt_ms / 1000
+            assert model <= timed["seconds"] < 3 * model + 1.0
+            link.unshape()
+            if link.emulated:                                         # no forwarder: nothing answers
+                r = subprocess.run(link.src([sys.executable, "-m", "bench.linksend", "send", "--to",
+                                             f"{cfg.tgt_addr}:{port}", "--bytes", "1"]),
+                                   capture_output=True, text=True, cwd=repo)
+                assert r.returncode != 0
+        finally:
+            recv.terminate()
+            recv.wait(10)
+    assert link.shaped is None

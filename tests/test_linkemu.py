@@ -34,6 +34,7 @@ from bench.linkemu import (
     main,
     parse_forward,
 )
+from bench.netns import NETEM_LIMIT_PACKETS
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -46,7 +47,7 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 
 # ---- the model ---------------------------------------------------------------------------------
 def test_defaults_are_netems_queue_and_16_kib_chunks() -> None:
-    assert QUEUE_BYTES == 1000 * 1500
+    assert QUEUE_BYTES == NETEM_LIMIT_PACKETS * 1500
     assert CHUNK_BYTES == 16 * 1024
 
 
