@@ -4,16 +4,17 @@
 
 For each workload one real migration runs between two network namespaces joined by a veth pair
 (source VM driven by the workload in one, the handoff service and the replaying target in the
-other); with ``tc netem`` it runs over 10 Mbit/s / 40 ms RTT. Its source state and the target's
-own state before patching are kept, and on them, on this host: the plain state transfer, the full
-image, rsync, the Merkle diff without replay (bytes and sender CPU time), and where replay left
-divergence and why. With netem, the baselines' real byte counts are then sent over each shaped
-link by a small TCP sender and timed, and the short workloads migrate once more at 100 Mbit/s /
-5 ms. Writes ``migration.md``, ``migration.json`` and PNG plots to ``--out``.
+other) over 10 Mbit/s / 40 ms RTT. Its source state and the target's own state before patching
+are kept, and on them, on this host: the plain state transfer, the full image, rsync, the Merkle
+diff without replay (bytes and sender CPU time), and where replay left divergence and why. The
+baselines' real byte counts are then sent over each shaped link by a small TCP sender and timed,
+and the short workloads migrate once more at 100 Mbit/s / 5 ms. Writes ``migration.md``,
+``migration.json`` and PNG plots to ``--out``.
 
-Without netem in the kernel the link stays unshaped, everything else is measured, the report says
-why there are no shaped times, and the exit status is 3 (``--no-link`` asks for that run on
-purpose and exits 0).
+The link is shaped by ``tc netem`` where the kernel has it, else by the userspace link emulator
+(``bench/linkemu.py``, see :mod:`bench.netns`); the report says which. ``--no-link`` leaves the
+link unshaped on purpose: everything but the shaped times is measured, and the report says so.
+Exit status 3 is left for a link that cannot be shaped at all.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import tables
 from bench.baselines import rsync_delta, source_costs, sparse_zstd
 from bench.divergence import disk_divergence, memory_divergence
-from bench.netns import NETEM_MISSING, SHAPES, NetnsLink, Shape
+from bench.netns import NETEM_MISSING, SHAPER_NETEM, SHAPES, NetnsLink, Shape
 from bench.sides import KEPT_DISK, KEPT_MEMORY
 from replay_migrate.errors import HostError
 from replayer.workload import find_workload, load_workload, synthesize
@@ -203,15 +204,18 @@ def migrate(hv: Hypervisor, ck: ckpt.Checkpoint, wl: str, workload: Path, link: 
     duration = synthesize(load_workload(workload))[-1].t_us / 1e6
     _remove_ours(hv, (src_name, tgt_name))
     session = secrets.token_hex(8)
-    url = session_url(f"ws://{link.cfg.tgt_addr}:{SERVICE_PORT}", session)
+    # the source crosses the link to the target address; the target, next to the service, reaches
+    # it where it listens (the same address with netem, 127.0.0.1 behind the emulator)
+    src_url = session_url(f"ws://{link.cfg.tgt_addr}:{SERVICE_PORT}", session)
+    tgt_url = session_url(f"ws://{link.serve_host}:{SERVICE_PORT}", session)
     py = str(VENV_BIN / "python")
     procs: list[Proc] = []
     try:
         src = ckpt.start_clone(hv, ck, src_name)
         src.wait_agent()
-        tgt_argv = [py, "-m", "bench.sides", "target", "--url", url, "--checkpoint", ck.name,
+        tgt_argv = [py, "-m", "bench.sides", "target", "--url", tgt_url, "--checkpoint", ck.name,
                     "--name", tgt_name, "--out", str(wdir / f"target-{link_key}.json")]
-        src_argv = [py, "-m", "bench.sides", "source", "--url", url, "--checkpoint", ck.name,
+        src_argv = [py, "-m", "bench.sides", "source", "--url", src_url, "--checkpoint", ck.name,
                     "--domain", src_name, "--workload", str(workload), "--out", str(wdir / f"source-{link_key}.json")]
         if keep:
             tgt_argv += ["--keep", str(wdir / "target")]
@@ -339,21 +343,28 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
         log(f"checkpoint {ck.name}: {'created' if created else 'cached'}")
         trees = checkpoint_trees(ck)
         manifest = ck.manifest
-        with NetnsLink() as link:
-            shapes = [s for s in SHAPES] if link.netem and not args.no_link else []
+        ports = () if args.no_link else (SERVICE_PORT, LINKSEND_PORT)
+        with NetnsLink(ports=ports, log=work / "linkemu.log", python=str(VENV_BIN / "python")) as link:
+            shapes = list(SHAPES) if link.shaper and not args.no_link else []
             message = None
-            if not link.netem and not args.no_link:
+            if args.no_link:
+                message = "shaped-link timings skipped on request (--no-link)."
+            elif not shapes:
                 message = NETEM_MISSING
                 log(f"WARNING: {NETEM_MISSING}; measuring bytes and unshaped times only, exit status will be "
                     f"{EXIT_NO_NETEM}")
-            elif args.no_link:
-                message = "shaped-link timings skipped on request (--no-link)."
+            elif link.emulated:
+                log("this kernel has no sch_netem: the userspace link emulator (bench/linkemu.py) shapes the link")
+                notes.append("The link was shaped by the userspace link emulator (`bench/linkemu.py`; this kernel "
+                             "has no sch_netem): rate, per-direction delay and queue as netem's, but it "
+                             "terminates TCP, so the sender's slow start over the emulated RTT is not modelled "
+                             "and short transfers come out somewhat faster than over netem.")
             first = shapes[0].key if shapes else tables.UNSHAPED
             service = Proc("service", link.tgt([str(VENV_BIN / "replay-migrate"), "serve", "--listen",
-                                                f"{link.cfg.tgt_addr}:{SERVICE_PORT}"]),
+                                                f"{link.serve_host}:{SERVICE_PORT}"]),
                            work / "service.log", _env(token))
             receiver = Proc("link receiver", link.tgt([str(VENV_BIN / "python"), "-m", "bench.linksend", "recv",
-                                                       "--listen", f"{link.cfg.tgt_addr}:{LINKSEND_PORT}"]),
+                                                       "--listen", f"{link.serve_host}:{LINKSEND_PORT}"]),
                             work / "receiver.log", _env(token))
             try:
                 service.wait_line("serving on", SERVICE_START_S)
@@ -406,7 +417,8 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
         "host": f"{platform.node()}, {os.cpu_count()} CPUs, Linux {platform.release()}",
         "checkpoint": ck.name, "virt": "TCG" if manifest.virt == "qemu" else "KVM",
         "memory_mib": manifest.memory_mib,
-        "link": {"netem": bool(shapes), "message": message,
+        "link": {"netem": bool(shapes) and link.shaper == SHAPER_NETEM,
+                 "shaper": link.shaper if shapes else None, "message": message,
                  "shapes": [{"key": s.key, "name": s.name, "rate_mbit": s.rate_mbit, "rtt_ms": s.rtt_ms}
                             for s in shapes]},
         "params": {"max_send_bytes": MAX_SEND_BYTES, "repeat_at_second_link": list(REPEAT_AT_SECOND_LINK),

@@ -222,8 +222,11 @@ def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> st
            f"({meta.get('virt', '?')}, {meta.get('memory_mib', '?')} MiB guest); this benchmark took "
            f"{meta.get('elapsed_s', 0) / 60:.1f} min. Every method is measured on the same source state "
            "(the one replay-migrate's source saved at suspend).\n"]
+    shaper = link.get("shaper") or ("tc netem" if link.get("netem") and link.get("shapes") else None)
     if link.get("message"):
         out.append(f"**Shaped link: not available.** {link['message']}\n")
+    elif shaper:
+        out.append(f"**Shaped link:** {shaper}.\n")
     for note in meta.get("notes", []):
         out.append(f"- {note}")
     out.append("\n## Bytes on the wire\n")

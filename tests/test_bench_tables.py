@@ -121,9 +121,16 @@ def test_render_markdown(tmp_path: Path) -> None:
                  "| pixels (X framebuffer, pixmaps) | 60 | 60 |", "/root/notes.txt", "## Goals", "![bytes](bytes.png)",
                  "- a note"):
         assert text in md
+    assert "**Shaped link:** tc netem." in md               # a run from before "shaper" was recorded
     no_link = copy.deepcopy(RESULTS)
     no_link["meta"]["link"] = {"netem": False, "message": "no netem here", "shapes": []}
     assert "**Shaped link: not available.** no netem here" in render_markdown(no_link)
+    assert "**Shaped link:**" not in render_markdown(no_link)
+    emulated = copy.deepcopy(RESULTS)
+    emulated["meta"]["link"].update(netem=False, shaper="userspace link emulator (bench/linkemu.py)")
+    md = render_markdown(emulated)
+    assert "**Shaped link:** userspace link emulator (bench/linkemu.py)." in md
+    assert "not available" not in md and "| 10 Mbit/s, 40 ms RTT |" in md
 
 
 def test_short_cause_names() -> None:
