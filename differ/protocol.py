@@ -9,10 +9,10 @@ state (:class:`ProtocolError`, state FAILED, sinks aborted). The transport moves
 
 Flow (T = target, S = source)::
 
-    T→S hello   params (walk digest length, delta sub-block, fingerprint length and key), and per
-                image: name, size, leaves, fanout, root
-    S→T tree    per image the source's shape and root; for images whose roots differ, the first
-                walk part
+    T→S hello   params (walk digest length, check bytes, delta sub-block, fingerprint length and
+                key), and per image: name, size, leaves, fanout, root, and the root of its base
+    S→T tree    per image the source's shape and root, whether the walk is base-relative; for
+                images whose roots differ, the first walk part
     T⇄S walk    ping-pong: each part carries a bitmap of which of the *peer's* last digests differ
                 and the sender's truncated digests of the children of those nodes
     T→S want    per image: which leaves differ and, per differing leaf, a request
@@ -29,14 +29,23 @@ Improvements over "one level per round trip, digests one way, bitmaps back":
   ones) and the target can answer it with its requests at once.
 * **truncated walk digests** (``digest_bytes``, 8 by default): a node collision only makes the walk
   miss a difference, which the final root check (full 32-byte digests) turns into FAILED.
+* **base-relative walk**: both sides started from the same checkpoint, so when both hold its trees
+  (the *base*, same root) a node whose digest equals the base's travels as one bit. Replay makes
+  both sides change mostly the same pages, so the walk still descends into them, but each level's
+  untouched siblings cost a bit instead of ``digest_bytes``; a leaf the source holds at the base's
+  content while the target changed it is taken from the target's copy of the base.
 * **requests decided by the target**: for a differing leaf whose source digest prefix the target
-  already holds (own images, references, or another leaf earlier in this transfer) it asks for a
-  *confirmation* carrying the rest of its candidate's digest (24 bytes) and the source answers with
-  one byte; zero leaves need no bytes at all. Otherwise it asks for the block, with keyed
-  fingerprints of its own block's sub-blocks so the source can send only the sub-blocks that
-  differ (a *delta*: DESIGN.md §5 found half of divergent pages differ in ≤ 8 bytes). The source
-  sends the remaining bytes of its digest with every block, so the target checks every block
-  against the full 32-byte digest before the sink sees it.
+  already holds (own images, references, base, or another leaf earlier in this transfer) it asks
+  for a *confirmation* (with ``check_bytes`` more of its candidate's digest, none by default) and
+  the source answers with one byte; zero leaves need no bytes at all. Otherwise it asks for the
+  block, with keyed fingerprints of its own block's sub-blocks so the source can send only the
+  sub-blocks that differ (a *delta*: DESIGN.md §5 found half of divergent pages differ in ≤ 8
+  bytes).
+* **verification**: the target hashes every block it rebuilds and checks it against the source's
+  walk prefix (plus ``check_bytes``) before the sink sees it, then rebuilds each patched image's
+  tree and compares the 32-byte root with the source's before anything is committed: a wrong block
+  can never be committed, and full 32-byte digests per block (24 more bytes each) buy only an
+  earlier error.
 
 Only the block phase is resumable (:meth:`Target.resume` → the source re-emits batches from the
 target's next expected one; duplicates are ignored): the walk is a few small messages, restart it.
@@ -71,7 +80,8 @@ from differ.merkle import (
 from differ.source import LEAF_SIZE, BlockSink, BlockSource
 from replay_migrate.errors import ProtocolError, ReplayMigrateError, VerificationError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""2: base-relative walk, per-block check bytes (``cb``) instead of whole digests."""
 
 # -- parameters ----------------------------------------------------------------------------------
 
@@ -110,6 +120,20 @@ class ProtocolParams:
     4 bytes and the per-transfer random key; 2 bytes failed within 4000 pages in the bench."""
     delta: bool = True
     """Target: send fingerprints (ask for deltas) for leaves where it has a non-zero block."""
+    delta_with_base: bool = False
+    """Target: send fingerprints in a base-relative walk too. Off: there the source sends each
+    block whole or XOR its base leaf, whichever compresses smaller; on kept states of a real
+    migration fingerprints (64 bytes per leaf) cost more than the deltas saved over that."""
+    check_bytes: int = 0
+    """Bytes of a leaf's digest, beyond the walk's ``digest_bytes``, that travel with every block
+    and reference candidate for an earlier, stronger per-block check. 0: each block is checked
+    against its walk prefix (2^-64 per block to pass wrongly) and every image against its 32-byte
+    root before anything is committed, which is what makes a transfer correct; the 24 bytes per
+    block that full digests would add were 14 % of a real migration's wire bytes."""
+    base: bool = True
+    """Target: offer the base-relative walk for images that have a base (the common checkpoint):
+    a node equal to the base's travels as one bit instead of ``digest_bytes``, and a leaf the
+    source still holds at the base's content is taken from the target's copy of the base."""
     zstd_level: int = 3
     max_message_bytes: int = 1 << 20
     """Largest wire message; walk and want messages larger than this travel as fragments."""
@@ -135,6 +159,7 @@ class ProtocolParams:
                 "sub_block_size",
             ),
             (MIN_FINGERPRINT_BYTES <= self.fingerprint_bytes <= MAX_FINGERPRINT_BYTES, "fingerprint_bytes"),
+            (0 <= self.check_bytes <= DIGEST_SIZE - self.digest_bytes, "check_bytes"),
             (1 <= self.zstd_level <= 22, "zstd_level"),
             (MIN_MESSAGE_BYTES <= self.max_message_bytes <= 1 << 30, "max_message_bytes"),
             (1 <= self.max_batch_entries <= 1 << 20, "max_batch_entries"),
@@ -192,31 +217,40 @@ class Req(enum.IntEnum):
     """The source's digest prefix is the zero leaf's; confirm."""
     DUP = 4
     """Same digest prefix as an earlier requested leaf of this transfer (position attached)."""
+    BASE = 5
+    """The source said its leaf equals the base's (base-relative walk): confirm."""
 
 
 class Ans(enum.IntEnum):
     """Source's answer for one requested leaf."""
 
     OK = 0
-    """Confirmed (REF, ZERO, DUP): the target applies what it proposed."""
+    """Confirmed (REF, ZERO, DUP, BASE): the target applies what it proposed."""
     ZERO = 1
     """The leaf is all zeros."""
     FULL = 2
     """The whole leaf follows (rest of digest, bytes in the batch body)."""
     DELTA = 3
     """The sub-blocks whose fingerprints differ follow (rest of digest, bitmap, bytes)."""
+    XBASE = 4
+    """The leaf XOR the base's leaf follows (rest of digest, bytes): a page changed in a few places
+    since the checkpoint compresses to almost nothing."""
 
 
 class _How(enum.Enum):
     REFERENCED = "referenced"
     DUPLICATE = "duplicate"
+    BASE = "base"
     ZERO = "zero"
     FULL = "full"
     DELTA = "delta"
+    XBASE = "xbase"
 
 
-_HOW = {Ans.ZERO: _How.ZERO, Ans.FULL: _How.FULL, Ans.DELTA: _How.DELTA}
-_CONFIRMED = {Req.REF: _How.REFERENCED, Req.DUP: _How.DUPLICATE, Req.ZERO: _How.ZERO}
+_HOW = {Ans.ZERO: _How.ZERO, Ans.FULL: _How.FULL, Ans.DELTA: _How.DELTA, Ans.XBASE: _How.XBASE}
+_SENT = (Ans.FULL, Ans.DELTA, Ans.XBASE)
+"""Answers that carry block bytes (and the check bytes of the digest)."""
+_CONFIRMED = {Req.REF: _How.REFERENCED, Req.DUP: _How.DUPLICATE, Req.ZERO: _How.ZERO, Req.BASE: _How.BASE}
 
 
 class SourceState(enum.Enum):
@@ -279,29 +313,35 @@ Event = WalkDone | BatchApplied | BatchAcked | Verified | PeerFailed
 
 
 @dataclass
+class ReferenceImage:
+    """Content a side holds besides its images (base image, checkpoint): a reference or a base."""
+
+    source: BlockSource
+    tree: MerkleTree
+
+
+@dataclass
 class SourceImage:
+    """Image A. ``base``: the same image at the checkpoint both sides started from, for the
+    base-relative walk (used when the target holds a base with the same root) and XOR answers."""
+
     name: str
     source: BlockSource
     tree: MerkleTree
+    base: ReferenceImage | None = None
 
 
 @dataclass
 class TargetImage:
     """Image B: its original content (``source``, read for references and deltas, never written),
-    its tree, and the sink that patches a copy (None only for a dry run)."""
+    its tree, and the sink that patches a copy (None only for a dry run). ``base``: the same image
+    at the common checkpoint (read for leaves the source still holds at the base's content)."""
 
     name: str
     source: BlockSource
     tree: MerkleTree
     sink: BlockSink | None = None
-
-
-@dataclass
-class ReferenceImage:
-    """Content the target holds besides its images (base image, checkpoint): a reference source."""
-
-    source: BlockSource
-    tree: MerkleTree
+    base: ReferenceImage | None = None
 
 
 @dataclass
@@ -311,8 +351,12 @@ class ImageStats:
     referenced: int = 0
     duplicate: int = 0
     zero: int = 0
+    base: int = 0
+    """Leaves the source still held at the base's content, taken from the target's base."""
     full: int = 0
     delta: int = 0
+    xbase: int = 0
+    """Leaves sent as XOR against the base's leaf."""
     plain_bytes: int = 0
     """zstd of every divergent leaf on its own (what shipping the divergent blocks would cost);
     measured by the source when asked (``measure_plain``)."""
@@ -368,8 +412,10 @@ class TransferStats:
                 referenced=a.referenced + b.referenced,
                 duplicate=a.duplicate + b.duplicate,
                 zero=a.zero + b.zero,
+                base=a.base + b.base,
                 full=a.full + b.full,
                 delta=a.delta + b.delta,
+                xbase=a.xbase + b.xbase,
                 plain_bytes=a.plain_bytes + b.plain_bytes,
                 resized=a.resized or b.resized,
             )
@@ -428,6 +474,35 @@ def _fingerprints(block: bytes | bytearray, sub: int, nbytes: int, key: bytes) -
     mv = memoryview(block)
     hasher = blake3.blake3
     return b"".join([hasher(mv[j : j + sub], key=key).digest(nbytes) for j in range(0, len(mv), sub)])
+
+
+def _xor(a: bytes, b: bytes) -> bytes:
+    """``a`` XOR ``b`` (same length; ``b`` may be a longer read, cut to ``a``'s length)."""
+    n = len(a)
+    return (np.frombuffer(a, dtype=np.uint8) ^ np.frombuffer(b, dtype=np.uint8, count=n)).tobytes()
+
+
+def _has_base_leaf(base: ReferenceImage | None, leaf: int, length: int) -> bool:
+    """Whether ``base`` has a leaf at ``leaf`` of exactly ``length`` bytes (to XOR against)."""
+    return base is not None and leaf < base.tree.leaf_count and base.tree.leaf_length(leaf) == length
+
+
+def _read_leaves(source: BlockSource, leaves: list[int], size: int) -> dict[int, bytes]:
+    """``source``'s blocks at ``leaves`` (sorted, inside it), each fitted to its length in an image
+    of ``size`` bytes; consecutive leaves are read in one call (a qcow2 source may spawn qemu-img
+    per call for backing data)."""
+    out: dict[int, bytes] = {}
+    k = 0
+    while k < len(leaves):
+        run = 1
+        while k + run < len(leaves) and leaves[k + run] == leaves[k] + run and run < READ_RUN:
+            run += 1
+        data = source.read(leaves[k], run)
+        for j in range(run):
+            leaf = leaves[k + j]
+            out[leaf] = _fit(data[j * LEAF_SIZE : (j + 1) * LEAF_SIZE], leaf_length(size, leaf))
+        k += run
+    return out
 
 
 def _n_sub(length: int, sub: int) -> int:
@@ -533,25 +608,63 @@ class _Shape:
 
 
 class _Walk:
-    """One image's walk state on one side: the tree compared and the digests last sent."""
+    """One image's walk state on one side: the tree compared, the digests last sent and, in the
+    base-relative walk, the base's tree in the same shape (both sides derive it identically)."""
 
-    def __init__(self, tree: MerkleTree, t: int) -> None:
+    def __init__(self, tree: MerkleTree, t: int, base: MerkleTree | None = None) -> None:
+        if base is not None and [len(lv) for lv in base.levels] != [len(lv) for lv in tree.levels]:
+            raise ValueError("the base tree must have the walked tree's shape")
         self.tree = tree
         self.t = t
+        self.base = base
         self.sizes = [len(lv) for lv in tree.levels]
         self.active = True
         self.sent_level = -1
         self.sent_nodes: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
 
-    def digests(self, level: int, nodes: npt.NDArray[np.int64]) -> bytes:
-        return self.tree.levels[level][nodes, : self.t].tobytes()
+    def encode(self, level: int, nodes: npt.NDArray[np.int64], stats: TransferStats) -> dict[str, Any]:
+        """My digests of ``nodes`` at ``level`` (``d``, truncated). In the base-relative walk, ``b``
+        marks the nodes whose whole 32-byte digest equals the base's; theirs are left out of ``d``:
+        where both sides kept the checkpoint's content a node costs one bit, not ``t`` bytes."""
+        mine = self.tree.levels[level][nodes]
+        part: dict[str, Any] = {"l": level}
+        if self.base is not None:
+            same = (mine == self.base.levels[level][nodes]).all(axis=1)
+            part["b"] = _pack_bits(same)
+            stats.bitmap_bytes += len(part["b"])
+            mine = mine[~same]
+        part["d"] = mine[:, : self.t].tobytes()
+        stats.walk_digest_bytes += len(part["d"])
+        return part
 
-    def compare(self, level: int, nodes: npt.NDArray[np.int64], peer: bytes, what: str) -> npt.NDArray[np.bool_]:
-        if len(peer) != len(nodes) * self.t:
-            raise ProtocolError(f"{what}: {len(peer)} digest bytes for {len(nodes)} nodes")
-        theirs = np.frombuffer(peer, dtype=np.uint8).reshape(len(nodes), self.t)
-        diff: npt.NDArray[np.bool_] = (self.tree.levels[level][nodes, : self.t] != theirs).any(axis=1)
-        return diff
+    def compare(
+        self, level: int, nodes: npt.NDArray[np.int64], part: dict[str, Any], what: str
+    ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.uint8], npt.NDArray[np.bool_]]:
+        """Which of ``nodes`` differ from the peer's part; also the peer's digest prefixes (the
+        base's where it said "as the base") and which nodes it said are as the base. A node the
+        peer holds at the base's content is compared on all 32 bytes."""
+        n = len(nodes)
+        if self.base is None:
+            if "b" in part:
+                raise ProtocolError(f"{what}: base bitmap in a walk without base")
+            same = np.zeros(n, dtype=bool)
+        else:
+            same = _unpack_bits(_bin(part, "b"), n, what)
+        peer = _bin(part, "d")
+        k = n - int(same.sum())
+        if len(peer) != k * self.t:
+            raise ProtocolError(f"{what}: {len(peer)} digest bytes for {k} nodes")
+        mine = self.tree.levels[level][nodes]
+        theirs = np.empty((n, self.t), dtype=np.uint8)
+        theirs[~same] = np.frombuffer(peer, dtype=np.uint8).reshape(k, self.t)
+        diff = np.empty(n, dtype=bool)
+        diff[~same] = (mine[~same, : self.t] != theirs[~same]).any(axis=1)
+        if same.any():
+            assert self.base is not None
+            base = self.base.levels[level][nodes[same]]
+            theirs[same] = base[:, : self.t]
+            diff[same] = (mine[same] != base).any(axis=1)
+        return diff, theirs, same
 
     def nodes_for(self, part: dict[str, Any], level: int, what: str) -> npt.NDArray[np.int64]:
         """The nodes (at ``level``) the peer's part carries digests for: the children of the
@@ -573,11 +686,11 @@ class _Walk:
             self.active = False
             return None
         kids = _children(nodes[diff], self.tree.fanout, self.sizes[level - 1])
-        bitmap, digests = _pack_bits(diff), self.digests(level - 1, kids)
-        stats.bitmap_bytes += len(bitmap)
-        stats.walk_digest_bytes += len(digests)
+        part = self.encode(level - 1, kids, stats)
+        part["m"] = _pack_bits(diff)
+        stats.bitmap_bytes += len(part["m"])
         self.sent_level, self.sent_nodes = level - 1, kids
-        return {"l": level - 1, "m": bitmap, "d": digests}
+        return part
 
 
 class _ContentIndex:
@@ -791,6 +904,9 @@ class _SrcImg:
         self.name = spec.name
         self.source = spec.source
         self.tree = spec.tree
+        self.base = spec.base
+        if self.base is not None and self.base.tree.leaf_size != self.tree.leaf_size:
+            raise ValueError(f"image {spec.name!r}: base tree with another leaf size")
         self.walk: _Walk | None = None
 
 
@@ -820,6 +936,7 @@ class Source:
         self._t = self.params.digest_bytes
         self._sub = self.params.sub_block_size
         self._fb = self.params.fingerprint_bytes
+        self._cb = self.params.check_bytes
         self._key = b""
         # the plan (one entry per requested leaf, images in order, leaves ascending)
         self._p_img = np.zeros(0, dtype=np.int64)
@@ -897,17 +1014,28 @@ class Source:
         if self._sub & (self._sub - 1):
             raise ProtocolError("sub-block size is not a power of two")
         self._fb = _int(msg, "fb", MIN_FINGERPRINT_BYTES, MAX_FINGERPRINT_BYTES)
+        self._cb = _int(msg, "cb", 0, DIGEST_SIZE - self._t)
         self._key = _bin(msg, "key", KEY_SIZE)
         theirs = [_Shape.decode(v, p) for v in _list(msg, "img", max_len=p.max_images)]
+        base_roots = _list(msg, "br", len(theirs))
         by_name = {s.name: s for s in theirs}
         if len(by_name) != len(theirs) or set(by_name) != {im.name for im in self._images}:
             raise ProtocolError("the target's images are not the source's images")
+        their_base: dict[str, bytes | None] = {}
+        for shape, root in zip(theirs, base_roots, strict=True):
+            if root is not None and not (isinstance(root, bytes) and len(root) == DIGEST_SIZE):
+                raise ProtocolError(f"image {shape.name!r}: malformed base root")
+            their_base[shape.name] = root
         shapes: list[dict[str, Any]] = []
         parts: list[dict[str, Any] | None] = []
+        base_mode: list[bool] = []
         for im in self._images:
             shapes.append(_Shape.of(im.name, im.tree).encode())
             self._ep.stats.root_bytes += DIGEST_SIZE
-            walk = im.walk = _Walk(im.tree, self._t)
+            base = im.base.tree if im.base is not None and im.base.tree.root == their_base[im.name] else None
+            view = base.resized(im.tree.size, im.tree.fanout) if base is not None else None
+            base_mode.append(view is not None)
+            walk = im.walk = _Walk(im.tree, self._t, view)
             if by_name[im.name].root == im.tree.root or im.tree.leaf_count == 0:
                 walk.active = False
                 parts.append(None)
@@ -916,11 +1044,9 @@ class Source:
             level = depth if depth % 2 == 0 else depth - 1  # the source sends even levels
             nodes = np.arange(walk.sizes[level], dtype=np.int64)
             walk.sent_level, walk.sent_nodes = level, nodes
-            digests = walk.digests(level, nodes)
-            self._ep.stats.walk_digest_bytes += len(digests)
-            parts.append({"l": level, "d": digests})
+            parts.append(walk.encode(level, nodes, self._ep.stats))
         self._ep.state = SourceState.WALKING
-        self._ep._send(MsgType.TREE, {"img": shapes, "p": parts})
+        self._ep._send(MsgType.TREE, {"img": shapes, "bm": base_mode, "p": parts})
         return []
 
     def _on_walk(self, msg: dict[str, Any]) -> list[Event]:
@@ -943,7 +1069,7 @@ class Source:
             if level % 2 == 0:
                 raise ProtocolError(f"{what}: the target sent an even level")
             nodes = walk.nodes_for(part, level, what)
-            diff = walk.compare(level, nodes, _bin(part, "d"), what)
+            diff, _, _ = walk.compare(level, nodes, part, what)
             replies.append(walk.reply(level, nodes, diff, self._ep.stats))
         self._ep._send(MsgType.WALK, {"p": replies})
         return []
@@ -952,7 +1078,7 @@ class Source:
         parts = _list(msg, "p", len(self._images))
         imgs, leaves, reqs, auxs = [], [], [], []
         cands, fps = [], []
-        rest = DIGEST_SIZE - self._t
+        rest = self._cb
         pos = 0
         fp_off = 0
         cand_row = 0
@@ -974,6 +1100,8 @@ class Source:
             kinds = np.frombuffer(_bin(part, "k", len(lv)), dtype=np.uint8)
             if (kinds > max(Req)).any():
                 raise ProtocolError(f"{what}: unknown request kind")
+            if walk.base is None and (kinds == Req.BASE).any():
+                raise ProtocolError(f"{what}: base request in a walk without base")
             n_ref = int((kinds == Req.REF).sum())
             n_dup = int((kinds == Req.DUP).sum())
             c = _bin(part, "c", n_ref * rest)
@@ -1057,9 +1185,13 @@ class Source:
             data = im.source.read(leaf, 1)
             self._ep.stats.images[im.name].plain_bytes += len(self._cctx.compress(data))
             self._plain_done = pos + 1
+        cb = self._cb
         if req is Req.REF:
-            rest = DIGEST_SIZE - t
-            if digest[t:] == self._cands[aux * rest : (aux + 1) * rest]:
+            if digest[t : t + cb] == self._cands[aux * cb : (aux + 1) * cb]:
+                return Ans.OK, b"", b"", b""
+        elif req is Req.BASE:
+            assert im.walk is not None and im.walk.base is not None
+            if digest == im.walk.base.leaf(leaf):
                 return Ans.OK, b"", b"", b""
         elif req is Req.ZERO:
             if digest == zero_digest(length):
@@ -1074,6 +1206,7 @@ class Source:
             data = im.source.read(leaf, 1)
         if len(data) != length:
             raise ProtocolError(f"image {im.name!r}: source gave {len(data)} bytes for leaf {leaf}")
+        kind, mask, payload = Ans.FULL, b"", data
         if req is Req.DELTA:
             nsub = _n_sub(length, self._sub)
             theirs = np.frombuffer(self._fps, dtype=np.uint8, count=nsub * self._fb, offset=aux)
@@ -1082,9 +1215,14 @@ class Source:
             k = int(diff.sum())
             if 0 < k < nsub:
                 mv = memoryview(data)
+                kind, mask = Ans.DELTA, _pack_bits(diff)
                 payload = b"".join(mv[j * self._sub : (j + 1) * self._sub] for j in np.flatnonzero(diff).tolist())
-                return Ans.DELTA, digest[t:], _pack_bits(diff), payload
-        return Ans.FULL, digest[t:], b"", data
+        if _has_base_leaf(im.base, leaf, length) and (im.walk is not None and im.walk.base is not None):
+            assert im.base is not None
+            xor = _xor(data, im.base.source.read(leaf, 1))
+            if len(self._cctx.compress(xor)) < len(self._cctx.compress(payload)) + len(mask):
+                kind, mask, payload = Ans.XBASE, b"", xor
+        return kind, digest[t : t + cb], mask, payload
 
     def _encode_batch(self, n: int) -> dict[str, Any]:
         start = self._starts[n]
@@ -1150,6 +1288,9 @@ class _TgtImg:
         self.source = spec.source
         self.tree = spec.tree
         self.sink = spec.sink
+        self.base = spec.base
+        self.base_view: MerkleTree | None = None
+        """The base's tree in the source's shape, in the base-relative walk."""
         self.gi = -1
         self.shape: _Shape | None = None
         self.view: MerkleTree | None = None
@@ -1157,6 +1298,8 @@ class _TgtImg:
         self.want_mask: npt.NDArray[np.bool_] = np.zeros(0, dtype=bool)
         self.diff_leaves: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
         self.prefixes: npt.NDArray[np.uint8] = np.zeros((0, 0), dtype=np.uint8)
+        self.from_base: npt.NDArray[np.bool_] = np.zeros(0, dtype=bool)
+        """Per differing leaf: the source said it holds the base's content there."""
         self.touched = False
 
 
@@ -1196,6 +1339,7 @@ class Target:
         if len(self._key) != KEY_SIZE:
             raise ValueError("key must be 32 bytes")
         self._t = self.params.digest_bytes
+        self._cb = self.params.check_bytes
         self._index: _ContentIndex | None = None
         self._dctx = zstandard.ZstdDecompressor()
         self._ep.stats.dry_run = dry_run
@@ -1237,12 +1381,14 @@ class Target:
             raise RuntimeError("Target.start called twice")
         p = self.params
         shapes = [_Shape.of(im.name, im.tree).encode() for im in self._images]
-        self._ep.stats.root_bytes += DIGEST_SIZE * len(shapes)
+        base_roots = [im.base.tree.root if im.base is not None and p.base else None for im in self._images]
+        self._ep.stats.root_bytes += DIGEST_SIZE * (len(shapes) + sum(r is not None for r in base_roots))
         self._ep.stats.round_trips += 1
         self._ep.state = TargetState.HELLO_SENT
         self._ep._send(
             MsgType.HELLO,
-            {"db": p.digest_bytes, "sb": p.sub_block_size, "fb": p.fingerprint_bytes, "key": self._key, "img": shapes},
+            {"db": p.digest_bytes, "sb": p.sub_block_size, "fb": p.fingerprint_bytes, "cb": p.check_bytes,
+             "key": self._key, "img": shapes, "br": base_roots},
         )
 
     def receive_data(self, data: bytes) -> list[Event]:
@@ -1282,11 +1428,18 @@ class Target:
         mine = {im.name: im for im in self._images}
         if {s.name for s in shapes} != set(mine) or len({s.name for s in shapes}) != len(shapes):
             raise ProtocolError("the source's images are not the target's images")
+        base_mode = _list(msg, "bm", len(shapes))
         for gi, shape in enumerate(shapes):
             im = mine[shape.name]
             im.gi, im.shape = gi, shape
             im.view = im.tree.resized(shape.size, shape.fanout)
-            im.walk = _Walk(im.view, self._t)
+            if base_mode[gi] is True:
+                if im.base is None or not self.params.base:
+                    raise ProtocolError(f"image {im.name!r}: base-relative walk without a base offered")
+                im.base_view = im.base.tree.resized(shape.size, shape.fanout)
+            elif base_mode[gi] is not False:
+                raise ProtocolError("message field 'bm' is not a list of booleans")
+            im.walk = _Walk(im.view, self._t, im.base_view)
             im.walk.active = False  # until the first part arrives
             self._ep.stats.images[im.name] = ImageStats(leaves=shape.leaves, resized=shape.size != im.tree.size)
             self._ep.stats.flat_hash_bytes += DIGEST_SIZE * shape.leaves
@@ -1324,13 +1477,13 @@ class Target:
                 nodes = np.arange(walk.sizes[level], dtype=np.int64)
             else:
                 nodes = walk.nodes_for(part, level, what)
-            digests = _bin(part, "d")
-            diff = walk.compare(level, nodes, digests, what)
+            diff, theirs, same = walk.compare(level, nodes, part, what)
             if level == 0:
                 walk.active = False
                 im.want_mask = diff
                 im.diff_leaves = nodes[diff]
-                im.prefixes = np.frombuffer(digests, dtype=np.uint8).reshape(len(nodes), self._t)[diff]
+                im.prefixes = theirs[diff]
+                im.from_base = same[diff]
                 replies.append(None)
             else:
                 replies.append(walk.reply(level, nodes, diff, self._ep.stats))
@@ -1373,6 +1526,7 @@ class Target:
             fp_leaves: list[int] = []
             locs = index.lookup(pref)
             zero_full = zero_digest()[:t]
+            cb = self._cb
             for j, leaf in enumerate(lv.tolist()):
                 pos = pos0 + j
                 length = leaf_length(size, leaf)
@@ -1381,9 +1535,11 @@ class Target:
                 loc = locs[j]
                 if pb == zd:
                     kinds[j] = Req.ZERO
+                elif im.from_base[j]:
+                    kinds[j] = Req.BASE
                 elif loc is not None:
                     kinds[j] = Req.REF
-                    cands.append(index.digest(loc)[t:])
+                    cands.append(index.digest(loc)[t : t + cb])
                     self._p_ref[pos] = loc
                 elif pb in first_of:
                     kinds[j] = Req.DUP
@@ -1392,7 +1548,8 @@ class Target:
                     self._dup_targets.add(first_of[pb])
                 else:
                     first_of[pb] = pos
-                    if self.params.delta and self._has_base(im, leaf):
+                    fingerprints = self.params.delta and (im.base_view is None or self.params.delta_with_base)
+                    if fingerprints and self._has_base(im, leaf):
                         kinds[j] = Req.DELTA
                         fp_leaves.append(leaf)
                     else:
@@ -1434,21 +1591,9 @@ class Target:
 
     def _base_blocks(self, im: _TgtImg, leaves: list[int]) -> dict[int, bytes]:
         """The target's own blocks at ``leaves`` (sorted, all inside its original image), as they
-        are after the resize; consecutive leaves are read in one call (a qcow2 source may spawn
-        qemu-img per call for backing data)."""
+        are after the resize."""
         assert im.shape is not None
-        out: dict[int, bytes] = {}
-        k = 0
-        while k < len(leaves):
-            run = 1
-            while k + run < len(leaves) and leaves[k + run] == leaves[k] + run and run < READ_RUN:
-                run += 1
-            data = im.source.read(leaves[k], run)
-            for j in range(run):
-                leaf = leaves[k + j]
-                out[leaf] = _fit(data[j * LEAF_SIZE : (j + 1) * LEAF_SIZE], leaf_length(im.shape.size, leaf))
-            k += run
-        return out
+        return _read_leaves(im.source, leaves, im.shape.size)
 
     def _fingerprint_leaves(self, im: _TgtImg, leaves: list[int]) -> bytes:
         sub, fb = self.params.sub_block_size, self.params.fingerprint_bytes
@@ -1473,7 +1618,7 @@ class Target:
         rests = _bin(msg, "h")
         masks = _bin(msg, "dm")
         t, sub = self._t, self.params.sub_block_size
-        rest_len = DIGEST_SIZE - t
+        rest_len = self._cb
         # pass 1: layout (what the body must hold), kinds allowed for each request
         layout: list[tuple[Ans, int, int, npt.NDArray[np.bool_] | None]] = []
         raw_len = r_off = m_off = 0
@@ -1485,14 +1630,18 @@ class Target:
             im = self._by_gi[int(self._p_img[pos])]
             assert im.shape is not None
             length = leaf_length(im.shape.size, int(self._p_leaf[pos]))
-            if kind is Ans.OK and req not in (Req.REF, Req.ZERO, Req.DUP):
+            if kind is Ans.OK and req not in (Req.REF, Req.ZERO, Req.DUP, Req.BASE):
                 raise ProtocolError("confirmation of a leaf that was not proposed")
             if kind is Ans.DELTA and req is not Req.DELTA:
                 raise ProtocolError("delta for a leaf without fingerprints")
+            if kind is Ans.XBASE and not (
+                im.base_view is not None and _has_base_leaf(im.base, int(self._p_leaf[pos]), length)
+            ):
+                raise ProtocolError("XOR against a base the target does not have")
             bits = None
-            if kind in (Ans.FULL, Ans.DELTA):
+            if kind in _SENT:
                 r_off += rest_len
-            if kind is Ans.FULL:
+            if kind in (Ans.FULL, Ans.XBASE):
                 raw_len += length
             elif kind is Ans.DELTA:
                 nsub = _n_sub(length, sub)
@@ -1518,10 +1667,19 @@ class Target:
             raise ProtocolError("blocks message: body length does not match its entries")
         # pass 2: reconstruct and verify every leaf before any write
         wanted: dict[int, list[int]] = {}  # image → leaves whose delta needs the target's block
+        from_base: dict[int, list[int]] = {}  # image → leaves taken from or XORed against its base
         for j, entry in enumerate(layout):
+            gi, leaf = int(self._p_img[o + j]), int(self._p_leaf[o + j])
             if entry[0] is Ans.DELTA:
-                wanted.setdefault(int(self._p_img[o + j]), []).append(int(self._p_leaf[o + j]))
+                wanted.setdefault(gi, []).append(leaf)
+            elif entry[0] is Ans.XBASE or (entry[0] is Ans.OK and self._p_req[o + j] == Req.BASE):
+                from_base.setdefault(gi, []).append(leaf)
         bases = {gi: self._base_blocks(self._by_gi[gi], leaves) for gi, leaves in wanted.items()}
+        base_data: dict[int, dict[int, bytes]] = {}
+        for gi, leaves in from_base.items():
+            im = self._by_gi[gi]
+            assert im.base is not None and im.shape is not None
+            base_data[gi] = _read_leaves(im.base.source, leaves, min(im.shape.size, im.base.tree.size))
         ready: list[tuple[_TgtImg, int, bytes | None, _How]] = []
         b_off = r_off = 0
         for j, (kind, length, _, bits) in enumerate(layout):
@@ -1541,15 +1699,22 @@ class Target:
                 data = self._dup_cache.get(ref)
                 if data is None:
                     raise ProtocolError("duplicate of a leaf not received")
+            elif kind is Ans.OK and req is Req.BASE:
+                assert im.base is not None and im.base_view is not None
+                digest = im.base_view.leaf(leaf)
+                data = _fit(base_data[im.gi][leaf], length)
             elif kind in (Ans.OK, Ans.ZERO):
                 digest, data = zero_digest(length), None
                 if prefix != digest[:t]:
                     raise VerificationError(f"image {im.name!r}: leaf {leaf} announced as zero does not match the walk")
             else:
-                digest = prefix + rests[r_off : r_off + rest_len]
+                check = prefix + rests[r_off : r_off + rest_len]
                 r_off += rest_len
                 if kind is Ans.FULL:
                     data = body[b_off : b_off + length]
+                    b_off += length
+                elif kind is Ans.XBASE:
+                    data = _xor(body[b_off : b_off + length], base_data[im.gi][leaf])
                     b_off += length
                 else:
                     assert bits is not None
@@ -1559,7 +1724,11 @@ class Target:
                         block[s * sub : s * sub + piece] = body[b_off : b_off + piece]
                         b_off += piece
                     data = bytes(block)
-            if data is not None and blake3.blake3(data).digest() != digest:
+                digest = blake3.blake3(data).digest()
+                if digest[: len(check)] != check:
+                    raise VerificationError(f"image {im.name!r}: leaf {leaf} does not match the source's digest")
+            if kind not in _SENT and data is not None and blake3.blake3(data).digest() != digest:
+                # content the target proposed from what it holds: a stale tree would show here
                 raise VerificationError(f"image {im.name!r}: leaf {leaf} does not match the source's digest")
             self._full[pos] = np.frombuffer(digest, dtype=np.uint8)
             if pos in self._dup_targets:

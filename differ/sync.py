@@ -45,6 +45,7 @@ def sync_local(
     source_trees: Mapping[str, MerkleTree] | None = None,
     target_trees: Mapping[str, MerkleTree] | None = None,
     references: Sequence[tuple[BlockSource, MerkleTree | None]] = (),
+    bases: Mapping[str, tuple[BlockSource, MerkleTree | None]] | None = None,
     fanout: int = DEFAULT_FANOUT,
     params: ProtocolParams | None = None,
     dry_run: bool = False,
@@ -53,7 +54,8 @@ def sync_local(
 ) -> TransferStats:
     """Make the target images equal to the source images (or, with ``dry_run``, measure what that
     would ship and write nothing). Trees not given are built; ``references`` are other content the
-    target holds (base, checkpoint). Raises ``VerificationError``/``ProtocolError`` on failure, with
+    target holds (base, checkpoint); ``bases``: per image name, that image at the checkpoint both
+    sides started from (for the base-relative walk). Raises ``VerificationError``/``ProtocolError`` on failure, with
     every sink aborted."""
     s_trees = dict(source_trees or {})
     t_trees = dict(target_trees or {})
@@ -64,13 +66,19 @@ def sync_local(
         if name not in t_trees:
             t_trees[name] = MerkleTree.build(src, fanout)
     refs = [ReferenceImage(src, tree or MerkleTree.build(src, fanout)) for src, tree in references]
+    base_refs = {
+        name: ReferenceImage(src, tree or MerkleTree.build(src, fanout)) for name, (src, tree) in (bases or {}).items()
+    }
     source = Source(
-        [SourceImage(name, src, s_trees[name]) for name, src in source_images.items()],
+        [SourceImage(name, src, s_trees[name], base=base_refs.get(name)) for name, src in source_images.items()],
         params,
         measure_plain=measure_plain,
     )
     target = Target(
-        [TargetImage(name, src, t_trees[name], sink) for name, (src, sink) in target_images.items()],
+        [
+            TargetImage(name, src, t_trees[name], sink, base=base_refs.get(name))
+            for name, (src, sink) in target_images.items()
+        ],
         params,
         references=refs,
         dry_run=dry_run,

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from differ.memsource import MemoryImage, MemorySink, MemorySource
 from differ.merkle import MerkleTree
 from differ.protocol import (
+    PROTOCOL_VERSION,
     BatchApplied,
     FailCode,
     PeerFailed,
@@ -33,6 +34,7 @@ from replay_migrate.errors import ProtocolError, ReplayMigrateError, Verificatio
 
 KEY = bytes(range(32))
 PAGE = LEAF_SIZE
+V = PROTOCOL_VERSION
 
 
 def rand(n: int, seed: int = 0) -> bytes:
@@ -54,20 +56,35 @@ class Pair:
         fanout: int = 4,
         params: ProtocolParams | None = None,
         references: tuple[bytes, ...] = (),
+        bases: dict[str, bytes] | None = None,
+        target_bases: dict[str, tuple[bytes, MerkleTree]] | None = None,
         dry_run: bool = False,
         measure_plain: bool = False,
     ) -> None:
+        """``bases``: the common checkpoint's version of each image, held by both sides;
+        ``target_bases``: the target's (content, tree) instead, to make it disagree."""
         self.a = a
+        bases = bases or {}
+        t_bases = target_bases or {name: (data, MerkleTree.from_bytes(data)) for name, data in bases.items()}
         self.images = {name: MemoryImage(data) for name, data in b.items()}
         self.sinks: dict[str, MemorySink] = {name: im.sink() for name, im in self.images.items()}
         self.source = Source(
-            [SourceImage(name, MemorySource(data), MerkleTree.from_bytes(data, fanout)) for name, data in a.items()],
+            [
+                SourceImage(name, MemorySource(data), MerkleTree.from_bytes(data, fanout), base=_base(bases.get(name)))
+                for name, data in a.items()
+            ],
             params,
             measure_plain=measure_plain,
         )
         self.target = Target(
             [
-                TargetImage(name, im.source(), MerkleTree.from_bytes(im.data, fanout), self.sinks[name])
+                TargetImage(
+                    name,
+                    im.source(),
+                    MerkleTree.from_bytes(im.data, fanout),
+                    self.sinks[name],
+                    base=ReferenceImage(MemorySource(t_bases[name][0]), t_bases[name][1]) if name in t_bases else None,
+                )
                 for name, im in self.images.items()
             ],
             params,
@@ -81,6 +98,10 @@ class Pair:
 
     def data(self, name: str = "disk") -> bytes:
         return self.images[name].data
+
+
+def _base(data: bytes | None) -> ReferenceImage | None:
+    return None if data is None else ReferenceImage(MemorySource(data), MerkleTree.from_bytes(data))
 
 
 def one(a: bytes, b: bytes, **kw: object) -> Pair:
@@ -189,6 +210,105 @@ def test_references_from_a_base_image() -> None:
     pair = one(bytes(a), b, references=(base,))
     stats = pair.run()
     assert pair.data() == bytes(a) and stats.images["disk"].referenced == 2 and stats.block_bytes == 0
+
+
+# -- the base-relative walk (both sides started from one checkpoint) --------------------------------
+
+
+def replayed(base: bytes, *, same: tuple[int, ...], differ: tuple[int, ...], target_only: tuple[int, ...],
+             source_only: tuple[int, ...] = ()) -> tuple[bytes, bytes]:
+    """(source, target) grown from ``base``: pages changed alike, changed differently, changed by
+    the target alone (the source kept the base's), changed by the source alone."""
+    a, b = bytearray(base), bytearray(base)
+    for i in same:
+        a[i * PAGE : (i + 1) * PAGE] = b[i * PAGE : (i + 1) * PAGE] = rand(PAGE, 100 + i)
+    for i in differ:
+        a[i * PAGE : (i + 1) * PAGE], b[i * PAGE : (i + 1) * PAGE] = rand(PAGE, 200 + i), rand(PAGE, 300 + i)
+    for i in target_only:
+        b[i * PAGE : (i + 1) * PAGE] = rand(PAGE, 400 + i)
+    for i in source_only:
+        a[i * PAGE : (i + 1) * PAGE] = rand(PAGE, 500 + i)
+    return bytes(a), bytes(b)
+
+
+def test_base_relative_walk_costs_bits_where_both_kept_the_base() -> None:
+    base = rand(1024 * PAGE, seed=7)
+    a, b = replayed(base, same=(1, 100, 500), differ=(3, 300, 900), target_only=(40, 640), source_only=(70,))
+    plain = one(a, b, fanout=16)
+    plain_stats = plain.run()
+    pair = one(a, b, fanout=16, bases={"disk": base})
+    stats = pair.run()
+    assert pair.data() == a and pair.sinks["disk"].committed and plain.data() == a
+    img = stats.images["disk"]
+    assert img.divergent == plain_stats.images["disk"].divergent == 6
+    assert img.base == 2   # the target's own changes are undone from its copy of the base: no bytes
+    assert stats.walk_digest_bytes < plain_stats.walk_digest_bytes / 4
+    assert stats.wire_total < plain_stats.wire_total
+
+
+def test_a_page_changed_a_little_since_the_base_travels_as_xor() -> None:
+    base = rand(64 * PAGE, seed=8)
+    a, b = bytearray(base), bytearray(base)
+    a[9 * PAGE + 100 : 9 * PAGE + 110] = b"\x01" * 10        # the source edited a few bytes
+    b[9 * PAGE : 10 * PAGE] = rand(PAGE, 99)                # the target wrote something else there
+    pair = one(bytes(a), bytes(b), bases={"disk": base})
+    stats = pair.run()
+    assert pair.data() == bytes(a)
+    assert stats.images["disk"].xbase == 1 and stats.block_bytes < 100
+    assert stats.fingerprint_bytes == 0         # no fingerprints in a base-relative walk by default
+    with_fp = one(bytes(a), bytes(b), bases={"disk": base}, params=ProtocolParams(delta_with_base=True))
+    assert with_fp.run().fingerprint_bytes == 16 * 4 and with_fp.data() == bytes(a)
+
+
+def test_a_base_the_sides_do_not_share_is_not_used() -> None:
+    base = rand(32 * PAGE, seed=9)
+    a, b = replayed(base, same=(), differ=(2,), target_only=(5,))
+    other = rand(32 * PAGE, seed=10)
+    pair = one(a, b, bases={"disk": base}, target_bases={"disk": (other, MerkleTree.from_bytes(other))})
+    stats = pair.run()
+    assert pair.data() == a and stats.images["disk"].base == 0 and stats.images["disk"].divergent == 2
+
+
+def test_a_stale_base_at_the_target_is_caught_before_writing() -> None:
+    """The target's base tree says one thing, its base image holds another: the leaf it would take
+    from the base fails its digest check and nothing is written."""
+    base = rand(32 * PAGE, seed=11)
+    a, b = replayed(base, same=(), differ=(), target_only=(5,))
+    stale = bytearray(base)
+    stale[5 * PAGE] ^= 1
+    pair = one(a, b, bases={"disk": base}, target_bases={"disk": (bytes(stale), MerkleTree.from_bytes(base))})
+    with pytest.raises(VerificationError):
+        pair.run()
+    assert pair.data() == b and pair.sinks["disk"].aborted and not pair.sinks["disk"].committed
+
+
+def test_check_bytes_add_digest_bytes_per_block() -> None:
+    base = rand(32 * PAGE, seed=12)
+    a, b = replayed(base, same=(), differ=(1, 2, 3), target_only=())
+    pair = one(a, b, params=ProtocolParams(check_bytes=24))
+    stats = pair.run()
+    assert pair.data() == a and stats.leaf_digest_bytes == 3 * 24
+    default = one(a, b)
+    assert default.run().leaf_digest_bytes == 0 and default.data() == a
+
+
+def test_base_requests_in_a_walk_without_base_are_refused() -> None:
+    base = rand(16 * PAGE, seed=13)
+    a, b = replayed(base, same=(), differ=(4,), target_only=())
+
+    pair = one(a, b)                                    # no base on either side
+    pair.target.start()
+    while True:
+        (out,) = pair.target.data_to_send()
+        if mtype(out) == "want":
+            break
+        pair.source.receive_data(out)
+        for m in pair.source.data_to_send():
+            pair.target.receive_data(m)
+    want = msgpack.unpackb(out)
+    want["p"][0]["k"] = bytes([5])                      # Req.BASE
+    with pytest.raises(ProtocolError):
+        pair.source.receive_data(msgpack.packb(want))
 
 
 def test_duplicate_new_pages_travel_once() -> None:
@@ -360,7 +480,7 @@ def test_root_mismatch_after_patching_aborts_every_image() -> None:
 def test_message_in_wrong_state() -> None:
     pair = one(rand(4 * PAGE), rand(4 * PAGE))
     pair.target.start()
-    blocks = msgpack.packb({"t": "blocks", "v": 1, "n": 0, "o": 0, "k": b"\x02", "h": b"", "dm": b"", "r": b""})
+    blocks = msgpack.packb({"t": "blocks", "v": V, "n": 0, "o": 0, "k": b"\x02", "h": b"", "dm": b"", "r": b""})
     with pytest.raises(ProtocolError):
         pair.target.receive_data(blocks)
     assert pair.target.state is TargetState.FAILED and pair.sinks["disk"].aborted
@@ -372,7 +492,7 @@ def test_message_in_wrong_state() -> None:
 
     src = one(rand(4 * PAGE), rand(4 * PAGE)).source
     with pytest.raises(ProtocolError):
-        src.receive_data(msgpack.packb({"t": "want", "v": 1, "p": [None]}))
+        src.receive_data(msgpack.packb({"t": "want", "v": V, "p": [None]}))
     assert src.state is SourceState.FAILED
 
 
@@ -381,19 +501,21 @@ def test_finished_transfer_stays_verified() -> None:
     pair = one(a, rand(4 * PAGE))
     pair.run()
     with pytest.raises(ProtocolError):
-        pair.target.receive_data(msgpack.packb({"t": "end", "v": 1, "n": 0}))
+        pair.target.receive_data(msgpack.packb({"t": "end", "v": V, "n": 0}))
     assert pair.target.state is TargetState.VERIFIED and pair.data() == a
 
 
 def hello_bytes(**override: object) -> bytes:
     msg: dict[str, object] = {
         "t": "hello",
-        "v": 1,
+        "v": V,
         "db": 8,
         "sb": 256,
         "fb": 4,
+        "cb": 0,
         "key": KEY,
         "img": [{"n": "disk", "s": 4 * PAGE, "l": 4, "f": 4, "r": bytes(32)}],
+        "br": [None],
     }
     msg.update(override)
     return bytes(msgpack.packb(msg))
@@ -408,7 +530,8 @@ def hello_bytes(**override: object) -> bytes:
         hello_bytes() + b"\x00",
         msgpack.packb([1, 2, 3]),
         msgpack.packb({"t": "hello"}),
-        hello_bytes(v=2),
+        hello_bytes(v=V + 1),
+        hello_bytes(v=1),
         hello_bytes(t="launch"),
         hello_bytes(t=7),
         hello_bytes(db="8"),
@@ -416,15 +539,20 @@ def hello_bytes(**override: object) -> bytes:
         hello_bytes(db=3),
         hello_bytes(sb=100),
         hello_bytes(key=b"short"),
+        hello_bytes(cb=-1),
+        hello_bytes(cb=25),
+        hello_bytes(br=[]),
+        hello_bytes(br=[b"short root"]),
+        hello_bytes(br="x"),
         hello_bytes(img=[{"n": "disk", "s": 4 * PAGE, "l": 5, "f": 4, "r": bytes(32)}]),
         hello_bytes(img=[{"n": "disk", "s": 4 * PAGE, "l": 4, "f": 4, "r": bytes(31)}]),
         hello_bytes(img=[{"n": "other", "s": 4 * PAGE, "l": 4, "f": 4, "r": bytes(32)}]),
         hello_bytes(img=[{"n": "disk", "s": -1, "l": 4, "f": 4, "r": bytes(32)}]),
         hello_bytes(img="disk"),
         hello_bytes(img=[None]),
-        msgpack.packb({"t": "hello", "v": 1, "pad": b"x" * (2 << 20)}),
-        msgpack.packb({"t": "frag", "v": 1, "lt": "blocks", "i": 0, "n": 2, "d": b"x"}),
-        msgpack.packb({"t": "frag", "v": 1, "lt": "hello", "i": 1, "n": 2, "d": b"x"}),
+        msgpack.packb({"t": "hello", "v": V, "pad": b"x" * (2 << 20)}),
+        msgpack.packb({"t": "frag", "v": V, "lt": "blocks", "i": 0, "n": 2, "d": b"x"}),
+        msgpack.packb({"t": "frag", "v": V, "lt": "hello", "i": 1, "n": 2, "d": b"x"}),
     ],
 )
 def test_malformed_messages_raise_protocol_error(data: bytes) -> None:
@@ -557,15 +685,8 @@ def test_resume_outside_the_block_phase_is_refused() -> None:
 # -- property ------------------------------------------------------------------------------------------
 
 
-@st.composite
-def image_pairs(draw: st.DrawFn) -> tuple[bytes, bytes]:
-    n = draw(st.integers(0, 40))
-    tail = draw(st.sampled_from([0, 0, 1, 100, PAGE - 1]))
-    seed = draw(st.integers(0, 2**16))
-    b = bytearray(rand(n * PAGE + tail, seed))
-    for i in draw(st.lists(st.integers(0, max(0, n - 1)), max_size=5)) if n else []:
-        b[i * PAGE : (i + 1) * PAGE] = bytes(PAGE)
-    a = bytearray(b)
+def mutate(draw: st.DrawFn, data: bytes) -> bytes:
+    a = bytearray(data)
     ops = draw(
         st.lists(
             st.tuples(st.sampled_from(["byte", "move", "zero", "rand", "resize"]), st.integers(0, 2**31)), max_size=12
@@ -591,7 +712,24 @@ def image_pairs(draw: st.DrawFn) -> tuple[bytes, bytes]:
         else:
             i = x % leaves
             a[i * PAGE : (i + 1) * PAGE] = rand(len(a[i * PAGE : (i + 1) * PAGE]), x)
-    return bytes(a), bytes(b)
+    return bytes(a)
+
+
+@st.composite
+def images(draw: st.DrawFn) -> bytes:
+    n = draw(st.integers(0, 40))
+    tail = draw(st.sampled_from([0, 0, 1, 100, PAGE - 1]))
+    seed = draw(st.integers(0, 2**16))
+    b = bytearray(rand(n * PAGE + tail, seed))
+    for i in draw(st.lists(st.integers(0, max(0, n - 1)), max_size=5)) if n else []:
+        b[i * PAGE : (i + 1) * PAGE] = bytes(PAGE)
+    return bytes(b)
+
+
+@st.composite
+def image_pairs(draw: st.DrawFn) -> tuple[bytes, bytes]:
+    b = draw(images())
+    return mutate(draw, b), b
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -618,6 +756,29 @@ def test_property_target_equals_source(
     assert image.data == a and stats.verified and sink.committed
     view = MerkleTree.from_bytes(b).resized(len(a))  # B as it is after set_size(len(a))
     assert stats.images["x"].divergent == len(MerkleTree.from_bytes(a).differing_leaves(view))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    fanout=st.sampled_from([2, 4, 16]),
+    digest_bytes=st.sampled_from([4, 8]),
+    check_bytes=st.sampled_from([0, 4]),
+    delta_with_base=st.booleans(),
+)
+def test_property_three_way_target_equals_source(
+    data: st.DataObject, fanout: int, digest_bytes: int, check_bytes: int, delta_with_base: bool
+) -> None:
+    """Source and target both grown from one base (the checkpoint), the base-relative walk on."""
+    base = data.draw(images())
+    a, b = mutate(data.draw, base), mutate(data.draw, base)
+    params = ProtocolParams(digest_bytes=digest_bytes, check_bytes=check_bytes, delta_with_base=delta_with_base,
+                            max_message_bytes=64 << 10)
+    pair = one(a, b, fanout=fanout, params=params, bases={"disk": base})
+    stats = pair.run()
+    assert pair.data() == a and stats.verified
+    view = MerkleTree.from_bytes(b).resized(len(a))
+    assert stats.images["disk"].divergent == len(MerkleTree.from_bytes(a).differing_leaves(view))
 
 
 class FailingSource(MemorySource):

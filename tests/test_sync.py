@@ -86,3 +86,17 @@ def test_baseline_bytes_counts_leaves_changed_since_the_checkpoint() -> None:
     cctx = zstandard.ZstdCompressor(level=3)
     want = sum(len(cctx.compress(bytes(a[i * PAGE : (i + 1) * PAGE]))) for i in (3, 4, 40))
     assert baseline_bytes(MemorySource(bytes(a)), tree_a, tree_c) == want
+
+
+def test_sync_local_with_a_common_base() -> None:
+    base = rand(64 * PAGE, 20)
+    a, b = bytearray(base), bytearray(base)
+    a[3 * PAGE + 7] ^= 0x40                       # the source changed a byte since the checkpoint
+    b[3 * PAGE : 4 * PAGE] = rand(PAGE, 21)       # the target changed the same page otherwise
+    b[9 * PAGE : 10 * PAGE] = rand(PAGE, 22)      # and one the source kept
+    image = MemoryImage(bytes(b))
+    stats = sync_local({"memory": MemorySource(bytes(a))}, {"memory": (image.source(), image.sink())},
+                       bases={"memory": (MemorySource(base), None)})
+    assert image.data == bytes(a)
+    img = stats.images["memory"]
+    assert (img.divergent, img.xbase, img.base) == (2, 1, 1) and stats.fingerprint_bytes == 0
