@@ -185,7 +185,8 @@ def source_costs(state: VmState, ck: Checkpoint, trees: CheckpointTrees, work: P
             t0 = time.perf_counter()
             stats = sync_local(sources, {MEMORY: (ck_mem, None), DISK: (ck_disk, None)},
                                source_trees=mine, target_trees={MEMORY: trees.memory, DISK: trees.disk_tree},
-                               references=[(ref, trees.memory)], fanout=FANOUT, dry_run=True)
+                               references=[(ref, trees.memory)], fanout=FANOUT, dry_run=True,
+                               bases={MEMORY: (ref, trees.memory), DISK: (ck_disk, trees.disk_tree)})
             no_replay_s = time.perf_counter() - t0
     finally:
         empty.unlink(missing_ok=True)

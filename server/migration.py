@@ -53,6 +53,7 @@ from server.vmstate import (
     CheckpointTrees,
     VmState,
     build_trees,
+    checkpoint_images,
     checkpoint_trees,
     open_sources,
     open_target_images,
@@ -91,7 +92,9 @@ class Report:
     savings: float = 0.0
     divergent_blocks: dict[str, int] = field(default_factory=dict)
     referenced_blocks: int = 0
+    """Blocks the target already held: references, duplicates, and its checkpoint's copy."""
     delta_blocks: int = 0
+    """Blocks sent as changes: against the target's block (delta) or the checkpoint's (XOR)."""
     full_blocks: int = 0
     round_trips: int = 0
     events_replayed: int = 0
@@ -109,8 +112,8 @@ class Report:
         self.fingerprint_bytes = stats.fingerprint_bytes
         self.round_trips = stats.round_trips
         self.divergent_blocks = {name: s.divergent for name, s in stats.images.items()}
-        self.referenced_blocks = sum(s.referenced + s.duplicate for s in stats.images.values())
-        self.delta_blocks = sum(s.delta for s in stats.images.values())
+        self.referenced_blocks = sum(s.referenced + s.duplicate + s.base for s in stats.images.values())
+        self.delta_blocks = sum(s.delta + s.xbase for s in stats.images.values())
         self.full_blocks = sum(s.full for s in stats.images.values())
 
     def finish(self) -> None:
@@ -248,7 +251,8 @@ class SourceSide:
             t0 = time.monotonic()
             mine = await asyncio.to_thread(build_trees, sources)
             self.report.baseline_bytes = await asyncio.to_thread(plain_transfer_bytes, sources, mine, trees)
-            src = Source(source_images(sources, mine), self.params, measure_plain=True)
+            bases = checkpoint_images(self.checkpoint, trees, stack)
+            src = Source(source_images(sources, mine, bases), self.params, measure_plain=True)
             walked = [0.0]
 
             def seen(ev: object) -> None:
@@ -424,8 +428,9 @@ class TargetSide:
         with ExitStack() as stack:
             sources = stack.enter_context(open_sources(state, trees))
             mine = await asyncio.to_thread(build_trees, sources)
-            images = stack.enter_context(open_target_images(state, trees, sources, mine))
-            tgt = Target(images, self.params, references=references(self.checkpoint, trees, stack))
+            bases = checkpoint_images(self.checkpoint, trees, stack)
+            images = stack.enter_context(open_target_images(state, trees, sources, mine, bases=bases))
+            tgt = Target(images, self.params, references=references(bases))
             await self.client.phase("diffing")
             tgt.start()
             pending: list[object] = []

@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from differ.blocks import LeafDigests, MemoryImageSource, Qcow2OverlaySource, compute_leaf_digests, detect_format
@@ -51,7 +52,7 @@ class CheckpointTrees:
     disk: LeafDigests
     """Leaf digests of the checkpoint disk's guest-visible content (the clones' backing chain)."""
 
-    @property
+    @cached_property
     def disk_tree(self) -> MerkleTree:
         return MerkleTree(self.disk.digests, self.disk.size, FANOUT)
 
@@ -110,29 +111,47 @@ def build_trees(sources: dict[str, BlockSource]) -> dict[str, MerkleTree]:
     return {name: MerkleTree.build(src, FANOUT) for name, src in sources.items()}
 
 
-def source_images(sources: dict[str, BlockSource], trees: dict[str, MerkleTree]) -> list[SourceImage]:
-    return [SourceImage(name, src, trees[name]) for name, src in sources.items()]
+def source_images(sources: dict[str, BlockSource], trees: dict[str, MerkleTree],
+                  bases: dict[str, ReferenceImage] | None = None) -> list[SourceImage]:
+    """The source's images; with ``bases`` (see :func:`checkpoint_images`), each with the
+    checkpoint's as its base (base-relative walk, XOR answers)."""
+    bases = bases or {}
+    return [SourceImage(name, src, trees[name], base=bases.get(name)) for name, src in sources.items()]
+
+
+def checkpoint_images(ck: Checkpoint, trees: CheckpointTrees, stack: ExitStack) -> dict[str, ReferenceImage]:
+    """The checkpoint's memory image and disk as either side reads them: the bases of its images
+    (and, at the target, the memory one a reference). Opened with shared access: running clones hold the disk as
+    their backing file, and nothing writes a checkpoint once clones exist."""
+    memory = stack.enter_context(MemoryImageSource(ck.memory))
+    disk = stack.enter_context(Qcow2OverlaySource(ck.disk, force_share=True))
+    return {MEMORY: ReferenceImage(memory, trees.memory), DISK: ReferenceImage(disk, trees.disk_tree)}
 
 
 @contextmanager
 def open_target_images(state: VmState, trees: CheckpointTrees, sources: dict[str, BlockSource],
-                       source_trees: dict[str, MerkleTree], *, dry_run: bool = False) -> Iterator[list[TargetImage]]:
-    """The target's images with sinks that patch copies (replacing the originals only on commit)."""
+                       source_trees: dict[str, MerkleTree], *, dry_run: bool = False,
+                       bases: dict[str, ReferenceImage] | None = None) -> Iterator[list[TargetImage]]:
+    """The target's images with sinks that patch copies (replacing the originals only on commit);
+    ``bases`` (see :func:`checkpoint_images`) enable the base-relative walk."""
     sinks: dict[str, BlockSink | None] = {MEMORY: None, DISK: None}
     if not dry_run:
         sinks = {MEMORY: MemoryImageSink(state.memory),
                  DISK: Qcow2OverlaySink(state.disk, backing_tree=trees.disk)}
+    bases = bases or {}
     try:
-        yield [TargetImage(name, sources[name], source_trees[name], sinks[name]) for name in (MEMORY, DISK)]
+        yield [TargetImage(name, sources[name], source_trees[name], sinks[name], base=bases.get(name))
+               for name in (MEMORY, DISK)]
     finally:
         for sink in sinks.values():
             if sink is not None:
                 sink.abort()      # no-op after commit
 
 
-def references(ck: Checkpoint, trees: CheckpointTrees, stack: ExitStack) -> list[ReferenceImage]:
-    """Content the target holds besides its own images: the checkpoint's memory image."""
-    return [ReferenceImage(stack.enter_context(MemoryImageSource(ck.memory)), trees.memory)]
+def references(bases: dict[str, ReferenceImage]) -> list[ReferenceImage]:
+    """Content the target holds besides its own images, for content references: the checkpoint's
+    memory image (its disk's content is the clones' backing data, already in the target's disk)."""
+    return [bases[MEMORY]]
 
 
 def plain_transfer_bytes(sources: dict[str, BlockSource], trees: dict[str, MerkleTree],
@@ -154,11 +173,14 @@ def sync_states(a: VmState, b: VmState, *, params: ProtocolParams | None = None,
         src_b = stack.enter_context(open_sources(b, trees))
         trees_a = build_trees(src_a)
         baseline = plain_transfer_bytes(src_a, trees_a, trees)
-        timgs = stack.enter_context(open_target_images(b, trees, src_b, build_trees(src_b), dry_run=dry_run))
-        refs = [(r.source, r.tree) for r in references(a.checkpoint, trees, stack)]
+        bases = checkpoint_images(a.checkpoint, trees, stack)
+        timgs = stack.enter_context(open_target_images(b, trees, src_b, build_trees(src_b), dry_run=dry_run,
+                                                       bases=bases))
+        refs = [(r.source, r.tree) for r in references(bases)]
         stats = sync_local(src_a, {t.name: (t.source, t.sink) for t in timgs}, source_trees=trees_a,
                            target_trees={t.name: t.tree for t in timgs}, references=refs, fanout=FANOUT,
-                           params=params, dry_run=dry_run)
+                           params=params, dry_run=dry_run,
+                           bases={name: (r.source, r.tree) for name, r in bases.items()})
         return stats, baseline
 
 
