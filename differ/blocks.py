@@ -21,6 +21,7 @@ import blake3
 import numpy as np
 import numpy.typing as npt
 
+from differ.merkle import known_arrays
 from differ.saveimage import (
     DEFAULT_MAX_DATA_LEN,
     DEFAULT_MAX_RAM_BLOCKS,
@@ -31,7 +32,7 @@ from differ.saveimage import (
     SaveLayout,
     data_extents,
 )
-from differ.source import LEAF_SIZE, ZERO_LEAF_DIGEST, BlockSource, ImageKind
+from differ.source import LEAF_SIZE, ZERO_LEAF_DIGEST, BlockSource, ImageKind, KnownArrays
 from replay_migrate.errors import HostError, ImageError
 
 QCOW2_MAGIC = b"QFI\xfb"
@@ -71,11 +72,22 @@ def _hole_mask(fd: int, size: int) -> npt.NDArray[np.bool_]:
     return mask
 
 
-def _iter_zero_leaves(mask: npt.NDArray[np.bool_], size: int) -> Iterator[tuple[int, bytes | None]]:
+def _zero_arrays(mask: npt.NDArray[np.bool_], size: int) -> KnownArrays:
+    """Known-leaf arrays of the zero leaves in ``mask``; a short zero last leaf is given with its
+    own digest (a zero leaf means LEAF_SIZE zeros)."""
+    zi = np.flatnonzero(mask).astype(np.int64)
     short = _short_zero_digest(size)
-    last = len(mask) - 1
-    for i in np.flatnonzero(mask).tolist():
-        yield i, (short if i == last and short is not None else None)
+    if short is not None and len(zi) and zi[-1] == len(mask) - 1:
+        return zi[:-1], zi[-1:], np.frombuffer(short, dtype=np.uint8).reshape(1, DIGEST_SIZE).copy()
+    return zi, np.zeros(0, dtype=np.int64), np.zeros((0, DIGEST_SIZE), dtype=np.uint8)
+
+
+def _iter_known(arrays: KnownArrays) -> Iterator[tuple[int, bytes | None]]:
+    """``known_leaves`` from the arrays, in increasing order."""
+    zi, gi, digests = arrays
+    given = {int(i): bytes(d) for i, d in zip(gi.tolist(), digests, strict=True)}
+    for i in sorted([*zi.tolist(), *given]):
+        yield i, given.get(i)
 
 
 def _open_readonly(path: str, what: str) -> tuple[int, os.stat_result]:
@@ -115,8 +127,15 @@ class _FileSource:
     def leaf_count(self) -> int:
         return _leaf_count(self._size)
 
-    def known_leaves(self) -> Iterator[tuple[int, bytes | None]]:
+    def zero_mask(self) -> npt.NDArray[np.bool_]:
+        """One bool per leaf: a leaf known to be zeros without reading."""
         raise NotImplementedError
+
+    def known_leaf_arrays(self) -> KnownArrays:
+        return _zero_arrays(self.zero_mask(), self._size)
+
+    def known_leaves(self) -> Iterator[tuple[int, bytes | None]]:
+        return _iter_known(self.known_leaf_arrays())
 
     def read(self, index: int, count: int = 1) -> bytes:
         _check_range(self, index, count)
@@ -151,8 +170,8 @@ class RawImageSource(_FileSource):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         super().__init__(path, "raw image")
 
-    def known_leaves(self) -> Iterator[tuple[int, bytes | None]]:
-        return _iter_zero_leaves(_hole_mask(self._fd, self._size), self._size)
+    def zero_mask(self) -> npt.NDArray[np.bool_]:
+        return _hole_mask(self._fd, self._size)
 
 
 class MemoryImageSource(_FileSource):
@@ -199,9 +218,6 @@ class MemoryImageSource(_FileSource):
                 first = b.pages_offset // LEAF_SIZE
                 mask[first : first + b.npages] |= ~self.image.present(b)
         return mask
-
-    def known_leaves(self) -> Iterator[tuple[int, bytes | None]]:
-        return _iter_zero_leaves(self.zero_mask(), self._size)
 
     def label(self, index: int) -> str:
         k = bisect.bisect_right(self._starts, index) - 1
@@ -377,10 +393,10 @@ class LeafDigests:
         n = source.leaf_count
         out = np.empty((n, DIGEST_SIZE), dtype=np.uint8)
         todo = np.ones(n, dtype=np.bool_)
-        zero = np.frombuffer(ZERO_LEAF_DIGEST, dtype=np.uint8)
-        for i, digest in source.known_leaves():
-            out[i] = zero if digest is None else np.frombuffer(digest, dtype=np.uint8)
-            todo[i] = False
+        zi, gi, digests = known_arrays(source)
+        out[zi] = np.frombuffer(ZERO_LEAF_DIGEST, dtype=np.uint8)
+        out[gi] = digests
+        todo[zi] = todo[gi] = False
         for start, stop in _runs(todo):
             for first in range(start, stop, chunk_leaves):
                 count = min(chunk_leaves, stop - first)
@@ -579,16 +595,18 @@ class Qcow2OverlaySource:
         """Indices of leaves with data allocated in the overlay itself: the ones that get read."""
         return np.flatnonzero(self._ov_data)
 
+    def known_leaf_arrays(self) -> KnownArrays:
+        zi, gi, digests = _zero_arrays(self._zero, self._size)
+        ti = np.flatnonzero(self._from_tree).astype(np.int64)
+        if len(ti):
+            assert self._tree is not None
+            order = np.argsort(np.concatenate([gi, ti]), kind="stable")
+            gi = np.concatenate([gi, ti])[order]
+            digests = np.concatenate([digests, self._tree.digests[ti]])[order]
+        return zi, gi, digests
+
     def known_leaves(self) -> Iterator[tuple[int, bytes | None]]:
-        short = _short_zero_digest(self._size)
-        last = self.leaf_count - 1
-        tree = self._tree
-        for i in np.flatnonzero(self._zero | self._from_tree).tolist():
-            if self._zero[i]:
-                yield i, (short if i == last and short is not None else None)
-            else:
-                assert tree is not None
-                yield i, tree.digest(i)
+        return _iter_known(self.known_leaf_arrays())
 
     def read(self, index: int, count: int = 1) -> bytes:
         _check_range(self, index, count)

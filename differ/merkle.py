@@ -37,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 import zstandard
 
-from differ.source import LEAF_SIZE, BlockSource
+from differ.source import LEAF_SIZE, BlockSource, KnownArrays, KnownLeafArrays
 from replay_migrate.errors import ImageError
 
 DIGEST_SIZE = 32
@@ -123,6 +123,39 @@ def _hash_leaves(data: bytes | memoryview) -> bytes:
     mv = memoryview(data).cast("B")
     hasher = blake3.blake3
     return b"".join([hasher(mv[i : i + LEAF_SIZE]).digest() for i in range(0, len(mv), LEAF_SIZE)])
+
+
+def known_arrays(source: BlockSource) -> KnownArrays:
+    """What ``source`` knows without reading, as arrays (see :class:`differ.source.KnownLeafArrays`),
+    checked: indices increasing, inside the image, zero and given leaves disjoint."""
+    n = source.leaf_count
+    if isinstance(source, KnownLeafArrays):
+        zi, gi, digests = source.known_leaf_arrays()
+        zi, gi = np.asarray(zi, dtype=np.int64), np.asarray(gi, dtype=np.int64)
+        if digests.shape != (len(gi), DIGEST_SIZE) or digests.dtype != np.uint8:
+            raise ImageError("source gave known digests that are not 32 bytes each")
+    else:
+        zeros: list[int] = []
+        given: list[int] = []
+        given_digests: list[bytes] = []
+        for index, digest in source.known_leaves():
+            if digest is None:
+                zeros.append(index)
+            elif len(digest) != DIGEST_SIZE:
+                raise ImageError("source gave a known digest that is not 32 bytes")
+            else:
+                given.append(index)
+                given_digests.append(digest)
+        zi, gi = np.asarray(zeros, dtype=np.int64), np.asarray(given, dtype=np.int64)
+        digests = np.frombuffer(b"".join(given_digests), dtype=np.uint8).reshape(-1, DIGEST_SIZE)
+    bad = any((np.diff(a) <= 0).any() or (len(a) and (a[0] < 0 or a[-1] >= n)) for a in (zi, gi))
+    if not bad and len(zi) and len(gi):
+        zero = np.zeros(n, dtype=bool)
+        zero[zi] = True
+        bad = bool(zero[gi].any())
+    if bad:
+        raise ImageError(f"source's known leaves are not increasing within 0..{n - 1}")
+    return zi, gi, digests
 
 
 class MerkleTree:
@@ -266,28 +299,12 @@ class MerkleTree:
         if not 1 <= read_leaves <= 1 << 16:
             raise ValueError("read_leaves outside 1..65536")
         leaves = np.empty((n, DIGEST_SIZE), dtype=np.uint8)
-        zeros: list[int] = []
-        given: list[int] = []
-        given_digests: list[bytes] = []
-        prev = -1
-        for index, digest in source.known_leaves():  # collected, then stored in bulk: millions of
-            if not prev < index < n:  # backing leaves in a big qcow2 disk
-                raise ImageError(f"source's known leaves are not increasing within 0..{n - 1}")
-            prev = index
-            if digest is None:
-                zeros.append(index)
-            elif len(digest) != DIGEST_SIZE:
-                raise ImageError("source gave a known digest that is not 32 bytes")
-            else:
-                given.append(index)
-                given_digests.append(digest)
+        zi, gi, digests = known_arrays(source)
         known = np.zeros(n, dtype=bool)
-        if given:
-            gi = np.asarray(given, dtype=np.int64)
-            leaves[gi] = np.frombuffer(b"".join(given_digests), dtype=np.uint8).reshape(-1, DIGEST_SIZE)
+        if len(gi):
+            leaves[gi] = digests
             known[gi] = True
-        if zeros:
-            zi = np.asarray(zeros, dtype=np.int64)
+        if len(zi):
             leaves[zi] = np.frombuffer(zero_digest(), dtype=np.uint8)
             if zi[-1] == n - 1:
                 leaves[n - 1] = np.frombuffer(zero_digest(leaf_length(size, n - 1)), dtype=np.uint8)

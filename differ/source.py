@@ -18,7 +18,11 @@ visible in the real image until ``commit`` and ``abort`` leaves the original unt
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 LEAF_SIZE = 4096
 """Leaf size in bytes: one memory page, one 4 KiB block inside a 64 KiB qcow2 cluster."""
@@ -47,7 +51,8 @@ class BlockSource(Protocol):
     def known_leaves(self) -> Iterator[tuple[int, bytes | None]]:
         """Yield ``(index, digest)`` for leaves whose hash needs no read, in increasing order:
         ``digest`` is None for a zero leaf (hole, zero page), else the 32-byte digest taken from
-        elsewhere (the backing chain's saved tree)."""
+        elsewhere (the backing chain's saved tree). Sources that know millions of leaves also
+        offer :meth:`KnownLeafArrays.known_leaf_arrays`."""
         ...
 
     def read(self, index: int, count: int = 1) -> bytes:
@@ -59,6 +64,19 @@ class BlockSource(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+KnownArrays = tuple["npt.NDArray[np.int64]", "npt.NDArray[np.int64]", "npt.NDArray[np.uint8]"]
+"""(zero leaves, leaves with a given digest, those digests as an ``(n, 32)`` array); indices ascending."""
+
+
+@runtime_checkable
+class KnownLeafArrays(Protocol):
+    """Optional for a block source: what ``known_leaves`` yields, as arrays, so the tree code takes
+    a qcow2 disk's million backing leaves without a Python step per leaf (that loop cost ~0.7 s per
+    tree of a 4 GiB disk, three times inside a migration's downtime)."""
+
+    def known_leaf_arrays(self) -> KnownArrays: ...
 
 
 class BlockSink(Protocol):

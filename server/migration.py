@@ -12,6 +12,7 @@ only after the target confirms, and on any failure it is restored and resumed wh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -55,6 +56,7 @@ from server.vmstate import (
     build_trees,
     checkpoint_images,
     checkpoint_trees,
+    make_sinks,
     open_sources,
     open_target_images,
     plain_transfer_bytes,
@@ -427,9 +429,17 @@ class TargetSide:
         walked = [0.0]
         with ExitStack() as stack:
             sources = stack.enter_context(open_sources(state, trees))
-            mine = await asyncio.to_thread(build_trees, sources)
+            copying = asyncio.create_task(asyncio.to_thread(make_sinks, state, trees))  # while hashing
+            try:
+                mine = await asyncio.to_thread(build_trees, sources)
+            except BaseException:
+                with contextlib.suppress(BaseException):
+                    for sink in (await copying).values():
+                        sink.abort()
+                raise
+            sinks = await copying
             bases = checkpoint_images(self.checkpoint, trees, stack)
-            images = stack.enter_context(open_target_images(state, trees, sources, mine, bases=bases))
+            images = stack.enter_context(open_target_images(state, trees, sources, mine, bases=bases, sinks=sinks))
             tgt = Target(images, self.params, references=references(bases))
             await self.client.phase("diffing")
             tgt.start()

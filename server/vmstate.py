@@ -128,22 +128,37 @@ def checkpoint_images(ck: Checkpoint, trees: CheckpointTrees, stack: ExitStack) 
     return {MEMORY: ReferenceImage(memory, trees.memory), DISK: ReferenceImage(disk, trees.disk_tree)}
 
 
+def make_sinks(state: VmState, trees: CheckpointTrees) -> dict[str, BlockSink]:
+    """Sinks that patch copies of ``state``'s images. Making them copies the memory image (~1 s
+    for a 1 GiB guest here), so the target does it while it hashes its images."""
+    memory = MemoryImageSink(state.memory)
+    try:
+        disk = Qcow2OverlaySink(state.disk, backing_tree=trees.disk)
+    except BaseException:
+        memory.abort()
+        raise
+    return {MEMORY: memory, DISK: disk}
+
+
 @contextmanager
 def open_target_images(state: VmState, trees: CheckpointTrees, sources: dict[str, BlockSource],
                        source_trees: dict[str, MerkleTree], *, dry_run: bool = False,
-                       bases: dict[str, ReferenceImage] | None = None) -> Iterator[list[TargetImage]]:
-    """The target's images with sinks that patch copies (replacing the originals only on commit);
+                       bases: dict[str, ReferenceImage] | None = None,
+                       sinks: dict[str, BlockSink] | None = None) -> Iterator[list[TargetImage]]:
+    """The target's images with sinks that patch copies (replacing the originals only on commit;
+    ``sinks`` from :func:`make_sinks`, made here if not given, aborted on exit unless committed);
     ``bases`` (see :func:`checkpoint_images`) enable the base-relative walk."""
-    sinks: dict[str, BlockSink | None] = {MEMORY: None, DISK: None}
-    if not dry_run:
-        sinks = {MEMORY: MemoryImageSink(state.memory),
-                 DISK: Qcow2OverlaySink(state.disk, backing_tree=trees.disk)}
+    made: dict[str, BlockSink | None] = {MEMORY: None, DISK: None}
+    if sinks is not None:
+        made.update(sinks)
+    elif not dry_run:
+        made.update(make_sinks(state, trees))
     bases = bases or {}
     try:
-        yield [TargetImage(name, sources[name], source_trees[name], sinks[name], base=bases.get(name))
+        yield [TargetImage(name, sources[name], source_trees[name], made[name], base=bases.get(name))
                for name in (MEMORY, DISK)]
     finally:
-        for sink in sinks.values():
+        for sink in made.values():
             if sink is not None:
                 sink.abort()      # no-op after commit
 

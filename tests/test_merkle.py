@@ -246,3 +246,34 @@ def test_build_over_a_sparse_raw_file(tmp_path: Path) -> None:
     with RawImageSource(path) as src:
         tree = MerkleTree.build(src, workers=1)
     assert tree.root == MerkleTree.from_bytes(bytes(data)).root
+
+
+class ArraySource(MemorySource):
+    """Tells its known leaves as arrays (like a qcow2 overlay with a million backing leaves)."""
+
+    def __init__(self, data: bytes, arrays: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:  # type: ignore[type-arg]
+        super().__init__(data, report_zeros=False)
+        self.arrays = arrays
+
+    def known_leaf_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # type: ignore[type-arg]
+        return self.arrays
+
+    def read(self, index: int, count: int = 1) -> bytes:
+        assert not {2, 5} & set(range(index, index + count)), "read a leaf known without reading"
+        return super().read(index, count)
+
+
+def test_build_takes_known_leaves_as_arrays() -> None:
+    data = bytearray(rand(8 * LEAF_SIZE))
+    data[2 * LEAF_SIZE : 3 * LEAF_SIZE] = bytes(LEAF_SIZE)
+    d5 = leaf_digest(bytes(data[5 * LEAF_SIZE : 6 * LEAF_SIZE]))
+    arrays = (np.array([2]), np.array([5]), np.frombuffer(d5, dtype=np.uint8).reshape(1, 32))
+    assert MerkleTree.build(ArraySource(bytes(data), arrays), workers=1).root == MerkleTree.from_bytes(bytes(data)).root
+
+
+@pytest.mark.parametrize("zi, gi", [([3, 2], []), ([], [9]), ([2], [2]), ([-1], [])])
+def test_bad_known_arrays_raise_image_error(zi: list[int], gi: list[int]) -> None:
+    digests = np.zeros((len(gi), 32), dtype=np.uint8)
+    src = ArraySource(rand(8 * LEAF_SIZE), (np.array(zi, dtype=np.int64), np.array(gi, dtype=np.int64), digests))
+    with pytest.raises(ImageError):
+        MerkleTree.build(src, workers=1)
