@@ -97,7 +97,7 @@ async def run_source(args: argparse.Namespace) -> dict[str, Any]:
             if args.keep is not None:
                 keep_state(src.state_files, args.keep)
     return {"t_start": t_start, "t_request": t_request, "t_paused": m.t_paused, "t_saved": m.t_saved,
-            "t_done": t_done, "events_driven": driven.events, "drive_s": driven.seconds,
+            "t_done": t_done, "flush_s": src.flush_s, "events_driven": driven.events, "drive_s": driven.seconds,
             "report": report.as_dict()}
 
 

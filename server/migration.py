@@ -34,7 +34,7 @@ from differ.protocol import (
     WalkDone,
 )
 from differ.protocol import Verified as DiffVerified
-from recorder.logformat import End, Event, EventsFrame, LogDecoder
+from recorder.logformat import End, Event, EventsFrame, LogDecoder, SyncMark, decode_frame
 from replay_migrate.errors import (
     ImageError,
     ProtocolError,
@@ -66,9 +66,12 @@ from server.vmstate import (
 from vm.machine import Hypervisor, Machine, MachineState
 
 FLUSH_S = 3.0
-"""Time the source's agent gets before the guest is frozen: its frames are cut every 250 ms, and
+"""Longest the source's agent gets before the guest is frozen: its frames are cut every 250 ms, and
 the last sync mark comes 300 ms after the last key plus up to 2 s for the region to settle. That
 mark matters: the target waits for it, so it saves only once its screen looks like the source's."""
+MIN_FLUSH_S = 0.5
+"""Shortest wait before freezing (two frame periods): once the log's last event is a sync mark
+(the user was idle and the screen settled), nothing more is coming and the source freezes then."""
 SETTLE_S = 1.0
 """Time the target's guest gets after the last replayed event before it is frozen."""
 DRAIN_S = 0.5
@@ -186,11 +189,18 @@ class SourceSide:
         """Where to save the source's screen at the moment it is paused (the demo shows it)."""
         self.link = RecorderLink(machine)
         self._trees: asyncio.Task[CheckpointTrees] | None = None
+        self.settled = False
+        """Whether the log so far ends with a sync mark (nothing typed since the screen settled)."""
+        self.flush_s = 0.0
+        """How long ``suspend`` waited for the agent's last frames before freezing the guest."""
         self.log = logging.getLogger(f"replay_migrate.source.{machine.name}")
 
     async def _forward(self, poll_s: float) -> int:
         frames = await asyncio.to_thread(self.link.frames, poll_s)
         for fr in frames:
+            frame = decode_frame(fr.data)
+            if isinstance(frame, EventsFrame) and frame.events:
+                self.settled = isinstance(frame.events[-1], SyncMark)
             await self.client.send_log(fr.data)
             self.link.ack(fr.seq)        # journalled in the session: the agent may forget it
             self.report.log_bytes += len(fr.data)
@@ -209,9 +219,10 @@ class SourceSide:
         """End the log, quiesce, pause, save; answer the walk and ship blocks; wait for the confirm.
         On any failure the VM is restored from its saved state and resumed."""
         m = self.machine
-        t_end = time.monotonic() + FLUSH_S
-        while time.monotonic() < t_end:
+        t0 = time.monotonic()
+        while time.monotonic() < t0 + FLUSH_S and not (self.settled and time.monotonic() >= t0 + MIN_FLUSH_S):
             await self._forward(0.1)
+        self.flush_s = time.monotonic() - t0
         await asyncio.to_thread(m.exec, "sync")
         await asyncio.to_thread(m.fsfreeze)
         await asyncio.to_thread(m.pause)
