@@ -34,7 +34,7 @@ from differ.protocol import (
     WalkDone,
 )
 from differ.protocol import Verified as DiffVerified
-from recorder.logformat import End, Event, EventsFrame, LogDecoder, SyncMark, decode_frame
+from recorder.logformat import Button, End, Event, EventsFrame, Key, LogDecoder, SyncMark, decode_frame
 from replay_migrate.errors import (
     ImageError,
     ProtocolError,
@@ -70,8 +70,8 @@ FLUSH_S = 3.0
 the last sync mark comes 300 ms after the last key plus up to 2 s for the region to settle. That
 mark matters: the target waits for it, so it saves only once its screen looks like the source's."""
 MIN_FLUSH_S = 0.5
-"""Shortest wait before freezing (two frame periods): once the log's last event is a sync mark
-(the user was idle and the screen settled), nothing more is coming and the source freezes then."""
+"""Shortest wait before freezing (two frame periods): once no key or button event came since the
+log's last sync mark (the user was idle and the screen settled), nothing more is coming."""
 SETTLE_S = 1.0
 """Time the target's guest gets after the last replayed event before it is frozen."""
 DRAIN_S = 0.5
@@ -190,7 +190,8 @@ class SourceSide:
         self.link = RecorderLink(machine)
         self._trees: asyncio.Task[CheckpointTrees] | None = None
         self.settled = False
-        """Whether the log so far ends with a sync mark (nothing typed since the screen settled)."""
+        """Whether no key or button event came since the log's last sync mark (the agent takes one
+        after them once the screen settles; pointer motion alone brings none)."""
         self.flush_s = 0.0
         """How long ``suspend`` waited for the agent's last frames before freezing the guest."""
         self.log = logging.getLogger(f"replay_migrate.source.{machine.name}")
@@ -199,8 +200,11 @@ class SourceSide:
         frames = await asyncio.to_thread(self.link.frames, poll_s)
         for fr in frames:
             frame = decode_frame(fr.data)
-            if isinstance(frame, EventsFrame) and frame.events:
-                self.settled = isinstance(frame.events[-1], SyncMark)
+            for ev in frame.events if isinstance(frame, EventsFrame) else ():
+                if isinstance(ev, SyncMark):
+                    self.settled = True
+                elif isinstance(ev, (Key, Button)):     # pointer motion alone brings no new mark
+                    self.settled = False
             await self.client.send_log(fr.data)
             self.link.ack(fr.seq)        # journalled in the session: the agent may forget it
             self.report.log_bytes += len(fr.data)
