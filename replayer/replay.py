@@ -11,6 +11,7 @@ the recorded digest: a click is only replayed once the window it lands in looks 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -39,6 +40,10 @@ ECHO_TIMEOUT_S = 10.0
 """How long one injected event may take to be echoed by the guest (TCG guests are slow)."""
 SYNC_TIMEOUT_S = 5.0
 """How long to wait for a sync mark's screen region before counting it as failed."""
+SYNC_TIMEOUT_ENDED_S = 1.0
+"""The same once the source has ended the log: its VM is frozen and every second of waiting is
+downtime. A mark still unmet then is most often one the source's agent took of a transient screen
+(a terminal mid-output); giving up early costs at most some divergence, never correctness."""
 SYNC_POLL_S = 0.1
 FOLLOW_POLL_S = 0.05
 """How often a growing log file is checked for new bytes."""
@@ -49,6 +54,7 @@ class ReplayConfig:
     gap_cap_s: float = GAP_CAP_S
     echo_timeout_s: float = ECHO_TIMEOUT_S
     sync_timeout_s: float = SYNC_TIMEOUT_S
+    sync_timeout_ended_s: float = SYNC_TIMEOUT_ENDED_S
     strict_sync: bool = False
     """Fail (ReplayError) on a sync mark that is not met instead of counting it."""
     speed: float = 1.0
@@ -66,13 +72,16 @@ class ReplayStats:
     echo_max_s: float = 0.0
     echo_total_s: float = 0.0
     ended: bool = False
+    settled: bool = False
+    """No key or button event since the last sync mark, and that mark was met: the target's
+    screen shows what the source's did once the user stopped (pointer motion brings no mark)."""
 
     def as_dict(self) -> dict[str, object]:
         return {"events": self.events, "injected": self.injected, "skipped_motion": self.skipped_motion,
                 "sync_met": self.sync_met, "sync_failed": list(self.sync_failed),
                 "seconds": round(self.seconds, 3), "echo_max_s": round(self.echo_max_s, 4),
                 "echo_mean_s": round(self.echo_total_s / self.injected, 4) if self.injected else 0.0,
-                "ended": self.ended}
+                "ended": self.ended, "settled": self.settled}
 
 
 def describe(ev: Event) -> str:
@@ -103,9 +112,15 @@ class Replayer:
         gap (capped). Echo latency does not push the schedule back, so a replay that fell behind
         catches up instead of trailing the source by the sum of all echo waits."""
         self._t0 = time.monotonic()
+        self._log_ended = threading.Event()
         self.on_progress: Callable[[int], None] | None = None
         """Called with the number of events replayed so far, after each one."""
         self.log = logging.getLogger(f"replay_migrate.replay.{machine.name}")
+
+    def log_ended(self) -> None:
+        """The source has ended the log (it is frozen): from now on sync marks wait only
+        ``sync_timeout_ended_s``. Thread-safe: called while :meth:`replay` runs in another thread."""
+        self._log_ended.set()
 
     def check_header(self, header: LogHeader) -> None:
         if (header.width, header.height) != self.machine.screen_size:
@@ -145,6 +160,8 @@ class Replayer:
                 self.stats.skipped_motion += 1
                 return
             self.pointer = (ev.x, ev.y)
+        else:
+            self.stats.settled = False
         qmp = to_qmp(ev, self.machine.screen_size)
         self._seq += 1
         self.link.expect(self._seq, ev)
@@ -163,20 +180,25 @@ class Replayer:
     def _sync(self, mark: SyncMark) -> None:
         """Wait until the target's agent sees the region as the source's did. Asked of the agent,
         not taken from a QEMU screenshot: that one includes X's software cursor, GetImage not."""
-        deadline = time.monotonic() + self.config.sync_timeout_s
+        start = time.monotonic()
         while True:
+            ended = self._log_ended.is_set() and not self.config.strict_sync
+            deadline = start + (min(self.config.sync_timeout_s, self.config.sync_timeout_ended_s) if ended
+                                else self.config.sync_timeout_s)
             others: list[HostEvent] = []
             digest = self.link.check(mark.x, mark.y, mark.w, mark.h, self.config.echo_timeout_s, others)
             self._ack_frames(others)
             if digest == mark.digest:
                 self.stats.sync_met += 1
+                self.stats.settled = True
                 return
             if time.monotonic() > deadline:
                 what = f"{describe(mark)} ({mark.w}x{mark.h} at {mark.x},{mark.y})"
                 if self.config.strict_sync:
-                    raise ReplayError(f"{what} was not met within {self.config.sync_timeout_s:.0f} s")
+                    raise ReplayError(f"{what} was not met within {deadline - start:.0f} s")
                 self.log.warning("%s not met", what)
                 self.stats.sync_failed.append(what)
+                self.stats.settled = False
                 return
             time.sleep(SYNC_POLL_S)
 

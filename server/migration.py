@@ -74,8 +74,14 @@ MIN_FLUSH_S = 0.5
 log's last sync mark (the user was idle and the screen settled), nothing more is coming."""
 SETTLE_S = 1.0
 """Time the target's guest gets after the last replayed event before it is frozen."""
+SETTLED_S = 0.2
+"""The same when the log's last sync mark was met with no key or button after it: the screen
+already matched the source's, so only the last pointer motion may still be on its way."""
 DRAIN_S = 0.5
-"""How long the source keeps reading the recorder channel after pausing, for frames in flight."""
+"""Longest the source keeps reading the recorder channel after pausing, for frames in flight."""
+DRAIN_QUIET_S = 0.1
+"""It stops earlier once a read this long brings nothing: a paused guest writes no more, and what
+it wrote is already in the channel's buffers (waiting the whole 0.5 s delayed the target's save)."""
 ABORT_TIMEOUT_S = 10.0
 """How long a failing side tries to tell the session before it cleans up anyway."""
 CONFIRM_TIMEOUT_S = 600.0
@@ -236,7 +242,9 @@ class SourceSide:
             if self.screenshot_at_suspend is not None:
                 shot = await asyncio.to_thread(m.screenshot)
                 self.screenshot_at_suspend.write_bytes(shot.png())
-            await self._forward(DRAIN_S)
+            t_drain = time.monotonic()
+            while await self._forward(DRAIN_QUIET_S) and time.monotonic() < t_drain + DRAIN_S:
+                pass
             self.link.close()
             await self.client.suspend()
             await self.client.end_log()
@@ -410,6 +418,7 @@ class TargetSide:
                     self.report.log_bytes += len(ev.data)
                     self.report.log_frames += 1
                 elif isinstance(ev, LogEnded):
+                    replayer.log_ended()
                     break
         finally:
             feed.close()
@@ -427,7 +436,8 @@ class TargetSide:
     async def _take_over(self, m: Machine) -> None:
         """Quiesce like the source did, then walk, patch, verify, restore and resume."""
         t_end = time.monotonic()
-        await asyncio.sleep(SETTLE_S)
+        settled = self.replay_stats is not None and self.replay_stats.settled
+        await asyncio.sleep(SETTLED_S if settled else SETTLE_S)
         await asyncio.to_thread(m.exec, "sync")
         await asyncio.to_thread(m.fsfreeze)
         await asyncio.to_thread(m.pause)

@@ -148,3 +148,55 @@ def test_schedule_does_not_accumulate_echo_latency(monkeypatch: pytest.MonkeyPat
         now[0] += 0.04                     # each event's injection and echo take 40 ms
     # 100 ms gaps with 40 ms spent: 60 ms sleeps; the 5 s gap is capped at 2 s
     assert [round(s, 3) for s in slept] == [0.06, 0.06, 1.96, 0.06]
+
+
+class _FakeMachine:
+    name = "fake"
+    screen_size = (1280, 800)
+
+    def send_input(self, events: object) -> None:
+        pass
+
+
+class _FakeLink:
+    """Echoes every event at once; the agent sees ``screen`` in every checked region."""
+
+    def __init__(self, screen: bytes) -> None:
+        self.screen = screen
+
+    def expect(self, seq: int, ev: object) -> None:
+        pass
+
+    def wait_echo(self, seq: int, timeout: float, others: list[object]) -> bool:
+        return True
+
+    def check(self, x: int, y: int, w: int, h: int, timeout: float, others: list[object]) -> bytes:
+        return self.screen
+
+
+@pytest.mark.parametrize("events, screen, settled", [
+    ([Key(0, 38, True), Key(1000, 38, False), SyncMark(400_000, 0, 0, 8, 8, b"A", "typing")], b"A", True),
+    ([Key(0, 38, True), SyncMark(400_000, 0, 0, 8, 8, b"A", "typing"), Motion(900_000, 5, 5)], b"A", True),
+    ([SyncMark(0, 0, 0, 8, 8, b"A", "typing"), Button(100_000, 1, True)], b"A", False),
+    ([Key(0, 38, True), SyncMark(400_000, 0, 0, 8, 8, b"A", "typing")], b"B", False),   # mark not met
+    ([Motion(0, 5, 5)], b"A", False),
+])
+def test_settled_means_a_met_mark_after_the_last_key_or_button(
+        events: list[Event], screen: bytes, settled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    rep = Replayer(_FakeMachine(), _FakeLink(screen), ReplayConfig(sync_timeout_s=0))  # type: ignore[arg-type]
+    assert rep.replay(iter(events)).settled is settled
+
+
+def test_an_unmet_mark_waits_less_once_the_source_ended_the_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(time, "sleep", lambda s: now.__setitem__(0, now[0] + s))
+    mark = SyncMark(0, 0, 0, 8, 8, b"A", "typing")
+    rep = Replayer(_FakeMachine(), _FakeLink(b"B"), ReplayConfig(sync_timeout_s=5, sync_timeout_ended_s=1))  # type: ignore[arg-type]
+    rep.replay(iter([mark]))
+    assert 5.0 <= now[0] < 5.5 and len(rep.stats.sync_failed) == 1
+    now[0] = 100.0
+    rep.log_ended()
+    rep.replay(iter([mark]))
+    assert 101.0 <= now[0] < 101.5 and len(rep.stats.sync_failed) == 2
