@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import copy
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.tables import (
+    break_even_mbit,
     breakdown_rows,
     bytes_rows,
     goal_lines,
@@ -146,3 +150,16 @@ def test_plots_are_pngs(tmp_path: Path) -> None:
     no_link["meta"]["link"]["shapes"] = []
     assert plot_time(no_link, tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
+
+
+def test_break_even_rate_from_fixed_times_and_bytes() -> None:
+    w = _workload(500_000, 2_000_000)
+    w["timing"]["10M-40ms"]["plain"] = {"e2e_s": 5.0, "link_s": 1.6, "downtime_s": 4.0}
+    w["timing"]["10M-40ms"]["replay-migrate"] = {"e2e_s": 7.4, "downtime_s": 6.0}
+    # fixed: replay-migrate 7.4 - 0.4 = 7.0 s, plain 5.0 - 1.6 = 3.4 s; 12 Mbit saved / 3.6 s
+    assert break_even_mbit(w, 10) == pytest.approx(12 / 3.6)
+    w["timing"]["10M-40ms"]["replay-migrate"]["e2e_s"] = 3.0
+    assert break_even_mbit(w, 10) == math.inf
+    results = {**RESULTS, "workloads": {"notes": w}}
+    w["timing"]["10M-40ms"]["replay-migrate"]["e2e_s"] = 7.4
+    assert any("faster below ~3.3 Mbit/s" in line for line in goal_lines(results))
