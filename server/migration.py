@@ -454,7 +454,8 @@ class TargetSide:
         walked = [0.0]
         with ExitStack() as stack:
             sources = stack.enter_context(open_sources(state, trees))
-            copying = asyncio.create_task(asyncio.to_thread(make_sinks, state, trees))  # while hashing
+            # copy while hashing; no fsync of the memory image: it is restored at once
+            copying = asyncio.create_task(asyncio.to_thread(make_sinks, state, trees, durable=False))
             try:
                 mine = await asyncio.to_thread(build_trees, sources)
             except BaseException:

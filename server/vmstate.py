@@ -128,10 +128,12 @@ def checkpoint_images(ck: Checkpoint, trees: CheckpointTrees, stack: ExitStack) 
     return {MEMORY: ReferenceImage(memory, trees.memory), DISK: ReferenceImage(disk, trees.disk_tree)}
 
 
-def make_sinks(state: VmState, trees: CheckpointTrees) -> dict[str, BlockSink]:
+def make_sinks(state: VmState, trees: CheckpointTrees, *, durable: bool = True) -> dict[str, BlockSink]:
     """Sinks that patch copies of ``state``'s images. Making them copies the memory image (~1 s
-    for a 1 GiB guest here), so the target does it while it hashes its images."""
-    memory = MemoryImageSink(state.memory)
+    for a 1 GiB guest here), so the target does it while it hashes its images. ``durable=False``:
+    the memory image is not fsynced at commit (see ``differ.patch``), for a target that restores
+    it at once."""
+    memory = MemoryImageSink(state.memory, durable=durable)
     try:
         disk = Qcow2OverlaySink(state.disk, backing_tree=trees.disk)
     except BaseException:

@@ -303,3 +303,17 @@ def test_sinks_and_sources_agree_on_every_kind(tmp_path: Path, qemu_tools: None)
             src.close()
         finally:
             sink.abort()
+
+
+def test_a_sink_that_need_not_be_durable_commits_without_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "m.raw"
+    path.write_bytes(bytes(range(256)) * 64)
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    for durable, expect in ((False, 0), (True, 2)):          # the copy, then its directory
+        synced.clear()
+        sink = RawImageSink(path, durable=durable)
+        sink.write(0, b"\x01" * LEAF_SIZE)
+        sink.commit()
+        assert len(synced) == expect and path.read_bytes()[:LEAF_SIZE] == b"\x01" * LEAF_SIZE
