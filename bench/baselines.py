@@ -32,8 +32,10 @@ import zstandard
 
 from differ.blocks import MemoryImageSource, Qcow2OverlaySource
 from differ.merkle import MerkleTree
+from differ.patch import MemoryImageSink, Qcow2OverlaySink
 from differ.protocol import TransferStats
 from differ.saveimage import data_extents
+from differ.source import BlockSink, BlockSource
 from differ.sync import sync_local
 from server.checkpoint import Checkpoint
 from server.vmstate import DISK, FANOUT, MEMORY, CheckpointTrees, VmState, open_sources, plain_transfer_bytes
@@ -163,6 +165,10 @@ class SourceCosts:
     """zstd of every leaf that differs from the checkpoint (after the trees told which)."""
     no_replay: TransferStats
     no_replay_s: float
+    apply_s: float = 0.0
+    """The target's side of a plain transfer: patching a copy of the checkpoint's memory image and
+    a fresh overlay on its disk with every leaf the source changed (what it must do before it can
+    restore; the leaves are read beforehand, as if they had arrived)."""
     """The dry run of the protocol against the checkpoint's state (its trees are the cached ones)."""
 
 
@@ -188,6 +194,46 @@ def source_costs(state: VmState, ck: Checkpoint, trees: CheckpointTrees, work: P
                                references=[(ref, trees.memory)], fanout=FANOUT, dry_run=True,
                                bases={MEMORY: (ref, trees.memory), DISK: (ck_disk, trees.disk_tree)})
             no_replay_s = time.perf_counter() - t0
+            apply_s = target_apply_s(sources, mine, ck, trees, work)
     finally:
         empty.unlink(missing_ok=True)
-    return SourceCosts(tree_s, plain, plain_s, stats, no_replay_s)
+    return SourceCosts(tree_s, plain, plain_s, stats, no_replay_s, apply_s)
+
+
+def target_apply_s(sources: dict[str, BlockSource], mine: dict[str, MerkleTree], ck: Checkpoint,
+                   trees: CheckpointTrees, work: Path) -> float:
+    """Seconds to patch the checkpoint's state into the source's at the target (see
+    :attr:`SourceCosts.apply_s`), with the sinks a migration target uses (no fsync of the memory
+    image). The checkpoint is never written: its memory image is patched through a hard link."""
+    bases = {MEMORY: trees.memory, DISK: trees.disk_tree}
+    arrived: dict[str, list[tuple[int, bytes | None]]] = {}
+    for name, src in sources.items():
+        zero = mine[name].zero_mask()
+        leaves = mine[name].differing_leaves(bases[name].resized(src.size, FANOUT)).tolist()
+        arrived[name] = [(i, None if zero[i] else src.read(i, 1)) for i in leaves]
+    link, overlay = work / "apply-memory.sav", work / "apply-disk.qcow2"
+    for p in (link, overlay):
+        p.unlink(missing_ok=True)
+    os.link(ck.memory, link)
+    create_overlay(overlay, ck.disk)
+    try:
+        t0 = time.perf_counter()
+        sinks: dict[str, BlockSink] = {}
+        try:
+            sinks[MEMORY] = MemoryImageSink(link, durable=False)
+            sinks[DISK] = Qcow2OverlaySink(overlay, backing_tree=trees.disk)
+            for name, sink in sinks.items():
+                sink.set_size(sources[name].size)
+                for i, data in arrived[name]:
+                    if data is None:
+                        sink.zero(i)
+                    else:
+                        sink.write(i, data)
+                sink.commit()
+        finally:
+            for sink in sinks.values():
+                sink.abort()
+        return time.perf_counter() - t0
+    finally:
+        for p in (link, overlay):
+            p.unlink(missing_ok=True)

@@ -264,6 +264,8 @@ def measure_baselines(ck: ckpt.Checkpoint, wdir: Path, trees: CheckpointTrees) -
                   "no-replay": nr.wire_total},
         "prep_s": {"plain": costs.tree_s + costs.plain_s, "full": full.seconds, "rsync": rs.seconds,
                    "no-replay": costs.tree_s + costs.no_replay_s},
+        # the target's writes before it can restore (rsync's receiver is inside rs.seconds already)
+        "apply_s": {"plain": costs.apply_s, "no-replay": costs.apply_s},
         "details": {
             "source_tree_s": round(costs.tree_s, 3),
             "full": asdict(full),
@@ -319,7 +321,7 @@ def time_baselines(link: NetnsLink, shape: Shape, workloads: dict[str, dict[str,
                 link_s, how = t_big + (n - MAX_SEND_BYTES) / rate, "extrapolated from the link's measured rate"
             if method == "no-replay":
                 link_s += w["details"]["no-replay"]["round_trips"] * shape.rtt_ms / 1000
-            work_s = max(w["prep_s"][method], link_s)
+            work_s = max(w["prep_s"][method], link_s) + w.get("apply_s", {}).get(method, 0.0)
             downtime = run["save_s"] + work_s + run["restore_s"]
             timing[method] = {"e2e_s": run["quiesce_s"] + downtime, "downtime_s": downtime, "link_s": link_s,
                               "how": how}
@@ -410,7 +412,11 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
         notes.append("Baseline times: quiesce, save and restore as measured in the workload's replay-migrate "
                      "run; the transfer is the baseline's real byte count sent over the same shaped link; "
                      "the sender's CPU time (hashing, compressing, rsync) counts only where it exceeds the "
-                     "transfer (max, favouring the baselines). Target-side writes are not counted.")
+                     "transfer (max, favouring the baselines). The plain transfer and the diff without "
+                     "replay then pay the target's writes (a copy of the checkpoint patched with every "
+                     "leaf the source changed, measured on the kept state; the diff without replay is given the "
+                     "same writes and no verification); rsync's receiver is inside its "
+                     "measured time; the full image's target writes are not counted.")
         notes.append(f"replay-migrate ran on the second link ({SHAPES[1].name}) for "
                      f"{', '.join(REPEAT_AT_SECOND_LINK)} only, to keep `make bench` under 30 minutes.")
     results["meta"] = {
