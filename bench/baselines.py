@@ -201,10 +201,11 @@ def source_costs(state: VmState, ck: Checkpoint, trees: CheckpointTrees, work: P
 
 
 def target_apply_s(sources: dict[str, BlockSource], mine: dict[str, MerkleTree], ck: Checkpoint,
-                   trees: CheckpointTrees, work: Path) -> float:
+                   trees: CheckpointTrees, work: Path, *, keep: bool = False) -> float:
     """Seconds to patch the checkpoint's state into the source's at the target (see
     :attr:`SourceCosts.apply_s`), with the sinks a migration target uses (no fsync of the memory
-    image). The checkpoint is never written: its memory image is patched through a hard link."""
+    image). The checkpoint is never written: its memory image is patched through a hard link.
+    ``keep``: leave the patched ``apply-memory.sav`` and ``apply-disk.qcow2`` in ``work``."""
     bases = {MEMORY: trees.memory, DISK: trees.disk_tree}
     arrived: dict[str, list[tuple[int, bytes | None]]] = {}
     for name, src in sources.items():
@@ -236,4 +237,5 @@ def target_apply_s(sources: dict[str, BlockSource], mine: dict[str, MerkleTree],
         return time.perf_counter() - t0
     finally:
         for p in (link, overlay):
-            p.unlink(missing_ok=True)
+            if not keep:
+                p.unlink(missing_ok=True)

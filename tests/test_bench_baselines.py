@@ -6,12 +6,28 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.baselines import EXTENT_RECORD_BYTES, parse_rsync_stats, rsync_argv, rsync_delta, sparse_zstd
+from test_blocks import make_base, make_overlay, qemu_tools
+from test_saveimage import build_save_image, default_blocks
+
+from bench.baselines import (
+    EXTENT_RECORD_BYTES,
+    parse_rsync_stats,
+    rsync_argv,
+    rsync_delta,
+    sparse_zstd,
+    target_apply_s,
+)
+from differ.blocks import LeafDigests, MemoryImageSource, Qcow2OverlaySource, compute_leaf_digests
+from differ.merkle import MerkleTree
+from server.vmstate import DISK, FANOUT, MEMORY, CheckpointTrees
+
+__all__ = ["qemu_tools"]  # the fixture, imported for its use below
 
 STATS = """
 Number of files: 2 (reg: 2)
@@ -85,3 +101,31 @@ def test_sparse_zstd_skips_holes(tmp_path: Path) -> None:
     assert c.raw_bytes < 4 << 20                  # the data extents, not 64 MiB
     assert (1 << 20) < c.bytes < (1 << 20) + (64 << 10) + 8 * EXTENT_RECORD_BYTES
     assert c.seconds >= 0
+
+
+def test_target_apply_patches_copies_and_never_the_checkpoint(tmp_path: Path, qemu_tools: None) -> None:
+    """What a plain-transfer target writes, timed: on a checkpoint made of a synthetic save image
+    and an overlay, the source's changed pages and disk blocks; the checkpoint stays as it was."""
+    ck_blocks = default_blocks(seed=1)
+    src_blocks = default_blocks(seed=1)
+    src_blocks[0].pages = {**src_blocks[0].pages, 5: b"\x07" * 4096, 6: b"\x08" * 4096}
+    ck_mem = build_save_image(tmp_path / "ck.sav", ck_blocks).path
+    src_mem = build_save_image(tmp_path / "src.sav", src_blocks).path
+    base = make_base(tmp_path, "qcow2")
+    ck_disk = make_overlay(tmp_path, base, "ck.qcow2", 8 << 20, "write -P 0x11 0 4096")
+    src_disk = make_overlay(tmp_path, ck_disk, "src.qcow2", 8 << 20, "write -P 0x22 8192 4096")
+    before = ck_mem.read_bytes(), ck_disk.read_bytes()
+    disk_digests: LeafDigests = compute_leaf_digests(ck_disk, fmt="qcow2")
+    with MemoryImageSource(ck_mem) as m:
+        trees = CheckpointTrees(MerkleTree.build(m, FANOUT), disk_digests)
+    ck = SimpleNamespace(memory=ck_mem, disk=ck_disk)
+    with MemoryImageSource(src_mem) as sm, Qcow2OverlaySource(src_disk, backing_tree=disk_digests) as sd:
+        sources = {MEMORY: sm, DISK: sd}
+        mine = {name: MerkleTree.build(src, FANOUT) for name, src in sources.items()}
+        seconds = target_apply_s(sources, mine, ck, trees, tmp_path, keep=True)  # type: ignore[arg-type]
+        assert seconds > 0
+        assert (ck_mem.read_bytes(), ck_disk.read_bytes()) == before
+        with MemoryImageSource(tmp_path / "apply-memory.sav") as pm, \
+                Qcow2OverlaySource(tmp_path / "apply-disk.qcow2", backing_tree=disk_digests) as pd:
+            assert MerkleTree.build(pm, FANOUT).root == mine[MEMORY].root
+            assert MerkleTree.build(pd, FANOUT).root == mine[DISK].root
