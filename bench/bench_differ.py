@@ -36,6 +36,7 @@ from differ.memsource import MemorySource
 from differ.merkle import MerkleTree
 from differ.protocol import (
     ProtocolParams,
+    ReferenceImage,
     Source,
     SourceImage,
     Target,
@@ -159,11 +160,17 @@ def mutate(data: bytes, tree: MerkleTree, fraction: float, mode: str, seed: int)
 
 
 def run_protocol(
-    a: bytes, tree_a: MerkleTree, b: bytes, tree_b: MerkleTree, params: ProtocolParams
+    a: bytes, tree_a: MerkleTree, b: bytes, tree_b: MerkleTree, params: ProtocolParams,
+    base: tuple[bytes, MerkleTree] | None = None,
 ) -> tuple[TransferStats, float]:
-    source = Source([SourceImage("memory", MemorySource(a, report_zeros=False), tree_a)], params)
+    """One dry-run transfer A -> B; ``base``: the checkpoint both grew from, held by both sides."""
+    def ref() -> ReferenceImage | None:
+        return None if base is None else ReferenceImage(MemorySource(base[0], report_zeros=False), base[1])
+
+    source = Source([SourceImage("memory", MemorySource(a, report_zeros=False), tree_a, base=ref())], params)
     target = Target(
-        [TargetImage("memory", MemorySource(b, report_zeros=False), tree_b)], params, dry_run=True, key=bytes(32)
+        [TargetImage("memory", MemorySource(b, report_zeros=False), tree_b, base=ref())], params, dry_run=True,
+        key=bytes(32),
     )
     t0 = time.perf_counter()
     stats = run_local(source, target)
@@ -208,6 +215,24 @@ def bench_protocol(a: bytes, tree: MerkleTree, quick: bool) -> None:
             f"| {stats.flat_hash_bytes / blocks:.0%} | {stats.wire_total:,} | {secs:.1f} |"
         )
         del b, tb
+    if not quick:
+        # three-way, as in a migration: source and target both grew from the checkpoint (the base);
+        # without the base the walk compares the two directly, with it untouched nodes cost a bit
+        s_img, s_tree = mutate(a, tree, 0.01, "random", seed=101)
+        t_img, t_tree = mutate(a, tree, 0.01, "random", seed=202)
+        for with_base in (False, True):
+            stats, secs = run_protocol(s_img, s_tree, t_img, t_tree, ProtocolParams(),
+                                       base=(a, tree) if with_base else None)
+            img = stats.images["memory"]
+            blocks = max(1, stats.block_bytes)
+            how = "base-relative walk" if with_base else "no base"
+            print(
+                f"| {img.divergent} | 1 % + 1 % from one base, {how} | 16 | 8 B | {stats.round_trips} "
+                f"| {stats.hash_bytes:,} | {stats.fingerprint_bytes:,} | {stats.block_bytes:,} "
+                f"| {stats.hash_bytes / blocks:.1%} | {(stats.hash_bytes + stats.fingerprint_bytes) / blocks:.1%} "
+                f"| {stats.flat_hash_bytes / blocks:.0%} | {stats.wire_total:,} | {secs:.1f} |"
+            )
+        del s_img, t_img
     print()
 
 
