@@ -94,7 +94,7 @@ def _link_name(results: Mapping[str, Any], key: str) -> str:
     for s in results["meta"].get("link", {}).get("shapes", []):
         if s["key"] == key:
             return str(s["name"])
-    return "unshaped veth (no netem)" if key == UNSHAPED else key
+    return "unshaped veth" if key == UNSHAPED else key
 
 
 def divergence_rows(results: Mapping[str, Any]) -> list[list[str]]:
