@@ -177,6 +177,16 @@ def run_protocol(
     return stats, time.perf_counter() - t0
 
 
+def _protocol_row(divergent: str, change: str, fanout: int, dbytes: int, stats: TransferStats, secs: float) -> None:
+    blocks = max(1, stats.block_bytes)
+    print(
+        f"| {divergent} | {change} | {fanout} | {dbytes} B | {stats.round_trips} "
+        f"| {stats.hash_bytes:,} | {stats.fingerprint_bytes:,} | {stats.block_bytes:,} "
+        f"| {stats.hash_bytes / blocks:.1%} | {(stats.hash_bytes + stats.fingerprint_bytes) / blocks:.1%} "
+        f"| {stats.flat_hash_bytes / blocks:.0%} | {stats.wire_total:,} | {secs:.1f} |"
+    )
+
+
 def bench_protocol(a: bytes, tree: MerkleTree, quick: bool) -> None:
     n = tree.leaf_count
     print(f"### Protocol cost, {len(a) / GIB:.2f} GiB image, {n} leaves (dry run, in memory)\n")
@@ -206,14 +216,7 @@ def bench_protocol(a: bytes, tree: MerkleTree, quick: bool) -> None:
         ta = trees[fanout]
         b, tb = mutate(a, ta, fraction, "random" if mode == "random" else "bytes", seed=int(fraction * 1e6) + fanout)
         stats, secs = run_protocol(a, ta, b, tb, ProtocolParams(digest_bytes=dbytes))
-        img = stats.images["memory"]
-        blocks = max(1, stats.block_bytes)
-        print(
-            f"| {img.divergent} ({fraction:.1%}) | {mode} | {fanout} | {dbytes} B | {stats.round_trips} "
-            f"| {stats.hash_bytes:,} | {stats.fingerprint_bytes:,} | {stats.block_bytes:,} "
-            f"| {stats.hash_bytes / blocks:.1%} | {(stats.hash_bytes + stats.fingerprint_bytes) / blocks:.1%} "
-            f"| {stats.flat_hash_bytes / blocks:.0%} | {stats.wire_total:,} | {secs:.1f} |"
-        )
+        _protocol_row(f"{stats.images['memory'].divergent} ({fraction:.1%})", mode, fanout, dbytes, stats, secs)
         del b, tb
     if not quick:
         # three-way, as in a migration: source and target both grew from the checkpoint (the base);
@@ -223,15 +226,9 @@ def bench_protocol(a: bytes, tree: MerkleTree, quick: bool) -> None:
         for with_base in (False, True):
             stats, secs = run_protocol(s_img, s_tree, t_img, t_tree, ProtocolParams(),
                                        base=(a, tree) if with_base else None)
-            img = stats.images["memory"]
-            blocks = max(1, stats.block_bytes)
             how = "base-relative walk" if with_base else "no base"
-            print(
-                f"| {img.divergent} | 1 % + 1 % from one base, {how} | 16 | 8 B | {stats.round_trips} "
-                f"| {stats.hash_bytes:,} | {stats.fingerprint_bytes:,} | {stats.block_bytes:,} "
-                f"| {stats.hash_bytes / blocks:.1%} | {(stats.hash_bytes + stats.fingerprint_bytes) / blocks:.1%} "
-                f"| {stats.flat_hash_bytes / blocks:.0%} | {stats.wire_total:,} | {secs:.1f} |"
-            )
+            _protocol_row(str(stats.images["memory"].divergent), f"1 % + 1 % from one base, {how}", 16, 8, stats,
+                          secs)
         del s_img, t_img
     print()
 
