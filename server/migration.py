@@ -276,9 +276,8 @@ class SourceSide:
             sources = stack.enter_context(open_sources(self.state_files, trees))
             t0 = time.monotonic()
             mine = await asyncio.to_thread(build_trees, sources)
-            self.report.baseline_bytes = await asyncio.to_thread(plain_transfer_bytes, sources, mine, trees)
             bases = checkpoint_images(self.checkpoint, trees, stack)
-            src = Source(source_images(sources, mine, bases), self.params, measure_plain=True)
+            src = Source(source_images(sources, mine, bases), self.params)
             walked = [0.0]
 
             def seen(ev: object) -> None:
@@ -297,6 +296,8 @@ class SourceSide:
             self.report.add_transfer(src.stats)
             self.report.diff_s = (walked[0] or time.monotonic()) - t0
             self.report.transfer_s = time.monotonic() - (walked[0] or t0)
+            # the report's baseline, while the target restores: not on the way to the first block
+            self.report.baseline_bytes = await asyncio.to_thread(plain_transfer_bytes, sources, mine, trees)
 
     def _restore(self, saved: bool) -> None:
         """Put the source VM back as it was (the migration did not finish)."""
