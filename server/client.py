@@ -3,13 +3,16 @@
 Two layers, like the service: :class:`ClientState` is sans-I/O (it owns the journal of what this
 side sent and decides, from the service's ``attached`` answer, exactly what to re-send after a
 reconnect), and :class:`SessionClient` is the asyncio adapter over ``websockets`` that connects
-with the bearer token, reconnects with :class:`Backoff` and feeds the state object.
+with a role credential, reconnects with :class:`Backoff` and feeds the state object.
+:func:`create_session` asks the service for a new session with the shared token.
 
-Usage (target)::
+Usage::
 
-    async with SessionClient(url, "target", token=token) as c:   # url = ws[s]://host:port/sessions/<id>
+    source, target = await create_session("wss://svc:8765", token, cafile=ca)   # at the source
+    # ... hand str(target) to the target site (a 0600 file, see server/credentials.py) ...
+    async with SessionClient("wss://svc:8765", target, cafile=ca) as c:
         while True:
-            ev = await c.recv()          # Frame / LogEnded / StateChanged / Verified / Confirmed
+            ev = await c.recv()          # Frame / LogEnded / StateChanged / Verified / Confirmed / Released
             ...
 
 Payloads are opaque bytes.  A frame is acked when :meth:`SessionClient.recv` hands it over, so
@@ -38,13 +41,17 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from replay_migrate import __version__
 from replay_migrate.errors import AuthError, ProtocolError, ReplayMigrateError, TransportError, UsageError
 from server.session import (
+    CREATE_PATH,
     ENVELOPE_OVERHEAD,
+    FRAME_COST,
     MAX_ROOT_BYTES,
     MAX_ROOT_NAME,
     MAX_ROOTS,
     PEER_REASONS,
     SESSION_ID_RE,
     TOKEN_ENV,
+    Claim,
+    Credential,
     Limits,
     Phase,
     Reason,
@@ -54,6 +61,7 @@ from server.session import (
     Stream,
     decode,
     encode,
+    frame_cost,
     state_reached,
     valid_roots,
 )
@@ -96,13 +104,18 @@ class Confirmed:
 
 
 @dataclass(frozen=True)
+class Released:
+    """(Target) the source has the confirm: the target need not stay attached any longer."""
+
+
+@dataclass(frozen=True)
 class Failed:
     code: int
     reason: Reason
     keep_vm: bool
 
 
-Event = Frame | LogEnded | StateChanged | Verified | Confirmed | Failed
+Event = Frame | LogEnded | StateChanged | Verified | Confirmed | Released | Failed
 
 
 class SessionFailedError(ProtocolError):
@@ -132,10 +145,12 @@ class ClientState:
     """What one peer knows about its session, and its journal of unacknowledged output.
 
     Frames stay in the journal until the receiver's ack comes back through the service; controls
-    (suspend, log_end, phase, verified, resumed, abort) until the session state shows them applied.
-    On re-attach, ``attached`` says where the service stands and :meth:`data_to_send` yields exactly
-    the missing frames and controls, in their original order.  Frames are only transmitted while
-    the stream's unacked payload stays within the service's ``window``.
+    (suspend, log_end, phase, verified, resumed, released, abort) until the session shows them
+    applied.  On re-attach, ``attached`` says where the service stands and :meth:`data_to_send`
+    yields exactly the missing frames and controls, in their original order.  Frames are only
+    transmitted while the stream's unacked bytes (:func:`~server.session.frame_cost`) stay within
+    the service's ``window``.  Every attach carries :meth:`claim`, what this side knows, so that a
+    service that lost the session (a restart) can re-create it; nothing else is needed from it.
     """
 
     def __init__(self, role: Role, session_id: str, *, max_message_size: int = _DEFAULTS.max_message_size,
@@ -155,6 +170,7 @@ class ClientState:
         self.log_end: int | None = None
         self.roots: dict[str, bytes] | None = None
         self.confirmed = False
+        self.released = False
         self.failed: Failed | None = None
         self.duplicates = 0
         self._service_log_end = False
@@ -174,7 +190,7 @@ class ClientState:
     # -- queries
     @property
     def max_payload(self) -> int:
-        return min(self.service_max_message - ENVELOPE_OVERHEAD, self.window)
+        return min(self.service_max_message - ENVELOPE_OVERHEAD, self.window - FRAME_COST)
 
     def may_send_diff(self) -> bool:
         """Diff messages are legal from SUSPENDING on.  The source gets there by its own suspend
@@ -197,13 +213,24 @@ class ClientState:
     def journal_size(self) -> int:
         return len(self._journal)
 
+    def claim(self) -> Claim:
+        """What this side knows of the session, for a service that has to re-create it: the state
+        it last saw, its streams' positions, the log's end (the source's only once the service took
+        it), the verified roots (once it saw them applied) and whether the source's release arrived."""
+        state = self.state if self.state is not None and self.state is not State.FAILED else State.RECORDING
+        log_end = self.log_end
+        if self.role is Role.SOURCE and not (self._service_log_end or state_reached(state, State.DIFFING)):
+            log_end = None
+        roots = self.roots if state_reached(state, State.VERIFIED) else None
+        return Claim(state, dict(self._next_seq), dict(self._acked), log_end, roots, self.released)
+
     # -- connection lifecycle
     def attach_message(self) -> bytes:
         """The first message of every connection; ``resume_from`` acks all frames received so far."""
         self.attached = False
         return encode("attach", role=self.role.value, session=self.session_id,
                       resume_from={s.value: self._recv_next[s] for s in self.role.receives},
-                      resume=self.ever_attached)
+                      resume=self.ever_attached, claim=self.claim().to_wire())
 
     def connection_lost(self) -> None:
         self.attached = False
@@ -225,7 +252,7 @@ class ClientState:
         msg = (encode("log", seq=seq, data=data) if stream is Stream.LOG
                else encode("diff", dir=stream.value, seq=seq, data=data))
         key = next(self._order)
-        self._journal[key] = _Entry(msg, stream, seq, len(data))
+        self._journal[key] = _Entry(msg, stream, seq, frame_cost(data))
         self._by_stream[stream].append(key)
         self._unsent.append(key)
         return seq
@@ -256,11 +283,22 @@ class ClientState:
         if not valid_roots(dict(roots)):
             raise ProtocolError(f"roots must be 1..{MAX_ROOTS} names of at most {MAX_ROOT_NAME} characters, "
                                 f"each a hash of at most {MAX_ROOT_BYTES} bytes")
+        if self.roots is not None and self.roots != dict(roots):
+            raise ProtocolError("verified with other roots than the session holds")
+        self.roots = dict(roots)
         self._control(encode("verified", roots=dict(roots)), lambda: state_reached(self.state, State.VERIFIED))
 
     def resumed(self) -> None:
         self._need(Role.TARGET, "resumed")
         self._control(encode("resumed"), lambda: state_reached(self.state, State.RESUMED))
+
+    def acknowledge_confirm(self) -> None:
+        """(Source) tell the target, through the service, that the confirm arrived: it stays
+        attached until then, so that a restarted service can still learn that it resumed."""
+        self._need(Role.SOURCE, "released")
+        if not self.confirmed:
+            raise ProtocolError("released before the confirm")
+        self._control(encode("released"), lambda: self.released)
 
     def abort(self, reason: Reason) -> None:
         if reason not in PEER_REASONS:
@@ -290,7 +328,11 @@ class ClientState:
                 self._since_ack[s] = [0, 0]
                 out.append(encode("ack", stream=s.value, seq=self._consumed[s]))
         while self._unsent:
-            entry = self._journal.get(self._unsent[0])
+            key = self._unsent[0]
+            entry = self._journal.get(key)
+            if entry is not None and entry.done is not None and entry.done():
+                del self._journal[key]              # applied meanwhile (another peer's claim got there)
+                entry = None
             if entry is None:                        # acked or applied meanwhile
                 self._unsent.popleft()
                 continue
@@ -336,6 +378,12 @@ class ClientState:
                 return []
             self.confirmed = True
             return [Confirmed()]
+        if t == "released":
+            if self.released:
+                return []
+            self.released = True
+            self._prune()
+            return [Released()] if self.role is Role.TARGET else []
         raise SessionViolation(Reason.BAD_MESSAGE, f"service sent {t} to a {self.role.value}")
 
     # -- internals
@@ -382,8 +430,13 @@ class ClientState:
         for r in self.role.receives:
             self._ack_sent[r] = max(self._ack_sent[r], self._recv_next[r] - 1)
         self.attached = self.ever_attached = True
-        if self.role is Role.SOURCE and msg["roots"] is not None:
-            events += self._on_roots(msg["roots"])
+        if msg["roots"] is not None:
+            if self.role is Role.SOURCE:
+                events += self._on_roots(msg["roots"])
+            elif self.roots is None:
+                self.roots = dict(msg["roots"])
+            elif self.roots != msg["roots"]:
+                raise SessionViolation(Reason.BAD_SEQUENCE, "the service holds other roots than this target verified")
         return events
 
     def _on_frame(self, stream: Stream, seq: int, data: bytes) -> list[Event]:
@@ -425,9 +478,12 @@ class ClientState:
     def _set_state(self, state: State) -> list[Event]:
         changed = state is not self.state
         self.state = state
+        self._prune()
+        return [StateChanged(state)] if changed else []
+
+    def _prune(self) -> None:
         for key in [k for k, e in self._journal.items() if e.done is not None and e.done()]:
             del self._journal[key]
-        return [StateChanged(state)] if changed else []
 
     def _set_acked(self, stream: Stream, seq: int) -> None:
         if seq <= self._acked[stream]:
@@ -481,7 +537,80 @@ _CONNECT_TAKES_PROXY: Final = "proxy" in inspect.signature(connect.__init__).par
 
 def session_url(base: str, session_id: str) -> str:
     """``ws://host:port`` + id → the session's URL."""
-    return f"{base.rstrip('/')}/sessions/{session_id}"
+    return f"{base.rstrip('/')}{CREATE_PATH}/{session_id}"
+
+
+def _service_base(url: str) -> tuple[str, str]:
+    """Check a service URL (``ws[s]://HOST:PORT``, no path); returns (url without a trailing /, host:port)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname or parts.path not in ("", "/") \
+            or parts.query or parts.fragment:
+        raise UsageError(f"bad service URL {url!r}: expected ws[s]://HOST:PORT")
+    return url.rstrip("/"), parts.netloc
+
+
+def _client_ssl(url: str, cafile: str | os.PathLike[str] | None) -> ssl.SSLContext | None:
+    """TLS for a wss:// URL: the system's CAs, or only ``cafile`` (a self-signed service certificate)."""
+    if not url.startswith("wss:"):
+        if cafile is not None:
+            raise UsageError("a CA file only makes sense with a wss:// URL")
+        return None
+    try:
+        return ssl.create_default_context(cafile=os.fspath(cafile) if cafile is not None else None)
+    except (OSError, ssl.SSLError) as e:
+        raise UsageError(f"cannot load the CA file {cafile}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _refused(where: str, status: int, what: str) -> ReplayMigrateError | None:
+    """The error for a handshake answered ``status`` (None: worth retrying)."""
+    if status in (401, 403):
+        return AuthError(f"the handoff service at {where} refused the {what} (HTTP {status})")
+    if 400 <= status < 500:
+        return ProtocolError(f"the handoff service at {where} refused the request (HTTP {status})")
+    return None
+
+
+def _connect_options() -> dict[str, Any]:
+    # site to site: never through an environment proxy
+    return {"proxy": None} if _CONNECT_TAKES_PROXY else {}
+
+
+async def create_session(service: str, token: str | None = None, *, cafile: str | os.PathLike[str] | None = None,
+                         open_timeout: float = 10.0) -> tuple[Credential, Credential]:
+    """A new session at ``service`` (``ws[s]://HOST:PORT``) with the shared creation ``token``
+    (default: ``$REPLAY_MIGRATE_TOKEN``); returns its (source, target) credentials."""
+    base, where = _service_base(service)
+    token = token if token is not None else os.environ.get(TOKEN_ENV)
+    if not token:
+        raise UsageError(f"no token to create a session with: set ${TOKEN_ENV} or pass a token file")
+    tls = _client_ssl(base, cafile)
+    try:
+        async with asyncio.timeout(open_timeout):
+            async with connect(f"{base}{CREATE_PATH}", additional_headers={"Authorization": f"Bearer {token}"},
+                               compression=None, open_timeout=open_timeout, max_size=4096, ssl=tls,
+                               user_agent_header=f"replay-migrate/{__version__}", **_connect_options()) as ws:
+                await ws.send(encode("create"))
+                data = await ws.recv()
+    except InvalidStatus as e:
+        status = e.response.status_code
+        raise _refused(where, status, "token") or TransportError(
+            f"the handoff service at {where} cannot create a session now (HTTP {status})") from None
+    except ssl.SSLCertVerificationError as e:
+        raise TransportError(f"TLS verification of {where} failed: {e.verify_message}") from None
+    except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as e:
+        raise TransportError(f"cannot create a session at {where}: {type(e).__name__}") from None
+    if isinstance(data, str):
+        raise ProtocolError(f"the handoff service at {where} sent a text frame")
+    msg = decode(data, 4096)
+    if msg["t"] == "error":
+        raise ProtocolError(f"the handoff service at {where} refused to create a session: {msg['reason']}")
+    if msg["t"] != "created":
+        raise ProtocolError(f"the handoff service at {where} answered {msg['t']} to create")
+    source, target = Credential.parse(msg["source"]), Credential.parse(msg["target"])
+    if source is None or target is None or (source.role, target.role) != (Role.SOURCE, Role.TARGET) \
+            or not source.session == target.session == msg["session"]:
+        raise ProtocolError(f"the handoff service at {where} sent inconsistent credentials")
+    return source, target
 
 
 class SessionClient:
@@ -491,37 +620,34 @@ class SessionClient:
     ``suspend``/``phase``/``verified``/``resumed`` once the service applied them; ``recv`` yields
     events in order.  The session failing raises :class:`SessionFailedError` (``keep_vm`` tells the
     source to keep its VM); a connection not restored within ``reconnect`` raises TransportError; a
-    refused token AuthError.  Use as ``async with``, or call :meth:`connect` and :meth:`close`.
+    refused credential AuthError.  Use as ``async with``, or call :meth:`connect` and :meth:`close`.
+
+    ``service`` is the service's ``ws[s]://HOST:PORT``; ``credential`` (or its text) names the
+    session and the role, and is the only secret this side presents.
     """
 
-    def __init__(self, url: str, role: Role | str, *, token: str | None = None,
+    def __init__(self, service: str, credential: Credential | str, *,
                  cafile: str | os.PathLike[str] | None = None, reconnect: ReconnectPolicy | None = None,
                  open_timeout: float = 10.0, close_timeout: float = 5.0, ping_interval: float | None = 20.0,
                  ping_timeout: float | None = 20.0, max_message_size: int = _DEFAULTS.max_message_size,
                  max_queue: int = 16) -> None:
-        parts = urlsplit(url)
-        prefix, _, session_id = parts.path.rpartition("/")
-        if parts.scheme not in ("ws", "wss") or prefix != "/sessions" or not parts.hostname:
-            raise UsageError(f"bad session URL {url!r}: expected ws[s]://HOST:PORT/sessions/ID")
-        token = token if token is not None else os.environ.get(TOKEN_ENV)
-        if not token:
-            raise UsageError(f"no token for the handoff service: pass one or set {TOKEN_ENV}")
-        if cafile is not None and parts.scheme != "wss":
-            raise UsageError("a CA file only makes sense with a wss:// URL")
-        self.url = url
-        self.role = Role(role)
-        self._where = parts.netloc
-        self._token = token
-        self._ssl = ssl.create_default_context(cafile=os.fspath(cafile) if cafile else None) \
-            if parts.scheme == "wss" else None
+        base, where = _service_base(service)
+        cred = credential if isinstance(credential, Credential) else Credential.parse(credential)
+        if cred is None:
+            raise UsageError("that is not a replay-migrate session credential (rm1.SESSION.ROLE.SECRET)")
+        self.url = session_url(base, cred.session)
+        self.role = cred.role
+        self._where = where
+        self._authorization = f"Bearer {cred}"
+        self._ssl = _client_ssl(base, cafile)
         self._policy = reconnect if reconnect is not None else ReconnectPolicy()
         self._open_timeout = open_timeout
         self._close_timeout = close_timeout
         self._ping = (ping_interval, ping_timeout)
         self._max_message = max_message_size
         self._max_queue = max_queue
-        self._core = ClientState(self.role, session_id, max_message_size=max_message_size)
-        self.log = logging.getLogger(f"replay_migrate.session.{session_id}")
+        self._core = ClientState(self.role, cred.session, max_message_size=max_message_size)
+        self.log = logging.getLogger(f"replay_migrate.session.{cred.session}")
         self._events: deque[Event] = deque()
         self._changed = asyncio.Event()
         self._send_lock = asyncio.Lock()
@@ -633,6 +759,20 @@ class SessionClient:
         """(Target) the VM runs; returns once the session is RESUMED (the source gets confirm)."""
         await self._control(self._core.resumed, State.RESUMED)
 
+    async def acknowledge_confirm(self, timeout: float | None = None) -> None:
+        """(Source) after the confirm: tell the target it may go; returns once the service took it."""
+        self._check()
+        self._core.acknowledge_confirm()
+        await self._flush()
+        async with asyncio.timeout(timeout):
+            await self._wait(lambda: self._core.released)
+
+    async def wait_released(self, timeout: float | None = None) -> None:
+        """(Target) after ``resumed``: until the source has the confirm.  Staying attached until
+        then lets a restarted service learn from this side that the target resumed."""
+        async with asyncio.timeout(timeout):
+            await self._wait(lambda: self._core.released)
+
     async def abort(self, reason: Reason | str) -> None:
         """Give up the session (either side); returns once the service failed it."""
         r = Reason(reason)
@@ -742,22 +882,17 @@ class SessionClient:
             self._notify()
 
     async def _open(self) -> ClientConnection | None:
-        kwargs: dict[str, Any] = {}
-        if _CONNECT_TAKES_PROXY:
-            kwargs["proxy"] = None  # site to site: never through an environment proxy
         try:
             return await connect(
-                self.url, additional_headers={"Authorization": f"Bearer {self._token}"}, compression=None,
+                self.url, additional_headers={"Authorization": self._authorization}, compression=None,
                 open_timeout=self._open_timeout, close_timeout=self._close_timeout, ping_interval=self._ping[0],
                 ping_timeout=self._ping[1], max_size=self._max_message, max_queue=self._max_queue, ssl=self._ssl,
-                user_agent_header=f"replay-migrate/{__version__}", **kwargs)
+                user_agent_header=f"replay-migrate/{__version__}", **_connect_options())
         except InvalidStatus as e:
             status = e.response.status_code
-            if status in (401, 403):
-                raise AuthError(f"the handoff service at {self._where} refused the token (HTTP {status})") from None
-            if 400 <= status < 500:
-                raise ProtocolError(f"the handoff service at {self._where} refused the session URL "
-                                    f"(HTTP {status})") from None
+            error = _refused(self._where, status, f"{self.role.value} credential")
+            if error is not None:
+                raise error from None
             self.log.info("%s: handshake answered HTTP %d", self.role.value, status)
         except ssl.SSLCertVerificationError as e:
             raise TransportError(f"TLS verification of {self._where} failed: {e.verify_message}") from None

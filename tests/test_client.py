@@ -1,5 +1,6 @@
-"""The client's sans-I/O side: the journal, what it re-sends after a reconnect, the window, acks,
-backoff; and a seeded simulation of whole migrations against the real core with random cuts."""
+"""The client's sans-I/O side: the journal, what it re-sends after a reconnect, its claim, the
+window, acks, backoff; and a seeded simulation of whole migrations against the real core with
+random cuts and service restarts."""
 
 from __future__ import annotations
 
@@ -17,10 +18,26 @@ from server.client import (
     Frame,
     LogEnded,
     ReconnectPolicy,
+    Released,
     StateChanged,
     Verified,
 )
-from server.session import Limits, Link, Phase, Reason, Role, SessionRegistry, State, Stream, decode, encode
+from server.session import (
+    FRAME_COST,
+    Claim,
+    Grant,
+    Keyring,
+    Limits,
+    Link,
+    Phase,
+    Reason,
+    Role,
+    SessionRegistry,
+    State,
+    Stream,
+    decode,
+    encode,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -48,8 +65,10 @@ def sent(c: ClientState) -> list[tuple[str, Any]]:
 
 def source() -> ClientState:
     c = ClientState(Role.SOURCE, SID)
-    assert decode(c.attach_message(), BIG) == {"v": 1, "t": "attach", "role": "source", "session": SID,
-                                               "resume_from": {"t2s": 1}, "resume": False}
+    assert decode(c.attach_message(), BIG) == {
+        "v": 2, "t": "attach", "role": "source", "session": SID, "resume_from": {"t2s": 1}, "resume": False,
+        "claim": {"state": "recording", "next": {"log": 1, "s2t": 1}, "acked": {"log": 0, "s2t": 0},
+                  "log_end": None, "roots": None, "released": False}}
     c.receive(attached(Role.SOURCE))
     return c
 
@@ -80,7 +99,7 @@ def test_resend_after_reconnect_is_exactly_what_the_service_lacks() -> None:
     assert msg["resume"] is True
     c.receive(attached(Role.SOURCE, nxt={"log": 4, "s2t": 1}, acked={"log": 3, "s2t": 0}))
     assert sent(c) == [("log", 4), ("log", 5), ("log", 6)]
-    assert c.journal_size == 3 and c.in_flight(Stream.LOG) == 6
+    assert c.journal_size == 3 and c.in_flight(Stream.LOG) == 3 * (2 + FRAME_COST)
 
 
 def test_controls_are_resent_in_order_unless_applied() -> None:
@@ -221,20 +240,93 @@ def test_backoff_grows_and_is_bounded() -> None:
     assert all(0.5 <= (jittered.next_delay(0.0) or 0) / 2**i <= 1.0 for i in range(3))
 
 
+# ---- claim, repeats, released ---------------------------------------------------------------------
+KEYRING = Keyring(b"s" * 32, "token")
+
+
+def test_the_claim_says_what_this_side_saw_and_holds() -> None:
+    c = source()
+    for _ in range(3):
+        c.send_frame(Stream.LOG, b"x")
+    sent(c)
+    c.receive(encode("ack", stream="log", seq=1))
+    c.end_log()
+    c.suspend()
+    sent(c)
+    claim = c.claim()
+    assert claim == Claim(State.RECORDING, {Stream.LOG: 4, Stream.S2T: 1}, {Stream.LOG: 1, Stream.S2T: 0}, None, None)
+    c.receive(encode("state", state="suspending"))      # log_end is not known to be applied yet
+    assert c.claim().state is State.SUSPENDING and c.claim().log_end is None
+    c.connection_lost()
+    c.attach_message()
+    c.receive(attached(Role.SOURCE, state="suspending", nxt={"log": 4, "s2t": 1}, acked={"log": 1, "s2t": 0},
+                       log_end=3))
+    assert c.claim().log_end == 3
+    t = ClientState(Role.TARGET, SID)
+    t.attach_message()
+    t.receive(attached(Role.TARGET, state="transferring", log_end=0))
+    t.receive(encode("log_end", seq=0))
+    t.verified({"memory": b"m"})
+    assert t.claim().roots is None                       # not applied yet
+    t.receive(encode("state", state="verified"))
+    assert t.claim() == Claim(State.VERIFIED, {Stream.T2S: 1}, {Stream.T2S: 0}, 0, {"memory": b"m"})
+
+
+def test_a_control_applied_meanwhile_is_not_sent() -> None:
+    c = source()
+    c.suspend()
+    c.receive(encode("state", state="suspending"))     # another peer's claim got there first
+    assert sent(c) == []
+    t = ClientState(Role.TARGET, SID)
+    t.attach_message()
+    t.receive(attached(Role.TARGET, state="suspending", log_end=0))
+    t.phase(Phase.DIFFING)
+    t.receive(encode("state", state="transferring"))
+    assert sent(t) == [] and t.journal_size == 0
+
+
+def test_released_ends_the_targets_wait_once() -> None:
+    c = source()
+    with pytest.raises(ProtocolError, match="confirm"):
+        c.acknowledge_confirm()
+    c.receive(encode("confirm"))
+    c.acknowledge_confirm()
+    assert sent(c) == [("released", None)]
+    assert c.receive(encode("released")) == [] and c.released and c.journal_size == 0
+    t = ClientState(Role.TARGET, SID)
+    t.attach_message()
+    t.receive(attached(Role.TARGET, state="resumed"))
+    assert t.receive(encode("released")) == [Released()]
+    assert t.receive(encode("released")) == []
+
+
 # ---- simulation: ClientState <-> core over lossy "connections" ------------------------------------
+class Service:
+    """The service as the peers see it: a registry that a restart replaces by an empty one."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.reg = SessionRegistry(KEYRING, limits)
+        self.restarts = 0
+
+    def restart(self) -> None:
+        self.reg = SessionRegistry(KEYRING, self.limits)
+        self.restarts += 1
+
+
 class Wire:
     """One peer's connection in memory.  A cut delivers a random prefix of what is in flight each way
     (TCP semantics) and loses the rest; then the peer reconnects and re-attaches."""
 
-    def __init__(self, reg: SessionRegistry, role: Role, rng: random.Random) -> None:
-        self.reg, self.rng = reg, rng
+    def __init__(self, service: Service, role: Role, rng: random.Random) -> None:
+        self.service, self.rng = service, rng
         self.client = ClientState(role, SID, ack_every=3)
         self.events: list[Any] = []
         self.seen: list[Any] = []
         self.connect()
 
     def connect(self) -> None:
-        self.link = Link(self.reg, SID, 0.0)
+        self.link = Link(self.service.reg, Grant(SID, self.client.role), 0.0)
         self.up = [self.client.attach_message()]
 
     def step(self) -> None:
@@ -245,7 +337,7 @@ class Wire:
         for m in self.link.data_to_send():
             self.events += self.client.receive(m)
 
-    def cut(self) -> None:
+    def cut(self, reconnect: bool = True) -> None:
         up = self.up + self.client.data_to_send()
         for m in up[:self.rng.randint(0, len(up))]:
             self.link.receive(m, 0.0)
@@ -254,14 +346,24 @@ class Wire:
             self.events += self.client.receive(m)
         self.link.connection_lost(0.0)
         self.client.connection_lost()
-        self.connect()
+        if reconnect:
+            self.connect()
 
 
-@pytest.mark.parametrize("seed", range(25))
-def test_simulated_migration_with_random_cuts(seed: int) -> None:
+def kill_and_restart(service: Service, wires: list[Wire]) -> None:
+    """SIGKILL: each connection delivers a random prefix of what was in flight, then the service
+    comes back with nothing; the peers reconnect to the new instance."""
+    for w in wires:
+        w.cut(reconnect=False)
+    service.restart()
+    for w in wires:
+        w.connect()
+
+
+def simulate(seed: int, restart_rate: float) -> None:
     rng = random.Random(seed)
-    reg = SessionRegistry(Limits(max_message_size=1024, max_buffered_bytes=2048))
-    src, tgt = Wire(reg, Role.SOURCE, rng), Wire(reg, Role.TARGET, rng)
+    service = Service(Limits(max_message_size=1024, max_buffered_bytes=2048))
+    src, tgt = Wire(service, Role.SOURCE, rng), Wire(service, Role.TARGET, rng)
     log = [rng.randbytes(rng.randint(0, 700)) for _ in range(40)]
     s2t = [rng.randbytes(rng.randint(1, 700)) for _ in range(30)]
     t2s = [rng.randbytes(rng.randint(1, 700)) for _ in range(20)]
@@ -294,6 +396,9 @@ def test_simulated_migration_with_random_cuts(seed: int) -> None:
             stage["src"] = 1
         elif stage["src"] == 1 and todo["s2t"] and c.in_flight(Stream.S2T) < 1500:
             c.send_frame(Stream.S2T, todo["s2t"].pop(0))
+        elif stage["src"] == 1 and c.confirmed:
+            c.acknowledge_confirm()                     # the target may go now
+            stage["src"] = 2
         # the target: diffing once the whole log is in, then its messages, then the end
         if (stage["tgt"] == 0 and t.log_end is not None and len(got[Stream.LOG]) == len(log)
                 and t.state is State.SUSPENDING):      # log_end may arrive before the suspend does
@@ -309,17 +414,35 @@ def test_simulated_migration_with_random_cuts(seed: int) -> None:
             t.verified({"memory": b"m" * 32})
             t.resumed()
             stage["tgt"] = 3
+        if rng.random() < restart_rate:
+            kill_and_restart(service, [src, tgt])
         for w in (src, tgt):
             if rng.random() < 0.08:
                 w.cut()
             else:
                 w.step()
             consume(w)
-        if c.confirmed and len(got[Stream.T2S]) == len(t2s):   # frames still buffered are delivered after RESUMED
+        # frames still buffered are delivered after RESUMED; the target stays until released
+        if c.confirmed and len(got[Stream.T2S]) == len(t2s) and t.released:
             break
-    session = reg.lookup(SID)
-    assert session is not None and session.state is State.RESUMED, (session.state if session else None)
-    assert got == {Stream.LOG: log, Stream.S2T: s2t, Stream.T2S: t2s}
+    assert c.state is t.state is State.RESUMED and c.confirmed and t.released
+    session = service.reg.lookup(SID)
+    assert session is None or session.state is State.RESUMED
+    assert got == {Stream.LOG: log, Stream.S2T: s2t, Stream.T2S: t2s}        # each exactly once, in order
     assert src.client.duplicates == tgt.client.duplicates == 0
     assert log_ended == [len(log)]
     assert [e for e in src.seen if isinstance(e, Verified)] == [Verified({"memory": b"m" * 32})]
+    assert [e for e in src.seen if isinstance(e, Confirmed)] == [Confirmed()]
+    assert [e for e in tgt.seen if isinstance(e, Released)] == [Released()]
+    if restart_rate:
+        assert service.restarts >= 3
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_simulated_migration_with_random_cuts(seed: int) -> None:
+    simulate(seed, restart_rate=0.0)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_simulated_migration_survives_service_restarts(seed: int) -> None:
+    simulate(seed, restart_rate=0.1)
