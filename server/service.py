@@ -1,11 +1,13 @@
 """The session-handoff service: a thin asyncio adapter over :mod:`server.session` (DESIGN.md §8).
 
-It owns the sockets and the clock and nothing else: the bearer token is checked in
-``process_request`` before any session exists, every binary message goes to the connection's
-:class:`~server.session.Link`, and whatever the core queues is written back by one writer task
-per connection (the peer's link is woken through ``on_output``).  ``compression=None`` because the
-payloads are already zstd; ``max_size`` is the core's ``max_message_size``, so an oversized message
-is closed with 1009 by websockets before it is even buffered.
+It owns the sockets, the clock and the connection counts, and nothing else: the credential (the
+shared token on ``/sessions``, a role credential on ``/sessions/<id>``) is checked in
+``process_request`` by the core's :class:`~server.session.Keyring` before any websocket opens, every
+binary message goes to the connection's :class:`~server.session.Link`, and whatever the core queues
+is written back by one writer task per connection, one message at a time (the peer's link is woken
+through ``on_output``).  ``compression=None`` because the payloads are already zstd; ``max_size``,
+``max_queue`` and ``write_limit`` come from :class:`~server.session.Limits`, whose
+``worst_case_memory`` counts them.
 
 ``replay-migrate serve --listen HOST:PORT`` runs it; :func:`start_service` embeds it in-process
 (tests, the single-host mode).
@@ -16,10 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hmac
 import logging
-import os
-import re
+import secrets
 import signal
 import ssl
 import sys
@@ -31,14 +31,27 @@ from pathlib import Path
 from typing import Final
 
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from replay_migrate.errors import HostError, ReplayMigrateError, UsageError
-from server.session import TOKEN_ENV, Limits, Link, SessionRegistry
+from server.credentials import KEY_ENV, load_or_create_key, load_token
+from server.session import (
+    CLOSE_POLICY,
+    MIN_KEY_BYTES,
+    TOKEN_ENV,
+    Grant,
+    Keyring,
+    Limits,
+    Link,
+    MiB,
+    SessionRegistry,
+    known_path,
+)
 
 DEFAULT_LISTEN: Final = "127.0.0.1:8765"
-_PATH: Final = re.compile(r"/sessions/([A-Za-z0-9_-]{1,64})")
+CLOSE_TRY_AGAIN: Final = 1013
 _log = logging.getLogger("replay_migrate.service")
 
 
@@ -46,7 +59,8 @@ _log = logging.getLogger("replay_migrate.service")
 class ServiceConfig:
     """Everything the service needs; the session limits live in :class:`~server.session.Limits`."""
 
-    token: str
+    token: str                              # the shared token: it only creates sessions
+    key: bytes                              # derives every role secret; keep it to survive a restart
     host: str = "127.0.0.1"
     port: int = 8765                        # 0: an ephemeral port (tests, embedded mode)
     tls_cert: Path | None = None
@@ -55,14 +69,15 @@ class ServiceConfig:
     ping_interval: float | None = 20.0      # keepalive pings: a silent dead peer is detached after
     ping_timeout: float | None = 20.0       # ping_interval + ping_timeout and may then resume
     open_timeout: float = 10.0              # TCP + TLS + HTTP handshake
-    attach_timeout: float = 10.0            # from handshake to the attach message
+    attach_timeout: float = 10.0            # from handshake to the attach (or create) message
     close_timeout: float = 5.0
-    max_queue: int = 16                     # incoming messages buffered per connection before TCP pushes back
-    tick_interval: float = 1.0              # how often idle and finished sessions are looked at
+    tick_interval: float = 1.0              # how often idle, vacant and finished sessions are looked at
 
     def __post_init__(self) -> None:
         if not self.token:
-            raise UsageError(f"the handoff service needs a token (--token or {TOKEN_ENV})")
+            raise UsageError(f"the handoff service needs a token (${TOKEN_ENV} or --token-file)")
+        if len(self.key) < MIN_KEY_BYTES:
+            raise UsageError(f"the service key must have at least {MIN_KEY_BYTES} bytes")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise UsageError("--tls-cert and --tls-key go together")
         if not 0 <= self.port <= 65535:
@@ -87,44 +102,77 @@ def _server_ssl(config: ServiceConfig) -> ssl.SSLContext | None:
 
 
 class HandoffService:
-    """The adapter: one :class:`SessionRegistry`, a handler per connection and a ticker."""
+    """The adapter: one :class:`SessionRegistry`, a handler per connection, the connection counts
+    (``max_connections``, ``max_connections_per_address``) and a ticker."""
 
     def __init__(self, config: ServiceConfig, registry: SessionRegistry | None = None) -> None:
         self.config = config
-        self.registry = registry if registry is not None else SessionRegistry(config.limits)
-        self._expected = f"Bearer {config.token}".encode()
+        self.registry = registry if registry is not None else SessionRegistry(Keyring(config.key, config.token),
+                                                                            config.limits)
+        self.limits = self.registry.limits
+        self.connections = 0
+        self._per_address: dict[str, int] = {}
+
+    def _grant(self, request: Request) -> Grant | None:
+        values = request.headers.get_all("Authorization")
+        if len(values) != 1:
+            return None
+        return self.registry.keyring.authorize(request.path.partition("?")[0], values[0])
+
+    def _has_room(self, address: str) -> bool:
+        return (self.connections < self.limits.max_connections
+                and self._per_address.get(address, 0) < self.limits.max_connections_per_address)
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        """401 unless the bearer token matches (constant time); 404 unless the path is a session."""
-        given = request.headers.get("Authorization", "")
-        try:
-            ok = hmac.compare_digest(given.encode("utf-8", "surrogateescape"), self._expected)
-        except UnicodeEncodeError:
-            ok = False
-        if not ok:
-            _log.info("refused a connection from %s: missing or wrong token", _peer(connection))
-            response = connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token\n")
+        """404 for a path the service does not serve; 401, the same for every refusal, unless the
+        credential is good for this path; 503 when the connection limits are reached."""
+        if not known_path(request.path.partition("?")[0]):
+            return connection.respond(HTTPStatus.NOT_FOUND, "expected /sessions or /sessions/<id>\n")
+        address = _peer(connection)
+        if self._grant(request) is None:
+            _log.info("refused a connection from %s: missing or wrong credential", address)
+            response = connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong credential\n")
             response.headers["WWW-Authenticate"] = 'Bearer realm="replay-migrate"'
             return response
-        if _session_id(request.path) is None:
-            return connection.respond(HTTPStatus.NOT_FOUND, "expected /sessions/<id>\n")
+        if not self._has_room(address):
+            _log.warning("refused a connection from %s: %d open, %d from there", address, self.connections,
+                         self._per_address.get(address, 0))
+            return Response(HTTPStatus.SERVICE_UNAVAILABLE.value, "Service Unavailable",
+                            Headers({"Retry-After": "1", "Content-Type": "text/plain"}), b"too many connections\n")
         return None
 
     async def handle(self, ws: ServerConnection) -> None:
         """Feed the peer's messages to its Link; a writer task sends what the core queues."""
         assert ws.request is not None
-        session_id = _session_id(ws.request.path)
-        assert session_id is not None  # process_request refused anything else
+        address = _peer(ws)
+        if not self._has_room(address):     # several handshakes passed process_request at once
+            await ws.close(CLOSE_TRY_AGAIN, "too many connections")
+            return
+        grant = self._grant(ws.request)
+        if grant is None:                   # process_request refused it already
+            await ws.close(CLOSE_POLICY)
+            return
+        self.connections += 1
+        self._per_address[address] = self._per_address.get(address, 0) + 1
+        try:
+            await self._serve(ws, grant)
+        finally:
+            self.connections -= 1
+            left = self._per_address[address] - 1
+            if left:
+                self._per_address[address] = left
+            else:
+                del self._per_address[address]
+
+    async def _serve(self, ws: ServerConnection, grant: Grant) -> None:
         wake = asyncio.Event()
-        link = Link(self.registry, session_id, time.monotonic(), on_output=wake.set)
+        link = Link(self.registry, grant, time.monotonic(), on_output=wake.set)
         writer = asyncio.create_task(self._write(ws, link, wake))
         try:
-            data = await asyncio.wait_for(ws.recv(), self.config.attach_timeout)
-            while True:
-                self._feed(link, data)
-                if link.closing:
-                    break
-                data = await ws.recv()
+            # no reference to a message is kept across an await: the core has what it needs
+            self._feed(link, await asyncio.wait_for(ws.recv(), self.config.attach_timeout))
+            while not link.closing:
+                self._feed(link, await ws.recv())
         except TimeoutError:
             link.attach_timeout(time.monotonic())
         except ConnectionClosed:
@@ -136,6 +184,7 @@ class HandoffService:
                 await asyncio.wait_for(writer, self.config.close_timeout)
             except (TimeoutError, ConnectionClosed):
                 pass
+            link.discard()
 
     def _feed(self, link: Link, data: str | bytes) -> None:
         now = time.monotonic()
@@ -155,7 +204,7 @@ class HandoffService:
             await wake.wait()
             wake.clear()
             try:
-                for msg in link.data_to_send():
+                while (msg := link.next_message()) is not None:
                     await ws.send(msg)
                 if link.close_code is not None:
                     await ws.close(link.close_code)
@@ -166,22 +215,17 @@ class HandoffService:
                 return
 
     async def tick(self) -> None:
-        """Fail sessions whose peers stayed away; drop finished sessions past their ttl."""
+        """Fail sessions whose peers stayed away; drop vacant and long-finished sessions."""
         while True:
             await asyncio.sleep(self.config.tick_interval)
             for session_id in self.registry.expire(time.monotonic()):
-                _log.info("session %s dropped", session_id)
-
-
-def _session_id(path: str) -> str | None:
-    m = _PATH.fullmatch(path.partition("?")[0])
-    return m.group(1) if m else None
+                _log.info("session %s released", session_id)
 
 
 def _peer(connection: ServerConnection) -> str:
+    """The client's address (its host: the connection limits count per host, not per port)."""
     try:
-        host, port = connection.remote_address[:2]
-        return f"{host}:{port}"
+        return str(connection.remote_address[0])
     except Exception:
         return "?"
 
@@ -198,9 +242,9 @@ async def start_service(config: ServiceConfig, *, registry: SessionRegistry | No
     try:
         server_cm = serve(
             service.handle, config.host, config.port, process_request=service.process_request, compression=None,
-            max_size=limits.max_message_size, max_queue=config.max_queue, ping_interval=config.ping_interval,
-            ping_timeout=config.ping_timeout, open_timeout=config.open_timeout, close_timeout=config.close_timeout,
-            ssl=_server_ssl(config), server_header="replay-migrate")
+            max_size=limits.max_message_size, max_queue=limits.max_queue, write_limit=limits.write_limit,
+            ping_interval=config.ping_interval, ping_timeout=config.ping_timeout, open_timeout=config.open_timeout,
+            close_timeout=config.close_timeout, ssl=_server_ssl(config), server_header="replay-migrate")
         server = await server_cm.__aenter__()
     except OSError as e:
         raise HostError(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}") from None
@@ -236,23 +280,38 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+#: ``serve`` options for every :class:`Limits` field: (metavar, help); defaults come from Limits
+_LIMIT_OPTIONS: Final[dict[str, tuple[str, str]]] = {
+    "max_message_size": ("BYTES", "largest message, envelope included; bigger ones are closed with 1009"),
+    "max_buffered_bytes": ("BYTES", "bytes kept per stream until the receiver acks them (the senders' window)"),
+    "max_outgoing_bytes": ("BYTES", "frame bytes queued per connection for its writer"),
+    "max_queue": ("N", "incoming frames websockets buffers per connection before TCP pushes back"),
+    "write_limit": ("BYTES", "outgoing transport buffer per connection"),
+    "max_connections": ("N", "open connections; more handshakes are answered 503"),
+    "max_connections_per_address": ("N", "open connections from one client address"),
+    "max_sessions": ("N", "sessions with an attached peer"),
+    "max_tombstones": ("N", "finished sessions remembered for a late re-attach"),
+    "idle_timeout": ("S", "a session fails when one peer stays away this long"),
+    "finished_ttl": ("S", "how long a finished session is remembered"),
+    "memory_budget": ("BYTES", "what the limits above may add up to at worst (checked at start)"),
+}
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     d = Limits()
     parser.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
                         help="address to listen on (default: %(default)s)")
-    parser.add_argument("--token", default=None,
-                        help=f"bearer token the peers must present (default: ${TOKEN_ENV}; prefer the "
-                             "variable, a command line is visible to other users)")
+    parser.add_argument("--key-file", type=Path, default=None, metavar="FILE",
+                        help=f"the service key, created (0600) if missing; default: ${KEY_ENV} (hex), else a new "
+                             "key each start: every credential then dies with the process")
+    parser.add_argument("--token-file", type=Path, default=None, metavar="FILE",
+                        help=f"the shared token that creates sessions (default: ${TOKEN_ENV})")
     parser.add_argument("--tls-cert", type=Path, default=None, metavar="FILE", help="PEM certificate (enables wss)")
     parser.add_argument("--tls-key", type=Path, default=None, metavar="FILE", help="PEM private key")
-    parser.add_argument("--max-message-size", type=int, default=d.max_message_size, metavar="BYTES",
-                        help="largest message; bigger ones are closed with 1009 (default: %(default)s)")
-    parser.add_argument("--max-buffered-bytes", type=int, default=d.max_buffered_bytes, metavar="BYTES",
-                        help="unacked payload kept per stream, the senders' window (default: %(default)s)")
-    parser.add_argument("--idle-timeout", type=float, default=d.idle_timeout, metavar="S",
-                        help="a session fails when a peer stays away this long (default: %(default)s)")
-    parser.add_argument("--max-sessions", type=int, default=d.max_sessions,
-                        help="sessions held at once (default: %(default)s)")
+    for name, (metavar, help_text) in _LIMIT_OPTIONS.items():
+        default = getattr(d, name)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default, metavar=metavar,
+                            help=f"{help_text} (default: %(default)s)")
     parser.add_argument("--ping-interval", type=float, default=20.0, metavar="S",
                         help="websocket keepalive interval (default: %(default)s)")
     parser.add_argument("--ping-timeout", type=float, default=20.0, metavar="S",
@@ -261,19 +320,25 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> ServiceConfig:
     host, port = parse_listen(args.listen)
-    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV, "")
+    token = load_token(args.token_file) or ""
     try:
-        limits = Limits(max_message_size=args.max_message_size, max_buffered_bytes=args.max_buffered_bytes,
-                        idle_timeout=args.idle_timeout, max_sessions=args.max_sessions)
+        limits = Limits(**{name: getattr(args, name) for name in _LIMIT_OPTIONS})
     except ValueError as e:
         raise UsageError(str(e)) from None
-    return ServiceConfig(token=token, host=host, port=port, tls_cert=args.tls_cert, tls_key=args.tls_key,
+    key = load_or_create_key(args.key_file)
+    if key is None:
+        print(f"replay-migrate serve: no --key-file or ${KEY_ENV}: a new service key for this run; "
+              "sessions will not survive a restart", file=sys.stderr)
+        key = secrets.token_bytes(MIN_KEY_BYTES)
+    return ServiceConfig(token=token, key=key, host=host, port=port, tls_cert=args.tls_cert, tls_key=args.tls_key,
                          limits=limits, ping_interval=args.ping_interval, ping_timeout=args.ping_timeout)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """``replay-migrate serve``: run until SIGINT or SIGTERM, then close every connection and exit 0."""
     config = config_from_args(args)
+    _log.info("limits: worst case %.1f MiB of %.1f MiB budget", config.limits.worst_case_memory / MiB,
+              config.limits.memory_budget / MiB)
 
     async def main() -> None:
         stop = asyncio.Event()
