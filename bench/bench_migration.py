@@ -46,10 +46,10 @@ from bench.sides import KEPT_DISK, KEPT_MEMORY
 from replay_migrate.errors import HostError
 from replayer.workload import find_workload, load_workload, synthesize
 from server import checkpoint as ckpt
-from server.client import session_url
+from server.credentials import KEY_ENV
 from server.migration import FLUSH_S
 from server.paths import checkpoints_dir
-from server.session import TOKEN_ENV
+from server.session import CREDENTIAL_ENV, MIN_KEY_BYTES, SESSION_ID_BYTES, TOKEN_ENV, Keyring
 from server.vmstate import CheckpointTrees, VmState, checkpoint_trees
 from vm.machine import Hypervisor, MachineState
 
@@ -138,8 +138,8 @@ class Proc:
         self._out.close()
 
 
-def _env(token: str) -> dict[str, str]:
-    return {**os.environ, TOKEN_ENV: token, "PYTHONPATH": str(REPO)}
+def _env(token: str, **extra: str) -> dict[str, str]:
+    return {**os.environ, TOKEN_ENV: token, "PYTHONPATH": str(REPO), **extra}
 
 
 # ---- one migration ---------------------------------------------------------------------------------
@@ -196,7 +196,7 @@ def _remove_ours(hv: Hypervisor, names: Sequence[str]) -> None:
 
 
 def migrate(hv: Hypervisor, ck: ckpt.Checkpoint, wl: str, workload: Path, link: NetnsLink, link_key: str,
-            token: str, work: Path, *, keep: bool) -> Run:
+            token: str, keyring: Keyring, work: Path, *, keep: bool) -> Run:
     """Source clone driven by ``workload`` in the source namespace, target clone replaying in the
     target namespace, the service there too; returns when the target runs the migrated VM."""
     src_name, tgt_name = f"{PREFIX}{wl}-src", f"{PREFIX}{wl}-tgt"
@@ -204,11 +204,13 @@ def migrate(hv: Hypervisor, ck: ckpt.Checkpoint, wl: str, workload: Path, link: 
     wdir.mkdir(parents=True, exist_ok=True)
     duration = synthesize(load_workload(workload))[-1].t_us / 1e6
     _remove_ours(hv, (src_name, tgt_name))
-    session = secrets.token_hex(8)
+    # the bench holds the service key, so it derives the session's credentials itself (the service
+    # keeps no state to consult); each side gets only its own
+    src_cred, tgt_cred = keyring.new_session(secrets.token_bytes(SESSION_ID_BYTES))
     # the source crosses the link to the target address; the target, next to the service, reaches
     # it where it listens (the same address with netem, 127.0.0.1 behind the emulator)
-    src_url = session_url(f"ws://{link.cfg.tgt_addr}:{SERVICE_PORT}", session)
-    tgt_url = session_url(f"ws://{link.serve_host}:{SERVICE_PORT}", session)
+    src_url = f"ws://{link.cfg.tgt_addr}:{SERVICE_PORT}"
+    tgt_url = f"ws://{link.serve_host}:{SERVICE_PORT}"
     py = str(VENV_BIN / "python")
     procs: list[Proc] = []
     try:
@@ -221,7 +223,8 @@ def migrate(hv: Hypervisor, ck: ckpt.Checkpoint, wl: str, workload: Path, link: 
         if keep:
             tgt_argv += ["--keep", str(wdir / "target")]
             src_argv += ["--keep", str(wdir / "source")]
-        tgt = Proc("target", link.tgt(tgt_argv), wdir / f"target-{link_key}.log", _env(token))
+        tgt = Proc("target", link.tgt(tgt_argv), wdir / f"target-{link_key}.log",
+                   _env(token, **{CREDENTIAL_ENV: str(tgt_cred)}))
         procs.append(tgt)
         deadline = time.monotonic() + TARGET_START_S
         while not (hv.exists(tgt_name) and hv.lookup(tgt_name).state is MachineState.RUNNING):
@@ -230,7 +233,8 @@ def migrate(hv: Hypervisor, ck: ckpt.Checkpoint, wl: str, workload: Path, link: 
             time.sleep(0.2)
         log(f"{wl} ({link_key}): target {tgt_name} follows; driving {workload.name} (~{duration:.0f} s) "
             f"into {src_name}")
-        source = Proc("source", link.src(src_argv), wdir / f"source-{link_key}.log", _env(token))
+        source = Proc("source", link.src(src_argv), wdir / f"source-{link_key}.log",
+                      _env(token, **{CREDENTIAL_ENV: str(src_cred)}))
         procs.append(source)
         limit = duration + MIGRATION_MARGIN_S
         others = _watch(hv, source, limit)
@@ -339,6 +343,8 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     if work.stat().st_dev != checkpoints_dir().stat().st_dev:
         raise SystemExit(f"--work {work} must be on the file system of {checkpoints_dir()} (hard links)")
     token = secrets.token_urlsafe(24)
+    key = secrets.token_bytes(MIN_KEY_BYTES)
+    keyring = Keyring(key, token)
     results: dict[str, Any] = {"meta": {}, "workloads": {}}
     notes: list[str] = []
     with Hypervisor() as hv:
@@ -365,7 +371,7 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
             first = shapes[0].key if shapes else tables.UNSHAPED
             service = Proc("service", link.tgt([str(VENV_BIN / "replay-migrate"), "serve", "--listen",
                                                 f"{link.serve_host}:{SERVICE_PORT}"]),
-                           work / "service.log", _env(token))
+                           work / "service.log", _env(token, **{KEY_ENV: key.hex()}))
             receiver = Proc("link receiver", link.tgt([str(VENV_BIN / "python"), "-m", "bench.linksend", "recv",
                                                        "--listen", f"{link.serve_host}:{LINKSEND_PORT}"]),
                             work / "receiver.log", _env(token))
@@ -378,7 +384,7 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
                         notes.append(f"`{wl}` ran as the bench-only trimmed copy `{path.relative_to(REPO)}`.")
                     if shapes:
                         link.shape(shapes[0])
-                    run = migrate(hv, ck, wl, path, link, first, token, work, keep=True)
+                    run = migrate(hv, ck, wl, path, link, first, token, keyring, work, keep=True)
                     shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
                     w: dict[str, Any] = {"file": str(shown), "session_s": round(run.source["drive_s"], 1),
                                          "runs": {first: run.as_dict()}}
@@ -397,7 +403,8 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
                     for wl in args.workloads:
                         if wl not in REPEAT_AT_SECOND_LINK:
                             continue
-                        run = migrate(hv, ck, wl, workload_file(wl), link, shape.key, token, work, keep=False)
+                        run = migrate(hv, ck, wl, workload_file(wl), link, shape.key, token, keyring, work,
+                                      keep=False)
                         w = results["workloads"][wl]
                         w["runs"][shape.key] = run.as_dict()
                         d = run.derived()

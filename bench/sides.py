@@ -11,8 +11,9 @@ the CLI's ``record --to`` and ``follow`` use, with what the benchmark needs besi
     python -m bench.sides source --url URL --domain D --checkpoint C --workload W.wl --keep DIR --out R.json
     python -m bench.sides target --url URL --name N --checkpoint C [--keep DIR] --out R.json
 
-The token comes from ``$REPLAY_MIGRATE_TOKEN``. Each writes one JSON object to ``--out``, also on
-failure (``{"error": ...}``).
+``URL`` is the service's ``ws://HOST:PORT``; each side's role credential comes from
+``$REPLAY_MIGRATE_CREDENTIAL``. Each writes one JSON object to ``--out``, also on failure
+(``{"error": ...}``).
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ from replayer.replay import ReplayConfig
 from replayer.workload import load_workload
 from server import checkpoint as ckpt
 from server.client import SessionClient
+from server.credentials import load_credential
 from server.migration import SourceSide, TargetSide
-from server.session import TOKEN_ENV
+from server.session import Role
 from server.vmstate import VmState
 from vm.machine import Hypervisor, Machine
 
@@ -70,19 +72,12 @@ def keep_state(state: VmState, keep: Path) -> None:
         os.link(src, dst)
 
 
-def _token() -> str:
-    token = os.environ.get(TOKEN_ENV)
-    if not token:
-        raise SystemExit(f"bench.sides: set ${TOKEN_ENV}")
-    return token
-
-
 async def run_source(args: argparse.Namespace) -> dict[str, Any]:
     actions = load_workload(args.workload)
     ck = ckpt.get(args.checkpoint)
     with Hypervisor() as hv:
         m = StampedMachine(hv, hv.lookup(args.domain).dom)
-        async with SessionClient(args.url, "source", token=_token()) as client:
+        async with SessionClient(args.url, load_credential(None, Role.SOURCE)) as client:
             src = SourceSide(hv, m, ck, client)
             stop = asyncio.Event()
             streaming = asyncio.create_task(src.stream_log(stop))
@@ -114,7 +109,7 @@ async def run_target(args: argparse.Namespace) -> dict[str, Any]:
         stamps["t_verified"] = time.monotonic()
 
     with Hypervisor() as hv:
-        async with SessionClient(args.url, "target", token=_token()) as client:
+        async with SessionClient(args.url, load_credential(None, Role.TARGET)) as client:
             stamps["t_attached"] = time.monotonic()
             side = TargetSide(hv, ck, client, args.name, replay=ReplayConfig(gap_cap_s=args.gap_cap))
             side.on_saved = saved
@@ -129,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="role", required=True)
     for role in ("source", "target"):
         p = sub.add_parser(role)
-        p.add_argument("--url", required=True, help="ws://HOST:PORT/sessions/ID")
+        p.add_argument("--url", required=True, help="the service, ws://HOST:PORT")
         p.add_argument("--checkpoint", required=True)
         p.add_argument("--keep", type=Path, default=None, help="hard-link the saved state here")
         p.add_argument("--out", type=Path, required=True)

@@ -111,8 +111,6 @@ def cmd_record(args: argparse.Namespace) -> int:
     if args.to is not None:
         from server.migratecmd import cmd_record_to
 
-        if not args.session:
-            raise UsageError("record --to needs --session")
         return cmd_record_to(args)
 
     with _hv(args) as hv:
@@ -233,12 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, metavar="LOG", help="write the log to this file")
     p.add_argument("--to", metavar="URL", help="stream it to the handoff service ws[s]://HOST:PORT, and "
                    "migrate at `replay-migrate suspend DOMAIN`")
-    p.add_argument("--session", help="with --to: the session id both sides use")
-    p.add_argument("--token", default=None, help="with --to: bearer token (default: $REPLAY_MIGRATE_TOKEN)")
     p.add_argument("--duration", type=float, help="stop (with --to: suspend) after this many seconds")
     p.add_argument("--json", action="store_true", help="with --to: print the report as JSON")
-
     from server import migratecmd
+    migratecmd.add_record_to_options(p)
+
     p = add(sub, "suspend", migratecmd.cmd_suspend,
             "migrate now: tell the domain's `record --to` process to suspend, and print its report")
     migratecmd.add_suspend_arguments(p)
@@ -248,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(sub, "migrate", migratecmd.cmd_migrate,
             "migrate DOMAIN to a new clone on this host through a loopback service (both sides here)")
     migratecmd.add_migrate_arguments(p)
+    sess = sub.add_parser("session", help="handoff sessions").add_subparsers(dest="sub", required=True)
+    p = add(sess, "new", migratecmd.cmd_session_new,
+            "create a session at the service; write each role's credential to a new 0600 file")
+    migratecmd.add_session_new_arguments(p)
 
     p = add(sub, "replay", cmd_replay, "replay an input log into a domain, closed loop")
     p.add_argument("log", type=Path)

@@ -5,19 +5,26 @@ code paths as two hosts, for the demo and for trying the tool on one machine.
 ``record --to`` keeps streaming until it is told to suspend: by ``replay-migrate suspend DOMAIN``
 (which signals it through the pid file in the clone's folder and prints its report), by Ctrl-C
 or after ``--duration``.
+
+Credentials (DESIGN.md §8, README "Security model"): ``record --to URL --target-credential FILE``
+creates the session with the shared token and writes the target's credential to FILE (0600) for
+the user to hand to ``follow --credential FILE`` at the target; ``session new`` does the same for
+both roles when the session should exist before recording starts.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import secrets
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +33,12 @@ from replayer.drive import drive
 from replayer.replay import ReplayConfig
 from replayer.workload import load_workload
 from server import checkpoint as ckpt
-from server.client import SessionClient, session_url
+from server.client import SessionClient, create_session
+from server.credentials import load_credential, load_token, write_secret_file
 from server.migration import Report, SourceSide, TargetSide, merged_report
 from server.report import Progress, emit_json, human_bytes, table
 from server.service import ServiceConfig, start_service
-from server.session import TOKEN_ENV
+from server.session import CREDENTIAL_ENV, MIN_KEY_BYTES, TOKEN_ENV, Credential, Role
 from server.vmstate import VmState, same_state
 from vm.machine import Hypervisor, Machine
 
@@ -69,20 +77,49 @@ def print_report(report: dict[str, Any], as_json: bool, title: str = "migration"
 
 
 def _token(args: argparse.Namespace) -> str:
-    token = args.token or os.environ.get(TOKEN_ENV)
+    token = load_token(args.token_file)
     if not token:
-        raise UsageError(f"no token for the handoff service: --token or ${TOKEN_ENV}")
-    return str(token)
+        raise UsageError(f"creating a session needs the service's token: ${TOKEN_ENV} or --token-file FILE")
+    return token
 
 
-def _url(args: argparse.Namespace, base: str) -> str:
-    return session_url(base, args.session)
+async def _new_session(args: argparse.Namespace) -> tuple[Credential, Credential]:
+    return await create_session(args.to, _token(args), cafile=args.ca_file)
+
+
+def cmd_session_new(args: argparse.Namespace) -> int:
+    """``replay-migrate session new``: a session at the service, its two credentials in new 0600 files."""
+    for path in (args.source_credential, args.target_credential):
+        if path.exists() or path.is_symlink():
+            raise UsageError(f"{path}: exists; credentials are written to new files only")
+    source, target = asyncio.run(_new_session(args))
+    write_secret_file(args.source_credential, str(source), "source credential")
+    write_secret_file(args.target_credential, str(target), "target credential")
+    print(source.session)
+    return 0
 
 
 # ---- source: record --to / suspend -----------------------------------------------------------------
+def _source_credential(args: argparse.Namespace) -> Credential | None:
+    """The source credential the arguments name, or None when ``--target-credential`` asks for a new
+    session (checked before anything starts)."""
+    if args.target_credential is not None:
+        if args.credential is not None:
+            raise UsageError("--credential (an existing session) and --target-credential (a new one) exclude "
+                             "each other")
+        if args.target_credential.exists() or args.target_credential.is_symlink():
+            raise UsageError(f"{args.target_credential}: exists; the target's credential goes to a new file")
+        _token(args)
+        return None
+    if args.credential is None and not os.environ.get(CREDENTIAL_ENV):
+        raise UsageError("record --to needs the session: --target-credential FILE (a new session; the target's "
+                         f"credential goes there) or --credential FILE / ${CREDENTIAL_ENV} (an existing one)")
+    return load_credential(args.credential, Role.SOURCE)
+
+
 async def _source(args: argparse.Namespace, hv: Hypervisor, m: Machine, ck: ckpt.Checkpoint,
-                  stop: asyncio.Event) -> Report:
-    async with SessionClient(_url(args, args.to), "source", token=_token(args)) as client:
+                  stop: asyncio.Event, credential: Credential) -> Report:
+    async with SessionClient(args.to, credential, cafile=args.ca_file) as client:
         src = SourceSide(hv, m, ck, client)
         src.progress = Progress()
         streaming = asyncio.create_task(src.stream_log(stop))
@@ -101,9 +138,16 @@ def _checkpoint_of(m: Machine) -> ckpt.Checkpoint:
 
 
 def cmd_record_to(args: argparse.Namespace) -> int:
+    credential = _source_credential(args)
     with Hypervisor(args.connect) as hv:
         m = hv.lookup(args.domain)
         ck = _checkpoint_of(m)
+        if credential is None:
+            credential, target = asyncio.run(_new_session(args))
+            write_secret_file(args.target_credential, str(target), "target credential")
+            print(f"session {credential.session}: hand {args.target_credential} to the target site's "
+                  f"`replay-migrate follow --credential FILE`", file=sys.stderr)
+        source_credential = credential
         pid_file = m.run_dir / PID_FILE
         result_file = m.run_dir / RESULT_FILE
         result_file.unlink(missing_ok=True)
@@ -115,10 +159,10 @@ def cmd_record_to(args: argparse.Namespace) -> int:
                 loop.add_signal_handler(sig, stop.set)
             if args.duration is not None:
                 loop.call_later(args.duration, stop.set)
-            return await _source(args, hv, m, ck, stop)
+            return await _source(args, hv, m, ck, stop, source_credential)
 
         pid_file.write_text(f"{os.getpid()}\n")
-        print(f"recording {m.name} into session {args.session}; `replay-migrate suspend {m.name}` "
+        print(f"recording {m.name} into session {source_credential.session}; `replay-migrate suspend {m.name}` "
               "(or Ctrl-C) migrates it", file=sys.stderr)
         try:
             report = asyncio.run(main()).as_dict()
@@ -159,11 +203,12 @@ def cmd_suspend(args: argparse.Namespace) -> int:
 
 # ---- target: follow -------------------------------------------------------------------------------
 def cmd_follow(args: argparse.Namespace) -> int:
+    credential = load_credential(args.credential, Role.TARGET)
     ck = ckpt.get(args.checkpoint)
-    name = args.name or f"{ckpt.DOMAIN_PREFIX}{args.session}-target"
+    name = args.name or f"{ckpt.DOMAIN_PREFIX}{credential.session}-target"
     with Hypervisor(args.connect) as hv:
         async def main() -> Report:
-            async with SessionClient(_url(args, args.source_url), "target", token=_token(args)) as client:
+            async with SessionClient(args.source_url, credential, cafile=args.ca_file) as client:
                 side = TargetSide(hv, ck, client, name, replay=_replay_config(args))
                 side.progress = bar
                 return await side.run()
@@ -182,24 +227,46 @@ def _replay_config(args: argparse.Namespace) -> ReplayConfig:
 
 
 # ---- both, embedded -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ServiceEndpoint:
+    """A running handoff service: where it is and the token that creates sessions there."""
+
+    url: str
+    token: str
+    cafile: Path | None = None
+
+
+@contextlib.asynccontextmanager
+async def _loopback_service() -> AsyncIterator[ServiceEndpoint]:
+    """A service in this process on an ephemeral loopback port, with a key and a token of its own."""
+    token = secrets.token_urlsafe(24)
+    async with start_service(ServiceConfig(token=token, key=secrets.token_bytes(MIN_KEY_BYTES), port=0)) as url:
+        yield ServiceEndpoint(url, token)
+
+
 async def migrate_embedded(hv_source: Hypervisor, hv_target: Hypervisor, m: Machine, ck: ckpt.Checkpoint,
                            target_name: str, *, user: Callable[[], Awaitable[None]],
                            replay: ReplayConfig | None = None, screenshots: Path | None = None,
                            on_verified: Callable[[SourceSide, VmState], None] | None = None,
-                           progress: Progress | None = None) -> tuple[Report, SourceSide, TargetSide]:
-    """Service on loopback, source and target in this process; ``user`` is what happens at the
-    source before the suspend (a workload, or waiting for the person at the console)."""
-    token = secrets.token_urlsafe(24)
-    session = secrets.token_hex(8)
-    async with start_service(ServiceConfig(token=token, port=0)) as base:
-        url = session_url(base, session)
-        async with SessionClient(url, "source", token=token) as sc, \
-                SessionClient(url, "target", token=token) as tc:
+                           progress: Progress | None = None, service: ServiceEndpoint | None = None,
+                           on_started: Callable[[SourceSide, TargetSide], None] | None = None,
+                           ) -> tuple[Report, SourceSide, TargetSide]:
+    """Source and target in this process, through ``service`` or one on loopback made for the
+    purpose; ``user`` is what happens at the source before the suspend (a workload, or waiting for
+    the person at the console); ``on_started`` sees both sides before anything runs (tests)."""
+    async with contextlib.AsyncExitStack() as stack:
+        if service is None:
+            service = await stack.enter_async_context(_loopback_service())
+        source, target = await create_session(service.url, service.token, cafile=service.cafile)
+        async with SessionClient(service.url, source, cafile=service.cafile) as sc, \
+                SessionClient(service.url, target, cafile=service.cafile) as tc:
             src = SourceSide(hv_source, m, ck, sc)
             tgt = TargetSide(hv_target, ck, tc, target_name, replay=replay)
             src.progress = tgt.progress = progress or Progress(enabled=False)
             if on_verified is not None:
                 tgt.on_verified = lambda state: on_verified(src, state)
+            if on_started is not None:
+                on_started(src, tgt)
             stop = asyncio.Event()
             target_task = asyncio.create_task(tgt.run())
             streaming = asyncio.create_task(src.stream_log(stop))
@@ -266,17 +333,34 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 # ---- arguments ------------------------------------------------------------------------------------
-def _session_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--session", required=True, help="session id both sides use")
-    p.add_argument("--token", default=None, help=f"bearer token (default: ${TOKEN_ENV})")
-    p.add_argument("--json", action="store_true")
+def _ca_file_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ca-file", type=Path, default=None, metavar="PEM",
+                   help="trust only this certificate for the wss:// service (a self-signed one)")
 
 
-def add_record_to_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("domain")
+def _token_file_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token-file", type=Path, default=None, metavar="FILE",
+                   help=f"the service's shared token, which creates sessions (default: ${TOKEN_ENV})")
+
+
+def add_record_to_options(p: argparse.ArgumentParser) -> None:
+    """``record``'s options for ``--to`` (the rest of ``record`` is in server/cli.py)."""
+    p.add_argument("--target-credential", type=Path, default=None, metavar="FILE",
+                   help="with --to: create a new session and write the target's credential to FILE (0600)")
+    p.add_argument("--credential", type=Path, default=None, metavar="FILE",
+                   help=f"with --to: the source credential of an existing session (default: ${CREDENTIAL_ENV})")
+    _token_file_arg(p)
+    _ca_file_arg(p)
+
+
+def add_session_new_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--to", required=True, metavar="URL", help="the handoff service, ws[s]://HOST:PORT")
-    p.add_argument("--duration", type=float, help="suspend by itself after this many seconds")
-    _session_args(p)
+    p.add_argument("--source-credential", type=Path, required=True, metavar="FILE",
+                   help="write the source's credential here (a new 0600 file)")
+    p.add_argument("--target-credential", type=Path, required=True, metavar="FILE",
+                   help="write the target's credential here (a new 0600 file)")
+    _token_file_arg(p)
+    _ca_file_arg(p)
 
 
 def add_suspend_arguments(p: argparse.ArgumentParser) -> None:
@@ -288,10 +372,13 @@ def add_suspend_arguments(p: argparse.ArgumentParser) -> None:
 def add_follow_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="source_url", required=True, metavar="URL",
                    help="the handoff service, ws[s]://HOST:PORT")
+    p.add_argument("--credential", type=Path, default=None, metavar="FILE",
+                   help=f"the target's credential, from the source site (default: ${CREDENTIAL_ENV})")
+    _ca_file_arg(p)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--name", help="the target clone's name (default: rm-SESSION-target)")
     p.add_argument("--gap-cap", type=float, default=2.0)
-    _session_args(p)
+    p.add_argument("--json", action="store_true")
 
 
 def add_migrate_arguments(p: argparse.ArgumentParser) -> None:

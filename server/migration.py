@@ -86,6 +86,10 @@ ABORT_TIMEOUT_S = 10.0
 """How long a failing side tries to tell the session before it cleans up anyway."""
 CONFIRM_TIMEOUT_S = 600.0
 """How long the source waits for the target's confirm after shipping the blocks."""
+RELEASE_WAIT_S = CONFIRM_TIMEOUT_S
+"""How long the resumed target stays attached for the source to get the confirm: a service that
+restarts in between learns from the target (only) that it resumed, and confirms to the source.
+As long as the source may wait, so that it never gives up on a target that did resume."""
 LOG_POLL_S = 0.2
 
 
@@ -163,6 +167,14 @@ def _reason(e: BaseException) -> Reason:
     if isinstance(e, VMError | ImageError):
         return Reason.VM_FAILED
     return Reason.CANCELLED
+
+
+async def _acknowledge_confirm(client: SessionClient, log: logging.Logger) -> None:
+    """(Source) let the target go; the migration is done whatever happens here."""
+    try:
+        await client.acknowledge_confirm(ABORT_TIMEOUT_S)
+    except (ReplayMigrateError, TimeoutError) as err:
+        log.warning("could not tell the target that the confirm arrived: %s", err)
 
 
 async def _give_up(client: SessionClient, e: BaseException, log: logging.Logger) -> None:
@@ -264,6 +276,7 @@ class SourceSide:
             raise
         self.report.downtime_s = time.monotonic() - t_pause
         self.report.verified = True
+        await _acknowledge_confirm(self.client, self.log)
         self.report.wire_bytes = self.client.wire_bytes_sent + self.client.wire_bytes_received
         self.report.finish()
         return self.report
@@ -388,6 +401,11 @@ class TargetSide:
             await asyncio.shield(_give_up(self.client, e, self.log))
             await asyncio.shield(asyncio.to_thread(self._discard))
             raise
+        # the VM runs here now, whatever happens next; stay until the source has the confirm
+        try:
+            await self.client.wait_released(RELEASE_WAIT_S)
+        except (ReplayMigrateError, TimeoutError) as err:
+            self.log.warning("the source did not acknowledge the confirm: %s", err or "timeout")
         self.report.wire_bytes = self.client.wire_bytes_sent + self.client.wire_bytes_received
         return self.report
 
