@@ -184,11 +184,11 @@ class Role(enum.Enum):
 
     @property
     def sends(self) -> tuple[Stream, ...]:
-        return tuple(s for s in Stream if s.sender is self)
+        return _SENDS[self]
 
     @property
     def receives(self) -> tuple[Stream, ...]:
-        return tuple(s for s in Stream if s.receiver is self)
+        return _RECEIVES[self]
 
 
 class Stream(enum.Enum):
@@ -202,7 +202,12 @@ class Stream(enum.Enum):
 
     @property
     def receiver(self) -> Role:
-        return self.sender.peer
+        return Role.SOURCE if self is Stream.T2S else Role.TARGET
+
+
+# looked up on every frame: computed once (in Stream's order, LOG before S2T: the live order)
+_SENDS: Final[Mapping[Role, tuple[Stream, ...]]] = {r: tuple(s for s in Stream if s.sender is r) for r in Role}
+_RECEIVES: Final[Mapping[Role, tuple[Stream, ...]]] = {r: tuple(s for s in Stream if s.receiver is r) for r in Role}
 
 
 #: the states in which a stream's frames are accepted from its sender
