@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import secrets
 import signal
@@ -222,6 +223,13 @@ class HandoffService:
                 _log.info("session %s released", session_id)
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def _peer(connection: ServerConnection) -> str:
     """The client's address (its host: the connection limits count per host, not per port)."""
     try:
@@ -339,6 +347,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     _log.info("limits: worst case %.1f MiB of %.1f MiB budget", config.limits.worst_case_memory / MiB,
               config.limits.memory_budget / MiB)
+    if not config.tls and not _loopback(config.host):
+        print(f"replay-migrate serve: no TLS on {config.host}: credentials and keystrokes cross the network "
+              "in clear (--tls-cert/--tls-key)", file=sys.stderr)
 
     async def main() -> None:
         stop = asyncio.Event()
