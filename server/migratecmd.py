@@ -94,7 +94,7 @@ async def _source(args: argparse.Namespace, hv: Hypervisor, m: Machine, ck: ckpt
 
 
 def _checkpoint_of(m: Machine) -> ckpt.Checkpoint:
-    origin = m.run_dir / "checkpoint"
+    origin = ckpt.run_dir_of(m) / "checkpoint"
     if not origin.is_file():
         raise VMError(f"{m.name!r} is not a clone of a checkpoint (no {origin})")
     return ckpt.get(origin.read_text().strip())
@@ -104,8 +104,9 @@ def cmd_record_to(args: argparse.Namespace) -> int:
     with Hypervisor(args.connect) as hv:
         m = hv.lookup(args.domain)
         ck = _checkpoint_of(m)
-        pid_file = m.run_dir / PID_FILE
-        result_file = m.run_dir / RESULT_FILE
+        run_dir = ckpt.run_dir_of(m)
+        pid_file = run_dir / PID_FILE
+        result_file = run_dir / RESULT_FILE
         result_file.unlink(missing_ok=True)
 
         async def main() -> Report:
@@ -135,8 +136,7 @@ def cmd_record_to(args: argparse.Namespace) -> int:
 def cmd_suspend(args: argparse.Namespace) -> int:
     """Tell the domain's recording process to migrate now, and wait for its report."""
     with Hypervisor(args.connect) as hv:
-        m = hv.lookup(args.domain)
-        run_dir = m.run_dir
+        run_dir = ckpt.run_dir_of(hv.lookup(args.domain))
     pid_file, result_file = run_dir / PID_FILE, run_dir / RESULT_FILE
     try:
         pid = int(pid_file.read_text())
@@ -161,6 +161,7 @@ def cmd_suspend(args: argparse.Namespace) -> int:
 def cmd_follow(args: argparse.Namespace) -> int:
     ck = ckpt.get(args.checkpoint)
     name = args.name or f"{ckpt.DOMAIN_PREFIX}{args.session}-target"
+    ckpt.clone_dir(name)            # a bad name fails here, not after the session is joined
     with Hypervisor(args.connect) as hv:
         async def main() -> Report:
             async with SessionClient(_url(args, args.source_url), "target", token=_token(args)) as client:
@@ -244,6 +245,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     with Hypervisor(args.connect) as hv, Hypervisor(args.connect) as hv2:
         m = hv.lookup(args.domain)
         target = args.target_name or f"{args.domain}-migrated"
+        ckpt.clone_dir(target)      # a bad name fails here, not after both sides are up
 
         async def user() -> None:
             if args.workload:
