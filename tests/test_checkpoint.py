@@ -72,6 +72,36 @@ def test_checkpoint_rm_removes_exactly_one_checkpoint(store: Path) -> None:
     assert main(["checkpoint", "rm", "b"]) == CheckpointError.exit_code
 
 
+def test_manifest_saved_by_many_writers_at_once(tmp_path: Path) -> None:
+    """Both sides of one-host migrate record the roots in the manifest: no shared temporary file
+    (the second rename failed), no temporary file left, always a whole manifest."""
+    import threading
+
+    m = ckpt.Manifest(name="m", image_recipe="0" * 16, image_dir="/x", virt="qemu", memory_mib=1, created=0.0,
+                      boot_to_desktop_s=0.0, save_s=0.0, memory_apparent_bytes=0, memory_allocated_bytes=0,
+                      disk_allocated_bytes=0, roots={"memory": "ab" * 32})
+    path = tmp_path / "manifest.json"
+    barrier = threading.Barrier(6)
+    errors: list[BaseException] = []
+
+    def save() -> None:
+        barrier.wait()
+        try:
+            for _ in range(30):
+                m.save(path)
+                assert ckpt.Manifest.load(path) == m
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=save) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
 def _complete_checkpoint(folder: Path, image: Path) -> None:
     """The files ``get`` checks, with an image folder of dummy files."""
     image.mkdir(parents=True, exist_ok=True)

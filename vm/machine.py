@@ -17,6 +17,7 @@ import enum
 import json
 import logging
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -288,7 +289,8 @@ class Machine:
         own screenshot API hands back whatever QEMU picks (PNG on QEMU 10), which would need a
         PNG decoder here for no gain."""
         self._require("take a screenshot of", MachineState.RUNNING, MachineState.PAUSED)
-        path = self.run_dir / f"screendump-{os.getpid()}.ppm"
+        # a name of its own: two threads of one process may take screenshots of one domain
+        path = self.run_dir / f".screendump-{os.getpid()}-{secrets.token_hex(6)}.ppm"
         try:
             self.qmp("screendump", filename=str(path), format="ppm")
             return Screenshot.from_ppm(path.read_bytes())
