@@ -264,9 +264,11 @@ def start_clone(hv: Hypervisor, ck: Checkpoint, name: str, *, paused: bool = Fal
     (run_dir / "checkpoint").write_text(ck.name + "\n")
     create_overlay(run_dir / "disk.qcow2", ck.disk)
     try:
-        return hv.restore_clone(ck.memory, name=name, disk=run_dir / "disk.qcow2", run_dir=run_dir,
-                                paused=paused)
+        m = hv.restore_clone(ck.memory, name=name, disk=run_dir / "disk.qcow2", run_dir=run_dir,
+                             paused=paused)
+        return m
     except BaseException:
+        _remove_domain(hv, name)
         remove_run_dir(run_dir)
         raise
 

@@ -189,7 +189,9 @@ async def migrate_embedded(hv_source: Hypervisor, hv_target: Hypervisor, m: Mach
                            on_verified: Callable[[SourceSide, VmState], None] | None = None,
                            progress: Progress | None = None) -> tuple[Report, SourceSide, TargetSide]:
     """Service on loopback, source and target in this process; ``user`` is what happens at the
-    source before the suspend (a workload, or waiting for the person at the console)."""
+    source before the suspend (a workload, or waiting for the person at the console). After the
+    target confirmed, the source is released (``SourceSide.release``): look at its state in
+    ``on_verified``."""
     token = secrets.token_urlsafe(24)
     session = secrets.token_hex(8)
     async with start_service(ServiceConfig(token=token, port=0)) as base:
@@ -221,6 +223,8 @@ async def migrate_embedded(hv_source: Hypervisor, hv_target: Hypervisor, m: Mach
                     target_task.cancel()
                 await asyncio.gather(streaming, target_task, return_exceptions=True)
                 raise
+    # verified and confirmed: the VM lives at the target; nothing may bring the source's copy back
+    await src.release()
     if screenshots is not None and tgt.machine is not None:
         shot = await asyncio.to_thread(tgt.machine.screenshot)
         (screenshots / "target-resumed.png").write_bytes(shot.png())

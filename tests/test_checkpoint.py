@@ -170,3 +170,12 @@ def test_clone_names_are_checked(hv: Hypervisor, checkpoint: ckpt.Checkpoint) ->
         with pytest.raises(UsageError, match="clone"):
             ckpt.start_clone(hv, checkpoint, name)
     assert not (checkpoint.dir.parent.parent / "escape").exists()
+
+
+@pytest.mark.vm
+def test_a_clone_leaves_no_copy_of_the_memory_image(make_clone: Callable[..., Machine]) -> None:
+    """A clone's 1 GiB (apparent) copy of the memory image stayed in its folder after the restore."""
+    m = make_clone()
+    assert sorted(p.name for p in m.run_dir.glob("*.sav")) == []
+    paused = make_clone(paused=True)            # a paused clone is the caller's to resume and set
+    assert sorted(p.name for p in paused.run_dir.glob("*.sav")) == []

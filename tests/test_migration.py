@@ -32,6 +32,11 @@ wait 3
 FILES = "cd /root && find . -type f -not -name '.*' | sort | xargs md5sum"
 
 
+def state_files(folder: Path) -> list[str]:
+    """What in a clone folder could bring a VM back: memory images and disks."""
+    return sorted(p.name for p in folder.iterdir() if p.suffix in (".sav", ".qcow2"))
+
+
 def test_report_savings() -> None:
     r = Report(wire_bytes=25, baseline_bytes=100)
     r.finish()
@@ -73,6 +78,11 @@ def test_migrate_embedded(make_clone: Callable[..., Machine], hv: Hypervisor, ch
             out = target.exec(FILES).stdout
             assert "/m/n.txt" in out and "notes.txt" in out
             assert target.read_file("/root/notes.txt").endswith(b"Migrated by replaying input.\n")
+            # the source is released: no domain, nothing in its folder to restore or boot it from
+            # (its saved state was 1 GiB apparent per migration); the target keeps only its disk
+            assert not hv.exists(source.name)
+            assert state_files(ckpt.clone_dir(source.name)) == []
+            assert state_files(ckpt.clone_dir(target_name)) == ["disk.qcow2"]
         finally:
             ckpt.remove_clone(hv, target_name)
 
@@ -99,3 +109,5 @@ def test_a_failed_migration_leaves_the_source_running(make_clone: Callable[..., 
     back.wait_agent()
     assert back.exec("cat /root/kept.txt").stdout == "kept\n"
     assert back.exec("touch /root/writable && echo ok").stdout == "ok\n"   # thawed
+    # resumed from its saved state, which is then gone
+    assert state_files(ckpt.clone_dir(source.name)) == ["disk.qcow2"]

@@ -7,7 +7,10 @@ with a clear error instead of a libvirt message from deep down.
 
 Clones of a checkpoint are started by *restoring* its memory image (0.8-1.9 s under TCG, versus
 ~35 s for a boot): the clone gets its own sparse copy of the image whose header XML carries the
-clone's identity (``vm.savehdr``), and its own qcow2 overlay over the checkpoint's.
+clone's identity (``vm.savehdr``), and its own qcow2 overlay over the checkpoint's. A restore
+*consumes* the clone's own image (deleted once the domain runs from it: 1 GiB apparent each, and a
+stale copy of a VM that runs elsewhere must not be restorable by accident). A restored guest's
+wall clock goes on from the time it was saved: ``sync_clock`` sets it to the host's.
 """
 
 from __future__ import annotations
@@ -164,7 +167,9 @@ class Hypervisor:
         ``disk`` must already hold the clone's overlay (the disk state that goes with the memory
         image). With ``copy`` the image is copied to ``run_dir/memory.sav`` first and only read,
         so any number of clones can be made from one checkpoint; without, the image's own header
-        is rewritten (a migrated image the target now owns).
+        is rewritten (a migrated image the target now owns). Either way the image the domain was
+        restored from is deleted once it runs (see :meth:`restore`); ``memory_image`` itself is
+        kept when it was copied.
         """
         if self.exists(name):
             raise VMError(f"a domain named {name!r} already exists")
@@ -176,17 +181,28 @@ class Hypervisor:
             image = run_dir / "memory.sav"
             sparse_copy(memory_image, image)
         (run_dir / "serial.log").unlink(missing_ok=True)
-        savehdr.rewrite_xml(image, clone_xml(header.xml, name, disk, run_dir))
-        return self.restore(image, paused=paused)
+        try:
+            savehdr.rewrite_xml(image, clone_xml(header.xml, name, disk, run_dir))
+        except BaseException:
+            if copy:
+                image.unlink(missing_ok=True)
+            raise
+        return self.restore(image, paused=paused, consume=True)
 
-    def restore(self, memory_image: Path, *, paused: bool = False) -> Machine:
-        """Restore the domain saved in ``memory_image`` under the identity in its header."""
+    def restore(self, memory_image: Path, *, paused: bool = False, consume: bool = False) -> Machine:
+        """Restore the domain saved in ``memory_image`` under the identity in its header.
+
+        ``consume``: delete the image once the domain runs (or is paused) from it: QEMU has read
+        all of it when the restore returns, and the running domain is its newer state. A failed
+        restore keeps it (it may be the only copy of that state)."""
         name = domain_name(savehdr.read_header(memory_image).xml)
         flags = libvirt.VIR_DOMAIN_SAVE_PAUSED if paused else libvirt.VIR_DOMAIN_SAVE_RUNNING
         try:
             self.conn.restoreParams({libvirt.VIR_DOMAIN_SAVE_PARAM_FILE: str(memory_image)}, flags)
         except libvirt.libvirtError as e:
             raise VMError(f"restoring {name!r} from {memory_image}: {e.get_error_message()}") from e
+        if consume:
+            memory_image.unlink(missing_ok=True)
         return self.lookup(name)
 
 
