@@ -252,7 +252,10 @@ def run_dir_of(m: Machine) -> Path:
 
 def start_clone(hv: Hypervisor, ck: Checkpoint, name: str, *, paused: bool = False,
                 replace: bool = False) -> Machine:
-    """Start domain ``name`` as a clone of checkpoint ``ck`` (restore, not boot)."""
+    """Start domain ``name`` as a clone of checkpoint ``ck`` (restore, not boot), with the host's
+    wall-clock time (the checkpoint's is minutes or days old). Every clone is set so when it starts,
+    the source's and the target's alike, so both keep one clock. ``paused``: the caller resumes it
+    and then calls ``Machine.sync_clock``."""
     run_dir = clone_dir(name)
     ck.check()
     if hv.exists(name):
@@ -266,6 +269,10 @@ def start_clone(hv: Hypervisor, ck: Checkpoint, name: str, *, paused: bool = Fal
     try:
         m = hv.restore_clone(ck.memory, name=name, disk=run_dir / "disk.qcow2", run_dir=run_dir,
                              paused=paused)
+        if not paused:
+            m.wait_agent()
+            offset = m.sync_clock()
+            log.info("%s: clock set to the host's (off by %.3f s now)", name, offset)
         return m
     except BaseException:
         _remove_domain(hv, name)

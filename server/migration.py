@@ -10,7 +10,9 @@ only after the target confirms, and on any failure it is restored and resumed wh
 
 After the confirm the user's VM lives at the target, and the source's copy must never come back
 by accident: :meth:`SourceSide.release` deletes everything it could be restored or booted from
-(its domain is already gone: the save ended it).
+(its domain is already gone: the save ended it). A guest resumed from a saved state has the clock
+of the moment it was saved: the target's, and a source resumed after a failure, are set to the
+host's (every clone is set so when it starts: ``checkpoint.start_clone``).
 """
 
 from __future__ import annotations
@@ -172,6 +174,15 @@ def _reason(e: BaseException) -> Reason:
     return Reason.CANCELLED
 
 
+def _set_clock(m: Machine, log: logging.Logger) -> None:
+    """Set a guest's clock to the host's after it resumed from a saved state. A failure is logged,
+    not raised: the VM runs the user's state, and a clock is no reason to take it away."""
+    try:
+        log.info("%s: clock set to the host's (off by %.3f s now)", m.name, m.sync_clock())
+    except ReplayMigrateError as e:
+        log.warning("could not set the clock of %s to the host's: %s", m.name, e)
+
+
 async def _give_up(client: SessionClient, e: BaseException, log: logging.Logger) -> None:
     """Fail the session so the peer learns at once (unless the session already ended)."""
     if isinstance(e, SessionFailedError):
@@ -327,6 +338,8 @@ class SourceSide:
         except ReplayMigrateError as e:
             self.log.error("could not resume the source VM %s: %s (its state is in %s)", m.name, e,
                            self.state_files.memory if self.state_files else "the domain")
+            return
+        _set_clock(back, self.log)      # it was paused (and saved) for a while
 
     async def release(self) -> None:
         """After the target's confirm, release the source: the user's VM lives at the target now,
@@ -426,6 +439,10 @@ class TargetSide:
             await asyncio.shield(_give_up(self.client, e, self.log))
             await asyncio.shield(asyncio.to_thread(self._discard))
             raise
+        # it resumed with the source's clock at suspend, the downtime behind. After the confirm
+        # (the source waits for it; hwclock in the guest takes ~2 s), and outside the try above:
+        # nothing after the confirm may discard the VM, which now lives only here
+        await asyncio.to_thread(_set_clock, self.machine or m, self.log)
         self.report.wire_bytes = self.client.wire_bytes_sent + self.client.wire_bytes_received
         return self.report
 
