@@ -91,6 +91,8 @@ def test_migrate_embedded(make_clone: Callable[..., Machine], hv: Hypervisor, ch
             # (its saved state was 1 GiB apparent per migration); the target keeps only its disk
             assert not hv.exists(source.name)
             assert state_files(ckpt.clone_dir(source.name)) == []
+            assert (ckpt.clone_dir(source.name) / "released").is_file()      # the logs stay, with a note
+            assert source.name not in ckpt.clones_of(checkpoint.name)
             assert state_files(ckpt.clone_dir(target_name)) == ["disk.qcow2"]
         finally:
             ckpt.remove_clone(hv, target_name)
