@@ -15,7 +15,8 @@ import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import blake3
 import numpy as np
@@ -34,6 +35,7 @@ from differ.saveimage import (
 )
 from differ.source import LEAF_SIZE, ZERO_LEAF_DIGEST, BlockSource, ImageKind, KnownArrays
 from replay_migrate.errors import HostError, ImageError
+from replay_migrate.files import atomic_write
 
 QCOW2_MAGIC = b"QFI\xfb"
 DIGEST_SIZE = 32
@@ -354,18 +356,16 @@ class LeafDigests:
         return np.asarray((self.digests == zero).all(axis=1), dtype=np.bool_)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write an uncompressed ``.npz`` (digests, size, format) atomically."""
-        target = os.fspath(path)
-        tmp = f"{target}.tmp-{os.getpid()}"
+        """Write an uncompressed ``.npz`` (digests, size, format) atomically, through a temporary
+        file of its own (two writers at once each replace the file whole; see replay_migrate.files)."""
+        target = Path(path)
+
+        def write(f: BinaryIO) -> None:
+            np.savez(f, digests=self.digests, size=np.int64(self.size), format=np.int64(LEAF_DIGESTS_FORMAT))
+
         try:
-            with open(tmp, "wb") as f:
-                np.savez(f, digests=self.digests, size=np.int64(self.size), format=np.int64(LEAF_DIGESTS_FORMAT))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
+            atomic_write(target, write)
         except OSError as e:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
             raise ImageError(f"{target}: cannot write leaf digests: {e.strerror}") from None
 
     @classmethod

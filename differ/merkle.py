@@ -22,6 +22,7 @@ checks the root, which doubles as the file's integrity check.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import queue
 import struct
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from contextlib import ExitStack
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 
@@ -39,6 +41,9 @@ import zstandard
 
 from differ.source import LEAF_SIZE, BlockSource, KnownArrays, KnownLeafArrays
 from replay_migrate.errors import ImageError
+from replay_migrate.files import atomic_write, locked
+
+log = logging.getLogger("replay_migrate.merkle")
 
 DIGEST_SIZE = 32
 DEFAULT_FANOUT = 16
@@ -334,7 +339,8 @@ class MerkleTree:
     # -- files ---------------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike[str], stamp: bytes = b"") -> None:
-        """Write the tree to ``path`` atomically (temporary file + rename)."""
+        """Write the tree to ``path`` atomically, through a temporary file of its own (see
+        ``replay_migrate.files``); ImageError if it cannot be written."""
         if len(stamp) > MAX_STAMP:
             raise ValueError(f"stamp longer than {MAX_STAMP} bytes")
         header = _FILE_HEADER.pack(
@@ -342,15 +348,10 @@ class MerkleTree:
         )
         body = zstandard.ZstdCompressor(level=1, write_checksum=True).compress(self.leaves.tobytes())
         target = Path(path)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
-            with open(tmp, "wb") as f:
-                f.write(header + stamp + body)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+            atomic_write(target, header + stamp + body)
+        except OSError as e:
+            raise ImageError(f"tree file {target}: cannot write: {e.strerror}") from e
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> tuple[MerkleTree, bytes]:
@@ -402,17 +403,27 @@ def load_or_build(
     """The saved tree at ``path`` if its stamp, size and fan-out match, else build and save it.
 
     ``stamp`` is the caller's identity of the image's content (e.g. inode, size, mtime_ns of a file
-    nobody writes in place), so an unchanged image is never rehashed.
+    nobody writes in place), so an unchanged image is never rehashed. Callers racing for one path
+    (both sides of a one-host migration, two processes) build it once: the check and the build
+    happen under a file lock beside it (``.NAME.lock``), and a later caller loads what the first saved.
     """
+    target = Path(path)
+    lock = ExitStack()
     try:
-        tree, saved = MerkleTree.load(path)
-        if saved == stamp and tree.size == source.size and tree.fanout == fanout:
-            return tree
-    except ImageError:
-        pass
-    tree = MerkleTree.build(source, fanout, workers=workers)
-    tree.save(path, stamp)
-    return tree
+        lock.enter_context(locked(target.with_name(f".{target.name}.lock")))
+    except OSError as e:        # the folder is missing or not writable
+        raise ImageError(f"tree file {target}: cannot lock: {e.strerror}") from e
+    with lock:
+        try:
+            tree, saved = MerkleTree.load(target)
+            if saved == stamp and tree.size == source.size and tree.fanout == fanout:
+                return tree
+        except ImageError:
+            pass
+        log.info("building the tree file %s (missing or stale)", target)
+        tree = MerkleTree.build(source, fanout, workers=workers)
+        tree.save(target, stamp)
+        return tree
 
 
 # -- building helpers ------------------------------------------------------------------------

@@ -84,3 +84,8 @@ class UsageError(ReplayMigrateError):
     """The command line asked for something inconsistent."""
 
     exit_code = 64
+
+
+class BadNameError(UsageError):
+    """A name that becomes a file or folder (a checkpoint, a clone, a domain's folder) is not a
+    plain name, or its path leaves the folder it belongs in: refused before anything is touched."""

@@ -8,8 +8,10 @@ Both sites hold the same checkpoint before a migration; a clone starts from it b
     manifest.json   what it is: image recipe, virt type, sizes, timings, later root hashes
     screen.png      the desktop at save time
 
-Clones live in ``<state>/clones/<name>/``: their own overlay over the checkpoint's disk, their own
-copy of the memory image with the clone's identity in its header, serial log, recorder socket.
+Clones live in ``<state>/clones/<name>/``: their own overlay over the checkpoint's disk, serial
+log, recorder socket, and the name of their checkpoint (``checkpoint``). Every checkpoint or clone
+name passes ``server.paths.named_path`` before it becomes a path: nothing here deletes or writes
+outside those two folders, whatever the name.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from replay_migrate.errors import CheckpointError, NoSuchDomainError, VMError
+from replay_migrate.errors import BadNameError, CheckpointError, NoSuchDomainError, UsageError, VMError
+from replay_migrate.files import atomic_write
 from server.images import ensure_image, prune_images
-from server.paths import checkpoints_dir, clones_dir
+from server.paths import check_name, checkpoint_path, checkpoints_dir, clone_path, clones_dir
 from vm.machine import Hypervisor, Machine, create_overlay, file_allocated, remove_run_dir
 from vm.probe import choose_virt
 from vm.spec import DomainSpec, GuestImage, VirtType
@@ -65,9 +68,12 @@ class Manifest:
             raise CheckpointError(f"{path}: unreadable manifest: {e}") from e
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        tmp.replace(path)
+        """Replace the manifest whole (a temporary file of its own, then a rename): a reader never
+        sees half of it, and two writers never share a temporary file."""
+        try:
+            atomic_write(path, (json.dumps(asdict(self), indent=2) + "\n").encode())
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot write the manifest: {e.strerror}") from e
 
 
 @dataclass(frozen=True)
@@ -107,7 +113,9 @@ class Checkpoint:
 
 
 def get(name: str) -> Checkpoint:
-    ck = Checkpoint(checkpoints_dir() / name)
+    """Checkpoint ``name`` of this host's store, complete (BadNameError for a name that is not
+    one: a name read from a file or a peer passes here too)."""
+    ck = Checkpoint(checkpoint_path(name))
     if not ck.dir.is_dir():
         raise CheckpointError(f"no checkpoint named {name!r} in {checkpoints_dir()}")
     ck.check()
@@ -116,20 +124,14 @@ def get(name: str) -> Checkpoint:
 
 def list_all() -> list[Checkpoint]:
     d = checkpoints_dir()
-    return sorted((Checkpoint(p) for p in d.iterdir() if (p / "manifest.json").is_file()),
+    return sorted((Checkpoint(p) for p in d.iterdir() if _is_name(p.name) and (p / "manifest.json").is_file()),
                   key=lambda c: c.name) if d.is_dir() else []
-
-
-def _check_name(name: str) -> None:
-    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
-        raise CheckpointError(f"bad name {name!r}: use letters, digits, '-', '_' and '.'")
 
 
 def create(hv: Hypervisor, name: str, *, memory_mib: int = 1024, settle_s: float = SETTLE_S,
            image: GuestImage | None = None, virt: VirtType | None = None) -> Checkpoint:
     """Boot the guest image to the settled desktop and save it as checkpoint ``name``."""
-    _check_name(name)
-    ck = Checkpoint(checkpoints_dir() / name)
+    ck = Checkpoint(checkpoint_path(name))
     if ck.dir.exists():
         raise CheckpointError(f"checkpoint {name!r} exists already (checkpoint rm {name})")
     image = image or ensure_image().image
@@ -182,8 +184,8 @@ def create(hv: Hypervisor, name: str, *, memory_mib: int = 1024, settle_s: float
 def ensure(hv: Hypervisor, name: str, **kw: Any) -> tuple[Checkpoint, bool]:
     """Checkpoint ``name`` for the current image recipe: reused if it exists and matches,
     (re)created otherwise. Returns (checkpoint, created)."""
+    ck = Checkpoint(checkpoint_path(name))
     image = ensure_image().image
-    ck = Checkpoint(checkpoints_dir() / name)
     if ck.manifest_path.is_file():
         try:
             if ck.manifest.image_recipe == image.recipe_hash:
@@ -199,9 +201,10 @@ def ensure(hv: Hypervisor, name: str, **kw: Any) -> tuple[Checkpoint, bool]:
 
 
 def remove(hv: Hypervisor, name: str) -> None:
-    """Delete a checkpoint; refused while clones of it are defined."""
-    d = checkpoints_dir() / name
-    if not d.exists():
+    """Delete checkpoint ``name`` (and nothing else: see ``named_path``); refused while clones of
+    it are defined."""
+    d = checkpoint_path(name)
+    if not d.is_dir():
         raise CheckpointError(f"no checkpoint named {name!r}")
     users = [c for c in clones_of(name) if hv.exists(c)]
     if users:
@@ -219,40 +222,72 @@ def clones_of(name: str) -> list[str]:
 
 
 def clone_names() -> list[str]:
+    """The clone folders of the store (a folder whose name is not a clone name is not one)."""
     d = clones_dir()
-    return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+    return sorted(p.name for p in d.iterdir() if p.is_dir() and _is_name(p.name)) if d.is_dir() else []
+
+
+def _is_name(name: str) -> bool:
+    try:
+        check_name(name, "clone")
+    except BadNameError:
+        return False
+    return True
 
 
 def clone_dir(name: str) -> Path:
-    return clones_dir() / name
+    """The folder of clone ``name`` (checked: see ``server.paths.named_path``)."""
+    return clone_path(name)
+
+
+def run_dir_of(m: Machine) -> Path:
+    """The clone folder of a running domain, refused unless the domain is one of our clones: its
+    serial log (and so its files) are in ``clone_dir(m.name)``. The folder a domain's XML names
+    could be anywhere; only this one is ours to write in and delete from."""
+    d = clone_dir(m.name)
+    if m.run_dir.resolve() != d.resolve():
+        raise UsageError(f"{m.name!r} is not a clone of a checkpoint (its files are in {m.run_dir}, not {d})")
+    return d
 
 
 def start_clone(hv: Hypervisor, ck: Checkpoint, name: str, *, paused: bool = False,
                 replace: bool = False) -> Machine:
-    """Start domain ``name`` as a clone of checkpoint ``ck`` (restore, not boot)."""
-    _check_name(name)
+    """Start domain ``name`` as a clone of checkpoint ``ck`` (restore, not boot), with the host's
+    wall-clock time (the checkpoint's is minutes or days old). Every clone is set so when it starts,
+    the source's and the target's alike, so both keep one clock. ``paused``: the caller resumes it
+    and then calls ``Machine.sync_clock``."""
+    run_dir = clone_dir(name)
     ck.check()
     if hv.exists(name):
         if not replace:
             raise VMError(f"a domain named {name!r} already exists")
         hv.lookup(name).remove()
-    run_dir = clone_dir(name)
     remove_run_dir(run_dir)
     run_dir.mkdir(parents=True)
     (run_dir / "checkpoint").write_text(ck.name + "\n")
     create_overlay(run_dir / "disk.qcow2", ck.disk)
     try:
-        return hv.restore_clone(ck.memory, name=name, disk=run_dir / "disk.qcow2", run_dir=run_dir,
-                                paused=paused)
+        m = hv.restore_clone(ck.memory, name=name, disk=run_dir / "disk.qcow2", run_dir=run_dir,
+                             paused=paused)
+        if not paused:
+            m.wait_agent()
+            offset = m.sync_clock()
+            log.info("%s: clock set to the host's (off by %.3f s now)", name, offset)
+        return m
     except BaseException:
+        _remove_domain(hv, name)
         remove_run_dir(run_dir)
         raise
 
 
 def remove_clone(hv: Hypervisor, name: str) -> None:
-    """Destroy and undefine clone ``name`` and delete its folder."""
+    """Destroy and undefine clone ``name`` and delete its folder (either may be gone already). A
+    domain that has no clone folder and no name of ours (DOMAIN_PREFIX) is someone else's: refused."""
+    run_dir = clone_dir(name)
+    if not run_dir.is_dir() and not name.startswith(DOMAIN_PREFIX) and hv.exists(name):
+        raise UsageError(f"{name!r} is not a clone made by replay-migrate (no {run_dir}): not removing it")
     _remove_domain(hv, name)
-    remove_run_dir(clone_dir(name))
+    remove_run_dir(run_dir)
 
 
 def _remove_domain(hv: Hypervisor, name: str) -> None:

@@ -21,7 +21,7 @@ from server import checkpoint as ckpt
 from server.images import ensure_image
 from server.migratecmd import migrate_embedded, print_report, state_comparison
 from server.report import emit_json, human_bytes, table
-from vm.machine import Hypervisor, file_allocated
+from vm.machine import Hypervisor
 from vm.probe import choose_virt
 
 DEMO_CHECKPOINT = "demo"
@@ -70,9 +70,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             report, src, tgt = asyncio.run(migrate_embedded(hv, hv2, source, ck, TARGET, user=user,
                                                             screenshots=args.out, on_verified=compare))
             memory_same, disk_same = same if same else (False, False)
-            assert src.state_files is not None
-            rows.append(("source memory image at suspend (allocated)",
-                         human_bytes(file_allocated(src.state_files.memory))))
+            rows.append(("source memory image at suspend (allocated)", human_bytes(src.saved_allocated_bytes)))
         finally:
             ckpt.remove_clone(hv, SOURCE)
             if not args.keep:

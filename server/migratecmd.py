@@ -131,7 +131,7 @@ async def _source(args: argparse.Namespace, hv: Hypervisor, m: Machine, ck: ckpt
 
 
 def _checkpoint_of(m: Machine) -> ckpt.Checkpoint:
-    origin = m.run_dir / "checkpoint"
+    origin = ckpt.run_dir_of(m) / "checkpoint"
     if not origin.is_file():
         raise VMError(f"{m.name!r} is not a clone of a checkpoint (no {origin})")
     return ckpt.get(origin.read_text().strip())
@@ -142,14 +142,15 @@ def cmd_record_to(args: argparse.Namespace) -> int:
     with Hypervisor(args.connect) as hv:
         m = hv.lookup(args.domain)
         ck = _checkpoint_of(m)
+        run_dir = ckpt.run_dir_of(m)
         if credential is None:
             credential, target = asyncio.run(_new_session(args))
             write_secret_file(args.target_credential, str(target), "target credential")
             print(f"session {credential.session}: hand {args.target_credential} to the target site's "
                   f"`replay-migrate follow --credential FILE`", file=sys.stderr)
         source_credential = credential
-        pid_file = m.run_dir / PID_FILE
-        result_file = m.run_dir / RESULT_FILE
+        pid_file = run_dir / PID_FILE
+        result_file = run_dir / RESULT_FILE
         result_file.unlink(missing_ok=True)
 
         async def main() -> Report:
@@ -179,8 +180,7 @@ def cmd_record_to(args: argparse.Namespace) -> int:
 def cmd_suspend(args: argparse.Namespace) -> int:
     """Tell the domain's recording process to migrate now, and wait for its report."""
     with Hypervisor(args.connect) as hv:
-        m = hv.lookup(args.domain)
-        run_dir = m.run_dir
+        run_dir = ckpt.run_dir_of(hv.lookup(args.domain))
     pid_file, result_file = run_dir / PID_FILE, run_dir / RESULT_FILE
     try:
         pid = int(pid_file.read_text())
@@ -206,6 +206,7 @@ def cmd_follow(args: argparse.Namespace) -> int:
     credential = load_credential(args.credential, Role.TARGET)
     ck = ckpt.get(args.checkpoint)
     name = args.name or f"{ckpt.DOMAIN_PREFIX}{credential.session}-target"
+    ckpt.clone_dir(name)            # a bad name fails here, not after the session is joined
     with Hypervisor(args.connect) as hv:
         async def main() -> Report:
             async with SessionClient(args.source_url, credential, cafile=args.ca_file) as client:
@@ -253,7 +254,9 @@ async def migrate_embedded(hv_source: Hypervisor, hv_target: Hypervisor, m: Mach
                            ) -> tuple[Report, SourceSide, TargetSide]:
     """Source and target in this process, through ``service`` or one on loopback made for the
     purpose; ``user`` is what happens at the source before the suspend (a workload, or waiting for
-    the person at the console); ``on_started`` sees both sides before anything runs (tests)."""
+    the person at the console); ``on_started`` sees both sides before anything runs (tests). After
+    the target confirmed, the source is released (``SourceSide.release``): look at its state in
+    ``on_verified``."""
     async with contextlib.AsyncExitStack() as stack:
         if service is None:
             service = await stack.enter_async_context(_loopback_service())
@@ -287,6 +290,8 @@ async def migrate_embedded(hv_source: Hypervisor, hv_target: Hypervisor, m: Mach
                     target_task.cancel()
                 await asyncio.gather(streaming, target_task, return_exceptions=True)
                 raise
+    # verified and confirmed: the VM lives at the target; nothing may bring the source's copy back
+    await src.release()
     if screenshots is not None and tgt.machine is not None:
         shot = await asyncio.to_thread(tgt.machine.screenshot)
         (screenshots / "target-resumed.png").write_bytes(shot.png())
@@ -311,6 +316,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     with Hypervisor(args.connect) as hv, Hypervisor(args.connect) as hv2:
         m = hv.lookup(args.domain)
         target = args.target_name or f"{args.domain}-migrated"
+        ckpt.clone_dir(target)      # a bad name fails here, not after both sides are up
 
         async def user() -> None:
             if args.workload:

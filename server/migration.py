@@ -7,6 +7,12 @@ run in worker threads. The order of a suspend, on both sides alike so their gues
 let the agent flush its last frames, sync and freeze the file systems, pause, save. Nothing is
 resumed at the target unless every block and both roots verified; the source's VM is released
 only after the target confirms, and on any failure it is restored and resumed where it was.
+
+After the confirm the user's VM lives at the target, and the source's copy must never come back
+by accident: :meth:`SourceSide.release` deletes everything it could be restored or booted from
+(its domain is already gone: the save ended it). A guest resumed from a saved state has the clock
+of the moment it was saved: the target's, and a source resumed after a failure, are set to the
+host's (every clone is set so when it starts: ``checkpoint.start_clone``).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from differ.protocol import Verified as DiffVerified
 from recorder.logformat import Button, End, Event, EventsFrame, Key, LogDecoder, SyncMark, decode_frame
 from replay_migrate.errors import (
     ImageError,
+    NoSuchDomainError,
     ProtocolError,
     ReplayError,
     ReplayMigrateError,
@@ -63,7 +70,7 @@ from server.vmstate import (
     references,
     source_images,
 )
-from vm.machine import Hypervisor, Machine, MachineState
+from vm.machine import Hypervisor, Machine, MachineState, file_allocated
 
 FLUSH_S = 3.0
 """Longest the source's agent gets before the guest is frozen: its frames are cut every 250 ms, and
@@ -91,6 +98,8 @@ RELEASE_WAIT_S = CONFIRM_TIMEOUT_S
 restarts in between learns from the target (only) that it resumed, and confirms to the source.
 As long as the source may wait, so that it never gives up on a target that did resume."""
 LOG_POLL_S = 0.2
+RELEASED_NOTE = "released"
+"""The note a released source leaves in its clone folder (which keeps only its logs)."""
 
 
 @dataclass
@@ -177,6 +186,15 @@ async def _acknowledge_confirm(client: SessionClient, log: logging.Logger) -> No
         log.warning("could not tell the target that the confirm arrived: %s", err)
 
 
+def _set_clock(m: Machine, log: logging.Logger) -> None:
+    """Set a guest's clock to the host's after it resumed from a saved state. A failure is logged,
+    not raised: the VM runs the user's state, and a clock is no reason to take it away."""
+    try:
+        log.info("%s: clock set to the host's (off by %.3f s now)", m.name, m.sync_clock())
+    except ReplayMigrateError as e:
+        log.warning("could not set the clock of %s to the host's: %s", m.name, e)
+
+
 async def _give_up(client: SessionClient, e: BaseException, log: logging.Logger) -> None:
     """Fail the session so the peer learns at once (unless the session already ended)."""
     if isinstance(e, SessionFailedError):
@@ -201,6 +219,10 @@ class SourceSide:
         self.report = Report()
         self.stats: TransferStats | None = None
         self.state_files: VmState | None = None
+        self.saved_allocated_bytes = 0
+        """Disk space the saved memory image took (it is deleted at release)."""
+        self.run_dir = ckpt.run_dir_of(machine)
+        """The source clone's folder (checked: the only folder ``release`` deletes from)."""
         self.progress: Callable[[str, int, int], None] = lambda what, done, total: None
         """(what, done, total): the CLI passes a terminal progress bar."""
         self.screenshot_at_suspend: Path | None = None
@@ -261,11 +283,11 @@ class SourceSide:
             self.link.close()
             await self.client.suspend()
             await self.client.end_log()
-            run_dir = m.run_dir
-            image = run_dir / "suspend.sav"
+            image = self.run_dir / "suspend.sav"
             await asyncio.to_thread(m.save, image)
             saved = True
-            self.state_files = VmState(image, run_dir / "disk.qcow2", self.checkpoint)
+            self.saved_allocated_bytes = file_allocated(image)
+            self.state_files = VmState(image, self.run_dir / "disk.qcow2", self.checkpoint)
             await self._answer_walk()
             await self.client.wait_confirmed(CONFIRM_TIMEOUT_S)
         except BaseException as e:
@@ -317,7 +339,8 @@ class SourceSide:
         m = self.machine
         try:
             if saved and self.state_files is not None:
-                back = self.hv.restore(self.state_files.memory)
+                # the saved state is consumed: the running VM is newer, nothing must restore it again
+                back = self.hv.restore(self.state_files.memory, consume=True)
             else:
                 back = m
                 if back.state is MachineState.PAUSED:
@@ -328,11 +351,39 @@ class SourceSide:
         except ReplayMigrateError as e:
             self.log.error("could not resume the source VM %s: %s (its state is in %s)", m.name, e,
                            self.state_files.memory if self.state_files else "the domain")
+            return
+        _set_clock(back, self.log)      # it was paused (and saved) for a while
 
     async def release(self) -> None:
-        """After the confirm: the source's saved state is no longer needed."""
-        if self.state_files is not None:
-            self.state_files.memory.unlink(missing_ok=True)
+        """After the target's confirm, release the source: the user's VM lives at the target now,
+        and the source's copy must never come back by accident.
+
+        Its domain is gone already (the save ended a restored clone; one that is still defined,
+        shut off, is undefined here). Deleted: the saved state (``suspend.sav``, 1 GiB apparent),
+        the clone's memory copy and its disk overlay, everything it could be restored or booted
+        from, and its ``checkpoint`` file (it is no clone of it any more). Its folder keeps the
+        logs and a note (``released``) until ``vm rm`` or ``make clean-vms``. Who wants to look at
+        the source's state does so before: ``TargetSide.on_verified`` (the demo and the tests
+        compare both states there), or hard links (``bench.sides``)."""
+        if not self.client.confirmed:
+            raise VMError(f"not releasing {self.machine.name!r}: the target has not confirmed")
+        await asyncio.to_thread(self._release)
+
+    def _release(self) -> None:
+        name = self.machine.name
+        try:
+            left = self.hv.lookup(name)
+        except NoSuchDomainError:
+            pass
+        else:
+            if left.state is not MachineState.SHUTOFF:
+                raise VMError(f"{name!r} runs again at the source after it migrated: not releasing it")
+            left.undefine()
+        for f in ("suspend.sav", "memory.sav", "disk.qcow2", "checkpoint"):
+            (self.run_dir / f).unlink(missing_ok=True)
+        (self.run_dir / RELEASED_NOTE).write_text(
+            f"{name} migrated; its state here was deleted at {time.strftime('%Y-%m-%d %H:%M:%S %z')}\n")
+        self.log.info("released %s: the VM runs at the target", name)
 
 
 # ---- the target ----------------------------------------------------------------------------------
@@ -401,6 +452,10 @@ class TargetSide:
             await asyncio.shield(_give_up(self.client, e, self.log))
             await asyncio.shield(asyncio.to_thread(self._discard))
             raise
+        # it resumed with the source's clock at suspend, the downtime behind. After the confirm
+        # (the source waits for it; hwclock in the guest takes ~2 s), and outside the try above:
+        # nothing after the confirm may discard the VM, which now lives only here
+        await asyncio.to_thread(_set_clock, self.machine or m, self.log)
         # the VM runs here now, whatever happens next; stay until the source has the confirm
         try:
             await self.client.wait_released(RELEASE_WAIT_S)

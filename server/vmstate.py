@@ -4,7 +4,9 @@ the checkpoint both sides share.
 The checkpoint's trees are computed once and kept in its folder (``memory.tree``: the Merkle tree
 of its memory image; ``disk.leaves.npz``: the leaf digests of its disk's guest-visible content,
 base image included), so a diff reads only what changed since the checkpoint: the pages present
-in the new memory image and the clusters the clone's overlay allocates.
+in the new memory image and the clusters the clone's overlay allocates. They are computed under a
+file lock in that folder (``.trees.lock``): the source and target of a one-host migration, or two
+processes, ask at the same moment, and one computes while the others wait and load.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from differ.protocol import (
 from differ.source import BlockSink, BlockSource
 from differ.sync import baseline_bytes, sync_local
 from replay_migrate.errors import ImageError
+from replay_migrate.files import atomic_write, locked
 from server.checkpoint import Checkpoint
 from vm.savehdr import HEADER, read_header
 
@@ -37,6 +40,8 @@ log = logging.getLogger("replay_migrate.vmstate")
 FANOUT = DEFAULT_FANOUT
 MEMORY = "memory"
 DISK = "disk"
+TREES_LOCK = ".trees.lock"
+"""The lock file in a checkpoint's folder under which its trees are computed or loaded."""
 
 
 def _stamp(path: Path) -> bytes:
@@ -58,29 +63,39 @@ class CheckpointTrees:
 
 
 def checkpoint_trees(ck: Checkpoint) -> CheckpointTrees:
-    """The checkpoint's trees, computed and saved on first use (~10-20 s), loaded afterwards."""
-    with MemoryImageSource(ck.memory) as src:
-        memory = load_or_build(src, ck.dir / "memory.tree", _stamp(ck.memory), FANOUT)
-    digests_path = ck.dir / "disk.leaves.npz"
-    stamp_path = ck.dir / "disk.leaves.stamp"
-    disk: LeafDigests | None = None
-    if digests_path.exists() and stamp_path.exists() and stamp_path.read_bytes() == _stamp(ck.disk):
-        try:
-            disk = LeafDigests.load(digests_path)
-        except ImageError as e:
-            log.warning("recomputing the disk digests of %s: %s", ck.name, e)
-    if disk is None:
-        log.info("hashing the guest-visible disk of checkpoint %s (once)", ck.name)
-        disk = compute_leaf_digests(ck.disk, fmt="qcow2")
-        disk.save(digests_path)
-        stamp_path.write_bytes(_stamp(ck.disk))
-    trees = CheckpointTrees(memory, disk)
-    m = ck.manifest
-    roots = {MEMORY: memory.root.hex(), DISK: trees.disk_tree.root.hex()}
-    if m.roots != roots:
-        m.roots = roots
-        m.save(ck.manifest_path)
-    return trees
+    """The checkpoint's trees, computed and saved on first use (~10-20 s), loaded afterwards; done
+    once under the checkpoint's ``TREES_LOCK`` however many threads and processes ask at once."""
+    lock = ExitStack()
+    try:
+        lock.enter_context(locked(ck.dir / TREES_LOCK))
+    except OSError as e:
+        raise ImageError(f"{ck.dir}: cannot lock the checkpoint's trees: {e.strerror}") from e
+    with lock:
+        with MemoryImageSource(ck.memory) as src:
+            memory = load_or_build(src, ck.dir / "memory.tree", _stamp(ck.memory), FANOUT)
+        digests_path = ck.dir / "disk.leaves.npz"
+        stamp_path = ck.dir / "disk.leaves.stamp"
+        disk: LeafDigests | None = None
+        if digests_path.exists() and stamp_path.exists() and stamp_path.read_bytes() == _stamp(ck.disk):
+            try:
+                disk = LeafDigests.load(digests_path)
+            except ImageError as e:
+                log.warning("recomputing the disk digests of %s: %s", ck.name, e)
+        if disk is None:
+            log.info("hashing the guest-visible disk of checkpoint %s (once)", ck.name)
+            disk = compute_leaf_digests(ck.disk, fmt="qcow2")
+            disk.save(digests_path)             # then the stamp that says it is current
+            try:
+                atomic_write(stamp_path, _stamp(ck.disk))
+            except OSError as e:
+                raise ImageError(f"{stamp_path}: cannot write: {e.strerror}") from e
+        trees = CheckpointTrees(memory, disk)
+        m = ck.manifest
+        roots = {MEMORY: memory.root.hex(), DISK: trees.disk_tree.root.hex()}
+        if m.roots != roots:
+            m.roots = roots
+            m.save(ck.manifest_path)
+        return trees
 
 
 @dataclass(frozen=True)

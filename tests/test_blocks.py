@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -196,6 +197,35 @@ def test_leaf_digests_save_load(tmp_path: Path) -> None:
         LeafDigests.load(other)
     zeros = LeafDigests(np.tile(np.frombuffer(ZERO_LEAF_DIGEST, dtype=np.uint8), (3, 1)), 3 * LEAF_SIZE)
     assert zeros.zero_mask().all()
+
+
+def test_leaf_digests_saved_by_many_threads_at_once(tmp_path: Path) -> None:
+    """The first ``make demo`` failed with 'cannot write leaf digests': the source and target
+    threads of one-host migrate saved the same file through one pid-named temporary file."""
+    rng = np.random.default_rng(5)
+    tree = LeafDigests(rng.integers(0, 256, (20000, 32), dtype=np.uint8), 20000 * LEAF_SIZE)
+    path = tmp_path / "disk.leaves.npz"
+    barrier = threading.Barrier(6)
+    errors: list[BaseException] = []
+
+    def save() -> None:
+        barrier.wait()
+        try:
+            for _ in range(10):
+                tree.save(path)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=save) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert np.array_equal(LeafDigests.load(path).digests, tree.digests)
+    assert [p.name for p in tmp_path.iterdir()] == ["disk.leaves.npz"]      # no temporary file left
+    with pytest.raises(ImageError, match="cannot write leaf digests"):
+        tree.save(tmp_path / "missing" / "x.npz")
 
 
 # ---------------------------------------------------------------- qcow2 overlays

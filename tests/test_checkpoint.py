@@ -1,19 +1,148 @@
-"""Checkpoints: manifest, listing, clones and the refusal to delete a checkpoint in use."""
+"""Checkpoints: manifest, listing, clones, the refusal to delete a checkpoint in use, and names
+that must never become paths outside the state folder."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
-from replay_migrate.errors import CheckpointError
+from replay_migrate.errors import CheckpointError, UsageError
 from server import checkpoint as ckpt
+from server.cli import main
 from server.images import recipe_hash
 from vm.machine import Hypervisor, Machine
 
-pytestmark = pytest.mark.vm
+BAD_NAMES = ["", ".", "..", "../../victim", "a/../b", "{victim}", "x.partial"]
 
 
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A state folder with checkpoints ``a`` and ``b`` (folders with a manifest) and clone
+    folders ``c1`` and ``c2``, beside a folder ``victim`` that is not the store's."""
+    state = tmp_path / "state"
+    monkeypatch.setenv("REPLAY_MIGRATE_STATE", str(state))
+    for name in ("a", "b"):
+        (state / "checkpoints" / name).mkdir(parents=True)
+        (state / "checkpoints" / name / "manifest.json").write_text("{}")
+    for name in ("c1", "c2"):
+        (state / "clones" / name).mkdir(parents=True)
+        (state / "clones" / name / "checkpoint").write_text("a\n")
+    (tmp_path / "victim").mkdir()
+    (tmp_path / "victim" / "precious").write_text("keep me")
+    yield state
+
+
+def _everything_is_there(store: Path) -> None:
+    for p in ("checkpoints/a/manifest.json", "checkpoints/b/manifest.json", "clones/c1/checkpoint",
+              "clones/c2/checkpoint", "../victim/precious"):
+        assert (store / p).is_file(), p
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_checkpoint_rm_refuses_names_that_are_not_a_checkpoint(
+        name: str, store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    name = name.format(victim=store.parent / "victim")
+    assert main(["checkpoint", "rm", name]) == UsageError.exit_code
+    assert "checkpoint" in capsys.readouterr().err
+    _everything_is_there(store)
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_vm_rm_refuses_names_that_are_not_a_clone(name: str, store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    name = name.format(victim=store.parent / "victim")
+    assert main(["vm", "rm", name]) == UsageError.exit_code
+    assert "clone" in capsys.readouterr().err
+    _everything_is_there(store)
+
+
+def test_checkpoint_rm_of_a_symlink_out_of_the_store_is_refused(store: Path) -> None:
+    (store / "checkpoints" / "link").symlink_to(store.parent / "victim")
+    assert main(["checkpoint", "rm", "link"]) == UsageError.exit_code
+    _everything_is_there(store)
+
+
+def test_checkpoint_rm_removes_exactly_one_checkpoint(store: Path) -> None:
+    assert main(["checkpoint", "rm", "b"]) == 0
+    assert not (store / "checkpoints" / "b").exists()
+    assert (store / "checkpoints" / "a" / "manifest.json").is_file()
+    assert main(["checkpoint", "rm", "b"]) == CheckpointError.exit_code
+
+
+def test_manifest_saved_by_many_writers_at_once(tmp_path: Path) -> None:
+    """Both sides of one-host migrate record the roots in the manifest: no shared temporary file
+    (the second rename failed), no temporary file left, always a whole manifest."""
+    import threading
+
+    m = ckpt.Manifest(name="m", image_recipe="0" * 16, image_dir="/x", virt="qemu", memory_mib=1, created=0.0,
+                      boot_to_desktop_s=0.0, save_s=0.0, memory_apparent_bytes=0, memory_allocated_bytes=0,
+                      disk_allocated_bytes=0, roots={"memory": "ab" * 32})
+    path = tmp_path / "manifest.json"
+    barrier = threading.Barrier(6)
+    errors: list[BaseException] = []
+
+    def save() -> None:
+        barrier.wait()
+        try:
+            for _ in range(30):
+                m.save(path)
+                assert ckpt.Manifest.load(path) == m
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=save) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
+def _complete_checkpoint(folder: Path, image: Path) -> None:
+    """The files ``get`` checks, with an image folder of dummy files."""
+    image.mkdir(parents=True, exist_ok=True)
+    for f in ("base.qcow2", "vmlinuz", "initrd.img"):
+        (image / f).write_bytes(b"x")
+    folder.mkdir(parents=True)
+    (folder / "disk.qcow2").write_bytes(b"x")
+    (folder / "memory.sav").write_bytes(b"x")
+    (folder / "manifest.json").write_text(json.dumps(dict(
+        name=folder.name, image_recipe="0" * 16, image_dir=str(image), virt="qemu", memory_mib=1024, created=0.0,
+        boot_to_desktop_s=1.0, save_s=1.0, memory_apparent_bytes=1, memory_allocated_bytes=1,
+        disk_allocated_bytes=1)))
+
+
+def test_get_finds_only_checkpoints_in_the_store(store: Path) -> None:
+    _complete_checkpoint(store / "checkpoints" / "good", store / "image")
+    _complete_checkpoint(store.parent / "outside", store / "image")
+    assert ckpt.get("good").dir == store / "checkpoints" / "good"
+    for name in ("../../outside", str(store.parent / "outside"), "", "."):
+        with pytest.raises(UsageError, match="checkpoint"):
+            ckpt.get(name)
+
+
+def test_vm_rm_refuses_a_domain_that_is_not_ours(store: Path) -> None:
+    """``vm rm`` destroys clones: a domain with no clone folder and a name without our prefix is
+    someone else's, and stays defined."""
+    name = f"rmtest-not-ours-{os.getpid()}"
+    xml = (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>16</memory>"
+           "<os><type arch='x86_64' machine='q35'>hvm</type></os></domain>")
+    with Hypervisor() as hv:
+        hv.conn.defineXML(xml)
+        try:
+            assert main(["vm", "rm", name]) == UsageError.exit_code
+            assert hv.exists(name)
+        finally:
+            if hv.exists(name):
+                hv.lookup(name).remove()
+
+
+@pytest.mark.vm
 def test_manifest_describes_the_checkpoint(checkpoint: ckpt.Checkpoint) -> None:
     m = checkpoint.manifest
     assert m.name == checkpoint.name == "test-desktop"
@@ -25,6 +154,7 @@ def test_manifest_describes_the_checkpoint(checkpoint: ckpt.Checkpoint) -> None:
     assert (checkpoint.dir / "screen.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.vm
 def test_a_checkpoint_in_use_cannot_be_removed(make_clone: Callable[..., Machine], hv: Hypervisor,
                                                checkpoint: ckpt.Checkpoint) -> None:
     clone = make_clone()
@@ -35,6 +165,30 @@ def test_a_checkpoint_in_use_cannot_be_removed(make_clone: Callable[..., Machine
     assert checkpoint.memory.is_file()
 
 
+@pytest.mark.vm
 def test_clone_names_are_checked(hv: Hypervisor, checkpoint: ckpt.Checkpoint) -> None:
-    with pytest.raises(CheckpointError, match="bad name"):
-        ckpt.start_clone(hv, checkpoint, "../escape")
+    for name in ("../escape", "", ".", "x.partial"):
+        with pytest.raises(UsageError, match="clone"):
+            ckpt.start_clone(hv, checkpoint, name)
+    assert not (checkpoint.dir.parent.parent / "escape").exists()
+
+
+def clock_offset(m: Machine) -> float:
+    """The guest's wall clock minus the host's, in seconds (guest agent guest-get-time)."""
+    t = m.dom.getTime()
+    return float(t["seconds"] + t["nseconds"] / 1e9 - time.time())
+
+
+@pytest.mark.vm
+def test_a_clone_starts_with_the_hosts_clock_and_no_copy_of_the_memory_image(
+        make_clone: Callable[..., Machine], checkpoint: ckpt.Checkpoint) -> None:
+    """A restored clone kept the checkpoint's wall-clock time (a guest showed 10:58 at 11:08), and
+    its 1 GiB (apparent) copy of the memory image stayed in its folder after the restore."""
+    age = time.time() - checkpoint.manifest.created
+    if age < 10:            # not a wait for anything: a fresh checkpoint's clock is not behind yet
+        time.sleep(10 - age)
+    m = make_clone()
+    assert abs(clock_offset(m)) < 2.0, clock_offset(m)
+    assert sorted(p.name for p in m.run_dir.glob("*.sav")) == []
+    paused = make_clone(paused=True)            # a paused clone is the caller's to resume and set
+    assert sorted(p.name for p in paused.run_dir.glob("*.sav")) == []

@@ -5,7 +5,8 @@ from __future__ import annotations
 import itertools
 import os
 import struct
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import blake3
@@ -188,6 +189,58 @@ def test_load_or_build_never_rehashes_an_unchanged_image(tmp_path: Path) -> None
     src2 = CountingSource(data)
     load_or_build(src2, path, b"v2")  # stamp changed: rebuilt and saved
     assert src2.calls and MerkleTree.load(path)[1] == b"v2"
+
+
+def at_once(n: int, fn: Callable[[int], object]) -> list[BaseException]:
+    """Run ``fn(i)`` in ``n`` threads released together; the exceptions they raised."""
+    barrier = threading.Barrier(n)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            fn(i)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+def test_load_or_build_builds_once_when_callers_race(tmp_path: Path) -> None:
+    """Two sides of one-host migrate ask for the same checkpoint tree at once: one builds it and
+    saves it, the other waits and loads it (never two builds, never a shared temporary file)."""
+    data = rand(4000 * LEAF_SIZE)
+    path = tmp_path / "t.tree"
+    sources = [CountingSource(data) for _ in range(4)]
+    trees: list[MerkleTree] = []
+    assert at_once(4, lambda i: trees.append(load_or_build(sources[i], path, b"v1"))) == []
+    assert len({t.root for t in trees}) == 1
+    assert sum(1 for s in sources if s.calls) == 1, "the tree was built more than once"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["t.tree"]
+
+
+def test_save_from_many_threads_at_once(tmp_path: Path) -> None:
+    tree = MerkleTree.from_bytes(rand(2000 * LEAF_SIZE))
+    path = tmp_path / "t.tree"
+
+    def save(i: int) -> None:
+        for _ in range(10):
+            tree.save(path, stamp=b"s")
+
+    assert at_once(6, save) == []
+    assert MerkleTree.load(path)[0].root == tree.root
+    assert [p.name for p in tmp_path.iterdir()] == ["t.tree"]     # no temporary file left
+
+
+def test_save_failure_is_an_image_error(tmp_path: Path) -> None:
+    tree = MerkleTree.from_bytes(rand(10 * LEAF_SIZE))
+    with pytest.raises(ImageError, match="cannot write"):
+        tree.save(tmp_path / "missing" / "t.tree")
 
 
 def test_resized_matches_the_resized_image() -> None:

@@ -5,6 +5,7 @@ and the target resumes with the source's exact state."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +31,17 @@ key ctrl+s
 wait 3
 """
 FILES = "cd /root && find . -type f -not -name '.*' | sort | xargs md5sum"
+
+
+def clock_offset(m: Machine) -> float:
+    """The guest's wall clock minus the host's, in seconds (guest agent guest-get-time)."""
+    t = m.dom.getTime()
+    return float(t["seconds"] + t["nseconds"] / 1e9 - time.time())
+
+
+def state_files(folder: Path) -> list[str]:
+    """What in a clone folder could bring a VM back: memory images and disks."""
+    return sorted(p.name for p in folder.iterdir() if p.suffix in (".sav", ".qcow2"))
 
 
 def test_report_savings() -> None:
@@ -73,6 +85,15 @@ def test_migrate_embedded(make_clone: Callable[..., Machine], hv: Hypervisor, ch
             out = target.exec(FILES).stdout
             assert "/m/n.txt" in out and "notes.txt" in out
             assert target.read_file("/root/notes.txt").endswith(b"Migrated by replaying input.\n")
+            # the migrated guest's clock is the host's, not the source's at suspend (nor the checkpoint's)
+            assert abs(clock_offset(target)) < 2.0, clock_offset(target)
+            # the source is released: no domain, nothing in its folder to restore or boot it from
+            # (its saved state was 1 GiB apparent per migration); the target keeps only its disk
+            assert not hv.exists(source.name)
+            assert state_files(ckpt.clone_dir(source.name)) == []
+            assert (ckpt.clone_dir(source.name) / "released").is_file()      # the logs stay, with a note
+            assert source.name not in ckpt.clones_of(checkpoint.name)
+            assert state_files(ckpt.clone_dir(target_name)) == ["disk.qcow2"]
         finally:
             ckpt.remove_clone(hv, target_name)
 
@@ -99,3 +120,6 @@ def test_a_failed_migration_leaves_the_source_running(make_clone: Callable[..., 
     back.wait_agent()
     assert back.exec("cat /root/kept.txt").stdout == "kept\n"
     assert back.exec("touch /root/writable && echo ok").stdout == "ok\n"   # thawed
+    # resumed from its saved state, which is then gone; with the host's clock (it was saved a while)
+    assert state_files(ckpt.clone_dir(source.name)) == ["disk.qcow2"]
+    assert abs(clock_offset(back)) < 2.0, clock_offset(back)

@@ -1,22 +1,32 @@
-"""Two clones of one checkpoint do different work; the transfer protocol makes the second one's
-saved state byte-identical to the first's, and the second resumes as the first."""
+"""The checkpoint's trees are computed once, even when both sides of a one-host migration ask at
+the same moment (a synthetic checkpoint made with qemu-img and a synthetic save image); two clones
+of one checkpoint do different work, and the transfer protocol makes the second one's saved state
+byte-identical to the first's, and the second resumes as the first."""
 
 from __future__ import annotations
 
 import filecmp
+import logging
+import os
 import subprocess
+import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from test_saveimage import build_save_image, default_blocks
 
 from replayer.drive import drive
 from replayer.workload import parse_workload
 from server import checkpoint as ckpt
-from server.vmstate import VmState, checkpoint_trees, sync_states
+from server.vmstate import CheckpointTrees, VmState, checkpoint_trees, sync_states
 from vm.machine import Hypervisor, Machine
 
-pytestmark = pytest.mark.vm
+MIB = 1 << 20
+COMPUTED = ("building the tree file", "hashing the guest-visible disk of checkpoint")
+"""What checkpoint_trees logs when it computes rather than loads (counted below)."""
 
 WORK_A = """
 click 250 400
@@ -48,6 +58,98 @@ def suspend(m: Machine) -> tuple[str, bytes, Path]:
     return files, shot, image
 
 
+def run(*argv: str) -> None:
+    r = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert r.returncode == 0, f"{argv}: {r.stderr}"
+
+
+def synthetic_checkpoint(root: Path) -> ckpt.Checkpoint:
+    """A checkpoint folder as ``checkpoint create`` leaves it, without a guest: a save image with
+    64 MiB of RAM, a qcow2 overlay with data over a qcow2 base, a manifest."""
+    d = root / "checkpoints" / "synthetic"
+    d.mkdir(parents=True)
+    build_save_image(d / "memory.sav", default_blocks(seed=2, ram_pages=16384))
+    base = root / "base.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(base), str(96 * MIB))
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 24M", "-c", "write -P 0x11 40M 8M", str(base))
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(d / "disk.qcow2"))
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x77 1M 2M", "-c", "write -z 44M 1M", str(d / "disk.qcow2"))
+    ckpt.Manifest(name="synthetic", image_recipe="0" * 16, image_dir=str(root / "image"), virt="qemu",
+                  memory_mib=64, created=time.time(), boot_to_desktop_s=1.0, save_s=1.0,
+                  memory_apparent_bytes=(d / "memory.sav").stat().st_size, memory_allocated_bytes=0,
+                  disk_allocated_bytes=0).save(d / "manifest.json")
+    return ckpt.Checkpoint(d)
+
+
+def _computed(text: str) -> list[int]:
+    return [text.count(what) for what in COMPUTED]
+
+
+def test_both_sides_asking_at_once_compute_the_trees_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The first ``make demo`` failed: the source and target threads of one-host migrate both
+    hashed the checkpoint and shared one temporary file. Two threads ask at the same moment:
+    exactly one computes each tree, both get the same trees, nothing temporary is left."""
+    ck = synthetic_checkpoint(tmp_path)
+    caplog.set_level(logging.INFO, logger="replay_migrate")
+    barrier = threading.Barrier(2)
+    got: list[CheckpointTrees | BaseException] = []
+
+    def side() -> None:
+        barrier.wait()
+        try:
+            got.append(checkpoint_trees(ck))
+        except BaseException as e:
+            got.append(e)
+
+    threads = [threading.Thread(target=side) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    trees = [t for t in got if isinstance(t, CheckpointTrees)]
+    assert len(trees) == 2, got
+    assert trees[0].memory.root == trees[1].memory.root and trees[0].disk_tree.root == trees[1].disk_tree.root
+    assert _computed(caplog.text) == [1, 1], caplog.text
+    assert set(ck.manifest.roots) == {"memory", "disk"}
+    left = sorted(p.name for p in ck.dir.iterdir() if not p.name.endswith(".lock"))
+    assert left == ["disk.leaves.npz", "disk.leaves.stamp", "disk.qcow2", "manifest.json", "memory.sav", "memory.tree"]
+    caplog.clear()
+    checkpoint_trees(ck)                                # later calls load
+    assert _computed(caplog.text) == [0, 0]
+
+
+CHILD = """
+import logging, sys
+from pathlib import Path
+from server.checkpoint import Checkpoint
+from server.vmstate import checkpoint_trees
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+print("ready", flush=True)
+sys.stdin.readline()
+print(checkpoint_trees(Checkpoint(Path(sys.argv[1]))).memory.root.hex(), flush=True)
+"""
+
+
+def test_two_processes_asking_at_once_compute_the_trees_once(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """The same across processes (``follow`` and ``record --to`` on one host; two tests)."""
+    ck = synthetic_checkpoint(tmp_path)
+    caplog.set_level(logging.INFO, logger="replay_migrate")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(ck.dir)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert child.stdout is not None and child.stdin is not None
+    assert child.stdout.readline().strip() == "ready"
+    child.stdin.write("go\n")
+    child.stdin.flush()
+    mine = checkpoint_trees(ck)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err
+    assert out.strip() == mine.memory.root.hex()
+    assert [a + b for a, b in zip(_computed(caplog.text), _computed(err), strict=True)] == [1, 1], (caplog.text, err)
+
+
+@pytest.mark.vm
 def test_checkpoint_trees_are_saved_once(checkpoint: ckpt.Checkpoint) -> None:
     t1 = checkpoint_trees(checkpoint)
     mtime = (checkpoint.dir / "memory.tree").stat().st_mtime_ns
@@ -57,6 +159,7 @@ def test_checkpoint_trees_are_saved_once(checkpoint: ckpt.Checkpoint) -> None:
     assert set(checkpoint.manifest.roots) == {"memory", "disk"}
 
 
+@pytest.mark.vm
 def test_sync_makes_the_target_identical_and_it_resumes_as_the_source(
         make_clone: Callable[..., Machine], hv: Hypervisor, checkpoint: ckpt.Checkpoint) -> None:
     a, b = make_clone(), make_clone()

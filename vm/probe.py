@@ -4,7 +4,8 @@
 stock Debian kernel dies with an emulation failure or crawls. So the probe boots the guest's own
 kernel with no root device under ``-accel kvm`` and waits for it to reach its "cannot mount root"
 panic: a kernel that gets there in time has run its whole early boot on KVM. The verdict is cached
-per kernel, so the probe runs once per host and image.
+per kernel, so the probe runs once per host and image: under a file lock beside the cache (two
+commands starting at once on a fresh host probe once), written whole (a reader never sees half).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from replay_migrate.files import atomic_write, locked
 from vm.spec import VirtType
 
 PROBE_TIMEOUT_S = 25.0
@@ -57,6 +59,15 @@ def probe_kvm(kernel: Path, timeout: float = PROBE_TIMEOUT_S) -> tuple[bool, str
             proc.wait()
 
 
+def _cached(cache: Path) -> tuple[VirtType, str] | None:
+    """A cached verdict, or None if there is none or it is not one (then the probe runs again)."""
+    try:
+        verdict, _, why = cache.read_text().partition("\n")
+        return VirtType(verdict), why + " (cached)"
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+
+
 def choose_virt(kernel: Path, cache_dir: Path) -> tuple[VirtType, str]:
     """KVM where the probe shows it works, else TCG; the answer is cached per kernel."""
     forced = os.environ.get(ENV_OVERRIDE, "").lower()
@@ -64,14 +75,15 @@ def choose_virt(kernel: Path, cache_dir: Path) -> tuple[VirtType, str]:
         return (VirtType.KVM if forced == "kvm" else VirtType.TCG), f"forced by ${ENV_OVERRIDE}"
     digest = hashlib.sha256(kernel.read_bytes()).hexdigest()[:16]
     cache = cache_dir / f"virt-{digest}"
-    if cache.exists():
-        verdict, _, why = cache.read_text().partition("\n")
-        return VirtType(verdict), why + " (cached)"
-    ok, why = probe_kvm(kernel)
-    virt = VirtType.KVM if ok else VirtType.TCG
     cache_dir.mkdir(parents=True, exist_ok=True)
-    cache.write_text(f"{virt.value}\n{why}")
-    return virt, why
+    with locked(cache_dir / f".virt-{digest}.lock"):
+        known = _cached(cache)
+        if known is not None:
+            return known
+        ok, why = probe_kvm(kernel)
+        virt = VirtType.KVM if ok else VirtType.TCG
+        atomic_write(cache, f"{virt.value}\n{why}".encode())
+        return virt, why
 
 
 def main(argv: list[str] | None = None) -> int:
