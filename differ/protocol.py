@@ -66,6 +66,7 @@ import numpy as np
 import numpy.typing as npt
 import zstandard
 
+from differ.bounded import decompress_exact
 from differ.merkle import (
     ABSENT_DIGEST,
     DIGEST_SIZE,
@@ -1341,7 +1342,6 @@ class Target:
         self._t = self.params.digest_bytes
         self._cb = self.params.check_bytes
         self._index: _ContentIndex | None = None
-        self._dctx = zstandard.ZstdDecompressor()
         self._ep.stats.dry_run = dry_run
         # the plan, by global position
         self._p_img = np.zeros(0, dtype=np.int64)
@@ -1655,12 +1655,13 @@ class Target:
             layout.append((kind, length, raw_len, bits))
         if r_off != len(rests) or m_off != len(masks):
             raise ProtocolError("blocks message: digest or bitmap bytes do not match its entries")
+        if raw_len > self.params.max_message_bytes:
+            # the source cuts a batch at max_message_bytes of payload (one leaf always fits)
+            raise ProtocolError("blocks message: its entries need more bytes than a batch may hold")
         if "z" in msg:
-            z = _bin(msg, "z")
-            try:
-                body = self._dctx.decompress(z, max_output_size=raw_len) if z else b""
-            except zstandard.ZstdError:
-                raise ProtocolError("blocks message: corrupt compressed body") from None
+            if not raw_len:
+                raise ProtocolError("blocks message: compressed body for entries without bytes")
+            body = decompress_exact(_bin(msg, "z"), raw_len, ProtocolError, "blocks message body")
         else:
             body = _bin(msg, "r")
         if len(body) != raw_len:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import random
+import struct
+import tracemalloc
 from collections.abc import Callable
 
 import msgpack
 import numpy as np
 import pytest
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -456,6 +459,80 @@ def test_corrupted_compressed_batch_is_rejected() -> None:
     with pytest.raises((ProtocolError, VerificationError)):
         pump(pair, corrupt_blocks(8))
     assert pair.sinks["disk"].aborted and pair.target.state is TargetState.FAILED
+
+
+def zstd_declaring(size: int, *, rle_blocks: int = 0) -> bytes:
+    """A zstd frame whose header declares ``size`` bytes of content (8-byte content-size field,
+    128 KiB window), holding ``rle_blocks`` RLE blocks of 128 KiB each (4 bytes apiece), or one
+    empty raw block: what a hostile source can send in a few bytes."""
+    head = struct.pack("<IBB", 0xFD2FB528, 0xC0, 7 << 3) + struct.pack("<Q", size)
+    if not rle_blocks:
+        return head + (1).to_bytes(3, "little")  # last, raw, 0 bytes
+    body = b"".join(((128 << 10) << 3 | 1 << 1 | (k == rle_blocks - 1)).to_bytes(3, "little") + b"\x00"
+                    for k in range(rle_blocks))
+    return head + body
+
+
+def compressible_pair() -> Pair:
+    """A transfer whose first blocks message carries a zstd body ("z")."""
+    b = bytes(40 * PAGE)
+    a = bytearray(b)
+    a[10 * PAGE : 14 * PAGE] = b"abcd" * PAGE
+    return one(bytes(a), rand(40 * PAGE))
+
+
+def with_body(make: Callable[[bytes], bytes]) -> Callable[[str, int, bytes], bytes | None]:
+    """Replace the compressed body of every blocks message by ``make(its real body)``."""
+
+    def tamper(kind: str, _: int, data: bytes) -> bytes | None:
+        if kind != "blocks":
+            return data
+        msg = msgpack.unpackb(data, raw=False)
+        msg["z"] = make(zstandard.ZstdDecompressor().decompress(msg["z"]))
+        return bytes(msgpack.packb(msg, use_bin_type=True))
+
+    return tamper
+
+
+def _zstd(data: bytes, **kw: bool) -> bytes:
+    return bytes(zstandard.ZstdCompressor(**kw).compress(data))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda body: zstd_declaring(1 << 44),  # 17 bytes: python-zstandard allocated 16 TiB → MemoryError
+        lambda body: zstd_declaring(1 << 30, rle_blocks=8192),  # 32 KiB that really inflate to 1 GiB
+        lambda body: zstd_declaring(len(body), rle_blocks=8),  # declares the right size, inflates to 1 MiB
+        lambda body: zstd_declaring(len(body) + 1, rle_blocks=1),
+        lambda body: _zstd(body[:-1]),  # one byte short
+        lambda body: _zstd(body, write_content_size=False),  # no size declared
+        lambda body: _zstd(body) + _zstd(b"x"),  # a second frame after the first
+        lambda body: _zstd(body)[:-3],  # cut
+    ],
+    ids=["16TiB", "1GiB", "inflates-past-its-size", "wrong-size", "short", "no-size", "two-frames", "cut"],
+)
+def test_decompression_is_bounded_by_the_batch(make: Callable[[bytes], bytes]) -> None:
+    """Issue 10 finding 3: python-zstandard ignores ``max_output_size`` when the frame declares a
+    content size. A blocks body must declare exactly the size its entries need, in one frame, and
+    anything else is a ProtocolError before anything of the declared size is allocated."""
+    pair = compressible_pair()
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError):
+            pump(pair, with_body(make))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20
+    assert pair.target.state is TargetState.FAILED and pair.sinks["disk"].aborted
+    assert pair.data() != pair.a["disk"]
+
+
+def test_an_honest_compressed_body_still_passes() -> None:
+    pair = compressible_pair()
+    pump(pair, with_body(_zstd))
+    assert pair.target.state is TargetState.VERIFIED and pair.data() == pair.a["disk"]
 
 
 class LyingSink(MemorySink):
