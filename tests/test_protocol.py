@@ -33,6 +33,7 @@ from differ.protocol import (
     run_local,
 )
 from differ.source import LEAF_SIZE
+from differ.sync import sync_local
 from replay_migrate.errors import ProtocolError, ReplayMigrateError, VerificationError
 
 KEY = bytes(range(32))
@@ -688,6 +689,112 @@ def test_tampering_anywhere_never_leaks_other_errors() -> None:
                 assert pair.data() == b and tgt.state is TargetState.FAILED
             outcomes["failed"] += 1
     assert outcomes["failed"] > 100
+
+
+# -- announced sizes (issue 10 finding 5) ----------------------------------------------------------
+
+
+def tree_bytes(size: int, *, fanout: int = 4, name: str = "disk") -> bytes:
+    """A tree message announcing one image of ``size`` bytes whose roots differ but, with no walk
+    part, nothing to walk: all the target does with it is prepare for that size."""
+    leaves = -(-size // PAGE)
+    img = {"n": name, "s": size, "l": leaves, "f": fanout, "r": bytes(32)}
+    return bytes(msgpack.packb({"t": "tree", "v": V, "img": [img], "bm": [False], "p": [None]}))
+
+
+def _peak_of(fn: Callable[[], object]) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("leaves", [1 << 22, 1 << 24])
+def test_an_announced_image_size_is_bounded_before_anything_is_allocated(leaves: int) -> None:
+    """Issue 10 finding 5: a 160-byte tree message announcing 2^24 leaves cost 757 MiB (the target
+    resized its tree to the source's size before checking anything). The target accepts at most
+    ``max_size_factor`` * its own image (or base) + ``max_size_margin``; beyond, a ProtocolError
+    before any allocation of that size."""
+    pair = one(rand(8 * PAGE), rand(8 * PAGE), dry_run=True)
+    pair.target.start()
+    pair.target.data_to_send()
+
+    def receive() -> None:
+        with pytest.raises(ProtocolError, match="larger than"):
+            pair.target.receive_data(tree_bytes(leaves * PAGE))
+
+    assert _peak_of(receive) < 4 << 20
+    assert pair.target.state is TargetState.FAILED
+
+
+def test_the_size_bound_rule() -> None:
+    """The rule, at its edges: own size * factor + margin, from the larger of the image and its base."""
+    params = ProtocolParams(max_size_factor=2, max_size_margin=16 * PAGE)
+    for own, base, announced, ok in [
+        (8 * PAGE, None, 32 * PAGE, True),  # 2 * 8 + 16 pages
+        (8 * PAGE, None, 32 * PAGE + 1, False),
+        (0, None, 16 * PAGE, True),  # an empty target still takes the margin
+        (8 * PAGE, 100 * PAGE, 216 * PAGE, True),  # the base (checkpoint) counts as the target's own
+        (8 * PAGE, 100 * PAGE, 216 * PAGE + 1, False),
+    ]:
+        bases = {"disk": rand(base)} if base is not None else None
+        pair = one(rand(own), rand(own), params=params, bases=bases, dry_run=True)
+        pair.target.start()
+        pair.target.data_to_send()
+        if ok:
+            pair.target.receive_data(tree_bytes(announced))
+            assert pair.target.state is TargetState.RECEIVING
+        else:
+            with pytest.raises(ProtocolError):
+                pair.target.receive_data(tree_bytes(announced))
+
+
+def test_a_grown_image_within_the_rule_transfers() -> None:
+    a, b = rand(120 * PAGE + 7), rand(50 * PAGE)
+    pair = one(a, b, params=ProtocolParams(max_size_factor=2, max_size_margin=30 * PAGE))
+    pair.run()
+    assert pair.data() == a
+
+
+def test_a_local_sync_names_the_sizes_it_expects() -> None:
+    """sync_local holds both sides: it tells the target the source's sizes, so a large image syncs
+    onto a small one whatever the rule for a remote peer says."""
+    a, b = rand(300 * PAGE), rand(PAGE)
+    image = MemoryImage(b)
+    stats = sync_local({"disk": MemorySource(a)}, {"disk": (image.source(), image.sink())},
+                       params=ProtocolParams(max_size_factor=1, max_size_margin=0))
+    assert stats.verified and image.data == a
+
+
+def test_the_source_allocates_nothing_by_the_targets_announced_sizes() -> None:
+    """The target's hello may announce any size up to ``max_leaves`` (B may be larger than A: it
+    shrinks); the source only compares roots with it and walks its own tree."""
+    src = one(rand(8 * PAGE), rand(8 * PAGE)).source
+    big = {"n": "disk", "s": (1 << 28) * PAGE, "l": 1 << 28, "f": 4, "r": bytes(32)}
+    assert _peak_of(lambda: src.receive_data(hello_bytes(img=[big]))) < 4 << 20
+    assert src.state is SourceState.WALKING
+
+
+def frag_bytes(lt: str, i: int, n: int, chunk: bytes) -> bytes:
+    return bytes(msgpack.packb({"t": "frag", "v": V, "lt": lt, "i": i, "n": n, "d": chunk}))
+
+
+def test_fragment_counts_are_bounded_by_what_this_side_expects() -> None:
+    """A fragmented message may not announce (or add up to) more than the largest message this side
+    can legitimately receive in its state: a hello of a few images, a walk or want of its images'
+    leaves. Before: any count up to ``max_logical_bytes`` (256 MiB) was buffered."""
+    params = ProtocolParams(max_message_bytes=64 << 10)
+    step = params.max_message_bytes - 128
+    pair = one(rand(8 * PAGE), rand(8 * PAGE), params=params)
+    with pytest.raises(ProtocolError, match="expects"):
+        pair.source.receive_data(frag_bytes("hello", 0, 100, b"x" * step))
+    pair = one(rand(8 * PAGE), rand(8 * PAGE), params=params)
+    pair.target.start()
+    pair.target.data_to_send()
+    with pytest.raises(ProtocolError, match="expects"):
+        pair.target.receive_data(frag_bytes("tree", 0, 1000, b"x" * step))
 
 
 def test_peer_abort() -> None:
