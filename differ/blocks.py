@@ -13,6 +13,7 @@ import os
 import stat
 import subprocess
 import tempfile
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,8 +21,9 @@ from typing import Any
 import blake3
 import numpy as np
 import numpy.typing as npt
+from numpy.lib import format as np_format
 
-from differ.merkle import known_arrays
+from differ.merkle import MAX_LOAD_LEAVES, known_arrays
 from differ.saveimage import (
     DEFAULT_MAX_DATA_LEN,
     DEFAULT_MAX_RAM_BLOCKS,
@@ -369,21 +371,48 @@ class LeafDigests:
             raise ImageError(f"{target}: cannot write leaf digests: {e.strerror}") from None
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> LeafDigests:
+    def load(
+        cls, path: str | os.PathLike[str], *, expect_size: int | None = None, max_leaves: int = MAX_LOAD_LEAVES
+    ) -> LeafDigests:
+        """Read a file :meth:`save` wrote. Every member is checked before its data is read: stored
+        (not deflated: no zip bomb), a ``.npy`` header of the expected dtype and shape, the size
+        within ``max_leaves`` leaves and equal to ``expect_size`` when given, and no member larger
+        than the file itself, so nothing is allocated beyond the file's real size."""
         target = os.fspath(path)
         try:
-            with np.load(target, allow_pickle=False) as z:
-                if set(z.files) != {"digests", "size", "format"}:
-                    raise ImageError(f"{target}: not a leaf-digest file (members {sorted(z.files)})")
-                fmt, size, digests = int(z["format"]), int(z["size"]), z["digests"]
+            fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise ImageError(f"{target}: no such leaf-digest file") from None
-        except (OSError, ValueError, EOFError) as e:
-            raise ImageError(f"{target}: unreadable leaf-digest file ({e})") from None
-        if fmt != LEAF_DIGESTS_FORMAT:
-            raise ImageError(f"{target}: leaf-digest format {fmt} not supported")
+        except OSError as e:
+            raise ImageError(f"{target}: cannot open leaf-digest file: {e.strerror}") from None
         try:
-            return cls(np.ascontiguousarray(digests), size)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ImageError(f"{target}: not a regular file")
+            os.set_blocking(fd, True)
+            with os.fdopen(fd, "rb", closefd=False) as f, zipfile.ZipFile(f) as z:
+                infos = {i.filename: i for i in z.infolist()}
+                if set(infos) != {"digests.npy", "size.npy", "format.npy"} or len(infos) != 3:
+                    raise ImageError(f"{target}: not a leaf-digest file (members {sorted(infos)})")
+                for info in infos.values():
+                    if info.compress_type != zipfile.ZIP_STORED or info.file_size > st.st_size:
+                        raise ImageError(f"{target}: member {info.filename} is compressed or larger than the file")
+                fmt = int(_npy_member(z, infos["format.npy"], np.dtype("<i8"), ()))
+                if fmt != LEAF_DIGESTS_FORMAT:
+                    raise ImageError(f"{target}: leaf-digest format {fmt} not supported")
+                size = int(_npy_member(z, infos["size.npy"], np.dtype("<i8"), ()))
+                if size < 0 or _leaf_count(size) > max_leaves:
+                    raise ImageError(f"{target}: image size {size} outside 0..{max_leaves} leaves")
+                if expect_size is not None and size != expect_size:
+                    raise ImageError(f"{target}: digests of an image of {size} bytes, expected {expect_size}")
+                shape = (_leaf_count(size), DIGEST_SIZE)
+                digests = _npy_member(z, infos["digests.npy"], np.dtype("|u1"), shape)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise ImageError(f"{target}: unreadable leaf-digest file ({e})") from None
+        finally:
+            os.close(fd)
+        try:
+            return cls(digests, size)
         except ImageError as e:
             raise ImageError(f"{target}: {e}") from None
 
@@ -405,6 +434,28 @@ class LeafDigests:
                     piece = data[k * LEAF_SIZE : (k + 1) * LEAF_SIZE]
                     out[first + k] = np.frombuffer(blake3.blake3(piece).digest(), dtype=np.uint8)
         return cls(out, source.size)
+
+
+def _npy_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, dtype: np.dtype[Any], shape: tuple[int, ...]) -> Any:
+    """The array in ``.npy`` member ``info``, which must hold exactly ``dtype`` and ``shape``: the
+    header is checked before the data is read, and the data must fill the member exactly."""
+    with z.open(info) as f:
+        version = np_format.read_magic(f)
+        if version == (1, 0):
+            got_shape, fortran, got_dtype = np_format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            got_shape, fortran, got_dtype = np_format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"{info.filename}: .npy version {version}")
+        if got_dtype != dtype or fortran or got_shape != shape:
+            raise ValueError(f"{info.filename}: {got_dtype} {got_shape}, expected {dtype} {shape}")
+        count = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        if info.file_size != f.tell() + count:
+            raise ValueError(f"{info.filename}: {info.file_size} bytes for {count} bytes of data")
+        data = f.read(count)
+    if len(data) != count:
+        raise ValueError(f"{info.filename}: truncated")
+    return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
 
 
 def _runs(mask: npt.NDArray[np.bool_]) -> Iterator[tuple[int, int]]:
