@@ -8,9 +8,11 @@ with large ``pread`` calls, so the Merkle code touches only what may differ. See
 from __future__ import annotations
 
 import bisect
+import io
 import json
 import os
 import stat
+import struct
 import subprocess
 import tempfile
 import zipfile
@@ -407,7 +409,7 @@ class LeafDigests:
                     raise ImageError(f"{target}: digests of an image of {size} bytes, expected {expect_size}")
                 shape = (_leaf_count(size), DIGEST_SIZE)
                 digests = _npy_member(z, infos["digests.npy"], np.dtype("|u1"), shape)
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        except _ZIP_ERRORS as e:
             raise ImageError(f"{target}: unreadable leaf-digest file ({e})") from None
         finally:
             os.close(fd)
@@ -436,22 +438,31 @@ class LeafDigests:
         return cls(out, source.size)
 
 
+_ZIP_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, struct.error, RuntimeError, NotImplementedError)
+"""What zipfile raises for a damaged or foreign archive (RuntimeError: encrypted; NotImplementedError:
+a compression or feature it lacks), besides our own checks' ValueError."""
+_ZIP_FLAGS_OK = 0x0808
+"""Zip member flag bits ``LeafDigests.save`` (zipfile) may set: a data descriptor, UTF-8 names.
+Anything else (encryption, patched data, ...) is not a file this code wrote."""
+
+
 def _npy_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, dtype: np.dtype[Any], shape: tuple[int, ...]) -> Any:
-    """The array in ``.npy`` member ``info``, which must hold exactly ``dtype`` and ``shape``: the
-    header is checked before the data is read, and the data must fill the member exactly."""
+    """The array in ``.npy`` member ``info``, which must hold exactly ``dtype`` and ``shape``: its
+    header must be byte for byte the one ``np.save`` writes for them (so no header a file chose is
+    ever parsed), and the data must fill the member exactly."""
+    if info.flag_bits & ~_ZIP_FLAGS_OK:
+        raise ValueError(f"{info.filename}: zip flags {info.flag_bits:#x}")
+    head = io.BytesIO()
+    np_format.write_array_header_1_0(
+        head, {"descr": np_format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    )
+    expected = head.getvalue()
+    count = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    if info.file_size != len(expected) + count:
+        raise ValueError(f"{info.filename}: {info.file_size} bytes, expected {len(expected) + count}")
     with z.open(info) as f:
-        version = np_format.read_magic(f)
-        if version == (1, 0):
-            got_shape, fortran, got_dtype = np_format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            got_shape, fortran, got_dtype = np_format.read_array_header_2_0(f)
-        else:
-            raise ValueError(f"{info.filename}: .npy version {version}")
-        if got_dtype != dtype or fortran or got_shape != shape:
-            raise ValueError(f"{info.filename}: {got_dtype} {got_shape}, expected {dtype} {shape}")
-        count = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-        if info.file_size != f.tell() + count:
-            raise ValueError(f"{info.filename}: {info.file_size} bytes for {count} bytes of data")
+        if f.read(len(expected)) != expected:
+            raise ValueError(f"{info.filename}: not an array of {dtype} {shape}")
         data = f.read(count)
     if len(data) != count:
         raise ValueError(f"{info.filename}: truncated")
