@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import shutil
 import subprocess
 import tracemalloc
@@ -18,9 +19,12 @@ from pathlib import Path
 import blake3
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from numpy.lib import format as np_format
 from test_saveimage import PAGE, build_save_image
 
+from bench.fuzz_targets import fuzz_one
 from differ import blocks
 from differ.blocks import (
     LeafDigests,
@@ -467,3 +471,22 @@ def test_missing_qemu_img_is_a_host_error(tmp_path: Path, chain: tuple[Path, Pat
     _, ov, tree = chain
     with pytest.raises(HostError, match="qemu-utils"):
         Qcow2OverlaySource(ov, backing_tree=tree, qemu_img=str(tmp_path / "no-qemu-img"))
+
+
+# -- fuzz: the target `make fuzz` runs on 100,000 inputs (bench/fuzz_targets.py), here on a few ----------
+
+FUZZ = settings(max_examples=150, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@FUZZ
+@given(st.randoms(use_true_random=False))
+def test_fuzz_leaf_digests(rng: random.Random) -> None:
+    """Structurally valid inputs, mutated: the decoder lets out ImageError."""
+    fuzz_one("leaf-digests", rng)
+
+
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_fuzz_leaf_digests_raw_bytes(data: bytes) -> None:
+    fuzz_one("leaf-digests", data)

@@ -14,6 +14,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.fuzz_targets import fuzz_one
 from differ.memsource import MemoryImage, MemorySink, MemorySource
 from differ.merkle import MerkleTree
 from differ.protocol import (
@@ -982,3 +983,36 @@ def test_source_read_error_aborts_the_target() -> None:
         run_local(source, target)
     assert source.state is SourceState.FAILED and target.state is TargetState.FAILED
     assert sink.aborted and image.data == b
+
+
+# -- fuzz: the target `make fuzz` runs on 100,000 inputs (bench/fuzz_targets.py), here on a few ----------
+
+FUZZ = settings(max_examples=150, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@FUZZ
+@given(st.randoms(use_true_random=False))
+def test_fuzz_protocol_target(rng: random.Random) -> None:
+    """Recorded transfers, a message mutated: the target lets out only project errors, and if it
+    verifies, it committed the source's bytes."""
+    fuzz_one("protocol-target", rng)
+
+
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_fuzz_protocol_target_raw_bytes(data: bytes) -> None:
+    fuzz_one("protocol-target", data)
+
+
+@FUZZ
+@given(st.randoms(use_true_random=False))
+def test_fuzz_protocol_source(rng: random.Random) -> None:
+    """Structurally valid inputs, mutated: the decoder lets out ProtocolError."""
+    fuzz_one("protocol-source", rng)
+
+
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_fuzz_protocol_source_raw_bytes(data: bytes) -> None:
+    fuzz_one("protocol-source", data)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import random
 import threading
 import tracemalloc
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from bench.fuzz_targets import fuzz_one
 from replay_migrate.errors import ImageError
 from vm.savehdr import HEADER, MAX_DATA_LEN, read_header, rewrite_xml
 
@@ -128,3 +132,22 @@ def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
     t.start()
     t.join(timeout=20)
     assert out and isinstance(out[0], ImageError) and "not a regular file" in str(out[0])
+
+
+# -- fuzz: the target `make fuzz` runs on 100,000 inputs (bench/fuzz_targets.py), here on a few ----------
+
+FUZZ = settings(max_examples=150, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@FUZZ
+@given(st.randoms(use_true_random=False))
+def test_fuzz_save_header(rng: random.Random) -> None:
+    """Structurally valid inputs, mutated: the decoder lets out ImageError."""
+    fuzz_one("save-header", rng)
+
+
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_fuzz_save_header_raw_bytes(data: bytes) -> None:
+    fuzz_one("save-header", data)

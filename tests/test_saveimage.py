@@ -19,7 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from bench.fuzz_targets import fuzz_one
 from differ import saveimage
 from differ.saveimage import ImageWriter, SaveImage, copy_range, data_extents, parse_save_image, punch_hole
 from replay_migrate.errors import ImageError
@@ -636,3 +639,22 @@ def test_patched_image_resumes_as_the_other_clone(make_clone: Callable[..., Mach
     back.wait_agent()
     assert back.exec("cat /dev/shm/who").stdout == "alpha\n"
     assert back.exec("echo written-after-restore > /root/after.txt && sync && cat /root/after.txt").exit_code == 0
+
+
+# -- fuzz: the target `make fuzz` runs on 100,000 inputs (bench/fuzz_targets.py), here on a few ----------
+
+FUZZ = settings(max_examples=150, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@FUZZ
+@given(st.randoms(use_true_random=False))
+def test_fuzz_save_image(rng: random.Random) -> None:
+    """Structurally valid inputs, mutated: the decoder lets out ImageError."""
+    fuzz_one("save-image", rng)
+
+
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_fuzz_save_image_raw_bytes(data: bytes) -> None:
+    fuzz_one("save-image", data)
