@@ -43,9 +43,10 @@ if str(ROOT) not in sys.path:  # `python bench/fuzz.py` as well as `python -m be
 from replay_migrate.errors import ReplayMigrateError  # noqa: E402
 
 DEFAULT_INPUTS = 100_000
-DEFAULT_RSS_BOUND_MIB = 256
-"""Peak RSS a target's worker may reach (the interpreter with numpy, blake3, zstd and msgpack
-loaded is ~60 MiB; the inputs are KiB, so anything near this bound is an allocation a peer chose)."""
+DEFAULT_RSS_BOUND_MIB = 128
+"""Peak RSS a target's worker may reach: the interpreter with numpy, blake3, zstd and msgpack
+loaded is ~40 MiB and the inputs are KiB, so reaching this bound means an input made a decoder
+allocate far beyond what the input could legitimately need."""
 DEFAULT_TIMEOUT_S = 10.0
 """Seconds one input may take before it counts as a hang (inputs take milliseconds)."""
 ADDRESS_SPACE_MIB = 4096
@@ -228,7 +229,25 @@ def _on_alarm(signum: int, frame: FrameType | None) -> None:
 
 
 def _peak_rss_mib() -> float:
+    """This process's peak RSS (VmHWM, which :func:`_reset_peak_rss` can reset; else ru_maxrss)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak_rss() -> None:
+    """Start the peak RSS afresh (Linux ``clear_refs`` 5), so a target run in a process that did
+    other work before (``--jobs 0``, the tests) is measured alone."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def _save_repro(repro_dir: Path, target: FuzzTarget, k: int, data: bytes, text: str) -> str:
@@ -274,6 +293,7 @@ def fuzz(
     """Run ``target`` on ``inputs`` generated inputs (input ``k`` from ``random.Random(seed, k)``, so
     any one can be regenerated alone) in this process; count what happened."""
     res = Result(target.name, rss_bound_mib=target.rss_bound_mib)
+    _reset_peak_rss()
     use_timer = timeout_s > 0 and hasattr(signal, "setitimer")
     old = signal.signal(signal.SIGALRM, _on_alarm) if use_timer else None
     start = time.monotonic()

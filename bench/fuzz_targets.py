@@ -474,11 +474,13 @@ def _unzstd(z: object, limit: int = 1 << 22) -> bytes:
 def _mutate_body(rng: random.Random, body: bytes) -> bytes:
     """A compressed batch body: its content mutated and re-compressed (so it reaches the checks
     after decompression), or a frame that lies about its size, or damaged compressed bytes."""
-    op = rng.randrange(8)
+    op = rng.randrange(9)
     if op <= 2:
         return bytes(zstandard.ZstdCompressor().compress(mutate_bytes(rng, body)))
-    if op == 3:
-        return zstd_frame_declaring(rng.choice((1 << 44, 1 << 30, len(body) + 1, len(body))),
+    if op == 3:  # a bomb: few bytes declaring (and some inflating to) far more than the batch holds
+        return zstd_frame_declaring(rng.choice((1 << 44, 1 << 36, 1 << 30)), rle_blocks=rng.choice((0, 1, 8, 8192)))
+    if op == 8:
+        return zstd_frame_declaring(rng.choice((len(body) + 1, len(body), max(0, len(body) - 1))),
                                     rle_blocks=rng.choice((0, 1, 8)), fill=rng.randrange(256))
     if op == 4:
         return bytes(zstandard.ZstdCompressor(write_content_size=False).compress(body))
@@ -512,8 +514,10 @@ def mutate_protocol_message(rng: random.Random, data: bytes) -> bytes:
         return _packb(_rewrite_blocks(rng, msg))
     if op <= 1 and t == "want" and isinstance(msg.get("p"), list):
         return _packb(_rewrite_want(rng, msg))
+    if op <= 2 and t in ("tree", "hello") and isinstance(msg.get("img"), list) and msg["img"]:
+        return _packb(_reshape(rng, msg))
     if op <= 3 and t == "blocks":
-        field = rng.choice(("z", "z", "k", "h", "dm", "o", "n", "r"))
+        field = rng.choice(("z", "z", "z", "k", "h", "dm", "o", "n", "r"))
         if field == "z" and "z" in msg:
             msg["z"] = _mutate_body(rng, _unzstd(msg["z"]))
         elif field == "r" and "z" in msg:
@@ -608,6 +612,24 @@ def _rewrite_blocks(rng: random.Random, msg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _reshape(rng: random.Random, msg: dict[str, Any]) -> dict[str, Any]:
+    """A tree or hello whose image entry announces another size, consistently (the leaf count that
+    goes with it), so the size gets past the shape check to what the side does with it: grown a
+    little, doubled, huge, at and past the limits."""
+    img = list(msg["img"])
+    i = rng.randrange(len(img))
+    entry = dict(img[i]) if isinstance(img[i], dict) else {}
+    raw = entry.get("s")
+    old: int = raw if isinstance(raw, int) else 0
+    size = rng.choice((0, 1, PAGE, old + 1, old + PAGE, 2 * old, 3 * old + (64 << 20), 1 << 36, (1 << 24) * PAGE,
+                       (1 << 28) * PAGE, (1 << 28) * PAGE + 1, (1 << 32) * PAGE, rng.randrange(1 << 40)))
+    entry["s"], entry["l"] = size, -(-size // PAGE)
+    if rng.random() < 0.3:
+        entry["f"] = rng.choice((2, 3, 4, 16, 256))
+    img[i] = entry
+    return {**msg, "img": img}
+
+
 def _rewrite_want(rng: random.Random, msg: dict[str, Any]) -> dict[str, Any]:
     """A want re-encoded consistently after one request changed kind: the candidates, duplicate
     positions and fingerprints resized to what the new kinds need, with duplicate positions that
@@ -667,6 +689,9 @@ def _protocol_input(rng: random.Random, direction: int) -> bytes:
                 except Exception:
                     msg = None
                 msgs[i : i + 1] = _fragments(rng, msg) if isinstance(msg, dict) else [mutate_bytes(rng, msgs[i])]
+            elif direction == 1 and rng.random() < 0.5:  # a reconnected target resumes from some batch
+                n = rng.choice((0, 1, 2, 3, -1, 1 << 32, (1 << 32) + 1))
+                msgs.insert(i, _packb({"t": "resume", "v": 2, "n": n}))
             else:
                 other = recorded_transfer(rng.randrange(N_SCENARIOS))[direction]
                 msgs.insert(i, rng.choice(other))
