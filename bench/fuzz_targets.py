@@ -9,15 +9,17 @@ files. Some targets also check an invariant on what they accept (a verified tran
 source's bytes; decoded event times never go back), so an acceptance that should not happen is a
 failure too.
 
-**Registering a target** is one line in :func:`targets`, e.g. for a decoder whose module defines
-``fuzz_target(data: bytes) -> None`` and a few valid messages ``SEEDS``::
+**Registering a target** is one line in :func:`targets`. For a decoder whose module defines a
+target function and a few valid inputs to mutate (or its own generator), without an import::
 
-    FuzzTarget("session", session.fuzz_target, mutating(session.SEEDS), what="session messages"),
+    external("session", "server.session:fuzz_message", seeds="server.session:FUZZ_SEEDS"),
+    external("cli-files", "server.cli:fuzz_file_argument", generate="server.cli:fuzz_generate"),
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import io
 import os
 import random
@@ -34,7 +36,16 @@ import numpy as np
 import zstandard
 from numpy.lib import format as np_format
 
-from bench.fuzz import FuzzTarget, check_input, interesting_int, mutate_bytes, mutate_obj, random_obj
+from bench.fuzz import (
+    DEFAULT_RSS_BOUND_MIB,
+    FuzzTarget,
+    check_input,
+    interesting_int,
+    mutate_bytes,
+    mutate_obj,
+    mutating,
+    random_obj,
+)
 from differ.blocks import LeafDigests, MemoryImageSource
 from differ.memsource import MemoryImage, MemorySource
 from differ.merkle import MerkleTree, load_or_build
@@ -1034,6 +1045,34 @@ def run_leaf_digests(data: bytes) -> None:
     path = _scratch("d.npz", data)
     d = LeafDigests.load(path, max_leaves=1 << 20)
     assert LeafDigests.load(path, expect_size=d.size).size == d.size
+
+
+# -- targets defined elsewhere ----------------------------------------------------------------------------
+
+
+def _resolve(spec: str) -> Any:
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def external(name: str, run: str, *, seeds: str | None = None, generate: str | None = None, what: str = "",
+             rss_bound_mib: int = DEFAULT_RSS_BOUND_MIB) -> FuzzTarget:
+    """A target whose function lives in another module, named ``"module:attribute"`` and imported
+    when first used: ``run`` the target function (bytes -> None), ``generate`` a generator
+    (Random -> bytes) or ``seeds`` a sequence of valid inputs that :func:`bench.fuzz.mutating`
+    mutates (else random bytes)."""
+
+    def run_it(data: bytes) -> None:
+        _resolve(run)(data)
+
+    def generate_it(rng: random.Random) -> bytes:
+        if generate is not None:
+            return bytes(_resolve(generate)(rng))
+        if seeds is not None:
+            return mutating(list(_resolve(seeds)))(rng)
+        return rng.randbytes(rng.randrange(512))
+
+    return FuzzTarget(name, run_it, generate_it, rss_bound_mib=rss_bound_mib, what=what or run)
 
 
 # -- the registry ---------------------------------------------------------------------------------------

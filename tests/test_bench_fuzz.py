@@ -11,7 +11,7 @@ import pytest
 
 from bench import fuzz
 from bench.fuzz import FuzzTarget, check_input, mutate_bytes, mutate_obj, mutating
-from bench.fuzz_targets import targets, targets_by_name
+from bench.fuzz_targets import external, targets, targets_by_name
 from replay_migrate.errors import ImageError
 
 
@@ -73,6 +73,21 @@ def test_a_generator_bug_is_reported(tmp_path: Path) -> None:
 
     res = fuzz.fuzz(FuzzTarget("broken", _picky, broken), 2, repro_dir=tmp_path)
     assert res.failures == 2 and "harness bug" in res.first_failure
+
+
+SEEDS = (b"ab", b"abcd")
+"""Valid inputs of ``_picky``, for the external registration below."""
+
+
+def test_a_target_defined_elsewhere_is_one_line() -> None:
+    """What the service and cli helpers' targets look like: named by "module:attribute"."""
+    by_seeds = external("ext", "test_bench_fuzz:_picky", seeds="test_bench_fuzz:SEEDS")
+    res = fuzz.fuzz(by_seeds, 200, seed=3)
+    assert res.inputs == 200 and 0 < res.rejected < 200
+    by_generator = external("ext-log", "bench.fuzz_targets:run_log", generate="bench.fuzz_targets:generate_log")
+    assert fuzz.fuzz(by_generator, 50).ok
+    raw = external("ext-raw", "bench.fuzz_targets:run_log")
+    assert fuzz.fuzz(raw, 50).rejected == 50
 
 
 def test_mutators_change_things_and_stay_packable() -> None:
