@@ -822,9 +822,20 @@ class _Endpoint:
     # receiving
 
     def _unpack(self, data: bytes, limit: int) -> dict[str, Any]:
+        """Decode one message within byte limits and a container count: a tree message has the
+        most (its map, 4 lists, an entry and a part per image), and without the count a message of
+        nested empty arrays decodes to ~60x its size in Python objects."""
         if len(data) > limit:
             raise ProtocolError(f"message of {len(data)} bytes exceeds the limit of {limit}")
         p = self.params
+        budget = [2 * p.max_images + 8]  # the most containers any message has: a tree (see below)
+
+        def count(container: Any) -> Any:
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise ValueError("more containers than any message has")
+            return container
+
         try:
             obj = msgpack.unpackb(
                 data,
@@ -836,6 +847,8 @@ class _Endpoint:
                 max_array_len=p.max_images,
                 max_map_len=16,
                 max_ext_len=0,
+                list_hook=count,
+                object_hook=count,
             )
         except Exception:
             raise ProtocolError("malformed message (not decodable msgpack within the limits)") from None

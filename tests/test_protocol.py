@@ -778,6 +778,30 @@ def test_the_source_allocates_nothing_by_the_targets_announced_sizes() -> None:
     assert src.state is SourceState.WALKING
 
 
+def _nested_arrays(depth: int) -> bytes:
+    """16-way nested msgpack arrays, ``16**depth`` empty ones at the bottom: ~1 byte each on the
+    wire, ~60 bytes each as Python lists."""
+    return b"\x90" if depth == 0 else b"\x9f" + _nested_arrays(depth - 1) * 15
+
+
+def test_a_message_cannot_make_the_decoder_build_many_objects() -> None:
+    """A message within every byte limit can still be a million empty arrays (0.8 MiB: ~55 MiB of
+    lists; a fragmented walk of a few tens of MiB: GiBs). No message of the protocol has more than
+    a few containers per image, so decoding stops past that many."""
+    params = ProtocolParams()
+    msg = b"\x83" + b"".join(bytes(msgpack.packb(x)) for x in ("t", "walk", "v", V, "p")) + _nested_arrays(5)
+    assert len(msg) < params.max_message_bytes
+    pair = one(rand(8 * PAGE), rand(8 * PAGE), params=params)
+    pair.target.start()
+    pair.target.data_to_send()
+
+    def receive() -> None:
+        with pytest.raises(ProtocolError, match="malformed"):
+            pair.target.receive_data(msg)
+
+    assert _peak_of(receive) < 8 << 20
+
+
 def frag_bytes(lt: str, i: int, n: int, chunk: bytes) -> bytes:
     return bytes(msgpack.packb({"t": "frag", "v": V, "lt": lt, "i": i, "n": n, "d": chunk}))
 
