@@ -18,11 +18,13 @@ target function and a few valid inputs to mutate (or its own generator), without
 
 from __future__ import annotations
 
+import atexit
 import functools
 import importlib
 import io
 import os
 import random
+import shutil
 import struct
 import tempfile
 import zipfile
@@ -75,7 +77,9 @@ PAGE = LEAF_SIZE
 def _scratch_dir() -> Path:
     """A private directory for the file targets (tmpfs when there is one: inputs are KiB)."""
     base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    return Path(tempfile.mkdtemp(prefix="rm-fuzz-", dir=base))
+    path = Path(tempfile.mkdtemp(prefix="rm-fuzz-", dir=base))
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 def _scratch(name: str, data: bytes) -> Path:
