@@ -170,7 +170,7 @@ def run_protocol(
     source = Source([SourceImage("memory", MemorySource(a, report_zeros=False), tree_a, base=ref())], params)
     target = Target(
         [TargetImage("memory", MemorySource(b, report_zeros=False), tree_b, base=ref())], params, dry_run=True,
-        key=bytes(32),
+        key=bytes(32), max_sizes={"memory": len(a)},  # both sides are local: no size rule for a remote peer
     )
     t0 = time.perf_counter()
     stats = run_local(source, target)

@@ -8,11 +8,14 @@ with large ``pread`` calls, so the Merkle code touches only what may differ. See
 from __future__ import annotations
 
 import bisect
+import io
 import json
 import os
 import stat
+import struct
 import subprocess
 import tempfile
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +24,9 @@ from typing import Any, BinaryIO
 import blake3
 import numpy as np
 import numpy.typing as npt
+from numpy.lib import format as np_format
 
-from differ.merkle import known_arrays
+from differ.merkle import MAX_LOAD_LEAVES, known_arrays
 from differ.saveimage import (
     DEFAULT_MAX_DATA_LEN,
     DEFAULT_MAX_RAM_BLOCKS,
@@ -369,21 +373,48 @@ class LeafDigests:
             raise ImageError(f"{target}: cannot write leaf digests: {e.strerror}") from None
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> LeafDigests:
+    def load(
+        cls, path: str | os.PathLike[str], *, expect_size: int | None = None, max_leaves: int = MAX_LOAD_LEAVES
+    ) -> LeafDigests:
+        """Read a file :meth:`save` wrote. Every member is checked before its data is read: stored
+        (not deflated: no zip bomb), a ``.npy`` header of the expected dtype and shape, the size
+        within ``max_leaves`` leaves and equal to ``expect_size`` when given, and no member larger
+        than the file itself, so nothing is allocated beyond the file's real size."""
         target = os.fspath(path)
         try:
-            with np.load(target, allow_pickle=False) as z:
-                if set(z.files) != {"digests", "size", "format"}:
-                    raise ImageError(f"{target}: not a leaf-digest file (members {sorted(z.files)})")
-                fmt, size, digests = int(z["format"]), int(z["size"]), z["digests"]
+            fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise ImageError(f"{target}: no such leaf-digest file") from None
-        except (OSError, ValueError, EOFError) as e:
-            raise ImageError(f"{target}: unreadable leaf-digest file ({e})") from None
-        if fmt != LEAF_DIGESTS_FORMAT:
-            raise ImageError(f"{target}: leaf-digest format {fmt} not supported")
+        except OSError as e:
+            raise ImageError(f"{target}: cannot open leaf-digest file: {e.strerror}") from None
         try:
-            return cls(np.ascontiguousarray(digests), size)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ImageError(f"{target}: not a regular file")
+            os.set_blocking(fd, True)
+            with os.fdopen(fd, "rb", closefd=False) as f, zipfile.ZipFile(f) as z:
+                infos = {i.filename: i for i in z.infolist()}
+                if set(infos) != {"digests.npy", "size.npy", "format.npy"} or len(infos) != 3:
+                    raise ImageError(f"{target}: not a leaf-digest file (members {sorted(infos)})")
+                for info in infos.values():
+                    if info.compress_type != zipfile.ZIP_STORED or info.file_size > st.st_size:
+                        raise ImageError(f"{target}: member {info.filename} is compressed or larger than the file")
+                fmt = int(_npy_member(z, infos["format.npy"], np.dtype("<i8"), ()))
+                if fmt != LEAF_DIGESTS_FORMAT:
+                    raise ImageError(f"{target}: leaf-digest format {fmt} not supported")
+                size = int(_npy_member(z, infos["size.npy"], np.dtype("<i8"), ()))
+                if size < 0 or _leaf_count(size) > max_leaves:
+                    raise ImageError(f"{target}: image size {size} outside 0..{max_leaves} leaves")
+                if expect_size is not None and size != expect_size:
+                    raise ImageError(f"{target}: digests of an image of {size} bytes, expected {expect_size}")
+                shape = (_leaf_count(size), DIGEST_SIZE)
+                digests = _npy_member(z, infos["digests.npy"], np.dtype("|u1"), shape)
+        except _ZIP_ERRORS as e:
+            raise ImageError(f"{target}: unreadable leaf-digest file ({e})") from None
+        finally:
+            os.close(fd)
+        try:
+            return cls(digests, size)
         except ImageError as e:
             raise ImageError(f"{target}: {e}") from None
 
@@ -405,6 +436,37 @@ class LeafDigests:
                     piece = data[k * LEAF_SIZE : (k + 1) * LEAF_SIZE]
                     out[first + k] = np.frombuffer(blake3.blake3(piece).digest(), dtype=np.uint8)
         return cls(out, source.size)
+
+
+_ZIP_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, struct.error, RuntimeError, NotImplementedError)
+"""What zipfile raises for a damaged or foreign archive (RuntimeError: encrypted; NotImplementedError:
+a compression or feature it lacks), besides our own checks' ValueError."""
+_ZIP_FLAGS_OK = 0x0808
+"""Zip member flag bits ``LeafDigests.save`` (zipfile) may set: a data descriptor, UTF-8 names.
+Anything else (encryption, patched data, ...) is not a file this code wrote."""
+
+
+def _npy_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, dtype: np.dtype[Any], shape: tuple[int, ...]) -> Any:
+    """The array in ``.npy`` member ``info``, which must hold exactly ``dtype`` and ``shape``: its
+    header must be byte for byte the one ``np.save`` writes for them (so no header a file chose is
+    ever parsed), and the data must fill the member exactly."""
+    if info.flag_bits & ~_ZIP_FLAGS_OK:
+        raise ValueError(f"{info.filename}: zip flags {info.flag_bits:#x}")
+    head = io.BytesIO()
+    np_format.write_array_header_1_0(
+        head, {"descr": np_format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    )
+    expected = head.getvalue()
+    count = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    if info.file_size != len(expected) + count:
+        raise ValueError(f"{info.filename}: {info.file_size} bytes, expected {len(expected) + count}")
+    with z.open(info) as f:
+        if f.read(len(expected)) != expected:
+            raise ValueError(f"{info.filename}: not an array of {dtype} {shape}")
+        data = f.read(count)
+    if len(data) != count:
+        raise ValueError(f"{info.filename}: truncated")
+    return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
 
 
 def _runs(mask: npt.NDArray[np.bool_]) -> Iterator[tuple[int, int]]:

@@ -25,6 +25,7 @@ import functools
 import logging
 import os
 import queue
+import stat
 import struct
 import subprocess
 import sys
@@ -39,6 +40,7 @@ import numpy as np
 import numpy.typing as npt
 import zstandard
 
+from differ.bounded import decompress_exact
 from differ.source import LEAF_SIZE, BlockSource, KnownArrays, KnownLeafArrays
 from replay_migrate.errors import ImageError
 from replay_migrate.files import atomic_write, locked
@@ -77,6 +79,9 @@ FILE_VERSION = 1
 _FILE_HEADER = struct.Struct("<8sHHIQQ32sH")
 MAX_STAMP = 1024
 """Largest caller stamp (see :func:`load_or_build`) a tree file may carry."""
+MAX_LOAD_LEAVES = 1 << 28
+"""Most leaves :meth:`MerkleTree.load` accepts unless told otherwise (1 TiB at 4 KiB; 8 GiB of
+digests): a file cannot make a reader allocate more than it allows."""
 
 _ROOT_META = struct.Struct("<QQII")
 
@@ -354,11 +359,23 @@ class MerkleTree:
             raise ImageError(f"tree file {target}: cannot write: {e.strerror}") from e
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> tuple[MerkleTree, bytes]:
+    def load(
+        cls, path: str | os.PathLike[str], *, expect_size: int | None = None, max_leaves: int = MAX_LOAD_LEAVES
+    ) -> tuple[MerkleTree, bytes]:
         """Read a tree file; returns the tree and the caller's stamp. Raises :class:`ImageError`
-        when the file is malformed, of another version, or its leaves do not give its root."""
+        when the file is malformed, of another version, describes another image than
+        ``expect_size`` bytes (checked on its header, before the leaf data is read), has more than
+        ``max_leaves`` leaves, or its leaves do not give its root. The leaf data is decompressed
+        into exactly the header's leaf count (see :func:`differ.bounded.decompress_exact`)."""
         try:
-            with open(path, "rb") as f:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            raise ImageError(f"tree file {path}: {e.strerror}") from e
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ImageError(f"tree file {path}: not a regular file")
+            os.set_blocking(fd, True)
+            with os.fdopen(fd, "rb", closefd=False) as f:
                 head = f.read(_FILE_HEADER.size)
                 if len(head) != _FILE_HEADER.size:
                     raise ImageError(f"tree file {path}: truncated header")
@@ -375,21 +392,30 @@ class MerkleTree:
                     or stamp_len > MAX_STAMP
                 ):
                     raise ImageError(f"tree file {path}: inconsistent header")
+                if expect_size is not None and size != expect_size:
+                    raise ImageError(f"tree file {path}: describes {size} bytes, the image has {expect_size}")
+                if n > max_leaves:
+                    raise ImageError(f"tree file {path}: {n} leaves exceed the limit of {max_leaves}")
                 stamp = f.read(stamp_len)
-                body = f.read()
+                body = f.read(_compress_bound(n * DIGEST_SIZE) + 1)
         except OSError as e:
             raise ImageError(f"tree file {path}: {e.strerror}") from e
-        try:
-            raw = zstandard.ZstdDecompressor().decompress(body, max_output_size=n * DIGEST_SIZE)
-        except zstandard.ZstdError as e:
-            raise ImageError(f"tree file {path}: corrupt leaf data") from e
-        if len(stamp) != stamp_len or len(raw) != n * DIGEST_SIZE:
+        finally:
+            os.close(fd)
+        if len(stamp) != stamp_len:
             raise ImageError(f"tree file {path}: truncated")
+        raw = decompress_exact(body, n * DIGEST_SIZE, ImageError, f"tree file {path}: leaf data")
         leaves = np.frombuffer(raw, dtype=np.uint8).reshape(n, DIGEST_SIZE).copy()
         tree = cls(leaves, size, fanout, leaf_size)
         if tree.root != root:
             raise ImageError(f"tree file {path}: leaves do not match the stored root")
         return tree, stamp
+
+
+def _compress_bound(n: int) -> int:
+    """An upper bound of zstd's output for ``n`` bytes of input (``ZSTD_COMPRESSBOUND`` plus room
+    for the frame header and checksum): a longer leaf-data section is not one this code wrote."""
+    return n + (n >> 8) + (128 << 10 >> 11) + 64
 
 
 def load_or_build(
@@ -415,7 +441,8 @@ def load_or_build(
         raise ImageError(f"tree file {target}: cannot lock: {e.strerror}") from e
     with lock:
         try:
-            tree, saved = MerkleTree.load(target)
+            tree, saved = MerkleTree.load(target, expect_size=source.size,
+                                          max_leaves=max(MAX_LOAD_LEAVES, source.leaf_count))
             if saved == stamp and tree.size == source.size and tree.fanout == fanout:
                 return tree
         except ImageError:

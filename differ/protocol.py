@@ -47,6 +47,13 @@ Improvements over "one level per round trip, digests one way, bitmaps back":
   can never be committed, and full 32-byte digests per block (24 more bytes each) buy only an
   earlier error.
 
+Sizes a peer announces are bounded by what this side expects before anything is allocated: the
+target accepts an image size up to ``max_size_factor`` * its own image's (or base's) size +
+``max_size_margin`` (never above ``max_leaves``), a fragmented message up to the largest message of
+its kind this side's images allow, and a batch body only as a zstd frame that declares exactly the
+bytes its entries need (:func:`differ.bounded.decompress_exact`). The source allocates only by its
+own images. See :class:`ProtocolParams`.
+
 Only the block phase is resumable (:meth:`Target.resume` → the source re-emits batches from the
 target's next expected one; duplicates are ignored): the walk is a few small messages, restart it.
 """
@@ -56,7 +63,7 @@ from __future__ import annotations
 import enum
 import os
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -66,6 +73,7 @@ import numpy as np
 import numpy.typing as npt
 import zstandard
 
+from differ.bounded import decompress_exact
 from differ.merkle import (
     ABSENT_DIGEST,
     DIGEST_SIZE,
@@ -146,9 +154,19 @@ class ProtocolParams:
     max_images: int = 16
     max_name_len: int = 64
     max_leaves: int = 1 << 28
-    """Most leaves per image (1 TiB): the target allocates 32 bytes per leaf of the *source's*
-    announced size (its resized tree), so this bounds what a peer can make it allocate. At most
-    2^32 (positions travel as 32-bit integers)."""
+    """Most leaves per image (1 TiB), the hard limit above every size rule: positions travel as
+    32-bit integers, so at most 2^32."""
+    max_size_factor: int = 2
+    """With ``max_size_margin``, the sizes the target accepts (DESIGN.md §6): an image size the
+    source announces may be at most ``max_size_factor`` * the larger of the target's own image's
+    size and its base's (the checkpoint), plus ``max_size_margin``, and never more than
+    ``max_leaves`` leaves. The target allocates ~70 bytes per leaf of the announced size (its tree
+    and its base's resized to it), so a peer can make it spend at most ~factor * what its own trees
+    cost. Two sides of one migration hold images of one checkpoint (sizes within KiB: device state,
+    XML); a sync onto a smaller or empty image names the sizes it expects (``Target(max_sizes=)``)."""
+    max_size_margin: int = 64 << 20
+    """Bytes an announced image size may exceed ``max_size_factor`` * the target's own by (an empty
+    or tiny target image still accepts a 64 MiB one: 16384 leaves, ~1 MiB of tree)."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -168,10 +186,17 @@ class ProtocolParams:
             (1 <= self.max_images <= 256, "max_images"),
             (1 <= self.max_name_len <= 1024, "max_name_len"),
             (1 <= self.max_leaves <= MAX_LEAVES, "max_leaves"),
+            (1 <= self.max_size_factor <= 1024, "max_size_factor"),
+            (0 <= self.max_size_margin <= self.max_leaves * LEAF_SIZE, "max_size_margin"),
         ]
         for ok, name in checks:
             if not ok:
                 raise ValueError(f"ProtocolParams.{name} out of range")
+
+    def size_limit(self, own: int) -> int:
+        """The largest image size accepted from the peer for an image whose own size (the larger of
+        the image's and its base's) is ``own``: see ``max_size_factor``."""
+        return min(self.max_leaves * LEAF_SIZE, own * self.max_size_factor + self.max_size_margin)
 
 
 # -- messages --------------------------------------------------------------------------------
@@ -450,6 +475,18 @@ class TransferStats:
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+_MESSAGE_SLACK = 1024
+"""Bytes of a message's envelope and per-image msgpack overhead, in the expected-size bounds."""
+_ENTRY_BYTES = 128
+"""Bytes of one image entry of a hello or tree besides its name (size, leaves, fanout, root)."""
+
+
+def _walk_bytes(leaves: int, digest_bytes: int, images: int) -> int:
+    """Largest walk part set over trees of ``leaves`` leaves in all: one level per image, at most
+    the leaf level, each node with its digest and a bit in each of two bitmaps."""
+    return _MESSAGE_SLACK * (1 + images) + leaves * (digest_bytes + 1)
 
 
 def _children(parents: npt.NDArray[np.int64], fanout: int, child_level_size: int) -> npt.NDArray[np.int64]:
@@ -785,9 +822,20 @@ class _Endpoint:
     # receiving
 
     def _unpack(self, data: bytes, limit: int) -> dict[str, Any]:
+        """Decode one message within byte limits and a container count: a tree message has the
+        most (its map, 4 lists, an entry and a part per image), and without the count a message of
+        nested empty arrays decodes to ~60x its size in Python objects."""
         if len(data) > limit:
             raise ProtocolError(f"message of {len(data)} bytes exceeds the limit of {limit}")
         p = self.params
+        budget = [2 * p.max_images + 8]  # the most containers any message has: a tree (see below)
+
+        def count(container: Any) -> Any:
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise ValueError("more containers than any message has")
+            return container
+
         try:
             obj = msgpack.unpackb(
                 data,
@@ -799,6 +847,8 @@ class _Endpoint:
                 max_array_len=p.max_images,
                 max_map_len=16,
                 max_ext_len=0,
+                list_hook=count,
+                object_hook=count,
             )
         except Exception:
             raise ProtocolError("malformed message (not decodable msgpack within the limits)") from None
@@ -822,25 +872,34 @@ class _Endpoint:
         if not isinstance(lt, str) or lt not in FRAGMENTABLE:
             raise ProtocolError("fragment of a message type that is never fragmented")
         step = self.params.max_message_bytes - FRAGMENT_OVERHEAD
-        i = _int(msg, "i", 0, self.params.max_logical_bytes // step + 1)
+        limit = min(self.params.max_logical_bytes, self._expected_bytes(MsgType(lt)))
         n = _int(msg, "n", 2, self.params.max_logical_bytes // step + 1)
+        i = _int(msg, "i", 0, n - 1)
         chunk = _bin(msg, "d", max_len=step)
         if i == 0 and self._frag_type is None:
+            if (n - 1) * step >= limit:  # n - 1 full chunks already exceed it
+                raise ProtocolError(f"fragmented {lt} of {n} parts: this side expects at most {limit} bytes")
             self._frag_type, self._frag_count, self._frag_parts, self._frag_size = lt, n, [], 0
         elif self._frag_type != lt or self._frag_count != n or i != len(self._frag_parts):
             raise ProtocolError("fragment out of sequence")
         self._frag_parts.append(chunk)
         self._frag_size += len(chunk)
-        if self._frag_size > self.params.max_logical_bytes:
-            raise ProtocolError("fragmented message exceeds the limit")
+        if self._frag_size > limit:
+            raise ProtocolError(f"fragmented {lt} exceeds the {limit} bytes this side expects")
         if i < n - 1:
             return None
         whole = b"".join(self._frag_parts)
         self._frag_type, self._frag_parts = None, []
-        inner = self._unpack(whole, self.params.max_logical_bytes)
+        inner = self._unpack(whole, limit)
         if inner["t"] != lt:
             raise ProtocolError("fragmented message of another type than announced")
         return inner
+
+    def _expected_bytes(self, mtype: MsgType) -> int:
+        """The largest ``mtype`` message (reassembled) this side can legitimately receive now:
+        derived from its own images and the sizes it accepted, so the fragments a peer announces
+        are checked against it before they are buffered (the side's owner knows it)."""
+        return self.params.max_logical_bytes
 
     def _check_live(self) -> None:
         if self.state in self._TERMINAL:
@@ -981,6 +1040,20 @@ class Source:
         transport reconnected; same as receiving the target's resume message."""
         self._ep._check_live()
         self._resume(next_batch)
+
+    def _expected_bytes(self, mtype: MsgType) -> int:
+        """Largest hello (its image entries), walk (one level of my trees' nodes, digests and
+        bitmaps) or want (per leaf of my images: kind, check bytes, duplicate position, fingerprints)."""
+        p = self.params
+        if mtype is MsgType.HELLO:
+            return _MESSAGE_SLACK + p.max_images * (_ENTRY_BYTES + 4 * p.max_name_len)
+        leaves = sum(im.tree.leaf_count for im in self._images)
+        if mtype is MsgType.WALK:
+            return _walk_bytes(leaves, self._t, len(self._images))
+        if mtype is MsgType.WANT:
+            per_leaf = 2 + self._cb + 4 + -(-LEAF_SIZE // self._sub) * self._fb
+            return _MESSAGE_SLACK * (1 + len(self._images)) + leaves * per_leaf
+        return 0
 
     # handlers
 
@@ -1278,6 +1351,9 @@ class _SourceEndpoint(_Endpoint):
     def _dispatch(self, msg: dict[str, Any]) -> list[Event]:
         return self.owner._dispatch(msg)
 
+    def _expected_bytes(self, mtype: MsgType) -> int:
+        return self.owner._expected_bytes(mtype)
+
 
 # -- the target ------------------------------------------------------------------------------------
 
@@ -1313,6 +1389,8 @@ class Target:
     ``verify_untouched``: also rehash images the transfer did not change before committing, which
     catches a stale target tree (one that no longer describes the image) at the cost of reading the
     image; False trusts the tree for those.
+    ``max_sizes``: per image name, the largest size to accept from the source, for a caller that
+    knows it (a local sync holds both sides); the others follow ``ProtocolParams.size_limit``.
     """
 
     def __init__(
@@ -1324,10 +1402,20 @@ class Target:
         dry_run: bool = False,
         key: bytes | None = None,
         verify_untouched: bool = True,
+        max_sizes: Mapping[str, int] | None = None,
     ) -> None:
         self._ep = _TargetEndpoint(self, params)
         self.params = self._ep.params
         _check_images(images, self.params)
+        given = dict(max_sizes or {})
+        if not set(given) <= {im.name for im in images} or any(
+            not 0 <= v <= self.params.max_leaves * LEAF_SIZE for v in given.values()
+        ):
+            raise ValueError("max_sizes must name target images, each within max_leaves")
+        self._limits = {
+            im.name: given.get(im.name, self.params.size_limit(max(im.tree.size, im.base.tree.size if im.base else 0)))
+            for im in images
+        }
         if not dry_run and any(spec.sink is None for spec in images):
             raise ValueError("every image needs a sink unless dry_run")
         self._images = [_TgtImg(im) for im in images]
@@ -1341,7 +1429,6 @@ class Target:
         self._t = self.params.digest_bytes
         self._cb = self.params.check_bytes
         self._index: _ContentIndex | None = None
-        self._dctx = zstandard.ZstdDecompressor()
         self._ep.stats.dry_run = dry_run
         # the plan, by global position
         self._p_img = np.zeros(0, dtype=np.int64)
@@ -1408,6 +1495,17 @@ class Target:
         self._ep._out.clear()
         self._ep._send(MsgType.RESUME, {"n": self._next_batch})
 
+    def _expected_bytes(self, mtype: MsgType) -> int:
+        """Largest tree or walk: one level of the source's trees, of the sizes accepted (before the
+        tree message, the largest this target accepts)."""
+        if mtype not in (MsgType.TREE, MsgType.WALK):
+            return 0
+        leaves = sum(
+            im.shape.leaves if im.shape is not None else leaf_count_for(self._limits[im.name]) for im in self._images
+        )
+        entries = len(self._images) * (_ENTRY_BYTES + 4 * self.params.max_name_len)
+        return entries + _walk_bytes(leaves, self._t, len(self._images))
+
     # handlers
 
     def _dispatch(self, msg: dict[str, Any]) -> list[Event]:
@@ -1428,6 +1526,12 @@ class Target:
         mine = {im.name: im for im in self._images}
         if {s.name for s in shapes} != set(mine) or len({s.name for s in shapes}) != len(shapes):
             raise ProtocolError("the source's images are not the target's images")
+        for shape in shapes:  # before anything is allocated for any of them
+            if shape.size > self._limits[shape.name]:
+                raise ProtocolError(
+                    f"image {shape.name!r}: the source announces {shape.size} bytes, larger than the "
+                    f"{self._limits[shape.name]} this target accepts"
+                )
         base_mode = _list(msg, "bm", len(shapes))
         for gi, shape in enumerate(shapes):
             im = mine[shape.name]
@@ -1655,12 +1759,13 @@ class Target:
             layout.append((kind, length, raw_len, bits))
         if r_off != len(rests) or m_off != len(masks):
             raise ProtocolError("blocks message: digest or bitmap bytes do not match its entries")
+        if raw_len > self.params.max_message_bytes:
+            # the source cuts a batch at max_message_bytes of payload (one leaf always fits)
+            raise ProtocolError("blocks message: its entries need more bytes than a batch may hold")
         if "z" in msg:
-            z = _bin(msg, "z")
-            try:
-                body = self._dctx.decompress(z, max_output_size=raw_len) if z else b""
-            except zstandard.ZstdError:
-                raise ProtocolError("blocks message: corrupt compressed body") from None
+            if not raw_len:
+                raise ProtocolError("blocks message: compressed body for entries without bytes")
+            body = decompress_exact(_bin(msg, "z"), raw_len, ProtocolError, "blocks message body")
         else:
             body = _bin(msg, "r")
         if len(body) != raw_len:
@@ -1798,6 +1903,9 @@ class _TargetEndpoint(_Endpoint):
 
     def _dispatch(self, msg: dict[str, Any]) -> list[Event]:
         return self.owner._dispatch(msg)
+
+    def _expected_bytes(self, mtype: MsgType) -> int:
+        return self.owner._expected_bytes(mtype)
 
     def _cleanup(self) -> None:
         self.owner._cleanup()

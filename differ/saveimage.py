@@ -61,6 +61,8 @@ MAPPED_RAM_HEADER = struct.Struct(">IQQQ")
 MAPPED_RAM_HDR_VERSION = 1
 PAGE_SIZE = 4096
 """The only target page size accepted: leaves are 4 KiB pages, so pages must line up with them."""
+PAGE_BITS = 12
+"""log2 of PAGE_SIZE: the only value the ``configuration/target-page-bits`` field may hold."""
 
 DEFAULT_MAX_DATA_LEN = 16 << 20
 """Largest XML + cookie area accepted (libvirt leaves ~65 KB of room; anything huge is garbage)."""
@@ -68,6 +70,14 @@ DEFAULT_MAX_RAM_BLOCKS = 4096
 """Most RAM blocks accepted (a PC guest has ~10; the bound stops a garbage walk early)."""
 MAX_CAPABILITIES = 256
 """Most migration capabilities a configuration section may list (QEMU knows ~25)."""
+MAX_MACHINE_TYPE_LEN = 256
+"""Longest machine type name accepted (QEMU's are ~12 characters, e.g. ``pc-q35-10.0``)."""
+MAX_RAM_TOTAL = 1 << 44
+"""Largest RAM total a stream may announce (16 TiB). Blocks that are in the file are bounded by the
+file's size; only ``x-ignore-shared`` blocks (not in the file) can add more, up to this."""
+MAX_RAM_CANDIDATES = 16
+"""Most ``ram`` section candidates the bounded search tries (a real stream has one): each failed
+candidate costs a walk over its blocks, so a file full of the pattern cannot make the search slow."""
 DEFAULT_MAX_SCAN = 4 << 20
 """Bytes after the stream header searched for the ``ram`` section when the structured walk meets a
 section it cannot skip (an unknown configuration subsection, an early device section)."""
@@ -259,7 +269,10 @@ def _parse_configuration(cur: _Cursor) -> tuple[str | None, tuple[str, ...], boo
     if cur.peek_u8("stream section type") != QEMU_VM_CONFIGURATION:
         return None, (), True
     cur.pos += 1
-    name = cur.take(cur.be32("machine type length"), "machine type").decode("ascii", "replace")
+    name_len = cur.be32("machine type length")
+    if name_len > MAX_MACHINE_TYPE_LEN:
+        raise cur.fail(f"machine type of {name_len} bytes (at most {MAX_MACHINE_TYPE_LEN} expected)")
+    name = cur.take(name_len, "machine type").decode("ascii", "replace")
     caps: list[str] = []
     while cur.peek_u8("stream section type") == QEMU_VM_SUBSECTION:
         cur.pos += 1
@@ -267,8 +280,8 @@ def _parse_configuration(cur: _Cursor) -> tuple[str | None, tuple[str, ...], boo
         cur.be32("configuration subsection version")
         if sub == b"configuration/target-page-bits":
             bits = cur.be32("target page bits")
-            if 1 << bits != PAGE_SIZE:
-                raise cur.fail(f"target page size {1 << bits} is not {PAGE_SIZE}")
+            if bits != PAGE_BITS:  # compare the exponent: 1 << bits of a 32-bit field is 512 MiB
+                raise cur.fail(f"target page bits {bits}, expected {PAGE_BITS} ({PAGE_SIZE}-byte pages)")
         elif sub == b"configuration/capabilities":
             count = cur.be32("capability count")
             if count > MAX_CAPABILITIES:
@@ -302,6 +315,10 @@ def _parse_ram_section(cur: _Cursor, caps: Sequence[str], max_blocks: int) -> tu
         raise cur.fail(f"ram section does not start with RAM_SAVE_FLAG_MEM_SIZE (got {flags:#x})")
     total = flags & ~(PAGE_SIZE - 1)
     ignore_shared = "x-ignore-shared" in caps
+    # every block's pages lie inside the file unless x-ignore-shared leaves some out
+    limit = MAX_RAM_TOTAL if ignore_shared else min(cur.size, MAX_RAM_TOTAL)
+    if not 0 < total <= limit:
+        raise cur.fail(f"RAM total {total} outside 1..{limit} (the file has {cur.size} bytes)")
     blocks: list[RamBlock] = []
     acc = 0
     while acc < total:
@@ -367,10 +384,7 @@ def parse_save_image(
 ) -> SaveLayout:
     """Parse and validate the layout of a sparse save image; ImageError says what is wrong."""
     spath = os.fspath(path)
-    try:
-        fd = os.open(spath, os.O_RDONLY)
-    except OSError as e:
-        raise ImageError(f"{spath}: cannot open save image: {e.strerror}") from None
+    fd = open_regular(spath, "save image")
     try:
         return _parse_fd(fd, spath, max_data_len, max_ram_blocks, max_scan)
     except OSError as e:
@@ -379,10 +393,25 @@ def parse_save_image(
         os.close(fd)
 
 
+def open_regular(path: str, what: str) -> int:
+    """A read-only fd of the regular file ``path``; ImageError for anything else. Opened with
+    O_NONBLOCK and checked before any read, so a FIFO or a device never blocks the parser."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise ImageError(f"{path}: cannot open {what}: {e.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ImageError(f"{path}: not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _parse_fd(fd: int, path: str, max_data_len: int, max_blocks: int, max_scan: int) -> SaveLayout:
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        raise ImageError(f"{path}: not a regular file")
     cur = _Cursor(fd, path, st.st_size, 0)
     header, xml, cookie = _parse_libvirt_header(cur, max_data_len)
     qemu_offset = cur.pos
@@ -425,11 +454,13 @@ def _search_ram_section(
     """Find the ``ram`` SECTION_START by its exact header within ``max_scan`` bytes; every candidate
     must then parse and validate as a whole RAM section (the prototype's proven approach)."""
     start = cur.pos
-    window = os.pread(cur.fd, min(max_scan, cur.size - start), start)
+    window = os.pread(cur.fd, max(0, min(max_scan, cur.size - start)), start)
     first_error: ImageError | None = None
+    tried = 0
     pos = window.find(_RAM_PATTERN)
-    while pos >= 0:
+    while pos >= 0 and tried < MAX_RAM_CANDIDATES:
         if pos >= 5 and window[pos - 5] == QEMU_VM_SECTION_START:
+            tried += 1
             cur.pos = start + pos - 5
             try:
                 return _parse_ram_section(cur, caps, max_blocks)
@@ -458,10 +489,10 @@ class SaveImage:
         max_scan: int = DEFAULT_MAX_SCAN,
     ) -> SaveImage:
         layout = parse_save_image(path, max_data_len=max_data_len, max_ram_blocks=max_ram_blocks, max_scan=max_scan)
-        try:
-            fd = os.open(layout.path, os.O_RDONLY)
-        except OSError as e:
-            raise ImageError(f"{layout.path}: cannot open save image: {e.strerror}") from None
+        fd = open_regular(layout.path, "save image")
+        if os.fstat(fd).st_size != layout.file_size:
+            os.close(fd)
+            raise ImageError(f"{layout.path}: changed size while being opened")
         return cls(layout, fd)
 
     @property
@@ -476,8 +507,8 @@ class SaveImage:
 
     def present(self, block: RamBlock) -> npt.NDArray[np.bool_]:
         """One bool per page: True where the bitmap says the page is in the file."""
-        if block.ignored:
-            return np.zeros(block.npages, dtype=np.bool_)
+        if block.ignored:  # not in the file: a read-only view, no allocation of its (unbounded) size
+            return np.broadcast_to(np.False_, (block.npages,))
         raw = os.pread(self._fd, block.bitmap_size, block.bitmap_offset)
         if len(raw) != block.bitmap_size:
             raise ImageError(f"{self.layout.path}: short read of the bitmap of RAM block {block.name}")
@@ -688,7 +719,7 @@ def _layout_json(img: SaveImage) -> dict[str, Any]:
     lay = img.layout
     blocks = []
     for b in lay.blocks:
-        present = int(img.present(b).sum())
+        present = 0 if b.ignored else int(img.present(b).sum())
         blocks.append(
             {
                 "name": b.name,

@@ -55,8 +55,9 @@ def sync_local(
     """Make the target images equal to the source images (or, with ``dry_run``, measure what that
     would ship and write nothing). Trees not given are built; ``references`` are other content the
     target holds (base, checkpoint); ``bases``: per image name, that image at the checkpoint both
-    sides started from (for the base-relative walk). Raises ``VerificationError``/``ProtocolError`` on failure, with
-    every sink aborted."""
+    sides started from (for the base-relative walk). Both sides are local, so the target is told
+    the source's sizes (no size rule for a remote peer applies). Raises
+    ``VerificationError``/``ProtocolError`` on failure, with every sink aborted."""
     s_trees = dict(source_trees or {})
     t_trees = dict(target_trees or {})
     for name, src in source_images.items():
@@ -83,6 +84,7 @@ def sync_local(
         references=refs,
         dry_run=dry_run,
         key=key,
+        max_sizes={name: src.size for name, src in source_images.items() if name in target_images},
     )
     return run_local(source, target)
 

@@ -5,19 +5,27 @@ fail, they never skip."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import random
 import shutil
 import subprocess
 import threading
+import tracemalloc
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import blake3
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from numpy.lib import format as np_format
 from test_saveimage import PAGE, build_save_image
 
+from bench.fuzz_targets import fuzz_one
 from differ import blocks
 from differ.blocks import (
     LeafDigests,
@@ -173,6 +181,57 @@ def test_open_source_detects_formats(tmp_path: Path, qemu_tools: None) -> None:
 
 
 # ---------------------------------------------------------------- leaf digests files
+
+
+def evil_npz(path: Path, shape: tuple[int, ...], data: bytes = b"", *, size: int = 4 * LEAF_SIZE,
+             deflate: bool = False) -> Path:
+    """A leaf-digest file whose digests member announces ``shape`` but holds only ``data``."""
+    head = io.BytesIO()
+    np_format.write_array_header_1_0(head, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    mode = zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED
+    with zipfile.ZipFile(path, "w", compression=mode) as z:
+        z.writestr("digests.npy", head.getvalue() + data)
+        for name, value in (("size", size), ("format", 1)):
+            buf = io.BytesIO()
+            np.save(buf, np.int64(value))
+            z.writestr(f"{name}.npy", buf.getvalue())
+    return path
+
+
+@pytest.mark.parametrize(
+    ("shape", "data", "deflate"),
+    [
+        ((1 << 26, 32), b"x" * 100, False),  # a 2 GiB array allocated for 100 bytes
+        ((1 << 40, 32), b"", False),  # a bare MemoryError
+        ((1 << 20, 32), bytes(32 << 20), True),  # 32 MiB of zeros in a 32 KiB zip member
+    ],
+    ids=["2GiB", "32TiB", "deflated"],
+)
+def test_leaf_digests_load_allocates_nothing_beyond_the_file(
+    tmp_path: Path, shape: tuple[int, ...], data: bytes, deflate: bool
+) -> None:
+    """Issue 10 (#3/#5 pattern in a local file): np.load allocated the shape a member's header
+    announces before reading it, and inflated deflated members whole. Now every header is checked
+    against the size member and the file before any data is read."""
+    path = evil_npz(tmp_path / "evil.npz", shape, data, deflate=deflate)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageError):
+            LeafDigests.load(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20
+
+
+def test_leaf_digests_load_checks_the_expected_size(tmp_path: Path) -> None:
+    path = tmp_path / "d.npz"
+    LeafDigests(np.zeros((4, 32), dtype=np.uint8), 4 * LEAF_SIZE).save(path)
+    assert LeafDigests.load(path, expect_size=4 * LEAF_SIZE).size == 4 * LEAF_SIZE
+    with pytest.raises(ImageError, match="expected"):
+        LeafDigests.load(path, expect_size=5 * LEAF_SIZE)
+    with pytest.raises(ImageError, match="leaves"):
+        LeafDigests.load(path, max_leaves=3)
 
 
 def test_leaf_digests_save_load(tmp_path: Path) -> None:
@@ -442,3 +501,22 @@ def test_missing_qemu_img_is_a_host_error(tmp_path: Path, chain: tuple[Path, Pat
     _, ov, tree = chain
     with pytest.raises(HostError, match="qemu-utils"):
         Qcow2OverlaySource(ov, backing_tree=tree, qemu_img=str(tmp_path / "no-qemu-img"))
+
+
+# -- fuzz: the target `make fuzz` runs on 100,000 inputs (bench/fuzz_targets.py), here on a few ----------
+
+FUZZ = settings(max_examples=150, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@FUZZ
+@given(st.randoms(use_true_random=False))
+def test_fuzz_leaf_digests(rng: random.Random) -> None:
+    """Structurally valid inputs, mutated: the decoder lets out ImageError."""
+    fuzz_one("leaf-digests", rng)
+
+
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_fuzz_leaf_digests_raw_bytes(data: bytes) -> None:
+    fuzz_one("leaf-digests", data)

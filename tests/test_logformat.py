@@ -3,6 +3,7 @@ LogFormatError (property tests: every split point, every truncation, fuzzed byte
 
 from __future__ import annotations
 
+import random
 import struct
 import zlib
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.fuzz_targets import fuzz_one
 from recorder import logformat as lf
 from recorder.logformat import (
     Button,
@@ -464,3 +466,22 @@ def test_write_read_log_and_main(tmp_path: Path, capsys: pytest.CaptureFixture[s
     with pytest.raises(LogFormatError, match="larger than"):
         lf.read_log(str(tmp_path / "s.rmlog"), max_log_bytes=10)
     assert lf.main([str(tmp_path / "missing")]) == 1
+
+
+# -- fuzz: the target `make fuzz` runs on 100,000 inputs (bench/fuzz_targets.py), here on a few ----------
+
+FUZZ = settings(max_examples=200, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@FUZZ
+@given(st.randoms(use_true_random=False))
+def test_fuzz_log(rng: random.Random) -> None:
+    """Structurally valid inputs, mutated: the decoder lets out LogFormatError."""
+    fuzz_one("log", rng)
+
+
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_fuzz_log_raw_bytes(data: bytes) -> None:
+    fuzz_one("log", data)

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import struct
 import threading
+import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import blake3
 import numpy as np
 import pytest
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from bench.fuzz_targets import fuzz_one
 from differ import merkle
 from differ.memsource import MemorySource
 from differ.merkle import (
@@ -179,6 +185,67 @@ def test_load_rejects_damaged_files(tmp_path: Path, damage: str) -> None:
         MerkleTree.load(tmp_path / "missing.tree")
 
 
+def zstd_declaring(size: int, rle_blocks: int = 0) -> bytes:
+    """A zstd frame declaring ``size`` bytes, holding ``rle_blocks`` 128 KiB RLE blocks of zeros."""
+    head = struct.pack("<IBB", 0xFD2FB528, 0xC0, 7 << 3) + struct.pack("<Q", size)
+    if not rle_blocks:
+        return head + (1).to_bytes(3, "little")
+    return head + b"".join(((128 << 10) << 3 | 1 << 1 | (k == rle_blocks - 1)).to_bytes(3, "little") + b"\x00"
+                           for k in range(rle_blocks))
+
+
+def tree_file(path: Path, leaves: int, body: bytes, *, size: int | None = None) -> Path:
+    size = leaves * LEAF_SIZE if size is None else size
+    path.write_bytes(struct.pack("<8sHHIQQ32sH", b"RMMERKLE", 1, 16, LEAF_SIZE, size, leaves, bytes(32), 0) + body)
+    return path
+
+
+def _peak(fn: Callable[[], object]) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize(
+    ("leaves", "body"),
+    [
+        (1 << 32, zstd_declaring(1 << 44)),  # 17 bytes: a bare MemoryError before
+        (1 << 20, zstd_declaring(1 << 30, rle_blocks=8192)),  # declares 32x what the header says
+        (1 << 20, zstd_declaring(1 << 25, rle_blocks=1024)),  # declares 128 MiB, inflates to it
+        (100, zstandard.ZstdCompressor(write_content_size=False).compress(bytes(3200))),
+        (100, zstandard.ZstdCompressor().compress(bytes(3200)) + b"trailing"),
+    ],
+    ids=["16TiB", "1GiB", "inflates", "no-size", "trailing"],
+)
+def test_load_bounds_the_leaf_data_before_decompressing(tmp_path: Path, leaves: int, body: bytes) -> None:
+    """Issue 10 finding 3 in a local file: the leaf data must declare exactly the header's leaf
+    count times 32 bytes, and the header must describe the image the caller expects, before any
+    allocation of that size."""
+    path = tree_file(tmp_path / "t.tree", leaves, body)
+
+    def load() -> None:
+        with pytest.raises(ImageError):
+            MerkleTree.load(path, expect_size=100 * LEAF_SIZE)
+
+    assert _peak(load) < 4 << 20
+    if leaves <= 1 << 20:
+        with pytest.raises(ImageError):
+            MerkleTree.load(path)
+
+
+def test_load_or_build_reads_no_tree_of_another_size(tmp_path: Path) -> None:
+    """A saved tree whose header describes an image of another size is rebuilt without its leaf
+    data ever being inflated (before: 2^22 leaves = 128 MiB for a 100-leaf image)."""
+    data = rand(100 * LEAF_SIZE)
+    path = tree_file(tmp_path / "t.tree", 1 << 22, zstd_declaring(32 << 22, rle_blocks=1024))
+    tree: list[MerkleTree] = []
+    assert _peak(lambda: tree.append(load_or_build(MemorySource(data), path, b""))) < 16 << 20
+    assert tree[0].root == MerkleTree.from_bytes(data).root
+
+
 def test_load_or_build_never_rehashes_an_unchanged_image(tmp_path: Path) -> None:
     data = rand(50 * LEAF_SIZE)
     path = tmp_path / "t.tree"
@@ -330,3 +397,22 @@ def test_bad_known_arrays_raise_image_error(zi: list[int], gi: list[int]) -> Non
     src = ArraySource(rand(8 * LEAF_SIZE), (np.array(zi, dtype=np.int64), np.array(gi, dtype=np.int64), digests))
     with pytest.raises(ImageError):
         MerkleTree.build(src, workers=1)
+
+
+# -- fuzz: the target `make fuzz` runs on 100,000 inputs (bench/fuzz_targets.py), here on a few ----------
+
+FUZZ = settings(max_examples=150, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@FUZZ
+@given(st.randoms(use_true_random=False))
+def test_fuzz_tree_file(rng: random.Random) -> None:
+    """Structurally valid inputs, mutated: the decoder lets out ImageError."""
+    fuzz_one("tree-file", rng)
+
+
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_fuzz_tree_file_raw_bytes(data: bytes) -> None:
+    fuzz_one("tree-file", data)

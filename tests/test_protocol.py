@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import random
+import struct
+import tracemalloc
 from collections.abc import Callable
 
 import msgpack
 import numpy as np
 import pytest
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.fuzz_targets import fuzz_one
 from differ.memsource import MemoryImage, MemorySink, MemorySource
 from differ.merkle import MerkleTree
 from differ.protocol import (
@@ -30,6 +34,7 @@ from differ.protocol import (
     run_local,
 )
 from differ.source import LEAF_SIZE
+from differ.sync import sync_local
 from replay_migrate.errors import ProtocolError, ReplayMigrateError, VerificationError
 
 KEY = bytes(range(32))
@@ -458,6 +463,80 @@ def test_corrupted_compressed_batch_is_rejected() -> None:
     assert pair.sinks["disk"].aborted and pair.target.state is TargetState.FAILED
 
 
+def zstd_declaring(size: int, *, rle_blocks: int = 0) -> bytes:
+    """A zstd frame whose header declares ``size`` bytes of content (8-byte content-size field,
+    128 KiB window), holding ``rle_blocks`` RLE blocks of 128 KiB each (4 bytes apiece), or one
+    empty raw block: what a hostile source can send in a few bytes."""
+    head = struct.pack("<IBB", 0xFD2FB528, 0xC0, 7 << 3) + struct.pack("<Q", size)
+    if not rle_blocks:
+        return head + (1).to_bytes(3, "little")  # last, raw, 0 bytes
+    body = b"".join(((128 << 10) << 3 | 1 << 1 | (k == rle_blocks - 1)).to_bytes(3, "little") + b"\x00"
+                    for k in range(rle_blocks))
+    return head + body
+
+
+def compressible_pair() -> Pair:
+    """A transfer whose first blocks message carries a zstd body ("z")."""
+    b = bytes(40 * PAGE)
+    a = bytearray(b)
+    a[10 * PAGE : 14 * PAGE] = b"abcd" * PAGE
+    return one(bytes(a), rand(40 * PAGE))
+
+
+def with_body(make: Callable[[bytes], bytes]) -> Callable[[str, int, bytes], bytes | None]:
+    """Replace the compressed body of every blocks message by ``make(its real body)``."""
+
+    def tamper(kind: str, _: int, data: bytes) -> bytes | None:
+        if kind != "blocks":
+            return data
+        msg = msgpack.unpackb(data, raw=False)
+        msg["z"] = make(zstandard.ZstdDecompressor().decompress(msg["z"]))
+        return bytes(msgpack.packb(msg, use_bin_type=True))
+
+    return tamper
+
+
+def _zstd(data: bytes, **kw: bool) -> bytes:
+    return bytes(zstandard.ZstdCompressor(**kw).compress(data))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda body: zstd_declaring(1 << 44),  # 17 bytes: python-zstandard allocated 16 TiB → MemoryError
+        lambda body: zstd_declaring(1 << 30, rle_blocks=8192),  # 32 KiB that really inflate to 1 GiB
+        lambda body: zstd_declaring(len(body), rle_blocks=8),  # declares the right size, inflates to 1 MiB
+        lambda body: zstd_declaring(len(body) + 1, rle_blocks=1),
+        lambda body: _zstd(body[:-1]),  # one byte short
+        lambda body: _zstd(body, write_content_size=False),  # no size declared
+        lambda body: _zstd(body) + _zstd(b"x"),  # a second frame after the first
+        lambda body: _zstd(body)[:-3],  # cut
+    ],
+    ids=["16TiB", "1GiB", "inflates-past-its-size", "wrong-size", "short", "no-size", "two-frames", "cut"],
+)
+def test_decompression_is_bounded_by_the_batch(make: Callable[[bytes], bytes]) -> None:
+    """Issue 10 finding 3: python-zstandard ignores ``max_output_size`` when the frame declares a
+    content size. A blocks body must declare exactly the size its entries need, in one frame, and
+    anything else is a ProtocolError before anything of the declared size is allocated."""
+    pair = compressible_pair()
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError):
+            pump(pair, with_body(make))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20
+    assert pair.target.state is TargetState.FAILED and pair.sinks["disk"].aborted
+    assert pair.data() != pair.a["disk"]
+
+
+def test_an_honest_compressed_body_still_passes() -> None:
+    pair = compressible_pair()
+    pump(pair, with_body(_zstd))
+    assert pair.target.state is TargetState.VERIFIED and pair.data() == pair.a["disk"]
+
+
 class LyingSink(MemorySink):
     """Writes something else than it is given: only the final root check can see it."""
 
@@ -611,6 +690,136 @@ def test_tampering_anywhere_never_leaks_other_errors() -> None:
                 assert pair.data() == b and tgt.state is TargetState.FAILED
             outcomes["failed"] += 1
     assert outcomes["failed"] > 100
+
+
+# -- announced sizes (issue 10 finding 5) ----------------------------------------------------------
+
+
+def tree_bytes(size: int, *, fanout: int = 4, name: str = "disk") -> bytes:
+    """A tree message announcing one image of ``size`` bytes whose roots differ but, with no walk
+    part, nothing to walk: all the target does with it is prepare for that size."""
+    leaves = -(-size // PAGE)
+    img = {"n": name, "s": size, "l": leaves, "f": fanout, "r": bytes(32)}
+    return bytes(msgpack.packb({"t": "tree", "v": V, "img": [img], "bm": [False], "p": [None]}))
+
+
+def _peak_of(fn: Callable[[], object]) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("leaves", [1 << 22, 1 << 24])
+def test_an_announced_image_size_is_bounded_before_anything_is_allocated(leaves: int) -> None:
+    """Issue 10 finding 5: a 160-byte tree message announcing 2^24 leaves cost 757 MiB (the target
+    resized its tree to the source's size before checking anything). The target accepts at most
+    ``max_size_factor`` * its own image (or base) + ``max_size_margin``; beyond, a ProtocolError
+    before any allocation of that size."""
+    pair = one(rand(8 * PAGE), rand(8 * PAGE), dry_run=True)
+    pair.target.start()
+    pair.target.data_to_send()
+
+    def receive() -> None:
+        with pytest.raises(ProtocolError, match="larger than"):
+            pair.target.receive_data(tree_bytes(leaves * PAGE))
+
+    assert _peak_of(receive) < 4 << 20
+    assert pair.target.state is TargetState.FAILED
+
+
+def test_the_size_bound_rule() -> None:
+    """The rule, at its edges: own size * factor + margin, from the larger of the image and its base."""
+    params = ProtocolParams(max_size_factor=2, max_size_margin=16 * PAGE)
+    for own, base, announced, ok in [
+        (8 * PAGE, None, 32 * PAGE, True),  # 2 * 8 + 16 pages
+        (8 * PAGE, None, 32 * PAGE + 1, False),
+        (0, None, 16 * PAGE, True),  # an empty target still takes the margin
+        (8 * PAGE, 100 * PAGE, 216 * PAGE, True),  # the base (checkpoint) counts as the target's own
+        (8 * PAGE, 100 * PAGE, 216 * PAGE + 1, False),
+    ]:
+        bases = {"disk": rand(base)} if base is not None else None
+        pair = one(rand(own), rand(own), params=params, bases=bases, dry_run=True)
+        pair.target.start()
+        pair.target.data_to_send()
+        if ok:
+            pair.target.receive_data(tree_bytes(announced))
+            assert pair.target.state is TargetState.RECEIVING
+        else:
+            with pytest.raises(ProtocolError):
+                pair.target.receive_data(tree_bytes(announced))
+
+
+def test_a_grown_image_within_the_rule_transfers() -> None:
+    a, b = rand(120 * PAGE + 7), rand(50 * PAGE)
+    pair = one(a, b, params=ProtocolParams(max_size_factor=2, max_size_margin=30 * PAGE))
+    pair.run()
+    assert pair.data() == a
+
+
+def test_a_local_sync_names_the_sizes_it_expects() -> None:
+    """sync_local holds both sides: it tells the target the source's sizes, so a large image syncs
+    onto a small one whatever the rule for a remote peer says."""
+    a, b = rand(300 * PAGE), rand(PAGE)
+    image = MemoryImage(b)
+    stats = sync_local({"disk": MemorySource(a)}, {"disk": (image.source(), image.sink())},
+                       params=ProtocolParams(max_size_factor=1, max_size_margin=0))
+    assert stats.verified and image.data == a
+
+
+def test_the_source_allocates_nothing_by_the_targets_announced_sizes() -> None:
+    """The target's hello may announce any size up to ``max_leaves`` (B may be larger than A: it
+    shrinks); the source only compares roots with it and walks its own tree."""
+    src = one(rand(8 * PAGE), rand(8 * PAGE)).source
+    big = {"n": "disk", "s": (1 << 28) * PAGE, "l": 1 << 28, "f": 4, "r": bytes(32)}
+    assert _peak_of(lambda: src.receive_data(hello_bytes(img=[big]))) < 4 << 20
+    assert src.state is SourceState.WALKING
+
+
+def _nested_arrays(depth: int) -> bytes:
+    """16-way nested msgpack arrays, ``16**depth`` empty ones at the bottom: ~1 byte each on the
+    wire, ~60 bytes each as Python lists."""
+    return b"\x90" if depth == 0 else b"\x9f" + _nested_arrays(depth - 1) * 15
+
+
+def test_a_message_cannot_make_the_decoder_build_many_objects() -> None:
+    """A message within every byte limit can still be a million empty arrays (0.8 MiB: ~55 MiB of
+    lists; a fragmented walk of a few tens of MiB: GiBs). No message of the protocol has more than
+    a few containers per image, so decoding stops past that many."""
+    params = ProtocolParams()
+    msg = b"\x83" + b"".join(bytes(msgpack.packb(x)) for x in ("t", "walk", "v", V, "p")) + _nested_arrays(5)
+    assert len(msg) < params.max_message_bytes
+    pair = one(rand(8 * PAGE), rand(8 * PAGE), params=params)
+    pair.target.start()
+    pair.target.data_to_send()
+
+    def receive() -> None:
+        with pytest.raises(ProtocolError, match="malformed"):
+            pair.target.receive_data(msg)
+
+    assert _peak_of(receive) < 8 << 20
+
+
+def frag_bytes(lt: str, i: int, n: int, chunk: bytes) -> bytes:
+    return bytes(msgpack.packb({"t": "frag", "v": V, "lt": lt, "i": i, "n": n, "d": chunk}))
+
+
+def test_fragment_counts_are_bounded_by_what_this_side_expects() -> None:
+    """A fragmented message may not announce (or add up to) more than the largest message this side
+    can legitimately receive in its state: a hello of a few images, a walk or want of its images'
+    leaves. Before: any count up to ``max_logical_bytes`` (256 MiB) was buffered."""
+    params = ProtocolParams(max_message_bytes=64 << 10)
+    step = params.max_message_bytes - 128
+    pair = one(rand(8 * PAGE), rand(8 * PAGE), params=params)
+    with pytest.raises(ProtocolError, match="expects"):
+        pair.source.receive_data(frag_bytes("hello", 0, 100, b"x" * step))
+    pair = one(rand(8 * PAGE), rand(8 * PAGE), params=params)
+    pair.target.start()
+    pair.target.data_to_send()
+    with pytest.raises(ProtocolError, match="expects"):
+        pair.target.receive_data(frag_bytes("tree", 0, 1000, b"x" * step))
 
 
 def test_peer_abort() -> None:
@@ -798,3 +1007,36 @@ def test_source_read_error_aborts_the_target() -> None:
         run_local(source, target)
     assert source.state is SourceState.FAILED and target.state is TargetState.FAILED
     assert sink.aborted and image.data == b
+
+
+# -- fuzz: the target `make fuzz` runs on 100,000 inputs (bench/fuzz_targets.py), here on a few ----------
+
+FUZZ = settings(max_examples=150, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@FUZZ
+@given(st.randoms(use_true_random=False))
+def test_fuzz_protocol_target(rng: random.Random) -> None:
+    """Recorded transfers, a message mutated: the target lets out only project errors, and if it
+    verifies, it committed the source's bytes."""
+    fuzz_one("protocol-target", rng)
+
+
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_fuzz_protocol_target_raw_bytes(data: bytes) -> None:
+    fuzz_one("protocol-target", data)
+
+
+@FUZZ
+@given(st.randoms(use_true_random=False))
+def test_fuzz_protocol_source(rng: random.Random) -> None:
+    """Structurally valid inputs, mutated: the decoder lets out ProtocolError."""
+    fuzz_one("protocol-source", rng)
+
+
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_fuzz_protocol_source_raw_bytes(data: bytes) -> None:
+    fuzz_one("protocol-source", data)

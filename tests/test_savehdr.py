@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import random
+import threading
+import tracemalloc
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from bench.fuzz_targets import fuzz_one
 from replay_migrate.errors import ImageError
-from vm.savehdr import HEADER, read_header, rewrite_xml
+from vm.savehdr import HEADER, MAX_DATA_LEN, read_header, rewrite_xml
 
 TAIL = b"QEVM\x00\x00\x00\x03" + bytes(range(256)) * 8
 
@@ -62,3 +69,85 @@ def test_bad_headers(tmp_path: Path, blob: bytes, msg: str) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="cannot read"):
         read_header(tmp_path / "nope.sav")
+
+
+def _hdr(data_len: int, *, magic: bytes = b"LibvirtQemudSave", version: int = 2, running: int = 1,
+         fmt: int = 6, cookie_off: int = 0) -> bytes:
+    return HEADER.pack(magic, version, data_len, running, fmt, cookie_off, *([0] * 14))
+
+
+def test_data_len_is_bounded_by_the_file_before_reading(tmp_path: Path) -> None:
+    """A header announcing the largest XML area in a tiny file is refused before anything of that
+    size is allocated (issue 10: bound every allocation by the file's real size)."""
+    p = tmp_path / "a.sav"
+    p.write_bytes(_hdr(MAX_DATA_LEN) + b"<d/>\0" + bytes(100))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageError, match="truncated"):
+            read_header(p)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+
+
+@pytest.mark.parametrize("blob, msg", [
+    (_hdr(8, magic=b"LibvirtQemudPart") + b"<d/>\0\0\0\0", "incomplete"),
+    (_hdr(8, version=1) + b"<d/>\0\0\0\0", "version 1"),
+    (_hdr(8, version=3) + b"<d/>\0\0\0\0", "version 3"),
+    (_hdr(8, running=7) + b"<d/>\0\0\0\0", "was_running"),
+    (_hdr(8) + b"<\xff/>\0\0\0\0", "UTF-8"),
+    (_hdr(12, cookie_off=5) + b"<d/>\0c\xffk\0\0\0\0", "UTF-8"),
+    (_hdr(12, cookie_off=5) + b"<d/>\0cookie!", "cookie"),
+    (_hdr(8, cookie_off=9) + b"<d/>\0\0\0\0", "cookie offset"),
+], ids=["partial", "v1", "v3", "running", "xml-utf8", "cookie-utf8", "cookie-nul", "cookie-off"])
+def test_every_header_field_is_checked(tmp_path: Path, blob: bytes, msg: str) -> None:
+    """Fields that ``rewrite_xml`` writes back must be what libvirt wrote: a lossy decode of the XML
+    or cookie would rewrite them changed, and a partial image is not one to restore."""
+    p = tmp_path / "bad.sav"
+    p.write_bytes(blob + TAIL)
+    with pytest.raises(ImageError, match=msg):
+        read_header(p)
+
+
+def test_rewrite_refuses_xml_with_a_nul(tmp_path: Path) -> None:
+    p = make(tmp_path / "a.sav", "<d/>")
+    with pytest.raises(ImageError, match="NUL"):
+        rewrite_xml(p, "<d>\0</d>")
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "a.sav"
+    os.mkfifo(fifo)
+    out: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            read_header(fifo)
+            out.append(None)
+        except BaseException as e:
+            out.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout=20)
+    assert out and isinstance(out[0], ImageError) and "not a regular file" in str(out[0])
+
+
+# -- fuzz: the target `make fuzz` runs on 100,000 inputs (bench/fuzz_targets.py), here on a few ----------
+
+FUZZ = settings(max_examples=150, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@FUZZ
+@given(st.randoms(use_true_random=False))
+def test_fuzz_save_header(rng: random.Random) -> None:
+    """Structurally valid inputs, mutated: the decoder lets out ImageError."""
+    fuzz_one("save-header", rng)
+
+
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_fuzz_save_header_raw_bytes(data: bytes) -> None:
+    fuzz_one("save-header", data)

@@ -11,13 +11,18 @@ import os
 import random
 import shutil
 import struct
+import threading
+import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from bench.fuzz_targets import fuzz_one
 from differ import saveimage
 from differ.saveimage import ImageWriter, SaveImage, copy_range, data_extents, parse_save_image, punch_hole
 from replay_migrate.errors import ImageError
@@ -98,6 +103,7 @@ def build_save_image(
     tail: bytes | None = None,
     multifd_flush: bool = False,
     configuration: bool = True,
+    page_bits: int | None = None,
 ) -> BuiltImage:
     """Write a sparse save image as libvirt + QEMU do: header, XML + cookie padded to data_len, the
     QEVM stream with configuration and the mapped-ram RAM section, bitmaps, pages at 1 MiB-aligned
@@ -113,6 +119,8 @@ def build_save_image(
     stream = bytearray(b"QEVM" + struct.pack(">I", 3))
     if configuration:
         stream += bytes([0x07]) + struct.pack(">I", len(machine)) + machine.encode()
+    if configuration and page_bits is not None:
+        stream += bytes([0x05]) + _idstr("configuration/target-page-bits") + struct.pack(">II", 1, page_bits)
     if configuration and extra_subsection is not None:
         stream += bytes([0x05]) + _idstr("configuration/x-future") + struct.pack(">I", 1) + extra_subsection
     if configuration and caps:
@@ -315,6 +323,74 @@ def test_garbage_and_missing_files(tmp_path: Path) -> None:
     _expect_image_error(tmp_path / "missing.sav", "cannot open")
     with pytest.raises(ImageError, match="not a regular file"):
         parse_save_image(tmp_path)
+
+
+def test_target_page_bits_are_checked_before_use(tmp_path: Path) -> None:
+    """Issue 10 finding 7: a 32-bit page-bits field went into ``1 << bits`` unchecked (~512 MiB for
+    0xFFFFFFFF, then a ValueError). Every value but 12 is an ImageError, and cheap."""
+    assert parse_save_image(build_save_image(tmp_path / "ok.sav", page_bits=12).path).structured_walk
+    for bits in (0, 11, 13, 63, 64, 1 << 20, 0xFFFFFFFF):
+        img = build_save_image(tmp_path / f"b{bits}.sav", page_bits=bits)
+        tracemalloc.start()
+        try:
+            _expect_image_error(img.path, "page")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 4 * MIB, (bits, peak)
+
+
+def test_announced_sizes_are_bounded_by_the_file(tmp_path: Path) -> None:
+    """A RAM total larger than the file (no x-ignore-shared) is refused before the block walk, and
+    a machine type name longer than any QEMU uses is refused before it is read."""
+    img = build_save_image(tmp_path / "a.sav")
+    total_at = img.ram_section_offset + 17
+    bad = _patched(img.path, tmp_path / "t.sav", total_at, struct.pack(">Q", (1 << 60) | 0x04))
+    _expect_image_error(bad, "RAM total")
+    bad = _patched(img.path, tmp_path / "m.sav", img.qemu_offset + 9, struct.pack(">I", 0x7FFFFFFF))
+    _expect_image_error(bad, "machine type")
+
+
+def test_an_ignored_block_allocates_nothing_for_its_size(tmp_path: Path) -> None:
+    """x-ignore-shared blocks are not in the file, so their size is not bounded by it: their
+    bitmap is a view that allocates nothing, whatever size they announce."""
+    blocks = [BlockSpec("pc.ram", 64, {0: b"\x01" * PAGE}), BlockSpec("shared", 1 << 30)]
+    img = build_save_image(tmp_path / "a.sav", blocks, caps=("x-ignore-shared", "mapped-ram"), ignored_block="shared")
+    with SaveImage.open(img.path) as si:
+        shared = si.block("shared")
+        assert shared.ignored and shared.npages == 1 << 30
+        tracemalloc.start()
+        try:
+            present = si.present(shared)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert present.shape == (1 << 30,) and not present[:10].any() and peak < MIB
+
+
+def _returns_promptly(fn: Callable[[], object]) -> BaseException | None:
+    """Run ``fn`` in a thread; the exception it raised (None if none). Fails if it blocks."""
+    out: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            fn()
+            out.append(None)
+        except BaseException as e:
+            out.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout=20)
+    assert out, "blocked"
+    return out[0]
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "a.sav"
+    os.mkfifo(fifo)
+    err = _returns_promptly(lambda: parse_save_image(fifo))
+    assert isinstance(err, ImageError) and "not a regular file" in str(err)
 
 
 def test_bad_fields_in_the_stream(tmp_path: Path) -> None:
@@ -563,3 +639,22 @@ def test_patched_image_resumes_as_the_other_clone(make_clone: Callable[..., Mach
     back.wait_agent()
     assert back.exec("cat /dev/shm/who").stdout == "alpha\n"
     assert back.exec("echo written-after-restore > /root/after.txt && sync && cat /root/after.txt").exit_code == 0
+
+
+# -- fuzz: the target `make fuzz` runs on 100,000 inputs (bench/fuzz_targets.py), here on a few ----------
+
+FUZZ = settings(max_examples=150, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@FUZZ
+@given(st.randoms(use_true_random=False))
+def test_fuzz_save_image(rng: random.Random) -> None:
+    """Structurally valid inputs, mutated: the decoder lets out ImageError."""
+    fuzz_one("save-image", rng)
+
+
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_fuzz_save_image_raw_bytes(data: bytes) -> None:
+    fuzz_one("save-image", data)

@@ -12,6 +12,7 @@ Only the libvirt header is handled here; the QEMU stream is ``differ.saveimage``
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,15 @@ from replay_migrate.errors import ImageError
 
 HEADER = struct.Struct("<16s5I14I")
 """magic, version, data_len, was_running, format, cookieOffset, 14 unused words."""
-MAGICS = (b"LibvirtQemudSave", b"LibvirtQemudPart")
+MAGIC = b"LibvirtQemudSave"
+PARTIAL_MAGIC = b"LibvirtQemudPart"
+"""libvirt writes this magic first and :data:`MAGIC` only once QEMU has finished the save."""
+MAGICS = (MAGIC, PARTIAL_MAGIC)
+VERSION = 2
+"""The only header version read: version 2 added the cookie, and libvirt refuses newer ones."""
 MAX_DATA_LEN = 64 << 20
-"""Sanity bound on the XML + cookie area, so a corrupt header cannot make us read gigabytes."""
+"""Sanity bound on the XML + cookie area, so a corrupt header cannot make us read gigabytes
+(it is also bounded by the file's size before anything is read)."""
 
 
 @dataclass(frozen=True)
@@ -38,21 +45,60 @@ class SaveHeader:
     cookie: str
 
 
-def read_header(path: Path) -> SaveHeader:
-    """Parse the libvirt header and the domain XML of the save image at ``path``."""
+def _open_regular(path: Path) -> int:
+    """A read-only fd of the regular file ``path``: opened with O_NONBLOCK and checked before any
+    read, so a FIFO or a device never blocks (``differ.saveimage.open_regular`` does the same)."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read(HEADER.size)
-            if len(raw) < HEADER.size:
-                raise ImageError(f"{path}: too short for a libvirt save image ({len(raw)} bytes)")
-            magic, version, data_len, running, fmt, cookie_off, *unused = HEADER.unpack(raw)
-            if magic not in MAGICS:
-                raise ImageError(f"{path}: not a libvirt save image (magic {magic!r})")
-            if not 0 < data_len <= MAX_DATA_LEN:
-                raise ImageError(f"{path}: implausible XML area of {data_len} bytes")
-            data = f.read(data_len)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ImageError(f"{path}: not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _decode(data: bytes, path: Path, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ImageError(f"{path}: {what} is not UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def read_header(path: Path) -> SaveHeader:
+    """Parse the libvirt header and the domain XML of the save image at ``path``.
+
+    Every field is checked before use: the XML area against the file's size before it is read,
+    and the XML and cookie decoded strictly, since :func:`rewrite_xml` writes them back."""
+    fd = _open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        raw = os.pread(fd, HEADER.size, 0)
+        if len(raw) < HEADER.size:
+            raise ImageError(f"{path}: too short for a libvirt save image ({len(raw)} bytes)")
+        magic, version, data_len, running, fmt, cookie_off, *unused = HEADER.unpack(raw)
+        if magic == PARTIAL_MAGIC:
+            raise ImageError(f"{path}: incomplete save image (libvirt never finished writing it)")
+        if magic != MAGIC:
+            raise ImageError(f"{path}: not a libvirt save image (magic {magic!r})")
+        if version != VERSION:
+            raise ImageError(f"{path}: libvirt save header version {version}, this code reads {VERSION}")
+        if running not in (0, 1):
+            raise ImageError(f"{path}: libvirt header was_running={running} is not a boolean")
+        if not 0 < data_len <= MAX_DATA_LEN:
+            raise ImageError(f"{path}: implausible XML area of {data_len} bytes")
+        if HEADER.size + data_len > size:
+            raise ImageError(f"{path}: truncated inside the domain XML area ({size} bytes, the header "
+                             f"announces {HEADER.size + data_len})")
+        data = os.pread(fd, data_len, HEADER.size)
     except OSError as e:
         raise ImageError(f"{path}: cannot read: {e.strerror}") from e
+    finally:
+        os.close(fd)
     if len(data) < data_len:
         raise ImageError(f"{path}: truncated inside the domain XML area")
     end = data.find(b"\0")
@@ -63,14 +109,18 @@ def read_header(path: Path) -> SaveHeader:
         if not end < cookie_off < data_len:
             raise ImageError(f"{path}: cookie offset {cookie_off} outside the XML area")
         cend = data.find(b"\0", cookie_off)
-        cookie = data[cookie_off : cend if cend >= 0 else data_len].decode("utf-8", "replace")
+        if cend < 0:
+            raise ImageError(f"{path}: migration cookie is not NUL-terminated inside the XML area")
+        cookie = _decode(data[cookie_off:cend], path, "migration cookie")
     return SaveHeader(magic, version, data_len, running, fmt, cookie_off, tuple(unused),
-                      data[:end].decode("utf-8", "replace"), cookie)
+                      _decode(data[:end], path, "domain XML"), cookie)
 
 
 def rewrite_xml(path: Path, xml: str, *, was_running: int | None = None) -> None:
     """Replace the domain XML in the header of ``path`` without moving anything after it."""
     h = read_header(path)
+    if "\0" in xml:
+        raise ImageError(f"{path}: new domain XML contains a NUL byte")
     xb = xml.encode() + b"\0"
     cb = h.cookie.encode() + b"\0" if h.cookie_offset else b""
     if len(xb) + len(cb) > h.data_len:
@@ -80,9 +130,14 @@ def rewrite_xml(path: Path, xml: str, *, was_running: int | None = None) -> None
     head = HEADER.pack(h.magic, h.version, h.data_len,
                        h.was_running if was_running is None else was_running, h.format,
                        len(xb) if h.cookie_offset else 0, *h.unused)
-    fd = os.open(path, os.O_WRONLY)
+    blob = head + data
     try:
-        os.pwrite(fd, head + data, 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            if os.pwrite(fd, blob, 0) != len(blob):
+                raise ImageError(f"{path}: short write of the libvirt header")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise ImageError(f"{path}: cannot rewrite the libvirt header: {e.strerror}") from None
