@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from differ.blocks import LeafDigests, MemoryImageSource, Qcow2OverlaySource, compute_leaf_digests, detect_format
+from differ.blocks import (
+    LeafDigests,
+    MemoryImageSource,
+    Qcow2OverlaySource,
+    compute_leaf_digests,
+    detect_format,
+    qemu_img_info,
+)
 from differ.merkle import DEFAULT_FANOUT, MerkleTree, load_or_build
 from differ.patch import MemoryImageSink, Qcow2OverlaySink
 from differ.protocol import (
@@ -78,7 +85,10 @@ def checkpoint_trees(ck: Checkpoint) -> CheckpointTrees:
         disk: LeafDigests | None = None
         if digests_path.exists() and stamp_path.exists() and stamp_path.read_bytes() == _stamp(ck.disk):
             try:
-                disk = LeafDigests.load(digests_path)
+                size = qemu_img_info(str(ck.disk), fmt="qcow2", force_share=True)[0].get("virtual-size")
+                if not isinstance(size, int):
+                    raise ImageError(f"{ck.disk}: qemu-img info gives no virtual size")
+                disk = LeafDigests.load(digests_path, expect_size=size)   # a file of another size is stale
             except ImageError as e:
                 log.warning("recomputing the disk digests of %s: %s", ck.name, e)
         if disk is None:
