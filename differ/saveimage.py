@@ -37,6 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from replay_migrate.errors import ImageError, ReplayMigrateError
+from replay_migrate.files import open_regular
 
 LIBVIRT_MAGIC = b"LibvirtQemudSave"
 LIBVIRT_PARTIAL_MAGIC = b"LibvirtQemudPart"
@@ -367,10 +368,7 @@ def parse_save_image(
 ) -> SaveLayout:
     """Parse and validate the layout of a sparse save image; ImageError says what is wrong."""
     spath = os.fspath(path)
-    try:
-        fd = os.open(spath, os.O_RDONLY)
-    except OSError as e:
-        raise ImageError(f"{spath}: cannot open save image: {e.strerror}") from None
+    fd, _ = open_regular(spath, "save image", error=ImageError)   # a FIFO or device: refused, not waited on
     try:
         return _parse_fd(fd, spath, max_data_len, max_ram_blocks, max_scan)
     except OSError as e:
@@ -458,10 +456,7 @@ class SaveImage:
         max_scan: int = DEFAULT_MAX_SCAN,
     ) -> SaveImage:
         layout = parse_save_image(path, max_data_len=max_data_len, max_ram_blocks=max_ram_blocks, max_scan=max_scan)
-        try:
-            fd = os.open(layout.path, os.O_RDONLY)
-        except OSError as e:
-            raise ImageError(f"{layout.path}: cannot open save image: {e.strerror}") from None
+        fd, _ = open_regular(layout.path, "save image", error=ImageError)
         return cls(layout, fd)
 
     @property
