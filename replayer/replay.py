@@ -11,6 +11,7 @@ the recorded digest: a click is only replayed once the window it lands in looks 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -29,7 +30,8 @@ from recorder.logformat import (
     Motion,
     SyncMark,
 )
-from replay_migrate.errors import LogFormatError, ReplayError
+from replay_migrate.errors import ReplayError, UsageError
+from replay_migrate.files import open_regular
 from replayer.drive import to_qmp
 from replayer.link import RecorderLink
 from vm.machine import Machine
@@ -229,11 +231,8 @@ def file_chunks(path: Path, *, follow: bool = False, chunk: int = 1 << 16,
                 idle_timeout_s: float | None = None) -> Iterator[bytes]:
     """The bytes of ``path``; with ``follow`` keep reading what is appended (tail -f) until the
     caller stops (the decoder sees the end of the log) or nothing new came for ``idle_timeout_s``."""
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise LogFormatError(f"{path}: cannot read the log: {e.strerror}") from e
-    with f:
+    fd, _ = open_regular(path, "log", error=UsageError)     # a FIFO: refused, not waited on
+    with os.fdopen(fd, "rb") as f:
         idle_since = time.monotonic()
         while True:
             data = f.read(chunk)

@@ -8,6 +8,7 @@ README's table). Errors are printed as one line ``replay-migrate: error: ...``.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -16,6 +17,7 @@ from typing import NoReturn
 
 from replay_migrate import __version__
 from replay_migrate.errors import ReplayMigrateError, UsageError
+from replay_migrate.files import check_output, check_regular, open_output, write_output
 from server import checkpoint as ckpt
 from server.images import ensure_image
 from server.report import emit_json, human_bytes, table
@@ -88,8 +90,10 @@ def cmd_vm_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_vm_screenshot(args: argparse.Namespace) -> int:
+    check_output(args.out, "screenshot")
     with _hv(args) as hv:
-        args.out.write_bytes(hv.lookup(args.name).screenshot().png())
+        png = hv.lookup(args.name).screenshot().png()
+    write_output(args.out, png, "screenshot")
     return 0
 
 
@@ -115,9 +119,10 @@ def cmd_record(args: argparse.Namespace) -> int:
             raise UsageError("record --to needs --session")
         return cmd_record_to(args)
 
+    check_output(args.out, "log")
     with _hv(args) as hv:
         m = hv.lookup(args.domain)
-        with RecorderLink(m) as link, open(args.out, "wb") as out:
+        with RecorderLink(m) as link, open_output(args.out, "log") as out:
             hello = link.open()
             print(f"recording {m.name} ({hello.width}x{hello.height}, keymap {hello.keymap}) to {args.out}; "
                   "Ctrl-C stops", file=sys.stderr)
@@ -137,6 +142,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     cfg = ReplayConfig(gap_cap_s=args.gap_cap, echo_timeout_s=args.echo_timeout,
                        sync_timeout_s=args.sync_timeout, strict_sync=args.strict_sync)
+    check_regular(args.log, "log")
     with _hv(args) as hv:
         m = hv.lookup(args.domain)
         with RecorderLink(m) as link:
@@ -165,9 +171,9 @@ def cmd_workload_list(args: argparse.Namespace) -> int:
 
 def cmd_workload_run(args: argparse.Namespace) -> int:
     from replayer.drive import drive
-    from replayer.workload import find_workload, load_workload
+    from replayer.workload import get_workload
 
-    actions = load_workload(find_workload(args.workload))
+    _, actions = get_workload(args.workload)
     with _hv(args) as hv:
         st = drive(hv.lookup(args.domain), actions, seed=args.seed)
     print(f"{st.events} input events in {st.seconds:.1f} s")
@@ -221,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="+")
     p = add(vmp, "screenshot", cmd_vm_screenshot, "save the screen as PNG")
     p.add_argument("name")
-    p.add_argument("out", type=Path)
+    p.add_argument("out", type=Path, help="a regular file (created or truncated; not through a symbolic link)")
     p = add(vmp, "exec", cmd_vm_exec, "run a shell command in the guest (guest agent)")
     p.add_argument("name")
     p.add_argument("command")
@@ -230,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(sub, "record", cmd_record,
             "record a running domain's input log, live: into a file (--out) or a migration session (--to)")
     p.add_argument("domain")
-    p.add_argument("--out", type=Path, metavar="LOG", help="write the log to this file")
+    p.add_argument("--out", type=Path, metavar="LOG",
+                   help="write the log to this regular file (created or truncated; not through a symbolic link)")
     p.add_argument("--to", metavar="URL", help="stream it to the handoff service ws[s]://HOST:PORT, and "
                    "migrate at `replay-migrate suspend DOMAIN`")
     p.add_argument("--session", help="with --to: the session id both sides use")
@@ -284,8 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@functools.cache
+def _parser() -> argparse.ArgumentParser:
+    """Built once per process (argparse's per-option translation look-ups cost ~50 ms a build:
+    the file-argument fuzz target calls :func:`main` many times)."""
+    return build_parser()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     try:

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from replay_migrate.errors import ReplayMigrateError, UsageError, VerificationError, VMError
+from replay_migrate.files import write_output
 from replayer.drive import drive
 from replayer.replay import ReplayConfig
-from replayer.workload import load_workload
+from replayer.workload import get_workload
 from server import checkpoint as ckpt
 from server.client import SessionClient, session_url
 from server.migration import Report, SourceSide, TargetSide, merged_report
@@ -222,7 +223,7 @@ async def migrate_embedded(hv_source: Hypervisor, hv_target: Hypervisor, m: Mach
                 raise
     if screenshots is not None and tgt.machine is not None:
         shot = await asyncio.to_thread(tgt.machine.screenshot)
-        (screenshots / "target-resumed.png").write_bytes(shot.png())
+        write_output(screenshots / "target-resumed.png", shot.png(), "screenshot")
     return merged_report(src, tgt), src, tgt
 
 
@@ -240,14 +241,14 @@ def state_comparison() -> tuple[list[bool], Callable[[SourceSide, VmState], None
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    actions = get_workload(args.workload)[1] if args.workload else None
     ck = ckpt.get(args.checkpoint)
     with Hypervisor(args.connect) as hv, Hypervisor(args.connect) as hv2:
         m = hv.lookup(args.domain)
         target = args.target_name or f"{args.domain}-migrated"
 
         async def user() -> None:
-            if args.workload:
-                actions = load_workload(args.workload)
+            if actions is not None:
                 await asyncio.to_thread(drive, m, actions, seed=args.seed)
             elif args.duration is not None:
                 await asyncio.sleep(args.duration)
@@ -298,7 +299,8 @@ def add_migrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("domain", help="a running clone of CHECKPOINT (replay-migrate vm start)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--target-name", help="name of the migrated VM (default: DOMAIN-migrated)")
-    p.add_argument("--workload", help="drive this workload into the source, then migrate")
+    p.add_argument("--workload", help="drive this workload (a shipped name, as `workload list` shows, or a "
+                   "file) into the source, then migrate")
     p.add_argument("--duration", type=float, help="record this long, then migrate (default: until Enter)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gap-cap", type=float, default=2.0)

@@ -43,6 +43,7 @@ from replay_migrate.errors import (
     VerificationError,
     VMError,
 )
+from replay_migrate.files import write_output
 from replayer.link import RecorderLink
 from replayer.replay import ReplayConfig, Replayer, ReplayStats
 from server import checkpoint as ckpt
@@ -242,7 +243,7 @@ class SourceSide:
         try:
             if self.screenshot_at_suspend is not None:
                 shot = await asyncio.to_thread(m.screenshot)
-                self.screenshot_at_suspend.write_bytes(shot.png())
+                write_output(self.screenshot_at_suspend, shot.png(), "screenshot")
             t_drain = time.monotonic()
             while await self._forward(DRAIN_QUIET_S) and time.monotonic() < t_drain + DRAIN_S:
                 pass
