@@ -33,7 +33,7 @@ from differ.saveimage import (
 )
 from differ.source import LEAF_SIZE, ZERO_LEAF_DIGEST, BlockSource, ImageKind, KnownArrays
 from replay_migrate.errors import HostError, ImageError
-from replay_migrate.files import check_regular, open_regular
+from replay_migrate.safeopen import check_regular, open_regular
 
 QCOW2_MAGIC = b"QFI\xfb"
 DIGEST_SIZE = 32

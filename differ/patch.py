@@ -32,7 +32,7 @@ from differ.blocks import (
 from differ.saveimage import DEFAULT_COPY_CHUNK, ImageWriter, data_extents
 from differ.source import LEAF_SIZE, BlockSink, BlockSource
 from replay_migrate.errors import ImageError
-from replay_migrate.files import check_replaceable, open_regular
+from replay_migrate.safeopen import check_replaceable, open_regular
 
 FICLONE = 0x40049409
 """ioctl that makes the copy share the original's extents (btrfs, XFS): instant and exact."""

@@ -37,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from replay_migrate.errors import ImageError, ReplayMigrateError
-from replay_migrate.files import open_regular
+from replay_migrate.safeopen import open_regular
 
 LIBVIRT_MAGIC = b"LibvirtQemudSave"
 LIBVIRT_PARTIAL_MAGIC = b"LibvirtQemudPart"

@@ -31,7 +31,7 @@ from recorder.logformat import (
     SyncMark,
 )
 from replay_migrate.errors import ReplayError, UsageError
-from replay_migrate.files import open_regular
+from replay_migrate.safeopen import open_regular
 from replayer.drive import to_qmp
 from replayer.link import RecorderLink
 from vm.machine import Machine

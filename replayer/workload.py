@@ -30,7 +30,7 @@ from pathlib import Path
 
 from recorder.logformat import Button, Event, Key, Motion
 from replay_migrate.errors import ReplayMigrateError, UsageError
-from replay_migrate.files import read_regular
+from replay_migrate.safeopen import read_regular
 from replayer.keymap import Combo, Stroke, combo_keys, parse_combo, stroke_keys, text_strokes
 
 DEFAULT_SCREEN = (1280, 800)

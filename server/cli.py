@@ -17,7 +17,7 @@ from typing import NoReturn
 
 from replay_migrate import __version__
 from replay_migrate.errors import ReplayMigrateError, UsageError
-from replay_migrate.files import check_output, check_regular, open_output, write_output
+from replay_migrate.safeopen import check_output, check_regular, open_output, write_output
 from server import checkpoint as ckpt
 from server.images import ensure_image
 from server.report import emit_json, human_bytes, table

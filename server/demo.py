@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from replay_migrate.files import check_output, check_output_dir, make_output_dir, write_output
+from replay_migrate.safeopen import check_output, check_output_dir, make_output_dir, write_output
 from replayer.drive import drive
 from replayer.workload import Action, find_workload, get_workload
 from server import checkpoint as ckpt

@@ -20,7 +20,7 @@ from differ.patch import open_sink
 from differ.protocol import TransferStats
 from differ.sync import sync_local
 from replay_migrate.errors import ImageError, UsageError
-from replay_migrate.files import check_replaceable
+from replay_migrate.safeopen import check_replaceable
 from server import checkpoint as ckpt
 from server.report import emit_json, human_bytes, table
 from server.vmstate import FANOUT, checkpoint_trees

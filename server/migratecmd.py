@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from replay_migrate.errors import ReplayMigrateError, UsageError, VerificationError, VMError
-from replay_migrate.files import write_output
+from replay_migrate.safeopen import write_output
 from replayer.drive import drive
 from replayer.replay import ReplayConfig
 from replayer.workload import get_workload

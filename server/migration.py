@@ -43,7 +43,7 @@ from replay_migrate.errors import (
     VerificationError,
     VMError,
 )
-from replay_migrate.files import write_output
+from replay_migrate.safeopen import write_output
 from replayer.link import RecorderLink
 from replayer.replay import ReplayConfig, Replayer, ReplayStats
 from server import checkpoint as ckpt

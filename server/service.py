@@ -35,7 +35,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from replay_migrate.errors import HostError, ReplayMigrateError, UsageError
-from replay_migrate.files import check_regular
+from replay_migrate.safeopen import check_regular
 from server.session import TOKEN_ENV, Limits, Link, SessionRegistry
 
 DEFAULT_LISTEN: Final = "127.0.0.1:8765"

@@ -1,4 +1,4 @@
-"""replay_migrate.files: every kind of path a user can pass, for reading, writing and replacing.
+"""replay_migrate.safeopen: every kind of path a user can pass, for reading, writing and replacing.
 
 Real FIFOs, devices, links and an immutable folder (root cannot write into it either: it stands in
 for the read-only folder of a user without the right). No test here may hang: a FIFO is never
@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from replay_migrate.errors import ImageError, UsageError
-from replay_migrate.files import (
+from replay_migrate.safeopen import (
     check_output,
     check_output_dir,
     check_regular,
