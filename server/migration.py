@@ -7,6 +7,13 @@ run in worker threads. The order of a suspend, on both sides alike so their gues
 let the agent flush its last frames, sync and freeze the file systems, pause, save. Nothing is
 resumed at the target unless every block and both roots verified; the source's VM is released
 only after the target confirms, and on any failure it is restored and resumed where it was.
+
+A cancellation (a signal, or another part of the command failing) is a failure like any other:
+the source VM is put back as it was (resumed and thawed; restored if it was saved), the target
+removes the clone it made, and the session is told so the other side does the same. Blocking VM
+operations run through :func:`server.cancel.in_thread`, so the cleanup never races one still
+running. Each side's ``committing`` says it passed the point of no return (the target verified
+every block and both roots): the commands let a signal that comes later complete the migration.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from replay_migrate.safeopen import write_output
 from replayer.link import RecorderLink
 from replayer.replay import ReplayConfig, Replayer, ReplayStats
 from server import checkpoint as ckpt
+from server.cancel import in_thread
 from server.client import Frame, LogEnded, SessionClient, SessionFailedError
 from server.session import Reason, State, Stream
 from server.vmstate import (
@@ -196,6 +204,11 @@ class SourceSide:
         """Where to save the source's screen at the moment it is paused (the demo shows it)."""
         self.link = RecorderLink(machine)
         self._trees: asyncio.Task[CheckpointTrees] | None = None
+        self._image: Path | None = None
+        """Where ``suspend`` saves the VM (known before the save starts: a cancelled save may
+        still have completed, and the cleanup restores from it)."""
+        self.committing = False
+        """The target verified every block and both roots: from here the migration completes."""
         self.settled = False
         """Whether no key or button event came since the log's last sync mark (the agent takes one
         after them once the screen settles; pointer motion alone brings none)."""
@@ -204,7 +217,7 @@ class SourceSide:
         self.log = logging.getLogger(f"replay_migrate.source.{machine.name}")
 
     async def _forward(self, poll_s: float) -> int:
-        frames = await asyncio.to_thread(self.link.frames, poll_s)
+        frames = await in_thread(self.link.frames, poll_s)
         for fr in frames:
             frame = decode_frame(fr.data)
             for ev in frame.events if isinstance(frame, EventsFrame) else ():
@@ -218,31 +231,46 @@ class SourceSide:
             self.report.log_frames += 1
         return len(frames)
 
+    async def open(self) -> None:
+        """Connect to the source's recorder agent (a command does this before it makes a target:
+        a source whose agent does not answer fails the command before anything else starts)."""
+        if self.link.hello is None:
+            await in_thread(self.link.open)
+
     async def stream_log(self, stop: asyncio.Event) -> None:
         """Forward the recorder's frames into the session until ``stop`` is set. The checkpoint's
-        trees are loaded (or computed, the first time) meanwhile, off the suspend's critical path."""
-        self._trees = asyncio.create_task(asyncio.to_thread(checkpoint_trees, self.checkpoint))
-        await asyncio.to_thread(self.link.open)
-        while not stop.is_set():
-            await self._forward(LOG_POLL_S)
+        trees are loaded (or computed, the first time) meanwhile, off the suspend's critical path.
+        A failure or cancellation here fails the session (the target then removes its clone); the
+        VM itself was not touched."""
+        try:
+            self._trees = asyncio.create_task(asyncio.to_thread(checkpoint_trees, self.checkpoint))
+            await self.open()
+            while not stop.is_set():
+                await self._forward(LOG_POLL_S)
+        except BaseException as e:
+            if self._trees is not None:
+                self._trees.cancel()
+            await asyncio.shield(_give_up(self.client, e, self.log))
+            self.link.close()
+            raise
 
     async def suspend(self) -> Report:
         """End the log, quiesce, pause, save; answer the walk and ship blocks; wait for the confirm.
-        On any failure the VM is restored from its saved state and resumed."""
+        On any failure or cancellation before the confirm, the VM is put back as it was."""
         m = self.machine
-        t0 = time.monotonic()
-        while time.monotonic() < t0 + FLUSH_S and not (self.settled and time.monotonic() >= t0 + MIN_FLUSH_S):
-            await self._forward(0.1)
-        self.flush_s = time.monotonic() - t0
-        # freezing flushes each file system first (FIFREEZE syncs it); a separate `sync` through
-        # the guest agent cost another 0.1-0.7 s under TCG
-        await asyncio.to_thread(m.fsfreeze)
-        await asyncio.to_thread(m.pause)
         t_pause = time.monotonic()
-        saved = False
         try:
+            t0 = time.monotonic()
+            while time.monotonic() < t0 + FLUSH_S and not (self.settled and time.monotonic() >= t0 + MIN_FLUSH_S):
+                await self._forward(0.1)
+            self.flush_s = time.monotonic() - t0
+            # freezing flushes each file system first (FIFREEZE syncs it); a separate `sync` through
+            # the guest agent cost another 0.1-0.7 s under TCG
+            await in_thread(m.fsfreeze)
+            await in_thread(m.pause)
+            t_pause = time.monotonic()
             if self.screenshot_at_suspend is not None:
-                shot = await asyncio.to_thread(m.screenshot)
+                shot = await in_thread(m.screenshot)
                 write_output(self.screenshot_at_suspend, shot.png(), "screenshot")
             t_drain = time.monotonic()
             while await self._forward(DRAIN_QUIET_S) and time.monotonic() < t_drain + DRAIN_S:
@@ -251,9 +279,8 @@ class SourceSide:
             await self.client.suspend()
             await self.client.end_log()
             run_dir = m.run_dir
-            image = run_dir / "suspend.sav"
-            await asyncio.to_thread(m.save, image)
-            saved = True
+            self._image = image = run_dir / "suspend.sav"
+            await in_thread(m.save, image)
             self.state_files = VmState(image, run_dir / "disk.qcow2", self.checkpoint)
             await self._answer_walk()
             await self.client.wait_confirmed(CONFIRM_TIMEOUT_S)
@@ -261,7 +288,8 @@ class SourceSide:
             if self.client.confirmed or (isinstance(e, SessionFailedError) and not e.keep_vm):
                 raise      # the target runs the VM now: the source must not come back too
             await asyncio.shield(_give_up(self.client, e, self.log))
-            await asyncio.shield(asyncio.to_thread(self._restore, saved))
+            self.link.close()
+            await asyncio.shield(in_thread(self._restore))
             raise
         self.report.downtime_s = time.monotonic() - t_pause
         self.report.verified = True
@@ -290,6 +318,7 @@ class SourceSide:
             if src.state is not SourceState.VERIFIED:
                 raise VerificationError("the target did not verify the transfer")
             await self.client.wait_state(State.VERIFIED, CONFIRM_TIMEOUT_S)
+            self.committing = True
             want = {MEMORY: mine[MEMORY].root, DISK: mine[DISK].root}
             if dict(self.client.roots or {}) != want:
                 raise VerificationError("the target reports roots other than the source's")
@@ -300,22 +329,28 @@ class SourceSide:
             # the report's baseline, while the target restores: not on the way to the first block
             self.report.baseline_bytes = await asyncio.to_thread(plain_transfer_bytes, sources, mine, trees)
 
-    def _restore(self, saved: bool) -> None:
-        """Put the source VM back as it was (the migration did not finish)."""
+    def _restore(self) -> None:
+        """Put the source VM back as it was (the migration did not finish), from what it is now:
+        saved (shut off, its state in the image): restored from it, and the image deleted once
+        it runs again; paused: resumed; then its file systems thawed (a no-op if not frozen)."""
         m = self.machine
+        image = self._image
         try:
-            if saved and self.state_files is not None:
-                back = self.hv.restore(self.state_files.memory)
+            state = m.state
+            if state is MachineState.SHUTOFF and image is not None and image.is_file():
+                back = self.hv.restore(image)
             else:
                 back = m
-                if back.state is MachineState.PAUSED:
+                if state is MachineState.PAUSED:
                     back.resume()
             back.wait_agent(30)
             back.fsthaw()
-            self.log.warning("migration failed: %s runs on at the source", back.name)
+            if image is not None:
+                image.unlink(missing_ok=True)     # consumed by the restore, or a save that failed
+            self.log.warning("migration stopped: %s runs on at the source", back.name)
         except ReplayMigrateError as e:
             self.log.error("could not resume the source VM %s: %s (its state is in %s)", m.name, e,
-                           self.state_files.memory if self.state_files else "the domain")
+                           image if image is not None and image.is_file() else "the domain")
 
     async def release(self) -> None:
         """After the confirm: the source's saved state is no longer needed."""
@@ -376,18 +411,36 @@ class TargetSide:
         self.on_saved: Callable[[VmState], None] | None = None
         """Called with the replayed clone's own state right after it is saved, before the walk
         patches it (the benchmark keeps it there to find what replay left divergent)."""
+        self.started = asyncio.Event()
+        """Set once the clone runs and replays (tests wait for it to fail a migration midway)."""
+        self.committing = False
+        """Every block and both roots verified: from here the migration completes."""
+        self._resuming = False
         self.log = logging.getLogger(f"replay_migrate.target.{name}")
 
     async def run(self) -> Report:
-        self._trees = asyncio.create_task(asyncio.to_thread(checkpoint_trees, self.checkpoint))
-        m = await asyncio.to_thread(ckpt.start_clone, self.hv, self.checkpoint, self.name, replace=True)
-        self.machine = m
+        """Start the clone, follow the log, take over. On any failure or cancellation the clone
+        is removed (never a domain this side did not make: an existing one is refused first)."""
+        if await asyncio.to_thread(self.hv.exists, self.name):
+            raise VMError(f"a domain named {self.name!r} exists already: the target makes its own clone "
+                          "(remove it with `replay-migrate vm rm`, or choose another name)")
         try:
+            self._trees = asyncio.create_task(asyncio.to_thread(checkpoint_trees, self.checkpoint))
+            m = await in_thread(ckpt.start_clone, self.hv, self.checkpoint, self.name)
+            self.machine = m
+            self.started.set()
             await self._follow(m)
             await self._take_over(m)
         except BaseException as e:
+            if self._resuming:
+                # the service may have confirmed to the source, which then released its VM:
+                # removing this one could lose the user's VM; two running is the lesser harm
+                self.log.error("%s failed while confirming its resume (%s): the clone is kept", self.name, e)
+                raise
+            if self._trees is not None:
+                self._trees.cancel()
             await asyncio.shield(_give_up(self.client, e, self.log))
-            await asyncio.shield(asyncio.to_thread(self._discard))
+            await asyncio.shield(in_thread(self._discard))
             raise
         self.report.wire_bytes = self.client.wire_bytes_sent + self.client.wire_bytes_received
         return self.report
@@ -395,7 +448,7 @@ class TargetSide:
     async def _follow(self, m: Machine) -> None:
         """Replay the log as it arrives, until the source ends it."""
         link = RecorderLink(m)
-        await asyncio.to_thread(link.open)
+        await in_thread(link.open)
         feed = _EventFeed()
         replayer = Replayer(m, link, self.replay_config)
         replayer.on_progress = lambda n: self.progress("replay", n, 0)
@@ -423,9 +476,12 @@ class TargetSide:
                 elif isinstance(ev, LogEnded):
                     replayer.log_ended()
                     break
+        except BaseException:
+            replayer.stop()            # not through every event still queued
+            raise
         finally:
             feed.close()
-            await asyncio.to_thread(worker.join)
+            await in_thread(worker.join)
             link.close()
         if isinstance(result[0], BaseException):
             raise result[0]
@@ -441,14 +497,14 @@ class TargetSide:
         t_end = time.monotonic()
         settled = self.replay_stats is not None and self.replay_stats.settled
         await asyncio.sleep(SETTLED_S if settled else SETTLE_S)
-        await asyncio.to_thread(m.fsfreeze)            # flushes, like the source's (no extra sync)
-        await asyncio.to_thread(m.pause)
+        await in_thread(m.fsfreeze)            # flushes, like the source's (no extra sync)
+        await in_thread(m.pause)
         run_dir = m.run_dir
         image = run_dir / "suspend.sav"
-        await asyncio.to_thread(m.save, image)
+        await in_thread(m.save, image)
         state = VmState(image, run_dir / "disk.qcow2", self.checkpoint)
         if self.on_saved is not None:
-            await asyncio.to_thread(self.on_saved, state)
+            await in_thread(self.on_saved, state)
         self.progress("hashing", 0, 0)
         trees = await (self._trees or asyncio.to_thread(checkpoint_trees, self.checkpoint))
         self.log.info("saved and ready to diff %.2f s after the log ended", time.monotonic() - t_end)
@@ -459,7 +515,7 @@ class TargetSide:
             # copy while hashing; no fsync of the memory image: it is restored at once
             copying = asyncio.create_task(asyncio.to_thread(make_sinks, state, trees, durable=False))
             try:
-                mine = await asyncio.to_thread(build_trees, sources)
+                mine = await in_thread(build_trees, sources)
             except BaseException:
                 with contextlib.suppress(BaseException):
                     for sink in (await copying).values():
@@ -499,18 +555,20 @@ class TargetSide:
         self.report.diff_s = (walked[0] or time.monotonic()) - t0
         self.report.transfer_s = time.monotonic() - (walked[0] or t0)
         self.log.info("verified: walk %.2f s, blocks %.2f s", self.report.diff_s, self.report.transfer_s)
+        self.committing = True
         await self.client.verified(roots)
         if self.on_verified is not None:
             t_inspect = time.monotonic()
-            await asyncio.to_thread(self.on_verified, state)
+            await in_thread(self.on_verified, state)
             self.inspect_s = time.monotonic() - t_inspect
-        back = await asyncio.to_thread(self.hv.restore_clone, image, name=m.name, disk=state.disk,
-                                       run_dir=run_dir, paused=False, copy=False)
-        await asyncio.to_thread(back.wait_agent)
-        await asyncio.to_thread(back.fsthaw)
+        back = await in_thread(self.hv.restore_clone, image, name=m.name, disk=state.disk,
+                               run_dir=run_dir, paused=False, copy=False)
+        await in_thread(back.wait_agent)
+        await in_thread(back.fsthaw)
         self.machine = back
         self.t_resumed = time.monotonic()
         self.log.info("resumed %.2f s after the log ended", self.t_resumed - t_end)
+        self._resuming = True
         await self.client.resumed()
         self.report.verified = True
 
