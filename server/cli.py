@@ -2,7 +2,12 @@
 
 Exit codes: 0 success; 1 an unexpected error (a bug: traceback printed); otherwise the
 ``exit_code`` of the ReplayMigrateError subclass raised (see replay_migrate/errors.py and the
-README's table). Errors are printed as one line ``replay-migrate: error: ...``.
+README's table), or 128 + the number of the signal that stopped the command (130 SIGINT,
+143 SIGTERM, 129 SIGHUP). Errors are printed as one line ``replay-migrate: error: ...``.
+
+Every command checks its arguments (files, names, durations, the domain it acts on) before it
+starts anything. SIGINT, SIGTERM and SIGHUP stop any command with its cleanup run
+(:mod:`server.cancel`); what each command does on each is in the README's table.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,6 +25,8 @@ from replay_migrate import __version__
 from replay_migrate.errors import ReplayMigrateError, UsageError
 from replay_migrate.safeopen import check_output, check_regular, open_output, write_output
 from server import checkpoint as ckpt
+from server.argtypes import non_negative, positive, positive_int
+from server.cancel import Interrupted, raising_on_signals, stopping_on_signals
 from server.images import ensure_image
 from server.report import emit_json, human_bytes, table
 from vm.machine import Hypervisor, Machine
@@ -126,13 +134,10 @@ def cmd_record(args: argparse.Namespace) -> int:
             hello = link.open()
             print(f"recording {m.name} ({hello.width}x{hello.height}, keymap {hello.keymap}) to {args.out}; "
                   "Ctrl-C stops", file=sys.stderr)
-            try:
-                st = record(link, out, duration_s=args.duration)
-            except KeyboardInterrupt:
-                st = None
-        if st is not None:
-            print(f"{st.frames} frames, {st.bytes} bytes in {st.seconds:.1f} s"
-                  + (" (the log ended)" if st.ended else ""), file=sys.stderr)
+            with stopping_on_signals() as stopped:     # the log keeps every frame the agent sent
+                st = record(link, out, stop=stopped, duration_s=args.duration)
+        print(f"{st.frames} frames, {st.bytes} bytes in {st.seconds:.1f} s"
+              + (" (the log ended)" if st.ended else ""), file=sys.stderr)
     return 0
 
 
@@ -210,8 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     ck = sub.add_parser("checkpoint", help="checkpoints both sites share").add_subparsers(dest="sub", required=True)
     p = add(ck, "create", cmd_checkpoint_create, "boot the image to the settled desktop and save it")
     p.add_argument("name")
-    p.add_argument("--memory-mib", type=int, default=1024)
-    p.add_argument("--settle", type=float, default=ckpt.SETTLE_S, help="idle seconds before saving")
+    p.add_argument("--memory-mib", type=positive_int, default=1024)
+    p.add_argument("--settle", type=non_negative, default=ckpt.SETTLE_S, help="idle seconds before saving")
     p = add(ck, "list", cmd_checkpoint_list, "list checkpoints")
     p.add_argument("--json", action="store_true")
     p = add(ck, "rm", cmd_checkpoint_rm, "delete a checkpoint (refused while clones use it)")
@@ -231,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(vmp, "exec", cmd_vm_exec, "run a shell command in the guest (guest agent)")
     p.add_argument("name")
     p.add_argument("command")
-    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--timeout", type=positive, default=120.0)
 
     p = add(sub, "record", cmd_record,
             "record a running domain's input log, live: into a file (--out) or a migration session (--to)")
@@ -242,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "migrate at `replay-migrate suspend DOMAIN`")
     p.add_argument("--session", help="with --to: the session id both sides use")
     p.add_argument("--token", default=None, help="with --to: bearer token (default: $REPLAY_MIGRATE_TOKEN)")
-    p.add_argument("--duration", type=float, help="stop (with --to: suspend) after this many seconds")
+    p.add_argument("--duration", type=positive, help="stop (with --to: suspend) after this many seconds")
     p.add_argument("--json", action="store_true", help="with --to: print the report as JSON")
 
     from server import migratecmd
@@ -260,11 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("log", type=Path)
     p.add_argument("--into", dest="domain", required=True)
     p.add_argument("--follow", action="store_true", help="keep reading a log that is still growing")
-    p.add_argument("--idle-timeout", type=float, default=None,
+    p.add_argument("--idle-timeout", type=positive, default=None,
                    help="with --follow: stop when the log has not grown for this long")
-    p.add_argument("--gap-cap", type=float, default=2.0, help="longest idle gap kept, s (default %(default)s)")
-    p.add_argument("--echo-timeout", type=float, default=10.0, help="s per event (default %(default)s)")
-    p.add_argument("--sync-timeout", type=float, default=5.0, help="s per sync mark (default %(default)s)")
+    p.add_argument("--gap-cap", type=positive, default=2.0, help="longest idle gap kept, s (default %(default)s)")
+    p.add_argument("--echo-timeout", type=positive, default=10.0, help="s per event (default %(default)s)")
+    p.add_argument("--sync-timeout", type=positive, default=5.0, help="s per sync mark (default %(default)s)")
     p.add_argument("--strict-sync", action="store_true", help="fail on a sync mark that is not met")
     p.add_argument("--json", action="store_true")
 
@@ -303,13 +308,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        return int(args.fn(args))
+        with raising_on_signals():
+            return int(args.fn(args))
     except ReplayMigrateError as e:
         print(f"replay-migrate: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("replay-migrate: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        code = e.exit_code if isinstance(e, Interrupted) else 128 + signal.SIGINT
+        print(f"replay-migrate: interrupted ({e or 'SIGINT'}); exit {code}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -10,14 +10,15 @@ states are identical.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
+import threading
 import time
 from pathlib import Path
 
 from replay_migrate.safeopen import check_output, check_output_dir, make_output_dir, write_output
 from replayer.drive import drive
 from replayer.workload import Action, find_workload, get_workload
+from server import cancel
 from server import checkpoint as ckpt
 from server.images import ensure_image
 from server.migratecmd import migrate_embedded, print_report, state_comparison
@@ -73,19 +74,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
         rows.append(("checkpoint save", f"{m.save_s:.2f} s"))
         for name in (SOURCE, TARGET):
             ckpt.remove_clone(hv, name)
-        t0 = time.monotonic()
-        source = ckpt.start_clone(hv, ck, SOURCE)
-        rows.append(("restore the source VM from the checkpoint", f"{time.monotonic() - t0:.2f} s"))
-        source.wait_agent()
+        typing = threading.Event()
+        try:       # the demo's own clones: removed however it ends (a signal included)
+            t0 = time.monotonic()
+            source = ckpt.start_clone(hv, ck, SOURCE)
+            rows.append(("restore the source VM from the checkpoint", f"{time.monotonic() - t0:.2f} s"))
+            source.wait_agent()
 
-        async def user() -> None:
-            print(f"demo: running workload {workload.name} in {SOURCE} while {TARGET} replays it", flush=True)
-            await asyncio.to_thread(drive, source, actions)
+            async def user() -> None:
+                print(f"demo: running workload {workload.name} in {SOURCE} while {TARGET} replays it", flush=True)
+                await cancel.in_thread(drive, source, actions, stop=typing, on_cancel=typing.set)
 
-        same, compare = state_comparison()
-        try:
-            report, src, tgt = asyncio.run(migrate_embedded(hv, hv2, source, ck, TARGET, user=user,
-                                                            screenshots=args.out, on_verified=compare))
+            same, compare = state_comparison()
+            report, src, tgt = cancel.run(
+                lambda: migrate_embedded(hv, hv2, source, ck, TARGET, user=user, screenshots=args.out,
+                                         on_verified=compare),
+                on_cancel="cancelling the demo: its VMs are removed")
             memory_same, disk_same = same if same else (False, False)
             assert src.state_files is not None
             rows.append(("source memory image at suspend (allocated)",

@@ -2,9 +2,14 @@
 and ``migrate``, which runs the service on loopback and both sides in this process: the same
 code paths as two hosts, for the demo and for trying the tool on one machine.
 
-``record --to`` keeps streaming until it is told to suspend: by ``replay-migrate suspend DOMAIN``
-(which signals it through the pid file in the clone's folder and prints its report), by Ctrl-C
-or after ``--duration``.
+``record --to`` keeps streaming until it is told to migrate: by ``replay-migrate suspend DOMAIN``
+(which sends it SIGUSR1 through the pid file in the clone's folder and prints its report) or after
+``--duration``. SIGINT (Ctrl-C), SIGTERM and SIGHUP *cancel* a migration, in every command: the
+source VM runs on as it was, the target's clone is removed, and the command exits 128 + the
+signal's number; once the target has verified every block the migration completes instead (see
+the README's table). Every argument is checked before anything starts (the workload loads, the
+checkpoint exists, the source is a running clone of it, the target's name is free), and a failure
+in any part of a command fails the whole at once (:func:`server.cancel.supervise`).
 """
 
 from __future__ import annotations
@@ -16,29 +21,30 @@ import os
 import secrets
 import signal
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from replay_migrate.errors import ReplayMigrateError, UsageError, VerificationError, VMError
 from replay_migrate.safeopen import write_output
 from replayer.drive import drive
 from replayer.replay import ReplayConfig
 from replayer.workload import get_workload
+from server import cancel
 from server import checkpoint as ckpt
+from server.argtypes import positive
 from server.client import SessionClient, session_url
 from server.migration import Report, SourceSide, TargetSide, merged_report
 from server.report import Progress, emit_json, human_bytes, table
 from server.service import ServiceConfig, start_service
 from server.session import TOKEN_ENV
 from server.vmstate import VmState, same_state
-from vm.machine import Hypervisor, Machine
+from vm.machine import Hypervisor, Machine, MachineState
 
 PID_FILE = "record.pid"
 RESULT_FILE = "migration.json"
-CLEANUP_WAIT_S = 120.0
-"""How long an embedded migration that failed waits for the target side to remove its clone."""
 SUSPEND_WAIT_S = 1800.0
 """How long ``suspend`` waits for the recording process to finish the migration."""
 
@@ -80,15 +86,71 @@ def _url(args: argparse.Namespace, base: str) -> str:
     return session_url(base, args.session)
 
 
+# ---- argument checks --------------------------------------------------------------------------------
+def check_clone_name(name: str, what: str) -> str:
+    """A name for a new clone: the checkpoint store's name rule (it becomes a folder name)."""
+    try:
+        ckpt._check_name(name)        # after the store branch: server.paths.check_name(name, "clone")
+    except ReplayMigrateError as e:
+        raise UsageError(f"{what}: {e}") from None
+    return name
+
+
+def check_source(hv: Hypervisor, domain: str, ck: ckpt.Checkpoint | None = None) -> tuple[Machine, ckpt.Checkpoint]:
+    """The source domain and its checkpoint: it exists, is one of our clones (of ``ck`` when
+    given) and runs (a paused or stopped source records nothing and cannot be frozen)."""
+    m = hv.lookup(domain)
+    origin = _checkpoint_of(m)
+    if ck is not None and origin.name != ck.name:
+        raise UsageError(f"{domain!r} is a clone of checkpoint {origin.name!r}, not of {ck.name!r}: "
+                         "both sites must start from the checkpoint the source was made from")
+    state = m.state
+    if state is not MachineState.RUNNING:
+        raise VMError(f"{domain!r} is {state.value}: the source of a migration must be running")
+    return m, origin
+
+
+def check_target_name(hv: Hypervisor, name: str, option: str) -> None:
+    """The target makes a new clone of this name: never a domain that exists (it would be lost)."""
+    if hv.exists(name):
+        raise UsageError(f"a domain named {name!r} exists already: choose another {option} or remove it "
+                         f"(replay-migrate vm rm {name})")
+
+
+def _committed(*sides: SourceSide | TargetSide | None) -> bool:
+    return any(side is not None and side.committing for side in sides)
+
+
+async def read_line(stream: TextIO | None = None) -> None:
+    """Wait for a line on ``stream`` (stdin) in the event loop, not in a thread: a thread blocked in
+    ``readline`` cannot be cancelled and kept the process alive after Ctrl-C until Enter."""
+    stream = stream if stream is not None else sys.stdin
+    loop = asyncio.get_running_loop()
+    fd = stream.fileno()
+    readable = asyncio.Event()
+    try:
+        loop.add_reader(fd, readable.set)
+    except (PermissionError, ValueError):       # a regular file or /dev/null: never blocks
+        stream.readline()
+        return
+    try:
+        while True:
+            await readable.wait()
+            readable.clear()
+            data = os.read(fd, 4096)
+            if not data or b"\n" in data:
+                return
+    finally:
+        loop.remove_reader(fd)
+
+
 # ---- source: record --to / suspend -----------------------------------------------------------------
-async def _source(args: argparse.Namespace, hv: Hypervisor, m: Machine, ck: ckpt.Checkpoint,
-                  stop: asyncio.Event) -> Report:
-    async with SessionClient(_url(args, args.to), "source", token=_token(args)) as client:
-        src = SourceSide(hv, m, ck, client)
+async def _source(client: SessionClient, hv: Hypervisor, m: Machine, ck: ckpt.Checkpoint,
+                  stop: asyncio.Event, sides: dict[str, SourceSide]) -> Report:
+    async with client:
+        src = sides["source"] = SourceSide(hv, m, ck, client)
         src.progress = Progress()
-        streaming = asyncio.create_task(src.stream_log(stop))
-        await stop.wait()
-        await streaming
+        await src.stream_log(stop)
         report = await src.suspend()
         await src.release()
         return report
@@ -102,29 +164,37 @@ def _checkpoint_of(m: Machine) -> ckpt.Checkpoint:
 
 
 def cmd_record_to(args: argparse.Namespace) -> int:
+    """Stream until SIGUSR1 (``suspend``) or ``--duration``, then migrate; SIGINT, SIGTERM or
+    SIGHUP cancel: the session is failed (the target removes its clone) and the VM runs on here."""
+    client = SessionClient(_url(args, args.to), "source", token=_token(args))   # checks URL, session, token
     with Hypervisor(args.connect) as hv:
-        m = hv.lookup(args.domain)
-        ck = _checkpoint_of(m)
+        m, ck = check_source(hv, args.domain)
         pid_file = m.run_dir / PID_FILE
         result_file = m.run_dir / RESULT_FILE
         result_file.unlink(missing_ok=True)
+        sides: dict[str, SourceSide] = {}
 
         async def main() -> Report:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
-            for sig in (signal.SIGUSR1, signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(signal.SIGUSR1, stop.set)
             if args.duration is not None:
                 loop.call_later(args.duration, stop.set)
-            return await _source(args, hv, m, ck, stop)
+            return await _source(client, hv, m, ck, stop, sides)
 
         pid_file.write_text(f"{os.getpid()}\n")
-        print(f"recording {m.name} into session {args.session}; `replay-migrate suspend {m.name}` "
-              "(or Ctrl-C) migrates it", file=sys.stderr)
+        print(f"recording {m.name} into session {args.session}; `replay-migrate suspend {m.name}` migrates "
+              "it, Ctrl-C cancels", file=sys.stderr)
         try:
-            report = asyncio.run(main()).as_dict()
+            report = cancel.run(main, deferred=lambda: _committed(sides.get("source")),
+                                on_cancel="cancelling the migration: the VM runs on here as it was, the "
+                                          "target is told to remove its clone").as_dict()
         except ReplayMigrateError as e:
             result_file.write_text(json.dumps({"error": str(e), "exit_code": e.exit_code}))
+            raise
+        except cancel.Interrupted as e:
+            result_file.write_text(json.dumps({"error": f"cancelled by {e}: the VM runs on here",
+                                               "exit_code": e.exit_code}))
             raise
         finally:
             pid_file.unlink(missing_ok=True)
@@ -160,18 +230,26 @@ def cmd_suspend(args: argparse.Namespace) -> int:
 
 # ---- target: follow -------------------------------------------------------------------------------
 def cmd_follow(args: argparse.Namespace) -> int:
+    """Make a clone, replay the session's log into it, take over at suspend; SIGINT, SIGTERM or
+    SIGHUP cancel (the clone is removed, the session failed: the source resumes its VM)."""
     ck = ckpt.get(args.checkpoint)
-    name = args.name or f"{ckpt.DOMAIN_PREFIX}{args.session}-target"
+    name = check_clone_name(args.name or f"{ckpt.DOMAIN_PREFIX}{args.session}-target", "--name")
+    client = SessionClient(_url(args, args.source_url), "target", token=_token(args))   # checks URL, session, token
     with Hypervisor(args.connect) as hv:
+        check_target_name(hv, name, "--name")
+        sides: dict[str, TargetSide] = {}
+
         async def main() -> Report:
-            async with SessionClient(_url(args, args.source_url), "target", token=_token(args)) as client:
-                side = TargetSide(hv, ck, client, name, replay=_replay_config(args))
+            async with client:
+                side = sides["target"] = TargetSide(hv, ck, client, name, replay=_replay_config(args))
                 side.progress = bar
                 return await side.run()
 
         bar = Progress()
         try:
-            report = asyncio.run(main()).as_dict()
+            report = cancel.run(main, deferred=lambda: _committed(sides.get("target")),
+                                on_cancel=f"cancelling the migration: {name} is removed, the source is told "
+                                          "to resume its VM").as_dict()
         finally:
             bar.close()
     print_report(report, args.json, title=f"{name} (target)")
@@ -187,9 +265,16 @@ async def migrate_embedded(hv_source: Hypervisor, hv_target: Hypervisor, m: Mach
                            target_name: str, *, user: Callable[[], Awaitable[None]],
                            replay: ReplayConfig | None = None, screenshots: Path | None = None,
                            on_verified: Callable[[SourceSide, VmState], None] | None = None,
-                           progress: Progress | None = None) -> tuple[Report, SourceSide, TargetSide]:
+                           progress: Progress | None = None,
+                           sides: Callable[[SourceSide, TargetSide], None] | None = None,
+                           ) -> tuple[Report, SourceSide, TargetSide]:
     """Service on loopback, source and target in this process; ``user`` is what happens at the
-    source before the suspend (a workload, or waiting for the person at the console)."""
+    source before the suspend (a workload, or waiting for the person at the console). ``sides``
+    is called with both sides before they start (for hooks).
+
+    The target, the log stream and ``user`` run at once under :func:`server.cancel.supervise`:
+    the first to fail (or a cancellation) stops the others at once; the source VM is put back as
+    it was and the target's clone removed before the error is raised."""
     token = secrets.token_urlsafe(24)
     session = secrets.token_hex(8)
     async with start_service(ServiceConfig(token=token, port=0)) as base:
@@ -201,26 +286,22 @@ async def migrate_embedded(hv_source: Hypervisor, hv_target: Hypervisor, m: Mach
             src.progress = tgt.progress = progress or Progress(enabled=False)
             if on_verified is not None:
                 tgt.on_verified = lambda state: on_verified(src, state)
+            if sides is not None:
+                sides(src, tgt)
+            await src.open()              # the source's recorder answers before a target is made
             stop = asyncio.Event()
-            target_task = asyncio.create_task(tgt.run())
-            streaming = asyncio.create_task(src.stream_log(stop))
-            try:
+
+            async def work() -> None:
                 await user()
                 stop.set()
-                await streaming
+
+            async def source() -> None:
+                await cancel.supervise(src.stream_log(stop), work())
                 if screenshots is not None:
                     src.screenshot_at_suspend = screenshots / "source-at-suspend.png"
                 await src.suspend()
-                await target_task
-            except BaseException:
-                stop.set()
-                streaming.cancel()
-                # the failing side told the session; give the other one time to clean up after itself
-                done, _ = await asyncio.wait({target_task}, timeout=CLEANUP_WAIT_S)
-                if not done:
-                    target_task.cancel()
-                await asyncio.gather(streaming, target_task, return_exceptions=True)
-                raise
+
+            await cancel.supervise(tgt.run(), source())
     if screenshots is not None and tgt.machine is not None:
         shot = await asyncio.to_thread(tgt.machine.screenshot)
         write_output(screenshots / "target-resumed.png", shot.png(), "screenshot")
@@ -241,25 +322,39 @@ def state_comparison() -> tuple[list[bool], Callable[[SourceSide, VmState], None
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    """Every argument is checked before anything starts: the workload loads, the checkpoint
+    exists, the names are valid, then (on the hypervisor) the source is a running clone of the
+    checkpoint and the target's name is free. SIGINT, SIGTERM or SIGHUP cancel."""
     actions = get_workload(args.workload)[1] if args.workload else None
+    target = check_clone_name(args.target_name or f"{args.domain}-migrated", "--target-name")
+    if target == args.domain:
+        raise UsageError("--target-name: the target needs a name of its own (the source keeps its name)")
     ck = ckpt.get(args.checkpoint)
     with Hypervisor(args.connect) as hv, Hypervisor(args.connect) as hv2:
-        m = hv.lookup(args.domain)
-        target = args.target_name or f"{args.domain}-migrated"
+        m, _ = check_source(hv, args.domain, ck)
+        check_target_name(hv, target, "--target-name")
+        typing = threading.Event()
+        both: list[SourceSide | TargetSide] = []
 
         async def user() -> None:
             if actions is not None:
-                await asyncio.to_thread(drive, m, actions, seed=args.seed)
+                await cancel.in_thread(drive, m, actions, seed=args.seed, stop=typing, on_cancel=typing.set)
             elif args.duration is not None:
                 await asyncio.sleep(args.duration)
             else:
-                print(f"recording {m.name}: work in it, then press Enter here to migrate", file=sys.stderr)
-                await asyncio.to_thread(sys.stdin.readline)
+                print(f"recording {m.name}: work in it, then press Enter here to migrate (Ctrl-C cancels)",
+                      file=sys.stderr)
+                await read_line()
+
+        async def main() -> tuple[Report, SourceSide, TargetSide]:
+            return await migrate_embedded(hv, hv2, m, ck, target, user=user, replay=_replay_config(args),
+                                          progress=bar, sides=lambda s, t: both.extend((s, t)))
 
         bar = Progress()
         try:
-            report, _, _ = asyncio.run(migrate_embedded(hv, hv2, m, ck, target, user=user,
-                                                        replay=_replay_config(args), progress=bar))
+            report, _, _ = cancel.run(main, deferred=lambda: _committed(*both),
+                                      on_cancel=f"cancelling the migration: {m.name} runs on as it was, "
+                                                f"{target} is removed")
         finally:
             bar.close()
     print_report(report.as_dict(), args.json)
@@ -276,13 +371,14 @@ def _session_args(p: argparse.ArgumentParser) -> None:
 def add_record_to_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("domain")
     p.add_argument("--to", required=True, metavar="URL", help="the handoff service, ws[s]://HOST:PORT")
-    p.add_argument("--duration", type=float, help="suspend by itself after this many seconds")
+    p.add_argument("--duration", type=positive, help="suspend by itself after this many seconds")
     _session_args(p)
 
 
 def add_suspend_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("domain")
-    p.add_argument("--timeout", type=float, default=SUSPEND_WAIT_S)
+    p.add_argument("--timeout", type=positive, default=SUSPEND_WAIT_S,
+                   help="seconds to wait for the migration's report (default %(default)s)")
     p.add_argument("--json", action="store_true")
 
 
@@ -291,7 +387,7 @@ def add_follow_arguments(p: argparse.ArgumentParser) -> None:
                    help="the handoff service, ws[s]://HOST:PORT")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--name", help="the target clone's name (default: rm-SESSION-target)")
-    p.add_argument("--gap-cap", type=float, default=2.0)
+    p.add_argument("--gap-cap", type=positive, default=2.0)
     _session_args(p)
 
 
@@ -301,7 +397,7 @@ def add_migrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-name", help="name of the migrated VM (default: DOMAIN-migrated)")
     p.add_argument("--workload", help="drive this workload (a shipped name, as `workload list` shows, or a "
                    "file) into the source, then migrate")
-    p.add_argument("--duration", type=float, help="record this long, then migrate (default: until Enter)")
+    p.add_argument("--duration", type=positive, help="record this long, then migrate (default: until Enter)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--gap-cap", type=float, default=2.0)
+    p.add_argument("--gap-cap", type=positive, default=2.0)
     p.add_argument("--json", action="store_true")
