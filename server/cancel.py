@@ -58,6 +58,12 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
+def drop(task: asyncio.Future[Any]) -> None:
+    """Cancel a task whose outcome no longer matters (its exception, if any, counts as seen)."""
+    task.cancel()
+    _retrieve(task)
+
+
 async def settle(tasks: Iterable[asyncio.Future[Any]], timeout: float = CLEANUP_WAIT_S) -> None:
     """Wait until every task ended, up to ``timeout``, whatever cancels the waiter meanwhile: a
     second signal must not cut a cleanup short."""

@@ -54,7 +54,7 @@ from replay_migrate.safeopen import write_output
 from replayer.link import RecorderLink
 from replayer.replay import ReplayConfig, Replayer, ReplayStats
 from server import checkpoint as ckpt
-from server.cancel import in_thread
+from server.cancel import drop, in_thread
 from server.client import Frame, LogEnded, SessionClient, SessionFailedError
 from server.session import Reason, State, Stream
 from server.vmstate import (
@@ -242,17 +242,24 @@ class SourceSide:
         trees are loaded (or computed, the first time) meanwhile, off the suspend's critical path.
         A failure or cancellation here fails the session (the target then removes its clone); the
         VM itself was not touched."""
+        # ends only by raising, when the session fails meanwhile (the target gave up or was
+        # cancelled): a source whose user is idle sends nothing and would not notice otherwise
+        failed = asyncio.create_task(self.client.wait_confirmed())
         try:
             self._trees = asyncio.create_task(asyncio.to_thread(checkpoint_trees, self.checkpoint))
             await self.open()
             while not stop.is_set():
                 await self._forward(LOG_POLL_S)
+                if failed.done():
+                    failed.result()
         except BaseException as e:
+            drop(failed)
             if self._trees is not None:
                 self._trees.cancel()
             await asyncio.shield(_give_up(self.client, e, self.log))
             self.link.close()
             raise
+        drop(failed)
 
     async def suspend(self) -> Report:
         """End the log, quiesce, pause, save; answer the walk and ship blocks; wait for the confirm.
@@ -330,32 +337,40 @@ class SourceSide:
             self.report.baseline_bytes = await asyncio.to_thread(plain_transfer_bytes, sources, mine, trees)
 
     def _restore(self) -> None:
-        """Put the source VM back as it was (the migration did not finish), from what it is now:
-        saved (shut off, its state in the image): restored from it, and the image deleted once
-        it runs again; paused: resumed; then its file systems thawed (a no-op if not frozen)."""
-        m = self.machine
-        image = self._image
+        """Put the source VM back as it was (the migration did not finish)."""
         try:
-            state = m.state
-            if state is MachineState.SHUTOFF and image is not None and image.is_file():
-                back = self.hv.restore(image)
-            else:
-                back = m
-                if state is MachineState.PAUSED:
-                    back.resume()
-            back.wait_agent(30)
-            back.fsthaw()
-            if image is not None:
-                image.unlink(missing_ok=True)     # consumed by the restore, or a save that failed
+            back = put_back(self.hv, self.machine, self._image)
             self.log.warning("migration stopped: %s runs on at the source", back.name)
         except ReplayMigrateError as e:
-            self.log.error("could not resume the source VM %s: %s (its state is in %s)", m.name, e,
+            image = self._image
+            self.log.error("could not resume the source VM %s: %s (its state is in %s)", self.machine.name, e,
                            image if image is not None and image.is_file() else "the domain")
 
     async def release(self) -> None:
         """After the confirm: the source's saved state is no longer needed."""
         if self.state_files is not None:
             self.state_files.memory.unlink(missing_ok=True)
+
+
+def put_back(hv: Hypervisor, m: Machine, image: Path | None) -> Machine:
+    """A source VM as it was before its migration, from what it is now: saved (shut off, its
+    state in ``image``): restored from it, and the image deleted once it runs; paused: resumed;
+    then its file systems thawed (a no-op when they are not frozen). For a migration that failed
+    or was cancelled, and for ``replay-migrate vm resume`` after one that was killed."""
+    state = m.state
+    if state is MachineState.SHUTOFF and image is not None and image.is_file():
+        back = hv.restore(image)
+    else:
+        back = m
+        if state is MachineState.PAUSED:
+            back.resume()
+        elif state is not MachineState.RUNNING:
+            raise VMError(f"{m.name!r} is {state.value} and has no saved state to restore")
+    back.wait_agent(30)
+    back.fsthaw()
+    if image is not None:
+        image.unlink(missing_ok=True)     # consumed by the restore, or a save that did not finish
+    return back
 
 
 # ---- the target ----------------------------------------------------------------------------------
