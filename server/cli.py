@@ -97,6 +97,24 @@ def cmd_vm_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vm_resume(args: argparse.Namespace) -> int:
+    """Put back a source VM that a killed migration (SIGKILL, a crash) left paused, frozen or
+    saved: SIGINT and SIGTERM do this themselves; SIGKILL runs nothing."""
+    from server.migratecmd import PID_FILE, recorder_pid
+    from server.migration import put_back
+
+    with _hv(args) as hv:
+        m = hv.lookup(args.name)
+        run_dir = m.run_dir
+        pid = recorder_pid(run_dir / PID_FILE)
+        if pid is not None:
+            raise UsageError(f"a `replay-migrate record {args.name} --to` (pid {pid}) is migrating it: stop that "
+                             "first (Ctrl-C cancels the migration and resumes the VM itself)")
+        back = put_back(hv, m, run_dir / "suspend.sav")
+        print(f"{back.name}: {back.state.value}, file systems thawed")
+    return 0
+
+
 def cmd_vm_screenshot(args: argparse.Namespace) -> int:
     check_output(args.out, "screenshot")
     with _hv(args) as hv:
@@ -230,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     add(vmp, "list", cmd_vm_list, "list our domains")
     p = add(vmp, "rm", cmd_vm_rm, "destroy clones and delete their files")
     p.add_argument("names", nargs="+")
+    p = add(vmp, "resume", cmd_vm_resume,
+            "put back a VM a killed migration left paused, frozen or saved (restore, resume, thaw)")
+    p.add_argument("name")
     p = add(vmp, "screenshot", cmd_vm_screenshot, "save the screen as PNG")
     p.add_argument("name")
     p.add_argument("out", type=Path, help="a regular file (created or truncated; not through a symbolic link)")

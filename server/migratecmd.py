@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import json
 import os
 import secrets
@@ -174,33 +175,78 @@ def cmd_record_to(args: argparse.Namespace) -> int:
         result_file.unlink(missing_ok=True)
         sides: dict[str, SourceSide] = {}
 
+        early: list[int] = []
+
         async def main() -> Report:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGUSR1, stop.set)
+            if early:
+                stop.set()
             if args.duration is not None:
                 loop.call_later(args.duration, stop.set)
             return await _source(client, hv, m, ck, stop, sides)
 
-        pid_file.write_text(f"{os.getpid()}\n")
+        # SIGUSR1's default action ends a process: from the moment the pid file names us, a
+        # `suspend` is remembered (before the loop runs) or ignored (after: the migration is over)
+        signal.signal(signal.SIGUSR1, lambda signum, frame: early.append(signum))
+        pid_fd = hold_pid_file(pid_file, m.name)
         print(f"recording {m.name} into session {args.session}; `replay-migrate suspend {m.name}` migrates "
               "it, Ctrl-C cancels", file=sys.stderr)
+        outcome: dict[str, Any] = {"error": "the recording process failed (a bug: see its output)", "exit_code": 1}
         try:
             report = cancel.run(main, deferred=lambda: _committed(sides.get("source")),
                                 on_cancel="cancelling the migration: the VM runs on here as it was, the "
                                           "target is told to remove its clone").as_dict()
+            outcome = report
         except ReplayMigrateError as e:
-            result_file.write_text(json.dumps({"error": str(e), "exit_code": e.exit_code}))
+            outcome = {"error": str(e), "exit_code": e.exit_code}
             raise
         except cancel.Interrupted as e:
-            result_file.write_text(json.dumps({"error": f"cancelled by {e}: the VM runs on here",
-                                               "exit_code": e.exit_code}))
+            outcome = {"error": f"cancelled by {e}: the VM runs on here", "exit_code": e.exit_code}
             raise
         finally:
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+            result_file.write_text(json.dumps(outcome))    # before the pid file goes: `suspend` reads it then
             pid_file.unlink(missing_ok=True)
-        result_file.write_text(json.dumps(report))
+            os.close(pid_fd)
         print_report(report, args.json)
     return 0
+
+
+def hold_pid_file(path: Path, domain: str) -> int:
+    """Claim ``path`` for this ``record --to`` process: an exclusive ``flock`` held until the
+    process ends (the kernel drops it even on SIGKILL), then our pid in it. The descriptor is
+    returned (keep it open). A second recorder of the same domain is refused."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(f"a `replay-migrate record {domain} --to` runs already (pid {path.read_text().strip()})") \
+            from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def recorder_pid(path: Path) -> int | None:
+    """The pid of the live ``record --to`` holding ``path``, else None: no file, or a stale one
+    (its process ended, perhaps killed; the pid in it may be any process's by now, and SIGUSR1's
+    default action would end that process)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 64).decode("ascii", "replace").strip()
+            return int(text) if text.isdigit() else None
+        return None
+    finally:
+        os.close(fd)
 
 
 def cmd_suspend(args: argparse.Namespace) -> int:
@@ -209,15 +255,20 @@ def cmd_suspend(args: argparse.Namespace) -> int:
         m = hv.lookup(args.domain)
         run_dir = m.run_dir
     pid_file, result_file = run_dir / PID_FILE, run_dir / RESULT_FILE
+    pid = recorder_pid(pid_file)
     try:
-        pid = int(pid_file.read_text())
+        if pid is None:
+            raise ProcessLookupError
         os.kill(pid, signal.SIGUSR1)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
+    except ProcessLookupError:
         raise UsageError(f"no `replay-migrate record {args.domain} --to URL` is running for this domain: "
                          "start one first (it streams the log and performs the suspend)") from None
     deadline = time.monotonic() + args.timeout
-    while pid_file.exists() and time.monotonic() < deadline:
+    while recorder_pid(pid_file) == pid and time.monotonic() < deadline:
         time.sleep(0.2)
+    if recorder_pid(pid_file) == pid:
+        raise ReplayMigrateError(f"the recording process of {args.domain} (pid {pid}) is still migrating after "
+                                 f"{args.timeout:.0f} s")
     if not result_file.exists():
         raise ReplayMigrateError(f"the recording process of {args.domain} ended without a report")
     report = json.loads(result_file.read_text())

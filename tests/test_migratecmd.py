@@ -29,7 +29,7 @@ from replayer.workload import parse_workload
 from server import checkpoint as ckpt
 from server.cli import main
 from server.fileargs import TEST_URI
-from server.migratecmd import migrate_embedded
+from server.migratecmd import hold_pid_file, migrate_embedded, recorder_pid
 from server.migration import SourceSide, TargetSide
 from server.session import TOKEN_ENV
 from vm.machine import Hypervisor, Machine, MachineState
@@ -89,6 +89,41 @@ def test_the_session_is_checked_before_the_hypervisor(capsys: pytest.CaptureFixt
     argv = ["--connect", TEST_URI, "record", "rm-x", "--to", "ws://h:1", "--session", "s*s", "--token", "t"]
     assert main(argv) == UsageError.exit_code
     assert "bad session id" in capsys.readouterr().err
+
+
+HOLDER = """
+import signal, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])   # before any import starts a thread
+from pathlib import Path
+from server.migratecmd import hold_pid_file
+fd = hold_pid_file(Path(sys.argv[1]), "rm-x")
+print("holding", flush=True)
+signal.sigwait([signal.SIGUSR1])
+"""
+
+
+def test_suspend_signals_only_a_live_recorder(tmp_path: Path) -> None:
+    """The pid file of a `record --to` that was killed names a pid any process may have now:
+    SIGUSR1 (whose default action ends a process) goes only to a recorder that holds its lock."""
+    pid_file = tmp_path / "record.pid"
+    bystander = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"])
+    try:
+        pid_file.write_text(f"{bystander.pid}\n")          # stale: nobody holds it
+        assert recorder_pid(pid_file) is None
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(pid_file)], env=env, stdout=subprocess.PIPE,
+                                  text=True)
+        assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
+        assert recorder_pid(pid_file) == holder.pid
+        with pytest.raises(UsageError, match=f"runs already \\(pid {holder.pid}\\)"):
+            hold_pid_file(pid_file, "rm-x")
+        os.kill(holder.pid, signal.SIGUSR1)
+        assert holder.wait(timeout=30) == 0
+        assert recorder_pid(pid_file) is None                # its lock went with it
+        assert bystander.poll() is None                     # never signalled
+    finally:
+        bystander.kill()
+        bystander.wait()
 
 
 # ---- VM tests ----------------------------------------------------------------------------------
@@ -324,3 +359,22 @@ def test_separate_processes_cancel_each_other(stopped: str, make_clone: Callable
     assert "Traceback" not in rerr + ferr
     assert_no_target(hv, target)
     assert_source_runs_as_it_was(hv, source.name)
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("saved", [False, True])
+def test_vm_resume_puts_back_what_a_killed_migration_left(saved: bool, make_clone: Callable[..., Machine],
+                                                          hv: Hypervisor, capsys: pytest.CaptureFixture[str]) -> None:
+    """SIGKILL runs no cleanup: the source may be left frozen and paused, or saved. `vm resume`
+    brings it back as the cleanup would have."""
+    source = make_clone()
+    source.wait_agent()
+    source.fsfreeze()
+    source.pause()
+    image = source.run_dir / "suspend.sav"
+    if saved:
+        source.save(image)
+        assert hv.lookup(source.name).state is MachineState.SHUTOFF
+    assert main(["vm", "resume", source.name]) == 0, capsys.readouterr().err
+    assert_source_runs_as_it_was(hv, source.name)
+    assert not image.exists()
