@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from replay_migrate import __version__
-from replay_migrate.errors import ReplayMigrateError, UsageError
+from replay_migrate.errors import NoSuchDomainError, ReplayMigrateError, UsageError
 from replay_migrate.safeopen import check_output, check_regular, open_output, write_output
 from server import checkpoint as ckpt
 from server.argtypes import non_negative, positive, positive_int
@@ -104,13 +104,17 @@ def cmd_vm_resume(args: argparse.Namespace) -> int:
     from server.migration import put_back
 
     with _hv(args) as hv:
-        m = hv.lookup(args.name)
-        run_dir = m.run_dir
+        try:
+            run_dir = hv.lookup(args.name).run_dir
+        except NoSuchDomainError:          # a saved clone: gone until restored from its folder
+            run_dir = ckpt.clone_dir(args.name)
+            if not (run_dir / "suspend.sav").is_file():
+                raise
         pid = recorder_pid(run_dir / PID_FILE)
         if pid is not None:
             raise UsageError(f"a `replay-migrate record {args.name} --to` (pid {pid}) is migrating it: stop that "
                              "first (Ctrl-C cancels the migration and resumes the VM itself)")
-        back = put_back(hv, m, run_dir / "suspend.sav")
+        back = put_back(hv, args.name, run_dir / "suspend.sav")
         print(f"{back.name}: {back.state.value}, file systems thawed")
     return 0
 

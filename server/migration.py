@@ -44,6 +44,7 @@ from differ.protocol import Verified as DiffVerified
 from recorder.logformat import Button, End, Event, EventsFrame, Key, LogDecoder, SyncMark, decode_frame
 from replay_migrate.errors import (
     ImageError,
+    NoSuchDomainError,
     ProtocolError,
     ReplayError,
     ReplayMigrateError,
@@ -339,7 +340,7 @@ class SourceSide:
     def _restore(self) -> None:
         """Put the source VM back as it was (the migration did not finish)."""
         try:
-            back = put_back(self.hv, self.machine, self._image)
+            back = put_back(self.hv, self.machine.name, self._image)
             self.log.warning("migration stopped: %s runs on at the source", back.name)
         except ReplayMigrateError as e:
             image = self._image
@@ -352,20 +353,28 @@ class SourceSide:
             self.state_files.memory.unlink(missing_ok=True)
 
 
-def put_back(hv: Hypervisor, m: Machine, image: Path | None) -> Machine:
-    """A source VM as it was before its migration, from what it is now: saved (shut off, its
-    state in ``image``): restored from it, and the image deleted once it runs; paused: resumed;
-    then its file systems thawed (a no-op when they are not frozen). For a migration that failed
-    or was cancelled, and for ``replay-migrate vm resume`` after one that was killed."""
-    state = m.state
+def put_back(hv: Hypervisor, name: str, image: Path | None) -> Machine:
+    """Domain ``name`` as it was before its migration, from what it is now: saved (a clone is a
+    transient domain: once saved it is gone, its state in ``image``): restored from the image,
+    which is deleted once the domain runs; paused: resumed; then its file systems thawed (a no-op
+    when they are not frozen). For a migration that failed or was cancelled, and for
+    ``replay-migrate vm resume`` after one that was killed."""
+    m: Machine | None
+    try:
+        m = hv.lookup(name)
+        state = m.state
+    except NoSuchDomainError:
+        m, state = None, MachineState.SHUTOFF
     if state is MachineState.SHUTOFF and image is not None and image.is_file():
         back = hv.restore(image)
+    elif m is None:
+        raise NoSuchDomainError(f"no domain named {name!r}, and no saved state of it to restore")
     else:
         back = m
         if state is MachineState.PAUSED:
             back.resume()
         elif state is not MachineState.RUNNING:
-            raise VMError(f"{m.name!r} is {state.value} and has no saved state to restore")
+            raise VMError(f"{name!r} is {state.value} and has no saved state to restore")
     back.wait_agent(30)
     back.fsthaw()
     if image is not None:
