@@ -11,7 +11,6 @@ import bisect
 import io
 import json
 import os
-import stat
 import struct
 import subprocess
 import tempfile
@@ -40,6 +39,7 @@ from differ.saveimage import (
 from differ.source import LEAF_SIZE, ZERO_LEAF_DIGEST, BlockSource, ImageKind, KnownArrays
 from replay_migrate.errors import HostError, ImageError
 from replay_migrate.files import atomic_write
+from replay_migrate.safeopen import check_regular, open_regular
 
 QCOW2_MAGIC = b"QFI\xfb"
 DIGEST_SIZE = 32
@@ -97,17 +97,9 @@ def _iter_known(arrays: KnownArrays) -> Iterator[tuple[int, bytes | None]]:
 
 
 def _open_readonly(path: str, what: str) -> tuple[int, os.stat_result]:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such {what}") from None
-    except OSError as e:
-        raise ImageError(f"{path}: cannot open {what}: {e.strerror}") from None
-    st = os.fstat(fd)
-    if stat.S_ISDIR(st.st_mode):
-        os.close(fd)
-        raise ImageError(f"{path}: is a directory, not a {what}")
-    return fd, st
+    """Open an image for reading: a regular file only, checked on the descriptor and opened
+    non-blocking, so that a FIFO or a device given as an image is refused instead of waited on."""
+    return open_regular(path, what, error=ImageError)
 
 
 class _FileSource:
@@ -119,7 +111,7 @@ class _FileSource:
     def __init__(self, path: str | os.PathLike[str], what: str) -> None:
         self.path = os.fspath(path)
         self._fd, st = _open_readonly(self.path, what)
-        self._size = st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(self._fd, 0, os.SEEK_END)
+        self._size = st.st_size
 
     @property
     def kind(self) -> ImageKind:
@@ -381,17 +373,8 @@ class LeafDigests:
         within ``max_leaves`` leaves and equal to ``expect_size`` when given, and no member larger
         than the file itself, so nothing is allocated beyond the file's real size."""
         target = os.fspath(path)
+        fd, st = open_regular(target, "leaf-digest file", error=ImageError)
         try:
-            fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise ImageError(f"{target}: no such leaf-digest file") from None
-        except OSError as e:
-            raise ImageError(f"{target}: cannot open leaf-digest file: {e.strerror}") from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise ImageError(f"{target}: not a regular file")
-            os.set_blocking(fd, True)
             with os.fdopen(fd, "rb", closefd=False) as f, zipfile.ZipFile(f) as z:
                 infos = {i.filename: i for i in z.infolist()}
                 if set(infos) != {"digests.npy", "size.npy", "format.npy"} or len(infos) != 3:
@@ -492,8 +475,7 @@ def compute_leaf_digests(
     raw`` into a sparse temporary file (zeros become holes, never hashed one by one). Run once per
     checkpoint and keep the result with :meth:`LeafDigests.save`."""
     spath = os.fspath(path)
-    if not os.path.exists(spath):
-        raise ImageError(f"{spath}: no such image")
+    check_regular(spath, "image", error=ImageError)      # qemu-img would wait on a FIFO
     info = qemu_img_info(spath, fmt=fmt, qemu_img=qemu_img, timeout=timeout)
     fmt = fmt or str(info[0].get("format", ""))
     if fmt == "raw":

@@ -25,7 +25,6 @@ import functools
 import logging
 import os
 import queue
-import stat
 import struct
 import subprocess
 import sys
@@ -44,6 +43,7 @@ from differ.bounded import decompress_exact
 from differ.source import LEAF_SIZE, BlockSource, KnownArrays, KnownLeafArrays
 from replay_migrate.errors import ImageError
 from replay_migrate.files import atomic_write, locked
+from replay_migrate.safeopen import open_regular
 
 log = logging.getLogger("replay_migrate.merkle")
 
@@ -367,14 +367,8 @@ class MerkleTree:
         ``expect_size`` bytes (checked on its header, before the leaf data is read), has more than
         ``max_leaves`` leaves, or its leaves do not give its root. The leaf data is decompressed
         into exactly the header's leaf count (see :func:`differ.bounded.decompress_exact`)."""
+        fd, _ = open_regular(path, "tree file", error=ImageError)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as e:
-            raise ImageError(f"tree file {path}: {e.strerror}") from e
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ImageError(f"tree file {path}: not a regular file")
-            os.set_blocking(fd, True)
             with os.fdopen(fd, "rb", closefd=False) as f:
                 head = f.read(_FILE_HEADER.size)
                 if len(head) != _FILE_HEADER.size:

@@ -32,6 +32,7 @@ from differ.blocks import (
 from differ.saveimage import DEFAULT_COPY_CHUNK, ImageWriter, data_extents
 from differ.source import LEAF_SIZE, BlockSink, BlockSource
 from replay_migrate.errors import ImageError
+from replay_migrate.safeopen import check_replaceable, open_regular
 
 FICLONE = 0x40049409
 """ioctl that makes the copy share the original's extents (btrfs, XFS): instant and exact."""
@@ -48,10 +49,7 @@ def sparse_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, chu
     where the file system can, else only the source's data extents, skipping all-zero 4 KiB pages.
     Returns ``"reflink"`` or ``"sparse"``. ``dst`` must not exist; the source's mode is kept."""
     spath, dpath = os.fspath(src), os.fspath(dst)
-    try:
-        sfd = os.open(spath, os.O_RDONLY)
-    except OSError as e:
-        raise ImageError(f"{spath}: cannot open for copying: {e.strerror}") from None
+    sfd, _ = open_regular(spath, "image to copy", error=ImageError)
     try:
         try:
             dfd = os.open(dpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -114,7 +112,10 @@ def _copy_nonzero(sfd: int, dfd: int, start: int, end: int, chunk: int) -> None:
 def _sibling_path(path: str, tag: str) -> str:
     """A fresh name next to ``path`` for its working copy (hidden, unique)."""
     directory, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.{tag}-", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.{tag}-", dir=directory)
+    except OSError as e:
+        raise ImageError(f"{path}: cannot make its working copy in {directory}: {e.strerror}") from None
     os.close(fd)
     os.unlink(tmp)
     return tmp
@@ -134,8 +135,9 @@ class _CopySink:
     def __init__(self, path: str | os.PathLike[str], what: str, *, durable: bool = True) -> None:
         self.path = os.fspath(path)
         self.durable = durable
-        if not os.path.isfile(self.path):
-            raise ImageError(f"{self.path}: no such {what}")
+        # a regular file, not a link (the rename would replace the link, not the file it names),
+        # in a folder we can write: refused here, before any work, rather than at the rename
+        check_replaceable(self.path, what, error=ImageError, single_name=False)
         self.copy_path = _sibling_path(self.path, "rm-patch")
         self.copy_method = sparse_copy(self.path, self.copy_path)
         self._state = "open"

@@ -26,7 +26,6 @@ import ctypes.util
 import errno
 import json
 import os
-import stat
 import struct
 import sys
 from collections.abc import Iterator, Sequence
@@ -37,6 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from replay_migrate.errors import ImageError, ReplayMigrateError
+from replay_migrate.safeopen import open_regular
 
 LIBVIRT_MAGIC = b"LibvirtQemudSave"
 LIBVIRT_PARTIAL_MAGIC = b"LibvirtQemudPart"
@@ -384,7 +384,7 @@ def parse_save_image(
 ) -> SaveLayout:
     """Parse and validate the layout of a sparse save image; ImageError says what is wrong."""
     spath = os.fspath(path)
-    fd = open_regular(spath, "save image")
+    fd, _ = open_regular(spath, "save image", error=ImageError)   # a FIFO or device: refused, not waited on
     try:
         return _parse_fd(fd, spath, max_data_len, max_ram_blocks, max_scan)
     except OSError as e:
@@ -392,22 +392,6 @@ def parse_save_image(
     finally:
         os.close(fd)
 
-
-def open_regular(path: str, what: str) -> int:
-    """A read-only fd of the regular file ``path``; ImageError for anything else. Opened with
-    O_NONBLOCK and checked before any read, so a FIFO or a device never blocks the parser."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise ImageError(f"{path}: cannot open {what}: {e.strerror}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ImageError(f"{path}: not a regular file")
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def _parse_fd(fd: int, path: str, max_data_len: int, max_blocks: int, max_scan: int) -> SaveLayout:
@@ -489,8 +473,8 @@ class SaveImage:
         max_scan: int = DEFAULT_MAX_SCAN,
     ) -> SaveImage:
         layout = parse_save_image(path, max_data_len=max_data_len, max_ram_blocks=max_ram_blocks, max_scan=max_scan)
-        fd = open_regular(layout.path, "save image")
-        if os.fstat(fd).st_size != layout.file_size:
+        fd, st = open_regular(layout.path, "save image", error=ImageError)
+        if st.st_size != layout.file_size:
             os.close(fd)
             raise ImageError(f"{layout.path}: changed size while being opened")
         return cls(layout, fd)

@@ -7,6 +7,7 @@ recorder to capture; it is not replay (no log, no echo).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,9 +35,12 @@ def to_qmp(ev: Key | Button | Motion, screen: tuple[int, int]) -> list[vi.Event]
     return vi.pointer(ev.x, ev.y, screen)
 
 
-def drive(machine: Machine, actions: Sequence[Action], *, seed: int = 0, speed: float = 1.0) -> DriveStats:
-    """Inject ``actions`` (see ``replayer.workload``) into ``machine`` with human timing."""
+def drive(machine: Machine, actions: Sequence[Action], *, seed: int = 0, speed: float = 1.0,
+          stop: threading.Event | None = None) -> DriveStats:
+    """Inject ``actions`` (see ``replayer.workload``) into ``machine`` with human timing; return
+    early once ``stop`` is set (the command was cancelled: the user stops typing at once)."""
     events: list[Event] = synthesize(actions, seed=seed)
+    halt = stop if stop is not None else threading.Event()
     t0 = time.monotonic()
     last = t0 - MIN_EVENT_GAP_S
     n = 0
@@ -45,12 +49,12 @@ def drive(machine: Machine, actions: Sequence[Action], *, seed: int = 0, speed: 
             continue
         due = max(t0 + ev.t_us / 1e6 / speed, last + MIN_EVENT_GAP_S)
         left = due - time.monotonic()
-        if left > 0:
-            time.sleep(left)
+        if halt.wait(left) if left > 0 else halt.is_set():
+            return DriveStats(n, time.monotonic() - t0)
         machine.send_input(to_qmp(ev, machine.screen_size))
         last = time.monotonic()
         n += 1
     end = t0 + (events[-1].t_us / 1e6 / speed if events else 0.0)
     if end > time.monotonic():
-        time.sleep(end - time.monotonic())      # trailing waits of the workload
+        halt.wait(end - time.monotonic())       # trailing waits of the workload
     return DriveStats(n, time.monotonic() - t0)

@@ -11,6 +11,7 @@ the recorded digest: a click is only replayed once the window it lands in looks 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -29,7 +30,8 @@ from recorder.logformat import (
     Motion,
     SyncMark,
 )
-from replay_migrate.errors import LogFormatError, ReplayError
+from replay_migrate.errors import ReplayError, UsageError
+from replay_migrate.safeopen import open_regular
 from replayer.drive import to_qmp
 from replayer.link import RecorderLink
 from vm.machine import Machine
@@ -113,6 +115,7 @@ class Replayer:
         catches up instead of trailing the source by the sum of all echo waits."""
         self._t0 = time.monotonic()
         self._log_ended = threading.Event()
+        self._stop = threading.Event()
         self.on_progress: Callable[[int], None] | None = None
         """Called with the number of events replayed so far, after each one."""
         self.log = logging.getLogger(f"replay_migrate.replay.{machine.name}")
@@ -122,6 +125,16 @@ class Replayer:
         ``sync_timeout_ended_s``. Thread-safe: called while :meth:`replay` runs in another thread."""
         self._log_ended.set()
 
+    def stop(self) -> None:
+        """Make :meth:`replay` return after the event in progress (its echo wait is bounded by
+        ``echo_timeout_s``) instead of going through every event still queued: the migration was
+        cancelled. Thread-safe."""
+        self._stop.set()
+
+    def _pause(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True once :meth:`stop` was called (it ends the sleep)."""
+        return self._stop.wait(seconds)
+
     def check_header(self, header: LogHeader) -> None:
         if (header.width, header.height) != self.machine.screen_size:
             raise ReplayError(f"the log was recorded on a {header.width}x{header.height} screen; "
@@ -129,11 +142,15 @@ class Replayer:
 
     def replay(self, events: Iterable[Event]) -> ReplayStats:
         for ev in events:
+            if self._stop.is_set():
+                break
             self.stats.events += 1
             if isinstance(ev, End):
                 self.stats.ended = True
                 break
             self._wait_gap(ev.t_us)
+            if self._stop.is_set():
+                break
             if isinstance(ev, SyncMark):
                 self._sync(ev)
             else:
@@ -152,7 +169,7 @@ class Replayer:
         gap = min(max(0, t_us - self._last_t_us) / 1e6, self.config.gap_cap_s) / self.config.speed
         self._due += gap
         if self._due > now:
-            time.sleep(self._due - now)
+            self._pause(self._due - now)
 
     def _inject(self, ev: Key | Button | Motion) -> None:
         if isinstance(ev, Motion):
@@ -200,7 +217,8 @@ class Replayer:
                 self.stats.sync_failed.append(what)
                 self.stats.settled = False
                 return
-            time.sleep(SYNC_POLL_S)
+            if self._pause(SYNC_POLL_S):
+                return
 
     def _ack_frames(self, events: list[HostEvent]) -> None:
         """Ack the target agent's own recording of what we replay, so its resend buffer stays as
@@ -229,11 +247,8 @@ def file_chunks(path: Path, *, follow: bool = False, chunk: int = 1 << 16,
                 idle_timeout_s: float | None = None) -> Iterator[bytes]:
     """The bytes of ``path``; with ``follow`` keep reading what is appended (tail -f) until the
     caller stops (the decoder sees the end of the log) or nothing new came for ``idle_timeout_s``."""
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise LogFormatError(f"{path}: cannot read the log: {e.strerror}") from e
-    with f:
+    fd, _ = open_regular(path, "log", error=UsageError)     # a FIFO: refused, not waited on
+    with os.fdopen(fd, "rb") as f:
         idle_since = time.monotonic()
         while True:
             data = f.read(chunk)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 import sys
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from recorder.logformat import Button, Event, Key, Motion
 from replay_migrate.errors import ReplayMigrateError, UsageError
+from replay_migrate.safeopen import read_regular
 from replayer.keymap import Combo, Stroke, combo_keys, parse_combo, stroke_keys, text_strokes
 
 DEFAULT_SCREEN = (1280, 800)
@@ -286,15 +288,10 @@ def parse_workload(
 def load_workload(
     path: str | Path, *, screen: tuple[int, int] = DEFAULT_SCREEN, max_bytes: int = DEFAULT_MAX_BYTES
 ) -> list[Action]:
-    """Read and parse a workload file (UTF-8)."""
+    """Read and parse a workload file (UTF-8): a regular file (a FIFO or a device is refused, not
+    waited on or read forever), at most ``max_bytes``."""
     p = Path(path)
-    try:
-        with p.open("rb") as f:
-            data = f.read(max_bytes + 1)
-    except OSError as e:
-        raise UsageError(f"{p}: cannot read workload: {e.strerror}") from None
-    if len(data) > max_bytes:
-        raise UsageError(f"{p}: larger than {max_bytes} bytes")
+    data = read_regular(p, "workload", max_bytes=max_bytes, error=UsageError)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -310,15 +307,24 @@ def shipped_workloads() -> dict[str, Path]:
     return {p.stem: p for p in sorted(WORKLOADS_DIR.glob("*.wl"))}
 
 
-def find_workload(name: str) -> Path:
-    """A shipped workload by name, else a workload file; UsageError naming the choices if neither."""
+def find_workload(name: str | Path) -> Path:
+    """A shipped workload by name, else a workload file; UsageError naming the choices if neither.
+    Every command that takes a workload looks it up here (``workload run``, ``migrate``, ``demo``)."""
     shipped = shipped_workloads()
-    if name in shipped:
-        return shipped[name]
+    if str(name) in shipped:
+        return shipped[str(name)]
     p = Path(name)
-    if not p.is_file():
-        raise UsageError(f"no workload {name!r}: give a file or one of {', '.join(shipped)}")
-    return p
+    if not os.path.lexists(p):
+        raise UsageError(f"no workload {str(name)!r}: no such file, nor one of the shipped ones "
+                         f"({', '.join(shipped)})")
+    return p          # whatever it is: load_workload says why if it is not a readable regular file
+
+
+def get_workload(name: str | Path, *, screen: tuple[int, int] = DEFAULT_SCREEN) -> tuple[Path, list[Action]]:
+    """:func:`find_workload` and :func:`load_workload`: the path and its actions, checked before a
+    command starts anything."""
+    path = find_workload(name)
+    return path, load_workload(path, screen=screen)
 
 
 # ----------------------------------------------------------------------------------------- synthesis
@@ -437,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         for f in args.files:
-            actions = load_workload(f)
+            actions = load_workload(find_workload(f))
             evs = synthesize(actions)
             dur = evs[-1].t_us / 1e6 if evs else 0.0
             waits = sum(a.seconds for a in actions if isinstance(a, Wait))

@@ -2,21 +2,31 @@
 
 Exit codes: 0 success; 1 an unexpected error (a bug: traceback printed); otherwise the
 ``exit_code`` of the ReplayMigrateError subclass raised (see replay_migrate/errors.py and the
-README's table). Errors are printed as one line ``replay-migrate: error: ...``.
+README's table), or 128 + the number of the signal that stopped the command (130 SIGINT,
+143 SIGTERM, 129 SIGHUP). Errors are printed as one line ``replay-migrate: error: ...``.
+
+Every command checks its arguments (files, names, durations, the domain it acts on) before it
+starts anything. SIGINT, SIGTERM and SIGHUP stop any command with its cleanup run
+(:mod:`server.cancel`); what each command does on each is in the README's table.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from replay_migrate import __version__
-from replay_migrate.errors import ReplayMigrateError, UsageError
+from replay_migrate.errors import NoSuchDomainError, ReplayMigrateError, UsageError
+from replay_migrate.safeopen import check_output, check_regular, open_output, write_output
 from server import checkpoint as ckpt
+from server.argtypes import non_negative, positive, positive_int
+from server.cancel import Interrupted, raising_on_signals, stopping_on_signals
 from server.images import ensure_image
 from server.report import emit_json, human_bytes, table
 from vm.machine import Hypervisor, Machine
@@ -87,9 +97,33 @@ def cmd_vm_rm(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_vm_screenshot(args: argparse.Namespace) -> int:
+def cmd_vm_resume(args: argparse.Namespace) -> int:
+    """Put back a source VM that a killed migration (SIGKILL, a crash) left paused, frozen or
+    saved: SIGINT and SIGTERM do this themselves; SIGKILL runs nothing."""
+    from server.migratecmd import PID_FILE, recorder_pid
+    from server.migration import put_back
+
     with _hv(args) as hv:
-        args.out.write_bytes(hv.lookup(args.name).screenshot().png())
+        try:
+            run_dir = hv.lookup(args.name).run_dir
+        except NoSuchDomainError:          # a saved clone: gone until restored from its folder
+            run_dir = ckpt.clone_dir(args.name)
+            if not (run_dir / "suspend.sav").is_file():
+                raise
+        pid = recorder_pid(run_dir / PID_FILE)
+        if pid is not None:
+            raise UsageError(f"a `replay-migrate record {args.name} --to` (pid {pid}) is migrating it: stop that "
+                             "first (Ctrl-C cancels the migration and resumes the VM itself)")
+        back = put_back(hv, args.name, run_dir / "suspend.sav")
+        print(f"{back.name}: {back.state.value}, file systems thawed")
+    return 0
+
+
+def cmd_vm_screenshot(args: argparse.Namespace) -> int:
+    check_output(args.out, "screenshot")
+    with _hv(args) as hv:
+        png = hv.lookup(args.name).screenshot().png()
+    write_output(args.out, png, "screenshot")
     return 0
 
 
@@ -113,19 +147,17 @@ def cmd_record(args: argparse.Namespace) -> int:
 
         return cmd_record_to(args)
 
+    check_output(args.out, "log")
     with _hv(args) as hv:
         m = hv.lookup(args.domain)
-        with RecorderLink(m) as link, open(args.out, "wb") as out:
+        with RecorderLink(m) as link, open_output(args.out, "log") as out:
             hello = link.open()
             print(f"recording {m.name} ({hello.width}x{hello.height}, keymap {hello.keymap}) to {args.out}; "
                   "Ctrl-C stops", file=sys.stderr)
-            try:
-                st = record(link, out, duration_s=args.duration)
-            except KeyboardInterrupt:
-                st = None
-        if st is not None:
-            print(f"{st.frames} frames, {st.bytes} bytes in {st.seconds:.1f} s"
-                  + (" (the log ended)" if st.ended else ""), file=sys.stderr)
+            with stopping_on_signals() as stopped:     # the log keeps every frame the agent sent
+                st = record(link, out, stop=stopped, duration_s=args.duration)
+        print(f"{st.frames} frames, {st.bytes} bytes in {st.seconds:.1f} s"
+              + (" (the log ended)" if st.ended else ""), file=sys.stderr)
     return 0
 
 
@@ -135,6 +167,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     cfg = ReplayConfig(gap_cap_s=args.gap_cap, echo_timeout_s=args.echo_timeout,
                        sync_timeout_s=args.sync_timeout, strict_sync=args.strict_sync)
+    check_regular(args.log, "log")
     with _hv(args) as hv:
         m = hv.lookup(args.domain)
         with RecorderLink(m) as link:
@@ -163,9 +196,9 @@ def cmd_workload_list(args: argparse.Namespace) -> int:
 
 def cmd_workload_run(args: argparse.Namespace) -> int:
     from replayer.drive import drive
-    from replayer.workload import find_workload, load_workload
+    from replayer.workload import get_workload
 
-    actions = load_workload(find_workload(args.workload))
+    _, actions = get_workload(args.workload)
     with _hv(args) as hv:
         st = drive(hv.lookup(args.domain), actions, seed=args.seed)
     print(f"{st.events} input events in {st.seconds:.1f} s")
@@ -175,7 +208,12 @@ def cmd_workload_run(args: argparse.Namespace) -> int:
 # ---- parser -----------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     """argparse exits 2 on a usage error; ours is UsageError's code (64, EX_USAGE), so that 2
-    keeps meaning the generic ReplayMigrateError."""
+    keeps meaning the generic ReplayMigrateError. No abbreviated options: ``--token t`` once
+    silently meant ``--token-file t``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
@@ -202,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     ck = sub.add_parser("checkpoint", help="checkpoints both sites share").add_subparsers(dest="sub", required=True)
     p = add(ck, "create", cmd_checkpoint_create, "boot the image to the settled desktop and save it")
     p.add_argument("name")
-    p.add_argument("--memory-mib", type=int, default=1024)
-    p.add_argument("--settle", type=float, default=ckpt.SETTLE_S, help="idle seconds before saving")
+    p.add_argument("--memory-mib", type=positive_int, default=1024)
+    p.add_argument("--settle", type=non_negative, default=ckpt.SETTLE_S, help="idle seconds before saving")
     p = add(ck, "list", cmd_checkpoint_list, "list checkpoints")
     p.add_argument("--json", action="store_true")
     p = add(ck, "rm", cmd_checkpoint_rm, "delete a checkpoint (refused while clones use it)")
@@ -217,21 +255,25 @@ def build_parser() -> argparse.ArgumentParser:
     add(vmp, "list", cmd_vm_list, "list our domains")
     p = add(vmp, "rm", cmd_vm_rm, "destroy clones and delete their files")
     p.add_argument("names", nargs="+")
+    p = add(vmp, "resume", cmd_vm_resume,
+            "put back a VM a killed migration left paused, frozen or saved (restore, resume, thaw)")
+    p.add_argument("name")
     p = add(vmp, "screenshot", cmd_vm_screenshot, "save the screen as PNG")
     p.add_argument("name")
-    p.add_argument("out", type=Path)
+    p.add_argument("out", type=Path, help="a regular file (created or truncated; not through a symbolic link)")
     p = add(vmp, "exec", cmd_vm_exec, "run a shell command in the guest (guest agent)")
     p.add_argument("name")
     p.add_argument("command")
-    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--timeout", type=positive, default=120.0)
 
     p = add(sub, "record", cmd_record,
             "record a running domain's input log, live: into a file (--out) or a migration session (--to)")
     p.add_argument("domain")
-    p.add_argument("--out", type=Path, metavar="LOG", help="write the log to this file")
+    p.add_argument("--out", type=Path, metavar="LOG",
+                   help="write the log to this regular file (created or truncated; not through a symbolic link)")
     p.add_argument("--to", metavar="URL", help="stream it to the handoff service ws[s]://HOST:PORT, and "
                    "migrate at `replay-migrate suspend DOMAIN`")
-    p.add_argument("--duration", type=float, help="stop (with --to: suspend) after this many seconds")
+    p.add_argument("--duration", type=positive, help="stop (with --to: suspend) after this many seconds")
     p.add_argument("--json", action="store_true", help="with --to: print the report as JSON")
     from server import migratecmd
     migratecmd.add_record_to_options(p)
@@ -254,11 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("log", type=Path)
     p.add_argument("--into", dest="domain", required=True)
     p.add_argument("--follow", action="store_true", help="keep reading a log that is still growing")
-    p.add_argument("--idle-timeout", type=float, default=None,
+    p.add_argument("--idle-timeout", type=positive, default=None,
                    help="with --follow: stop when the log has not grown for this long")
-    p.add_argument("--gap-cap", type=float, default=2.0, help="longest idle gap kept, s (default %(default)s)")
-    p.add_argument("--echo-timeout", type=float, default=10.0, help="s per event (default %(default)s)")
-    p.add_argument("--sync-timeout", type=float, default=5.0, help="s per sync mark (default %(default)s)")
+    p.add_argument("--gap-cap", type=positive, default=2.0, help="longest idle gap kept, s (default %(default)s)")
+    p.add_argument("--echo-timeout", type=positive, default=10.0, help="s per event (default %(default)s)")
+    p.add_argument("--sync-timeout", type=positive, default=5.0, help="s per sync mark (default %(default)s)")
     p.add_argument("--strict-sync", action="store_true", help="fail on a sync mark that is not met")
     p.add_argument("--json", action="store_true")
 
@@ -285,18 +327,27 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@functools.cache
+def _parser() -> argparse.ArgumentParser:
+    """Built once per process (argparse's per-option translation look-ups cost ~50 ms a build:
+    the file-argument fuzz target calls :func:`main` many times)."""
+    return build_parser()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        return int(args.fn(args))
+        with raising_on_signals():
+            return int(args.fn(args))
     except ReplayMigrateError as e:
         print(f"replay-migrate: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("replay-migrate: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        code = e.exit_code if isinstance(e, Interrupted) else 128 + signal.SIGINT
+        print(f"replay-migrate: interrupted ({e or 'SIGINT'}); exit {code}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -549,6 +549,13 @@ def _service_base(url: str) -> tuple[str, str]:
     return url.rstrip("/"), parts.netloc
 
 
+def check_service(url: str, cafile: str | os.PathLike[str] | None = None) -> None:
+    """Refuse a bad service URL or CA file at once (UsageError): commands check it before they
+    touch libvirt or a guest."""
+    _service_base(url)
+    _client_ssl(url, cafile)
+
+
 def _client_ssl(url: str, cafile: str | os.PathLike[str] | None) -> ssl.SSLContext | None:
     """TLS for a wss:// URL: the system's CAs, or only ``cafile`` (a self-signed service certificate)."""
     if not url.startswith("wss:"):

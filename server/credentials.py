@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Final
 
 from replay_migrate.errors import UsageError
+from replay_migrate.safeopen import open_regular
 from server.session import CREDENTIAL_ENV, MIN_KEY_BYTES, TOKEN_ENV, Credential, Role
 
 KEY_ENV: Final = "REPLAY_MIGRATE_SERVICE_KEY"
@@ -25,14 +26,8 @@ MAX_SECRET_FILE: Final = 4096
 
 def read_secret_file(path: Path, what: str) -> str:
     """The stripped text of a secret file, refused unless it is a small regular file private to its owner."""
+    fd, st = open_regular(path, what)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read the {what}: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UsageError(f"{path}: the {what} must be a regular file")
         if st.st_mode & 0o077:
             raise UsageError(f"{path}: the {what} is readable by others (mode {stat.S_IMODE(st.st_mode):o}): "
                              f"chmod 600 it")

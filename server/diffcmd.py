@@ -20,6 +20,7 @@ from differ.patch import open_sink
 from differ.protocol import TransferStats
 from differ.sync import sync_local
 from replay_migrate.errors import ImageError, UsageError
+from replay_migrate.safeopen import check_replaceable
 from server import checkpoint as ckpt
 from server.report import emit_json, human_bytes, table
 from server.vmstate import FANOUT, checkpoint_trees
@@ -46,6 +47,10 @@ def backing_digests(a: Path, b: Path) -> LeafDigests | None:
 
 
 def transfer(a: Path, b: Path, *, dry_run: bool) -> tuple[str, TransferStats]:
+    """Both paths are checked first (regular files, B replaceable when it is to be patched), then
+    sniffed: nothing is hashed, copied or run before every argument is known to be usable."""
+    if not dry_run:
+        check_replaceable(b, "image to patch", error=ImageError)
     kinds = {detect_format(a), detect_format(b)}
     if len(kinds) != 1:
         raise UsageError(f"{a} and {b} are different kinds of image ({' and '.join(sorted(kinds))})")
@@ -119,7 +124,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("a", type=Path, help="the image to copy from (source)")
-    p.add_argument("b", type=Path, help="the image to compare with or patch (target)")
+    p.add_argument("a", type=Path, help="the image to copy from (source): a regular file")
+    p.add_argument("b", type=Path, help="the image to compare with or patch (target): a regular file; sync "
+                   "replaces it by renaming a patched copy over it, so it must not be a symbolic link "
+                   "(give the file it names) and its folder must be writable")
     p.add_argument("--json", action="store_true")
 

@@ -2,9 +2,14 @@
 and ``migrate``, which runs the service on loopback and both sides in this process: the same
 code paths as two hosts, for the demo and for trying the tool on one machine.
 
-``record --to`` keeps streaming until it is told to suspend: by ``replay-migrate suspend DOMAIN``
-(which signals it through the pid file in the clone's folder and prints its report), by Ctrl-C
-or after ``--duration``.
+``record --to`` keeps streaming until it is told to migrate: by ``replay-migrate suspend DOMAIN``
+(which sends it SIGUSR1 through the pid file in the clone's folder and prints its report) or after
+``--duration``. SIGINT (Ctrl-C), SIGTERM and SIGHUP *cancel* a migration, in every command: the
+source VM runs on as it was, the target's clone is removed, and the command exits 128 + the
+signal's number; once the target has verified every block the migration completes instead (see
+the README's table). Every argument is checked before anything starts (the workload loads, the
+checkpoint exists, the source is a running clone of it, the target's name is free), and a failure
+in any part of a command fails the whole at once (:func:`server.cancel.supervise`).
 
 Credentials (DESIGN.md §8, README "Security model"): ``record --to URL --target-credential FILE``
 creates the session with the shared token and writes the target's credential to FILE (0600) for
@@ -17,35 +22,39 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import secrets
 import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from replay_migrate.errors import ReplayMigrateError, UsageError, VerificationError, VMError
+from replay_migrate.safeopen import write_output
 from replayer.drive import drive
 from replayer.replay import ReplayConfig
-from replayer.workload import load_workload
+from replayer.workload import get_workload
+from server import cancel
 from server import checkpoint as ckpt
-from server.client import SessionClient, create_session
+from server.argtypes import positive
+from server.client import SessionClient, check_service, create_session
 from server.credentials import load_credential, load_token, write_secret_file
 from server.migration import Report, SourceSide, TargetSide, merged_report
+from server.paths import check_name
 from server.report import Progress, emit_json, human_bytes, table
 from server.service import ServiceConfig, start_service
 from server.session import CREDENTIAL_ENV, MIN_KEY_BYTES, TOKEN_ENV, Credential, Role
 from server.vmstate import VmState, same_state
-from vm.machine import Hypervisor, Machine
+from vm.machine import Hypervisor, Machine, MachineState
 
 PID_FILE = "record.pid"
 RESULT_FILE = "migration.json"
-CLEANUP_WAIT_S = 120.0
-"""How long an embedded migration that failed waits for the target side to remove its clone."""
 SUSPEND_WAIT_S = 1800.0
 """How long ``suspend`` waits for the recording process to finish the migration."""
 
@@ -99,10 +108,69 @@ def cmd_session_new(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- argument checks --------------------------------------------------------------------------------
+def check_clone_name(name: str, what: str) -> str:
+    """A name for a new clone: the checkpoint store's name rule (it becomes a folder name)."""
+    try:
+        check_name(name, "clone")
+    except ReplayMigrateError as e:
+        raise UsageError(f"{what}: {e}") from None
+    return name
+
+
+def check_source(hv: Hypervisor, domain: str, ck: ckpt.Checkpoint | None = None) -> tuple[Machine, ckpt.Checkpoint]:
+    """The source domain and its checkpoint: it exists, is one of our clones (of ``ck`` when
+    given) and runs (a paused or stopped source records nothing and cannot be frozen)."""
+    m = hv.lookup(domain)
+    origin = _checkpoint_of(m)
+    if ck is not None and origin.name != ck.name:
+        raise UsageError(f"{domain!r} is a clone of checkpoint {origin.name!r}, not of {ck.name!r}: "
+                         "both sites must start from the checkpoint the source was made from")
+    state = m.state
+    if state is not MachineState.RUNNING:
+        raise VMError(f"{domain!r} is {state.value}: the source of a migration must be running")
+    return m, origin
+
+
+def check_target_name(hv: Hypervisor, name: str, option: str) -> None:
+    """The target makes a new clone of this name: never a domain that exists (it would be lost)."""
+    if hv.exists(name):
+        raise UsageError(f"a domain named {name!r} exists already: choose another {option} or remove it "
+                         f"(replay-migrate vm rm {name})")
+
+
+def _committed(*sides: SourceSide | TargetSide | None) -> bool:
+    return any(side is not None and side.committing for side in sides)
+
+
+async def read_line(stream: TextIO | None = None) -> None:
+    """Wait for a line on ``stream`` (stdin) in the event loop, not in a thread: a thread blocked in
+    ``readline`` cannot be cancelled and kept the process alive after Ctrl-C until Enter."""
+    stream = stream if stream is not None else sys.stdin
+    loop = asyncio.get_running_loop()
+    fd = stream.fileno()
+    readable = asyncio.Event()
+    try:
+        loop.add_reader(fd, readable.set)
+    except (PermissionError, ValueError):       # a regular file or /dev/null: never blocks
+        stream.readline()
+        return
+    try:
+        while True:
+            await readable.wait()
+            readable.clear()
+            data = os.read(fd, 4096)
+            if not data or b"\n" in data:
+                return
+    finally:
+        loop.remove_reader(fd)
+
+
 # ---- source: record --to / suspend -----------------------------------------------------------------
 def _source_credential(args: argparse.Namespace) -> Credential | None:
     """The source credential the arguments name, or None when ``--target-credential`` asks for a new
     session (checked before anything starts)."""
+    check_service(args.to, args.ca_file)
     if args.target_credential is not None:
         if args.credential is not None:
             raise UsageError("--credential (an existing session) and --target-credential (a new one) exclude "
@@ -117,14 +185,12 @@ def _source_credential(args: argparse.Namespace) -> Credential | None:
     return load_credential(args.credential, Role.SOURCE)
 
 
-async def _source(args: argparse.Namespace, hv: Hypervisor, m: Machine, ck: ckpt.Checkpoint,
-                  stop: asyncio.Event, credential: Credential) -> Report:
-    async with SessionClient(args.to, credential, cafile=args.ca_file) as client:
-        src = SourceSide(hv, m, ck, client)
+async def _source(client: SessionClient, hv: Hypervisor, m: Machine, ck: ckpt.Checkpoint,
+                  stop: asyncio.Event, sides: dict[str, SourceSide]) -> Report:
+    async with client:
+        src = sides["source"] = SourceSide(hv, m, ck, client)
         src.progress = Progress()
-        streaming = asyncio.create_task(src.stream_log(stop))
-        await stop.wait()
-        await streaming
+        await src.stream_log(stop)
         report = await src.suspend()
         await src.release()
         return report
@@ -138,43 +204,95 @@ def _checkpoint_of(m: Machine) -> ckpt.Checkpoint:
 
 
 def cmd_record_to(args: argparse.Namespace) -> int:
-    credential = _source_credential(args)
+    """Stream until SIGUSR1 (``suspend``) or ``--duration``, then migrate; SIGINT, SIGTERM or
+    SIGHUP cancel: the session is failed (the target removes its clone) and the VM runs on here."""
+    credential = _source_credential(args)          # every argument checked before anything starts
     with Hypervisor(args.connect) as hv:
-        m = hv.lookup(args.domain)
-        ck = _checkpoint_of(m)
+        m, ck = check_source(hv, args.domain)
         run_dir = ckpt.run_dir_of(m)
         if credential is None:
             credential, target = asyncio.run(_new_session(args))
             write_secret_file(args.target_credential, str(target), "target credential")
             print(f"session {credential.session}: hand {args.target_credential} to the target site's "
                   f"`replay-migrate follow --credential FILE`", file=sys.stderr)
-        source_credential = credential
+        client = SessionClient(args.to, credential, cafile=args.ca_file)
         pid_file = run_dir / PID_FILE
         result_file = run_dir / RESULT_FILE
         result_file.unlink(missing_ok=True)
+        sides: dict[str, SourceSide] = {}
+
+        early: list[int] = []
 
         async def main() -> Report:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
-            for sig in (signal.SIGUSR1, signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(signal.SIGUSR1, stop.set)
+            if early:
+                stop.set()
             if args.duration is not None:
                 loop.call_later(args.duration, stop.set)
-            return await _source(args, hv, m, ck, stop, source_credential)
+            return await _source(client, hv, m, ck, stop, sides)
 
-        pid_file.write_text(f"{os.getpid()}\n")
-        print(f"recording {m.name} into session {source_credential.session}; `replay-migrate suspend {m.name}` "
-              "(or Ctrl-C) migrates it", file=sys.stderr)
+        # SIGUSR1's default action ends a process: from the moment the pid file names us, a
+        # `suspend` is remembered (before the loop runs) or ignored (after: the migration is over)
+        signal.signal(signal.SIGUSR1, lambda signum, frame: early.append(signum))
+        pid_fd = hold_pid_file(pid_file, m.name)
+        print(f"recording {m.name} into session {credential.session}; `replay-migrate suspend {m.name}` "
+              "migrates it, Ctrl-C cancels", file=sys.stderr)
+        outcome: dict[str, Any] = {"error": "the recording process failed (a bug: see its output)", "exit_code": 1}
         try:
-            report = asyncio.run(main()).as_dict()
+            report = cancel.run(main, deferred=lambda: _committed(sides.get("source")),
+                                on_cancel="cancelling the migration: the VM runs on here as it was, the "
+                                          "target is told to remove its clone").as_dict()
+            outcome = report
         except ReplayMigrateError as e:
-            result_file.write_text(json.dumps({"error": str(e), "exit_code": e.exit_code}))
+            outcome = {"error": str(e), "exit_code": e.exit_code}
+            raise
+        except cancel.Interrupted as e:
+            outcome = {"error": f"cancelled by {e}: the VM runs on here", "exit_code": e.exit_code}
             raise
         finally:
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+            result_file.write_text(json.dumps(outcome))    # before the pid file goes: `suspend` reads it then
             pid_file.unlink(missing_ok=True)
-        result_file.write_text(json.dumps(report))
+            os.close(pid_fd)
         print_report(report, args.json)
     return 0
+
+
+def hold_pid_file(path: Path, domain: str) -> int:
+    """Claim ``path`` for this ``record --to`` process: an exclusive ``flock`` held until the
+    process ends (the kernel drops it even on SIGKILL), then our pid in it. The descriptor is
+    returned (keep it open). A second recorder of the same domain is refused."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(f"a `replay-migrate record {domain} --to` runs already (pid {path.read_text().strip()})") \
+            from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def recorder_pid(path: Path) -> int | None:
+    """The pid of the live ``record --to`` holding ``path``, else None: no file, or a stale one
+    (its process ended, perhaps killed; the pid in it may be any process's by now, and SIGUSR1's
+    default action would end that process)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 64).decode("ascii", "replace").strip()
+            return int(text) if text.isdigit() else None
+        return None
+    finally:
+        os.close(fd)
 
 
 def cmd_suspend(args: argparse.Namespace) -> int:
@@ -182,15 +300,20 @@ def cmd_suspend(args: argparse.Namespace) -> int:
     with Hypervisor(args.connect) as hv:
         run_dir = ckpt.run_dir_of(hv.lookup(args.domain))
     pid_file, result_file = run_dir / PID_FILE, run_dir / RESULT_FILE
+    pid = recorder_pid(pid_file)
     try:
-        pid = int(pid_file.read_text())
+        if pid is None:
+            raise ProcessLookupError
         os.kill(pid, signal.SIGUSR1)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
+    except ProcessLookupError:
         raise UsageError(f"no `replay-migrate record {args.domain} --to URL` is running for this domain: "
                          "start one first (it streams the log and performs the suspend)") from None
     deadline = time.monotonic() + args.timeout
-    while pid_file.exists() and time.monotonic() < deadline:
+    while recorder_pid(pid_file) == pid and time.monotonic() < deadline:
         time.sleep(0.2)
+    if recorder_pid(pid_file) == pid:
+        raise ReplayMigrateError(f"the recording process of {args.domain} (pid {pid}) is still migrating after "
+                                 f"{args.timeout:.0f} s")
     if not result_file.exists():
         raise ReplayMigrateError(f"the recording process of {args.domain} ended without a report")
     report = json.loads(result_file.read_text())
@@ -203,20 +326,28 @@ def cmd_suspend(args: argparse.Namespace) -> int:
 
 # ---- target: follow -------------------------------------------------------------------------------
 def cmd_follow(args: argparse.Namespace) -> int:
+    """Make a clone, replay the session's log into it, take over at suspend; SIGINT, SIGTERM or
+    SIGHUP cancel (the clone is removed, the session failed: the source resumes its VM)."""
+    check_service(args.source_url, args.ca_file)
     credential = load_credential(args.credential, Role.TARGET)
     ck = ckpt.get(args.checkpoint)
-    name = args.name or f"{ckpt.DOMAIN_PREFIX}{credential.session}-target"
-    ckpt.clone_dir(name)            # a bad name fails here, not after the session is joined
+    name = check_clone_name(args.name or f"{ckpt.DOMAIN_PREFIX}{credential.session}-target", "--name")
+    client = SessionClient(args.source_url, credential, cafile=args.ca_file)   # checks the URL
     with Hypervisor(args.connect) as hv:
+        check_target_name(hv, name, "--name")
+        sides: dict[str, TargetSide] = {}
+
         async def main() -> Report:
-            async with SessionClient(args.source_url, credential, cafile=args.ca_file) as client:
-                side = TargetSide(hv, ck, client, name, replay=_replay_config(args))
+            async with client:
+                side = sides["target"] = TargetSide(hv, ck, client, name, replay=_replay_config(args))
                 side.progress = bar
                 return await side.run()
 
         bar = Progress()
         try:
-            report = asyncio.run(main()).as_dict()
+            report = cancel.run(main, deferred=lambda: _committed(sides.get("target")),
+                                on_cancel=f"cancelling the migration: {name} is removed, the source is told "
+                                          "to resume its VM").as_dict()
         finally:
             bar.close()
     print_report(report, args.json, title=f"{name} (target)")
@@ -254,15 +385,18 @@ async def migrate_embedded(hv_source: Hypervisor, hv_target: Hypervisor, m: Mach
                            ) -> tuple[Report, SourceSide, TargetSide]:
     """Source and target in this process, through ``service`` or one on loopback made for the
     purpose; ``user`` is what happens at the source before the suspend (a workload, or waiting for
-    the person at the console); ``on_started`` sees both sides before anything runs (tests). After
-    the target confirmed, the source is released (``SourceSide.release``): look at its state in
-    ``on_verified``."""
+    the person at the console); ``on_started`` sees both sides before anything runs (hooks, tests).
+
+    The target, the log stream and ``user`` run at once under :func:`server.cancel.supervise`:
+    the first to fail (or a cancellation) stops the others at once; the source VM is put back as
+    it was and the target's clone removed before the error is raised. After the target confirmed,
+    the source is released (``SourceSide.release``): look at its state in ``on_verified``."""
     async with contextlib.AsyncExitStack() as stack:
         if service is None:
             service = await stack.enter_async_context(_loopback_service())
-        source, target = await create_session(service.url, service.token, cafile=service.cafile)
-        async with SessionClient(service.url, source, cafile=service.cafile) as sc, \
-                SessionClient(service.url, target, cafile=service.cafile) as tc:
+        source_cred, target_cred = await create_session(service.url, service.token, cafile=service.cafile)
+        async with SessionClient(service.url, source_cred, cafile=service.cafile) as sc, \
+                SessionClient(service.url, target_cred, cafile=service.cafile) as tc:
             src = SourceSide(hv_source, m, ck, sc)
             tgt = TargetSide(hv_target, ck, tc, target_name, replay=replay)
             src.progress = tgt.progress = progress or Progress(enabled=False)
@@ -270,31 +404,25 @@ async def migrate_embedded(hv_source: Hypervisor, hv_target: Hypervisor, m: Mach
                 tgt.on_verified = lambda state: on_verified(src, state)
             if on_started is not None:
                 on_started(src, tgt)
+            await src.open()              # the source's recorder answers before a target is made
             stop = asyncio.Event()
-            target_task = asyncio.create_task(tgt.run())
-            streaming = asyncio.create_task(src.stream_log(stop))
-            try:
+
+            async def work() -> None:
                 await user()
                 stop.set()
-                await streaming
+
+            async def source() -> None:
+                await cancel.supervise(src.stream_log(stop), work())
                 if screenshots is not None:
                     src.screenshot_at_suspend = screenshots / "source-at-suspend.png"
                 await src.suspend()
-                await target_task
-            except BaseException:
-                stop.set()
-                streaming.cancel()
-                # the failing side told the session; give the other one time to clean up after itself
-                done, _ = await asyncio.wait({target_task}, timeout=CLEANUP_WAIT_S)
-                if not done:
-                    target_task.cancel()
-                await asyncio.gather(streaming, target_task, return_exceptions=True)
-                raise
+
+            await cancel.supervise(tgt.run(), source())
     # verified and confirmed: the VM lives at the target; nothing may bring the source's copy back
     await src.release()
     if screenshots is not None and tgt.machine is not None:
         shot = await asyncio.to_thread(tgt.machine.screenshot)
-        (screenshots / "target-resumed.png").write_bytes(shot.png())
+        write_output(screenshots / "target-resumed.png", shot.png(), "screenshot")
     return merged_report(src, tgt), src, tgt
 
 
@@ -312,26 +440,39 @@ def state_comparison() -> tuple[list[bool], Callable[[SourceSide, VmState], None
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    """Every argument is checked before anything starts: the workload loads, the checkpoint
+    exists, the names are valid, then (on the hypervisor) the source is a running clone of the
+    checkpoint and the target's name is free. SIGINT, SIGTERM or SIGHUP cancel."""
+    actions = get_workload(args.workload)[1] if args.workload else None
+    target = check_clone_name(args.target_name or f"{args.domain}-migrated", "--target-name")
+    if target == args.domain:
+        raise UsageError("--target-name: the target needs a name of its own (the source keeps its name)")
     ck = ckpt.get(args.checkpoint)
     with Hypervisor(args.connect) as hv, Hypervisor(args.connect) as hv2:
-        m = hv.lookup(args.domain)
-        target = args.target_name or f"{args.domain}-migrated"
-        ckpt.clone_dir(target)      # a bad name fails here, not after both sides are up
+        m, _ = check_source(hv, args.domain, ck)
+        check_target_name(hv, target, "--target-name")
+        typing = threading.Event()
+        both: list[SourceSide | TargetSide] = []
 
         async def user() -> None:
-            if args.workload:
-                actions = load_workload(args.workload)
-                await asyncio.to_thread(drive, m, actions, seed=args.seed)
+            if actions is not None:
+                await cancel.in_thread(drive, m, actions, seed=args.seed, stop=typing, on_cancel=typing.set)
             elif args.duration is not None:
                 await asyncio.sleep(args.duration)
             else:
-                print(f"recording {m.name}: work in it, then press Enter here to migrate", file=sys.stderr)
-                await asyncio.to_thread(sys.stdin.readline)
+                print(f"recording {m.name}: work in it, then press Enter here to migrate (Ctrl-C cancels)",
+                      file=sys.stderr)
+                await read_line()
+
+        async def main() -> tuple[Report, SourceSide, TargetSide]:
+            return await migrate_embedded(hv, hv2, m, ck, target, user=user, replay=_replay_config(args),
+                                          progress=bar, on_started=lambda s, t: both.extend((s, t)))
 
         bar = Progress()
         try:
-            report, _, _ = asyncio.run(migrate_embedded(hv, hv2, m, ck, target, user=user,
-                                                        replay=_replay_config(args), progress=bar))
+            report, _, _ = cancel.run(main, deferred=lambda: _committed(*both),
+                                      on_cancel=f"cancelling the migration: {m.name} runs on as it was, "
+                                                f"{target} is removed")
         finally:
             bar.close()
     print_report(report.as_dict(), args.json)
@@ -371,7 +512,8 @@ def add_session_new_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_suspend_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("domain")
-    p.add_argument("--timeout", type=float, default=SUSPEND_WAIT_S)
+    p.add_argument("--timeout", type=positive, default=SUSPEND_WAIT_S,
+                   help="seconds to wait for the migration's report (default %(default)s)")
     p.add_argument("--json", action="store_true")
 
 
@@ -383,7 +525,7 @@ def add_follow_arguments(p: argparse.ArgumentParser) -> None:
     _ca_file_arg(p)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--name", help="the target clone's name (default: rm-SESSION-target)")
-    p.add_argument("--gap-cap", type=float, default=2.0)
+    p.add_argument("--gap-cap", type=positive, default=2.0)
     p.add_argument("--json", action="store_true")
 
 
@@ -391,8 +533,9 @@ def add_migrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("domain", help="a running clone of CHECKPOINT (replay-migrate vm start)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--target-name", help="name of the migrated VM (default: DOMAIN-migrated)")
-    p.add_argument("--workload", help="drive this workload into the source, then migrate")
-    p.add_argument("--duration", type=float, help="record this long, then migrate (default: until Enter)")
+    p.add_argument("--workload", help="drive this workload (a shipped name, as `workload list` shows, or a "
+                   "file) into the source, then migrate")
+    p.add_argument("--duration", type=positive, help="record this long, then migrate (default: until Enter)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--gap-cap", type=float, default=2.0)
+    p.add_argument("--gap-cap", type=positive, default=2.0)
     p.add_argument("--json", action="store_true")

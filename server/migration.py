@@ -13,6 +13,13 @@ by accident: :meth:`SourceSide.release` deletes everything it could be restored 
 (its domain is already gone: the save ended it). A guest resumed from a saved state has the clock
 of the moment it was saved: the target's, and a source resumed after a failure, are set to the
 host's (every clone is set so when it starts: ``checkpoint.start_clone``).
+
+A cancellation (a signal, or another part of the command failing) is a failure like any other:
+the source VM is put back as it was (resumed and thawed; restored if it was saved), the target
+removes the clone it made, and the session is told so the other side does the same. Blocking VM
+operations run through :func:`server.cancel.in_thread`, so the cleanup never races one still
+running. Each side's ``committing`` says it passed the point of no return (the target verified
+every block and both roots): the commands let a signal that comes later complete the migration.
 """
 
 from __future__ import annotations
@@ -50,9 +57,11 @@ from replay_migrate.errors import (
     VerificationError,
     VMError,
 )
+from replay_migrate.safeopen import write_output
 from replayer.link import RecorderLink
 from replayer.replay import ReplayConfig, Replayer, ReplayStats
 from server import checkpoint as ckpt
+from server.cancel import drop, in_thread
 from server.client import Frame, LogEnded, SessionClient, SessionFailedError
 from server.session import Reason, State, Stream
 from server.vmstate import (
@@ -229,6 +238,11 @@ class SourceSide:
         """Where to save the source's screen at the moment it is paused (the demo shows it)."""
         self.link = RecorderLink(machine)
         self._trees: asyncio.Task[CheckpointTrees] | None = None
+        self._image: Path | None = None
+        """Where ``suspend`` saves the VM (known before the save starts: a cancelled save may
+        still have completed, and the cleanup restores from it)."""
+        self.committing = False
+        """The target verified every block and both roots: from here the migration completes."""
         self.settled = False
         """Whether no key or button event came since the log's last sync mark (the agent takes one
         after them once the screen settles; pointer motion alone brings none)."""
@@ -237,7 +251,7 @@ class SourceSide:
         self.log = logging.getLogger(f"replay_migrate.source.{machine.name}")
 
     async def _forward(self, poll_s: float) -> int:
-        frames = await asyncio.to_thread(self.link.frames, poll_s)
+        frames = await in_thread(self.link.frames, poll_s)
         for fr in frames:
             frame = decode_frame(fr.data)
             for ev in frame.events if isinstance(frame, EventsFrame) else ():
@@ -251,41 +265,62 @@ class SourceSide:
             self.report.log_frames += 1
         return len(frames)
 
+    async def open(self) -> None:
+        """Connect to the source's recorder agent (a command does this before it makes a target:
+        a source whose agent does not answer fails the command before anything else starts)."""
+        if self.link.hello is None:
+            await in_thread(self.link.open)
+
     async def stream_log(self, stop: asyncio.Event) -> None:
         """Forward the recorder's frames into the session until ``stop`` is set. The checkpoint's
-        trees are loaded (or computed, the first time) meanwhile, off the suspend's critical path."""
-        self._trees = asyncio.create_task(asyncio.to_thread(checkpoint_trees, self.checkpoint))
-        await asyncio.to_thread(self.link.open)
-        while not stop.is_set():
-            await self._forward(LOG_POLL_S)
+        trees are loaded (or computed, the first time) meanwhile, off the suspend's critical path.
+        A failure or cancellation here fails the session (the target then removes its clone); the
+        VM itself was not touched."""
+        # ends only by raising, when the session fails meanwhile (the target gave up or was
+        # cancelled): a source whose user is idle sends nothing and would not notice otherwise
+        failed = asyncio.create_task(self.client.wait_confirmed())
+        try:
+            self._trees = asyncio.create_task(asyncio.to_thread(checkpoint_trees, self.checkpoint))
+            await self.open()
+            while not stop.is_set():
+                await self._forward(LOG_POLL_S)
+                if failed.done():
+                    failed.result()
+        except BaseException as e:
+            drop(failed)
+            if self._trees is not None:
+                self._trees.cancel()
+            await asyncio.shield(_give_up(self.client, e, self.log))
+            self.link.close()
+            raise
+        drop(failed)
 
     async def suspend(self) -> Report:
         """End the log, quiesce, pause, save; answer the walk and ship blocks; wait for the confirm.
-        On any failure the VM is restored from its saved state and resumed."""
+        On any failure or cancellation before the confirm, the VM is put back as it was."""
         m = self.machine
-        t0 = time.monotonic()
-        while time.monotonic() < t0 + FLUSH_S and not (self.settled and time.monotonic() >= t0 + MIN_FLUSH_S):
-            await self._forward(0.1)
-        self.flush_s = time.monotonic() - t0
-        # freezing flushes each file system first (FIFREEZE syncs it); a separate `sync` through
-        # the guest agent cost another 0.1-0.7 s under TCG
-        await asyncio.to_thread(m.fsfreeze)
-        await asyncio.to_thread(m.pause)
         t_pause = time.monotonic()
-        saved = False
         try:
+            t0 = time.monotonic()
+            while time.monotonic() < t0 + FLUSH_S and not (self.settled and time.monotonic() >= t0 + MIN_FLUSH_S):
+                await self._forward(0.1)
+            self.flush_s = time.monotonic() - t0
+            # freezing flushes each file system first (FIFREEZE syncs it); a separate `sync` through
+            # the guest agent cost another 0.1-0.7 s under TCG
+            await in_thread(m.fsfreeze)
+            await in_thread(m.pause)
+            t_pause = time.monotonic()
             if self.screenshot_at_suspend is not None:
-                shot = await asyncio.to_thread(m.screenshot)
-                self.screenshot_at_suspend.write_bytes(shot.png())
+                shot = await in_thread(m.screenshot)
+                write_output(self.screenshot_at_suspend, shot.png(), "screenshot")
             t_drain = time.monotonic()
             while await self._forward(DRAIN_QUIET_S) and time.monotonic() < t_drain + DRAIN_S:
                 pass
             self.link.close()
             await self.client.suspend()
             await self.client.end_log()
-            image = self.run_dir / "suspend.sav"
-            await asyncio.to_thread(m.save, image)
-            saved = True
+            self._image = image = self.run_dir / "suspend.sav"
+            await in_thread(m.save, image)
             self.saved_allocated_bytes = file_allocated(image)
             self.state_files = VmState(image, self.run_dir / "disk.qcow2", self.checkpoint)
             await self._answer_walk()
@@ -294,7 +329,8 @@ class SourceSide:
             if self.client.confirmed or (isinstance(e, SessionFailedError) and not e.keep_vm):
                 raise      # the target runs the VM now: the source must not come back too
             await asyncio.shield(_give_up(self.client, e, self.log))
-            await asyncio.shield(asyncio.to_thread(self._restore, saved))
+            self.link.close()
+            await asyncio.shield(in_thread(self._restore))
             raise
         self.report.downtime_s = time.monotonic() - t_pause
         self.report.verified = True
@@ -324,6 +360,7 @@ class SourceSide:
             if src.state is not SourceState.VERIFIED:
                 raise VerificationError("the target did not verify the transfer")
             await self.client.wait_state(State.VERIFIED, CONFIRM_TIMEOUT_S)
+            self.committing = True
             want = {MEMORY: mine[MEMORY].root, DISK: mine[DISK].root}
             if dict(self.client.roots or {}) != want:
                 raise VerificationError("the target reports roots other than the source's")
@@ -334,23 +371,15 @@ class SourceSide:
             # the report's baseline, while the target restores: not on the way to the first block
             self.report.baseline_bytes = await asyncio.to_thread(plain_transfer_bytes, sources, mine, trees)
 
-    def _restore(self, saved: bool) -> None:
+    def _restore(self) -> None:
         """Put the source VM back as it was (the migration did not finish)."""
-        m = self.machine
         try:
-            if saved and self.state_files is not None:
-                # the saved state is consumed: the running VM is newer, nothing must restore it again
-                back = self.hv.restore(self.state_files.memory, consume=True)
-            else:
-                back = m
-                if back.state is MachineState.PAUSED:
-                    back.resume()
-            back.wait_agent(30)
-            back.fsthaw()
-            self.log.warning("migration failed: %s runs on at the source", back.name)
+            back = put_back(self.hv, self.machine.name, self._image)
+            self.log.warning("migration stopped: %s runs on at the source", back.name)
         except ReplayMigrateError as e:
-            self.log.error("could not resume the source VM %s: %s (its state is in %s)", m.name, e,
-                           self.state_files.memory if self.state_files else "the domain")
+            image = self._image
+            self.log.error("could not resume the source VM %s: %s (its state is in %s)", self.machine.name, e,
+                           image if image is not None and image.is_file() else "the domain")
             return
         _set_clock(back, self.log)      # it was paused (and saved) for a while
 
@@ -384,6 +413,35 @@ class SourceSide:
         (self.run_dir / RELEASED_NOTE).write_text(
             f"{name} migrated; its state here was deleted at {time.strftime('%Y-%m-%d %H:%M:%S %z')}\n")
         self.log.info("released %s: the VM runs at the target", name)
+
+
+def put_back(hv: Hypervisor, name: str, image: Path | None) -> Machine:
+    """Domain ``name`` as it was before its migration, from what it is now: saved (a clone is a
+    transient domain: once saved it is gone, its state in ``image``): restored from the image,
+    which is deleted once the domain runs; paused: resumed; then its file systems thawed (a no-op
+    when they are not frozen). For a migration that failed or was cancelled, and for
+    ``replay-migrate vm resume`` after one that was killed."""
+    m: Machine | None
+    try:
+        m = hv.lookup(name)
+        state = m.state
+    except NoSuchDomainError:
+        m, state = None, MachineState.SHUTOFF
+    if state is MachineState.SHUTOFF and image is not None and image.is_file():
+        back = hv.restore(image, consume=True)    # the running VM is newer: never restore it again
+    elif m is None:
+        raise NoSuchDomainError(f"no domain named {name!r}, and no saved state of it to restore")
+    else:
+        back = m
+        if state is MachineState.PAUSED:
+            back.resume()
+        elif state is not MachineState.RUNNING:
+            raise VMError(f"{name!r} is {state.value} and has no saved state to restore")
+    back.wait_agent(30)
+    back.fsthaw()
+    if image is not None:
+        image.unlink(missing_ok=True)     # consumed by the restore, or a save that did not finish
+    return back
 
 
 # ---- the target ----------------------------------------------------------------------------------
@@ -439,18 +497,36 @@ class TargetSide:
         self.on_saved: Callable[[VmState], None] | None = None
         """Called with the replayed clone's own state right after it is saved, before the walk
         patches it (the benchmark keeps it there to find what replay left divergent)."""
+        self.started = asyncio.Event()
+        """Set once the clone runs and replays (tests wait for it to fail a migration midway)."""
+        self.committing = False
+        """Every block and both roots verified: from here the migration completes."""
+        self._resuming = False
         self.log = logging.getLogger(f"replay_migrate.target.{name}")
 
     async def run(self) -> Report:
-        self._trees = asyncio.create_task(asyncio.to_thread(checkpoint_trees, self.checkpoint))
-        m = await asyncio.to_thread(ckpt.start_clone, self.hv, self.checkpoint, self.name, replace=True)
-        self.machine = m
+        """Start the clone, follow the log, take over. On any failure or cancellation the clone
+        is removed (never a domain this side did not make: an existing one is refused first)."""
+        if await asyncio.to_thread(self.hv.exists, self.name):
+            raise VMError(f"a domain named {self.name!r} exists already: the target makes its own clone "
+                          "(remove it with `replay-migrate vm rm`, or choose another name)")
         try:
+            self._trees = asyncio.create_task(asyncio.to_thread(checkpoint_trees, self.checkpoint))
+            m = await in_thread(ckpt.start_clone, self.hv, self.checkpoint, self.name)
+            self.machine = m
+            self.started.set()
             await self._follow(m)
             await self._take_over(m)
         except BaseException as e:
+            if self._resuming:
+                # the service may have confirmed to the source, which then released its VM:
+                # removing this one could lose the user's VM; two running is the lesser harm
+                self.log.error("%s failed while confirming its resume (%s): the clone is kept", self.name, e)
+                raise
+            if self._trees is not None:
+                self._trees.cancel()
             await asyncio.shield(_give_up(self.client, e, self.log))
-            await asyncio.shield(asyncio.to_thread(self._discard))
+            await asyncio.shield(in_thread(self._discard))
             raise
         # it resumed with the source's clock at suspend, the downtime behind. After the confirm
         # (the source waits for it; hwclock in the guest takes ~2 s), and outside the try above:
@@ -467,7 +543,7 @@ class TargetSide:
     async def _follow(self, m: Machine) -> None:
         """Replay the log as it arrives, until the source ends it."""
         link = RecorderLink(m)
-        await asyncio.to_thread(link.open)
+        await in_thread(link.open)
         feed = _EventFeed()
         replayer = Replayer(m, link, self.replay_config)
         replayer.on_progress = lambda n: self.progress("replay", n, 0)
@@ -495,9 +571,12 @@ class TargetSide:
                 elif isinstance(ev, LogEnded):
                     replayer.log_ended()
                     break
+        except BaseException:
+            replayer.stop()            # not through every event still queued
+            raise
         finally:
             feed.close()
-            await asyncio.to_thread(worker.join)
+            await in_thread(worker.join)
             link.close()
         if isinstance(result[0], BaseException):
             raise result[0]
@@ -513,14 +592,14 @@ class TargetSide:
         t_end = time.monotonic()
         settled = self.replay_stats is not None and self.replay_stats.settled
         await asyncio.sleep(SETTLED_S if settled else SETTLE_S)
-        await asyncio.to_thread(m.fsfreeze)            # flushes, like the source's (no extra sync)
-        await asyncio.to_thread(m.pause)
+        await in_thread(m.fsfreeze)            # flushes, like the source's (no extra sync)
+        await in_thread(m.pause)
         run_dir = m.run_dir
         image = run_dir / "suspend.sav"
-        await asyncio.to_thread(m.save, image)
+        await in_thread(m.save, image)
         state = VmState(image, run_dir / "disk.qcow2", self.checkpoint)
         if self.on_saved is not None:
-            await asyncio.to_thread(self.on_saved, state)
+            await in_thread(self.on_saved, state)
         self.progress("hashing", 0, 0)
         trees = await (self._trees or asyncio.to_thread(checkpoint_trees, self.checkpoint))
         self.log.info("saved and ready to diff %.2f s after the log ended", time.monotonic() - t_end)
@@ -531,7 +610,7 @@ class TargetSide:
             # copy while hashing; no fsync of the memory image: it is restored at once
             copying = asyncio.create_task(asyncio.to_thread(make_sinks, state, trees, durable=False))
             try:
-                mine = await asyncio.to_thread(build_trees, sources)
+                mine = await in_thread(build_trees, sources)
             except BaseException:
                 with contextlib.suppress(BaseException):
                     for sink in (await copying).values():
@@ -571,18 +650,20 @@ class TargetSide:
         self.report.diff_s = (walked[0] or time.monotonic()) - t0
         self.report.transfer_s = time.monotonic() - (walked[0] or t0)
         self.log.info("verified: walk %.2f s, blocks %.2f s", self.report.diff_s, self.report.transfer_s)
+        self.committing = True
         await self.client.verified(roots)
         if self.on_verified is not None:
             t_inspect = time.monotonic()
-            await asyncio.to_thread(self.on_verified, state)
+            await in_thread(self.on_verified, state)
             self.inspect_s = time.monotonic() - t_inspect
-        back = await asyncio.to_thread(self.hv.restore_clone, image, name=m.name, disk=state.disk,
-                                       run_dir=run_dir, paused=False, copy=False)
-        await asyncio.to_thread(back.wait_agent)
-        await asyncio.to_thread(back.fsthaw)
+        back = await in_thread(self.hv.restore_clone, image, name=m.name, disk=state.disk,
+                               run_dir=run_dir, paused=False, copy=False)
+        await in_thread(back.wait_agent)
+        await in_thread(back.fsthaw)
         self.machine = back
         self.t_resumed = time.monotonic()
         self.log.info("resumed %.2f s after the log ended", self.t_resumed - t_end)
+        self._resuming = True
         await self.client.resumed()
         self.report.verified = True
 

@@ -37,6 +37,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from replay_migrate.errors import HostError, ReplayMigrateError, UsageError
+from replay_migrate.safeopen import check_regular
 from server.credentials import KEY_ENV, load_or_create_key, load_token
 from server.session import (
     CLOSE_POLICY,
@@ -92,6 +93,8 @@ class ServiceConfig:
 def _server_ssl(config: ServiceConfig) -> ssl.SSLContext | None:
     if config.tls_cert is None or config.tls_key is None:
         return None
+    for path, what in ((config.tls_cert, "TLS certificate"), (config.tls_key, "TLS key")):
+        check_regular(path, what)     # OpenSSL would wait on a FIFO
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:

@@ -1,4 +1,8 @@
-"""The command line: errors become one line and the error class's exit code."""
+"""The command line: errors become one line and the error class's exit code.
+
+Commands that need a hypervisor run here against libvirt's built-in test driver
+(``--connect test:///default``: in this process, no daemon, no guest); the file arguments of every
+command are in test_fileargs.py."""
 
 from __future__ import annotations
 
@@ -8,10 +12,12 @@ import pytest
 
 from replay_migrate.errors import CheckpointError, NoSuchDomainError, UsageError
 from server.cli import main
+from server.fileargs import TEST_URI
 
 
 def test_missing_domain_exit_code(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    assert main(["vm", "screenshot", "rm-no-such-domain", str(tmp_path / "x.png")]) == NoSuchDomainError.exit_code
+    assert main(["--connect", TEST_URI, "vm", "screenshot", "rm-no-such-domain", str(tmp_path / "x.png")]) \
+        == NoSuchDomainError.exit_code
     assert "no domain named 'rm-no-such-domain'" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 
@@ -19,9 +25,9 @@ def test_missing_domain_exit_code(capsys: pytest.CaptureFixture[str], tmp_path: 
 def test_missing_checkpoint(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
                             tmp_path: Path) -> None:
     monkeypatch.setenv("REPLAY_MIGRATE_STATE", str(tmp_path))
-    assert main(["vm", "start", "--from", "nope", "rm-x"]) == CheckpointError.exit_code
+    assert main(["--connect", TEST_URI, "vm", "start", "--from", "nope", "rm-x"]) == CheckpointError.exit_code
     assert "no checkpoint named 'nope'" in capsys.readouterr().err
-    assert main(["checkpoint", "rm", "nope"]) == CheckpointError.exit_code
+    assert main(["--connect", TEST_URI, "checkpoint", "rm", "nope"]) == CheckpointError.exit_code
 
 
 def test_bad_checkpoint_name(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,

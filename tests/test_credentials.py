@@ -39,7 +39,7 @@ def test_a_secret_file_must_be_small_regular_and_private(tmp_path: Path) -> None
     cases = {
         fifo: "regular file",                                   # refused at once, not read (would hang)
         tmp_path: "regular file",
-        tmp_path / "missing": "cannot read",
+        tmp_path / "missing": "no such file",
         private(tmp_path / "big", "x" * (MAX_SECRET_FILE + 1)): "larger than",
         private(tmp_path / "empty", "\n"): "no token",
         private(tmp_path / "binary", b"\xff\xfe"): "not ASCII",

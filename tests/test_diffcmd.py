@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -71,3 +72,48 @@ def test_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["sync", str(tmp_path / "ob1.qcow2"), str(tmp_path / "ob2.qcow2")]) == ImageError.exit_code
     assert "different backing files" in capsys.readouterr().err
     assert main(["diff", str(tmp_path / "none.sav"), str(mem)]) == ImageError.exit_code
+
+
+@pytest.mark.timeout(60)
+def test_sync_refuses_a_link_a_fifo_and_a_folder_it_cannot_write(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 10 finding 8: a FIFO hung `diff`/`sync`, a read-only folder gave a PermissionError
+    traceback, a link was replaced by a plain file (its target left as it was)."""
+    from server.fileargs import set_immutable
+
+    a, b = tmp_path / "a.raw", tmp_path / "b.raw"
+    a.write_bytes(b"\x01" * 16384)
+    b.write_bytes(b"\x02" * 16384)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert main(["diff", str(a), str(fifo)]) == ImageError.exit_code
+    assert "is a FIFO" in capsys.readouterr().err
+    assert main(["sync", str(fifo), str(b)]) == ImageError.exit_code
+    assert "is a FIFO" in capsys.readouterr().err
+
+    link = tmp_path / "link.raw"
+    link.symlink_to(b)
+    assert main(["sync", str(a), str(link)]) == ImageError.exit_code
+    assert "is a symbolic link (to " in capsys.readouterr().err
+    assert link.is_symlink() and b.read_bytes() == b"\x02" * 16384
+    assert main(["diff", str(a), str(link)]) == 0           # reading through a link is fine
+    capsys.readouterr()
+
+    os.link(b, tmp_path / "b-again.raw")
+    assert main(["sync", str(a), str(b)]) == ImageError.exit_code
+    assert "2 hard links" in capsys.readouterr().err
+    os.unlink(tmp_path / "b-again.raw")
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "b.raw").write_bytes(b"\x02" * 16384)
+    set_immutable(ro, True)
+    try:
+        assert main(["sync", str(a), str(ro / "b.raw")]) == ImageError.exit_code
+        assert "cannot write in the folder" in capsys.readouterr().err
+    finally:
+        set_immutable(ro, False)
+    assert (ro / "b.raw").read_bytes() == b"\x02" * 16384 and os.listdir(ro) == ["b.raw"]
+
+    assert main(["sync", str(a), str(b)]) == 0                # the file itself: patched in place
+    assert b.read_bytes() == a.read_bytes()

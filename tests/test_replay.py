@@ -137,7 +137,13 @@ def test_schedule_does_not_accumulate_echo_latency(monkeypatch: pytest.MonkeyPat
     now = [100.0]
     slept: list[float] = []
     monkeypatch.setattr(time, "monotonic", lambda: now[0])
-    monkeypatch.setattr(time, "sleep", lambda s: (slept.append(s), now.__setitem__(0, now[0] + s)))
+
+    def pause(self: Replayer, s: float) -> bool:     # the replayer's sleep (Replayer.stop ends it)
+        slept.append(s)
+        now[0] += s
+        return False
+
+    monkeypatch.setattr(Replayer, "_pause", pause)
     rep = Replayer.__new__(Replayer)
     rep.config = ReplayConfig(gap_cap_s=2.0)
     rep._last_t_us = None
@@ -192,6 +198,7 @@ def test_an_unmet_mark_waits_less_once_the_source_ended_the_log(monkeypatch: pyt
     now = [0.0]
     monkeypatch.setattr(time, "monotonic", lambda: now[0])
     monkeypatch.setattr(time, "sleep", lambda s: now.__setitem__(0, now[0] + s))
+    monkeypatch.setattr(Replayer, "_pause", lambda self, s: time.sleep(s) or False)
     mark = SyncMark(0, 0, 0, 8, 8, b"A", "typing")
     rep = Replayer(_FakeMachine(), _FakeLink(b"B"), ReplayConfig(sync_timeout_s=5, sync_timeout_ended_s=1))  # type: ignore[arg-type]
     rep.replay(iter([mark]))

@@ -20,6 +20,8 @@ from replayer.workload import (
     Scroll,
     TypeText,
     Wait,
+    find_workload,
+    get_workload,
     load_workload,
     parse_workload,
     shipped_workloads,
@@ -99,7 +101,7 @@ def test_limits_are_parameters() -> None:
 
 
 def test_load_errors(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="cannot read"):
+    with pytest.raises(UsageError, match="cannot open the workload: no such file"):
         load_workload(tmp_path / "missing.wl")
     p = tmp_path / "bad.wl"
     p.write_bytes(b"type \"\xff\"")
@@ -176,3 +178,31 @@ def test_main(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     bad.write_text("jump\n")
     assert wl.main([str(bad)]) == UsageError.exit_code
     assert "x.wl:1" in capsys.readouterr().err
+
+
+def test_one_lookup_by_name_or_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`workload run`, `migrate --workload` and `demo --workload` all take a shipped name or a file."""
+    path, actions = get_workload("notes")
+    assert path == shipped_workloads()["notes"] and actions
+    mine = tmp_path / "mine.wl"
+    mine.write_text("wait 0.5\n")
+    assert get_workload(str(mine)) == (mine, [Wait(0.5, 1)])
+    monkeypatch.chdir(tmp_path)
+    assert find_workload("mine.wl") == Path("mine.wl")
+    with pytest.raises(UsageError, match=r"no workload 'nosuch': no such file, nor one of the shipped ones \(.*notes"):
+        get_workload("nosuch")
+    with pytest.raises(UsageError, match="dangling symbolic link"):
+        (tmp_path / "gone.wl").symlink_to(tmp_path / "nowhere")
+        get_workload("gone.wl")
+
+
+@pytest.mark.timeout(30)
+def test_a_fifo_or_a_device_is_refused_not_read(tmp_path: Path) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "fifo.wl")
+    with pytest.raises(UsageError, match="is a FIFO"):
+        get_workload(str(tmp_path / "fifo.wl"))
+    with pytest.raises(UsageError, match="is a character device"):
+        get_workload("/dev/zero")
+    assert wl.main(["notes", str(tmp_path / "fifo.wl")]) == UsageError.exit_code

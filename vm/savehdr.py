@@ -12,12 +12,12 @@ Only the libvirt header is handled here; the QEMU stream is ``differ.saveimage``
 from __future__ import annotations
 
 import os
-import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from replay_migrate.errors import ImageError
+from replay_migrate.safeopen import open_regular
 
 HEADER = struct.Struct("<16s5I14I")
 """magic, version, data_len, was_running, format, cookieOffset, 14 unused words."""
@@ -45,22 +45,6 @@ class SaveHeader:
     cookie: str
 
 
-def _open_regular(path: Path) -> int:
-    """A read-only fd of the regular file ``path``: opened with O_NONBLOCK and checked before any
-    read, so a FIFO or a device never blocks (``differ.saveimage.open_regular`` does the same)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise ImageError(f"{path}: cannot read: {e.strerror}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ImageError(f"{path}: not a regular file")
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
 
 def _decode(data: bytes, path: Path, what: str) -> str:
     try:
@@ -74,7 +58,7 @@ def read_header(path: Path) -> SaveHeader:
 
     Every field is checked before use: the XML area against the file's size before it is read,
     and the XML and cookie decoded strictly, since :func:`rewrite_xml` writes them back."""
-    fd = _open_regular(path)
+    fd, _ = open_regular(path, "save image", error=ImageError)   # a FIFO or device: refused, not waited on
     try:
         size = os.fstat(fd).st_size
         raw = os.pread(fd, HEADER.size, 0)
