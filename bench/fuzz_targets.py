@@ -1101,6 +1101,10 @@ def targets() -> list[FuzzTarget]:
         FuzzTarget("tree-file", run_tree_file, generate_tree_file, what="differ.merkle: a saved tree file"),
         FuzzTarget("leaf-digests", run_leaf_digests, generate_leaf_digests,
                    what="differ.blocks.LeafDigests: a saved leaf-digest file"),
+        external("session", "tests.test_session:fuzz_session_message", seeds="tests.test_session:FUZZ_SEEDS",
+                 what="server.session / server.client: service and client fed a peer's message"),
+        external("cli-files", "server.fileargs:fuzz_file_argument",
+                 what="server.fileargs: every file argument of every command given odd files"),
     ]
 
 

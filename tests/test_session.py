@@ -832,6 +832,9 @@ _FUZZ_TEMPLATES: list[dict[str, Any]] = [
     {"t": "state", "state": "failed"},
 ]
 
+FUZZ_SEEDS: list[bytes] = [encode(str(t["t"]), **{k: v for k, v in t.items() if k != "t"}) for t in _FUZZ_TEMPLATES]
+"""Valid messages of every type, for ``make fuzz`` to mutate."""
+
 
 def fuzz_session_message(data: bytes) -> None:
     """The fuzz target (``make fuzz``): ``data`` as a message to the decoder, to a service
