@@ -36,4 +36,4 @@ fuzz: setup
 
 # destroy every domain this project defined (names start with rm-) and their clone folders
 clean-vms: setup
-	$(PY) -m server.cleanup
+	$(PY) -m cli.cleanup

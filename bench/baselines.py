@@ -37,8 +37,8 @@ from differ.protocol import TransferStats
 from differ.saveimage import data_extents
 from differ.source import BlockSink, BlockSource
 from differ.sync import sync_local
-from server.checkpoint import Checkpoint
-from server.vmstate import DISK, FANOUT, MEMORY, CheckpointTrees, VmState, open_sources, plain_transfer_bytes
+from store.checkpoint import Checkpoint
+from store.vmstate import DISK, FANOUT, MEMORY, CheckpointTrees, VmState, open_sources, plain_transfer_bytes
 from vm.machine import create_overlay, sparse_copy
 
 ZSTD_LEVEL = 3

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from differ.blocks import MemoryImageSource, Qcow2OverlaySource
 from differ.merkle import MerkleTree
-from server import checkpoint as ckpt
-from server.vmstate import FANOUT, checkpoint_trees
+from store import checkpoint as ckpt
+from store.vmstate import FANOUT, checkpoint_trees
 
 GIB = float(1 << 30)
 OVERLAY_MIB = 256

@@ -43,14 +43,14 @@ from bench.baselines import rsync_delta, source_costs, sparse_zstd
 from bench.divergence import disk_divergence, memory_divergence
 from bench.netns import NETEM_MISSING, SHAPER_NETEM, SHAPES, NetnsLink, Shape
 from bench.sides import KEPT_DISK, KEPT_MEMORY
+from migration.sides import FLUSH_S
 from replay_migrate.errors import HostError
 from replayer.workload import find_workload, load_workload, synthesize
-from server import checkpoint as ckpt
 from server.credentials import KEY_ENV
-from server.migration import FLUSH_S
-from server.paths import checkpoints_dir
 from server.session import CREDENTIAL_ENV, MIN_KEY_BYTES, SESSION_ID_BYTES, TOKEN_ENV, Keyring
-from server.vmstate import CheckpointTrees, VmState, checkpoint_trees
+from store import checkpoint as ckpt
+from store.paths import checkpoints_dir
+from store.vmstate import CheckpointTrees, VmState, checkpoint_trees
 from vm.machine import Hypervisor, MachineState
 
 HERE = Path(__file__).resolve().parent

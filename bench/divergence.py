@@ -28,7 +28,7 @@ import zstandard
 from differ.blocks import MemoryImageSource, Qcow2OverlaySource
 from differ.merkle import MerkleTree
 from differ.source import LEAF_SIZE
-from server.vmstate import FANOUT, CheckpointTrees
+from store.vmstate import FANOUT, CheckpointTrees
 
 GPA_BUCKET_MIB = 64
 """Width of the guest-physical ranges divergent ``pc.ram`` pages are counted in."""

@@ -13,7 +13,7 @@ failure too.
 target function and a few valid inputs to mutate (or its own generator), without an import::
 
     external("session", "server.session:fuzz_message", seeds="server.session:FUZZ_SEEDS"),
-    external("cli-files", "server.cli:fuzz_file_argument", generate="server.cli:fuzz_generate"),
+    external("cli-files", "cli.main:fuzz_file_argument", generate="cli.main:fuzz_generate"),
 """
 
 from __future__ import annotations
@@ -1103,8 +1103,8 @@ def targets() -> list[FuzzTarget]:
                    what="differ.blocks.LeafDigests: a saved leaf-digest file"),
         external("session", "tests.test_session:fuzz_session_message", seeds="tests.test_session:FUZZ_SEEDS",
                  what="server.session / server.client: service and client fed a peer's message"),
-        external("cli-files", "server.fileargs:fuzz_file_argument",
-                 what="server.fileargs: every file argument of every command given odd files"),
+        external("cli-files", "cli.fileargs:fuzz_file_argument",
+                 what="cli.fileargs: every file argument of every command given odd files"),
     ]
 
 

@@ -1,5 +1,5 @@
 """The two ends of a benchmarked migration, each run as its own process (in its own network
-namespace) around the same :class:`~server.migration.SourceSide` / :class:`~server.migration.TargetSide`
+namespace) around the same :class:`~migration.sides.SourceSide` / :class:`~migration.sides.TargetSide`
 the CLI's ``record --to`` and ``follow`` use, with what the benchmark needs besides:
 
 * timestamps on the host's monotonic clock (one clock for both processes): when the user asked to
@@ -31,15 +31,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from migration.sides import SourceSide, TargetSide
 from replayer.drive import drive
 from replayer.replay import ReplayConfig
 from replayer.workload import load_workload
-from server import checkpoint as ckpt
 from server.client import SessionClient
 from server.credentials import load_credential
-from server.migration import SourceSide, TargetSide
 from server.session import Role
-from server.vmstate import VmState
+from store import checkpoint as ckpt
+from store.vmstate import VmState
 from vm.machine import Hypervisor, Machine
 
 KEPT_MEMORY = "memory.sav"

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from server.report import human_bytes
+from cli.report import human_bytes
 
 METHODS: tuple[tuple[str, str], ...] = (
     ("replay-migrate", "replay-migrate (replay + Merkle diff)"),

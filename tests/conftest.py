@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from cli.cleanup import cleanup
 from replay_migrate.errors import HostError, ReplayMigrateError
-from server import checkpoint as ckpt
-from server.cleanup import cleanup
+from store import checkpoint as ckpt
 from vm.machine import Hypervisor, Machine
 
 TEST_CHECKPOINT = "test-desktop"

@@ -1,4 +1,4 @@
-"""server.argtypes: numbers on the command line are refused at parse time, not minutes later."""
+"""cli.argtypes: numbers on the command line are refused at parse time, not minutes later."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from server.argtypes import non_negative, positive, positive_int
+from cli.argtypes import non_negative, positive, positive_int
 
 
 @pytest.mark.parametrize("bad", ["0", "-1", "nan", "inf", "-inf", "", "1s", "0x10"])

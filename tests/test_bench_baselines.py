@@ -25,7 +25,7 @@ from bench.baselines import (
 )
 from differ.blocks import LeafDigests, MemoryImageSource, Qcow2OverlaySource, compute_leaf_digests
 from differ.merkle import MerkleTree
-from server.vmstate import DISK, FANOUT, MEMORY, CheckpointTrees
+from store.vmstate import DISK, FANOUT, MEMORY, CheckpointTrees
 
 __all__ = ["qemu_tools"]  # the fixture, imported for its use below
 

@@ -112,12 +112,15 @@ def test_the_registry() -> None:
 @pytest.mark.parametrize("name", [t.name for t in targets()])
 def test_every_generator_is_deterministic_and_mostly_refused(name: str) -> None:
     """Input k depends on the seed only (so a failure can be regenerated), and the generators
-    mutate enough that most inputs are refused, but not all (valid inputs are in the mix)."""
+    mutate enough that most inputs are refused, but not all (valid inputs are in the mix). Targets
+    that turn every refusal into output themselves (the channel's agent side, the service core, the
+    command line) only have to accept."""
     target = targets_by_name()[name]
     assert target.generate(random.Random("s:1")) == target.generate(random.Random("s:1"))
     outcomes = [check_input(target, target.generate(random.Random(k))) for k in range(200)]
     accepted = sum(outcomes)
-    assert 0 < accepted and (name.startswith("channel") or accepted < 150), accepted
+    assert 0 < accepted and (name.startswith("channel") or name in ("session", "cli-files") or accepted < 150), \
+        accepted
 
 
 def test_main_in_process_prints_and_writes_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,4 +1,4 @@
-"""server.cancel: parts that fail together, threads that are waited for, real signals.
+"""migration.cancel: parts that fail together, threads that are waited for, real signals.
 
 Synchronisation is by events, never by sleeping: a part blocks on an event until the test (or
 the cancellation under test) releases it."""
@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from migration import cancel
+from migration.cancel import Interrupted, in_thread, raising_on_signals, stopping_on_signals, supervise
 from replay_migrate.errors import ReplayError, VMError
-from server import cancel
-from server.cancel import Interrupted, in_thread, raising_on_signals, stopping_on_signals, supervise
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from cli.main import main
 from replay_migrate.errors import CheckpointError, UsageError
-from server import checkpoint as ckpt
-from server.cli import main
-from server.images import recipe_hash
+from store import checkpoint as ckpt
+from store.images import recipe_hash
 from vm.machine import Hypervisor, Machine
 
 BAD_NAMES = ["", ".", "..", "../../victim", "a/../b", "{victim}", "x.partial"]

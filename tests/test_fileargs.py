@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.fileargs import FILE_ARGUMENTS, KINDS, FileArgument, check, expected, fuzz_file_argument, scratch
+from cli.fileargs import FILE_ARGUMENTS, KINDS, FileArgument, check, expected, fuzz_file_argument, scratch
 
 pytestmark = pytest.mark.timeout(20)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from server import images
+from store import images
 
 
 def test_recipe_hash_tracks_the_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

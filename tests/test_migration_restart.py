@@ -18,15 +18,15 @@ from pathlib import Path
 
 import pytest
 
+from cli.migrate import ServiceEndpoint, migrate_embedded, state_comparison
+from migration.sides import SourceSide, TargetSide
 from replayer.drive import drive
 from replayer.replay import ReplayConfig
 from replayer.workload import parse_workload
-from server import checkpoint as ckpt
 from server.client import SessionClient
-from server.migratecmd import ServiceEndpoint, migrate_embedded, state_comparison
-from server.migration import SourceSide, TargetSide
 from server.session import TOKEN_ENV, State
-from server.vmstate import checkpoint_trees
+from store import checkpoint as ckpt
+from store.vmstate import checkpoint_trees
 from vm.machine import Hypervisor, Machine, MachineState
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,7 +60,7 @@ class Service:
     def __init__(self, key_file: Path, token: str) -> None:
         self.port = fixed_port()
         self.url = f"ws://127.0.0.1:{self.port}"
-        self.argv = [sys.executable, "-m", "server.cli", "serve", "--listen", f"127.0.0.1:{self.port}",
+        self.argv = [sys.executable, "-m", "cli.main", "serve", "--listen", f"127.0.0.1:{self.port}",
                      "--key-file", str(key_file)]
         self.env = {**os.environ, TOKEN_ENV: token, "PYTHONPATH": str(REPO)}
         self.procs: list[subprocess.Popen[str]] = []

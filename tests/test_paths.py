@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from replay_migrate.errors import BadNameError, UsageError
-from server import paths
+from store import paths
 
 BAD = ["", ".", "..", "../x", "a/../b", "a/b", "/etc", ".hidden", "x\0y", "a b", "é", "x" * 61, "demo.partial"]
 

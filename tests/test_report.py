@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from server.report import Progress, human_bytes, table
+from cli.report import Progress, human_bytes, table
 
 
 def test_table_aligns_columns() -> None:

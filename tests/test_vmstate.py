@@ -20,8 +20,8 @@ from test_saveimage import build_save_image, default_blocks
 
 from replayer.drive import drive
 from replayer.workload import parse_workload
-from server import checkpoint as ckpt
-from server.vmstate import CheckpointTrees, VmState, checkpoint_trees, sync_states
+from store import checkpoint as ckpt
+from store.vmstate import CheckpointTrees, VmState, checkpoint_trees, sync_states
 from vm.machine import Hypervisor, Machine
 
 MIB = 1 << 20
@@ -121,8 +121,8 @@ def test_both_sides_asking_at_once_compute_the_trees_once(tmp_path: Path, caplog
 CHILD = """
 import logging, sys
 from pathlib import Path
-from server.checkpoint import Checkpoint
-from server.vmstate import checkpoint_trees
+from store.checkpoint import Checkpoint
+from store.vmstate import checkpoint_trees
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 print("ready", flush=True)
 sys.stdin.readline()

@@ -4,7 +4,7 @@
 #
 #   build-image.sh OUT REPO
 #
-# Called by `replay-migrate image build` (server/images.py), which keys OUT by the hash of this
+# Called by `replay-migrate image build` (store/images.py), which keys OUT by the hash of this
 # recipe (this script, overlay/, the recorder agent's sources) and reuses it while that is unchanged.
 # Settling (each measured to remove clone-to-clone disk differences): machine-id fixed after
 # mmdebstrap, font caches built here, /tmp on tmpfs, volatile journal, utmp/wtmp services masked,

@@ -9,7 +9,7 @@ source VM runs on as it was, the target's clone is removed, and the command exit
 signal's number; once the target has verified every block the migration completes instead (see
 the README's table). Every argument is checked before anything starts (the workload loads, the
 checkpoint exists, the source is a running clone of it, the target's name is free), and a failure
-in any part of a command fails the whole at once (:func:`server.cancel.supervise`).
+in any part of a command fails the whole at once (:func:`migration.cancel.supervise`).
 
 Credentials (DESIGN.md §8, README "Security model"): ``record --to URL --target-credential FILE``
 creates the session with the shared token and writes the target's credential to FILE (0600) for
@@ -35,22 +35,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from cli.argtypes import positive
+from cli.report import Progress, emit_json, human_bytes, table
+from migration import cancel
+from migration.sides import Report, SourceSide, TargetSide, merged_report
 from replay_migrate.errors import ReplayMigrateError, UsageError, VerificationError, VMError
 from replay_migrate.safeopen import write_output
 from replayer.drive import drive
 from replayer.replay import ReplayConfig
 from replayer.workload import get_workload
-from server import cancel
-from server import checkpoint as ckpt
-from server.argtypes import positive
 from server.client import SessionClient, check_service, create_session
 from server.credentials import load_credential, load_token, write_secret_file
-from server.migration import Report, SourceSide, TargetSide, merged_report
-from server.paths import check_name
-from server.report import Progress, emit_json, human_bytes, table
 from server.service import ServiceConfig, start_service
 from server.session import CREDENTIAL_ENV, MIN_KEY_BYTES, TOKEN_ENV, Credential, Role
-from server.vmstate import VmState, same_state
+from store import checkpoint as ckpt
+from store.paths import check_name
+from store.vmstate import VmState, same_state
 from vm.machine import Hypervisor, Machine, MachineState
 
 PID_FILE = "record.pid"
@@ -387,7 +387,7 @@ async def migrate_embedded(hv_source: Hypervisor, hv_target: Hypervisor, m: Mach
     purpose; ``user`` is what happens at the source before the suspend (a workload, or waiting for
     the person at the console); ``on_started`` sees both sides before anything runs (hooks, tests).
 
-    The target, the log stream and ``user`` run at once under :func:`server.cancel.supervise`:
+    The target, the log stream and ``user`` run at once under :func:`migration.cancel.supervise`:
     the first to fail (or a cancellation) stops the others at once; the source VM is put back as
     it was and the target's clone removed before the error is raised. After the target confirmed,
     the source is released (``SourceSide.release``): look at its state in ``on_verified``."""
@@ -491,7 +491,7 @@ def _token_file_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_record_to_options(p: argparse.ArgumentParser) -> None:
-    """``record``'s options for ``--to`` (the rest of ``record`` is in server/cli.py)."""
+    """``record``'s options for ``--to`` (the rest of ``record`` is in cli/main.py)."""
     p.add_argument("--target-credential", type=Path, default=None, metavar="FILE",
                    help="with --to: create a new session and write the target's credential to FILE (0600)")
     p.add_argument("--credential", type=Path, default=None, metavar="FILE",

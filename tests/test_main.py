@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from cli.fileargs import TEST_URI
+from cli.main import main
 from replay_migrate.errors import CheckpointError, NoSuchDomainError, UsageError
-from server.cli import main
-from server.fileargs import TEST_URI
 
 
 def test_missing_domain_exit_code(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ Both sites hold the same checkpoint before a migration; a clone starts from it b
 
 Clones live in ``<state>/clones/<name>/``: their own overlay over the checkpoint's disk, serial
 log, recorder socket, and the name of their checkpoint (``checkpoint``). Every checkpoint or clone
-name passes ``server.paths.named_path`` before it becomes a path: nothing here deletes or writes
+name passes ``store.paths.named_path`` before it becomes a path: nothing here deletes or writes
 outside those two folders, whatever the name.
 """
 
@@ -26,8 +26,8 @@ from typing import Any
 
 from replay_migrate.errors import BadNameError, CheckpointError, NoSuchDomainError, UsageError, VMError
 from replay_migrate.files import atomic_write
-from server.images import ensure_image, prune_images
-from server.paths import check_name, checkpoint_path, checkpoints_dir, clone_path, clones_dir
+from store.images import ensure_image, prune_images
+from store.paths import check_name, checkpoint_path, checkpoints_dir, clone_path, clones_dir
 from vm.machine import Hypervisor, Machine, create_overlay, file_allocated, remove_run_dir
 from vm.probe import choose_virt
 from vm.spec import DomainSpec, GuestImage, VirtType
@@ -236,7 +236,7 @@ def _is_name(name: str) -> bool:
 
 
 def clone_dir(name: str) -> Path:
-    """The folder of clone ``name`` (checked: see ``server.paths.named_path``)."""
+    """The folder of clone ``name`` (checked: see ``store.paths.named_path``)."""
     return clone_path(name)
 
 

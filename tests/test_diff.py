@@ -12,8 +12,8 @@ import pytest
 from test_patch import changed
 from test_saveimage import build_save_image, default_blocks
 
+from cli.main import main
 from replay_migrate.errors import ImageError, UsageError
-from server.cli import main
 
 
 def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, object]:
@@ -79,7 +79,7 @@ def test_sync_refuses_a_link_a_fifo_and_a_folder_it_cannot_write(tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """Issue 10 finding 8: a FIFO hung `diff`/`sync`, a read-only folder gave a PermissionError
     traceback, a link was replaced by a plain file (its target left as it was)."""
-    from server.fileargs import set_immutable
+    from cli.fileargs import set_immutable
 
     a, b = tmp_path / "a.raw", tmp_path / "b.raw"
     a.write_bytes(b"\x01" * 16384)

@@ -15,14 +15,14 @@ import threading
 import time
 from pathlib import Path
 
+from cli.migrate import migrate_embedded, print_report, state_comparison
+from cli.report import emit_json, human_bytes, table
+from migration import cancel
 from replay_migrate.safeopen import check_output, check_output_dir, make_output_dir, write_output
 from replayer.drive import drive
 from replayer.workload import Action, find_workload, get_workload
-from server import cancel
-from server import checkpoint as ckpt
-from server.images import ensure_image
-from server.migratecmd import migrate_embedded, print_report, state_comparison
-from server.report import emit_json, human_bytes, table
+from store import checkpoint as ckpt
+from store.images import ensure_image
 from vm.machine import Hypervisor
 from vm.probe import choose_virt
 

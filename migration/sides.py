@@ -17,7 +17,7 @@ host's (every clone is set so when it starts: ``checkpoint.start_clone``).
 A cancellation (a signal, or another part of the command failing) is a failure like any other:
 the source VM is put back as it was (resumed and thawed; restored if it was saved), the target
 removes the clone it made, and the session is told so the other side does the same. Blocking VM
-operations run through :func:`server.cancel.in_thread`, so the cleanup never races one still
+operations run through :func:`migration.cancel.in_thread`, so the cleanup never races one still
 running. Each side's ``committing`` says it passed the point of no return (the target verified
 every block and both roots): the commands let a signal that comes later complete the migration.
 """
@@ -47,6 +47,7 @@ from differ.protocol import (
     WalkDone,
 )
 from differ.protocol import Verified as DiffVerified
+from migration.cancel import drop, in_thread
 from recorder.logformat import Button, End, Event, EventsFrame, Key, LogDecoder, SyncMark, decode_frame
 from replay_migrate.errors import (
     ImageError,
@@ -60,11 +61,10 @@ from replay_migrate.errors import (
 from replay_migrate.safeopen import write_output
 from replayer.link import RecorderLink
 from replayer.replay import ReplayConfig, Replayer, ReplayStats
-from server import checkpoint as ckpt
-from server.cancel import drop, in_thread
 from server.client import Frame, LogEnded, SessionClient, SessionFailedError
 from server.session import Reason, State, Stream
-from server.vmstate import (
+from store import checkpoint as ckpt
+from store.vmstate import (
     DISK,
     MEMORY,
     CheckpointTrees,

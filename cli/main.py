@@ -7,7 +7,7 @@ README's table), or 128 + the number of the signal that stopped the command (130
 
 Every command checks its arguments (files, names, durations, the domain it acts on) before it
 starts anything. SIGINT, SIGTERM and SIGHUP stop any command with its cleanup run
-(:mod:`server.cancel`); what each command does on each is in the README's table.
+(:mod:`migration.cancel`); what each command does on each is in the README's table.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from cli.argtypes import non_negative, positive, positive_int
+from cli.report import emit_json, human_bytes, table
+from migration.cancel import Interrupted, raising_on_signals, stopping_on_signals
 from replay_migrate import __version__
 from replay_migrate.errors import NoSuchDomainError, ReplayMigrateError, UsageError
 from replay_migrate.safeopen import check_output, check_regular, open_output, write_output
-from server import checkpoint as ckpt
-from server.argtypes import non_negative, positive, positive_int
-from server.cancel import Interrupted, raising_on_signals, stopping_on_signals
-from server.images import ensure_image
-from server.report import emit_json, human_bytes, table
+from store import checkpoint as ckpt
+from store.images import ensure_image
 from vm.machine import Hypervisor, Machine
 
 Handler = Callable[[argparse.Namespace], int]
@@ -100,8 +100,8 @@ def cmd_vm_rm(args: argparse.Namespace) -> int:
 def cmd_vm_resume(args: argparse.Namespace) -> int:
     """Put back a source VM that a killed migration (SIGKILL, a crash) left paused, frozen or
     saved: SIGINT and SIGTERM do this themselves; SIGKILL runs nothing."""
-    from server.migratecmd import PID_FILE, recorder_pid
-    from server.migration import put_back
+    from cli.migrate import PID_FILE, recorder_pid
+    from migration.sides import put_back
 
     with _hv(args) as hv:
         try:
@@ -143,7 +143,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     if (args.out is None) == (args.to is None):
         raise UsageError("record needs exactly one of --out LOG (a file) and --to URL (a migration session)")
     if args.to is not None:
-        from server.migratecmd import cmd_record_to
+        from cli.migrate import cmd_record_to
 
         return cmd_record_to(args)
 
@@ -275,22 +275,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "migrate at `replay-migrate suspend DOMAIN`")
     p.add_argument("--duration", type=positive, help="stop (with --to: suspend) after this many seconds")
     p.add_argument("--json", action="store_true", help="with --to: print the report as JSON")
-    from server import migratecmd
-    migratecmd.add_record_to_options(p)
+    from cli import migrate
+    migrate.add_record_to_options(p)
 
-    p = add(sub, "suspend", migratecmd.cmd_suspend,
+    p = add(sub, "suspend", migrate.cmd_suspend,
             "migrate now: tell the domain's `record --to` process to suspend, and print its report")
-    migratecmd.add_suspend_arguments(p)
-    p = add(sub, "follow", migratecmd.cmd_follow,
+    migrate.add_suspend_arguments(p)
+    p = add(sub, "follow", migrate.cmd_follow,
             "target side: start a clone of CHECKPOINT, replay the session's log into it, take over at suspend")
-    migratecmd.add_follow_arguments(p)
-    p = add(sub, "migrate", migratecmd.cmd_migrate,
+    migrate.add_follow_arguments(p)
+    p = add(sub, "migrate", migrate.cmd_migrate,
             "migrate DOMAIN to a new clone on this host through a loopback service (both sides here)")
-    migratecmd.add_migrate_arguments(p)
+    migrate.add_migrate_arguments(p)
     sess = sub.add_parser("session", help="handoff sessions").add_subparsers(dest="sub", required=True)
-    p = add(sess, "new", migratecmd.cmd_session_new,
+    p = add(sess, "new", migrate.cmd_session_new,
             "create a session at the service; write each role's credential to a new 0600 file")
-    migratecmd.add_session_new_arguments(p)
+    migrate.add_session_new_arguments(p)
 
     p = add(sub, "replay", cmd_replay, "replay an input log into a domain, closed loop")
     p.add_argument("log", type=Path)
@@ -315,13 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(sub, "serve", service.cmd_serve, "run the session-handoff service (websockets)")
     service.add_serve_arguments(p)
 
-    from server import diffcmd
-    p = add(sub, "diff", diffcmd.cmd_diff, "dry run: what making image B equal to image A would ship")
-    diffcmd.add_arguments(p)
-    p = add(sub, "sync", diffcmd.cmd_sync, "make image B equal to image A through the transfer protocol, verified")
-    diffcmd.add_arguments(p)
+    from cli import diff
+    p = add(sub, "diff", diff.cmd_diff, "dry run: what making image B equal to image A would ship")
+    diff.add_arguments(p)
+    p = add(sub, "sync", diff.cmd_sync, "make image B equal to image A through the transfer protocol, verified")
+    diff.add_arguments(p)
 
-    from server import demo
+    from cli import demo
     p = add(sub, "demo", demo.cmd_demo, "set up, and show the platform's numbers as a table")
     demo.add_arguments(p)
     return ap

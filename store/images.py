@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from replay_migrate.errors import HostError, ImageError
-from server.paths import REPO, cache_root
+from store.paths import REPO, cache_root
 from vm.spec import GuestImage
 
 log = logging.getLogger("replay_migrate.images")

@@ -40,7 +40,7 @@ from differ.source import BlockSink, BlockSource
 from differ.sync import baseline_bytes, sync_local
 from replay_migrate.errors import ImageError
 from replay_migrate.files import atomic_write, locked
-from server.checkpoint import Checkpoint
+from store.checkpoint import Checkpoint
 from vm.savehdr import HEADER, read_header
 
 log = logging.getLogger("replay_migrate.vmstate")

@@ -231,7 +231,7 @@ class Outcome:
 
 def run(arg: FileArgument, path: str, s: Scratch) -> Outcome:
     """Run the command with ``path`` as ``arg`` (in this process; output captured)."""
-    from server.cli import main
+    from cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
     old_state = os.environ.get("REPLAY_MIGRATE_STATE")

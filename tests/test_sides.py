@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from cli.migrate import migrate_embedded, state_comparison
+from migration.sides import Report, SourceSide
 from replay_migrate.errors import ReplayMigrateError, VerificationError
 from replayer.drive import drive
 from replayer.replay import ReplayConfig
 from replayer.workload import parse_workload
-from server import checkpoint as ckpt
-from server.migratecmd import migrate_embedded, state_comparison
-from server.migration import Report, SourceSide
-from server.vmstate import VmState
+from store import checkpoint as ckpt
+from store.vmstate import VmState
 from vm.machine import Hypervisor, Machine, MachineState
 
 WORKLOAD = """

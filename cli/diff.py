@@ -15,15 +15,15 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from cli.report import emit_json, human_bytes, table
 from differ.blocks import LeafDigests, compute_leaf_digests, detect_format, open_source, qemu_img_info
 from differ.patch import open_sink
 from differ.protocol import TransferStats
 from differ.sync import sync_local
 from replay_migrate.errors import ImageError, UsageError
 from replay_migrate.safeopen import check_replaceable
-from server import checkpoint as ckpt
-from server.report import emit_json, human_bytes, table
-from server.vmstate import FANOUT, checkpoint_trees
+from store import checkpoint as ckpt
+from store.vmstate import FANOUT, checkpoint_trees
 
 
 def _backing(path: Path) -> str | None:

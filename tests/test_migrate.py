@@ -24,19 +24,19 @@ from typing import Any
 import libvirt
 import pytest
 
+from cli.fileargs import TEST_URI
+from cli.main import main
+from cli.migrate import hold_pid_file, migrate_embedded, recorder_pid
+from migration.sides import SourceSide, TargetSide
 from replay_migrate.errors import CheckpointError, ReplayError, UsageError, VMError
 from replayer.drive import drive
 from replayer.workload import parse_workload
-from server import checkpoint as ckpt
-from server.cli import main
-from server.fileargs import TEST_URI
-from server.migratecmd import hold_pid_file, migrate_embedded, recorder_pid
-from server.migration import SourceSide, TargetSide
 from server.session import CREDENTIAL_ENV, TOKEN_ENV
+from store import checkpoint as ckpt
 from vm.machine import Hypervisor, Machine, MachineState
 
 REPO = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, "-m", "server.cli"]
+CLI = [sys.executable, "-m", "cli.main"]
 COMMAND_S = 240.0
 """Bound on a child command of these tests (a migration on a loaded 2-core TCG host takes ~1 min)."""
 
@@ -105,7 +105,7 @@ HOLDER = """
 import signal, sys
 signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])   # before any import starts a thread
 from pathlib import Path
-from server.migratecmd import hold_pid_file
+from cli.migrate import hold_pid_file
 fd = hold_pid_file(Path(sys.argv[1]), "rm-x")
 print("holding", flush=True)
 signal.sigwait([signal.SIGUSR1])

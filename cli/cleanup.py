@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from server import checkpoint as ckpt
+from store import checkpoint as ckpt
 from vm.machine import Hypervisor
 
 
