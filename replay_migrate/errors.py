@@ -62,6 +62,14 @@ class ProtocolError(ReplayMigrateError):
     exit_code = 10
 
 
+class LocalProtocolError(ReplayMigrateError):
+    """This side's own code drove a protocol core wrongly (a call the core's state does not allow):
+    a bug here, never the peer's doing, so nothing about it is sent to the peer. The peer's
+    mistakes are :class:`ProtocolError` (h11 keeps the two apart the same way)."""
+
+    exit_code = 70
+
+
 class VerificationError(ReplayMigrateError):
     """A block or a root hash did not match: nothing was written or resumed."""
 
