@@ -61,8 +61,9 @@ from replay_migrate.errors import (
 from replay_migrate.safeopen import write_output
 from replayer.link import RecorderLink
 from replayer.replay import ReplayConfig, Replayer, ReplayStats
-from server.client import Frame, LogEnded, SessionClient, SessionFailedError
-from server.session import Reason, State, Stream
+from server.client import SessionClient
+from server.clientcore import Frame, LogEnded, SessionFailedError
+from server.wire import Reason, State, Stream
 from store import checkpoint as ckpt
 from store.vmstate import (
     DISK,

@@ -9,35 +9,23 @@ from typing import Any
 
 import pytest
 
-from replay_migrate.errors import ProtocolError, UsageError
-from server.client import (
-    Backoff,
+from replay_migrate.errors import LocalProtocolError, ProtocolError, UsageError
+from server.backoff import Backoff, ReconnectPolicy
+from server.clientcore import (
     ClientState,
     Confirmed,
     Failed,
     Frame,
     LogEnded,
-    ReconnectPolicy,
     Released,
     StateChanged,
     Verified,
 )
-from server.session import (
-    FRAME_COST,
-    Claim,
-    Grant,
-    Keyring,
-    Limits,
-    Link,
-    Phase,
-    Reason,
-    Role,
-    SessionRegistry,
-    State,
-    Stream,
-    decode,
-    encode,
-)
+from server.keyring import Grant, Keyring
+from server.limits import Limits
+from server.link import Link
+from server.registry import SessionRegistry
+from server.wire import FRAME_COST, Claim, Phase, Reason, Role, State, Stream, decode, encode
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -143,7 +131,7 @@ def test_window_holds_frames_back_until_acks_arrive() -> None:
     c.receive(encode("ack", stream="s2t", seq=1))
     assert sent(c) == [("diff", 3), ("suspend", None)]    # the control keeps its place behind the frame
     assert c.transmitted(Stream.S2T, 3)
-    with pytest.raises(ProtocolError, match="split it"):
+    with pytest.raises(LocalProtocolError, match="split it"):
         c.send_frame(Stream.S2T, b"x" * 1001)
 
 
@@ -159,9 +147,9 @@ def test_receiving_dedups_detects_gaps_and_coalesces_acks() -> None:
     assert t.receive(encode("log_end", seq=2)) == [LogEnded(2)]
     assert t.consumed(f1) is False                      # coalesced
     assert t.consumed(f2) is True                          # ack_every reached
-    with pytest.raises(ProtocolError, match="suspending"):
+    with pytest.raises(LocalProtocolError, match="suspending"):
         t.phase(Phase.DIFFING)                             # log_end came, the source's suspend not yet
-    with pytest.raises(ProtocolError, match="suspending"):
+    with pytest.raises(LocalProtocolError, match="suspending"):
         t.send_frame(Stream.T2S, b"too early")
     t.receive(encode("state", state="suspending"))
     t.phase(Phase.DIFFING)
@@ -212,19 +200,22 @@ def test_source_events_and_failure() -> None:
 
 def test_local_misuse_is_caught_before_anything_is_sent() -> None:
     c = source()
-    with pytest.raises(ProtocolError):
+    with pytest.raises(LocalProtocolError):
         c.phase(Phase.DIFFING)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(LocalProtocolError):
         c.send_frame(Stream.T2S, b"")
-    with pytest.raises(ProtocolError):
+    with pytest.raises(LocalProtocolError):
         c.abort(Reason.WRONG_STATE)
     c.end_log()
-    with pytest.raises(ProtocolError):
+    with pytest.raises(LocalProtocolError):
         c.send_frame(Stream.LOG, b"late")
     with pytest.raises(UsageError):
         ClientState(Role.SOURCE, "bad id")
-    with pytest.raises(ProtocolError, match="roots"):
+    with pytest.raises(LocalProtocolError, match="roots"):
         ClientState(Role.TARGET, SID).verified({"memory": b"x" * 65})
+    assert sent(c) == [("log_end", 0)]                     # the misuse queued nothing
+    # our own caller's bug (exit 70) is not the peer's protocol error (exit 10), which this is:
+    assert not issubclass(LocalProtocolError, ProtocolError) and LocalProtocolError.exit_code == 70
     with pytest.raises(ProtocolError):
         c.receive(encode("log", seq=1, data=b""))           # a source never receives log frames
 
@@ -287,7 +278,7 @@ def test_a_control_applied_meanwhile_is_not_sent() -> None:
 
 def test_released_ends_the_targets_wait_once() -> None:
     c = source()
-    with pytest.raises(ProtocolError, match="confirm"):
+    with pytest.raises(LocalProtocolError, match="confirm"):
         c.acknowledge_confirm()
     c.receive(encode("confirm"))
     c.acknowledge_confirm()

@@ -31,7 +31,7 @@ from migration.sides import SourceSide, TargetSide
 from replay_migrate.errors import CheckpointError, ReplayError, UsageError, VMError
 from replayer.drive import drive
 from replayer.workload import parse_workload
-from server.session import CREDENTIAL_ENV, TOKEN_ENV
+from server.credentials import CREDENTIAL_ENV, TOKEN_ENV
 from store import checkpoint as ckpt
 from vm.machine import Hypervisor, Machine, MachineState
 

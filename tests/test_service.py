@@ -23,32 +23,16 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from replay_migrate.errors import AuthError, ProtocolError, TransportError, UsageError
-from server.client import (
-    Frame,
-    LogEnded,
-    ReconnectPolicy,
-    SessionClient,
-    SessionFailedError,
-    create_session,
-    session_url,
-)
-from server.credentials import KEY_ENV
+from replay_migrate.errors import AuthError, LocalProtocolError, TransportError, UsageError
+from server.backoff import ReconnectPolicy
+from server.client import SessionClient, create_session, session_url
+from server.clientcore import Frame, LogEnded, SessionFailedError
+from server.credentials import KEY_ENV, TOKEN_ENV
+from server.keyring import Credential, Keyring
+from server.limits import Limits
+from server.registry import SessionRegistry
 from server.service import ServiceConfig, add_serve_arguments, config_from_args, parse_listen, start_service
-from server.session import (
-    TOKEN_ENV,
-    Claim,
-    Credential,
-    Keyring,
-    Limits,
-    Reason,
-    Role,
-    SessionRegistry,
-    State,
-    Stream,
-    decode,
-    encode,
-)
+from server.wire import Claim, Reason, Role, State, Stream, decode, encode
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -477,7 +461,7 @@ def test_oversized_message_is_closed_with_1009() -> None:
             other, _ = await create_session(url, TOKEN)
             c = client(url, other)
             await c.connect()
-            with pytest.raises(ProtocolError, match="split it"):   # the client refuses before sending
+            with pytest.raises(LocalProtocolError, match="split it"):   # the client refuses before sending
                 await c.send_log(b"x" * SMALL.max_message_size)
             await c.close()
     run(body())

@@ -12,29 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
 from replay_migrate.errors import ProtocolError
-from server.session import (
-    CLOSE_NORMAL,
-    CLOSE_POLICY,
-    CLOSE_SUPERSEDED,
-    CREATE,
-    FRAME_COST,
-    PROTOCOL_VERSION,
-    Claim,
-    Credential,
-    Grant,
-    Keyring,
-    Limits,
-    Link,
-    MiB,
-    Reason,
-    Role,
-    Session,
-    SessionRegistry,
-    State,
-    Stream,
-    decode,
-    encode,
-)
+from server.keyring import CREATE, Credential, Grant, Keyring
+from server.limits import Limits, MiB
+from server.link import CLOSE_NORMAL, CLOSE_POLICY, CLOSE_SUPERSEDED, Link
+from server.registry import SessionRegistry
+from server.session import Session
+from server.wire import FRAME_COST, PROTOCOL_VERSION, Claim, Reason, Role, State, Stream, decode, encode
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -841,7 +824,7 @@ def fuzz_session_message(data: bytes) -> None:
     connection that created a session, to one attached to a session in every state, and to both
     clients.  Anything but a ReplayMigrateError escaping is a failure; the core never raises."""
     from replay_migrate.errors import ReplayMigrateError
-    from server.client import ClientState
+    from server.clientcore import ClientState
 
     try:
         decode(data, _FUZZ_LIMIT)
