@@ -12,7 +12,7 @@ failure too.
 **Registering a target** is one line in :func:`targets`. For a decoder whose module defines a
 target function and a few valid inputs to mutate (or its own generator), without an import::
 
-    external("session", "server.session:fuzz_message", seeds="server.session:FUZZ_SEEDS"),
+    external("session", "tests.sessionkit:fuzz_session_message", seeds="tests.sessionkit:FUZZ_SEEDS"),
     external("cli-files", "cli.main:fuzz_file_argument", generate="cli.main:fuzz_generate"),
 """
 
@@ -1101,7 +1101,7 @@ def targets() -> list[FuzzTarget]:
         FuzzTarget("tree-file", run_tree_file, generate_tree_file, what="differ.merkle: a saved tree file"),
         FuzzTarget("leaf-digests", run_leaf_digests, generate_leaf_digests,
                    what="differ.blocks.LeafDigests: a saved leaf-digest file"),
-        external("session", "tests.test_session:fuzz_session_message", seeds="tests.test_session:FUZZ_SEEDS",
+        external("session", "tests.sessionkit:fuzz_session_message", seeds="tests.sessionkit:FUZZ_SEEDS",
                  what="server.session / server.client: service and client fed a peer's message"),
         external("cli-files", "cli.fileargs:fuzz_file_argument",
                  what="cli.fileargs: every file argument of every command given odd files"),
