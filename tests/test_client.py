@@ -63,3 +63,24 @@ def test_client_arguments() -> None:
     with pytest.raises(UsageError, match="credential"):
         SessionClient("ws://h:1", "rm1.abc.target.short")
     assert session_url("ws://h:1/", "abc") == "ws://h:1/sessions/abc"
+
+
+def test_the_reconnect_budget_runs_on_the_clock_it_is_given() -> None:
+    readings: list[float] = []
+
+    def clock() -> float:
+        """Four seconds pass between two looks (no test waits them)."""
+        readings.append(4.0 * len(readings))
+        return readings[-1]
+
+    async def body() -> None:
+        async with start_service(config()) as url:
+            src_cred, _ = await create_session(url, TOKEN)
+            c = client(url, src_cred, clock=clock, reconnect=ReconnectPolicy(
+                max_attempts=1000, max_elapsed=10.0, initial_delay=0.01, max_delay=0.05))
+            await c.connect()
+        # the service is gone: attempts at 0, 4 and 8 s of the client's clock, and at 12 s it gives up
+        with pytest.raises(TransportError, match=r"within 3 attempts / 12\.0 s"):
+            await c.wait_confirmed(timeout=10)
+        await c.close()
+    run(body())

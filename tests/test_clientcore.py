@@ -10,16 +10,7 @@ from typing import Any
 import pytest
 
 from replay_migrate.errors import LocalProtocolError, ProtocolError, UsageError
-from server.clientcore import (
-    ClientState,
-    Confirmed,
-    Failed,
-    Frame,
-    LogEnded,
-    Released,
-    StateChanged,
-    Verified,
-)
+from server.clientcore import ClientState, Confirmed, Failed, Frame, LogEnded, Released, StateChanged, Verified
 from server.keyring import Grant, Keyring
 from server.limits import Limits
 from server.link import Link

@@ -4,9 +4,7 @@ checked in constant time; the token only creates sessions."""
 from __future__ import annotations
 
 import pytest
-from sessionkit import (
-    KEYRING,
-)
+from sessionkit import KEYRING
 
 from server.keyring import CREATE, Credential, Grant, Keyring
 from server.wire import Role

@@ -4,15 +4,7 @@ attach, its bounded output queue and coalesced acks."""
 from __future__ import annotations
 
 import pytest
-from sessionkit import (
-    BIG,
-    KEYRING,
-    SID,
-    Peer,
-    V,
-    pair,
-    registry,
-)
+from sessionkit import BIG, KEYRING, SID, Peer, V, pair, registry
 
 from server.keyring import CREATE, Credential, Grant
 from server.limits import Limits

@@ -5,17 +5,7 @@ core's queues within their share of the memory budget."""
 from __future__ import annotations
 
 import pytest
-from sessionkit import (
-    ROOTS,
-    SID,
-    Peer,
-    V,
-    claim_of,
-    drive_to,
-    pair,
-    registry,
-    st,
-)
+from sessionkit import ROOTS, SID, Peer, V, claim_of, drive_to, pair, registry, st
 
 from server.limits import Limits
 from server.wire import Reason, Role, State, Stream

@@ -78,8 +78,8 @@ def client(url: str, credential: Credential, **kw: Any) -> SessionClient:
 
 async def cut(c: SessionClient) -> None:
     """Drop the TCP connection abruptly (no close frame), as a network failure would."""
-    while c.connection is None:
-        await asyncio.sleep(0.005)
+    await until(lambda: c.connection is not None)
+    assert c.connection is not None
     c.connection.transport.abort()
 
 
@@ -96,8 +96,19 @@ async def both_back(peers: list[SessionClient], before: list[int]) -> None:
     await until(lambda: all(p.reconnects > n for p, n in zip(peers, before, strict=True)))
 
 
+class ManualClock:
+    """A monotonic clock the test moves: the service's timeouts follow it, not the wall."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait for a condition the service reaches on its own (a tick, a close), polling."""
+    """Wait for a condition the service or a client reaches on its own (a tick, a close, a
+    reconnect), polling it: no sleep stands in for the event itself."""
     async with asyncio.timeout(timeout):
         while not condition():
             await asyncio.sleep(0.01)
@@ -526,10 +537,10 @@ def test_a_session_slot_is_released_as_soon_as_both_peers_leave() -> None:
 @pytest.mark.parametrize("how", ["target vanishes", "target aborts"])
 def test_session_that_cannot_finish_fails_and_the_source_keeps_its_vm(how: str) -> None:
     async def body() -> None:
-        limits = Limits(max_message_size=64 * 1024, max_buffered_bytes=256 * 1024, max_outgoing_bytes=128 * 1024,
-                        idle_timeout=0.5)
+        limits = Limits(max_message_size=64 * 1024, max_buffered_bytes=256 * 1024, max_outgoing_bytes=128 * 1024)
+        clock = ManualClock()                             # the session's idle_timeout runs on it
         reg = registry(limits)
-        async with start_service(config(limits), registry=reg) as url:
+        async with start_service(config(limits), registry=reg, clock=clock) as url:
             src_cred, tgt_cred = await create_session(url, TOKEN)
             src, tgt = client(url, src_cred), client(url, tgt_cred)
             await src.connect()
@@ -539,6 +550,10 @@ def test_session_that_cannot_finish_fails_and_the_source_keeps_its_vm(how: str) 
             await src.suspend()
             if how == "target vanishes":
                 await tgt.close()
+                session = reg.lookup(src_cred.session)
+                assert session is not None
+                await until(lambda: not session.attached(Role.TARGET))   # it left at clock.now
+                clock.now += limits.idle_timeout                          # (120 s, none of them waited)
                 expected = Reason.IDLE_TIMEOUT
             else:
                 await tgt.abort("verify_failed")
