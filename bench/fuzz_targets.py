@@ -1102,7 +1102,7 @@ def targets() -> list[FuzzTarget]:
         FuzzTarget("leaf-digests", run_leaf_digests, generate_leaf_digests,
                    what="differ.blocks.LeafDigests: a saved leaf-digest file"),
         external("session", "tests.sessionkit:fuzz_session_message", seeds="tests.sessionkit:FUZZ_SEEDS",
-                 what="server.session / server.client: service and client fed a peer's message"),
+                 what="server.wire / link / session / clientcore: service and client fed a peer's message"),
         external("cli-files", "cli.fileargs:fuzz_file_argument",
                  what="cli.fileargs: every file argument of every command given odd files"),
     ]

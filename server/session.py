@@ -65,7 +65,8 @@ if TYPE_CHECKING:
 
 
 class Session:
-    """One migration's shared state and its state machine; peers reach it through :class:`Link`s.
+    """One migration's shared state and its state machine; peers reach it through their
+    connections (:class:`~server.link.Link`).
 
     :meth:`receive` raises :class:`SessionViolation` after failing the session and telling both
     peers, so a caller never has to remember to do that.

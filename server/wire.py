@@ -9,7 +9,6 @@ One websocket **binary** message = one msgpack map ``{"v": PROTOCOL_VERSION, "t"
 Unknown or missing fields, a wrong type or another version are rejected. Payloads (``data``: log
 frames, diff-protocol messages; ``roots``) are opaque bytes: relayed, never parsed.
 
-
 ==============  ==============  =============================================================
 type            direction       fields and meaning
 ==============  ==============  =============================================================
