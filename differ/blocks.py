@@ -26,20 +26,12 @@ import numpy.typing as npt
 from numpy.lib import format as np_format
 
 from differ.merkle import MAX_LOAD_LEAVES, known_arrays
-from differ.saveimage import (
-    DEFAULT_MAX_DATA_LEN,
-    DEFAULT_MAX_RAM_BLOCKS,
-    DEFAULT_MAX_SCAN,
-    LIBVIRT_MAGIC,
-    LIBVIRT_PARTIAL_MAGIC,
-    SaveImage,
-    SaveLayout,
-    data_extents,
-)
+from differ.saveimage import DEFAULT_MAX_RAM_BLOCKS, DEFAULT_MAX_SCAN, SaveImage, SaveLayout, data_extents
 from differ.source import LEAF_SIZE, ZERO_LEAF_DIGEST, BlockSource, ImageKind, KnownArrays
 from replay_migrate.errors import HostError, ImageError
 from replay_migrate.files import atomic_write
 from replay_migrate.safeopen import check_regular, open_regular
+from replay_migrate.savefmt import DEFAULT_MAX_DATA_LEN, MAGICS
 
 QCOW2_MAGIC = b"QFI\xfb"
 DIGEST_SIZE = 32
@@ -721,7 +713,7 @@ def detect_format(path: str | os.PathLike[str]) -> ImageKind:
         raise ImageError(f"{spath}: cannot read: {e.strerror}") from None
     finally:
         os.close(fd)
-    if head in (LIBVIRT_MAGIC, LIBVIRT_PARTIAL_MAGIC):
+    if head in MAGICS:
         return "memory"
     if head[:4] == QCOW2_MAGIC:
         return "disk"

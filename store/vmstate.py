@@ -40,8 +40,8 @@ from differ.source import BlockSink, BlockSource
 from differ.sync import baseline_bytes, sync_local
 from replay_migrate.errors import ImageError
 from replay_migrate.files import atomic_write, locked
+from replay_migrate.savefmt import read_header
 from store.checkpoint import Checkpoint
-from vm.savehdr import HEADER, read_header
 
 log = logging.getLogger("replay_migrate.vmstate")
 FANOUT = DEFAULT_FANOUT
@@ -231,7 +231,7 @@ def guest_state(path: Path) -> bytes:
     and QEMU's devices hold. Two sides' images of one state differ only in that header."""
     h = read_header(path)
     with open(path, "rb") as f:
-        f.seek(HEADER.size + h.data_len)
+        f.seek(h.qemu_offset)
         return f.read()
 
 
