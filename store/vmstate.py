@@ -12,7 +12,6 @@ processes, ask at the same moment, and one computes while the others wait and lo
 from __future__ import annotations
 
 import logging
-import subprocess
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from differ.sync import baseline_bytes, sync_local
 from replay_migrate.errors import ImageError
 from replay_migrate.files import atomic_write, locked
 from replay_migrate.savefmt import read_header
+from replay_migrate.tools import run_tool
 from store.checkpoint import Checkpoint
 
 log = logging.getLogger("replay_migrate.vmstate")
@@ -239,6 +239,8 @@ def same_state(a: VmState, b: VmState) -> tuple[bool, bool]:
     """(memory equal, disk equal) of two states on this host: the memory images' guest parts
     byte for byte, the disks as the guests see them (``qemu-img compare``)."""
     memory = guest_state(a.memory) == guest_state(b.memory)
-    r = subprocess.run(["qemu-img", "compare", "-q", "-U", "-f", "qcow2", "-F", "qcow2", str(a.disk), str(b.disk)],
-                       capture_output=True, text=True)
+    r = run_tool(["qemu-img", "compare", "-q", "-U", "-f", "qcow2", "-F", "qcow2", a.disk, b.disk],
+                 what=f"{a.disk}: qemu-img compare with {b.disk}", error=ImageError, check=False)
+    if r.returncode not in (0, 1):       # 0: same, 1: different, anything else: it could not tell
+        raise ImageError(f"{a.disk}: qemu-img compare with {b.disk} failed: {r.stderr.strip()[-300:]}")
     return memory, r.returncode == 0

@@ -499,7 +499,7 @@ def test_missing_qemu_img_is_a_host_error(tmp_path: Path, chain: tuple[Path, Pat
     from replay_migrate.errors import HostError
 
     _, ov, tree = chain
-    with pytest.raises(HostError, match="qemu-utils"):
+    with pytest.raises(HostError, match="no-qemu-img is not installed"):
         Qcow2OverlaySource(ov, backing_tree=tree, qemu_img=str(tmp_path / "no-qemu-img"))
 
 

@@ -23,7 +23,6 @@ import os
 import secrets
 import shutil
 import socket
-import subprocess
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
@@ -37,6 +36,7 @@ import libvirt_qemu
 
 from replay_migrate import savefmt
 from replay_migrate.errors import HostError, ImageError, NoSuchDomainError, VMError
+from replay_migrate.tools import run_tool
 from vm.screen import Screenshot
 from vm.spec import SCREEN, DomainSpec, clone_xml, domain_name
 
@@ -73,31 +73,21 @@ def _state_of(code: int) -> MachineState:
     return MachineState.OTHER
 
 
-def run_tool(argv: Sequence[str], what: str) -> str:
-    """Run a host tool (qemu-img, cp): its failure is an ImageError naming ``what``."""
-    try:
-        r = subprocess.run(list(argv), capture_output=True, text=True, check=False)
-    except FileNotFoundError as e:
-        raise HostError(f"{argv[0]} is not installed (run scripts/setup-host.sh)") from e
-    if r.returncode != 0:
-        raise ImageError(f"{what}: {argv[0]} failed: {r.stderr.strip()[-400:]}")
-    return r.stdout
-
-
 def create_overlay(path: Path, backing: Path) -> None:
     """A new empty qcow2 overlay at ``path`` over ``backing`` (which must exist)."""
     if not backing.is_file():
         raise ImageError(f"backing image {backing} does not exist")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
-    run_tool(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", "qcow2",
-              str(path)], f"creating overlay {path}")
+    run_tool(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", "qcow2", str(path)],
+             what=f"{path}: qemu-img create (a new overlay)", error=ImageError)
 
 
 def sparse_copy(src: Path, dst: Path) -> None:
     """Copy keeping holes (a 1 GiB memory image with 250 MiB in use copies in ~0.6 s)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    run_tool(["cp", "--sparse=always", "--reflink=auto", str(src), str(dst)], f"copying {src}")
+    run_tool(["cp", "--sparse=always", "--reflink=auto", str(src), str(dst)], what=f"{src}: copying it to {dst}",
+             error=ImageError)
 
 
 class Hypervisor:
