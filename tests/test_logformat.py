@@ -485,3 +485,29 @@ def test_fuzz_log(rng: random.Random) -> None:
 @given(st.binary(max_size=2048))
 def test_fuzz_log_raw_bytes(data: bytes) -> None:
     fuzz_one("log", data)
+
+
+def test_a_relay_ends_a_log_it_did_not_encode() -> None:
+    """``LogDecoder.end_frame``: a migration's source ends the log it forwarded from its agent."""
+    events = [Key(10, 38, True), Key(20, 38, False), Motion(30, 5, 6)]
+    unended = encode_log(HEADER, events, end=False)
+    dec = LogDecoder()
+    dec.feed(unended)
+    assert decode_log(unended + dec.end_frame()).events == (*events, End(30))
+    assert decode_log(unended + dec.end_frame()).ended
+
+
+def test_only_a_whole_unended_log_can_be_ended() -> None:
+    events = [Key(10, 38, True), Key(20, 38, False)]
+    unended = encode_log(HEADER, events, end=False)
+    whole = encode_log(HEADER, events)
+    with pytest.raises(LogFormatError):
+        LogDecoder().end_frame()                         # no header
+    dec = LogDecoder()
+    dec.feed(unended[:-2])
+    with pytest.raises(LogFormatError):
+        dec.end_frame()                                  # in the middle of a frame
+    dec = LogDecoder()
+    dec.feed(whole)
+    with pytest.raises(LogFormatError):
+        dec.end_frame()                                  # ended already
