@@ -17,7 +17,7 @@ import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Self
 
 import blake3
 import numpy as np
@@ -147,7 +147,7 @@ class _FileSource:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> _FileSource:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from typing import Self
 
 import numpy as np
 
@@ -185,7 +186,7 @@ class _CopySink:
         except FileNotFoundError:
             pass
 
-    def __enter__(self) -> _CopySink:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

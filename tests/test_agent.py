@@ -21,6 +21,8 @@ import subprocess
 import time
 import tty
 from collections.abc import Callable, Iterator
+from functools import partial
+from operator import contains
 from pathlib import Path
 
 import pytest
@@ -383,7 +385,7 @@ def test_expect_echo_round_trip(display: str, agent_factory: Callable[..., Agent
         host.check(100 + seq, 0, 0, 1, 1)   # answered in order: the expect is there before the event
         t0 = time.monotonic()
         xdo(display, *cmd)
-        assert host.pump(lambda s=seq: s in host.echoes, 5), (seq, ev, agent.stderr())  # type: ignore[misc]
+        assert host.pump(partial(contains, host.echoes, seq), 5), (seq, ev, agent.stderr())
         latencies.append(host.echoes[seq] - t0)
     assert sorted(host.echoes) == [1, 2, 3, 4, 5]
     assert sorted(latencies)[2] < 1.0  # median, including an xdotool process start
