@@ -65,8 +65,8 @@ from differ.saveimage import SaveImage, parse_save_image
 from differ.source import LEAF_SIZE
 from recorder import channel as ch
 from recorder import logformat as lf
+from replay_migrate import savefmt
 from replay_migrate.errors import LogFormatError, ReplayMigrateError
-from vm import savehdr
 
 PAGE = LEAF_SIZE
 
@@ -786,7 +786,7 @@ def run_protocol_source(data: bytes) -> None:
         source.data_to_send()
 
 
-# -- save images (differ.saveimage, vm.savehdr, differ.blocks.MemoryImageSource) ---------------------------
+# -- save images (differ.saveimage, replay_migrate.savefmt, differ.blocks.MemoryImageSource) --------------
 
 
 def _idstr(s: bytes) -> bytes:
@@ -905,24 +905,24 @@ def run_save_image(data: bytes) -> None:
         MerkleTree.build(src, 4, workers=1)
     finally:
         src.close()
-    header = savehdr.read_header(path)
-    savehdr.rewrite_xml(path, header.xml)
+    header = savefmt.read_header(path)
+    savefmt.rewrite_xml(path, header.xml)
     _check_rewrite(path, header, data)
 
 
-def _check_rewrite(path: Path, before: savehdr.SaveHeader, data: bytes, was_running: int | None = None) -> None:
+def _check_rewrite(path: Path, before: savefmt.SaveHeader, data: bytes, was_running: bool | None = None) -> None:
     """An in-place XML rewrite keeps every header field, the XML and cookie, and every byte after
     the XML area (padding and a cookie's place inside the area may change)."""
-    after = savehdr.read_header(path)
+    after = savefmt.read_header(path)
     want = (before.magic, before.version, before.data_len, before.format, before.unused, before.xml, before.cookie)
     got = (after.magic, after.version, after.data_len, after.format, after.unused, after.xml, after.cookie)
     assert got == want and after.was_running == (before.was_running if was_running is None else was_running)
-    end = savehdr.HEADER.size + before.data_len
+    end = before.qemu_offset
     assert path.read_bytes()[end:] == data[end:], "an in-place rewrite changed the image after its header"
 
 
 def generate_save_header(rng: random.Random) -> bytes:
-    """Only the libvirt header and XML area (vm.savehdr), its fields mutated."""
+    """Only the libvirt header and XML area (replay_migrate.savefmt), its fields mutated."""
     data, fields = build_save_image(rng)
     buf = bytearray(data[: 92 + int.from_bytes(data[20:24], "little") + 8])
     for _ in range(0 if rng.random() < 0.1 else rng.randint(1, 3)):
@@ -936,9 +936,9 @@ def generate_save_header(rng: random.Random) -> bytes:
 
 def run_save_header(data: bytes) -> None:
     path = _scratch("header.sav", data)
-    header = savehdr.read_header(path)
-    savehdr.rewrite_xml(path, header.xml, was_running=0)
-    _check_rewrite(path, header, data, was_running=0)
+    header = savefmt.read_header(path)
+    savefmt.rewrite_xml(path, header.xml, was_running=False)
+    _check_rewrite(path, header, data, was_running=False)
 
 
 # -- tree and leaf-digest files (differ.merkle, differ.blocks) ---------------------------------------------
@@ -1095,9 +1095,9 @@ def targets() -> list[FuzzTarget]:
         FuzzTarget("protocol-source", run_protocol_source, generate_protocol_source,
                    what="differ.protocol: a source fed a target's messages"),
         FuzzTarget("save-image", run_save_image, generate_save_image,
-                   what="differ.saveimage, MemoryImageSource, vm.savehdr: a sparse save image"),
+                   what="differ.saveimage, MemoryImageSource, replay_migrate.savefmt: a sparse save image"),
         FuzzTarget("save-header", run_save_header, generate_save_header,
-                   what="vm.savehdr: the libvirt header read and rewritten in place"),
+                   what="replay_migrate.savefmt: the libvirt header read and rewritten in place"),
         FuzzTarget("tree-file", run_tree_file, generate_tree_file, what="differ.merkle: a saved tree file"),
         FuzzTarget("leaf-digests", run_leaf_digests, generate_leaf_digests,
                    what="differ.blocks.LeafDigests: a saved leaf-digest file"),

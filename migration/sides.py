@@ -27,10 +27,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,9 +47,10 @@ from differ.protocol import (
 )
 from differ.protocol import Verified as DiffVerified
 from migration.cancel import drop, in_thread
-from recorder.logformat import Button, End, Event, EventsFrame, Key, LogDecoder, SyncMark, decode_frame
+from recorder.logformat import Button, Key, SyncMark
 from replay_migrate.errors import (
     ImageError,
+    LogFormatError,
     NoSuchDomainError,
     ProtocolError,
     ReplayError,
@@ -60,6 +60,7 @@ from replay_migrate.errors import (
 )
 from replay_migrate.safeopen import write_output
 from replayer.link import RecorderLink
+from replayer.logfeed import EventFeed, LogPump
 from replayer.replay import ReplayConfig, Replayer, ReplayStats
 from server.client import SessionClient
 from server.clientcore import Frame, LogEnded, SessionFailedError
@@ -177,7 +178,7 @@ async def _pump_diff(client: SessionClient, side: Source | Target, *, stream: St
 
 def _reason(e: BaseException) -> Reason:
     """The session's word for why this side gives up (no exception text crosses the wire)."""
-    if isinstance(e, ReplayError):
+    if isinstance(e, ReplayError | LogFormatError):
         return Reason.REPLAY_FAILED
     if isinstance(e, VerificationError):
         return Reason.VERIFY_FAILED
@@ -238,6 +239,8 @@ class SourceSide:
         self.screenshot_at_suspend: Path | None = None
         """Where to save the source's screen at the moment it is paused (the demo shows it)."""
         self.link = RecorderLink(machine)
+        self._log = LogPump()
+        """What was forwarded, decoded: checked before it is sent on, and ended at suspend."""
         self._trees: asyncio.Task[CheckpointTrees] | None = None
         self._image: Path | None = None
         """Where ``suspend`` saves the VM (known before the save starts: a cancelled save may
@@ -254,8 +257,7 @@ class SourceSide:
     async def _forward(self, poll_s: float) -> int:
         frames = await in_thread(self.link.frames, poll_s)
         for fr in frames:
-            frame = decode_frame(fr.data)
-            for ev in frame.events if isinstance(frame, EventsFrame) else ():
+            for ev in self._log.feed(fr.data):
                 if isinstance(ev, SyncMark):
                     self.settled = True
                 elif isinstance(ev, (Key, Button)):     # pointer motion alone brings no new mark
@@ -265,6 +267,14 @@ class SourceSide:
             self.report.log_bytes += len(fr.data)
             self.report.log_frames += 1
         return len(frames)
+
+    async def _end_log(self) -> None:
+        """Close the forwarded log with its end-of-log event (the agent records on until the VM is
+        saved, so it never writes one itself): the target then tells a whole log from a cut one."""
+        data = self._log.end_frame()
+        await self.client.send_log(data)
+        self.report.log_bytes += len(data)
+        self.report.log_frames += 1
 
     async def open(self) -> None:
         """Connect to the source's recorder agent (a command does this before it makes a target:
@@ -318,6 +328,7 @@ class SourceSide:
             while await self._forward(DRAIN_QUIET_S) and time.monotonic() < t_drain + DRAIN_S:
                 pass
             self.link.close()
+            await self._end_log()
             await self.client.suspend()
             await self.client.end_log()
             self._image = image = self.run_dir / "suspend.sav"
@@ -446,30 +457,6 @@ def put_back(hv: Hypervisor, name: str, image: Path | None) -> Machine:
 
 
 # ---- the target ----------------------------------------------------------------------------------
-class _EventFeed:
-    """Decoded log events handed from the session reader to the replay thread, in order."""
-
-    def __init__(self) -> None:
-        self.q: queue.Queue[Event | None] = queue.Queue()
-        self.decoder = LogDecoder()
-
-    def feed(self, data: bytes) -> None:
-        for frame in self.decoder.feed(data):
-            if isinstance(frame, EventsFrame):
-                for ev in frame.events:
-                    self.q.put(ev)
-
-    def close(self) -> None:
-        self.q.put(None)
-
-    def __iter__(self) -> Iterator[Event]:
-        while True:
-            ev = self.q.get()
-            if ev is None or isinstance(ev, End):
-                return
-            yield ev
-
-
 class TargetSide:
     """The target site's half: a clone of the checkpoint that follows the source's log, then takes
     over the source's state."""
@@ -545,7 +532,7 @@ class TargetSide:
         """Replay the log as it arrives, until the source ends it."""
         link = RecorderLink(m)
         await in_thread(link.open)
-        feed = _EventFeed()
+        feed = EventFeed()
         replayer = Replayer(m, link, self.replay_config)
         replayer.on_progress = lambda n: self.progress("replay", n, 0)
         result: list[ReplayStats | BaseException] = []
@@ -566,10 +553,11 @@ class TargetSide:
                 except TimeoutError:
                     continue
                 if isinstance(ev, Frame) and ev.stream is Stream.LOG:
-                    feed.feed(ev.data)
+                    feed.put(ev.data)
                     self.report.log_bytes += len(ev.data)
                     self.report.log_frames += 1
                 elif isinstance(ev, LogEnded):
+                    feed.end()              # a log cut short is a LogFormatError, not a replay
                     replayer.log_ended()
                     break
         except BaseException:

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from recorder.channel import Checked, Echo, Gap, Hello, HostEvent, HostSide, LogFrame, Resync
-from recorder.logformat import Button, Key, LogDecoder, Motion
+from recorder.logformat import Button, Key, Motion
 from replay_migrate.errors import ReplayError, TransportError
+from replayer.logfeed import LogPump
 from vm.machine import Machine
 
 RECV_BYTES = 1 << 16
@@ -187,15 +188,15 @@ def record(link: RecorderLink, out: BinaryIO, *, stop: Callable[[], bool] = lamb
     """Append the agent's log frames to ``out`` as they come, acking each once written, until
     ``stop()`` says so, ``duration_s`` passed, or the log ended (the agent stopped)."""
     t0 = time.monotonic()
-    dec = LogDecoder()
+    pump = LogPump(require_end=False)
     frames = nbytes = 0
-    while not dec.ended and not stop() and (duration_s is None or time.monotonic() - t0 < duration_s):
+    while not pump.ended and not stop() and (duration_s is None or time.monotonic() - t0 < duration_s):
         for fr in link.frames(poll_s):
-            dec.feed(fr.data)            # refuse garbage before it reaches the file
+            pump.feed(fr.data)           # refuse garbage before it reaches the file
             out.write(fr.data)
             out.flush()
             link.ack(fr.seq)
             frames += 1
             nbytes += len(fr.data)
     os.fsync(out.fileno())
-    return RecordStats(frames, nbytes, time.monotonic() - t0, dec.ended, link.reconnects, len(link.gaps))
+    return RecordStats(frames, nbytes, time.monotonic() - t0, pump.ended, link.reconnects, len(link.gaps))

@@ -234,7 +234,7 @@ def _finish(p: subprocess.Popen[str]) -> tuple[int, str]:
     except subprocess.TimeoutExpired:
         p.kill()
         _, err = p.communicate()
-        raise AssertionError(f"{p.args} did not end in {COMMAND_S:.0f} s:\n{err}") from None
+        raise AssertionError(f"{p.args!r} did not end in {COMMAND_S:.0f} s:\n{err}") from None
     return p.returncode, err
 
 
