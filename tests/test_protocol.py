@@ -23,19 +23,16 @@ from differ.protocol import (
     FailCode,
     PeerFailed,
     ProtocolParams,
-    ReferenceImage,
-    Source,
-    SourceImage,
     SourceState,
-    Target,
-    TargetImage,
     TargetState,
     TransferStats,
-    run_local,
 )
 from differ.source import LEAF_SIZE
 from differ.sync import sync_local
-from replay_migrate.errors import ProtocolError, ReplayMigrateError, VerificationError
+from differ.transfer import ReferenceImage, SourceImage, TargetImage, run_local
+from differ.transfer import blocking_source as Source
+from differ.transfer import blocking_target as Target
+from replay_migrate.errors import LocalProtocolError, ProtocolError, ReplayMigrateError, VerificationError
 
 KEY = bytes(range(32))
 PAGE = LEAF_SIZE
@@ -65,6 +62,7 @@ class Pair:
         target_bases: dict[str, tuple[bytes, MerkleTree]] | None = None,
         dry_run: bool = False,
         measure_plain: bool = False,
+        sinks: dict[str, type[MemorySink]] | None = None,
     ) -> None:
         """``bases``: the common checkpoint's version of each image, held by both sides;
         ``target_bases``: the target's (content, tree) instead, to make it disagree."""
@@ -72,7 +70,8 @@ class Pair:
         bases = bases or {}
         t_bases = target_bases or {name: (data, MerkleTree.from_bytes(data)) for name, data in bases.items()}
         self.images = {name: MemoryImage(data) for name, data in b.items()}
-        self.sinks: dict[str, MemorySink] = {name: im.sink() for name, im in self.images.items()}
+        self.sinks: dict[str, MemorySink] = {name: (sinks or {}).get(name, MemorySink)(im)
+                                             for name, im in self.images.items()}
         self.source = Source(
             [
                 SourceImage(name, MemorySource(data), MerkleTree.from_bytes(data, fanout), base=_base(bases.get(name)))
@@ -548,9 +547,8 @@ def test_root_mismatch_after_patching_aborts_every_image() -> None:
     b = rand(20 * PAGE)
     a = bytearray(b)
     a[3 * PAGE : 4 * PAGE] = rand(PAGE, 3)
-    pair = Pair({"disk": bytes(a), "memory": rand(4 * PAGE, 1)}, {"disk": b, "memory": rand(4 * PAGE, 2)})
-    pair.sinks["disk"] = LyingSink(pair.images["disk"])
-    pair.target._images[[im.name for im in pair.target._images].index("disk")].sink = pair.sinks["disk"]
+    pair = Pair({"disk": bytes(a), "memory": rand(4 * PAGE, 1)}, {"disk": b, "memory": rand(4 * PAGE, 2)},
+                sinks={"disk": LyingSink})
     with pytest.raises(VerificationError):
         pair.run()
     assert pair.data() == b and all(s.aborted and not s.committed for s in pair.sinks.values())
@@ -885,10 +883,13 @@ def test_resume_after_a_dropped_batch_applies_each_leaf_once() -> None:
 
 
 def test_resume_outside_the_block_phase_is_refused() -> None:
+    """Our own call in the wrong state: refused as local misuse, nothing changes or is sent."""
     pair = one(rand(4 * PAGE), rand(4 * PAGE))
     pair.target.start()
-    with pytest.raises(ProtocolError):
+    pair.target.data_to_send()
+    with pytest.raises(LocalProtocolError, match="hello_sent"):
         pair.target.resume()
+    assert pair.target.state is TargetState.HELLO_SENT and pair.target.data_to_send() == []
 
 
 # -- property ------------------------------------------------------------------------------------------
