@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -142,14 +142,10 @@ class Report:
     verified: bool = False
 
     def add_transfer(self, stats: TransferStats) -> None:
-        self.hash_bytes = stats.hash_bytes
-        self.block_bytes = stats.block_bytes
-        self.fingerprint_bytes = stats.fingerprint_bytes
-        self.round_trips = stats.round_trips
-        self.divergent_blocks = {name: s.divergent for name, s in stats.images.items()}
-        self.referenced_blocks = sum(s.referenced + s.duplicate + s.base for s in stats.images.values())
-        self.delta_blocks = sum(s.delta + s.xbase for s in stats.images.values())
-        self.full_blocks = sum(s.full for s in stats.images.values())
+        """Take every number of the transfer's summary (``TransferSummary``: same names here)."""
+        summary = stats.summary()
+        for f in fields(summary):
+            setattr(self, f.name, getattr(summary, f.name))
 
     def finish(self) -> None:
         self.savings = round(1 - self.wire_bytes / self.baseline_bytes, 4) if self.baseline_bytes else 0.0
