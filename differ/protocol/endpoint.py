@@ -5,7 +5,7 @@ A side is driven with four calls, and does no I/O itself:
 
 * ``receive_data(bytes) -> events``: one wire message from the peer. While a request is
   outstanding the message is queued (up to ``ProtocolParams.max_pending_bytes``) and handled once
-  the request's result is in, in order.
+  the request's result is in, in order (what is still queued when the side ends is dropped).
 * ``next_request() -> request | None``: the one request the side waits for, if any (read leaves,
   write leaves, set a size, hash a patched image, commit, abort; :mod:`differ.protocol.events`).
 * ``receive_result(result) -> events``: the adapter's answer to that request; the side goes on
@@ -106,6 +106,9 @@ class Endpoint(Generic[S]):
         self._inbox: deque[bytes] = deque()
         self._inbox_bytes = 0
         self._ids = itertools.count(1)
+        in_table = {t for row in table.values() for t in row if isinstance(t, MsgType)} - {MsgType.FAILED}
+        if set(self._handlers()) != in_table:  # the table and the handlers drifted apart
+            raise AssertionError(f"{self.side}: handlers for {sorted(self._handlers())}, table: {sorted(in_table)}")
 
     # -- the driving calls -------------------------------------------------------------------
 
@@ -141,8 +144,9 @@ class Endpoint(Generic[S]):
             data = self._inbox.popleft()
             self._inbox_bytes -= len(data)
             events += self._safely(lambda: self._handle(data))  # noqa: B023 (called at once)
-        self._inbox.clear()  # a side that ended drops what came after (see _state)
-        self._inbox_bytes = 0
+        if terminal(self._table, self.state):
+            self._inbox.clear()  # a side that ended drops what came after it (see _state)
+            self._inbox_bytes = 0
         return events
 
     def data_to_send(self) -> list[bytes]:
