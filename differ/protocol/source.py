@@ -17,7 +17,7 @@ from differ.protocol._state import SOURCE, Call, SourceState
 from differ.protocol.endpoint import Endpoint, Handler, HandlerFn, ImageSpec, check_images, read_leaves
 from differ.protocol.events import BatchAcked, Event, Holding, Of, Request, Result, Verified, WalkDone
 from differ.protocol.framing import Message
-from differ.protocol.leaves import fingerprints, has_base_leaf, n_sub, xor
+from differ.protocol.leaves import fingerprints, n_sub, xor
 from differ.protocol.messages import (
     ENTRY_BYTES,
     MESSAGE_SLACK,
@@ -95,6 +95,8 @@ class Source(Endpoint[SourceState]):
         self._p_leaf = np.zeros(0, dtype=np.int64)
         self._p_req = np.zeros(0, dtype=np.uint8)
         self._p_aux = np.zeros(0, dtype=np.int64)
+        self._p_decided = np.zeros(0, dtype=np.int8)
+        self._p_xor = np.zeros(0, dtype=bool)
         self._cands = b""
         self._fps = b""
         self._starts: list[int] = [0]
@@ -269,6 +271,7 @@ class Source(Endpoint[SourceState]):
             refd = self._p_aux[dup]
             if (refd >= dup).any() or not np.isin(self._p_req[refd], (Req.BLOCK, Req.DELTA)).all():
                 raise ProtocolError("want: a duplicate does not refer to an earlier block request")
+        self._decide_all()
         self.state = SourceState.SENDING
         events: list[Event] = [WalkDone(divergent)]
         yield from self._advance()
@@ -367,34 +370,46 @@ class Source(Endpoint[SourceState]):
             yield from self._read_ahead(pos)
         return self._make_answer(pos)
 
+    def _decide_all(self) -> None:
+        """Per plan entry, once, from the digests alone: OK when the target's proposal holds (its
+        reference's check bytes, the base's leaf, zeros, an earlier leaf), else ZERO for a zero
+        leaf, else -1 (its bytes are needed); and whether an XOR against the base is worth trying."""
+        n = len(self._p_leaf)
+        t, cb = self._t, self._cb
+        digests = np.empty((n, DIGEST_SIZE), dtype=np.uint8)
+        lengths = np.empty(n, dtype=np.int64)
+        ok = np.zeros(n, dtype=bool)
+        self._p_xor = np.zeros(n, dtype=bool)
+        for im in self._images:
+            sel = np.flatnonzero(self._p_img == im.gi)
+            lv = self._p_leaf[sel]
+            digests[sel] = im.tree.leaves[lv]
+            lengths[sel] = np.minimum(LEAF_SIZE, im.tree.size - lv * LEAF_SIZE)
+            walk_base = im.walk.base if im.walk is not None else None
+            if walk_base is not None:
+                b = sel[self._p_req[sel] == Req.BASE]
+                ok[b] = (digests[b] == walk_base.leaves[self._p_leaf[b]]).all(axis=1)
+                if im.base is not None:
+                    base_len = np.minimum(LEAF_SIZE, im.base.size - lv * LEAF_SIZE)
+                    self._p_xor[sel] = (lv < im.base.leaf_count) & (base_len == lengths[sel])
+        zero = (digests == np.frombuffer(zero_digest(), dtype=np.uint8)).all(axis=1)
+        for i in np.flatnonzero(lengths != LEAF_SIZE).tolist():
+            zero[i] = digests[i].tobytes() == zero_digest(int(lengths[i]))
+        ref = np.flatnonzero(self._p_req == Req.REF)
+        if len(ref):
+            cands = np.frombuffer(self._cands, dtype=np.uint8).reshape(-1, cb) if cb else np.zeros((1, 0), np.uint8)
+            ok[ref] = (digests[ref, t : t + cb] == cands[self._p_aux[ref] if cb else 0]).all(axis=1)
+        z = self._p_req == Req.ZERO
+        ok[z] = zero[z]
+        dup = np.flatnonzero(self._p_req == Req.DUP)
+        ok[dup] = (digests[dup] == digests[self._p_aux[dup]]).all(axis=1)
+        self._p_decided = np.where(ok, int(Ans.OK), np.where(zero, int(Ans.ZERO), -1)).astype(np.int8)
+
     def _decide(self, pos: int) -> Ans | None:
         """The answer for plan entry ``pos`` when its digest decides it (OK, ZERO); else None: the
         leaf's bytes are needed."""
-        im = self._images[int(self._p_img[pos])]
-        leaf, req, aux = int(self._p_leaf[pos]), Req(int(self._p_req[pos])), int(self._p_aux[pos])
-        digest = im.tree.leaf(leaf)
-        t, cb = self._t, self._cb
-        ok = False
-        if req is Req.REF:
-            ok = digest[t : t + cb] == self._cands[aux * cb : (aux + 1) * cb]
-        elif req is Req.BASE:
-            assert im.walk is not None and im.walk.base is not None
-            ok = digest == im.walk.base.leaf(leaf)
-        elif req is Req.ZERO:
-            ok = digest == zero_digest(im.tree.leaf_length(leaf))
-        elif req is Req.DUP:
-            ok = digest == self._images[int(self._p_img[aux])].tree.leaf(int(self._p_leaf[aux]))
-        if ok:
-            return Ans.OK
-        if digest == zero_digest(im.tree.leaf_length(leaf)):
-            return Ans.ZERO
-        return None
-
-    def _xor_candidate(self, pos: int) -> bool:
-        im = self._images[int(self._p_img[pos])]
-        leaf = int(self._p_leaf[pos])
-        walked_base = im.walk is not None and im.walk.base is not None
-        return walked_base and has_base_leaf(im.base, leaf, im.tree.leaf_length(leaf))
+        v = int(self._p_decided[pos])
+        return None if v < 0 else Ans(v)
 
     def _needs_data(self, pos: int) -> bool:
         return (self._measure_plain and pos >= self._plain_done) or self._decide(pos) is None
@@ -410,7 +425,7 @@ class Source(Endpoint[SourceState]):
         while q < end and int(self._p_img[q]) == gi and len(need) < READ_RUN:
             if q not in self._data and self._needs_data(q):
                 need.append(q)
-                if self._decide(q) is None and self._xor_candidate(q):
+                if self._p_decided[q] < 0 and self._p_xor[q]:
                     xbase.append(q)
             q += 1
         blocks = yield from read_leaves(Holding(Of.IMAGE, name), [int(self._p_leaf[k]) for k in need])
