@@ -51,18 +51,18 @@ from bench.fuzz import (
 from differ.blocks import LeafDigests, MemoryImageSource
 from differ.memsource import MemoryImage, MemorySource
 from differ.merkle import MerkleTree, load_or_build
-from differ.protocol import (
-    ProtocolParams,
-    ReferenceImage,
-    Source,
-    SourceImage,
-    SourceState,
-    Target,
-    TargetImage,
-    TargetState,
-)
+from differ.protocol import ProtocolParams, SourceState, TargetState
 from differ.saveimage import SaveImage, parse_save_image
 from differ.source import LEAF_SIZE
+from differ.transfer import (
+    BlockingSource,
+    BlockingTarget,
+    ReferenceImage,
+    SourceImage,
+    TargetImage,
+    blocking_source,
+    blocking_target,
+)
 from recorder import channel as ch
 from recorder import logformat as lf
 from replay_migrate import savefmt
@@ -362,7 +362,7 @@ def run_channel_agent(data: bytes) -> None:
         raise AssertionError(f"AgentSide.receive_data raised on input: {e!r}") from e
 
 
-# -- the diff protocol (differ.protocol) -------------------------------------------------------------------
+# -- the diff protocol (differ.protocol, driven by differ.transfer) ------------------------------
 
 KEY = bytes(range(32))
 PROTOCOL_PARAMS = ProtocolParams(max_message_bytes=64 << 10, max_batch_entries=64, window=2)
@@ -423,16 +423,16 @@ def _base(s: dict[str, Any], name: str) -> ReferenceImage | None:
     return ReferenceImage(MemorySource(s["bases"][name]), s["tbase"][name]) if name in s["bases"] else None
 
 
-def _source(k: int) -> Source:
+def _source(k: int) -> BlockingSource:
     s = _scenario_trees(k)
-    return Source([SourceImage(n, MemorySource(d), s["ta"][n], base=_base(s, n)) for n, d in s["a"].items()],
+    return blocking_source([SourceImage(n, MemorySource(d), s["ta"][n], base=_base(s, n)) for n, d in s["a"].items()],
                   PROTOCOL_PARAMS)
 
 
-def _target(k: int) -> tuple[Target, dict[str, MemoryImage]]:
+def _target(k: int) -> tuple[BlockingTarget, dict[str, MemoryImage]]:
     s = _scenario_trees(k)
     images = {n: MemoryImage(d) for n, d in s["b"].items()}
-    target = Target(
+    target = blocking_target(
         [TargetImage(n, im.source(), s["tb"][n], im.sink(), base=_base(s, n)) for n, im in images.items()],
         PROTOCOL_PARAMS,
         references=[ReferenceImage(MemorySource(r), t) for r, t in zip(s["refs"], s["tref"], strict=True)],
