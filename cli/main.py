@@ -25,7 +25,7 @@ from cli.argtypes import non_negative, positive, positive_int
 from cli.report import emit_json, human_bytes, table
 from migration.cancel import Interrupted, raising_on_signals, stopping_on_signals
 from replay_migrate import __version__
-from replay_migrate.errors import NoSuchDomainError, ReplayMigrateError, UsageError
+from replay_migrate.errors import NoSuchDomainError, ReplayMigrateError, UsageError, WorkloadCheckError
 from replay_migrate.safeopen import check_output, check_regular, open_output, write_output
 from store import checkpoint as ckpt
 from store.images import ensure_image
@@ -47,8 +47,11 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 
 # ---- checkpoint -------------------------------------------------------------------------------
 def cmd_checkpoint_create(args: argparse.Namespace) -> int:
+    from vm.spec import check_kernel_args
+    check_kernel_args(args.kernel_arg)     # before libvirt is touched
     with _hv(args) as hv:
-        ck = ckpt.create(hv, args.name, memory_mib=args.memory_mib, settle_s=args.settle)
+        ck = ckpt.create(hv, args.name, memory_mib=args.memory_mib, settle_s=args.settle,
+                         kernel_args=args.kernel_arg)
         m = ck.manifest
         print(f"checkpoint {ck.name}: {ck.dir} (boot to desktop {m.boot_to_desktop_s:.1f} s, "
               f"memory image {human_bytes(m.memory_allocated_bytes)} allocated)")
@@ -196,13 +199,23 @@ def cmd_workload_list(args: argparse.Namespace) -> int:
 
 
 def cmd_workload_run(args: argparse.Namespace) -> int:
-    from replayer.drive import drive
+    """Type the workload; then (``--check``) run its checks in the same VM, as the benchmark does
+    in the migrated one."""
+    from replayer.drive import drive, run_checks
     from replayer.workload import get_workload
 
     _, actions = get_workload(args.workload)
     with _hv(args) as hv:
-        st = drive(hv.lookup(args.domain), actions, seed=args.seed)
-    print(f"{st.events} input events in {st.seconds:.1f} s")
+        m = hv.lookup(args.domain)
+        st = drive(m, actions, seed=args.seed)
+        print(f"{st.events} input events in {st.seconds:.1f} s")
+        results = run_checks(m, actions) if args.check else []
+    for r in results:
+        print(f"check {'passed' if r.passed else f'FAILED (exit {r.exit_code})'}: {r.command}")
+        if not r.passed and r.output:
+            print("  " + r.output.replace("\n", "\n  "))
+    if any(not r.passed for r in results):
+        raise WorkloadCheckError(f"{sum(not r.passed for r in results)} of {len(results)} checks failed")
     return 0
 
 
@@ -243,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--memory-mib", type=positive_int, default=1024)
     p.add_argument("--settle", type=non_negative, default=ckpt.SETTLE_S, help="idle seconds before saving")
+    p.add_argument("--kernel-arg", action="append", default=[], metavar="ARG",
+                   help="append ARG to the guest kernel's command line (repeatable), e.g. norandmaps "
+                        "(no address-space randomisation: see the README's guest settings)")
     p = add(ck, "list", cmd_checkpoint_list, "list checkpoints")
     p.add_argument("--json", action="store_true")
     p = add(ck, "rm", cmd_checkpoint_rm, "delete a checkpoint (refused while clones use it)")
@@ -311,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workload", help="a shipped workload's name or a file")
     p.add_argument("--into", dest="domain", required=True)
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic user's timing")
+    p.add_argument("--check", action="store_true",
+                   help="then run the workload's checks in the domain (exit 14 if one fails)")
 
     from server import service
     p = add(sub, "serve", service.cmd_serve, "run the session-handoff service (websockets)")

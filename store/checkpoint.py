@@ -20,6 +20,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from store.images import ensure_image, prune_images
 from store.paths import check_name, checkpoint_path, checkpoints_dir, clone_path, clones_dir
 from vm.machine import Hypervisor, Machine, create_overlay, file_allocated, remove_run_dir
 from vm.probe import choose_virt
-from vm.spec import DomainSpec, GuestImage, VirtType
+from vm.spec import DomainSpec, GuestImage, VirtType, check_kernel_args
 
 log = logging.getLogger("replay_migrate.checkpoint")
 DOMAIN_PREFIX = "rm-"
@@ -56,6 +57,9 @@ class Manifest:
     disk_allocated_bytes: int
     roots: dict[str, str] = field(default_factory=dict)
     version: int = MANIFEST_VERSION
+    kernel_args: list[str] = field(default_factory=list)
+    """Extra guest kernel arguments the checkpoint was booted with (guest settings such as
+    ``norandmaps``): part of what the checkpoint is, like its image."""
 
     @classmethod
     def load(cls, path: Path) -> Manifest:
@@ -129,9 +133,12 @@ def list_all() -> list[Checkpoint]:
 
 
 def create(hv: Hypervisor, name: str, *, memory_mib: int = 1024, settle_s: float = SETTLE_S,
-           image: GuestImage | None = None, virt: VirtType | None = None) -> Checkpoint:
-    """Boot the guest image to the settled desktop and save it as checkpoint ``name``."""
+           image: GuestImage | None = None, virt: VirtType | None = None,
+           kernel_args: Sequence[str] = ()) -> Checkpoint:
+    """Boot the guest image to the settled desktop and save it as checkpoint ``name``;
+    ``kernel_args`` are appended to the guest kernel's command line (checked first)."""
     ck = Checkpoint(checkpoint_path(name))
+    args = check_kernel_args(kernel_args)
     if ck.dir.exists():
         raise CheckpointError(f"checkpoint {name!r} exists already (checkpoint rm {name})")
     image = image or ensure_image().image
@@ -145,7 +152,7 @@ def create(hv: Hypervisor, name: str, *, memory_mib: int = 1024, settle_s: float
     _remove_domain(hv, dom_name)
     create_overlay(partial / "disk.qcow2", image.base)
     spec = DomainSpec(name=dom_name, image=image, disk=partial / "disk.qcow2",
-                      run_dir=partial / "boot", virt=virt, memory_mib=memory_mib)
+                      run_dir=partial / "boot", virt=virt, memory_mib=memory_mib, kernel_args=args)
     m = hv.define(spec)
     try:
         t0 = time.monotonic()
@@ -175,20 +182,22 @@ def create(hv: Hypervisor, name: str, *, memory_mib: int = 1024, settle_s: float
              memory_mib=memory_mib, created=time.time(), boot_to_desktop_s=round(boot_s, 2),
              save_s=round(save_s, 2), memory_apparent_bytes=mem.stat().st_size,
              memory_allocated_bytes=file_allocated(mem),
-             disk_allocated_bytes=file_allocated(partial / "disk.qcow2")).save(
+             disk_allocated_bytes=file_allocated(partial / "disk.qcow2"), kernel_args=list(args)).save(
                  partial / "manifest.json")
     partial.rename(ck.dir)
     return ck
 
 
 def ensure(hv: Hypervisor, name: str, **kw: Any) -> tuple[Checkpoint, bool]:
-    """Checkpoint ``name`` for the current image recipe: reused if it exists and matches,
-    (re)created otherwise. Returns (checkpoint, created)."""
+    """Checkpoint ``name`` for the current image recipe (and ``kernel_args``, if given): reused if
+    it exists and matches, (re)created otherwise. Returns (checkpoint, created)."""
     ck = Checkpoint(checkpoint_path(name))
     image = ensure_image().image
+    want_args = list(check_kernel_args(kw.get("kernel_args", ())))
     if ck.manifest_path.is_file():
         try:
-            if ck.manifest.image_recipe == image.recipe_hash:
+            m = ck.manifest
+            if m.image_recipe == image.recipe_hash and m.kernel_args == want_args:
                 ck.check()
                 return ck, False
         except CheckpointError as e:

@@ -1,8 +1,10 @@
 """The guest image: built by ``vm-images/build-image.sh`` into a cache folder named by the hash of
 its recipe, and reused while the recipe is unchanged (a build takes ~1-2 minutes; a reuse, none).
 
-The recipe is the build script, the guest overlay files and the sources the guest runs (the
-recorder agent and the shared root package): change any of them and the next use rebuilds.
+The recipe is the build script, the guest overlay files, the domain XML template (the kernel
+command line, the devices a checkpoint is booted with) and the sources the guest runs (the recorder
+agent and the shared root package): change any of them and the next use rebuilds (and every
+checkpoint of the old image is made anew).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from vm.spec import GuestImage
 log = logging.getLogger("replay_migrate.images")
 BUILD_SCRIPT = REPO / "vm-images" / "build-image.sh"
 RECIPE_PARTS = (REPO / "vm-images" / "build-image.sh", REPO / "vm-images" / "overlay",
-                REPO / "recorder", REPO / "replay_migrate")
+                REPO / "vm-images" / "domain.xml", REPO / "recorder", REPO / "replay_migrate")
 BUILD_TIMEOUT_S = 1200.0
 """Upper bound for one image build (mmdebstrap over the package mirror)."""
 BUILD_LOG_MAX = 4 << 20

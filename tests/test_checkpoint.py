@@ -74,6 +74,19 @@ def test_checkpoint_rm_removes_exactly_one_checkpoint(store: Path) -> None:
     assert main(["--connect", TEST_URI, "checkpoint", "rm", "b"]) == CheckpointError.exit_code
 
 
+def test_a_manifest_records_the_kernel_args_and_older_ones_load_without(tmp_path: Path) -> None:
+    m = ckpt.Manifest(name="m", image_recipe="0" * 16, image_dir="/x", virt="qemu", memory_mib=1, created=0.0,
+                      boot_to_desktop_s=0.0, save_s=0.0, memory_apparent_bytes=0, memory_allocated_bytes=0,
+                      disk_allocated_bytes=0, kernel_args=["norandmaps"])
+    path = tmp_path / "manifest.json"
+    m.save(path)
+    assert ckpt.Manifest.load(path).kernel_args == ["norandmaps"]
+    old = json.loads(path.read_text())
+    del old["kernel_args"]
+    path.write_text(json.dumps(old))
+    assert ckpt.Manifest.load(path).kernel_args == []
+
+
 def test_manifest_saved_by_many_writers_at_once(tmp_path: Path) -> None:
     """Both sides of one-host migrate record the roots in the manifest: no shared temporary file
     (the second rename failed), no temporary file left, always a whole manifest."""

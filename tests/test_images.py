@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from store import images
+from store.paths import REPO
 
 
 def test_recipe_hash_tracks_the_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -30,6 +31,12 @@ def test_recipe_hash_tracks_the_recipe(tmp_path: Path, monkeypatch: pytest.Monke
     assert h1 != h0
     (agent / "agent.py").chmod(0o755)
     assert images.recipe_hash() != h1
+
+
+def test_the_domain_template_is_part_of_the_recipe() -> None:
+    """The kernel command line and the devices a checkpoint boots with live in domain.xml: a change
+    there must make new images and checkpoints, as a change to the build script does."""
+    assert REPO / "vm-images" / "domain.xml" in images.RECIPE_PARTS
 
 
 def test_real_recipe_hash_is_stable() -> None:

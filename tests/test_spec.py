@@ -7,8 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from replay_migrate.errors import ImageError
-from vm.spec import RECORDER_CHANNEL, DomainSpec, GuestImage, VirtType, clone_xml, domain_name
+from replay_migrate.errors import ImageError, UsageError
+from vm.spec import (
+    RECORDER_CHANNEL,
+    DomainSpec,
+    GuestImage,
+    VirtType,
+    check_kernel_args,
+    clone_xml,
+    domain_name,
+)
 
 
 def attr(parent: ET.Element, path: str, name: str) -> str | None:
@@ -33,6 +41,24 @@ def test_template_fills_every_field(tmp_path: Path) -> None:
     assert attr(chans[RECORDER_CHANNEL], "source", "path") == str(tmp_path / "run" / "recorder.sock")
     assert attr(root, "cpu", "mode") == "maximum"
     assert "$" not in spec(tmp_path).xml()
+
+
+def test_kernel_args_are_appended_to_the_command_line(tmp_path: Path) -> None:
+    plain = ET.fromstring(spec(tmp_path).xml()).findtext("os/cmdline")
+    assert plain is not None and plain.startswith("root=/dev/vda ")
+    s = DomainSpec(name="rm-x", image=GuestImage(tmp_path / "img", "abc"), disk=tmp_path / "d.qcow2",
+                   run_dir=tmp_path / "run", kernel_args=("norandmaps", "init_on_free=1"))
+    assert ET.fromstring(s.xml()).findtext("os/cmdline") == plain + " norandmaps init_on_free=1"
+
+
+@pytest.mark.parametrize("arg", ["", "a b", "x</cmdline>", "'q'", '"q"', "a&b", "-x", "a" * 65, "\n"])
+def test_kernel_args_that_could_change_the_xml_or_split_are_refused(arg: str) -> None:
+    with pytest.raises(UsageError, match="not a plain kernel argument"):
+        check_kernel_args(["quiet", arg])
+    with pytest.raises(UsageError, match="at most"):
+        check_kernel_args(["quiet"] * 17)
+    assert check_kernel_args(["norandmaps", "init_on_free=1", "a.b-c:d,e_f"]) == (
+        "norandmaps", "init_on_free=1", "a.b-c:d,e_f")
 
 
 def test_kvm_uses_host_cpu_without_arch_capabilities(tmp_path: Path) -> None:

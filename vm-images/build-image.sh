@@ -10,6 +10,10 @@
 # mmdebstrap, font caches built here, /tmp on tmpfs, volatile journal, utmp/wtmp services masked,
 # /etc/adjtime on /run (setting a clone's clock, guest-set-time runs hwclock -w, which writes the
 # time of day into it: 10-20 more divergent disk blocks per migration).
+# What the state-making workloads use (replayer/workloads/{unpack,build,generate}.wl): gcc and make
+# (+120 MiB in the base image), a compressed archive (Python's HTML documentation, 68 MiB in 1,133
+# files as a 13 MiB tar.gz in /usr/local/share/rm-data; it is not unpacked anywhere in the image) and
+# a small C project's sources (Lua 5.4, Debian's upstream tarball, in /usr/local/src/lua).
 set -euo pipefail
 OUT=${1:?usage: build-image.sh OUT REPO}
 REPO=${2:?usage: build-image.sh OUT REPO}
@@ -21,6 +25,7 @@ PKGS=(
   xserver-xorg-core xserver-xorg-input-libinput xinit x11-utils x11-xserver-utils xfonts-base fonts-dejavu-core fontconfig
   xterm python3 python3-tk python3-xlib python3-msgpack xdotool
   qemu-guest-agent
+  gcc make libc6-dev
 )
 # the host's own Debian mirrors (the only network here), from deb822 or one-line sources
 uris() { { grep -rhE '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}';
@@ -59,6 +64,13 @@ mmdebstrap --mode=root --format=directory --variant=minbase --quiet \
       ln -sf /run/adjtime /etc/adjtime
       systemctl mask systemd-update-utmp.service systemd-update-utmp-runlevel.service e2scrub_reap.service getty-static.service
       python3 -m compileall -q /usr/local/lib/replay-migrate
+      mkdir -p /usr/local/share/rm-data /usr/local/src /tmp/rm-fetch && cd /tmp/rm-fetch
+      apt-get download -q python3.11-doc >/dev/null
+      mkdir x && dpkg-deb -x python3.11-doc_*.deb x
+      tar -C x/usr/share/doc/python3.11 --owner=0 --group=0 --sort=name -czf /usr/local/share/rm-data/python-docs.tar.gz html
+      apt-get source -q --download-only lua5.4 >/dev/null
+      mkdir lua && tar -C lua --strip-components=1 -xzf lua5.4_*.orig.tar.gz && mv lua /usr/local/src/lua
+      cd / && rm -rf /tmp/rm-fetch
       K=\$(ls /lib/modules)
       cd /lib/modules/\$K/kernel
       rm -rf sound drivers/media drivers/net/wireless drivers/infiniband drivers/staging drivers/isdn drivers/bluetooth net/bluetooth net/wireless net/mac80211 \
@@ -67,7 +79,8 @@ mmdebstrap --mode=root --format=directory --variant=minbase --quiet \
       update-initramfs -u -k \$K >/dev/null
   "' \
   bookworm "$ROOT" \
-  "deb $MIRROR bookworm main" "deb $MIRROR bookworm-updates main" "deb $SECURITY_MIRROR bookworm-security main"
+  "deb $MIRROR bookworm main" "deb $MIRROR bookworm-updates main" "deb $SECURITY_MIRROR bookworm-security main" \
+  "deb-src $MIRROR bookworm main"
 # one fixed machine-id for every clone; after mmdebstrap, whose clean-up empties it (an empty id makes
 # each boot generate a random one and run first-boot units)
 systemd-machine-id-setup --root="$ROOT" >/dev/null

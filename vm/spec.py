@@ -12,10 +12,11 @@ import shutil
 import string
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from replay_migrate.errors import ImageError
+from replay_migrate.errors import ImageError, UsageError
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "vm-images" / "domain.xml"
@@ -24,6 +25,20 @@ RECORDER_CHANNEL = "org.replaymigrate.log.0"
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 SCREEN = (1280, 800)
 """The guest's fixed screen size (vm-images/overlay/etc/X11/xorg.conf.d/10-guest.conf)."""
+KERNEL_ARG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.,:=-]{0,63}")
+"""One extra kernel command-line argument (``norandmaps``, ``init_on_free=1``): no spaces, quotes or
+XML metacharacters, so it cannot change the domain XML or split into two arguments."""
+MAX_KERNEL_ARGS = 16
+
+
+def check_kernel_args(args: Sequence[str]) -> tuple[str, ...]:
+    """``args`` as a tuple, each a plain ``KEY`` or ``KEY=VALUE`` (UsageError otherwise)."""
+    if len(args) > MAX_KERNEL_ARGS:
+        raise UsageError(f"at most {MAX_KERNEL_ARGS} extra kernel arguments, got {len(args)}")
+    for a in args:
+        if not KERNEL_ARG.fullmatch(a):
+            raise UsageError(f"not a plain kernel argument: {a!r} (letters, digits, _ . , : = -)")
+    return tuple(args)
 
 
 class VirtType(enum.Enum):
@@ -77,6 +92,8 @@ class DomainSpec:
     virt: VirtType = VirtType.TCG
     memory_mib: int = 1024
     vcpus: int = 1
+    kernel_args: tuple[str, ...] = ()
+    """Appended to the guest kernel's command line (checked by :func:`check_kernel_args`)."""
 
     @property
     def serial_log(self) -> Path:
@@ -95,7 +112,8 @@ class DomainSpec:
             vcpus=self.vcpus, kernel=self.image.kernel, initrd=self.image.initrd,
             cpu=self.virt.cpu_xml(), emulator=emulator, disk=self.disk,
             serial_log=self.serial_log, recorder_socket=self.recorder_socket,
-            recorder_channel=RECORDER_CHANNEL)
+            recorder_channel=RECORDER_CHANNEL,
+            kernel_args="".join(f" {a}" for a in check_kernel_args(self.kernel_args)))
 
 
 def clone_xml(saved_xml: str, name: str, disk: Path, run_dir: Path) -> str:
