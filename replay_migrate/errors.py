@@ -88,6 +88,13 @@ class TransportError(ReplayMigrateError):
     exit_code = 13
 
 
+class WorkloadCheckError(ReplayMigrateError):
+    """A workload's check (a command run in the VM after the workload or its migration) failed:
+    the user's files are not what the source computed."""
+
+    exit_code = 14
+
+
 class UsageError(ReplayMigrateError):
     """The command line asked for something inconsistent."""
 

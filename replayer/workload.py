@@ -10,11 +10,19 @@ One action per line; ``#`` starts a comment (outside quotes); blank lines are ig
     drag 10 20 300 400 [left|middle|right]
     scroll 250 400 up|down|left|right [N]     N wheel notches (default 1)
     wait 1.5                 seconds of idleness (the user reads, a command runs)
+    check "sha256sum -c /root/x.sha256"
+                             not typed: after a migration, run this with /bin/sh in the migrated VM
+                             (guest agent); it must exit 0. Only checks may follow a check.
 
 Keyboard focus in the guest follows the pointer (there is no window manager), so a workload moves
 the pointer into a window before typing into it. ``synthesize()`` turns actions into the primitive
 timed events a real user would produce (key press/release with human gaps, pointer paths), as log
 events: the bench encodes them, a driver can inject them.
+
+A ``check`` proves that the user's work arrived: the state-making workloads have the user type a
+checksum of their result at the source (``sha256sum FILES > F.sha256``, part of the migrated state)
+and check it at the target with ``sha256sum -c F.sha256``, computed in the guest after the
+migration. The benchmark runs every check and fails loudly when one does not pass.
 """
 
 from __future__ import annotations
@@ -104,7 +112,15 @@ class Wait:
     line: int = 0
 
 
-Action = TypeText | PressKeys | Move | Click | Drag | Scroll | Wait
+@dataclass(frozen=True, slots=True)
+class Check:
+    """A shell command run in the migrated VM after a migration (not typed); exit 0 passes."""
+
+    command: str
+    line: int = 0
+
+
+Action = TypeText | PressKeys | Move | Click | Drag | Scroll | Wait | Check
 
 
 class _LineError(Exception):
@@ -255,7 +271,16 @@ class _Parser:
             if not (math.isfinite(s) and 0 <= s <= self.max_wait_s):
                 raise _LineError(f"wait {w} is not in 0..{self.max_wait_s} s")
             return Wait(s, ln)
-        raise _LineError(f"unknown action {verb!r} (type, key, move, click, doubleclick, drag, scroll, wait)")
+        if verb == "check":
+            self.nargs(1, 1)
+            arg = self.args[1]
+            if not isinstance(arg, tuple):
+                raise _LineError('check takes a quoted shell command: check "sha256sum -c /root/x.sha256"')
+            if not arg[0].strip() or len(arg[0]) > self.max_text_chars:
+                raise _LineError(f"command must have 1..{self.max_text_chars} characters")
+            return Check(arg[0], ln)
+        raise _LineError(f"unknown action {verb!r} (type, key, move, click, doubleclick, drag, scroll, wait, "
+                         "check)")
 
 
 def parse_workload(
@@ -277,7 +302,10 @@ def parse_workload(
             p.args = _tokens(line)
             if not p.args:
                 continue
-            actions.append(p.action())
+            action = p.action()
+            if actions and isinstance(actions[-1], Check) and not isinstance(action, Check):
+                raise _LineError("only checks may follow a check (they run after the migration)")
+            actions.append(action)
         except _LineError as e:
             raise UsageError(f"{source}:{ln}: {e}") from None
         if len(actions) > max_actions:
@@ -303,7 +331,8 @@ WORKLOADS_DIR = Path(__file__).with_name("workloads")
 
 
 def shipped_workloads() -> dict[str, Path]:
-    """The workloads shipped with the package, by name (notes, shell, mixed)."""
+    """The workloads shipped with the package, by name (notes, shell, mixed, bigfile, and the
+    state-making unpack, build, generate)."""
     return {p.stem: p for p in sorted(WORKLOADS_DIR.glob("*.wl"))}
 
 
@@ -358,7 +387,7 @@ def synthesize(
 ) -> list[Event]:
     """Primitive timed events (µs from 0) a user performing ``actions`` would produce; deterministic
     for a given seed. Pointer paths are straight lines with an ease-in-out, sampled every
-    ``timing.motion_interval``; waits become idle time."""
+    ``timing.motion_interval``; waits become idle time; checks make no events."""
     tm = timing or Timing()
     rng = random.Random(seed)
     events: list[Event] = []
@@ -430,9 +459,14 @@ def synthesize(
                 press(a.button, True)
                 press(a.button, False)
                 pause(tm.scroll_gap)
-        else:
+        elif isinstance(a, Wait):
             t += a.seconds
     return events
+
+
+def checks(actions: Sequence[Action]) -> list[Check]:
+    """The workload's checks, in order (what runs in the migrated VM after a migration)."""
+    return [a for a in actions if isinstance(a, Check)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -447,7 +481,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             evs = synthesize(actions)
             dur = evs[-1].t_us / 1e6 if evs else 0.0
             waits = sum(a.seconds for a in actions if isinstance(a, Wait))
-            print(f"{f}: {len(actions)} actions, {len(evs)} events, ~{dur:.0f} s ({waits:.0f} s waiting)")
+            n_checks = len(checks(actions))
+            print(f"{f}: {len(actions)} actions, {len(evs)} events, ~{dur:.0f} s ({waits:.0f} s waiting)"
+                  + (f", {n_checks} checks after a migration" if n_checks else ""))
             if args.verbose:
                 for a in actions:
                     print(f"  {a}")

@@ -13,6 +13,7 @@ from replay_migrate.errors import UsageError
 from replayer import workload as wl
 from replayer.keymap import CTRL, Combo, Stroke
 from replayer.workload import (
+    Check,
     Click,
     Drag,
     Move,
@@ -20,6 +21,7 @@ from replayer.workload import (
     Scroll,
     TypeText,
     Wait,
+    checks,
     find_workload,
     get_workload,
     load_workload,
@@ -85,12 +87,22 @@ TYPE "#not a comment"
         ("wait 1e9", "not in 0..600"),
         ("wait nan", "not in 0..600"),
         ('move "1" 2', "must not be quoted"),
+        ("check sha256sum", "quoted shell command"),
+        ('check "  "', "1..4096"),
+        ('check "true"\nwait 1', "only checks may follow a check"),
     ],
 )
 def test_errors_name_the_line(line: str, msg: str) -> None:
     with pytest.raises(UsageError, match=msg) as ei:
         parse_workload(f"# ok\nwait 1\n{line}\n", source="w.wl")
-    assert str(ei.value).startswith("w.wl:3: ")
+    assert str(ei.value).startswith(f"w.wl:{3 + line.count(chr(10))}: ")
+
+
+def test_checks_run_after_the_session_and_make_no_input() -> None:
+    text = 'type "make\\n"\nwait 2\ncheck "sha256sum -c /root/x.sha256"\ncheck "test -x \\"/root/a b\\""\n'
+    acts = parse_workload(text)
+    assert checks(acts) == [Check("sha256sum -c /root/x.sha256", 3), Check('test -x "/root/a b"', 4)]
+    assert synthesize(acts, seed=3) == synthesize(acts[:2], seed=3)
 
 
 def test_limits_are_parameters() -> None:
@@ -113,19 +125,28 @@ def test_load_errors(tmp_path: Path) -> None:
         load_workload(p, max_bytes=20)
 
 
+STATE_MAKING = ("unpack", "build", "generate")
+"""The workloads where a few keystrokes make tens of MiB of state (issue 13)."""
+
+
 def test_shipped_workloads_parse_and_end_quiescent() -> None:
     shipped = shipped_workloads()
-    assert {"notes", "shell", "mixed"} <= set(shipped)
+    assert {"notes", "shell", "mixed", *STATE_MAKING} <= set(shipped)
     durations = {}
     for name, path in shipped.items():
         acts = load_workload(path)
         assert acts, name
-        assert isinstance(acts[-1], Wait) and acts[-1].seconds >= 1, name  # time for the last effects
+        session = [a for a in acts if not isinstance(a, Check)]
+        assert isinstance(session[-1], Wait) and session[-1].seconds >= 1, name  # time for the last effects
         evs = synthesize(acts)
         durations[name] = evs[-1].t_us / 1e6
         text = "".join(a.text for a in acts if isinstance(a, TypeText))
-        if name in ("shell", "mixed"):
+        if name in ("shell", "mixed", *STATE_MAKING):
             assert "sync\n" in text
+        if name in STATE_MAKING:
+            # the user's checksums at the source, checked in the migrated VM
+            assert ".sha256" in text
+            assert any("sha256sum" in c.command and " -c " in c.command for c in checks(acts)), name
         if name in ("notes", "mixed"):
             # saved with ctrl+s and with the Save button (top-left of the notepad at +520+0)
             assert any(isinstance(a, PressKeys) and Combo((CTRL,), 39) in a.combos for a in acts)

@@ -1,0 +1,21 @@
+# build.wl - the user builds a small C project whose sources ship in the image: Lua 5.4
+# (/usr/local/src/lua, 24,000 lines of C) with gcc and make. A few keystrokes make the compiler's
+# work: object files, a library and two programs on disk and in the page cache, and what gcc left in
+# memory. gcc's output is deterministic (same sources, flags and paths; Debian's ar writes no
+# timestamps), so a target that replays the session builds the same files.
+# xterm at +0+0 (84x56 characters, ~508x732 px); no window manager, focus follows the pointer.
+# Waits sized for a TCG guest (the build is the long part); the user types ahead while it runs.
+# Ends with the files checked on the target: the checksums the user computed at the source,
+# recomputed in the migrated VM, and the interpreter that was built, run.
+
+click 250 400
+wait 0.5
+type "cp -r /usr/local/src/lua /root/lua && cd /root/lua\n"
+type "make 2>&1 | tail -n 3\n"
+wait 150                      # gcc -O2 over 33 files under TCG
+type "src/lua -e 'local s = 0; for i = 1, 1000 do s = s + i * i end; print(s)'\n"
+type "sha256sum src/*.o src/*.a src/lua src/luac > /root/lua.sha256 && sync\n"
+wait 5
+
+check "cd /root/lua && sha256sum --quiet --strict -c /root/lua.sha256"
+check "/root/lua/src/lua -e 'assert(1 << 10 == 1024 and (\"ab\"):rep(2) == \"abab\")'"
