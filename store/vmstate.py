@@ -187,8 +187,11 @@ def open_target_images(state: VmState, trees: CheckpointTrees, sources: dict[str
 
 def references(bases: dict[str, ReferenceImage]) -> list[ReferenceImage]:
     """Content the target holds besides its own images, for content references: the checkpoint's
-    memory image (its disk's content is the clones' backing data, already in the target's disk)."""
-    return [bases[MEMORY]]
+    memory image and its disk. The disk is mostly the target's own backing data, but not where the
+    target wrote over it: a page of file data the source holds in memory (its page cache of a file
+    the target's replay rewrote or deleted) is still in the checkpoint's disk, and it travels as a
+    reference instead of a block."""
+    return [bases[MEMORY], bases[DISK]]
 
 
 def plain_transfer_bytes(sources: dict[str, BlockSource], trees: dict[str, MerkleTree],

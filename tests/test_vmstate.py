@@ -5,6 +5,7 @@ byte-identical to the first's, and the second resumes as the first."""
 
 from __future__ import annotations
 
+import copy
 import filecmp
 import logging
 import os
@@ -22,7 +23,7 @@ from replayer.drive import drive
 from replayer.workload import parse_workload
 from store import checkpoint as ckpt
 from store.vmstate import CheckpointTrees, VmState, checkpoint_trees, sync_states
-from vm.machine import Hypervisor, Machine
+from vm.machine import Hypervisor, Machine, create_overlay
 
 MIB = 1 << 20
 COMPUTED = ("building the tree file", "hashing the guest-visible disk of checkpoint")
@@ -79,6 +80,34 @@ def synthetic_checkpoint(root: Path) -> ckpt.Checkpoint:
                   memory_apparent_bytes=(d / "memory.sav").stat().st_size, memory_allocated_bytes=0,
                   disk_allocated_bytes=0).save(d / "manifest.json")
     return ckpt.Checkpoint(d)
+
+
+def state_of(root: Path, ck: ckpt.Checkpoint, name: str, ram: dict[int, bytes], *disk_writes: str) -> VmState:
+    """A saved state of :func:`synthetic_checkpoint`'s ``ck``: its memory image with the ``ram``
+    pages set (a page of zeros stays present), an overlay on its disk with ``disk_writes``
+    (qemu-io commands) applied."""
+    blocks = copy.deepcopy(default_blocks(seed=2, ram_pages=16384))
+    assert blocks[0].name == "pc.ram"
+    blocks[0].pages.update(ram)
+    memory = root / f"{name}.sav"
+    build_save_image(memory, blocks)
+    disk = root / f"{name}.qcow2"
+    create_overlay(disk, ck.disk)
+    if disk_writes:
+        run("qemu-io", "-f", "qcow2", *(a for c in disk_writes for a in ("-c", c)), str(disk))
+    return VmState(memory, disk, ck)
+
+
+def test_content_only_the_checkpoints_disk_holds_travels_as_a_reference(tmp_path: Path) -> None:
+    """The target's replay wrote over file data that the source still holds in its page cache:
+    that content is in the checkpoint's disk (0x77 at 1-3 MiB), not in the target's images."""
+    ck = synthetic_checkpoint(tmp_path)
+    src = state_of(tmp_path, ck, "src", {104: b"\x77" * 4096})
+    tgt = state_of(tmp_path, ck, "tgt", {104: b"\x95" * 4096}, "write -P 0x33 1M 2M")
+    stats, _ = sync_states(src, tgt, dry_run=True)
+    mem = stats.images["memory"]
+    assert mem.divergent == 1 and mem.referenced == 1
+    assert stats.block_bytes == 0
 
 
 def _computed(text: str) -> list[int]:
