@@ -26,6 +26,13 @@ BASELINES = ("plain", "full", "rsync", "no-replay")
 GOAL_SHARE_OF_PLAIN = 0.10
 """Issue 6's goal: replay-migrate ships at most this share of the plain transfer (notes, shell)."""
 GOAL_WORKLOADS = ("notes", "shell")
+STATE_GOAL_OF_PLAIN = 0.05
+STATE_GOAL_OF_NO_REPLAY = 0.20
+"""Issue 13's goals for the workloads where the user makes state: replay-migrate ships at most
+these shares of the plain transfer and of the Merkle diff without replay."""
+STATE_WORKLOADS = ("unpack", "build", "generate")
+TOP_PAIRS = 8
+"""``source kind -> target kind`` pairs of the residue listed per workload."""
 GOAL_LINK = "10M-40ms"
 UNSHAPED = "unshaped"
 
@@ -205,8 +212,61 @@ def break_even_mbit(w: Mapping[str, Any], rate_mbit: float) -> float | None:
     return math.inf if extra_s <= 0 else saved_bits / extra_s / 1e6
 
 
+def checks_rows(results: Mapping[str, Any]) -> list[list[str]]:
+    """Every check of every run: workload, link, the command, passed or the failure's output."""
+    rows: list[list[str]] = []
+    for wl, w in results["workloads"].items():
+        for link, run in w.get("runs", {}).items():
+            for c in run.get("checks", []):
+                verdict = "passed" if c["exit_code"] == 0 else f"FAILED (exit {c['exit_code']}): {c['output'][-200:]}"
+                rows.append([wl, _link_name(results, link), f"`{c['command']}`", verdict])
+    return rows
+
+
+def residue_section(wl: str, r: Mapping[str, Any]) -> str:
+    """Where one workload's residue goes (:mod:`bench.residue`): where the target holds each
+    divergent leaf, how the transfer got them, and what the leaves held nowhere are and cost."""
+    mem, disk = r["images"].get("memory", {}), r["images"].get("disk", {})
+    sent = r.get("sent", {})
+    out = [f"### {wl}: where the residue goes\n"]
+    held_rows = []
+    for where in sorted({*mem.get("held", {}), *disk.get("held", {})},
+                        key=lambda k: -(mem.get("held", {}).get(k, 0) + disk.get("held", {}).get(k, 0))):
+        held_rows.append([where, mem.get("held", {}).get(where, 0), disk.get("held", {}).get(where, 0)])
+    out.append(f"Divergent leaves: memory {mem.get('divergent', 0)}, disk {disk.get('divergent', 0)}. The target "
+               f"holds {r.get('held_anywhere', 0)} of them somewhere; the transfer took "
+               f"{r.get('sent_as_held', 0)} from what it holds (references, its checkpoint's leaf, duplicates, "
+               f"zeros) and sent the rest as bytes.\n")
+    out.append(md_table(["the source's content is in", "memory leaves", "disk leaves"], held_rows))
+    if sent:
+        kinds = ("referenced", "duplicate", "base", "zero", "xbase", "full", "delta")
+        out.append("\n" + md_table(["image", *kinds], [[name, *(v.get(k, 0) for k in kinds)]
+                                                        for name, v in sent.items()]))
+    kinds_bytes = mem.get("nowhere_kind_bytes", {})
+    total = sum(kinds_bytes.values()) + disk.get("nowhere_bytes", 0)
+    if mem.get("nowhere_kinds"):
+        out.append(f"\nThe memory leaves held nowhere by the source page's kind ({r.get('kinds_from', '')}); "
+                   "bytes: zstd of each leaf alone, whole or XOR the checkpoint's (what they cost):\n")
+        out.append(md_table(["source page", "leaves", "bytes", "share of the residue's bytes"],
+                            [[k, n, human(kinds_bytes.get(k, 0)),
+                              f"{100 * kinds_bytes.get(k, 0) / total:.0f} %" if total else "-"]
+                             for k, n in by_count(mem["nowhere_kinds"])]))
+    if disk.get("nowhere_bytes"):
+        out.append(f"\nDisk leaves held nowhere: {sum(disk.get('nowhere_kinds', {}).values())}, "
+                   f"{human(disk['nowhere_bytes'])}.\n")
+    pairs = by_count(mem.get("pairs", {}))[:TOP_PAIRS]
+    if pairs:
+        out.append("\nWhat the target holds at the same page instead (source kind -> target kind):\n")
+        out.append(md_table(["source -> target", "leaves"], pairs))
+    like = mem.get("nowhere_like_target", {})
+    if like:
+        out.append("\nBytes that differ from the target's page at the same place: "
+                   + ", ".join(f"{k}: {v}" for k, v in by_count(like)) + ".\n")
+    return "\n".join(out) + "\n"
+
+
 def goal_lines(results: Mapping[str, Any]) -> list[str]:
-    """Issue 6's goals, reported (never asserted)."""
+    """Issues 6's and 13's goals, reported (never asserted)."""
     lines = []
     for wl in GOAL_WORKLOADS:
         w = results["workloads"].get(wl)
@@ -217,6 +277,16 @@ def goal_lines(results: Mapping[str, Any]) -> list[str]:
         verdict = "met" if share <= GOAL_SHARE_OF_PLAIN else "NOT met"
         lines.append(f"- {wl}: replay-migrate ships {100 * share:.1f} % of the plain transfer's bytes "
                      f"(goal <= {100 * GOAL_SHARE_OF_PLAIN:.0f} %): {verdict}")
+    for wl in STATE_WORKLOADS:
+        w = results["workloads"].get(wl)
+        if not w or "plain" not in w.get("bytes", {}) or "no-replay" not in w.get("bytes", {}):
+            continue
+        b = w["bytes"]
+        share, vs_nr = b["replay-migrate"] / b["plain"], b["replay-migrate"] / b["no-replay"]
+        ok = share <= STATE_GOAL_OF_PLAIN and vs_nr <= STATE_GOAL_OF_NO_REPLAY
+        lines.append(f"- {wl}: replay-migrate ships {100 * share:.1f} % of the plain transfer's bytes (goal <= "
+                     f"{100 * STATE_GOAL_OF_PLAIN:.0f} %) and {100 * vs_nr:.1f} % of the diff without replay's "
+                     f"(goal <= {100 * STATE_GOAL_OF_NO_REPLAY:.0f} %): {'met' if ok else 'NOT met'}")
     for wl in results["workloads"]:
         t = results["workloads"][wl].get("timing", {}).get(GOAL_LINK, {})
         rm, plain = t.get("replay-migrate"), t.get("plain")
@@ -276,7 +346,22 @@ def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> st
     for wl, w in results["workloads"].items():
         if w.get("divergence"):
             out.append(_cause_section(wl, w["divergence"]))
-    out.append("## Goals (issue 6)\n")
+    if any(w.get("residue") for w in results["workloads"].values()):
+        out.append("## Where the residue goes\n")
+        out.append("Every leaf where the replayed target differs from the source, looked up in everything the "
+                   "target holds (its memory at any page, its disk as the guest sees it, the checkpoint's "
+                   "memory and disk): what it holds travels as a reference; what it holds nowhere is the "
+                   "residue's bytes, named by the guest's own page flags where they were read.\n")
+        for wl, w in results["workloads"].items():
+            if w.get("residue"):
+                out.append(residue_section(wl, w["residue"]))
+    rows = checks_rows(results)
+    if rows:
+        out.append("## Checks in the migrated VM\n")
+        out.append("Run after each migration through the guest agent (not typed); the user's checksums were "
+                   "computed at the source, in the session.\n")
+        out.append(md_table(["workload", "link", "check", "result"], rows))
+    out.append("## Goals (issues 6 and 13)\n")
     out += goal_lines(results)
     if plots:
         out.append("\n## Plots\n")

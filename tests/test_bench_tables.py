@@ -16,6 +16,7 @@ from bench.tables import (
     break_even_mbit,
     breakdown_rows,
     bytes_rows,
+    checks_rows,
     goal_lines,
     human,
     md_table,
@@ -23,6 +24,7 @@ from bench.tables import (
     plot_divergence,
     plot_time,
     render_markdown,
+    residue_section,
     saving,
     short_cause,
     time_rows,
@@ -163,3 +165,51 @@ def test_break_even_rate_from_fixed_times_and_bytes() -> None:
     results = {**RESULTS, "workloads": {"notes": w}}
     w["timing"]["10M-40ms"]["replay-migrate"]["e2e_s"] = 7.4
     assert any("faster below ~3.3 Mbit/s" in line for line in goal_lines(results))
+
+
+RESIDUE: dict[str, Any] = {
+    "images": {
+        "memory": {"divergent": 10, "held": {"the target's memory (another page)": 6, "nowhere at the target": 4},
+                   "nowhere_bytes": 9000,
+                   "nowhere_kinds": {"free (buddy allocator)": 3, "anonymous (process heap, stacks)": 1},
+                   "nowhere_kind_bytes": {"free (buddy allocator)": 8000, "anonymous (process heap, stacks)": 1000},
+                   "pairs": {"free (buddy allocator) -> page cache (file data)": 3,
+                             "anonymous (process heap, stacks) -> anonymous (process heap, stacks)": 1},
+                   "nowhere_like_target": {"> 1 KiB": 3, "<= 8 B": 1}},
+        "disk": {"divergent": 2, "held": {"the checkpoint's disk": 2}, "nowhere_bytes": 0, "nowhere_kinds": {},
+                 "nowhere_kind_bytes": {}, "pairs": {}, "nowhere_like_target": {}},
+    },
+    "sent": {"memory": {"referenced": 6, "duplicate": 0, "base": 0, "zero": 0, "full": 3, "delta": 0, "xbase": 1},
+             "disk": {"referenced": 0, "duplicate": 0, "base": 2, "zero": 0, "full": 0, "delta": 0, "xbase": 0}},
+    "block_bytes": 8500, "kinds_from": "page flags", "held_anywhere": 8, "sent_as_held": 8,
+}
+
+
+def test_residue_section_says_where_the_residue_is_and_what_it_costs() -> None:
+    md = residue_section("generate", RESIDUE)
+    assert "### generate: where the residue goes" in md
+    assert "Divergent leaves: memory 10, disk 2. The target holds 8 of them somewhere; the transfer took 8" in md
+    assert "| the target's memory (another page) | 6 | 0 |" in md and "| the checkpoint's disk | 0 | 2 |" in md
+    assert "| memory | 6 | 0 | 0 | 0 | 1 | 3 | 0 |" in md                    # referenced ... xbase, full, delta
+    assert "| free (buddy allocator) | 3 | 7.8 KiB | 89 % |" in md           # of 9000 bytes
+    assert "| free (buddy allocator) -> page cache (file data) | 3 |" in md
+    assert "> 1 KiB: 3, <= 8 B: 1" in md
+
+
+def test_checks_and_state_making_goals() -> None:
+    res = copy.deepcopy(RESULTS)
+    wl = _workload(40_000, 2_000_000)        # 2 % of plain, 4 % of the diff without replay (1,000,000)
+    wl["runs"]["10M-40ms"]["checks"] = [{"command": "sha256sum -c x", "exit_code": 0, "output": ""},
+                                        {"command": "test -x y", "exit_code": 1, "output": "no y"}]
+    wl["residue"] = RESIDUE
+    res["workloads"]["generate"] = wl
+    res["workloads"]["unpack"] = _workload(150_000, 2_000_000)    # 7.5 % of plain: not met
+    assert checks_rows(res) == [["generate", "10 Mbit/s, 40 ms RTT", "`sha256sum -c x`", "passed"],
+                                ["generate", "10 Mbit/s, 40 ms RTT", "`test -x y`", "FAILED (exit 1): no y"]]
+    lines = goal_lines(res)
+    assert any(line.startswith("- unpack: replay-migrate ships 7.5 % of the plain transfer's bytes (goal <= 5 %) "
+                               "and 15.0 % of the diff without replay's (goal <= 20 %): NOT met") for line in lines)
+    assert any(line.startswith("- generate: replay-migrate ships 2.0 %") and line.endswith(": met") for line in lines)
+    md = render_markdown(res)
+    assert "## Where the residue goes" in md and "## Checks in the migrated VM" in md
+    assert "FAILED (exit 1): no y" in md
