@@ -16,6 +16,7 @@ import zstandard
 
 from differ.merkle import DEFAULT_FANOUT, MerkleTree
 from differ.protocol import ProtocolParams, TransferStats
+from differ.similar import SimilarityIndex
 from differ.source import BlockSink, BlockSource
 from differ.transfer import ReferenceImage, SourceImage, TargetImage, blocking_source, blocking_target, run_local
 
@@ -39,6 +40,7 @@ def sync_local(
     target_trees: Mapping[str, MerkleTree] | None = None,
     references: Sequence[tuple[BlockSource, MerkleTree | None]] = (),
     bases: Mapping[str, tuple[BlockSource, MerkleTree | None]] | None = None,
+    similar: Mapping[str, SimilarityIndex] | None = None,
     fanout: int = DEFAULT_FANOUT,
     params: ProtocolParams | None = None,
     dry_run: bool = False,
@@ -48,8 +50,9 @@ def sync_local(
     """Make the target images equal to the source images (or, with ``dry_run``, measure what that
     would ship and write nothing). Trees not given are built; ``references`` are other content the
     target holds (base, checkpoint); ``bases``: per image name, that image at the checkpoint both
-    sides started from (for the base-relative walk). Both sides are local, so the target is told
-    the source's sizes (no size rule for a remote peer applies). Raises
+    sides started from (for the base-relative walk); ``similar``: per image name, a similarity index
+    of that base (the source then tries XOR against its most similar leaves). Both sides are local,
+    so the target is told the source's sizes (no size rule for a remote peer applies). Raises
     ``VerificationError``/``ProtocolError`` on failure, with every sink aborted."""
     s_trees = dict(source_trees or {})
     t_trees = dict(target_trees or {})
@@ -61,7 +64,8 @@ def sync_local(
             t_trees[name] = MerkleTree.build(src, fanout)
     refs = [ReferenceImage(src, tree or MerkleTree.build(src, fanout)) for src, tree in references]
     base_refs = {
-        name: ReferenceImage(src, tree or MerkleTree.build(src, fanout)) for name, (src, tree) in (bases or {}).items()
+        name: ReferenceImage(src, tree or MerkleTree.build(src, fanout), (similar or {}).get(name))
+        for name, (src, tree) in (bases or {}).items()
     }
     source = blocking_source(
         [SourceImage(name, src, s_trees[name], base=base_refs.get(name)) for name, src in source_images.items()],

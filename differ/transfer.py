@@ -36,16 +36,19 @@ from differ.protocol import (
     fail_code,
 )
 from differ.protocol.params import READ_RUN
+from differ.similar import SimilarityIndex
 from differ.source import LEAF_SIZE, BlockSink, BlockSource
 from replay_migrate.errors import LocalProtocolError, ProtocolError, ReplayMigrateError
 
 
 @dataclass
 class ReferenceImage:
-    """Content a side holds besides its images (base image, checkpoint): a reference or a base."""
+    """Content a side holds besides its images (base image, checkpoint): a reference or a base.
+    ``similar``: a similarity index of it (:mod:`differ.similar`), for a source's XSIM answers."""
 
     source: BlockSource
     tree: MerkleTree
+    similar: SimilarityIndex | None = None
 
 
 @dataclass
@@ -72,10 +75,14 @@ class TargetImage:
     base: ReferenceImage | None = None
 
 
-def _spec(name: str, source: BlockSource, tree: MerkleTree, base: ReferenceImage | None) -> ImageSpec:
+def _spec(name: str, source: BlockSource, tree: MerkleTree, base: ReferenceImage | None,
+          *, similar: bool = False) -> ImageSpec:
+    """``similar``: pass the base's similarity index on (a source's images; a target needs none)."""
     if (tree.size, tree.leaf_count) != (source.size, source.leaf_count):
         raise ValueError(f"image {name!r}: tree and source disagree on the size")
-    return ImageSpec(name, tree, base.tree if base is not None else None)
+    if base is None:
+        return ImageSpec(name, tree)
+    return ImageSpec(name, tree, base.tree, base.similar if similar else None)
 
 
 class LocalIO:
@@ -143,7 +150,7 @@ def read_leaves(source: BlockSource, leaves: Sequence[int]) -> list[bytes]:
 def make_source(images: Sequence[SourceImage], params: ProtocolParams | None = None, *,
                 measure_plain: bool = False) -> tuple[Source, LocalIO]:
     """A source core over ``images`` and the I/O that reads them."""
-    core = Source([_spec(im.name, im.source, im.tree, im.base) for im in images], params,
+    core = Source([_spec(im.name, im.source, im.tree, im.base, similar=True) for im in images], params,
                   measure_plain=measure_plain)
     io = LocalIO({im.name: im.source for im in images},
                  bases={im.name: im.base.source for im in images if im.base is not None})

@@ -12,6 +12,7 @@ import numpy as np
 from differ.memsource import MemoryImage, MemorySink, MemorySource
 from differ.merkle import MerkleTree
 from differ.protocol import PROTOCOL_VERSION, ProtocolParams, TransferStats
+from differ.similar import index_of
 from differ.source import LEAF_SIZE
 from differ.transfer import (
     BlockingSource,
@@ -34,8 +35,13 @@ def rand(n: int, seed: int = 0) -> bytes:
     return np.random.default_rng(seed).integers(0, 256, size=n, dtype=np.uint8).tobytes()
 
 
-def base_of(data: bytes | None) -> ReferenceImage | None:
-    return None if data is None else ReferenceImage(MemorySource(data), MerkleTree.from_bytes(data))
+def base_of(data: bytes | None, *, similar: bool = False) -> ReferenceImage | None:
+    """``data`` as a base both sides hold; ``similar``: with its similarity index (a source's)."""
+    if data is None:
+        return None
+    src = MemorySource(data)
+    index = index_of(src.leaf_count, np.arange(len(data) // PAGE, dtype=np.int64), src.read) if similar else None
+    return ReferenceImage(src, MerkleTree.from_bytes(data), index)
 
 
 class Pair:
@@ -54,10 +60,12 @@ class Pair:
         dry_run: bool = False,
         measure_plain: bool = False,
         sinks: dict[str, type[MemorySink]] | None = None,
+        similar: bool = False,
     ) -> None:
         """``bases``: the common checkpoint's version of each image, held by both sides;
         ``target_bases``: the target's (content, tree) instead, to make it disagree; ``sinks``:
-        a sink class per image instead of MemorySink."""
+        a sink class per image instead of MemorySink; ``similar``: the source has similarity
+        indexes of the bases (XSIM answers)."""
         self.a = a
         bases = bases or {}
         t_bases = target_bases or {name: (data, MerkleTree.from_bytes(data)) for name, data in bases.items()}
@@ -67,7 +75,7 @@ class Pair:
         self.source: BlockingSource = blocking_source(
             [
                 SourceImage(name, MemorySource(data), MerkleTree.from_bytes(data, fanout),
-                            base=base_of(bases.get(name)))
+                            base=base_of(bases.get(name), similar=similar))
                 for name, data in a.items()
             ],
             params,

@@ -145,7 +145,11 @@ def test_a_stale_base_at_the_target_is_caught_before_writing() -> None:
     ("k", b"\x00", "confirmation of a leaf that was not proposed"),
     ("k", b"\x03", "delta for a leaf without fingerprints"),
     ("k", b"\x04", "XOR against a base"),
-    ("h", b"x", "digest or bitmap bytes"),
+    ("h", b"x", "digest, bitmap or similar-leaf bytes"),
+    ("xl", b"\x01\x00\x00\x00", "digest, bitmap or similar-leaf bytes"),
+    ("xl", b"\x01\x00", "not 4 bytes each"),
+    ("xl", b"\x01\x00\x00\x00" * 2, "longer than 4 bytes"),
+    ("k", b"\x05", "without its number"),
 ])
 def test_a_batch_that_does_not_fit_the_plan_is_refused_before_its_body(field: str, value: object,
                                                                         error: str) -> None:
@@ -165,3 +169,77 @@ def test_a_batch_that_does_not_fit_the_plan_is_refused_before_its_body(field: st
     with pytest.raises(ProtocolError, match=error):
         pump(pair, tamper)
     assert pair.sinks["disk"].writes == 0 and pair.sinks["disk"].aborted
+
+
+def moved_pair(**kw: object) -> Pair:
+    """Base-relative: the source holds base page 20, changed in 40 bytes, at page 3 (the target
+    holds something else there); with the source's similarity index of the base (XSIM)."""
+    base = rand(32 * PAGE, seed=21)
+    a, b = bytearray(base), bytearray(base)
+    page = bytearray(base[20 * PAGE : 21 * PAGE])
+    page[100:140] = bytes(40)
+    a[3 * PAGE : 4 * PAGE] = page
+    b[3 * PAGE : 4 * PAGE] = rand(PAGE, 22)
+    return one(bytes(a), bytes(b), bases={"disk": base}, similar=True, **kw)  # type: ignore[arg-type]
+
+
+def test_a_leaf_like_another_base_leaf_travels_xor_it() -> None:
+    pair = moved_pair()
+    stats = pair.run()
+    assert stats.images["disk"].xsim == 1 and stats.block_bytes < 200
+    assert pair.data() == pair.a["disk"]
+
+
+@pytest.mark.parametrize(("other", "error"), [
+    (32, "a base leaf the target does not have"),           # past the base's end
+    (1 << 31, "a base leaf the target does not have"),
+])
+def test_an_xor_against_a_base_leaf_the_target_lacks_is_refused(other: int, error: str) -> None:
+    pair = moved_pair()
+
+    def tamper(kind: str, _: int, data: bytes) -> bytes | None:
+        if kind != "blocks":
+            return data
+        msg = msgpack.unpackb(data, raw=False)
+        assert msg["k"] == b"\x05"
+        msg["xl"] = struct.pack("<I", other)
+        return bytes(msgpack.packb(msg, use_bin_type=True))
+
+    with pytest.raises(ProtocolError, match=error):
+        pump(pair, tamper)
+    assert pair.sinks["disk"].writes == 0 and pair.sinks["disk"].aborted
+
+
+def test_an_xor_against_the_wrong_base_leaf_fails_its_digest_check() -> None:
+    """A base leaf the target has, but not the one the source XORed with: the rebuilt leaf does
+    not match the walk's digest and nothing is written."""
+    pair = moved_pair()
+
+    def tamper(kind: str, _: int, data: bytes) -> bytes | None:
+        if kind != "blocks":
+            return data
+        msg = msgpack.unpackb(data, raw=False)
+        msg["xl"] = struct.pack("<I", 19)
+        return bytes(msgpack.packb(msg, use_bin_type=True))
+
+    with pytest.raises(VerificationError):
+        pump(pair, tamper)
+    assert pair.sinks["disk"].writes == 0 and pair.sinks["disk"].aborted
+
+
+def test_an_xor_against_a_similar_leaf_needs_the_base_relative_walk() -> None:
+    """Without a base the target has nothing to XOR against."""
+    b = bytes(8 * PAGE)
+    a = bytearray(b)
+    a[2 * PAGE : 3 * PAGE] = rand(PAGE, 3)
+    pair = one(bytes(a), b)
+
+    def tamper(kind: str, _: int, data: bytes) -> bytes | None:
+        if kind != "blocks":
+            return data
+        msg = msgpack.unpackb(data, raw=False)
+        msg["k"], msg["xl"] = b"\x05", struct.pack("<I", 0)
+        return bytes(msgpack.packb(msg, use_bin_type=True))
+
+    with pytest.raises(ProtocolError, match="a base leaf the target does not have"):
+        pump(pair, tamper)

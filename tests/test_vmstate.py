@@ -26,7 +26,8 @@ from store.vmstate import CheckpointTrees, VmState, checkpoint_trees, sync_state
 from vm.machine import Hypervisor, Machine, create_overlay
 
 MIB = 1 << 20
-COMPUTED = ("building the tree file", "hashing the guest-visible disk of checkpoint")
+COMPUTED = ("building the tree file", "hashing the guest-visible disk of checkpoint",
+            "sketching the memory pages of checkpoint")
 """What checkpoint_trees logs when it computes rather than loads (counted below)."""
 
 WORK_A = """
@@ -138,13 +139,16 @@ def test_both_sides_asking_at_once_compute_the_trees_once(tmp_path: Path, caplog
     trees = [t for t in got if isinstance(t, CheckpointTrees)]
     assert len(trees) == 2, got
     assert trees[0].memory.root == trees[1].memory.root and trees[0].disk_tree.root == trees[1].disk_tree.root
-    assert _computed(caplog.text) == [1, 1], caplog.text
+    assert _computed(caplog.text) == [1, 1, 1], caplog.text
     assert set(ck.manifest.roots) == {"memory", "disk"}
     left = sorted(p.name for p in ck.dir.iterdir() if not p.name.endswith(".lock"))
-    assert left == ["disk.leaves.npz", "disk.leaves.stamp", "disk.qcow2", "manifest.json", "memory.sav", "memory.tree"]
+    assert left == ["disk.leaves.npz", "disk.leaves.stamp", "disk.qcow2", "manifest.json", "memory.sav",
+                    "memory.similar.npz", "memory.similar.stamp", "memory.tree"]
     caplog.clear()
-    checkpoint_trees(ck)                                # later calls load
-    assert _computed(caplog.text) == [0, 0]
+    again = checkpoint_trees(ck)                        # later calls load
+    assert _computed(caplog.text) == [0, 0, 0]
+    assert trees[0].memory_similar is not None and again.memory_similar is not None
+    assert (again.memory_similar.keys == trees[0].memory_similar.keys).all()
 
 
 CHILD = """
@@ -175,7 +179,7 @@ def test_two_processes_asking_at_once_compute_the_trees_once(tmp_path: Path,
     out, err = child.communicate(timeout=120)
     assert child.returncode == 0, err
     assert out.strip() == mine.memory.root.hex()
-    assert [a + b for a, b in zip(_computed(caplog.text), _computed(err), strict=True)] == [1, 1], (caplog.text, err)
+    assert [a + b for a, b in zip(_computed(caplog.text), _computed(err), strict=True)] == [1, 1, 1], (caplog.text, err)
 
 
 @pytest.mark.vm

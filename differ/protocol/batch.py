@@ -35,6 +35,8 @@ class Entry:
     length: int
     bits: npt.NDArray[np.bool_] | None
     """The delta's sub-block bitmap."""
+    other: int = -1
+    """XSIM: the base leaf the payload is XORed with."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,11 @@ def read_layout(msg: Message, plan: Plan, applied: int, images: Sequence[ImageSt
         raise ProtocolError("empty blocks message")
     rests = binary(msg, "h")
     masks = binary(msg, "dm")
+    xl = binary(msg, "xl", max_len=4 * len(kinds)) if "xl" in msg else b""
+    if len(xl) % 4:
+        raise ProtocolError("blocks message: similar-leaf numbers are not 4 bytes each")
+    others = np.frombuffer(xl, dtype="<u4").astype(np.int64)
+    x_off = 0
     sub = params.sub_block_size
     rest_len = params.check_bytes
     entries: list[Entry] = []
@@ -81,10 +88,18 @@ def read_layout(msg: Message, plan: Plan, applied: int, images: Sequence[ImageSt
             raise ProtocolError("delta for a leaf without fingerprints")
         if kind is Ans.XBASE and not (im.base_view is not None and has_base_leaf(im.base, leaf, length)):
             raise ProtocolError("XOR against a base the target does not have")
+        other = -1
+        if kind is Ans.XSIM:
+            if x_off >= len(others):
+                raise ProtocolError("blocks message: an XOR against a similar leaf without its number")
+            other = int(others[x_off])
+            x_off += 1
+            if not (im.base_view is not None and has_base_leaf(im.base, other, length)):
+                raise ProtocolError("XOR against a base leaf the target does not have")
         bits = None
         if kind in SENT:
             r_off += rest_len
-        if kind in (Ans.FULL, Ans.XBASE):
+        if kind in (Ans.FULL, Ans.XBASE, Ans.XSIM):
             raw_len += length
         elif kind is Ans.DELTA:
             nsub = n_sub(length, sub)
@@ -95,9 +110,9 @@ def read_layout(msg: Message, plan: Plan, applied: int, images: Sequence[ImageSt
             m_off += nb
             for s in np.flatnonzero(bits).tolist():
                 raw_len += min(sub, length - s * sub)
-        entries.append(Entry(kind, length, bits))
-    if r_off != len(rests) or m_off != len(masks):
-        raise ProtocolError("blocks message: digest or bitmap bytes do not match its entries")
+        entries.append(Entry(kind, length, bits, other))
+    if r_off != len(rests) or m_off != len(masks) or x_off != len(others):
+        raise ProtocolError("blocks message: digest, bitmap or similar-leaf bytes do not match its entries")
     if raw_len > params.max_message_bytes:
         # the source cuts a batch at max_message_bytes of payload (one leaf always fits)
         raise ProtocolError("blocks message: its entries need more bytes than a batch may hold")
@@ -113,11 +128,14 @@ def read_layout(msg: Message, plan: Plan, applied: int, images: Sequence[ImageSt
 
 
 def _held(layout: Layout, plan: Plan, images: Sequence[ImageState]) -> Generator[
-        Request, Result, tuple[dict[int, dict[int, bytes]], dict[int, dict[int, bytes]], dict[int, bytes]]]:
-    """The target's own bytes the batch needs: its blocks under deltas and its base's leaves (by
-    image), and the referenced content (by position)."""
+        Request, Result, tuple[dict[int, dict[int, bytes]], dict[int, dict[int, bytes]], dict[int, dict[int, bytes]],
+                               dict[int, bytes]]]:
+    """The target's own bytes the batch needs: its blocks under deltas, its base's leaves at the
+    same places and the other base leaves XSIM answers name (each by image), and the referenced
+    content (by position)."""
     wanted: dict[int, list[int]] = {}  # image → leaves whose delta needs the target's block
     from_base: dict[int, list[int]] = {}  # image → leaves taken from or XORed against its base
+    similar: dict[int, set[int]] = {}  # image → other base leaves XORed against (XSIM)
     refs: dict[Holding, dict[int, list[int]]] = {}  # holding → leaf → positions referring to it
     for j, entry in enumerate(layout.entries):
         pos = layout.start + j
@@ -126,6 +144,8 @@ def _held(layout: Layout, plan: Plan, images: Sequence[ImageState]) -> Generator
             wanted.setdefault(gi, []).append(leaf)
         elif entry.kind is Ans.XBASE or (entry.kind is Ans.OK and plan.req[pos] == Req.BASE):
             from_base.setdefault(gi, []).append(leaf)
+        elif entry.kind is Ans.XSIM:
+            similar.setdefault(gi, set()).add(entry.other)
         elif entry.kind is Ans.OK and plan.req[pos] == Req.REF:
             assert plan.index is not None
             loc = plan.ref[pos]
@@ -140,6 +160,14 @@ def _held(layout: Layout, plan: Plan, images: Sequence[ImageState]) -> Generator
         size = min(im.shape.size, im.base.size)
         blocks = yield from read_leaves(Holding(Of.BASE, im.name), leaves)
         base[gi] = {leaf: fit(b, leaf_length(size, leaf)) for leaf, b in zip(leaves, blocks, strict=True)}
+    others: dict[int, dict[int, bytes]] = {}
+    for gi, wanted_others in similar.items():
+        im = images[gi]
+        assert im.base is not None
+        leaves = sorted(wanted_others)
+        blocks = yield from read_leaves(Holding(Of.BASE, im.name), leaves)
+        # full base leaves (read_layout checked each one's length): fit only guards the adapter
+        others[gi] = {leaf: fit(b, im.base.leaf_length(leaf)) for leaf, b in zip(leaves, blocks, strict=True)}
     referenced: dict[int, bytes] = {}
     for holding, by_leaf in refs.items():
         leaves = sorted(by_leaf)
@@ -147,14 +175,14 @@ def _held(layout: Layout, plan: Plan, images: Sequence[ImageState]) -> Generator
         for leaf, b in zip(leaves, blocks, strict=True):
             for pos in by_leaf[leaf]:
                 referenced[pos] = b
-    return own, base, referenced
+    return own, base, others, referenced
 
 
 def apply_batch(layout: Layout, plan: Plan, images: Sequence[ImageState],
                 params: ProtocolParams) -> Generator[Request, Result, list[Ready]]:
     """Pass 2: rebuild every leaf of the batch and verify it against the source's digest (the
     walk's prefix plus its check bytes); nothing is returned for writing unless all verified."""
-    own, base, referenced = yield from _held(layout, plan, images)
+    own, base, others, referenced = yield from _held(layout, plan, images)
     t, sub, rest_len = params.digest_bytes, params.sub_block_size, params.check_bytes
     rests, body = layout.rests, layout.body
     ready: list[Ready] = []
@@ -193,6 +221,9 @@ def apply_batch(layout: Layout, plan: Plan, images: Sequence[ImageState],
                 b_off += length
             elif kind is Ans.XBASE:
                 data = xor(body[b_off : b_off + length], base[im.gi][leaf])
+                b_off += length
+            elif kind is Ans.XSIM:
+                data = xor(body[b_off : b_off + length], others[im.gi][entry.other])
                 b_off += length
             else:
                 assert entry.bits is not None

@@ -48,6 +48,7 @@ from differ.protocol.framing import Framer, Message
 from differ.protocol.messages import FailCode, MsgType, fail_code, integer
 from differ.protocol.params import ProtocolParams
 from differ.protocol.stats import TransferStats
+from differ.similar import SimilarityIndex
 from differ.source import LEAF_SIZE
 from replay_migrate.errors import LocalProtocolError, ProtocolError
 
@@ -65,6 +66,9 @@ class ImageSpec:
     name: str
     tree: MerkleTree
     base: MerkleTree | None = None
+    similar: SimilarityIndex | None = None
+    """A similarity index of the base's leaves (source only: where to look for a leaf's most
+    similar base leaf to XOR against; see :mod:`differ.similar`)."""
 
 
 def check_images(images: Sequence[ImageSpec], params: ProtocolParams) -> None:
@@ -77,6 +81,8 @@ def check_images(images: Sequence[ImageSpec], params: ProtocolParams) -> None:
             raise ValueError(f"image {spec.name!r}: name or size outside the limits")
         if spec.base is not None and spec.base.leaf_size != spec.tree.leaf_size:
             raise ValueError(f"image {spec.name!r}: base tree with another leaf size")
+        if spec.similar is not None and (spec.base is None or spec.similar.leaf_count != spec.base.leaf_count):
+            raise ValueError(f"image {spec.name!r}: a similarity index that is not of its base")
 
 
 def read_leaves(holding: Holding, leaves: Sequence[int]) -> Generator[Request, Result, tuple[bytes, ...]]:

@@ -91,6 +91,10 @@ class Ans(enum.IntEnum):
     XBASE = 4
     """The leaf XOR the base's leaf follows (rest of digest, bytes): a page changed in a few places
     since the checkpoint compresses to almost nothing."""
+    XSIM = 5
+    """The leaf XOR *another* leaf of the base follows (rest of digest, the base leaf's number in
+    the message's ``xl``, bytes): the checkpoint's page most like it, found by a similarity sketch
+    (content the allocator placed elsewhere, a file page after a small edit)."""
 
 
 class How(enum.Enum):
@@ -103,10 +107,11 @@ class How(enum.Enum):
     FULL = "full"
     DELTA = "delta"
     XBASE = "xbase"
+    XSIM = "xsim"
 
 
-HOW = {Ans.ZERO: How.ZERO, Ans.FULL: How.FULL, Ans.DELTA: How.DELTA, Ans.XBASE: How.XBASE}
-SENT = (Ans.FULL, Ans.DELTA, Ans.XBASE)
+HOW = {Ans.ZERO: How.ZERO, Ans.FULL: How.FULL, Ans.DELTA: How.DELTA, Ans.XBASE: How.XBASE, Ans.XSIM: How.XSIM}
+SENT = (Ans.FULL, Ans.DELTA, Ans.XBASE, Ans.XSIM)
 """Answers that carry block bytes (and the check bytes of the digest)."""
 CONFIRMED = {Req.REF: How.REFERENCED, Req.DUP: How.DUPLICATE, Req.ZERO: How.ZERO, Req.BASE: How.BASE}
 

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from differ.merkle import DIGEST_SIZE, MAX_LEAVES
 from differ.source import LEAF_SIZE
 
-PROTOCOL_VERSION = 2
-"""2: base-relative walk, per-block check bytes (``cb``) instead of whole digests."""
+PROTOCOL_VERSION = 3
+"""2: base-relative walk, per-block check bytes (``cb``) instead of whole digests. 3: a block may
+travel XOR another leaf of the base than its own (the most similar one: ``Ans.XSIM``, ``xl``)."""
 
 MIN_DIGEST_BYTES, MAX_DIGEST_BYTES = 4, DIGEST_SIZE
 MIN_SUB_BLOCK, MAX_SUB_BLOCK = 64, LEAF_SIZE
@@ -47,6 +48,17 @@ class ProtocolParams:
     4 bytes and the per-transfer random key; 2 bytes failed within 4000 pages in the bench."""
     delta: bool = True
     """Target: send fingerprints (ask for deltas) for leaves where it has a non-zero block."""
+    similar: bool = True
+    """Source: for a leaf it sends, also try XOR against the base leaves that a similarity index of
+    the base names (:mod:`differ.similar`: the checkpoint's pages most like it, wherever they are)
+    and keep whichever compresses smallest. Used for images whose base the source was given an
+    index of, in the base-relative walk; the target accepts it whenever it has that base."""
+    max_similar: int = 4
+    """Most candidates tried per leaf (one zstd of the leaf's XOR each)."""
+    similar_min_bytes: int = 256
+    """Try candidates only for a leaf whose best answer so far compresses to more than this: the
+    leaves already sent in a few dozen bytes (a counter, a pointer) cannot gain what the trial
+    compressions cost inside the downtime."""
     delta_with_base: bool = False
     """Target: send fingerprints in a base-relative walk too. Off: there the source sends each
     block whole or XOR its base leaf, whichever compresses smaller; on kept states of a real
@@ -101,6 +113,8 @@ class ProtocolParams:
             ),
             (MIN_FINGERPRINT_BYTES <= self.fingerprint_bytes <= MAX_FINGERPRINT_BYTES, "fingerprint_bytes"),
             (0 <= self.check_bytes <= DIGEST_SIZE - self.digest_bytes, "check_bytes"),
+            (0 <= self.max_similar <= 16, "max_similar"),
+            (0 <= self.similar_min_bytes <= LEAF_SIZE, "similar_min_bytes"),
             (1 <= self.zstd_level <= 22, "zstd_level"),
             (MIN_MESSAGE_BYTES <= self.max_message_bytes <= 1 << 30, "max_message_bytes"),
             (1 <= self.max_batch_entries <= 1 << 20, "max_batch_entries"),

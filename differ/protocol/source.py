@@ -2,7 +2,12 @@
 walk parts, walks, then answers the target's requests in numbered batches, up to ``window`` ahead
 of the acks. The leaves it sends it asks its adapter for (:class:`~differ.protocol.events.ReadLeaves`,
 ``READ_RUN`` leaves ahead), so it holds trees only; a batch is the same bytes however the reads
-were cut."""
+were cut.
+
+Each leaf it sends travels as whatever compresses smallest: whole, XOR the base's leaf at the same
+place (``XBASE``), the sub-blocks the target's fingerprints say differ (``DELTA``), or XOR the
+base leaf most like it elsewhere (``XSIM``: candidates from the base's similarity index, read with
+the leaves, tried only for leaves that cost more than ``similar_min_bytes`` otherwise)."""
 
 from __future__ import annotations
 
@@ -46,11 +51,12 @@ from differ.protocol.params import (
 )
 from differ.protocol.stats import ImageStats
 from differ.protocol.walk import Walk, walk_bytes
+from differ.similar import sketch
 from differ.source import LEAF_SIZE
 from replay_migrate.errors import LocalProtocolError, ProtocolError
 
-Answer = tuple[Ans, bytes, bytes, bytes]
-"""(kind, rest of digest, delta bitmap, payload) of one requested leaf."""
+Answer = tuple[Ans, bytes, bytes, bytes, bytes]
+"""(kind, rest of digest, delta bitmap, XSIM base leaf as 4 bytes, payload) of one requested leaf."""
 
 
 class _SrcImg:
@@ -59,6 +65,7 @@ class _SrcImg:
         self.name = spec.name
         self.tree = spec.tree
         self.base = spec.base
+        self.similar = spec.similar
         self.walk: Walk | None = None
 
 
@@ -107,6 +114,11 @@ class Source(Endpoint[SourceState]):
         self._data: dict[int, bytes] = {}
         """Leaves read ahead for the next batches, by plan position (at most ``READ_RUN``)."""
         self._base_data: dict[int, bytes] = {}
+        self._sim_data: dict[int, list[tuple[int, bytes]]] = {}
+        """Per plan position read ahead: (base leaf, its bytes) of the similar leaves to try."""
+        self._pre: dict[int, tuple[Ans, bytes, int]] = {}
+        """Per plan position read ahead: the best of whole and XBASE so far (kind, payload, zstd
+        length), computed once where similar leaves were looked for."""
 
     def resume(self, next_batch: int) -> None:
         """Re-emit batches from ``next_batch`` (the target's next expected batch), e.g. after the
@@ -304,6 +316,8 @@ class Source(Endpoint[SourceState]):
         self._carry = None
         self._data.clear()
         self._base_data.clear()
+        self._sim_data.clear()
+        self._pre.clear()
         self._out.clear()
         self.state = SourceState.SENDING
         yield from self._advance()
@@ -330,6 +344,7 @@ class Source(Endpoint[SourceState]):
         kinds = bytearray()
         rests: list[bytes] = []
         masks: list[bytes] = []
+        xrefs: list[bytes] = []
         payload: list[bytes] = []
         used = 0
         pos = start
@@ -337,8 +352,8 @@ class Source(Endpoint[SourceState]):
             if fixed_end is None and pos - start >= self.params.max_batch_entries:
                 break
             ans = yield from self._answer(pos)
-            kind, rest, mask, data = ans
-            cost = 1 + len(rest) + len(mask) + len(data)
+            kind, rest, mask, xref, data = ans
+            cost = 1 + len(rest) + len(mask) + len(xref) + len(data)
             if fixed_end is None and pos > start and used + cost > budget:
                 self._carry = (pos, ans)
                 break
@@ -346,6 +361,7 @@ class Source(Endpoint[SourceState]):
             kinds.append(kind)
             rests.append(rest)
             masks.append(mask)
+            xrefs.append(xref)
             payload.append(data)
             pos += 1
         if fixed_end is None:
@@ -353,13 +369,16 @@ class Source(Endpoint[SourceState]):
         body = b"".join(payload)
         z = self._cctx.compress(body) if body else b""
         msg: dict[str, Any] = {"n": n, "o": start, "k": bytes(kinds), "h": b"".join(rests), "dm": b"".join(masks)}
+        xl = b"".join(xrefs)
+        if xl:
+            msg["xl"] = xl
         if len(z) < len(body):
             msg["z"] = z
         else:
             msg["r"] = body
         st = self.stats
         st.leaf_digest_bytes += len(msg["h"])
-        st.block_bytes += len(msg.get("z", msg.get("r", b""))) + len(msg["dm"])
+        st.block_bytes += len(msg.get("z", msg.get("r", b""))) + len(msg["dm"]) + len(xl)
         st.batches += 1
         return msg
 
@@ -433,6 +452,54 @@ class Source(Endpoint[SourceState]):
         if xbase:
             blocks = yield from read_leaves(Holding(Of.BASE, name), [int(self._p_leaf[k]) for k in xbase])
             self._base_data.update(zip(xbase, blocks, strict=True))
+        yield from self._read_similar(gi, need)
+
+    def _similar_usable(self, im: _SrcImg) -> bool:
+        walk = im.walk
+        return (self.params.similar and self.params.max_similar > 0 and im.similar is not None
+                and im.base is not None and walk is not None and walk.base is not None)
+
+    def _read_similar(self, gi: int, need: list[int]) -> Generator[Request, Result, None]:
+        """For the leaves just read that still cost more than ``similar_min_bytes`` whole or XOR
+        their own base leaf: the base leaves their sketches point at, read in one request."""
+        im = self._images[gi]
+        if not self._similar_usable(im):
+            return
+        assert im.similar is not None and im.base is not None
+        tried: list[int] = []
+        for pos in need:
+            req = Req(int(self._p_req[pos]))
+            data = self._data[pos]
+            if self._p_decided[pos] >= 0 or req is Req.DELTA or len(data) != LEAF_SIZE:
+                continue
+            kind, payload = Ans.FULL, data
+            size = len(self._cctx.compress(data))
+            base_data = self._base_data.get(pos)
+            if base_data is not None:
+                x = xor(data, base_data)
+                xs = len(self._cctx.compress(x))
+                if xs < size:
+                    kind, payload, size = Ans.XBASE, x, xs
+            self._pre[pos] = (kind, payload, size)
+            if size > self.params.similar_min_bytes:
+                tried.append(pos)
+        if not tried:
+            return
+        rows = np.frombuffer(b"".join(self._data[p] for p in tried), dtype=np.uint8).reshape(len(tried), LEAF_SIZE)
+        found = im.similar.candidates(sketch(rows))
+        wanted: dict[int, list[int]] = {}
+        for pos, cands in zip(tried, found, strict=True):
+            own = int(self._p_leaf[pos])
+            ok = [c for c in cands if c != own and c < im.base.leaf_count and im.base.leaf_length(c) == LEAF_SIZE]
+            if ok:
+                wanted[pos] = ok[: self.params.max_similar]
+        leaves = sorted({c for cs in wanted.values() for c in cs})
+        if not leaves:
+            return
+        blocks = yield from read_leaves(Holding(Of.BASE, im.name), leaves)
+        by_leaf = dict(zip(leaves, blocks, strict=True))
+        for pos, cs in wanted.items():
+            self._sim_data[pos] = [(c, by_leaf[c]) for c in cs]
 
     def _make_answer(self, pos: int) -> Answer:
         """(kind, rest of digest, delta bitmap, payload) for plan entry ``pos``, from its bytes."""
@@ -440,18 +507,30 @@ class Source(Endpoint[SourceState]):
         leaf, req, aux = int(self._p_leaf[pos]), Req(int(self._p_req[pos])), int(self._p_aux[pos])
         data = self._data.pop(pos, None)
         base_data = self._base_data.pop(pos, None)
+        pre = self._pre.pop(pos, None)
+        similar = self._sim_data.pop(pos, [])
         if self._measure_plain and pos >= self._plain_done:
             assert data is not None
             self.stats.images[im.name].plain_bytes += len(self._cctx.compress(data))
             self._plain_done = pos + 1
         decided = self._decide(pos)
         if decided is not None:
-            return decided, b"", b"", b""
+            return decided, b"", b"", b"", b""
         digest = im.tree.leaf(leaf)
         length = im.tree.leaf_length(leaf)
         assert data is not None
         if len(data) != length:
             raise ProtocolError(f"image {im.name!r}: source gave {len(data)} bytes for leaf {leaf}")
+        rest = digest[self._t : self._t + self._cb]
+        if pre is not None:
+            kind, payload, size = pre
+            xref = b""
+            for other, cand in similar:
+                x = xor(data, cand)
+                xs = len(self._cctx.compress(x)) + 4
+                if xs < size:
+                    kind, payload, size, xref = Ans.XSIM, x, xs, int(other).to_bytes(4, "little")
+            return kind, rest, b"", xref, payload
         kind, mask, payload = Ans.FULL, b"", data
         if req is Req.DELTA:
             nsub = n_sub(length, self._sub)
@@ -467,4 +546,4 @@ class Source(Endpoint[SourceState]):
             x = xor(data, base_data)
             if len(self._cctx.compress(x)) < len(self._cctx.compress(payload)) + len(mask):
                 kind, mask, payload = Ans.XBASE, b"", x
-        return kind, digest[self._t : self._t + self._cb], mask, payload
+        return kind, rest, mask, b"", payload

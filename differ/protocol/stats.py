@@ -67,6 +67,8 @@ class ImageStats:
     delta: int = 0
     xbase: int = 0
     """Leaves sent as XOR against the base's leaf."""
+    xsim: int = 0
+    """Leaves sent as XOR against another leaf of the base, the most similar one by sketch."""
     plain_bytes: int = 0
     """zstd of every divergent leaf on its own (what shipping the divergent blocks would cost);
     measured by the source when asked (``measure_plain``)."""
@@ -79,8 +81,8 @@ class ImageStats:
 
     @property
     def delta_blocks(self) -> int:
-        """Leaves sent as changes: against the target's block (delta) or the base's (XOR)."""
-        return self.delta + self.xbase
+        """Leaves sent as changes: against the target's block (delta) or a base leaf (XOR)."""
+        return self.delta + self.xbase + self.xsim
 
 
 @dataclass(frozen=True)
