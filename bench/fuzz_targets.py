@@ -1103,6 +1103,8 @@ def targets() -> list[FuzzTarget]:
                    what="differ.blocks.LeafDigests: a saved leaf-digest file"),
         external("session", "tests.test_session:fuzz_session_message", seeds="tests.test_session:FUZZ_SEEDS",
                  what="server.session / server.client: service and client fed a peer's message"),
+        external("checkpoint-stream", "tests.test_ckstream:fuzz_stream", generate="tests.test_ckstream:fuzz_generate",
+                 what="store.ckstream: a checkpoint import stream (`checkpoint import`)"),
         external("cli-files", "cli.fileargs:fuzz_file_argument",
                  what="cli.fileargs: every file argument of every command given odd files"),
     ]
