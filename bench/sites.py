@@ -172,9 +172,10 @@ def _alive(pid: int) -> bool:
 class SiteB:
     """Site B for the ``with`` block's lifetime (or :meth:`start` / :meth:`stop`)."""
 
-    def __init__(self, cfg: SiteConfig | None = None) -> None:
+    def __init__(self, cfg: SiteConfig | None = None, *, stop_timeout: float = STOP_TIMEOUT_S) -> None:
         self.cfg = cfg or SiteConfig()
         self.link = NetnsLink(self.cfg.link)
+        self.stop_timeout = stop_timeout
 
     @property
     def uri(self) -> str:
@@ -255,7 +256,7 @@ class SiteB:
         return [int(p) for p in r.stdout.split() if p.isdigit()] if r.returncode == 0 else []
 
     def stop(self, *, wipe: bool = False) -> None:
-        """End every process of site B (SIGTERM, then SIGKILL after :data:`STOP_TIMEOUT_S`), delete
+        """End every process of site B (SIGTERM, then SIGKILL after ``stop_timeout`` s), delete
         its namespace and veth; with ``wipe``, its folders too. Safe to call on a site that is
         half-made, stopped or was never started."""
         for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -263,7 +264,7 @@ class SiteB:
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
-            deadline = time.monotonic() + STOP_TIMEOUT_S
+            deadline = time.monotonic() + self.stop_timeout
             while any(_alive(p) for p in pids) and time.monotonic() < deadline:
                 time.sleep(0.1)
             if not any(_alive(p) for p in pids):

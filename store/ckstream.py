@@ -211,9 +211,6 @@ class StreamManifest:
                                   f"{limits.max_data_bytes} accepted")
         return m
 
-    def file_index(self, name: str) -> int:
-        return [f.name for f in self.files].index(name)
-
 
 def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not a number")

@@ -61,7 +61,7 @@ def test_the_link_joins_the_hosts_namespace_to_site_bs() -> None:
 @pytest.mark.vm
 def test_a_real_site_b_starts_again_over_a_killed_run_and_leaves_nothing(tmp_path: Path) -> None:
     cfg = SiteConfig(root=tmp_path / "site-b")
-    site = SiteB(cfg)
+    site = SiteB(cfg, stop_timeout=2.0)
     try:
         site.start()
         first = site.daemon_pid()

@@ -19,7 +19,7 @@ from test_exchange import make_checkpoint, make_image
 
 from cli.fileargs import TEST_URI
 from cli.main import main
-from replay_migrate.errors import CheckpointError, NoSuchDomainError, UsageError
+from replay_migrate.errors import CheckpointError, ImageError, NoSuchDomainError, UsageError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -121,3 +121,17 @@ def test_no_binary_stream_to_or_from_a_terminal(tmp_path: Path) -> None:
     finally:
         os.close(primary)
         os.close(secondary)
+
+
+def test_a_failed_export_leaves_no_half_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("REPLAY_MIGRATE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("REPLAY_MIGRATE_STATE", str(tmp_path / "a"))
+    ck = make_checkpoint(make_image(tmp_path / "cache"))
+    with open(ck.memory, "r+b") as f:                        # a damaged checkpoint: not a save image any more
+        f.write(b"garbage!" * 4)
+    out = tmp_path / "ck.rmckpt"
+    out.write_bytes(b"an older stream")
+    assert main(["checkpoint", "export", "ck", "--out", str(out)]) in (ImageError.exit_code, CheckpointError.exit_code)
+    assert "not a libvirt save image" in capsys.readouterr().err
+    assert not out.exists()
