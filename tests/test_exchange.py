@@ -67,6 +67,7 @@ def make_checkpoint(image: GuestImage, name: str = "ck", *, emulator: str | None
     d = checkpoints_dir() / name
     d.mkdir(parents=True)
     xml = DomainSpec(name=f"rm-ckpt-{name}", image=image, disk=d / "disk.qcow2", run_dir=d / "boot").xml()
+    xml = xml.replace("</name>", "</name><uuid>0761aacb-5b2d-4e8f-bf94-2e3365633b0b</uuid>", 1)   # as libvirt saves it
     if emulator is not None:
         xml = re.sub(r"<emulator>[^<]*</emulator>", f"<emulator>{emulator}</emulator>", xml)
     build_save_image(d / "memory.sav", default_blocks(seed=2, ram_pages=4096), xml=xml)
