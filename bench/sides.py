@@ -43,7 +43,7 @@ from replayer.replay import ReplayConfig
 from replayer.workload import load_workload
 from server.client import SessionClient
 from server.credentials import load_credential
-from server.session import Role
+from server.wire import Role
 from store import checkpoint as ckpt
 from store.vmstate import VmState
 from vm.machine import Hypervisor, Machine

@@ -235,7 +235,8 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     from replayer.link import RecorderLink
-    from replayer.replay import ReplayConfig, Replayer, events_from_chunks, file_chunks
+    from replayer.logfeed import events_from_chunks, file_chunks
+    from replayer.replay import ReplayConfig, Replayer
 
     cfg = ReplayConfig(gap_cap_s=args.gap_cap, echo_timeout_s=args.echo_timeout,
                        sync_timeout_s=args.sync_timeout, strict_sync=args.strict_sync)

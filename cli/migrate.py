@@ -45,9 +45,10 @@ from replayer.drive import drive
 from replayer.replay import ReplayConfig
 from replayer.workload import get_workload
 from server.client import SessionClient, check_service, create_session
-from server.credentials import load_credential, load_token, write_secret_file
+from server.credentials import CREDENTIAL_ENV, TOKEN_ENV, load_credential, load_token, write_secret_file
+from server.keyring import MIN_KEY_BYTES, Credential
 from server.service import ServiceConfig, start_service
-from server.session import CREDENTIAL_ENV, MIN_KEY_BYTES, TOKEN_ENV, Credential, Role
+from server.wire import Role
 from store import checkpoint as ckpt
 from store.paths import check_name
 from store.vmstate import VmState, same_state

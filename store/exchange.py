@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -47,6 +46,8 @@ from replay_migrate.errors import (
 )
 from replay_migrate.files import locked
 from replay_migrate.safeopen import open_regular
+from replay_migrate.savefmt import read_header
+from replay_migrate.tools import run_tool
 from store import checkpoint as ckpt
 from store.ckstream import (
     FILES,
@@ -65,7 +66,6 @@ from store.images import images_dir
 from store.paths import check_name, checkpoint_path, checkpoints_dir
 from store.vmstate import checkpoint_trees
 from vm.machine import file_allocated
-from vm.savehdr import read_header
 from vm.spec import GuestImage, check_saved_domain
 
 log = logging.getLogger("replay_migrate.exchange")
@@ -346,13 +346,8 @@ def _check_overlay(path: Path, image: GuestImage) -> None:
 
 
 def _qemu_img_info(path: Path) -> dict[str, Any]:
-    argv = ["qemu-img", "info", "--output=json", "-U", "-f", "qcow2", str(path)]
-    try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT_S, check=False)
-    except FileNotFoundError:
-        raise ImageError("qemu-img is not installed (run scripts/setup-host.sh)") from None
-    except subprocess.TimeoutExpired:
-        raise CheckpointError(f"{path}: qemu-img info took longer than {QEMU_IMG_TIMEOUT_S:.0f} s") from None
+    r = run_tool(["qemu-img", "info", "--output=json", "-U", "-f", "qcow2", path], what=f"{path}: qemu-img info",
+                 error=CheckpointError, timeout=QEMU_IMG_TIMEOUT_S, check=False)
     if r.returncode != 0:
         raise CheckpointError(f"checkpoint stream: its disk overlay is not a valid qcow2 image: "
                               f"{r.stderr.strip()[-300:]}")

@@ -103,3 +103,13 @@ def test_the_checker_sees_a_wrong_import(tmp_path: Path) -> None:
     bad = tmp_path / "m.py"
     bad.write_text("import os\nfrom cli.main import main\n\ndef f():\n    import store.paths\n")
     assert imported_packages(bad) == {"cli", "store"}
+
+
+def test_mypy_checks_every_package_and_the_tests() -> None:
+    """``make lint`` runs ``mypy --strict`` on what pyproject.toml lists: all of the table."""
+    import tomllib
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["mypy"]
+    assert config["strict"] is True
+    assert set(config["files"]) == OURS
+    assert "exclude" not in config, "nothing is left out of mypy"

@@ -42,7 +42,7 @@ def test_missing_checkpoint(capsys: pytest.CaptureFixture[str], monkeypatch: pyt
 def test_bad_checkpoint_name(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
                              tmp_path: Path) -> None:
     monkeypatch.setenv("REPLAY_MIGRATE_STATE", str(tmp_path))
-    assert main(["checkpoint", "create", "../etc"]) == UsageError.exit_code
+    assert main(["--connect", TEST_URI, "checkpoint", "create", "../etc"]) == UsageError.exit_code
     assert "bad checkpoint name" in capsys.readouterr().err
 
 

@@ -31,7 +31,7 @@ from migration.sides import SourceSide, TargetSide
 from replay_migrate.errors import CheckpointError, ReplayError, UsageError, VMError
 from replayer.drive import drive
 from replayer.workload import parse_workload
-from server.session import CREDENTIAL_ENV, TOKEN_ENV
+from server.credentials import CREDENTIAL_ENV, TOKEN_ENV
 from store import checkpoint as ckpt
 from vm.machine import Hypervisor, Machine, MachineState
 
@@ -269,7 +269,7 @@ def _finish(p: subprocess.Popen[str]) -> tuple[int, str]:
     except subprocess.TimeoutExpired:
         p.kill()
         _, err = p.communicate()
-        raise AssertionError(f"{p.args} did not end in {COMMAND_S:.0f} s:\n{err}") from None
+        raise AssertionError(f"{p.args!r} did not end in {COMMAND_S:.0f} s:\n{err}") from None
     return p.returncode, err
 
 

@@ -11,6 +11,13 @@ from replay_migrate.errors import ImageError
 from vm.spec import RECORDER_CHANNEL, DomainSpec, GuestImage, VirtType, check_saved_domain, clone_xml, domain_name
 
 
+def attr(parent: ET.Element, path: str, name: str) -> str | None:
+    """Attribute ``name`` of the element at ``path`` under ``parent``, which must be there."""
+    el = parent.find(path)
+    assert el is not None, f"no {path} in <{parent.tag}>"
+    return el.get(name)
+
+
 def spec(tmp_path: Path, virt: VirtType = VirtType.TCG) -> DomainSpec:
     return DomainSpec(name="rm-x", image=GuestImage(tmp_path / "img", "abc"),
                       disk=tmp_path / "d.qcow2", run_dir=tmp_path / "run", virt=virt)
@@ -21,10 +28,10 @@ def test_template_fills_every_field(tmp_path: Path) -> None:
     assert root.get("type") == "qemu"
     assert root.findtext("name") == "rm-x"
     assert root.findtext("os/kernel") == str(tmp_path / "img" / "vmlinuz")
-    assert root.find("devices/disk/source").get("file") == str(tmp_path / "d.qcow2")  # type: ignore[union-attr]
-    chans = {c.find("target").get("name"): c for c in root.findall("devices/channel")}  # type: ignore[union-attr]
-    assert chans[RECORDER_CHANNEL].find("source").get("path") == str(tmp_path / "run" / "recorder.sock")  # type: ignore[union-attr]
-    assert root.find("cpu").get("mode") == "maximum"  # type: ignore[union-attr]
+    assert attr(root, "devices/disk/source", "file") == str(tmp_path / "d.qcow2")
+    chans = {attr(c, "target", "name"): c for c in root.findall("devices/channel")}
+    assert attr(chans[RECORDER_CHANNEL], "source", "path") == str(tmp_path / "run" / "recorder.sock")
+    assert attr(root, "cpu", "mode") == "maximum"
     assert "$" not in spec(tmp_path).xml()
 
 
@@ -33,7 +40,7 @@ def test_kvm_uses_host_cpu_without_arch_capabilities(tmp_path: Path) -> None:
     assert root.get("type") == "kvm"
     cpu = root.find("cpu")
     assert cpu is not None and cpu.get("mode") == "host-passthrough"
-    assert cpu.find("feature").get("name") == "arch-capabilities"  # type: ignore[union-attr]
+    assert attr(cpu, "feature", "name") == "arch-capabilities"
 
 
 def test_clone_xml_changes_identity_only(tmp_path: Path) -> None:
@@ -46,10 +53,10 @@ def test_clone_xml_changes_identity_only(tmp_path: Path) -> None:
     root = ET.fromstring(out)
     assert domain_name(out) == "rm-y"
     assert root.findtext("uuid") not in (None, "1b4e28ba-2fa1-11d2-883f-0016d3cca427")
-    assert root.find("devices/disk/source").get("file") == str(tmp_path / "c.qcow2")  # type: ignore[union-attr]
-    assert root.find("devices/serial/source").get("path") == str(tmp_path / "crun" / "serial.log")  # type: ignore[union-attr]
+    assert attr(root, "devices/disk/source", "file") == str(tmp_path / "c.qcow2")
+    assert attr(root, "devices/serial/source", "path") == str(tmp_path / "crun" / "serial.log")
     for ch in root.findall("devices/channel"):
-        name = ch.find("target").get("name")  # type: ignore[union-attr]
+        name = attr(ch, "target", "name")
         src = ch.find("source")
         if name == RECORDER_CHANNEL:
             assert src is not None and src.get("path") == str(tmp_path / "crun" / "recorder.sock")

@@ -24,7 +24,7 @@ import pytest
 
 from bench.sides import KEPT_DISK, KEPT_MEMORY
 from bench.sites import SiteB
-from server.session import CREDENTIAL_ENV, TOKEN_ENV
+from server.credentials import CREDENTIAL_ENV, TOKEN_ENV
 from store import checkpoint as ckpt
 from store.vmstate import VmState, same_state
 from vm.machine import Hypervisor
