@@ -171,7 +171,7 @@ def test_a_batch_that_does_not_fit_the_plan_is_refused_before_its_body(field: st
     assert pair.sinks["disk"].writes == 0 and pair.sinks["disk"].aborted
 
 
-def moved_pair(**kw: object) -> Pair:
+def moved_pair() -> Pair:
     """Base-relative: the source holds base page 20, changed in 40 bytes, at page 3 (the target
     holds something else there); with the source's similarity index of the base (XSIM)."""
     base = rand(32 * PAGE, seed=21)
@@ -180,7 +180,7 @@ def moved_pair(**kw: object) -> Pair:
     page[100:140] = bytes(40)
     a[3 * PAGE : 4 * PAGE] = page
     b[3 * PAGE : 4 * PAGE] = rand(PAGE, 22)
-    return one(bytes(a), bytes(b), bases={"disk": base}, similar=True, **kw)  # type: ignore[arg-type]
+    return one(bytes(a), bytes(b), bases={"disk": base}, similar=True)
 
 
 def test_a_leaf_like_another_base_leaf_travels_xor_it() -> None:
