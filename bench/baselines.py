@@ -192,7 +192,8 @@ def source_costs(state: VmState, ck: Checkpoint, trees: CheckpointTrees, work: P
             stats = sync_local(sources, {MEMORY: (ck_mem, None), DISK: (ck_disk, None)},
                                source_trees=mine, target_trees={MEMORY: trees.memory, DISK: trees.disk_tree},
                                references=[(ref, trees.memory)], fanout=FANOUT, dry_run=True,
-                               bases={MEMORY: (ref, trees.memory), DISK: (ck_disk, trees.disk_tree)})
+                               bases={MEMORY: (ref, trees.memory), DISK: (ck_disk, trees.disk_tree)},
+                               similar={} if trees.memory_similar is None else {MEMORY: trees.memory_similar})
             no_replay_s = time.perf_counter() - t0
             apply_s = target_apply_s(sources, mine, ck, trees, work)
     finally:

@@ -95,6 +95,7 @@ def read_page_flags(hv: Hypervisor, state: VmState, name: str) -> npt.NDArray[np
         create_overlay(disk, Path(state.disk))
         m = hv.restore_clone(state.memory, name=name, disk=disk, run_dir=run_dir)
         m.wait_agent(AGENT_WAIT_S)
+        m.fsthaw()      # a migration's source state is saved frozen; the agent reads no file until thawed
         data = m.read_file(KPAGEFLAGS, max_bytes=MAX_FLAGS_BYTES)
     finally:
         ckpt.remove_clone(hv, name)

@@ -66,7 +66,7 @@ class Residue:
     images: dict[str, ImageResidue] = field(default_factory=dict)
     sent: dict[str, dict[str, int]] = field(default_factory=dict)
     """How the protocol (a dry run on the same two states) got each divergent leaf: referenced,
-    duplicate, base, zero, full, delta, xbase."""
+    duplicate, base, zero, full, delta, xbase, xsim."""
     block_bytes: int = 0
     kinds_from: str = "content heuristic"
     """Where the page kinds come from: ``page flags`` or the content heuristic."""
@@ -212,6 +212,6 @@ def residue(source: VmState, target: VmState, trees: CheckpointTrees, *,
     if sent is not None:
         for name, st in sent.images.items():
             out.sent[name] = {k: getattr(st, k) for k in ("referenced", "duplicate", "base", "zero", "full",
-                                                            "delta", "xbase")}
+                                                            "delta", "xbase", "xsim")}
         out.block_bytes = sent.block_bytes
     return out

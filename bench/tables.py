@@ -239,7 +239,7 @@ def residue_section(wl: str, r: Mapping[str, Any]) -> str:
                f"zeros) and sent the rest as bytes.\n")
     out.append(md_table(["the source's content is in", "memory leaves", "disk leaves"], held_rows))
     if sent:
-        kinds = ("referenced", "duplicate", "base", "zero", "xbase", "full", "delta")
+        kinds = ("referenced", "duplicate", "base", "zero", "xbase", "xsim", "full", "delta")
         out.append("\n" + md_table(["image", *kinds], [[name, *(v.get(k, 0) for k in kinds)]
                                                         for name, v in sent.items()]))
     kinds_bytes = mem.get("nowhere_kind_bytes", {})

@@ -42,6 +42,9 @@ SKETCH_ROWS = 4096
 """Leaves sketched per numpy call (bounds the temporary arrays: ~25 MiB)."""
 SKETCH_FORMAT = 1
 MAX_INDEX_LEAVES = 1 << 28
+"""Most leaves of an indexed image (1 TiB of 4 KiB pages)."""
+INDEX_SLACK_BYTES = 1 << 16
+"""What a saved index may hold besides its two arrays (zip and ``.npy`` headers, two scalars)."""
 
 _WORDS = LEAF_SIZE // 8
 _MIX = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0x27D4EB2F165667C5],
@@ -96,7 +99,7 @@ class SimilarityIndex:
             raise ValueError("malformed similarity index")
         if v.size and (v.min() < 0 or v.max() >= self.leaf_count):
             raise ValueError("similarity index names leaves outside its image")
-        if k.shape[1] > 1 and (np.diff(k, axis=1) < 0).any():
+        if k.shape[1] > 1 and (k[:, 1:] < k[:, :-1]).any():      # (np.diff of uint64 wraps)
             raise ValueError("similarity index keys are not sorted")
 
     @staticmethod
@@ -159,13 +162,17 @@ class SimilarityIndex:
     def load(path: str | os.PathLike[str], *, expect_leaves: int) -> SimilarityIndex:
         """A saved index of an image of ``expect_leaves`` leaves; ImageError for anything else (a
         file of another format, shape or image, or one that does not parse)."""
+        if not 0 <= expect_leaves <= MAX_INDEX_LEAVES:
+            raise ImageError(f"{path}: an index of {expect_leaves} leaves is past MAX_INDEX_LEAVES")
         try:
+            # uncompressed: the file's size bounds what loading it allocates (two arrays of at
+            # most SUPER_FEATURES x expect_leaves 8-byte entries, plus the zip's headers)
+            if os.stat(path).st_size > SUPER_FEATURES * 16 * expect_leaves + INDEX_SLACK_BYTES:
+                raise ImageError(f"{path}: larger than an index of {expect_leaves} leaves can be")
             with np.load(path, allow_pickle=False) as z:
                 if int(z["format"]) != SKETCH_FORMAT or int(z["leaf_count"]) != expect_leaves:
                     raise ImageError(f"{path}: a similarity index of another format or image")
                 keys, leaves = z["keys"], z["leaves"]
-                if keys.size > SUPER_FEATURES * MAX_INDEX_LEAVES:
-                    raise ImageError(f"{path}: similarity index too large")
                 return SimilarityIndex(np.asarray(keys), np.asarray(leaves), expect_leaves)
         except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
             raise ImageError(f"{path}: unreadable similarity index: {e}") from e

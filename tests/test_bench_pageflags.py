@@ -4,6 +4,7 @@ read of a saved state's flags in a throwaway restored copy (vm)."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ from bench.pageflags import (
 )
 from store import checkpoint as ckpt
 from store.vmstate import VmState
-from vm.machine import Hypervisor
+from vm.machine import Hypervisor, Machine
 
 
 def f(*bits: int) -> int:
@@ -88,3 +89,16 @@ def test_flags_of_a_saved_state_come_from_a_copy_that_is_removed(hv: Hypervisor,
     assert {KIND_FREE, KIND_FILE, KIND_ANON, KIND_SLAB} <= kinds
     assert not hv.exists(name) and not ckpt.clone_dir(name).exists()
     assert (checkpoint.memory.stat().st_mtime_ns, checkpoint.disk.stat().st_mtime_ns) == before
+
+
+@pytest.mark.vm
+def test_flags_of_a_state_saved_with_frozen_file_systems_are_read(hv: Hypervisor, checkpoint: ckpt.Checkpoint,
+                                                                   make_clone: Callable[..., Machine]) -> None:
+    """A migration's source state is saved with its file systems frozen: the restored copy comes
+    back frozen, and the agent refuses file reads until they are thawed."""
+    m = make_clone()
+    m.fsfreeze()
+    saved = m.run_dir / "frozen.sav"
+    m.save(saved)
+    flags = read_page_flags(hv, VmState(saved, m.run_dir / "disk.qcow2", checkpoint), "rm-test-pageflags-frozen")
+    assert len(flags) >= checkpoint.manifest.memory_mib * 256

@@ -179,7 +179,8 @@ RESIDUE: dict[str, Any] = {
         "disk": {"divergent": 2, "held": {"the checkpoint's disk": 2}, "nowhere_bytes": 0, "nowhere_kinds": {},
                  "nowhere_kind_bytes": {}, "pairs": {}, "nowhere_like_target": {}},
     },
-    "sent": {"memory": {"referenced": 6, "duplicate": 0, "base": 0, "zero": 0, "full": 3, "delta": 0, "xbase": 1},
+    "sent": {"memory": {"referenced": 6, "duplicate": 0, "base": 0, "zero": 0, "full": 3, "delta": 0, "xbase": 1,
+                        "xsim": 2},
              "disk": {"referenced": 0, "duplicate": 0, "base": 2, "zero": 0, "full": 0, "delta": 0, "xbase": 0}},
     "block_bytes": 8500, "kinds_from": "page flags", "held_anywhere": 8, "sent_as_held": 8,
 }
@@ -190,7 +191,7 @@ def test_residue_section_says_where_the_residue_is_and_what_it_costs() -> None:
     assert "### generate: where the residue goes" in md
     assert "Divergent leaves: memory 10, disk 2. The target holds 8 of them somewhere; the transfer took 8" in md
     assert "| the target's memory (another page) | 6 | 0 |" in md and "| the checkpoint's disk | 0 | 2 |" in md
-    assert "| memory | 6 | 0 | 0 | 0 | 1 | 3 | 0 |" in md                    # referenced ... xbase, full, delta
+    assert "| memory | 6 | 0 | 0 | 0 | 1 | 2 | 3 | 0 |" in md                # referenced ... xbase, xsim, full, delta
     assert "| free (buddy allocator) | 3 | 7.8 KiB | 89 % |" in md           # of 9000 bytes
     assert "| free (buddy allocator) -> page cache (file data) | 3 |" in md
     assert "> 1 KiB: 3, <= 8 B: 1" in md

@@ -27,7 +27,7 @@ from differ.blocks import RawImageSource
 from differ.memsource import MemoryImage, MemorySink, MemorySource
 from differ.merkle import MerkleTree
 from differ.patch import RawImageSink
-from differ.protocol import FailCode, TargetState, Verified
+from differ.protocol import PROTOCOL_VERSION, FailCode, TargetState, Verified
 from differ.transfer import (
     SourceImage,
     TargetImage,
@@ -233,4 +233,4 @@ def test_a_cancelled_transfer_waits_for_the_write_then_aborts_the_copies() -> No
     assert sink.log == ["write", "abort"] and sink.aborted and not sink.committed and image.data == b
     assert target.core.state is TargetState.FAILED and target.core.next_request() is None
     (failed,) = target.data_to_send()  # for the peer
-    assert msgpack.unpackb(failed) == {"t": "failed", "v": 2, "c": FailCode.ABORTED}
+    assert msgpack.unpackb(failed) == {"t": "failed", "v": PROTOCOL_VERSION, "c": FailCode.ABORTED}
