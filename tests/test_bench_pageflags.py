@@ -97,8 +97,9 @@ def test_flags_of_a_state_saved_with_frozen_file_systems_are_read(hv: Hypervisor
     """A migration's source state is saved with its file systems frozen: the restored copy comes
     back frozen, and the agent refuses file reads until they are thawed."""
     m = make_clone()
+    run_dir = m.run_dir                                 # (from the domain's XML: gone after the save)
     m.fsfreeze()
-    saved = m.run_dir / "frozen.sav"
-    m.save(saved)
-    flags = read_page_flags(hv, VmState(saved, m.run_dir / "disk.qcow2", checkpoint), "rm-test-pageflags-frozen")
+    m.save(run_dir / "frozen.sav")
+    flags = read_page_flags(hv, VmState(run_dir / "frozen.sav", run_dir / "disk.qcow2", checkpoint),
+                            "rm-test-pageflags-frozen")
     assert len(flags) >= checkpoint.manifest.memory_mib * 256
