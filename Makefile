@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint unit bench fuzz clean-vms
+.PHONY: setup demo test lint unit bench loadtest fuzz clean-vms
 
 setup:
 	bash scripts/setup-host.sh
@@ -26,6 +26,13 @@ unit: setup
 
 bench: setup
 	$(PY) bench/run.py
+
+# the handoff service under load (< 10 min; not part of `make test`): one `replay-migrate serve`
+# pinned to core 0, the load generator's processes on core 1, 10, 100, 1,000 sessions and up until a
+# step breaks; bench/results/service.md, service.json, service.png (the py-spy profile at the knee)
+LOADTEST_ARGS ?=
+loadtest: setup
+	$(PY) -m bench.bench_service --out bench/results $(LOADTEST_ARGS)
 
 # every decoder of peer or file bytes on 100,000 generated inputs each (~5 min on 2 cores; not part
 # of `make test`, whose unit tests run the same targets on a few hundred inputs); the table goes to
