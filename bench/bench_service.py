@@ -43,7 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Final
 
-from bench.loadgen import HANDOFF, PAIRS, STEADY, Plan, WorkerResult, typing_frames
+from bench.loadgen import FRAME_INTERVAL_S, HANDOFF, PAIRS, STEADY, Plan, WorkerResult, typing_frames
 from bench.tables import md_table
 from server.session import TOKEN_ENV, Limits, MiB
 
@@ -55,6 +55,8 @@ DEFAULT_STEPS: Final = (10, 100, 1000)
 DEFAULT_BUDGET_S: Final = 540.0
 """`make loadtest` must end within 10 minutes: the sweep stops before a step would pass this."""
 SAMPLE_S: Final = 0.5
+QUIET_BUSY_PCT: Final = 25.0
+"""Before a step, the cores should be at most this busy with other work (a shared machine)."""
 WORKER_START_S: Final = 3.0
 """Time the worker processes get to start (imports, the workloads' frames) before the ramp."""
 SETTLE_S: Final = 3.0
@@ -151,6 +153,24 @@ class Sampler:
         rss, hwm = proc_memory(self.service_pid)
         return Sample(time.time(), proc_cpu_s(self.service_pid), rss, hwm, sum(self._worker_cpu.values()),
                       [core_times(c, stat_text) for c in (SERVICE_CPU, GENERATOR_CPU)])
+
+
+def wait_for_quiet(max_wait_s: float, busy_pct: float = QUIET_BUSY_PCT, log: IO[str] = sys.stderr) -> float:
+    """Wait (at most ``max_wait_s``) until both cores were less than ``busy_pct`` busy over a second:
+    other processes on this shared machine would take the service's or the generator's core.
+    Returns the seconds waited."""
+    started = time.monotonic()
+    while True:
+        before = [core_times(c) for c in (SERVICE_CPU, GENERATOR_CPU)]
+        time.sleep(1.0)
+        after = [core_times(c) for c in (SERVICE_CPU, GENERATOR_CPU)]
+        busy = [100 * (b[0] - a[0]) / max(1.0, b[1] - a[1]) for a, b in zip(before, after, strict=True)]
+        waited = time.monotonic() - started
+        if max(busy) < busy_pct or waited >= max_wait_s:
+            if waited > 1.5:
+                print(f"  waited {waited:.0f} s for the cores to quieten (now {busy[0]:.0f} % / {busy[1]:.0f} % busy)",
+                      file=log, flush=True)
+            return waited
 
 
 def window(samples: Sequence[Sample], start: float, end: float) -> tuple[Sample, Sample] | None:
@@ -520,7 +540,8 @@ def next_size(last: int, growth: float) -> int:
 
 
 def sweep(steps: Sequence[int], budget_s: float, growth: float, work_root: Path, *, profile: bool,
-          step_kw: Mapping[str, Any], log: IO[str] = sys.stderr) -> tuple[list[StepResult], dict[str, Any] | None]:
+          step_kw: Mapping[str, Any], quiet_wait_s: float = 0.0,
+          log: IO[str] = sys.stderr) -> tuple[list[StepResult], dict[str, Any] | None]:
     """The fixed steps, then growing ones until one breaks or the budget would be spent; then a
     profiled run at the knee (or the largest step) if it still fits."""
     started = time.monotonic()
@@ -535,6 +556,8 @@ def sweep(steps: Sequence[int], budget_s: float, growth: float, work_root: Path,
         if results and cfg.estimate_s() > left():
             print(f"  {cfg.sessions} sessions would not fit the time budget: stop", file=log)
             break
+        if quiet_wait_s > 0:
+            wait_for_quiet(min(quiet_wait_s, max(0.0, left() - cfg.estimate_s())), log=log)
         r = run_step(cfg, work_root, log=log)
         results.append(r)
         print(f"  -> p50 {_num(r.latency_p50_ms)} ms p99 {_num(r.latency_p99_ms)} ms, service CPU "
@@ -604,6 +627,7 @@ def render(meta: Mapping[str, Any], steps: Sequence[StepResult], profile: Mappin
                    f"{_num(knee.service_cpu_pct)} % of its core).\n")
     else:
         out.append(" No step broke within the time budget.\n")
+    out.append(_method(meta, sweep_steps))
     if profile is not None:
         out.append(f"\n## Profile at {profile['sessions']:,} sessions (py-spy, 100 Hz, {profile['samples']:,} "
                    "samples of the service's main thread)\n\n")
@@ -617,6 +641,48 @@ def render(meta: Mapping[str, Any], steps: Sequence[StepResult], profile: Mappin
         out.append(md_table(["function (total)", "share"],
                             [[f, f"{100 * c / total:.1f} %"] for f, c in profile["total"]]))
     return "".join(out)
+
+
+def _method(meta: Mapping[str, Any], steps: Sequence[StepResult]) -> str:
+    """How the numbers were taken, the limits set, and what the defaults hold."""
+    d = Limits()
+    lines = ["\n## How\n\n"]
+    frames = meta.get("frames")
+    if frames:
+        lines.append(
+            f"Each session is a source and a target ({meta.get('peer', 'lean')} peers, see `bench/loadgen.py`) on "
+            f"their own websockets. The source sends a log frame every {frames['interval_s'] * 1000:.0f} ms (a user "
+            f"who keeps typing: the agent cuts a frame every 250 ms; the shipped workloads make 3.0-3.3 frames/s "
+            f"while typing, ~2 on average), cycling through the {frames['count']} real frames of the `notes` and "
+            f"`shell` workloads as the agent encodes them ({frames['mean_bytes']:.0f} bytes on average, "
+            "`bench/results/log.md`). Sessions start at the ramp rate, then a steady window gives the frame "
+            "latency (source send → target receive, one process's clock) and the service's CPU and RSS "
+            "(`/proc`); then each session suspends at a random moment of the handoff window and goes through a walk "
+            "of four round trips (~67 KiB) and 1 MiB of blocks in four batches to RESUMED (handoff = suspend → "
+            "confirm). *p99 in handoffs* is the frame latency of the sessions still recording meanwhile.\n\n")
+    lines.append(
+        "The service runs alone on core 0 (`sched_setaffinity`, as `taskset -c 0`), the generator's processes "
+        "on core 1; *generator CPU %* is their share of core 1 and *lag* how late their event loops woke "
+        "(a generator that falls behind shows there first). The generator's peers are lean (websockets' sans-I/O "
+        "protocol and the client's `ClientState` on a plain asyncio protocol, `bench/wspeer.py`): they put the "
+        "same messages on the wire as `SessionClient` (tested) for ~0.9x the service's CPU per frame, where "
+        "`SessionClient` costs ~1.4x and would saturate core 1 first. *core 0 busy %* is everything on the "
+        "service's core: above the service's own share it is other processes of this shared machine.\n\n")
+    if steps:
+        lim = steps[-1].limits
+        lines.append(
+            "Limits set by the load test for N sessions: `--max-sessions N`, `--max-connections` and "
+            "`--max-connections-per-address` 2N + max(16, N/4) (every connection comes from 127.0.0.1), "
+            f"`--memory-budget` the worst case of those limits ({lim.get('memory_budget', 0) / 2**30:.1f} GiB at "
+            f"{steps[-1].sessions:,} sessions); the rest are the defaults.\n\n")
+    lines.append(
+        f"With the defaults one instance holds **{d.max_sessions} sessions** (`--max-sessions`), "
+        f"{d.max_connections_per_address // 2} from one address (`--max-connections-per-address` "
+        f"{d.max_connections_per_address}: behind a proxy, every session comes from the proxy's address), in a "
+        f"worst case of {d.worst_case_memory / MiB:.0f} MiB of its {d.memory_budget / MiB:.0f} MiB budget; the worst "
+        f"case per session at the default sizes is {(3 * d.max_buffered_bytes + 2 * d.connection_memory) / MiB:.1f} "
+        "MiB.\n")
+    return "".join(lines)
 
 
 def plot(steps: Sequence[StepResult], path: Path) -> None:
@@ -690,6 +756,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--peer", choices=sorted(PAIRS), default="lean",
                     help="the generator's peers: lean (bench.wspeer) or client (SessionClient); default %(default)s")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--quiet-wait-s", type=float, default=30.0,
+                    help="before each step, wait up to this long for other processes to leave the cores")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
     args = ap.parse_args(argv)
@@ -698,12 +766,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     steps = [int(s) for s in args.steps.split(",") if s]
     started = time.monotonic()
-    typing_frames()         # fail here, not in a worker, if the workloads do not load
+    frames = typing_frames()        # fail here, not in a worker, if the workloads do not load
     with _work_dir(args.work) as work:
         results, prof = sweep(steps, args.budget_s, args.growth, work, profile=not args.no_profile,
+                              quiet_wait_s=args.quiet_wait_s,
                               step_kw={"steady_s": args.steady_s, "ramp_rate": args.ramp_rate, "peer": args.peer})
     meta = {"host": _host(), "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "commit": _git_commit(),
-            "duration_s": time.monotonic() - started, "defaults": _limit_args(Limits()),
+            "duration_s": time.monotonic() - started, "defaults": _limit_args(Limits()), "peer": args.peer,
+            "frames": {"count": len(frames), "mean_bytes": sum(map(len, frames)) / len(frames),
+                       "interval_s": FRAME_INTERVAL_S},
             "loadavg_end": Path("/proc/loadavg").read_text().split()[:3]}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "service.json").write_text(json.dumps(

@@ -129,11 +129,14 @@ def test_the_profile_summary_groups_the_leaf_frames() -> None:
 def test_the_report_and_the_plot(tmp_path: Path) -> None:
     steps = [step(10, 2.0, cpu=1.0), step(100, 3.0, cpu=10.0), step(1000, 250.0, cpu=99.0),
              step(1000, 300.0, profiled=True)]
-    meta = {"host": "test host", "date": "today", "commit": "abc", "duration_s": 12.0}
+    meta = {"host": "test host", "date": "today", "commit": "abc", "duration_s": 12.0, "peer": "lean",
+            "frames": {"count": 400, "mean_bytes": 47.0, "interval_s": 0.25}}
     text = render(meta, steps, {"sessions": 1000, **summarize_profile(RAW)})
     assert "**One instance held 100 sessions at p99 frame latency ≤ 100 ms**" in text
     assert "The knee: 1,000 sessions (p99 250.0 ms" in text and "## Profile at 1,000 sessions" in text
     assert text.count("\n| 1,000 |") == 1                # the profiled run is not a row of the table
+    assert "a log frame every 250 ms" in text and "the 400 real frames" in text
+    assert "With the defaults one instance holds **8 sessions**" in text and "4 from one address" in text
     plot(steps, tmp_path / "service.png")
     assert (tmp_path / "service.png").read_bytes()[:4] == b"\x89PNG"
 
