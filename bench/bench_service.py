@@ -356,8 +356,9 @@ class Service:
 @dataclass(frozen=True)
 class StepConfig:
     sessions: int
-    ramp_rate: float = 200.0            # handshakes (new sessions) per second, all workers together
+    ramp_rate: float = 100.0            # new sessions (3 handshakes each) per second, all workers together
     peer: str = "lean"                  # the generator's peers (bench.loadgen.PAIRS)
+    ack_interval: float = 0.0           # > 0: lean targets ack the log at most this often (an experiment)
     steady_s: float = 20.0
     handoff_rate: float = 100.0         # the handoff window is long enough for this many per second
     min_handoff_s: float = 10.0
@@ -394,7 +395,8 @@ def plans(cfg: StepConfig, url: str, t0: float, seed: int) -> list[Plan]:
         n = share + (i < extra)
         out.append(Plan(url=url, sessions=n, first=first, ramp_start=t0, ramp_rate=cfg.ramp_rate / cfg.workers,
                         steady_start=steady_start, steady_end=steady_end, suspend_end=suspend_end,
-                        deadline=suspend_end + cfg.drain_s, seed=seed, peer=cfg.peer))
+                        deadline=suspend_end + cfg.drain_s, seed=seed, peer=cfg.peer,
+                        ack_interval=cfg.ack_interval))
         first += n
     return out
 
@@ -752,9 +754,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--growth", type=float, default=1.5, help="factor between steps after the fixed ones")
     ap.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="stop before a step would pass this")
     ap.add_argument("--steady-s", type=float, default=20.0)
-    ap.add_argument("--ramp-rate", type=float, default=200.0, help="new sessions per second while ramping up")
+    ap.add_argument("--ramp-rate", type=float, default=100.0, help="new sessions per second while ramping up")
     ap.add_argument("--peer", choices=sorted(PAIRS), default="lean",
                     help="the generator's peers: lean (bench.wspeer) or client (SessionClient); default %(default)s")
+    ap.add_argument("--ack-interval-s", type=float, default=0.0,
+                    help="an experiment: the targets ack the log at most this often instead of per frame as "
+                         "SessionClient does (lean peers only)")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--quiet-wait-s", type=float, default=30.0,
                     help="before each step, wait up to this long for other processes to leave the cores")
@@ -770,9 +775,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     with _work_dir(args.work) as work:
         results, prof = sweep(steps, args.budget_s, args.growth, work, profile=not args.no_profile,
                               quiet_wait_s=args.quiet_wait_s,
-                              step_kw={"steady_s": args.steady_s, "ramp_rate": args.ramp_rate, "peer": args.peer})
+                              step_kw={"steady_s": args.steady_s, "ramp_rate": args.ramp_rate, "peer": args.peer,
+                                       "ack_interval": args.ack_interval_s})
     meta = {"host": _host(), "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "commit": _git_commit(),
             "duration_s": time.monotonic() - started, "defaults": _limit_args(Limits()), "peer": args.peer,
+            "ack_interval_s": args.ack_interval_s,
             "frames": {"count": len(frames), "mean_bytes": sum(map(len, frames)) / len(frames),
                        "interval_s": FRAME_INTERVAL_S},
             "loadavg_end": Path("/proc/loadavg").read_text().split()[:3]}

@@ -102,6 +102,7 @@ class Plan:
     batch_bytes: int = BATCH_BYTES
     max_message_size: int = 2 * 1024 * 1024
     peer: str = "lean"          # or "client": SessionClient (see PAIRS)
+    ack_interval: float = 0.0   # > 0 (lean peers): the target acks the log at most this often
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -360,7 +361,20 @@ class LeanPair(Pair):
 
         first = loop.time() + self.rng.uniform(0, interval)
         loop.call_at(first, tick, first)
-        await done
+        acks = self.plan.ack_interval
+        if acks > 0:
+            self._lean_tgt.hold = True
+
+            def ack() -> None:
+                if not done.done():
+                    self._lean_tgt.flush()
+                    loop.call_later(acks, ack)
+            loop.call_later(self.rng.uniform(0, acks), ack)
+        try:
+            await done
+        finally:
+            self._lean_tgt.hold = False
+            self._lean_tgt.flush()
 
 
 class ClientPair(Pair):

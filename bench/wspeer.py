@@ -78,6 +78,9 @@ class LeanPeer:
         self._open = False
         self.wire_bytes_sent = 0
         """Bytes of the session messages sent after the attach (as SessionClient counts them)."""
+        self.hold = False
+        """Leave what the session core has to send (acks) for the next :meth:`flush` instead of
+        sending it from the read callback (an experiment: acks coalesced by time)."""
 
     @property
     def reconnects(self) -> int:
@@ -199,7 +202,10 @@ class LeanPeer:
         except ReplayMigrateError as e:
             self._fail(e)
             return
-        self._flush()
+        if self.hold:
+            self._write()               # pongs, the close handshake
+        else:
+            self._flush()
         self._wake()
 
     def _events(self) -> None:
@@ -227,6 +233,10 @@ class LeanPeer:
                     self.core.consumed(e)
                 else:
                     self.events.append(e)
+
+    def flush(self) -> None:
+        """Send what the session core has queued (acks held back by :attr:`hold`)."""
+        self._flush()
 
     def _flush(self) -> None:
         if self._open and self.fatal is None:

@@ -19,26 +19,27 @@ pytestmark = pytest.mark.timeout(60)
 TOKEN = "loadgen-token"
 
 
-def plan(url: str, sessions: int, peer: str) -> Plan:
+def plan(url: str, sessions: int, peer: str, ack_interval: float = 0.0) -> Plan:
     now = time.time()
     return Plan(url=url, sessions=sessions, first=0, ramp_start=now, ramp_rate=100, steady_start=now + 0.3,
                 steady_end=now + 1.3, suspend_end=now + 1.8, deadline=now + 25, frame_interval=0.05,
-                blocks=2, batch_bytes=64 * 1024, peer=peer)
+                blocks=2, batch_bytes=64 * 1024, peer=peer, ack_interval=ack_interval)
 
 
-def run_pairs(limits: Limits, sessions: int, peer: str) -> WorkerResult:
+def run_pairs(limits: Limits, sessions: int, peer: str, ack_interval: float = 0.0) -> WorkerResult:
     async def body() -> WorkerResult:
         cfg = ServiceConfig(token=TOKEN, key=bytes(32), port=0, limits=limits, tick_interval=0.05)
         async with start_service(cfg) as url:
-            return await run_worker(plan(url, sessions, peer))
+            return await run_worker(plan(url, sessions, peer, ack_interval))
     result: WorkerResult = asyncio.run(body())
     return result
 
 
-@pytest.mark.parametrize("peer", sorted(PAIRS))
-def test_every_pair_resumes_with_every_frame_and_byte_once(peer: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("peer", "ack_interval"), [*((p, 0.0) for p in sorted(PAIRS)), ("lean", 0.2)])
+def test_every_pair_resumes_with_every_frame_and_byte_once(peer: str, ack_interval: float,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
-    r = run_pairs(Limits(), 3, peer)
+    r = run_pairs(Limits(), 3, peer, ack_interval)
     assert r.failures == {} and r.completed == r.pairs == 3 and r.connected_at_steady == 3
     assert r.frames_sent == r.frames_received > 3 * 10
     assert r.log_bytes_sent == r.log_bytes_received and r.diff_bytes_sent == r.diff_bytes_received > 3 * 128 * 1024
