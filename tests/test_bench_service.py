@@ -38,7 +38,7 @@ pytestmark = pytest.mark.timeout(120)
 def step(n: int, p99: float | None, failures: int = 0, cpu: float = 50.0, profiled: bool = False) -> StepResult:
     return StepResult(
         sessions=n, workers=1, connected=n, completed=n - failures, failures={"TransportError: x": failures}
-        if failures else {}, service_cpu_pct=cpu, core0_busy_pct=cpu + 5, generator_cpu_pct=40.0,
+        if failures else {}, service_cpu_pct=cpu, core0_busy_pct=cpu + 5, service_wait_pct=1.0, generator_cpu_pct=40.0,
         generator_core_busy_pct=45.0, rss_idle_mb=40.0, rss_steady_mb=40.0 + n / 100, rss_peak_mb=60.0,
         latency_p50_ms=1.0, latency_p99_ms=p99, latency_max_ms=p99, latency_handoff_p99_ms=p99, frames_steady=10 * n,
         create_p50_ms=2.0, create_p99_ms=4.0, attach_p50_ms=2.0, attach_p99_ms=5.0, handoff_p50_s=0.1,
@@ -73,7 +73,7 @@ def test_statistics_and_windows() -> None:
     assert percentile([], 99) is None
     values = [float(v) for v in range(1, 101)]
     assert percentile(values, 50) == 50 and percentile(values, 99) == 99 and percentile(values, 100) == 100
-    samples = [Sample(t, t, 1, 1, 0.0, [(0.0, 1.0), (0.0, 1.0)]) for t in (1.0, 2.0, 3.0, 4.0)]
+    samples = [Sample(t, t, 0.0, 1, 1, 0.0, [(0.0, 1.0), (0.0, 1.0)]) for t in (1.0, 2.0, 3.0, 4.0)]
     w = window(samples, 1.5, 3.5)
     assert w is not None and (w[0].t, w[1].t) == (2.0, 3.0)
     assert window(samples, 3.5, 3.9) is None
@@ -150,5 +150,6 @@ def test_one_small_step_for_real(tmp_path: Path) -> None:
     assert r.failures == {} and r.connected == r.completed == 4
     assert r.ok == ((r.latency_p99_ms or 1e9) <= P99_GOAL_MS)
     assert r.frames_sent == r.frames_received > 0 and r.diff_bytes_sent == r.diff_bytes_received > 0
-    assert r.service_cpu_pct is not None and r.rss_steady_mb is not None and r.rss_peak_mb >= r.rss_idle_mb > 0
+    assert r.service_cpu_pct is not None and r.service_wait_pct is not None
+    assert r.rss_steady_mb is not None and r.rss_peak_mb >= r.rss_idle_mb > 0
     assert r.limits["max_sessions"] == 4 and list(tmp_path.iterdir()) == []          # scratch removed
