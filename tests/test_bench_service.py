@@ -93,6 +93,11 @@ def test_the_knee_is_the_first_step_that_misses_the_goal_or_fails() -> None:
     held, knee = held_and_knee([step(10, 2.0), step(100, 3.0, failures=1), step(1000, 40.0, profiled=True)])
     assert held is not None and knee is not None and (held.sessions, knee.sessions) == (10, 100)
     assert held_and_knee([step(10, 2.0)])[1] is None and held_and_knee([step(10, None)])[0] is None
+    disturbed = step(1000, 500.0)
+    disturbed.service_wait_pct, disturbed.discarded = 20.0, True     # measured again: the retry counts
+    assert disturbed.disturbed and not step(1000, 500.0).disturbed
+    held, knee = held_and_knee([step(100, 3.0), disturbed, step(1000, 40.0)])
+    assert held is not None and held.sessions == 1000 and knee is None
     assert next_size(1000, 1.5) == 1500 and next_size(1500, 1.5) == 2200 and next_size(100, 1.01) == 200
     assert step(100, 3.0).cpu_per_session_pct == 0.5 and step(100, 3.0).rss_per_session_kb == pytest.approx(10.24)
 
@@ -127,7 +132,9 @@ def test_the_profile_summary_groups_the_leaf_frames() -> None:
 
 
 def test_the_report_and_the_plot(tmp_path: Path) -> None:
-    steps = [step(10, 2.0, cpu=1.0), step(100, 3.0, cpu=10.0), step(1000, 250.0, cpu=99.0),
+    again = step(1000, 900.0)
+    again.discarded = True
+    steps = [step(10, 2.0, cpu=1.0), step(100, 3.0, cpu=10.0), again, step(1000, 250.0, cpu=99.0),
              step(1000, 300.0, profiled=True)]
     meta = {"host": "test host", "date": "today", "commit": "abc", "duration_s": 12.0, "peer": "lean",
             "frames": {"count": 400, "mean_bytes": 47.0, "interval_s": 0.25}}
@@ -135,6 +142,8 @@ def test_the_report_and_the_plot(tmp_path: Path) -> None:
     assert "**One instance held 100 sessions at p99 frame latency ≤ 100 ms**" in text
     assert "The knee: 1,000 sessions (p99 250.0 ms" in text and "## Profile at 1,000 sessions" in text
     assert text.count("\n| 1,000 |") == 1                # the profiled run is not a row of the table
+    assert "Measured again because other processes took the service's core meanwhile: 1,000 sessions (p99 900.0" \
+        in text
     assert "a log frame every 250 ms" in text and "the 400 real frames" in text
     assert "With the defaults one instance holds **8 sessions**" in text and "4 from one address" in text
     plot(steps, tmp_path / "service.png")
