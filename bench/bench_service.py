@@ -574,7 +574,8 @@ def sweep(steps: Sequence[int], budget_s: float, growth: float, work_root: Path,
           step_kw: Mapping[str, Any], quiet_wait_s: float = 0.0,
           log: IO[str] = sys.stderr) -> tuple[list[StepResult], dict[str, Any] | None]:
     """The fixed steps, then growing ones until one breaks or the budget would be spent; then a
-    profiled run at the knee (or the largest step) if it still fits."""
+    profiled run at the knee (or the largest step), and a step halfway between the last held and
+    the knee, each if it still fits."""
     started = time.monotonic()
     results: list[StepResult] = []
 
@@ -611,14 +612,12 @@ def sweep(steps: Sequence[int], budget_s: float, growth: float, work_root: Path,
             break
         if not queue:
             queue.append(next_size(r.sessions, growth))
-    held, knee = held_and_knee(results)
-    if held is not None and knee is not None and knee.sessions - held.sessions > 200:
-        measure(round((held.sessions + knee.sessions) / 200) * 100)      # halfway, once
     prof = None
     _held, knee = held_and_knee(results)
     target = knee or (results[-1] if results else None)
     if profile and target is not None:
-        cfg = StepConfig(target.sessions, **{**step_kw, "steady_s": 14.0, "profile_s": 10.0})
+        # shorter windows: only the profile of the steady state counts here
+        cfg = StepConfig(target.sessions, **{**step_kw, "steady_s": 10.0, "profile_s": 8.0, "handoff_rate": 400.0})
         if cfg.estimate_s() <= left():
             print(f"  profiling the service at {target.sessions} sessions", file=log)
             raw_path = work_root / "profile.txt"
@@ -628,6 +627,9 @@ def sweep(steps: Sequence[int], budget_s: float, growth: float, work_root: Path,
                 prof = {"sessions": target.sessions, **summarize_profile(raw_path.read_text())}
         else:
             print("  no time left to profile", file=log)
+    held, knee = held_and_knee(results)
+    if held is not None and knee is not None and knee.sessions - held.sessions > 200:
+        measure(round((held.sessions + knee.sessions) / 200) * 100)      # halfway, once, if it fits
     return results, prof
 
 
@@ -820,7 +822,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="niceness of the service and the generator (root; < 0 keeps other work on a shared machine "
                          "from taking their cores); default %(default)s")
     ap.add_argument("--no-profile", action="store_true")
-    ap.add_argument("--quiet-wait-s", type=float, default=30.0,
+    ap.add_argument("--quiet-wait-s", type=float, default=10.0,
                     help="before each step, wait up to this long for other processes to leave the cores")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
