@@ -247,7 +247,13 @@ class StepResult:
     duration_s: float
     profiled: bool = False
     discarded: bool = False                # disturbed by other work, and measured again
+    ack_interval: float = 0.0              # > 0: an experiment (targets' log acks coalesced), not a sweep step
     limits: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def in_sweep(self) -> bool:
+        """A step of the table (not a profiled run, a disturbed run measured again or an experiment)."""
+        return not (self.profiled or self.discarded or self.ack_interval > 0)
 
     @property
     def disturbed(self) -> bool:
@@ -283,7 +289,7 @@ def _core_pct(a: Sample, b: Sample, i: int) -> float:
 
 
 def summarize(n: int, workers: int, merged: WorkerResult, samples: Sequence[Sample], plan: Plan, idle_rss: int,
-              duration_s: float, limits: Limits, profiled: bool = False) -> StepResult:
+              duration_s: float, limits: Limits, profiled: bool = False, ack_interval: float = 0.0) -> StepResult:
     w = window(samples, plan.steady_start, plan.steady_end)
     ms = 1000.0
     lat = merged.latency_ms.get(STEADY, [])
@@ -310,7 +316,7 @@ def summarize(n: int, workers: int, merged: WorkerResult, samples: Sequence[Samp
         lag_p99_ms=percentile(merged.lag_ms, 99), frames_sent=merged.frames_sent,
         frames_received=merged.frames_received, diff_bytes_sent=merged.diff_bytes_sent,
         diff_bytes_received=merged.diff_bytes_received, duplicates=merged.duplicates, reconnects=merged.reconnects,
-        duration_s=duration_s, profiled=profiled, limits=_limit_args(limits))
+        duration_s=duration_s, profiled=profiled, ack_interval=ack_interval, limits=_limit_args(limits))
 
 
 # ---- one step -------------------------------------------------------------------------------------
@@ -469,7 +475,8 @@ def run_step(cfg: StepConfig, work_root: Path, *, seed: int = 0, profile_out: Pa
         if profiler is not None:
             profiler.wait(timeout=cfg.profile_s + 30)
         return summarize(cfg.sessions, cfg.workers, merged, sampler.samples, plan, idle_rss,
-                         time.monotonic() - started, limits, profiled=profiler is not None)
+                         time.monotonic() - started, limits, profiled=profiler is not None,
+                         ack_interval=cfg.ack_interval)
     finally:
         for p in [*workers, *([profiler] if profiler is not None else [])]:
             if p.poll() is None:
@@ -556,7 +563,7 @@ def held_and_knee(steps: Sequence[StepResult]) -> tuple[StepResult | None, StepR
     not (the knee), by number of sessions."""
     held, knee = None, None
     for s in sorted(steps, key=lambda s: s.sessions):
-        if s.profiled or s.discarded:
+        if not s.in_sweep:
             continue
         if s.ok and knee is None:
             held = s
@@ -571,7 +578,7 @@ def next_size(last: int, growth: float) -> int:
 
 
 def sweep(steps: Sequence[int], budget_s: float, growth: float, work_root: Path, *, profile: bool,
-          step_kw: Mapping[str, Any], quiet_wait_s: float = 0.0,
+          step_kw: Mapping[str, Any], quiet_wait_s: float = 0.0, ack_experiment: float = 0.0,
           log: IO[str] = sys.stderr) -> tuple[list[StepResult], dict[str, Any] | None]:
     """The fixed steps, then growing ones until one breaks or the budget would be spent; then a
     profiled run at the knee (or the largest step), and a step halfway between the last held and
@@ -630,6 +637,12 @@ def sweep(steps: Sequence[int], budget_s: float, growth: float, work_root: Path,
     held, knee = held_and_knee(results)
     if held is not None and knee is not None and knee.sessions - held.sessions > 200:
         measure(round((held.sessions + knee.sessions) / 200) * 100)      # halfway, once, if it fits
+    held, _knee = held_and_knee(results)
+    if ack_experiment > 0 and held is not None:
+        cfg = StepConfig(held.sessions, **{**step_kw, "ack_interval": ack_experiment})
+        if cfg.estimate_s() <= left():
+            print(f"  {held.sessions} sessions again, the targets acking the log every {ack_experiment:g} s", file=log)
+            results.append(run_step(cfg, work_root, log=log))
     return results, prof
 
 
@@ -639,7 +652,7 @@ def _num(v: float | None, digits: int = 1) -> str:
 
 def render(meta: Mapping[str, Any], steps: Sequence[StepResult], profile: Mapping[str, Any] | None) -> str:
     """``service.md``: the table, the knee and what limits it, the profile."""
-    sweep_steps = sorted((s for s in steps if not s.profiled and not s.discarded), key=lambda s: s.sessions)
+    sweep_steps = sorted((s for s in steps if s.in_sweep), key=lambda s: s.sessions)
     again = [s for s in steps if s.discarded]
     held, knee = held_and_knee(steps)
     rows = []
@@ -682,6 +695,7 @@ def render(meta: Mapping[str, Any], steps: Sequence[StepResult], profile: Mappin
         out.append("\nMeasured again because other processes took the service's core meanwhile: " + "; ".join(
             f"{s.sessions:,} sessions (p99 {_num(s.latency_p99_ms)} ms, the service waited "
             f"{_num(s.service_wait_pct)} % of the time)" for s in again) + ".\n")
+    out.append(_limits(held, knee, profile, steps))
     out.append(_method(meta, sweep_steps))
     if profile is not None:
         out.append(f"\n## Profile at {profile['sessions']:,} sessions (py-spy, 100 Hz, {profile['samples']:,} "
@@ -695,6 +709,51 @@ def render(meta: Mapping[str, Any], steps: Sequence[StepResult], profile: Mappin
         out.append("\n")
         out.append(md_table(["function (total)", "share"],
                             [[f, f"{100 * c / total:.1f} %"] for f, c in profile["total"]]))
+    return "".join(out)
+
+
+def _limits(held: StepResult | None, knee: StepResult | None, profile: Mapping[str, Any] | None,
+            steps: Sequence[StepResult]) -> str:
+    """What limits one instance, from the knee's CPU, the per-session cost and the profile."""
+    out = ["\n## What limits it\n\n"]
+    if held is not None and held.cpu_per_session_pct:
+        out.append(f"The service is one asyncio thread, so one core: each recording session cost "
+                   f"{held.cpu_per_session_pct:.3f} % of it at {held.sessions:,} sessions (four log frames and "
+                   f"four acks in, as many out, per second), which fills the core near "
+                   f"{100 / held.cpu_per_session_pct:,.0f} sessions. ")
+    if knee is not None:
+        out.append(f"At the knee it was {_num(knee.service_cpu_pct)} % busy: frames queue behind each other in "
+                   f"its event loop (p50 {_num(knee.latency_p50_ms)} ms, p99 {_num(knee.latency_p99_ms)} ms), "
+                   f"handshakes wait (create p99 {_num(knee.create_p99_ms)} ms) and handoffs stretch (p99 "
+                   f"{_num(knee.handoff_p99_s, 1)} s) while the generator still had room on its core "
+                   f"({_num(knee.generator_cpu_pct, 0)} %). ")
+    if profile is not None and profile.get("samples"):
+        areas: dict[str, int] = dict(profile["by_area"])
+        total = float(profile["samples"])
+
+        def share(*names: str) -> float:
+            return 100.0 * sum(areas.get(n, 0) for n in names) / total
+        libs = share("websockets (framing, connection)", "asyncio (event loop, transports)",
+                     "contextlib (websockets' send context)")
+        ours = share("server.session (the core)", "server.service", "server (other)")
+        out.append(f"The profile at the knee puts {libs:.0f} % of the service's time in websockets' framing and "
+                   f"connection and the asyncio event loop and transports, per message, and {ours:.0f} % in the "
+                   f"service's own code (the session core and the adapter; msgpack {share('msgpack'):.1f} %): no "
+                   "cheap fix in the service's code moves the knee much. ")
+    out.append("What moves it: more instances (one per core, behind the proxy: `bench/haproxy.cfg`), fewer "
+               "messages per frame, or a leaner transport under the service (websockets' sans-I/O protocol on a plain "
+               "asyncio protocol, as `bench/wspeer.py` does for the generator at ~0.7x `SessionClient`'s cost per "
+               "frame).\n")
+    for exp in (s for s in steps if s.ack_interval > 0):
+        base = next((s for s in steps if s.in_sweep and s.sessions == exp.sessions), None)
+        if base is None or exp.service_cpu_pct is None or base.service_cpu_pct is None:
+            continue
+        out.append(f"\nFewer messages, measured: the same {exp.sessions:,} sessions with the targets acknowledging the "
+                   f"log at most every {exp.ack_interval:g} s (`--ack-interval-s`; `SessionClient` acks every frame at "
+                   f"a typist's rate, so half of what the service relays while sessions record are acks) took "
+                   f"{_num(exp.service_cpu_pct)} % of the core instead of {_num(base.service_cpu_pct)} % "
+                   f"({100 * (1 - exp.service_cpu_pct / base.service_cpu_pct):.0f} % less; p99 "
+                   f"{_num(exp.latency_p99_ms)} ms).\n")
     return "".join(out)
 
 
@@ -715,13 +774,20 @@ def _method(meta: Mapping[str, Any], steps: Sequence[StepResult]) -> str:
             "(`/proc`); then each session suspends at a random moment of the handoff window and goes through a walk "
             "of four round trips (~67 KiB) and 1 MiB of blocks in four batches to RESUMED (handoff = suspend → "
             "confirm). *p99 in handoffs* is the frame latency of the sessions still recording meanwhile.\n\n")
+    ratio = ""
+    busiest = max((x for x in steps if x.service_cpu_pct and x.generator_cpu_pct and x.ok),
+                  key=lambda x: x.sessions, default=None)
+    if busiest is not None and busiest.service_cpu_pct and busiest.generator_cpu_pct:
+        ratio = (f" (at {busiest.sessions:,} sessions the generator took "
+                 f"{busiest.generator_cpu_pct / busiest.service_cpu_pct:.1f}x the service's CPU)")
     lines.append(
         "The service runs alone on core 0 (`sched_setaffinity`, as `taskset -c 0`), the generator's processes "
         "on core 1; *generator CPU %* is their share of core 1 and *lag* how late their event loops woke "
         "(a generator that falls behind shows there first). The generator's peers are lean (websockets' sans-I/O "
         "protocol and the client's `ClientState` on a plain asyncio protocol, `bench/wspeer.py`): they put the "
-        "same messages on the wire as `SessionClient` (tested) for ~0.9x the service's CPU per frame, where "
-        "`SessionClient` costs ~1.4x and would saturate core 1 first. *core 0 busy %* is everything on the "
+        f"same messages on the wire as `SessionClient` (tested) for about what the service spends per frame{ratio}; "
+        "`SessionClient` pairs (`--peer client`) cost 1.3-1.4x the lean ones and would saturate core 1 before the "
+        "service saturates core 0. *core 0 busy %* is everything on the "
         "service's core (above the service's own share: other processes of this shared machine, and the kernel's "
         "loopback work), *service waited %* the time the service was runnable but another process had its core "
         f"(`/proc/PID/schedstat`). The service and the generator ran at nice {meta.get('nice', 0)}, ahead of other "
@@ -749,7 +815,7 @@ def plot(steps: Sequence[StepResult], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s = sorted((x for x in steps if not x.profiled and not x.discarded), key=lambda x: x.sessions)
+    s = sorted((x for x in steps if x.in_sweep), key=lambda x: x.sessions)
     if not s:
         return
     n = [x.sessions for x in s]
@@ -816,8 +882,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--peer", choices=sorted(PAIRS), default="lean",
                     help="the generator's peers: lean (bench.wspeer) or client (SessionClient); default %(default)s")
     ap.add_argument("--ack-interval-s", type=float, default=0.0,
-                    help="an experiment: the targets ack the log at most this often instead of per frame as "
-                         "SessionClient does (lean peers only)")
+                    help="the targets ack the log at most this often instead of per frame as SessionClient does "
+                         "(lean peers only; an experiment)")
+    ap.add_argument("--ack-experiment-s", type=float, default=1.0,
+                    help="after the sweep, the largest held step again with --ack-interval-s this (0: no)")
     ap.add_argument("--nice", type=int, default=-20,
                     help="niceness of the service and the generator (root; < 0 keeps other work on a shared machine "
                          "from taking their cores); default %(default)s")
@@ -835,7 +903,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     frames = typing_frames()        # fail here, not in a worker, if the workloads do not load
     with _work_dir(args.work) as work:
         results, prof = sweep(steps, args.budget_s, args.growth, work, profile=not args.no_profile,
-                              quiet_wait_s=args.quiet_wait_s,
+                              quiet_wait_s=args.quiet_wait_s, ack_experiment=args.ack_experiment_s,
                               step_kw={"steady_s": args.steady_s, "ramp_rate": args.ramp_rate, "peer": args.peer,
                                        "ack_interval": args.ack_interval_s, "nice": args.nice})
     meta = {"host": _host(), "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "commit": _git_commit(),

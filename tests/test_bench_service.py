@@ -134,8 +134,10 @@ def test_the_profile_summary_groups_the_leaf_frames() -> None:
 def test_the_report_and_the_plot(tmp_path: Path) -> None:
     again = step(1000, 900.0)
     again.discarded = True
+    acks = step(100, 2.0, cpu=8.0)
+    acks.ack_interval = 1.0
     steps = [step(10, 2.0, cpu=1.0), step(100, 3.0, cpu=10.0), again, step(1000, 250.0, cpu=99.0),
-             step(1000, 300.0, profiled=True)]
+             step(1000, 300.0, profiled=True), acks]
     meta = {"host": "test host", "date": "today", "commit": "abc", "duration_s": 12.0, "peer": "lean",
             "frames": {"count": 400, "mean_bytes": 47.0, "interval_s": 0.25}}
     text = render(meta, steps, {"sessions": 1000, **summarize_profile(RAW)})
@@ -144,6 +146,8 @@ def test_the_report_and_the_plot(tmp_path: Path) -> None:
     assert text.count("\n| 1,000 |") == 1                # the profiled run is not a row of the table
     assert "Measured again because other processes took the service's core meanwhile: 1,000 sessions (p99 900.0" \
         in text
+    assert "## What limits it" in text and "fills the core near 1,000 sessions" in text
+    assert "took 8.0 % of the core instead of 10.0 % (20 % less" in text and text.count("\n| 100 |") == 1
     assert "a log frame every 250 ms" in text and "the 400 real frames" in text
     assert "With the defaults one instance holds **8 sessions**" in text and "4 from one address" in text
     plot(steps, tmp_path / "service.png")
