@@ -16,6 +16,7 @@ demo: setup
 test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# ruff over everything; mypy --strict over every package, bench/ and tests/ (pyproject.toml's list)
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy

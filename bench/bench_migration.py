@@ -46,8 +46,8 @@ from bench.sides import KEPT_DISK, KEPT_MEMORY
 from migration.sides import FLUSH_S
 from replay_migrate.errors import HostError
 from replayer.workload import find_workload, load_workload, synthesize
-from server.credentials import KEY_ENV
-from server.session import CREDENTIAL_ENV, MIN_KEY_BYTES, SESSION_ID_BYTES, TOKEN_ENV, Keyring
+from server.credentials import CREDENTIAL_ENV, KEY_ENV, TOKEN_ENV
+from server.keyring import MIN_KEY_BYTES, SESSION_ID_BYTES, Keyring
 from store import checkpoint as ckpt
 from store.paths import checkpoints_dir
 from store.vmstate import CheckpointTrees, VmState, checkpoint_trees

@@ -45,9 +45,10 @@ from replayer.drive import drive
 from replayer.replay import ReplayConfig
 from replayer.workload import get_workload
 from server.client import SessionClient, check_service, create_session
-from server.credentials import load_credential, load_token, write_secret_file
+from server.credentials import CREDENTIAL_ENV, TOKEN_ENV, load_credential, load_token, write_secret_file
+from server.keyring import MIN_KEY_BYTES, Credential
 from server.service import ServiceConfig, start_service
-from server.session import CREDENTIAL_ENV, MIN_KEY_BYTES, TOKEN_ENV, Credential, Role
+from server.wire import Role
 from store import checkpoint as ckpt
 from store.paths import check_name
 from store.vmstate import VmState, same_state
@@ -448,9 +449,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if target == args.domain:
         raise UsageError("--target-name: the target needs a name of its own (the source keeps its name)")
     ck = ckpt.get(args.checkpoint)
-    with Hypervisor(args.connect) as hv, Hypervisor(args.connect) as hv2:
+    with Hypervisor(args.connect) as hv, Hypervisor(args.target_connect or args.connect) as hv2:
         m, _ = check_source(hv, args.domain, ck)
-        check_target_name(hv, target, "--target-name")
+        check_target_name(hv2, target, "--target-name")
         typing = threading.Event()
         both: list[SourceSide | TargetSide] = []
 
@@ -533,6 +534,11 @@ def add_migrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("domain", help="a running clone of CHECKPOINT (replay-migrate vm start)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--target-name", help="name of the migrated VM (default: DOMAIN-migrated)")
+    p.add_argument("--target-connect", metavar="URI", default=None,
+                   help="libvirt URI of the target's daemon (default: --connect). The target side runs in this "
+                   "process and makes its clone's files in this host's state folder, so that daemon must see them "
+                   "at the same paths (a daemon of this host, or storage both share); between two hosts, run "
+                   "`follow` at the target instead")
     p.add_argument("--workload", help="drive this workload (a shipped name, as `workload list` shows, or a "
                    "file) into the source, then migrate")
     p.add_argument("--duration", type=positive, help="record this long, then migrate (default: until Enter)")

@@ -12,13 +12,12 @@ import io
 import json
 import os
 import struct
-import subprocess
 import tempfile
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Self
 
 import blake3
 import numpy as np
@@ -26,20 +25,13 @@ import numpy.typing as npt
 from numpy.lib import format as np_format
 
 from differ.merkle import MAX_LOAD_LEAVES, known_arrays
-from differ.saveimage import (
-    DEFAULT_MAX_DATA_LEN,
-    DEFAULT_MAX_RAM_BLOCKS,
-    DEFAULT_MAX_SCAN,
-    LIBVIRT_MAGIC,
-    LIBVIRT_PARTIAL_MAGIC,
-    SaveImage,
-    SaveLayout,
-    data_extents,
-)
+from differ.saveimage import DEFAULT_MAX_RAM_BLOCKS, DEFAULT_MAX_SCAN, SaveImage, SaveLayout, data_extents
 from differ.source import LEAF_SIZE, ZERO_LEAF_DIGEST, BlockSource, ImageKind, KnownArrays
-from replay_migrate.errors import HostError, ImageError
+from replay_migrate.errors import ImageError
 from replay_migrate.files import atomic_write
 from replay_migrate.safeopen import check_regular, open_regular
+from replay_migrate.savefmt import DEFAULT_MAX_DATA_LEN, MAGICS
+from replay_migrate.tools import run_tool
 
 QCOW2_MAGIC = b"QFI\xfb"
 DIGEST_SIZE = 32
@@ -155,7 +147,7 @@ class _FileSource:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> _FileSource:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -231,24 +223,8 @@ class MemoryImageSource(_FileSource):
 # ---------------------------------------------------------------- qemu-img plumbing
 
 
-def run_tool(
-    argv: Sequence[str], *, timeout: float, what: str, path: str, cwd: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run a QEMU tool; a missing tool is a HostError, a failure an ImageError naming ``path``."""
-    try:
-        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, cwd=cwd, check=False)
-    except FileNotFoundError:
-        raise HostError(f"{argv[0]} not found: install qemu-utils (scripts/setup-host.sh)") from None
-    except subprocess.TimeoutExpired:
-        raise ImageError(f"{path}: {what} did not finish within {timeout:g} s") from None
-    if proc.returncode != 0:
-        lines = (proc.stderr.strip() or proc.stdout.strip()).splitlines() or [f"exit status {proc.returncode}"]
-        raise ImageError(f"{path}: {what} failed: {lines[-1][:500]}")
-    return proc
-
-
 def _json_tool(argv: Sequence[str], *, timeout: float, what: str, path: str) -> Any:
-    out = run_tool(argv, timeout=timeout, what=what, path=path).stdout
+    out = run_tool(argv, timeout=timeout, what=f"{path}: {what}", error=ImageError).stdout
     try:
         return json.loads(out)
     except json.JSONDecodeError:
@@ -314,7 +290,7 @@ def read_guest_range(
             _image_opts_range(path, fmt, offset, length, force_share),
             out,
         ]
-        run_tool(argv, timeout=timeout, what=f"qemu-img convert of bytes {offset}+{length}", path=path)
+        run_tool(argv, timeout=timeout, what=f"{path}: qemu-img convert of bytes {offset}+{length}", error=ImageError)
         with open(out, "rb") as f:
             data = f.read()
     if len(data) != length:
@@ -486,8 +462,8 @@ def compute_leaf_digests(
         run_tool(
             [qemu_img, "convert", "-f", fmt, "-O", "raw", spath, out],
             timeout=timeout,
-            what="qemu-img convert -O raw",
-            path=spath,
+            what=f"{spath}: qemu-img convert -O raw",
+            error=ImageError,
         )
         with RawImageSource(out) as src:
             return LeafDigests.of_source(src, chunk_leaves=chunk_leaves)
@@ -721,7 +697,7 @@ def detect_format(path: str | os.PathLike[str]) -> ImageKind:
         raise ImageError(f"{spath}: cannot read: {e.strerror}") from None
     finally:
         os.close(fd)
-    if head in (LIBVIRT_MAGIC, LIBVIRT_PARTIAL_MAGIC):
+    if head in MAGICS:
         return "memory"
     if head[:4] == QCOW2_MAGIC:
         return "disk"

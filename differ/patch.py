@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from typing import Self
 
 import numpy as np
 
@@ -27,12 +28,12 @@ from differ.blocks import (
     RawImageSource,
     detect_format,
     qemu_img_info,
-    run_tool,
 )
 from differ.saveimage import DEFAULT_COPY_CHUNK, ImageWriter, data_extents
 from differ.source import LEAF_SIZE, BlockSink, BlockSource
 from replay_migrate.errors import ImageError
 from replay_migrate.safeopen import check_replaceable, open_regular
+from replay_migrate.tools import run_tool
 
 FICLONE = 0x40049409
 """ioctl that makes the copy share the original's extents (btrfs, XFS): instant and exact."""
@@ -185,7 +186,7 @@ class _CopySink:
         except FileNotFoundError:
             pass
 
-    def __enter__(self) -> _CopySink:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -338,7 +339,8 @@ class Qcow2OverlaySink(_CopySink):
         if size < self._virtual_size:
             self.flush()
             argv.append("--shrink")
-        run_tool([*argv, self.copy_path, str(size)], timeout=self._timeout, what="qemu-img resize", path=self.path)
+        run_tool([*argv, self.copy_path, str(size)], timeout=self._timeout, what=f"{self.path}: qemu-img resize",
+                 error=ImageError)
         self._virtual_size = size
 
     def flush(self, *, final: bool = False) -> None:
@@ -411,7 +413,7 @@ class Qcow2OverlaySink(_CopySink):
         for cmd in commands:
             argv += ["-c", cmd]
         argv.append(os.path.abspath(self.copy_path))
-        proc = run_tool(argv, timeout=self._timeout, what="qemu-io", path=self.path, cwd=cwd)
+        proc = run_tool(argv, timeout=self._timeout, what=f"{self.path}: qemu-io", error=ImageError, cwd=cwd)
         out = proc.stdout + proc.stderr
         if "fail" in out.lower() or "error" in out.lower():
             raise ImageError(f"{self.path}: qemu-io reported: {out.strip().splitlines()[-1][:300]}")

@@ -2,9 +2,9 @@
 
 Layout (DESIGN.md §5), every field validated, no offset hard-coded:
 
-* a 92-byte little-endian libvirt header ``<16s5I14I``: magic ``LibvirtQemudSave``, version (2),
-  data_len, was_running, format (6 = sparse), cookieOffset, 14 unused words;
-* ``data_len`` bytes: the domain XML, NUL, the migration cookie, NUL, zero padding;
+* the libvirt header and its XML area (``data_len`` bytes: the domain XML, NUL, the migration
+  cookie, NUL, zero padding), read and checked by ``replay_migrate.savefmt``, the codec the VM layer
+  rewrites clones' headers with; only the format is checked here (6 = sparse);
 * the big-endian QEMU migration stream: ``QEVM``, version 3, the *configuration* section (machine
   type, migration capabilities), then the ``ram`` SECTION_START whose setup lists every RAM block as
   ``u8 len, idstr, be64 used_length, MappedRamHeader{be32 version, be64 page_size, be64
@@ -35,16 +35,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from replay_migrate import savefmt
 from replay_migrate.errors import ImageError, ReplayMigrateError
 from replay_migrate.safeopen import open_regular
-
-LIBVIRT_MAGIC = b"LibvirtQemudSave"
-LIBVIRT_PARTIAL_MAGIC = b"LibvirtQemudPart"
-"""libvirt writes this magic first and the final one only once QEMU has finished the save."""
-LIBVIRT_HEADER = struct.Struct("<16s5I14I")
-LIBVIRT_SAVE_VERSION = 2
-SAVE_FORMAT_SPARSE = 6
-SAVE_FORMAT_NAMES = {0: "raw", 1: "gzip", 2: "bzip2", 3: "xz", 4: "lzop", 5: "zstd", 6: "sparse"}
+from replay_migrate.savefmt import DEFAULT_MAX_DATA_LEN, FORMAT_SPARSE, SaveHeader
 
 QEMU_VM_FILE_MAGIC = b"QEVM"
 QEMU_VM_FILE_VERSION = 3
@@ -64,8 +58,6 @@ PAGE_SIZE = 4096
 PAGE_BITS = 12
 """log2 of PAGE_SIZE: the only value the ``configuration/target-page-bits`` field may hold."""
 
-DEFAULT_MAX_DATA_LEN = 16 << 20
-"""Largest XML + cookie area accepted (libvirt leaves ~65 KB of room; anything huge is garbage)."""
 DEFAULT_MAX_RAM_BLOCKS = 4096
 """Most RAM blocks accepted (a PC guest has ~10; the bound stops a garbage walk early)."""
 MAX_CAPABILITIES = 256
@@ -87,18 +79,6 @@ _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 _RAM_PATTERN = bytes([len(RAM_SECTION_IDSTR)]) + RAM_SECTION_IDSTR + _BE32.pack(0) + _BE32.pack(RAM_SECTION_VERSION)
 """``u8 len, "ram", be32 instance_id 0, be32 version_id 4`` as it follows a SECTION_START byte and id."""
-
-
-@dataclass(frozen=True)
-class LibvirtHeader:
-    """The fixed 92-byte header libvirt writes before the domain XML."""
-
-    magic: bytes
-    version: int
-    data_len: int
-    was_running: bool
-    format: int
-    cookie_offset: int
 
 
 @dataclass(frozen=True)
@@ -141,9 +121,8 @@ class SaveLayout:
 
     path: str
     file_size: int
-    header: LibvirtHeader
-    xml: str
-    cookie: str | None
+    header: SaveHeader
+    """The libvirt header, with the domain XML and the migration cookie."""
     qemu_offset: int
     stream_version: int
     machine_type: str | None
@@ -156,6 +135,14 @@ class SaveLayout:
     """Where the stream resumes after the last block's pages: the RAM setup's end, then device state."""
     structured_walk: bool = field(default=True)
     """False when the ``ram`` section was found by the bounded search rather than by walking to it."""
+
+    @property
+    def xml(self) -> str:
+        return self.header.xml
+
+    @property
+    def cookie(self) -> str | None:
+        return self.header.cookie
 
     def ram_regions(self) -> list[tuple[int, int]]:
         """``(start, end)`` of every block's page area, in file order."""
@@ -218,48 +205,6 @@ class _Cursor:
 
     def idstr(self, what: str) -> bytes:
         return self.take(self.u8(f"{what} length"), what)
-
-
-def _parse_libvirt_header(cur: _Cursor, max_data_len: int) -> tuple[LibvirtHeader, str, str | None]:
-    raw = cur.take(LIBVIRT_HEADER.size, "libvirt header")
-    magic, version, data_len, was_running, fmt, cookie_offset, *_ = LIBVIRT_HEADER.unpack(raw)
-    if magic == LIBVIRT_PARTIAL_MAGIC:
-        raise cur.fail("incomplete save image: libvirt never finished writing it (magic LibvirtQemudPart)")
-    if magic != LIBVIRT_MAGIC:
-        raise cur.fail(f"not a libvirt save image (magic {magic[:16]!r}, expected {LIBVIRT_MAGIC!r})")
-    if version != LIBVIRT_SAVE_VERSION:
-        raise cur.fail(f"unsupported libvirt save header version {version} (expected {LIBVIRT_SAVE_VERSION})")
-    if fmt != SAVE_FORMAT_SPARSE:
-        name = SAVE_FORMAT_NAMES.get(fmt, "unknown")
-        raise cur.fail(
-            f"save image format {fmt} ({name}), not the sparse mapped-ram format {SAVE_FORMAT_SPARSE}: "
-            "save with image_format='sparse'"
-        )
-    if was_running not in (0, 1):
-        raise cur.fail(f"libvirt header was_running={was_running} is not a boolean")
-    if data_len == 0 or data_len > max_data_len:
-        raise cur.fail(f"libvirt header data_len {data_len} outside 1..{max_data_len}")
-    data = cur.take(data_len, "domain XML and cookie")
-    xml_end = data.find(b"\0")
-    if xml_end <= 0:
-        raise cur.fail("domain XML is empty or not NUL-terminated inside data_len")
-    try:
-        xml = data[:xml_end].decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise cur.fail(f"domain XML is not UTF-8 ({e.reason} at byte {e.start})") from None
-    cookie: str | None = None
-    if cookie_offset:
-        if not xml_end < cookie_offset < data_len:
-            raise cur.fail(f"cookieOffset {cookie_offset} outside the data area ({xml_end + 1}..{data_len})")
-        cookie_end = data.find(b"\0", cookie_offset)
-        if cookie_end < 0:
-            raise cur.fail("migration cookie is not NUL-terminated inside data_len")
-        try:
-            cookie = data[cookie_offset:cookie_end].decode("utf-8")
-        except UnicodeDecodeError:
-            raise cur.fail("migration cookie is not UTF-8") from None
-    header = LibvirtHeader(magic, version, data_len, bool(was_running), fmt, cookie_offset)
-    return header, xml, cookie
 
 
 def _parse_configuration(cur: _Cursor) -> tuple[str | None, tuple[str, ...], bool]:
@@ -397,8 +342,11 @@ def parse_save_image(
 def _parse_fd(fd: int, path: str, max_data_len: int, max_blocks: int, max_scan: int) -> SaveLayout:
     st = os.fstat(fd)
     cur = _Cursor(fd, path, st.st_size, 0)
-    header, xml, cookie = _parse_libvirt_header(cur, max_data_len)
-    qemu_offset = cur.pos
+    header = savefmt.read_fd(fd, path, max_data_len=max_data_len)
+    if header.format != FORMAT_SPARSE:
+        raise cur.fail(f"save image format {header.format} ({header.format_name}), not the sparse mapped-ram "
+                       f"format {FORMAT_SPARSE}: save with image_format='sparse'")
+    qemu_offset = cur.pos = header.qemu_offset
     magic = cur.take(4, "QEMU stream magic")
     if magic != QEMU_VM_FILE_MAGIC:
         raise cur.fail(f"no QEMU stream after the libvirt header (offset {qemu_offset}: {magic!r})")
@@ -417,8 +365,6 @@ def _parse_fd(fd: int, path: str, max_data_len: int, max_blocks: int, max_scan: 
         path=path,
         file_size=st.st_size,
         header=header,
-        xml=xml,
-        cookie=cookie,
         qemu_offset=qemu_offset,
         stream_version=stream_version,
         machine_type=machine,

@@ -27,12 +27,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +46,13 @@ from differ.protocol import (
     WalkDone,
 )
 from differ.protocol import Verified as DiffVerified
+from differ.transfer import make_source, make_target
 from migration.cancel import drop, in_thread
-from recorder.logformat import Button, End, Event, EventsFrame, Key, LogDecoder, SyncMark, decode_frame
+from migration.diffio import AsyncAdapter
+from recorder.logformat import Button, Key, SyncMark
 from replay_migrate.errors import (
     ImageError,
+    LogFormatError,
     NoSuchDomainError,
     ProtocolError,
     ReplayError,
@@ -60,9 +62,11 @@ from replay_migrate.errors import (
 )
 from replay_migrate.safeopen import write_output
 from replayer.link import RecorderLink
+from replayer.logfeed import EventFeed, LogPump
 from replayer.replay import ReplayConfig, Replayer, ReplayStats
-from server.client import Frame, LogEnded, SessionClient, SessionFailedError
-from server.session import Reason, State, Stream
+from server.client import SessionClient
+from server.clientcore import Frame, LogEnded, SessionFailedError
+from server.wire import Reason, State, Stream
 from store import checkpoint as ckpt
 from store.vmstate import (
     DISK,
@@ -140,14 +144,10 @@ class Report:
     verified: bool = False
 
     def add_transfer(self, stats: TransferStats) -> None:
-        self.hash_bytes = stats.hash_bytes
-        self.block_bytes = stats.block_bytes
-        self.fingerprint_bytes = stats.fingerprint_bytes
-        self.round_trips = stats.round_trips
-        self.divergent_blocks = {name: s.divergent for name, s in stats.images.items()}
-        self.referenced_blocks = sum(s.referenced + s.duplicate + s.base for s in stats.images.values())
-        self.delta_blocks = sum(s.delta + s.xbase for s in stats.images.values())
-        self.full_blocks = sum(s.full for s in stats.images.values())
+        """Take every number of the transfer's summary (``TransferSummary``: same names here)."""
+        summary = stats.summary()
+        for f in fields(summary):
+            setattr(self, f.name, getattr(summary, f.name))
 
     def finish(self) -> None:
         self.savings = round(1 - self.wire_bytes / self.baseline_bytes, 4) if self.baseline_bytes else 0.0
@@ -159,15 +159,18 @@ class Report:
         return d
 
 
-async def _pump_diff(client: SessionClient, side: Source | Target, *, stream: Stream,
-                     until: Callable[[], bool], on_event: Callable[[object], None] | None = None) -> None:
-    """Move diff-protocol messages between ``side`` and the session until ``until()``."""
+async def _pump_diff(client: SessionClient, side: AsyncAdapter[Source] | AsyncAdapter[Target], *,
+                     stream: Stream, until: Callable[[], bool],
+                     on_event: Callable[[object], None] | None = None) -> None:
+    """Move diff-protocol messages between ``side`` and the session until ``until()``. The side's
+    reads, writes and rehashes run in worker threads (``AsyncAdapter``): the loop stays free for
+    the session's pings and acks while a batch is written or the patched images are verified."""
     for msg in side.data_to_send():
         await client.send_diff(msg)
     while not until():
         ev = await client.recv()
         if isinstance(ev, Frame) and ev.stream is stream:
-            for dev in side.receive_data(ev.data):
+            for dev in await side.receive_data(ev.data):
                 if on_event is not None:
                     on_event(dev)
             for msg in side.data_to_send():
@@ -176,7 +179,7 @@ async def _pump_diff(client: SessionClient, side: Source | Target, *, stream: St
 
 def _reason(e: BaseException) -> Reason:
     """The session's word for why this side gives up (no exception text crosses the wire)."""
-    if isinstance(e, ReplayError):
+    if isinstance(e, ReplayError | LogFormatError):
         return Reason.REPLAY_FAILED
     if isinstance(e, VerificationError):
         return Reason.VERIFY_FAILED
@@ -237,6 +240,8 @@ class SourceSide:
         self.screenshot_at_suspend: Path | None = None
         """Where to save the source's screen at the moment it is paused (the demo shows it)."""
         self.link = RecorderLink(machine)
+        self._log = LogPump()
+        """What was forwarded, decoded: checked before it is sent on, and ended at suspend."""
         self._trees: asyncio.Task[CheckpointTrees] | None = None
         self._image: Path | None = None
         """Where ``suspend`` saves the VM (known before the save starts: a cancelled save may
@@ -253,8 +258,7 @@ class SourceSide:
     async def _forward(self, poll_s: float) -> int:
         frames = await in_thread(self.link.frames, poll_s)
         for fr in frames:
-            frame = decode_frame(fr.data)
-            for ev in frame.events if isinstance(frame, EventsFrame) else ():
+            for ev in self._log.feed(fr.data):
                 if isinstance(ev, SyncMark):
                     self.settled = True
                 elif isinstance(ev, (Key, Button)):     # pointer motion alone brings no new mark
@@ -264,6 +268,14 @@ class SourceSide:
             self.report.log_bytes += len(fr.data)
             self.report.log_frames += 1
         return len(frames)
+
+    async def _end_log(self) -> None:
+        """Close the forwarded log with its end-of-log event (the agent records on until the VM is
+        saved, so it never writes one itself): the target then tells a whole log from a cut one."""
+        data = self._log.end_frame()
+        await self.client.send_log(data)
+        self.report.log_bytes += len(data)
+        self.report.log_frames += 1
 
     async def open(self) -> None:
         """Connect to the source's recorder agent (a command does this before it makes a target:
@@ -317,6 +329,7 @@ class SourceSide:
             while await self._forward(DRAIN_QUIET_S) and time.monotonic() < t_drain + DRAIN_S:
                 pass
             self.link.close()
+            await self._end_log()
             await self.client.suspend()
             await self.client.end_log()
             self._image = image = self.run_dir / "suspend.sav"
@@ -348,7 +361,7 @@ class SourceSide:
             t0 = time.monotonic()
             mine = await asyncio.to_thread(build_trees, sources)
             bases = checkpoint_images(self.checkpoint, trees, stack)
-            src = Source(source_images(sources, mine, bases), self.params)
+            src = AsyncAdapter(*make_source(source_images(sources, mine, bases), self.params))
             walked = [0.0]
 
             def seen(ev: object) -> None:
@@ -356,8 +369,8 @@ class SourceSide:
                     walked[0] = time.monotonic()
 
             await _pump_diff(self.client, src, stream=Stream.T2S, on_event=seen,
-                             until=lambda: src.state in (SourceState.VERIFIED, SourceState.FAILED))
-            if src.state is not SourceState.VERIFIED:
+                             until=lambda: src.core.state in (SourceState.VERIFIED, SourceState.FAILED))
+            if src.core.state is not SourceState.VERIFIED:
                 raise VerificationError("the target did not verify the transfer")
             await self.client.wait_state(State.VERIFIED, CONFIRM_TIMEOUT_S)
             self.committing = True
@@ -445,30 +458,6 @@ def put_back(hv: Hypervisor, name: str, image: Path | None) -> Machine:
 
 
 # ---- the target ----------------------------------------------------------------------------------
-class _EventFeed:
-    """Decoded log events handed from the session reader to the replay thread, in order."""
-
-    def __init__(self) -> None:
-        self.q: queue.Queue[Event | None] = queue.Queue()
-        self.decoder = LogDecoder()
-
-    def feed(self, data: bytes) -> None:
-        for frame in self.decoder.feed(data):
-            if isinstance(frame, EventsFrame):
-                for ev in frame.events:
-                    self.q.put(ev)
-
-    def close(self) -> None:
-        self.q.put(None)
-
-    def __iter__(self) -> Iterator[Event]:
-        while True:
-            ev = self.q.get()
-            if ev is None or isinstance(ev, End):
-                return
-            yield ev
-
-
 class TargetSide:
     """The target site's half: a clone of the checkpoint that follows the source's log, then takes
     over the source's state."""
@@ -544,7 +533,7 @@ class TargetSide:
         """Replay the log as it arrives, until the source ends it."""
         link = RecorderLink(m)
         await in_thread(link.open)
-        feed = _EventFeed()
+        feed = EventFeed()
         replayer = Replayer(m, link, self.replay_config)
         replayer.on_progress = lambda n: self.progress("replay", n, 0)
         result: list[ReplayStats | BaseException] = []
@@ -565,10 +554,11 @@ class TargetSide:
                 except TimeoutError:
                     continue
                 if isinstance(ev, Frame) and ev.stream is Stream.LOG:
-                    feed.feed(ev.data)
+                    feed.put(ev.data)
                     self.report.log_bytes += len(ev.data)
                     self.report.log_frames += 1
                 elif isinstance(ev, LogEnded):
+                    feed.end()              # a log cut short is a LogFormatError, not a replay
                     replayer.log_ended()
                     break
         except BaseException:
@@ -619,9 +609,9 @@ class TargetSide:
             sinks = await copying
             bases = checkpoint_images(self.checkpoint, trees, stack)
             images = stack.enter_context(open_target_images(state, trees, sources, mine, bases=bases, sinks=sinks))
-            tgt = Target(images, self.params, references=references(bases))
+            tgt = AsyncAdapter(*make_target(images, self.params, references=references(bases)))
             await self.client.phase("diffing")
-            tgt.start()
+            tgt.core.start()
             pending: list[object] = []
 
             def seen(ev: object) -> None:
@@ -632,7 +622,7 @@ class TargetSide:
                 pending.append(ev)
 
             def finished() -> bool:
-                return tgt.state in (TargetState.VERIFIED, TargetState.FAILED)
+                return tgt.core.state in (TargetState.VERIFIED, TargetState.FAILED)
 
             # walk, announce the block phase to the session, then receive the blocks
             await _pump_diff(self.client, tgt, stream=Stream.S2T, on_event=seen,
@@ -640,13 +630,13 @@ class TargetSide:
             if walked[0]:
                 await self.client.phase("transferring")
             await _pump_diff(self.client, tgt, stream=Stream.S2T, on_event=seen, until=finished)
-            if tgt.state is not TargetState.VERIFIED or not any(isinstance(e, DiffVerified) for e in pending):
+            if tgt.core.state is not TargetState.VERIFIED or not any(isinstance(e, DiffVerified) for e in pending):
                 raise VerificationError("the transfer did not verify: nothing was resumed")
             for msg in tgt.data_to_send():
                 await self.client.send_diff(msg)
             self.stats = tgt.stats
             self.report.add_transfer(tgt.stats)
-            roots = tgt.roots
+            roots = tgt.core.roots
         self.report.diff_s = (walked[0] or time.monotonic()) - t0
         self.report.transfer_s = time.monotonic() - (walked[0] or t0)
         self.log.info("verified: walk %.2f s, blocks %.2f s", self.report.diff_s, self.report.transfer_s)
@@ -657,7 +647,7 @@ class TargetSide:
             await in_thread(self.on_verified, state)
             self.inspect_s = time.monotonic() - t_inspect
         back = await in_thread(self.hv.restore_clone, image, name=m.name, disk=state.disk,
-                               run_dir=run_dir, paused=False, copy=False)
+                               run_dir=run_dir, paused=False, copy=False, guest=self.checkpoint.image)
         await in_thread(back.wait_agent)
         await in_thread(back.fsthaw)
         self.machine = back

@@ -670,6 +670,16 @@ class LogDecoder:
             self.ended = isinstance(frame.events[-1], End)
         self.next_seq += 1
 
+    def end_frame(self) -> bytes:
+        """The frame that ends the log decoded so far: one end-of-log event at its last event's
+        time, numbered next. For a relay that ends a log it did not encode: a migration's source
+        ends the log it forwarded from its agent (which records on until the VM is saved), so the
+        target can tell a whole log from one cut short."""
+        if self.header is None or self._buf or self.ended:
+            raise LogFormatError("only a log with its header, whole frames and no end yet can be ended")
+        payload = _array_header(2) + _packb(self.t_us) + _packb([0, int(Kind.END), *event_fields(End(self.t_us))])
+        return _frame(FrameType.EVENTS, self.next_seq, payload)
+
     def close(self, *, require_end: bool = True) -> None:
         """Declare the input finished; raise LogFormatError if it stopped short."""
         if self._buf:

@@ -32,7 +32,7 @@ from replay_migrate.errors import ReplayMigrateError, UsageError
 
 ErrorClass = type[ReplayMigrateError]
 
-_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_OPEN_FLAGS = os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _PERMISSION = (errno.EACCES, errno.EPERM, errno.EROFS)
 
@@ -86,14 +86,17 @@ def _blocking(fd: int) -> None:
 
 
 def open_regular(path: str | os.PathLike[str], what: str, *, error: ErrorClass = UsageError,
-                 follow: bool = True) -> tuple[int, os.stat_result]:
+                 follow: bool = True, writable: bool = False) -> tuple[int, os.stat_result]:
     """Open an existing regular file for reading: ``(fd, its stat)``; anything else raises
-    ``error`` naming ``path`` as the ``what`` it should have been. ``follow=False`` refuses a link."""
+    ``error`` naming ``path`` as the ``what`` it should have been. ``follow=False`` refuses a link.
+    ``writable`` opens it for reading and writing in place (no truncation, no creation): one
+    descriptor to check, read and rewrite, so no other file can be swapped in between."""
     spath = _path(path, error)
+    flags = _OPEN_FLAGS | (os.O_RDWR if writable else os.O_RDONLY)
     try:
-        fd = os.open(spath, _READ_FLAGS | (0 if follow else os.O_NOFOLLOW))
+        fd = os.open(spath, flags | (0 if follow else os.O_NOFOLLOW))
     except OSError as e:
-        raise error(_why(spath, e, f"open the {what}")) from None
+        raise error(_why(spath, e, f"{'write' if writable else 'open'} the {what}")) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from recorder.channel import Checked, Echo, Gap, Hello, HostEvent, HostSide, LogFrame, Resync
-from recorder.logformat import Button, Key, LogDecoder, Motion
+from recorder.logformat import Button, Key, Motion
 from replay_migrate.errors import ReplayError, TransportError
+from replayer.logfeed import LogPump
 from vm.machine import Machine
 
 RECV_BYTES = 1 << 16
@@ -28,6 +29,12 @@ RECONNECT_TIMEOUT_S = 30.0
 HELLO_TIMEOUT_S = 15.0
 """How long the agent may take to answer an attach (it answers in milliseconds when it runs)."""
 
+
+
+class CheckTimeout(ReplayError):
+    """The agent did not answer one screen check in time: under load a large region can take
+    seconds to sample in a TCG guest. A sync mark waiting on it counts as unmet (not fatal unless
+    ``strict_sync``); an agent that stopped answering altogether fails the next event's echo."""
 
 class RecorderLink:
     """One connection (and its reconnections) to the recorder agent of ``machine``."""
@@ -155,8 +162,8 @@ class RecorderLink:
                     return ev.digest
                 if on_event is not None and not isinstance(ev, Checked):
                     on_event.append(ev)
-        raise ReplayError(f"the recorder agent of {self.machine.name!r} did not answer a screen check "
-                          f"in {timeout:.0f} s")
+        raise CheckTimeout(f"the recorder agent of {self.machine.name!r} did not answer a screen check "
+                           f"in {timeout:.0f} s")
 
     def wait_echo(self, replay_seq: int, timeout: float, on_event: list[HostEvent] | None = None) -> bool:
         """Wait for the echo of ``replay_seq``; other events go to ``on_event`` if given."""
@@ -187,15 +194,15 @@ def record(link: RecorderLink, out: BinaryIO, *, stop: Callable[[], bool] = lamb
     """Append the agent's log frames to ``out`` as they come, acking each once written, until
     ``stop()`` says so, ``duration_s`` passed, or the log ended (the agent stopped)."""
     t0 = time.monotonic()
-    dec = LogDecoder()
+    pump = LogPump(require_end=False)
     frames = nbytes = 0
-    while not dec.ended and not stop() and (duration_s is None or time.monotonic() - t0 < duration_s):
+    while not pump.ended and not stop() and (duration_s is None or time.monotonic() - t0 < duration_s):
         for fr in link.frames(poll_s):
-            dec.feed(fr.data)            # refuse garbage before it reaches the file
+            pump.feed(fr.data)           # refuse garbage before it reaches the file
             out.write(fr.data)
             out.flush()
             link.ack(fr.seq)
             frames += 1
             nbytes += len(fr.data)
     os.fsync(out.fileno())
-    return RecordStats(frames, nbytes, time.monotonic() - t0, dec.ended, link.reconnects, len(link.gaps))
+    return RecordStats(frames, nbytes, time.monotonic() - t0, pump.ended, link.reconnects, len(link.gaps))

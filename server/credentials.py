@@ -17,9 +17,15 @@ from typing import Final
 
 from replay_migrate.errors import UsageError
 from replay_migrate.safeopen import open_regular
-from server.session import CREDENTIAL_ENV, MIN_KEY_BYTES, TOKEN_ENV, Credential, Role
+from server.keyring import MIN_KEY_BYTES, Credential
+from server.wire import Role
 
+#: where the service looks for its key (hex) when no key file is given
 KEY_ENV: Final = "REPLAY_MIGRATE_SERVICE_KEY"
+#: where the service and the session's creator look for the creation token (keeps it out of ``ps``)
+TOKEN_ENV: Final = "REPLAY_MIGRATE_TOKEN"
+#: where the peers look for their role credential when no file is given
+CREDENTIAL_ENV: Final = "REPLAY_MIGRATE_CREDENTIAL"
 MAX_SECRET_FILE: Final = 4096
 """Largest secret file read: a key, a token or a credential is far below it."""
 

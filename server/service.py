@@ -1,12 +1,12 @@
-"""The session-handoff service: a thin asyncio adapter over :mod:`server.session` (DESIGN.md §8).
+"""The session-handoff service: a thin asyncio adapter over the sans-I/O core (DESIGN.md §8).
 
 It owns the sockets, the clock and the connection counts, and nothing else: the credential (the
 shared token on ``/sessions``, a role credential on ``/sessions/<id>``) is checked in
-``process_request`` by the core's :class:`~server.session.Keyring` before any websocket opens, every
-binary message goes to the connection's :class:`~server.session.Link`, and whatever the core queues
+``process_request`` by the core's :class:`~server.keyring.Keyring` before any websocket opens, every
+binary message goes to the connection's :class:`~server.link.Link`, and whatever the core queues
 is written back by one writer task per connection, one message at a time (the peer's link is woken
 through ``on_output``).  ``compression=None`` because the payloads are already zstd; ``max_size``,
-``max_queue`` and ``write_limit`` come from :class:`~server.session.Limits`, whose
+``max_queue`` and ``write_limit`` come from :class:`~server.limits.Limits`, whose
 ``worst_case_memory`` counts them.
 
 ``replay-migrate serve --listen HOST:PORT`` runs it; :func:`start_service` embeds it in-process
@@ -38,19 +38,11 @@ from websockets.http11 import Request, Response
 
 from replay_migrate.errors import HostError, ReplayMigrateError, UsageError
 from replay_migrate.safeopen import check_regular
-from server.credentials import KEY_ENV, load_or_create_key, load_token
-from server.session import (
-    CLOSE_POLICY,
-    MIN_KEY_BYTES,
-    TOKEN_ENV,
-    Grant,
-    Keyring,
-    Limits,
-    Link,
-    MiB,
-    SessionRegistry,
-    known_path,
-)
+from server.credentials import KEY_ENV, TOKEN_ENV, load_or_create_key, load_token
+from server.keyring import MIN_KEY_BYTES, Grant, Keyring, known_path
+from server.limits import Limits, MiB
+from server.link import CLOSE_POLICY, Link
+from server.registry import SessionRegistry
 
 DEFAULT_LISTEN: Final = "127.0.0.1:8765"
 CLOSE_TRY_AGAIN: Final = 1013
@@ -59,7 +51,7 @@ _log = logging.getLogger("replay_migrate.service")
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    """Everything the service needs; the session limits live in :class:`~server.session.Limits`."""
+    """Everything the service needs; the session limits live in :class:`~server.limits.Limits`."""
 
     token: str                              # the shared token: it only creates sessions
     key: bytes                              # derives every role secret; keep it to survive a restart
@@ -107,10 +99,13 @@ def _server_ssl(config: ServiceConfig) -> ssl.SSLContext | None:
 
 class HandoffService:
     """The adapter: one :class:`SessionRegistry`, a handler per connection, the connection counts
-    (``max_connections``, ``max_connections_per_address``) and a ticker."""
+    (``max_connections``, ``max_connections_per_address``) and a ticker.  ``clock`` (monotonic
+    seconds) is the ``now`` every call into the core gets."""
 
-    def __init__(self, config: ServiceConfig, registry: SessionRegistry | None = None) -> None:
+    def __init__(self, config: ServiceConfig, registry: SessionRegistry | None = None, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
+        self.clock = clock
         self.registry = registry if registry is not None else SessionRegistry(Keyring(config.key, config.token),
                                                                             config.limits)
         self.limits = self.registry.limits
@@ -170,7 +165,7 @@ class HandoffService:
 
     async def _serve(self, ws: ServerConnection, grant: Grant) -> None:
         wake = asyncio.Event()
-        link = Link(self.registry, grant, time.monotonic(), on_output=wake.set)
+        link = Link(self.registry, grant, self.clock(), on_output=wake.set)
         writer = asyncio.create_task(self._write(ws, link, wake))
         try:
             # no reference to a message is kept across an await: the core has what it needs
@@ -178,11 +173,11 @@ class HandoffService:
             while not link.closing:
                 self._feed(link, await ws.recv())
         except TimeoutError:
-            link.attach_timeout(time.monotonic())
+            link.attach_timeout(self.clock())
         except ConnectionClosed:
             pass
         finally:
-            link.connection_lost(time.monotonic())   # detach; the writer still flushes what is queued
+            link.connection_lost(self.clock())   # detach; the writer still flushes what is queued
             wake.set()
             try:
                 await asyncio.wait_for(writer, self.config.close_timeout)
@@ -191,7 +186,7 @@ class HandoffService:
             link.discard()
 
     def _feed(self, link: Link, data: str | bytes) -> None:
-        now = time.monotonic()
+        now = self.clock()
         try:
             if isinstance(data, str):
                 link.receive_text(now)
@@ -222,7 +217,7 @@ class HandoffService:
         """Fail sessions whose peers stayed away; drop vacant and long-finished sessions."""
         while True:
             await asyncio.sleep(self.config.tick_interval)
-            for session_id in self.registry.expire(time.monotonic()):
+            for session_id in self.registry.expire(self.clock()):
                 _log.info("session %s released", session_id)
 
 
@@ -242,13 +237,14 @@ def _peer(connection: ServerConnection) -> str:
 
 
 @contextlib.asynccontextmanager
-async def start_service(config: ServiceConfig, *, registry: SessionRegistry | None = None) -> AsyncIterator[str]:
+async def start_service(config: ServiceConfig, *, registry: SessionRegistry | None = None,
+                        clock: Callable[[], float] = time.monotonic) -> AsyncIterator[str]:
     """Run the service in this event loop; yields its base URL (``ws[s]://host:port``).
 
-    ``port=0`` picks an ephemeral port.  Pass ``registry`` to look at the sessions (tests).
-    Leaving the block closes the listener and every connection.
+    ``port=0`` picks an ephemeral port.  Pass ``registry`` to look at the sessions and ``clock`` to
+    drive the sessions' timeouts (tests).  Leaving the block closes the listener and every connection.
     """
-    service = HandoffService(config, registry)
+    service = HandoffService(config, registry, clock=clock)
     limits = service.registry.limits
     try:
         server_cm = serve(

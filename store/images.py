@@ -13,12 +13,12 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from replay_migrate.errors import HostError, ImageError
+from replay_migrate.tools import run_tool
 from store.paths import REPO, cache_root
 from vm.spec import GuestImage
 
@@ -28,6 +28,8 @@ RECIPE_PARTS = (REPO / "vm-images" / "build-image.sh", REPO / "vm-images" / "ove
                 REPO / "recorder", REPO / "replay_migrate")
 BUILD_TIMEOUT_S = 1200.0
 """Upper bound for one image build (mmdebstrap over the package mirror)."""
+BUILD_LOG_MAX = 4 << 20
+"""Bytes of the build's output kept for ``build.log`` (a build prints ~1 KB)."""
 
 
 def recipe_hash() -> str:
@@ -77,10 +79,12 @@ def ensure_image(*, force: bool = False) -> ImageResult:
         log.info("building guest image %s (recipe changed or not cached)", rh)
         t0 = time.monotonic()
         try:
-            r = subprocess.run(["bash", str(BUILD_SCRIPT), str(partial), str(REPO)],
-                               capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
-        except subprocess.TimeoutExpired as e:
-            raise ImageError(f"image build took longer than {BUILD_TIMEOUT_S:.0f} s") from e
+            r = run_tool(["bash", BUILD_SCRIPT, partial, REPO], what=f"building the guest image {rh}",
+                         error=ImageError, timeout=BUILD_TIMEOUT_S, check=False, max_output=BUILD_LOG_MAX,
+                         max_stderr=BUILD_LOG_MAX)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         if r.returncode != 0:
             shutil.rmtree(partial, ignore_errors=True)
             raise ImageError(f"image build failed:\n{(r.stdout + r.stderr).strip()[-2000:]}")

@@ -12,7 +12,6 @@ processes, ask at the same moment, and one computes while the others wait and lo
 from __future__ import annotations
 
 import logging
-import subprocess
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -29,19 +28,15 @@ from differ.blocks import (
 )
 from differ.merkle import DEFAULT_FANOUT, MerkleTree, load_or_build
 from differ.patch import MemoryImageSink, Qcow2OverlaySink
-from differ.protocol import (
-    ProtocolParams,
-    ReferenceImage,
-    SourceImage,
-    TargetImage,
-    TransferStats,
-)
+from differ.protocol import ProtocolParams, TransferStats
 from differ.source import BlockSink, BlockSource
 from differ.sync import baseline_bytes, sync_local
+from differ.transfer import ReferenceImage, SourceImage, TargetImage
 from replay_migrate.errors import ImageError
 from replay_migrate.files import atomic_write, locked
+from replay_migrate.savefmt import read_header
+from replay_migrate.tools import run_tool
 from store.checkpoint import Checkpoint
-from vm.savehdr import HEADER, read_header
 
 log = logging.getLogger("replay_migrate.vmstate")
 FANOUT = DEFAULT_FANOUT
@@ -231,7 +226,7 @@ def guest_state(path: Path) -> bytes:
     and QEMU's devices hold. Two sides' images of one state differ only in that header."""
     h = read_header(path)
     with open(path, "rb") as f:
-        f.seek(HEADER.size + h.data_len)
+        f.seek(h.qemu_offset)
         return f.read()
 
 
@@ -239,6 +234,8 @@ def same_state(a: VmState, b: VmState) -> tuple[bool, bool]:
     """(memory equal, disk equal) of two states on this host: the memory images' guest parts
     byte for byte, the disks as the guests see them (``qemu-img compare``)."""
     memory = guest_state(a.memory) == guest_state(b.memory)
-    r = subprocess.run(["qemu-img", "compare", "-q", "-U", "-f", "qcow2", "-F", "qcow2", str(a.disk), str(b.disk)],
-                       capture_output=True, text=True)
+    r = run_tool(["qemu-img", "compare", "-q", "-U", "-f", "qcow2", "-F", "qcow2", a.disk, b.disk],
+                 what=f"{a.disk}: qemu-img compare with {b.disk}", error=ImageError, check=False)
+    if r.returncode not in (0, 1):       # 0: same, 1: different, anything else: it could not tell
+        raise ImageError(f"{a.disk}: qemu-img compare with {b.disk} failed: {r.stderr.strip()[-300:]}")
     return memory, r.returncode == 0

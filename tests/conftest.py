@@ -1,6 +1,11 @@
 """Shared fixtures. VM tests (``@pytest.mark.vm``) share one checkpoint per image recipe: it is
 made once per machine (boot ~35-90 s under TCG) and reused by later runs, like the image itself.
-If libvirt or QEMU is missing, VM tests fail with a message saying so; they are never skipped."""
+If libvirt or QEMU is missing, VM tests fail with a message saying so; they are never skipped.
+
+Everything that needs libvirt's daemon is marked ``vm``, and that is checked: a test that asks for
+a fixture below without the mark is a collection error, and one that opens a libvirt connection
+other than the in-process test driver (``test:///default``) without it fails, so ``-m "not vm"``
+runs on a host with no daemon at all."""
 
 from __future__ import annotations
 
@@ -8,9 +13,12 @@ import itertools
 import os
 import shutil
 from collections.abc import Callable, Iterator
+from typing import Any
 
+import libvirt
 import pytest
 
+from bench.sites import SiteB
 from cli.cleanup import cleanup
 from replay_migrate.errors import HostError, ReplayMigrateError
 from store import checkpoint as ckpt
@@ -74,3 +82,51 @@ def make_clone(hv: Hypervisor, checkpoint: ckpt.Checkpoint) -> Iterator[Callable
     yield make
     for name in made:
         ckpt.remove_clone(hv, name)
+
+
+@pytest.fixture(scope="module")
+def site_b(hv: Hypervisor, checkpoint: ckpt.Checkpoint) -> Iterator[SiteB]:
+    """A second libvirt host on this machine (``bench/sites.py``: its own network and mount
+    namespaces, libvirtd and folders) holding the test checkpoint's guest image, for the tests of
+    one module; stopped at the module's end, its folders deleted, whatever happened."""
+    site = SiteB()
+    try:
+        site.start()
+    except HostError as e:
+        site.stop(wipe=True)
+        pytest.fail(f"the second libvirt host did not start: {e}", pytrace=False)
+    try:
+        site.link_image(checkpoint.image)
+        yield site
+    finally:
+        site.stop(wipe=True)
+
+
+DAEMON_FIXTURES = frozenset({"hv", "checkpoint", "make_clone"})
+"""The fixtures that reach libvirt's daemon (and build the image and checkpoint)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    unmarked = [item.nodeid for item in items if item.get_closest_marker("vm") is None
+                and DAEMON_FIXTURES & set(getattr(item, "fixturenames", ()))]
+    if unmarked:
+        raise pytest.UsageError("tests that use libvirt's daemon must be marked @pytest.mark.vm:\n  "
+                                + "\n  ".join(unmarked))
+
+
+def _guarded(real: Callable[..., Any], nodeid: str) -> Callable[..., Any]:
+    def connect(uri: str | None = None, *args: Any, **kwargs: Any) -> Any:
+        if not (uri or "").startswith("test:"):
+            pytest.fail(f"{nodeid} connects to libvirt at {uri or 'its default URI'}: mark it "
+                        "@pytest.mark.vm (or use the in-process test driver, test:///default)", pytrace=False)
+        return real(uri, *args, **kwargs)
+
+    return connect
+
+
+@pytest.fixture(autouse=True)
+def _no_daemon_unless_marked_vm(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a test not marked ``vm``, a libvirt connection to anything but the test driver fails it."""
+    if request.node.get_closest_marker("vm") is None:
+        for name in ("open", "openReadOnly", "openAuth"):
+            monkeypatch.setattr(libvirt, name, _guarded(getattr(libvirt, name), request.node.nodeid))

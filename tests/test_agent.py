@@ -21,6 +21,8 @@ import subprocess
 import time
 import tty
 from collections.abc import Callable, Iterator
+from functools import partial
+from operator import contains
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,7 @@ from recorder.logformat import (
     region_digest,
 )
 from replayer.keymap import char_stroke
+from replayer.logfeed import LogPump
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -142,6 +145,30 @@ class Agent:
             except BlockingIOError:
                 return n
 
+    def discard_until_quiet(self, quiet_s: float = 0.2, timeout: float = 10) -> int:
+        """Throw away what the agent writes until it has written nothing for ``quiet_s``: a frame
+        reaches the fallback file a moment before the port, and a disconnect loses both."""
+        n = 0
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.master], [], [], quiet_s)
+            if not ready:
+                return n
+            n += self.discard_pending()
+        raise AssertionError(f"the agent kept writing for {timeout} s:\n{self.stderr()}")
+
+    def recorded(self) -> list[tuple[object, ...]]:
+        """The inputs in the whole frames of the agent's fallback log so far."""
+        data = self.log_file.read_bytes() if self.log_file.exists() else b""
+        return [summary(e) for e in LogPump(require_end=False).feed(data) if not isinstance(e, SyncMark | End)]
+
+    def wait_recorded(self, expected: list[tuple[object, ...]], timeout: float = 10) -> None:
+        """Wait until the agent has recorded ``expected`` (its fallback log holds every frame)."""
+        deadline = time.monotonic() + timeout
+        while self.recorded() != expected:
+            assert time.monotonic() < deadline, (self.recorded(), expected, self.stderr())
+            time.sleep(0.02)              # polling a file the agent writes
+
 
 class Host:
     """The host end: a HostSide on the pty master, decoding the log as frames arrive."""
@@ -165,8 +192,8 @@ class Host:
         while data:
             try:
                 data = data[os.write(self.agent.master, data) :]
-            except BlockingIOError:
-                time.sleep(0.001)
+            except BlockingIOError:       # the agent reads the pty: wait until it has room again
+                select.select([], [self.agent.master], [], 1.0)
 
     def pump(self, until: Callable[[], bool], timeout: float = 10, max_bytes: int | None = None) -> bool:
         deadline = time.monotonic() + timeout
@@ -297,14 +324,16 @@ def test_records_real_input_in_order(display: str, agent_factory: Callable[..., 
 
 
 def test_reconnect_loses_and_duplicates_nothing(display: str, agent_factory: Callable[..., Agent]) -> None:
-    # a tiny resend buffer: most frames are re-read from the fallback file when the host comes back
-    agent = agent_factory("--resend-bytes", "300", "--frame-ms", "20", "--motion-window-ms", "0")
+    # a resend buffer smaller than any frame: every frame the new host gets is re-read from the
+    # fallback file (with 300 bytes, whether any was depended on how many sync marks the pauses
+    # between the batches left time for)
+    agent = agent_factory("--resend-bytes", "1", "--frame-ms", "20", "--motion-window-ms", "0")
     expected: list[tuple[object, ...]] = []
 
     # batch A: nobody attached yet
     xdo(display, "mousemove", "10", "10", "type", "--delay", "5", "abc def")
     expected += [("motion", 10, 10), *typed("abc def")]
-    time.sleep(0.3)
+    agent.wait_recorded(expected)
 
     host = Host(agent)
     host.connect()
@@ -314,15 +343,15 @@ def test_reconnect_loses_and_duplicates_nothing(display: str, agent_factory: Cal
     # batch B while attached; the host reads only part of it, then "disconnects"
     xdo(display, "type", "--delay", "5", "ghi jkl mno")
     expected += typed("ghi jkl mno")
-    time.sleep(0.5)
+    agent.wait_recorded(expected)
     host.pump(lambda: False, 2, max_bytes=150)
     assert len(host.inputs()) < len(expected)
 
     # batch C while nobody reads; whatever was in flight is lost
     xdo(display, "mousemove", "20", "30", "click", "1", "type", "--delay", "5", "pqr stu")
     expected += [("motion", 20, 30), *click(1), *typed("pqr stu")]
-    time.sleep(0.5)
-    agent.discard_pending()
+    agent.wait_recorded(expected)
+    agent.discard_until_quiet()
 
     # a new host object resumes from what the old one had decoded (its persisted state)
     host2 = Host(agent, host.decoder, resume_from=host.side.next_seq, session=host.side.session)
@@ -353,18 +382,17 @@ def test_expect_echo_round_trip(display: str, agent_factory: Callable[..., Agent
     latencies = []
     for seq, (ev, cmd) in enumerate(steps, 1):
         host.side.expect(seq, ev)
-        host._send()
-        time.sleep(0.05)  # the expect is there before the event (the replayer's order)
+        host.check(100 + seq, 0, 0, 1, 1)   # answered in order: the expect is there before the event
         t0 = time.monotonic()
         xdo(display, *cmd)
-        assert host.pump(lambda s=seq: s in host.echoes, 5), (seq, ev, agent.stderr())  # type: ignore[misc]
+        assert host.pump(partial(contains, host.echoes, seq), 5), (seq, ev, agent.stderr())
         latencies.append(host.echoes[seq] - t0)
     assert sorted(host.echoes) == [1, 2, 3, 4, 5]
     assert sorted(latencies)[2] < 1.0  # median, including an xdotool process start
 
     # the event first, the expect after it: still echoed (once)
     xdo(display, "key", "b")
-    time.sleep(0.3)
+    assert host.pump(lambda: ("key", 56, False) in host.inputs(), 5), agent.stderr()   # recorded first
     host.side.expect(10, Key(0, 56, True))
     host.side.expect(11, Key(0, 56, True))
     host._send()
@@ -379,7 +407,7 @@ def test_records_with_no_port_and_keeps_everything_in_the_fallback(
 ) -> None:
     agent = agent_factory(port=str(tmp_path / "no-such-port"))
     xdo(display, "mousemove", "50", "60", "type", "--delay", "10", "offline")
-    time.sleep(0.5)
+    agent.wait_recorded([("motion", 50, 60), *typed("offline")])
     assert agent.stop() == 0, agent.stderr()
     log = read_log(str(agent.log_file))
     inputs = [summary(e) for e in log.events if not isinstance(e, SyncMark | End)]

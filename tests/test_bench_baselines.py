@@ -6,7 +6,6 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -25,6 +24,8 @@ from bench.baselines import (
 )
 from differ.blocks import LeafDigests, MemoryImageSource, Qcow2OverlaySource, compute_leaf_digests
 from differ.merkle import MerkleTree
+from differ.source import BlockSource
+from store.checkpoint import Checkpoint
 from store.vmstate import DISK, FANOUT, MEMORY, CheckpointTrees
 
 __all__ = ["qemu_tools"]  # the fixture, imported for its use below
@@ -109,20 +110,20 @@ def test_target_apply_patches_copies_and_never_the_checkpoint(tmp_path: Path, qe
     ck_blocks = default_blocks(seed=1)
     src_blocks = default_blocks(seed=1)
     src_blocks[0].pages = {**src_blocks[0].pages, 5: b"\x07" * 4096, 6: b"\x08" * 4096}
-    ck_mem = build_save_image(tmp_path / "ck.sav", ck_blocks).path
+    ck = Checkpoint(tmp_path)                           # its memory.sav and disk.qcow2, made here
+    ck_mem = build_save_image(ck.memory, ck_blocks).path
     src_mem = build_save_image(tmp_path / "src.sav", src_blocks).path
     base = make_base(tmp_path, "qcow2")
-    ck_disk = make_overlay(tmp_path, base, "ck.qcow2", 8 << 20, "write -P 0x11 0 4096")
+    ck_disk = make_overlay(tmp_path, base, ck.disk.name, 8 << 20, "write -P 0x11 0 4096")
     src_disk = make_overlay(tmp_path, ck_disk, "src.qcow2", 8 << 20, "write -P 0x22 8192 4096")
     before = ck_mem.read_bytes(), ck_disk.read_bytes()
     disk_digests: LeafDigests = compute_leaf_digests(ck_disk, fmt="qcow2")
     with MemoryImageSource(ck_mem) as m:
         trees = CheckpointTrees(MerkleTree.build(m, FANOUT), disk_digests)
-    ck = SimpleNamespace(memory=ck_mem, disk=ck_disk)
     with MemoryImageSource(src_mem) as sm, Qcow2OverlaySource(src_disk, backing_tree=disk_digests) as sd:
-        sources = {MEMORY: sm, DISK: sd}
+        sources: dict[str, BlockSource] = {MEMORY: sm, DISK: sd}
         mine = {name: MerkleTree.build(src, FANOUT) for name, src in sources.items()}
-        seconds = target_apply_s(sources, mine, ck, trees, tmp_path, keep=True)  # type: ignore[arg-type]
+        seconds = target_apply_s(sources, mine, ck, trees, tmp_path, keep=True)
         assert seconds > 0
         assert (ck_mem.read_bytes(), ck_disk.read_bytes()) == before
         with MemoryImageSource(tmp_path / "apply-memory.sav") as pm, \

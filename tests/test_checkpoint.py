@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from cli.fileargs import TEST_URI
 from cli.main import main
-from replay_migrate.errors import CheckpointError, UsageError
+from replay_migrate.errors import CheckpointError, ImageError, UsageError
 from store import checkpoint as ckpt
 from store.images import recipe_hash
 from vm.machine import Hypervisor, Machine
@@ -47,7 +48,7 @@ def _everything_is_there(store: Path) -> None:
 def test_checkpoint_rm_refuses_names_that_are_not_a_checkpoint(
         name: str, store: Path, capsys: pytest.CaptureFixture[str]) -> None:
     name = name.format(victim=store.parent / "victim")
-    assert main(["checkpoint", "rm", name]) == UsageError.exit_code
+    assert main(["--connect", TEST_URI, "checkpoint", "rm", name]) == UsageError.exit_code
     assert "checkpoint" in capsys.readouterr().err
     _everything_is_there(store)
 
@@ -55,22 +56,22 @@ def test_checkpoint_rm_refuses_names_that_are_not_a_checkpoint(
 @pytest.mark.parametrize("name", BAD_NAMES)
 def test_vm_rm_refuses_names_that_are_not_a_clone(name: str, store: Path, capsys: pytest.CaptureFixture[str]) -> None:
     name = name.format(victim=store.parent / "victim")
-    assert main(["vm", "rm", name]) == UsageError.exit_code
+    assert main(["--connect", TEST_URI, "vm", "rm", name]) == UsageError.exit_code
     assert "clone" in capsys.readouterr().err
     _everything_is_there(store)
 
 
 def test_checkpoint_rm_of_a_symlink_out_of_the_store_is_refused(store: Path) -> None:
     (store / "checkpoints" / "link").symlink_to(store.parent / "victim")
-    assert main(["checkpoint", "rm", "link"]) == UsageError.exit_code
+    assert main(["--connect", TEST_URI, "checkpoint", "rm", "link"]) == UsageError.exit_code
     _everything_is_there(store)
 
 
 def test_checkpoint_rm_removes_exactly_one_checkpoint(store: Path) -> None:
-    assert main(["checkpoint", "rm", "b"]) == 0
+    assert main(["--connect", TEST_URI, "checkpoint", "rm", "b"]) == 0
     assert not (store / "checkpoints" / "b").exists()
     assert (store / "checkpoints" / "a" / "manifest.json").is_file()
-    assert main(["checkpoint", "rm", "b"]) == CheckpointError.exit_code
+    assert main(["--connect", TEST_URI, "checkpoint", "rm", "b"]) == CheckpointError.exit_code
 
 
 def test_manifest_saved_by_many_writers_at_once(tmp_path: Path) -> None:
@@ -126,20 +127,38 @@ def test_get_finds_only_checkpoints_in_the_store(store: Path) -> None:
             ckpt.get(name)
 
 
-def test_vm_rm_refuses_a_domain_that_is_not_ours(store: Path) -> None:
+def test_vm_rm_refuses_a_domain_that_is_not_ours(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``vm rm`` destroys clones: a domain with no clone folder and a name without our prefix is
     someone else's, and stays defined."""
     name = f"rmtest-not-ours-{os.getpid()}"
-    xml = (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>16</memory>"
+    xml = (f"<domain type='test'><name>{name}</name><memory unit='MiB'>16</memory>"
            "<os><type arch='x86_64' machine='q35'>hvm</type></os></domain>")
-    with Hypervisor() as hv:
+    with Hypervisor(TEST_URI) as hv:             # libvirt's test driver: in this process, no daemon
         hv.conn.defineXML(xml)
         try:
-            assert main(["vm", "rm", name]) == UsageError.exit_code
+            assert main(["--connect", TEST_URI, "vm", "rm", name]) == UsageError.exit_code
+            assert "is not a clone made by replay-migrate" in capsys.readouterr().err
             assert hv.exists(name)
         finally:
             if hv.exists(name):
                 hv.lookup(name).remove()
+
+
+def test_a_clone_of_a_domain_we_would_not_define_is_never_restored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """libvirt restores the domain saved in a memory image as root: a checkpoint (or a migrated
+    image) whose saved domain names another emulator is refused before libvirt sees it, and
+    nothing of the clone is left."""
+    from test_exchange import make_checkpoint, make_image
+
+    monkeypatch.setenv("REPLAY_MIGRATE_STATE", str(tmp_path / "state"))
+    monkeypatch.setenv("REPLAY_MIGRATE_CACHE", str(tmp_path / "cache"))
+    ck = make_checkpoint(make_image(tmp_path / "cache"), "evil", emulator="/tmp/evil-qemu")
+    with Hypervisor("test:///default") as hv:
+        with pytest.raises(ImageError, match="emulator is '/tmp/evil-qemu'"):
+            ckpt.start_clone(hv, ck, "rm-evil")
+        assert not hv.exists("rm-evil")
+    assert not ckpt.clone_dir("rm-evil").exists()
 
 
 @pytest.mark.vm

@@ -11,15 +11,18 @@ import pytest
 
 from replay_migrate.errors import UsageError
 from server.credentials import (
+    CREDENTIAL_ENV,
     KEY_ENV,
     MAX_SECRET_FILE,
+    TOKEN_ENV,
     load_credential,
     load_or_create_key,
     load_token,
     read_secret_file,
     write_secret_file,
 )
-from server.session import CREDENTIAL_ENV, TOKEN_ENV, Keyring, Role
+from server.keyring import Keyring
+from server.wire import Role
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -31,7 +31,8 @@ def test_memory_diff_is_a_dry_run_and_sync_makes_b_equal(tmp_path: Path, capsys:
     assert d["kind"] == "memory" and d["dry_run"] is True
     assert d["divergent_memory"] == d["divergent_blocks"] and isinstance(d["divergent_blocks"], int)
     assert d["divergent_blocks"] > 0
-    assert 0 < d["wire_bytes"] and d["round_trips"] >= 2     # type: ignore[operator]
+    wire, trips = d["wire_bytes"], d["round_trips"]
+    assert isinstance(wire, int) and isinstance(trips, int) and 0 < wire and trips >= 2
     assert b.read_bytes() == before
     s = run_json(capsys, "sync", str(a), str(b))
     assert s["verified"] is True

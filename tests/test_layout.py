@@ -37,7 +37,7 @@ LAYOUT: tuple[Package, ...] = (
     Package("server", "the websocket session-handoff service and its client: sans-I/O cores, thin asyncio "
             "adapters", ("replay_migrate",)),
     Package("store", "the state store on a host: paths, guest-image cache, checkpoints and clones, a side's saved "
-            "state, checkpoint trees", ("differ", "vm", "replay_migrate")),
+            "state, checkpoint trees, checkpoint export and import between sites", ("differ", "vm", "replay_migrate")),
     Package("migration", "orchestration of a migration's two sides: source, target, the report, cancellation",
             ("server", "store", "replayer", "differ", "recorder", "vm", "replay_migrate")),
     Package("cli", "the command line: `main(argv=None)`, the commands, text tables and progress",
@@ -103,3 +103,13 @@ def test_the_checker_sees_a_wrong_import(tmp_path: Path) -> None:
     bad = tmp_path / "m.py"
     bad.write_text("import os\nfrom cli.main import main\n\ndef f():\n    import store.paths\n")
     assert imported_packages(bad) == {"cli", "store"}
+
+
+def test_mypy_checks_every_package_and_the_tests() -> None:
+    """``make lint`` runs ``mypy --strict`` on what pyproject.toml lists: all of the table."""
+    import tomllib
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["mypy"]
+    assert config["strict"] is True
+    assert set(config["files"]) == OURS
+    assert "exclude" not in config, "nothing is left out of mypy"

@@ -110,10 +110,10 @@ def frame(ftype: int, seq: int, payload: bytes, version: int = lf.FORMAT_VERSION
 HEADER_FRAME = LogEncoder(HEADER).start().data
 
 
-def only_logformat_error(data: bytes, **kw: int) -> None:
+def only_logformat_error(data: bytes, **kw: Any) -> None:
     """Decoding ``data`` either works or raises LogFormatError: nothing else escapes."""
     try:
-        decode_log(data, **kw)  # type: ignore[arg-type]
+        decode_log(data, **kw)
     except LogFormatError:
         pass
 
@@ -418,7 +418,7 @@ def test_encoder_refuses_bad_use() -> None:
         enc.start()
     enc.add(Key(100, 38, True))
     bad: list[Any] = [
-        Key(50, 38, False), Key(200, 300, True), Key(200, 38, 1),  # type: ignore[arg-type]
+        Key(50, 38, False), Key(200, 300, True), Key(200, 38, 1),  # type: ignore[arg-type]  # wrong on purpose
         Button(200, 0, True), Motion(200, -1, 0),
         Motion(200, 0, 40000), End(300), SyncMark(200, 0, 0, 0, 1, b"x", ""), SyncMark(200, 0, 0, 1, 1, b"", ""),
         SyncMark(200, 0, 0, 1, 1, b"x", "x" * 65), "not an event",
@@ -485,3 +485,29 @@ def test_fuzz_log(rng: random.Random) -> None:
 @given(st.binary(max_size=2048))
 def test_fuzz_log_raw_bytes(data: bytes) -> None:
     fuzz_one("log", data)
+
+
+def test_a_relay_ends_a_log_it_did_not_encode() -> None:
+    """``LogDecoder.end_frame``: a migration's source ends the log it forwarded from its agent."""
+    events: list[lf.Event] = [Key(10, 38, True), Key(20, 38, False), Motion(30, 5, 6)]
+    unended = encode_log(HEADER, events, end=False)
+    dec = LogDecoder()
+    dec.feed(unended)
+    assert decode_log(unended + dec.end_frame()).events == (*events, End(30))
+    assert decode_log(unended + dec.end_frame()).ended
+
+
+def test_only_a_whole_unended_log_can_be_ended() -> None:
+    events = [Key(10, 38, True), Key(20, 38, False)]
+    unended = encode_log(HEADER, events, end=False)
+    whole = encode_log(HEADER, events)
+    with pytest.raises(LogFormatError):
+        LogDecoder().end_frame()                         # no header
+    dec = LogDecoder()
+    dec.feed(unended[:-2])
+    with pytest.raises(LogFormatError):
+        dec.end_frame()                                  # in the middle of a frame
+    dec = LogDecoder()
+    dec.feed(whole)
+    with pytest.raises(LogFormatError):
+        dec.end_frame()                                  # ended already

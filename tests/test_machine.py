@@ -1,4 +1,5 @@
-"""The VM layer against real guests: clones of the shared test checkpoint (restored, not booted)."""
+"""The VM layer against real guests (``vm``: clones of the shared test checkpoint, restored, not
+booted), and its host-tool helpers without any (qemu-img, cp)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from replay_migrate.errors import NoSuchDomainError, VMError
+from replay_migrate.errors import ImageError, NoSuchDomainError, VMError
 from replayer.drive import drive
 from replayer.workload import parse_workload
 from vm import input as vi
-from vm.machine import Hypervisor, Machine, MachineState
-
-pytestmark = pytest.mark.vm
+from vm.machine import Hypervisor, Machine, MachineState, create_overlay, file_allocated, sparse_copy
 
 WHITE = (255, 255, 255)
 
 
+@pytest.mark.vm
 def test_clone_shows_the_desktop(make_clone: Callable[..., Machine]) -> None:
     m = make_clone()
     assert m.state is MachineState.RUNNING
@@ -32,6 +32,7 @@ def test_clone_shows_the_desktop(make_clone: Callable[..., Machine]) -> None:
     assert shot.distinct_colours() > 2
 
 
+@pytest.mark.vm
 def test_type_into_the_notepad_save_and_read_back(make_clone: Callable[..., Machine]) -> None:
     m = make_clone()
     m.wait_agent()
@@ -44,19 +45,23 @@ def test_type_into_the_notepad_save_and_read_back(make_clone: Callable[..., Mach
     assert m.read_file("/root/notes.txt") == b"Hello from QMP, 42!\nsecond line"
 
 
+@pytest.mark.vm
 def test_state_guard_refuses_wrong_calls(make_clone: Callable[..., Machine]) -> None:
     m = make_clone(paused=True)
-    assert m.state is MachineState.PAUSED
+    state = m.state             # read anew each time: libvirt's, never cached
+    assert state is MachineState.PAUSED
     with pytest.raises(VMError, match="it is paused, needs running"):
         m.send_input([vi.key(38, True)])
     with pytest.raises(VMError, match="cannot pause"):
         m.pause()
     m.resume()
-    assert m.state is MachineState.RUNNING
+    state = m.state
+    assert state is MachineState.RUNNING
     with pytest.raises(VMError, match="cannot resume"):
         m.resume()
 
 
+@pytest.mark.vm
 def test_save_and_restore(make_clone: Callable[..., Machine], hv: Hypervisor, tmp_path: Path) -> None:
     m = make_clone()
     m.exec("echo kept-in-memory > /dev/shm/marker")
@@ -70,6 +75,7 @@ def test_save_and_restore(make_clone: Callable[..., Machine], hv: Hypervisor, tm
     assert back.exec("cat /dev/shm/marker").stdout == "kept-in-memory\n"
 
 
+@pytest.mark.vm
 def test_clones_are_independent(make_clone: Callable[..., Machine]) -> None:
     a, b = make_clone(), make_clone()
     assert a.dom.UUIDString() != b.dom.UUIDString()
@@ -79,6 +85,33 @@ def test_clones_are_independent(make_clone: Callable[..., Machine]) -> None:
     assert b.exec("test -e /root/a.txt").exit_code == 1
 
 
+@pytest.mark.vm
 def test_missing_domain(hv: Hypervisor) -> None:
     with pytest.raises(NoSuchDomainError, match="rm-test-none"):
         hv.lookup("rm-test-none")
+
+
+def test_a_test_not_marked_vm_cannot_reach_the_daemon() -> None:
+    """conftest's guard: the unit tests (``-m "not vm"``) need no libvirtd."""
+    with pytest.raises(pytest.fail.Exception, match=r"mark it @pytest\.mark\.vm"):
+        Hypervisor(connect_timeout=0)
+    with Hypervisor("test:///default") as hv:        # the in-process test driver is no daemon
+        assert hv.exists("test")
+
+
+def test_overlays_and_sparse_copies_through_the_tool_runner(tmp_path: Path) -> None:
+    base = tmp_path / "base.qcow2"
+    with pytest.raises(ImageError, match="does not exist"):
+        create_overlay(tmp_path / "o.qcow2", base)
+    base.write_bytes(b"not a qcow2 image")
+    with pytest.raises(ImageError, match=r"o\.qcow2: qemu-img create \(a new overlay\) failed: Could not open backing"):
+        create_overlay(tmp_path / "o.qcow2", base)
+    sparse = tmp_path / "sparse"
+    with open(sparse, "wb") as f:
+        f.truncate(64 << 20)
+        f.write(b"data")
+    sparse_copy(sparse, tmp_path / "copy" / "sparse")
+    copy = tmp_path / "copy" / "sparse"
+    assert copy.stat().st_size == 64 << 20 and file_allocated(copy) < 1 << 20
+    with pytest.raises(ImageError, match="copying it to"):
+        sparse_copy(tmp_path / "missing", tmp_path / "x")

@@ -31,7 +31,7 @@ from differ.merkle import (
     root_digest,
     zero_digest,
 )
-from differ.source import LEAF_SIZE
+from differ.source import LEAF_SIZE, KnownArrays
 from replay_migrate.errors import ImageError
 
 
@@ -371,11 +371,11 @@ def test_build_over_a_sparse_raw_file(tmp_path: Path) -> None:
 class ArraySource(MemorySource):
     """Tells its known leaves as arrays (like a qcow2 overlay with a million backing leaves)."""
 
-    def __init__(self, data: bytes, arrays: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:  # type: ignore[type-arg]
+    def __init__(self, data: bytes, arrays: KnownArrays) -> None:
         super().__init__(data, report_zeros=False)
         self.arrays = arrays
 
-    def known_leaf_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # type: ignore[type-arg]
+    def known_leaf_arrays(self) -> KnownArrays:
         return self.arrays
 
     def read(self, index: int, count: int = 1) -> bytes:

@@ -24,7 +24,8 @@ from replayer.drive import drive
 from replayer.replay import ReplayConfig
 from replayer.workload import parse_workload
 from server.client import SessionClient
-from server.session import TOKEN_ENV, State
+from server.credentials import TOKEN_ENV
+from server.wire import State
 from store import checkpoint as ckpt
 from store.vmstate import checkpoint_trees
 from vm.machine import Hypervisor, Machine, MachineState

@@ -11,8 +11,8 @@ import hashlib
 import os
 import random
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -218,9 +218,9 @@ def virtual_size(path: Path) -> int:
     return int(json.loads(run("qemu-img", "info", "--output=json", str(path)))["virtual-size"])
 
 
-def patch_overlay(a: Path, b: Path, tree: LeafDigests, **sink_args: int) -> int:
+def patch_overlay(a: Path, b: Path, tree: LeafDigests, **sink_args: Any) -> int:
     with Qcow2OverlaySource(a, backing_tree=tree) as model, Qcow2OverlaySource(b, backing_tree=tree) as target:
-        sink = Qcow2OverlaySink(b, backing_tree=tree, **sink_args)  # type: ignore[arg-type]
+        sink = Qcow2OverlaySink(b, backing_tree=tree, **sink_args)
         try:
             sent = make_equal(model, target, sink)
             patched = sink.source()
@@ -289,7 +289,7 @@ def test_sinks_and_sources_agree_on_every_kind(tmp_path: Path, qemu_tools: None)
     raw.write_bytes(b"r" * 8192)
     qcow = tmp_path / "q.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", str(qcow), "1M")
-    kinds: dict[Path, tuple[type, Callable[..., BlockSource]]] = {
+    kinds: dict[Path, tuple[type[BlockSink], type[BlockSource]]] = {
         img.path: (MemoryImageSink, MemoryImageSource),
         raw: (RawImageSink, RawImageSource),
         qcow: (Qcow2OverlaySink, Qcow2OverlaySource),
@@ -310,7 +310,12 @@ def test_a_sink_that_need_not_be_durable_commits_without_fsync(tmp_path: Path, m
     path.write_bytes(bytes(range(256)) * 64)
     synced: list[int] = []
     real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+
+    def counting_fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
     for durable, expect in ((False, 0), (True, 2)):          # the copy, then its directory
         synced.clear()
         sink = RawImageSink(path, durable=durable)

@@ -1,23 +1,28 @@
-"""Record a workload in one clone, replay it closed loop into another, compare what they did."""
+"""replayer.replay: the closed-loop schedule on a manual clock with an in-process machine and link
+(exact, instant), and for real: record a workload in one clone, replay it into another, compare."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from recorder.logformat import Button, End, Event, Key, LogHeader, Motion, SyncMark, decode_log, encode_log, read_log
-from replay_migrate.errors import LogFormatError
+from recorder.channel import HostEvent
+from recorder.logformat import Button, Event, Key, Motion, SyncMark, read_log
+from replay_migrate.errors import ReplayError
+from replayer.clock import ManualClock
 from replayer.drive import drive
-from replayer.link import RecorderLink, record
-from replayer.replay import ReplayConfig, Replayer, describe, events_from_chunks, file_chunks
-from replayer.workload import load_workload, parse_workload, shipped_workloads
+from replayer.link import CheckTimeout, RecorderLink, record
+from replayer.logfeed import LogPump
+from replayer.replay import SYNC_POLL_S, ReplayConfig, Replayer, describe
+from replayer.workload import load_workload, parse_workload, shipped_workloads, synthesize
 from vm.machine import Machine
 
-HEADER = LogHeader(1280, 800, "us", "ck", 0, "test")
 SHORT_WORKLOAD = """
 click 250 400
 type "mkdir -p /root/w && cd /root/w && seq 1 300 > n.txt && echo done > d.txt; sync\\n"
@@ -55,36 +60,24 @@ def is_subsequence(short: list[tuple[int, int]], long: list[tuple[int, int]]) ->
     return all(any(x == y for y in it) for x in short)
 
 
+def whole_frames(data: bytes) -> list[Event]:
+    """The events of the whole frames of a log being written (its last frame may be partial)."""
+    return LogPump(require_end=False).feed(data)
+
+
+def wait_until(cond: Callable[[], bool], timeout: float, poll_s: float = 0.1) -> bool:
+    """Poll ``cond`` (state another process writes) until it holds or ``timeout`` passed."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll_s)
+    return True
+
+
 def test_describe_names_the_event() -> None:
     assert describe(Key(1_500_000, 38, True)) == "key 38 press at 1.500 s"
     assert "pointer to 3,4" in describe(Motion(0, 3, 4))
-
-
-def test_events_from_chunks_any_split(tmp_path: Path) -> None:
-    evs: list[Event] = [Key(10, 38, True), Key(20, 38, False), Motion(30, 5, 6), Button(40, 1, True), End(50)]
-    data = encode_log(HEADER, evs)
-    for size in (1, 7, 64, len(data)):
-        headers: list[LogHeader] = []
-        got = list(events_from_chunks((data[i:i + size] for i in range(0, len(data), size)),
-                                      on_header=headers.append))
-        assert got == evs and headers == [HEADER]
-    with pytest.raises(LogFormatError):
-        list(events_from_chunks([data[:-3]]))
-
-
-def test_file_chunks_follows_a_growing_file(tmp_path: Path) -> None:
-    p = tmp_path / "log"
-    data = encode_log(HEADER, [Key(10, 38, True), Key(20, 38, False), End(30)])
-    p.write_bytes(data[:10])
-
-    def grow() -> None:
-        time.sleep(0.3)
-        with open(p, "ab") as f:
-            f.write(data[10:])
-
-    threading.Thread(target=grow).start()
-    got = list(events_from_chunks(file_chunks(p, follow=True, idle_timeout_s=5)))
-    assert isinstance(got[-1], End) and len(got) == 3
 
 
 @pytest.mark.vm
@@ -98,8 +91,11 @@ def test_record_then_replay_converges(make_clone: Callable[..., Machine], tmp_pa
         link.open()
         rec = threading.Thread(target=lambda: result.update(st=record(link, out, stop=stop.is_set)))
         rec.start()
-        drive(source, parse_workload(SHORT_WORKLOAD))
-        time.sleep(1.5)               # the agent frames events every few hundred ms
+        actions = parse_workload(SHORT_WORKLOAD)
+        drive(source, actions)
+        # the agent frames events every few hundred ms: stop once every key driven is in the log
+        driven = sum(isinstance(e, Key) for e in synthesize(actions))
+        wait_until(lambda: sum(isinstance(e, Key) for e in whole_frames(log_path.read_bytes())) >= driven, 30)
         stop.set()
         rec.join(30)
     log = read_log(str(log_path), require_end=False)
@@ -120,10 +116,12 @@ def test_record_then_replay_converges(make_clone: Callable[..., Machine], tmp_pa
     assert source.exec("cat /root/w/d.txt").stdout == "done\n"
 
     # what the target's own recorder saw (its fallback log in the guest) is what the source recorded
-    time.sleep(1.0)
-    replayed = decode_log(target.read_file("/run/replay-migrate/session.rmlog"), require_end=False)
-    assert comparable(list(replayed.events)) == recorded
-    assert is_subsequence(motions(list(replayed.events)), motions(list(log.events)))
+    def replayed() -> list[Event]:
+        return whole_frames(target.read_file("/run/replay-migrate/session.rmlog"))
+
+    wait_until(lambda: comparable(replayed()) == recorded, 30)
+    assert comparable(replayed()) == recorded
+    assert is_subsequence(motions(replayed()), motions(list(log.events)))
 
 
 def test_shipped_workloads_parse() -> None:
@@ -133,51 +131,70 @@ def test_shipped_workloads_parse() -> None:
         assert load_workload(p)
 
 
-def test_schedule_does_not_accumulate_echo_latency(monkeypatch: pytest.MonkeyPatch) -> None:
-    now = [100.0]
-    slept: list[float] = []
-    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+class _Machine:
+    """Takes the injected input (a replay's view of a VM: ``InputTarget``)."""
 
-    def pause(self: Replayer, s: float) -> bool:     # the replayer's sleep (Replayer.stop ends it)
-        slept.append(s)
-        now[0] += s
-        return False
-
-    monkeypatch.setattr(Replayer, "_pause", pause)
-    rep = Replayer.__new__(Replayer)
-    rep.config = ReplayConfig(gap_cap_s=2.0)
-    rep._last_t_us = None
-    rep._due = 0.0
-    for t_us in (0, 100_000, 200_000, 5_200_000, 5_300_000):
-        rep._wait_gap(t_us)
-        rep._last_t_us = t_us
-        now[0] += 0.04                     # each event's injection and echo take 40 ms
-    # 100 ms gaps with 40 ms spent: 60 ms sleeps; the 5 s gap is capped at 2 s
-    assert [round(s, 3) for s in slept] == [0.06, 0.06, 1.96, 0.06]
-
-
-class _FakeMachine:
     name = "fake"
     screen_size = (1280, 800)
 
-    def send_input(self, events: object) -> None:
-        pass
+    def __init__(self) -> None:
+        self.sent: list[Sequence[dict[str, Any]]] = []
+
+    def send_input(self, events: Sequence[dict[str, Any]]) -> None:
+        self.sent.append(events)
 
 
-class _FakeLink:
-    """Echoes every event at once; the agent sees ``screen`` in every checked region."""
+class _Link:
+    """An agent that echoes every event after ``echo_s`` of the clock's time and sees ``screen`` in
+    every region it is asked about (a replay's view of the recorder: ``EchoLink``)."""
 
-    def __init__(self, screen: bytes) -> None:
-        self.screen = screen
+    def __init__(self, clock: ManualClock, screen: bytes = b"A", echo_s: float = 0.0) -> None:
+        self.clock, self.screen, self.echo_s = clock, screen, echo_s
+        self.expected: list[int] = []
+        self.checks = 0
 
-    def expect(self, seq: int, ev: object) -> None:
-        pass
+    def expect(self, replay_seq: int, event: Key | Button | Motion) -> None:
+        self.expected.append(replay_seq)
 
-    def wait_echo(self, seq: int, timeout: float, others: list[object]) -> bool:
-        return True
+    def wait_echo(self, replay_seq: int, timeout: float, on_event: list[HostEvent] | None = None) -> bool:
+        self.clock.advance(self.echo_s)
+        return replay_seq in self.expected
 
-    def check(self, x: int, y: int, w: int, h: int, timeout: float, others: list[object]) -> bytes:
+    def check(self, x: int, y: int, w: int, h: int, timeout: float,
+              on_event: list[HostEvent] | None = None) -> bytes:
+        self.checks += 1
         return self.screen
+
+    def ack(self, seq: int) -> None:
+        pass
+
+
+def test_schedule_does_not_accumulate_echo_latency() -> None:
+    """Each event is due at the previous one's due time plus the recorded gap (capped): 100 ms gaps
+    with 40 ms spent on each injection and echo leave 60 ms waits, and a 5 s gap is cut to 2 s."""
+    clock = ManualClock(100.0)
+    link = _Link(clock, echo_s=0.04)
+    keys = [Key(t, 38, n % 2 == 0) for n, t in enumerate((0, 100_000, 200_000, 5_200_000, 5_300_000))]
+    stats = Replayer(_Machine(), link, ReplayConfig(gap_cap_s=2.0), clock=clock).replay(keys)
+    assert [round(s, 3) for s in clock.waits] == [0.06, 0.06, 1.96, 0.06]
+    assert stats.injected == 5 and link.expected == [1, 2, 3, 4, 5]
+    assert round(stats.seconds, 3) == round(0.1 + 0.1 + 2.0 + 0.1 + 0.04, 3)
+    assert round(stats.echo_max_s, 3) == 0.04
+
+
+def test_a_replay_that_fell_behind_catches_up_without_waiting() -> None:
+    clock = ManualClock()
+    link = _Link(clock, echo_s=0.5)             # every echo takes longer than the recorded gaps
+    keys = [Key(t, 38, n % 2 == 0) for n, t in enumerate(range(0, 1_000_000, 100_000))]
+    Replayer(_Machine(), link, clock=clock).replay(keys)
+    assert clock.waits == []
+
+
+def test_stop_ends_a_wait_at_once() -> None:
+    clock = ManualClock()
+    rep = Replayer(_Machine(), _Link(clock), clock=clock)
+    rep.stop()
+    assert rep.replay([Key(0, 38, True), Key(2_000_000, 38, False)]).injected == 0 and clock.waits == []
 
 
 @pytest.mark.parametrize("events, screen, settled", [
@@ -188,22 +205,69 @@ class _FakeLink:
     ([Motion(0, 5, 5)], b"A", False),
 ])
 def test_settled_means_a_met_mark_after_the_last_key_or_button(
-        events: list[Event], screen: bytes, settled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(time, "sleep", lambda s: None)
-    rep = Replayer(_FakeMachine(), _FakeLink(screen), ReplayConfig(sync_timeout_s=0))  # type: ignore[arg-type]
-    assert rep.replay(iter(events)).settled is settled
+        events: list[Event], screen: bytes, settled: bool) -> None:
+    clock = ManualClock()
+    rep = Replayer(_Machine(), _Link(clock, screen), ReplayConfig(sync_timeout_s=0), clock=clock)
+    assert rep.replay(events).settled is settled
 
 
-def test_an_unmet_mark_waits_less_once_the_source_ended_the_log(monkeypatch: pytest.MonkeyPatch) -> None:
-    now = [0.0]
-    monkeypatch.setattr(time, "monotonic", lambda: now[0])
-    monkeypatch.setattr(time, "sleep", lambda s: now.__setitem__(0, now[0] + s))
-    monkeypatch.setattr(Replayer, "_pause", lambda self, s: time.sleep(s) or False)
+def test_an_unmet_mark_waits_less_once_the_source_ended_the_log() -> None:
+    clock = ManualClock()
     mark = SyncMark(0, 0, 0, 8, 8, b"A", "typing")
-    rep = Replayer(_FakeMachine(), _FakeLink(b"B"), ReplayConfig(sync_timeout_s=5, sync_timeout_ended_s=1))  # type: ignore[arg-type]
-    rep.replay(iter([mark]))
-    assert 5.0 <= now[0] < 5.5 and len(rep.stats.sync_failed) == 1
-    now[0] = 100.0
+    rep = Replayer(_Machine(), _Link(clock, b"B"), ReplayConfig(sync_timeout_s=5, sync_timeout_ended_s=1),
+                   clock=clock)
+    rep.replay([mark])
+    assert 5.0 <= clock.now() < 5.5 and len(rep.stats.sync_failed) == 1
+    assert set(clock.waits) == {SYNC_POLL_S}
+    clock.t = 100.0
     rep.log_ended()
-    rep.replay(iter([mark]))
-    assert 101.0 <= now[0] < 101.5 and len(rep.stats.sync_failed) == 2
+    rep.replay([mark])
+    assert 101.0 <= clock.now() < 101.5 and len(rep.stats.sync_failed) == 2
+
+
+def test_an_unmet_mark_fails_a_strict_replay() -> None:
+    clock = ManualClock()
+    rep = Replayer(_Machine(), _Link(clock, b"B"), ReplayConfig(sync_timeout_s=1, strict_sync=True), clock=clock)
+    with pytest.raises(ReplayError, match=re.escape("sync mark 'typing' at 0.000 s (8x8 at 0,0) was not met")):
+        rep.replay([SyncMark(0, 0, 0, 8, 8, b"A", "typing")])
+
+
+class _SlowChecks(_Link):
+    """An agent too loaded to answer the first ``slow`` screen checks in time."""
+
+    def __init__(self, clock: ManualClock, slow: int) -> None:
+        super().__init__(clock)
+        self.slow = slow
+
+    def check(self, x: int, y: int, w: int, h: int, timeout: float,
+              on_event: list[HostEvent] | None = None) -> bytes:
+        self.checks += 1
+        if self.checks <= self.slow:
+            self.clock.advance(timeout)
+            raise CheckTimeout("the recorder agent of 'x' did not answer a screen check in 10 s")
+        return self.screen
+
+
+def test_a_check_the_agent_answers_late_is_a_mark_not_yet_met() -> None:
+    """A loaded TCG guest once took over 10 s to sample a 508x732 region: that costs the mark its
+    time, not the whole replay; the next check is met. A strict replay still fails at once."""
+    mark = SyncMark(0, 0, 0, 8, 8, b"A", "typing")
+    clock = ManualClock()
+    rep = Replayer(_Machine(), _SlowChecks(clock, slow=1), ReplayConfig(sync_timeout_s=20), clock=clock)
+    assert rep.replay([mark]).sync_met == 1
+    rep = Replayer(_Machine(), _SlowChecks(clock, slow=5), ReplayConfig(sync_timeout_s=20), clock=clock)
+    assert len(rep.replay([mark]).sync_failed) == 1
+    strict = Replayer(_Machine(), _SlowChecks(clock, slow=1), ReplayConfig(strict_sync=True), clock=clock)
+    with pytest.raises(CheckTimeout):
+        strict.replay([mark])
+
+
+def test_an_event_the_guest_does_not_echo_fails_the_replay() -> None:
+    class Deaf(_Link):
+        def wait_echo(self, replay_seq: int, timeout: float, on_event: list[HostEvent] | None = None) -> bool:
+            self.clock.advance(timeout)
+            return False
+
+    clock = ManualClock()
+    with pytest.raises(ReplayError, match=re.escape("(key 38 press at 0.000 s) was not echoed by the guest within 10")):
+        Replayer(_Machine(), Deaf(clock), clock=clock).replay([Key(0, 38, True)])

@@ -78,6 +78,25 @@ def test_reading_anything_but_a_regular_file_is_refused_without_waiting(tmp_path
         check_regular(p, "certificate")
 
 
+@pytest.mark.parametrize("kind", sorted(READ_REFUSED))
+def test_opening_for_a_rewrite_in_place_refuses_the_same_without_waiting(tmp_path: Path, kind: str) -> None:
+    """``writable``: read and rewrite through one descriptor (a save header); a FIFO opened for
+    writing would wait for a reader, so it must be refused just as fast."""
+    with pytest.raises(ImageError, match=READ_REFUSED[kind]):
+        open_regular(things(tmp_path)[kind], "save image", error=ImageError, writable=True)
+
+
+def test_opening_for_a_rewrite_in_place(tmp_path: Path) -> None:
+    f = things(tmp_path)["file"]
+    fd, st = open_regular(f, "save image", writable=True)
+    try:
+        assert st.st_size == 7 and os.get_blocking(fd)
+        os.pwrite(fd, b"C", 0)
+    finally:
+        os.close(fd)
+    assert f.read_bytes() == b"Content"      # in place: neither truncated nor replaced
+
+
 def test_reading_a_regular_file_or_a_link_to_one(tmp_path: Path) -> None:
     t = things(tmp_path)
     for p in (t["file"], t["link"]):

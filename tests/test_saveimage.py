@@ -16,6 +16,7 @@ import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -308,8 +309,8 @@ def _patched(src: Path, dst: Path, offset: int, data: bytes) -> Path:
         ({"caps": ("x-ignore-shared",)}, ("mapped-ram",)),
     ],
 )
-def test_wrong_header_fields(tmp_path: Path, kwargs: dict[str, object], words: tuple[str, ...]) -> None:
-    img = build_save_image(tmp_path / "x.sav", **kwargs)  # type: ignore[arg-type]
+def test_wrong_header_fields(tmp_path: Path, kwargs: dict[str, Any], words: tuple[str, ...]) -> None:
+    img = build_save_image(tmp_path / "x.sav", **kwargs)
     _expect_image_error(img.path, *words)
 
 

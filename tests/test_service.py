@@ -1,7 +1,7 @@
 """The handoff service over real websockets on 127.0.0.1: credentials (what the shared token can and
 cannot do), state errors, cuts and resume, a service that is stopped or SIGKILLed and restarted,
-the connection limits and prompt slot release, failure, TLS, the reconnect budget and the
-``serve`` command.  Payloads are opaque bytes."""
+the connection limits and prompt slot release, failure, TLS and the ``serve``
+command.  Payloads are opaque bytes."""
 
 from __future__ import annotations
 
@@ -23,32 +23,16 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from replay_migrate.errors import AuthError, ProtocolError, TransportError, UsageError
-from server.client import (
-    Frame,
-    LogEnded,
-    ReconnectPolicy,
-    SessionClient,
-    SessionFailedError,
-    create_session,
-    session_url,
-)
-from server.credentials import KEY_ENV
+from replay_migrate.errors import AuthError, LocalProtocolError, TransportError, UsageError
+from server.backoff import ReconnectPolicy
+from server.client import SessionClient, create_session
+from server.clientcore import Frame, LogEnded, SessionFailedError
+from server.credentials import KEY_ENV, TOKEN_ENV
+from server.keyring import Credential, Keyring
+from server.limits import Limits
+from server.registry import SessionRegistry
 from server.service import ServiceConfig, add_serve_arguments, config_from_args, parse_listen, start_service
-from server.session import (
-    TOKEN_ENV,
-    Claim,
-    Credential,
-    Keyring,
-    Limits,
-    Reason,
-    Role,
-    SessionRegistry,
-    State,
-    Stream,
-    decode,
-    encode,
-)
+from server.wire import Claim, Reason, Role, State, Stream, decode, encode
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -94,8 +78,8 @@ def client(url: str, credential: Credential, **kw: Any) -> SessionClient:
 
 async def cut(c: SessionClient) -> None:
     """Drop the TCP connection abruptly (no close frame), as a network failure would."""
-    while c.connection is None:
-        await asyncio.sleep(0.005)
+    await until(lambda: c.connection is not None)
+    assert c.connection is not None
     c.connection.transport.abort()
 
 
@@ -112,8 +96,19 @@ async def both_back(peers: list[SessionClient], before: list[int]) -> None:
     await until(lambda: all(p.reconnects > n for p, n in zip(peers, before, strict=True)))
 
 
+class ManualClock:
+    """A monotonic clock the test moves: the service's timeouts follow it, not the wall."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait for a condition the service reaches on its own (a tick, a close), polling."""
+    """Wait for a condition the service or a client reaches on its own (a tick, a close, a
+    reconnect), polling it: no sleep stands in for the event itself."""
     async with asyncio.timeout(timeout):
         while not condition():
             await asyncio.sleep(0.01)
@@ -324,8 +319,9 @@ def test_migration_survives_cuts_in_the_log_and_in_the_blocks() -> None:
             src, tgt = client(url, src_cred), client(url, tgt_cred)
             await src.connect()
             await tgt.connect()
-            hooks = {"source log": lambda: cut(src), "source blocks": lambda: cut(src),
-                     "target log": lambda: cut(tgt), "target blocks": lambda: cut(tgt)}
+            hooks: dict[str, Callable[[], Awaitable[None]]] = {
+                "source log": lambda: cut(src), "source blocks": lambda: cut(src),
+                "target log": lambda: cut(tgt), "target blocks": lambda: cut(tgt)}
             got = await exchange(src, tgt, log, s2t, t2s, hooks)
             assert got == (log, s2t, t2s)                  # each exactly once, in order
             assert src.duplicates == tgt.duplicates == 0   # the service re-sent nothing twice
@@ -477,7 +473,7 @@ def test_oversized_message_is_closed_with_1009() -> None:
             other, _ = await create_session(url, TOKEN)
             c = client(url, other)
             await c.connect()
-            with pytest.raises(ProtocolError, match="split it"):   # the client refuses before sending
+            with pytest.raises(LocalProtocolError, match="split it"):   # the client refuses before sending
                 await c.send_log(b"x" * SMALL.max_message_size)
             await c.close()
     run(body())
@@ -541,10 +537,10 @@ def test_a_session_slot_is_released_as_soon_as_both_peers_leave() -> None:
 @pytest.mark.parametrize("how", ["target vanishes", "target aborts"])
 def test_session_that_cannot_finish_fails_and_the_source_keeps_its_vm(how: str) -> None:
     async def body() -> None:
-        limits = Limits(max_message_size=64 * 1024, max_buffered_bytes=256 * 1024, max_outgoing_bytes=128 * 1024,
-                        idle_timeout=0.5)
+        limits = Limits(max_message_size=64 * 1024, max_buffered_bytes=256 * 1024, max_outgoing_bytes=128 * 1024)
+        clock = ManualClock()                             # the session's idle_timeout runs on it
         reg = registry(limits)
-        async with start_service(config(limits), registry=reg) as url:
+        async with start_service(config(limits), registry=reg, clock=clock) as url:
             src_cred, tgt_cred = await create_session(url, TOKEN)
             src, tgt = client(url, src_cred), client(url, tgt_cred)
             await src.connect()
@@ -554,6 +550,10 @@ def test_session_that_cannot_finish_fails_and_the_source_keeps_its_vm(how: str) 
             await src.suspend()
             if how == "target vanishes":
                 await tgt.close()
+                session = reg.lookup(src_cred.session)
+                assert session is not None
+                await until(lambda: not session.attached(Role.TARGET))   # it left at clock.now
+                clock.now += limits.idle_timeout                          # (120 s, none of them waited)
                 expected = Reason.IDLE_TIMEOUT
             else:
                 await tgt.abort("verify_failed")
@@ -566,7 +566,7 @@ def test_session_that_cannot_finish_fails_and_the_source_keeps_its_vm(how: str) 
     run(body())
 
 
-# ---- TLS, reconnect budget, the command ------------------------------------------------------------
+# ---- TLS, the command ---------------------------------------------------------------------------
 def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     # `cryptography` is not installed here, so openssl(1) makes the certificate
     if shutil.which("openssl") is None:
@@ -607,32 +607,6 @@ def test_tls_with_a_self_signed_certificate(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="CA file"):
         SessionClient("wss://127.0.0.1:1", Keyring(KEY, TOKEN).credential("x", Role.SOURCE),
                       cafile=tmp_path / "missing.pem")
-
-
-def test_reconnect_gives_up_within_its_budget() -> None:
-    async def body() -> None:
-        async with start_service(config()) as url:
-            src_cred, _ = await create_session(url, TOKEN)
-            c = client(url, src_cred, reconnect=ReconnectPolicy(max_attempts=4, max_elapsed=1.0,
-                                                                initial_delay=0.05, max_delay=0.2))
-            await c.connect()
-        # the service is gone: the client retries, then gives up
-        with pytest.raises(TransportError, match="could not get back"):
-            await c.wait_confirmed(timeout=10)
-        await c.close()
-    run(body())
-
-
-def test_client_arguments() -> None:
-    cred = Keyring(KEY, TOKEN).credential("abc", Role.TARGET)
-    c = SessionClient("ws://127.0.0.1:1/", str(cred))
-    assert c.url == "ws://127.0.0.1:1/sessions/abc" and c.role is Role.TARGET
-    for bad in ("http://h:1", "ws://h:1/sessions/abc", "ws://:1", "ws://h:1?x"):
-        with pytest.raises(UsageError, match="service URL"):
-            SessionClient(bad, cred)
-    with pytest.raises(UsageError, match="credential"):
-        SessionClient("ws://h:1", "rm1.abc.target.short")
-    assert session_url("ws://h:1/", "abc") == "ws://h:1/sessions/abc"
 
 
 def test_serve_arguments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

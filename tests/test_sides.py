@@ -5,18 +5,25 @@ and the target resumes with the source's exact state."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
+from conftest import CLONE_PREFIX
 
-from cli.migrate import migrate_embedded, state_comparison
-from migration.sides import Report, SourceSide
-from replay_migrate.errors import ReplayMigrateError, VerificationError
+from cli.migrate import _loopback_service, migrate_embedded, state_comparison
+from differ.protocol import ImageStats, TransferStats, TransferSummary
+from migration.cancel import supervise
+from migration.sides import Report, SourceSide, TargetSide
+from recorder.logformat import Key, LogHeader, encode_log, peek_frame
+from replay_migrate.errors import LogFormatError, ReplayMigrateError, VerificationError
 from replayer.drive import drive
 from replayer.replay import ReplayConfig
 from replayer.workload import parse_workload
+from server.client import SessionClient, create_session
 from store import checkpoint as ckpt
 from store.vmstate import VmState
 from vm.machine import Hypervisor, Machine, MachineState
@@ -51,6 +58,21 @@ def test_report_savings() -> None:
     assert set(Report().as_dict()) >= {"log_bytes", "hash_bytes", "block_bytes", "wire_bytes", "baseline_bytes",
                                       "savings", "divergent_blocks", "referenced_blocks", "replay_s", "diff_s",
                                       "transfer_s", "downtime_s", "verified"}
+
+
+def test_report_takes_every_number_of_the_transfer_summary() -> None:
+    """Report.add_transfer copies no field by hand: every field of the summary lands in the
+    report under its name, so a number added to the summary cannot be forgotten here."""
+    assert {f.name for f in fields(TransferSummary)} <= {f.name for f in fields(Report)}
+    stats = TransferStats(images={"memory": ImageStats(divergent=9, referenced=1, duplicate=2, base=3, delta=4,
+                                                       xbase=5, full=6),
+                                  "disk": ImageStats(divergent=2, full=2)},
+                          root_bytes=64, walk_digest_bytes=8, fingerprint_bytes=5, block_bytes=100, round_trips=4)
+    r = Report()
+    r.add_transfer(stats)
+    assert {f.name: getattr(r, f.name) for f in fields(TransferSummary)} == asdict(stats.summary())
+    assert (r.hash_bytes, r.referenced_blocks, r.delta_blocks, r.full_blocks) == (72, 6, 9, 8)
+    assert r.divergent_blocks == {"memory": 9, "disk": 2}
 
 
 @pytest.mark.vm
@@ -123,3 +145,44 @@ def test_a_failed_migration_leaves_the_source_running(make_clone: Callable[..., 
     # resumed from its saved state, which is then gone; with the host's clock (it was saved a while)
     assert state_files(ckpt.clone_dir(source.name)) == ["disk.qcow2"]
     assert abs(clock_offset(back)) < 2.0, clock_offset(back)
+
+
+_LOG = encode_log(LogHeader(1280, 800, "us", "test-desktop", 0, "test"), [Key(10, 38, True), Key(20, 38, False)],
+                  end=False)
+_HEADER_LEN = peek_frame(_LOG)[2]
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("log, why", [
+    (_LOG, "no end-of-log event"),           # whole frames, but the end the source writes never came
+    (_LOG[:-3], "truncated"),                # the last frame cut short
+], ids=["no-end", "mid-frame"])
+def test_a_target_fed_a_cut_log_fails_and_removes_its_clone(hv: Hypervisor, checkpoint: ckpt.Checkpoint,
+                                                            log: bytes, why: str) -> None:
+    """Issue 11 finding 4: the target never closed its log decoder, so a log the source ended short
+    was taken for a whole one, and the target went on to take over. Now it is a LogFormatError at
+    the target, which tells the session and removes its clone."""
+    target_name = f"{CLONE_PREFIX}{os.getpid()}-cut-log"
+
+    async def run() -> None:
+        async with _loopback_service() as service:
+            source_cred, target_cred = await create_session(service.url, service.token)
+            async with SessionClient(service.url, source_cred) as sc, SessionClient(service.url, target_cred) as tc:
+                target = TargetSide(hv, checkpoint, tc, target_name)
+
+                async def source() -> None:        # a source that ends its log short
+                    await target.started.wait()
+                    await sc.send_log(log[:_HEADER_LEN])
+                    await sc.send_log(log[_HEADER_LEN:])
+                    await sc.suspend()
+                    await sc.end_log()
+
+                await supervise(target.run(), source())
+
+    try:
+        with pytest.raises(LogFormatError, match=why):
+            asyncio.run(run())
+        assert not hv.exists(target_name)
+        assert not ckpt.clone_dir(target_name).exists()
+    finally:
+        ckpt.remove_clone(hv, target_name)

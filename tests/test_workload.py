@@ -45,7 +45,8 @@ wait 1.5
 TYPE "#not a comment"
 '''
     acts = parse_workload(text)
-    first = acts[0]
+    first, last = acts[0], acts[-1]
+    assert isinstance(last, TypeText)
     assert isinstance(first, TypeText)
     assert first == TypeText('Hi "you"\n', first.strokes, 3)
     assert first.strokes[0] == Stroke(43, True)
@@ -53,7 +54,7 @@ TYPE "#not a comment"
     assert acts[2:] == [
         Move(10, 20, 5), Click(250, 400, 1, 1, 6), Click(250, 400, 3, 1, 7), Click(1, 2, 1, 2, 8),
         Drag(1, 2, 300, 400, 2, 9), Scroll(5, 6, 5, 3, 10), Scroll(5, 6, 6, 1, 11), Wait(1.5, 12),
-        TypeText("#not a comment", acts[-1].strokes, 13),  # type: ignore[union-attr]
+        TypeText("#not a comment", last.strokes, 13),
     ]
 
 

@@ -7,7 +7,7 @@ with a clear error instead of a libvirt message from deep down.
 
 Clones of a checkpoint are started by *restoring* its memory image (0.8-1.9 s under TCG, versus
 ~35 s for a boot): the clone gets its own sparse copy of the image whose header XML carries the
-clone's identity (``vm.savehdr``), and its own qcow2 overlay over the checkpoint's. A restore
+clone's identity (``replay_migrate.savefmt``), and its own qcow2 overlay over the checkpoint's. A restore
 *consumes* the clone's own image (deleted once the domain runs from it: 1 GiB apparent each, and a
 stale copy of a VM that runs elsewhere must not be restorable by accident). A restored guest's
 wall clock goes on from the time it was saved: ``sync_clock`` sets it to the host's.
@@ -23,7 +23,6 @@ import os
 import secrets
 import shutil
 import socket
-import subprocess
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
@@ -35,10 +34,11 @@ from typing import Any
 import libvirt
 import libvirt_qemu
 
+from replay_migrate import savefmt
 from replay_migrate.errors import HostError, ImageError, NoSuchDomainError, VMError
-from vm import savehdr
+from replay_migrate.tools import run_tool
 from vm.screen import Screenshot
-from vm.spec import SCREEN, DomainSpec, clone_xml, domain_name
+from vm.spec import SCREEN, DomainSpec, GuestImage, check_saved_domain, clone_xml, domain_name
 
 URI = "qemu:///system"
 CONNECT_TIMEOUT_S = 20.0
@@ -73,31 +73,21 @@ def _state_of(code: int) -> MachineState:
     return MachineState.OTHER
 
 
-def run_tool(argv: Sequence[str], what: str) -> str:
-    """Run a host tool (qemu-img, cp): its failure is an ImageError naming ``what``."""
-    try:
-        r = subprocess.run(list(argv), capture_output=True, text=True, check=False)
-    except FileNotFoundError as e:
-        raise HostError(f"{argv[0]} is not installed (run scripts/setup-host.sh)") from e
-    if r.returncode != 0:
-        raise ImageError(f"{what}: {argv[0]} failed: {r.stderr.strip()[-400:]}")
-    return r.stdout
-
-
 def create_overlay(path: Path, backing: Path) -> None:
     """A new empty qcow2 overlay at ``path`` over ``backing`` (which must exist)."""
     if not backing.is_file():
         raise ImageError(f"backing image {backing} does not exist")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
-    run_tool(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", "qcow2",
-              str(path)], f"creating overlay {path}")
+    run_tool(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", "qcow2", str(path)],
+             what=f"{path}: qemu-img create (a new overlay)", error=ImageError)
 
 
 def sparse_copy(src: Path, dst: Path) -> None:
     """Copy keeping holes (a 1 GiB memory image with 250 MiB in use copies in ~0.6 s)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    run_tool(["cp", "--sparse=always", "--reflink=auto", str(src), str(dst)], f"copying {src}")
+    run_tool(["cp", "--sparse=always", "--reflink=auto", str(src), str(dst)], what=f"{src}: copying it to {dst}",
+             error=ImageError)
 
 
 class Hypervisor:
@@ -161,7 +151,7 @@ class Hypervisor:
         return Machine(self, dom)
 
     def restore_clone(self, memory_image: Path, *, name: str, disk: Path, run_dir: Path,
-                      paused: bool = False, copy: bool = True) -> Machine:
+                      paused: bool = False, copy: bool = True, guest: GuestImage | None = None) -> Machine:
         """Start domain ``name`` from ``memory_image`` with a clone's identity.
 
         ``disk`` must already hold the clone's overlay (the disk state that goes with the memory
@@ -169,20 +159,24 @@ class Hypervisor:
         so any number of clones can be made from one checkpoint; without, the image's own header
         is rewritten (a migrated image the target now owns). Either way the image the domain was
         restored from is deleted once it runs (see :meth:`restore`); ``memory_image`` itself is
-        kept when it was copied.
+        kept when it was copied. With ``guest`` (the guest image the domain runs), the saved
+        domain must be one this project defines (``vm.spec.check_saved_domain``) before libvirt,
+        which runs it as root, sees it: a checkpoint from another site or a peer's patched image.
         """
         if self.exists(name):
             raise VMError(f"a domain named {name!r} already exists")
         if not disk.is_file():
             raise ImageError(f"clone disk {disk} does not exist")
-        header = savehdr.read_header(memory_image)
+        header = savefmt.read_header(memory_image)
+        if guest is not None:
+            check_saved_domain(header.xml, guest)
         image = memory_image
         if copy:
             image = run_dir / "memory.sav"
             sparse_copy(memory_image, image)
         (run_dir / "serial.log").unlink(missing_ok=True)
         try:
-            savehdr.rewrite_xml(image, clone_xml(header.xml, name, disk, run_dir))
+            savefmt.rewrite_xml(image, clone_xml(header.xml, name, disk, run_dir))
         except BaseException:
             if copy:
                 image.unlink(missing_ok=True)
@@ -195,7 +189,7 @@ class Hypervisor:
         ``consume``: delete the image once the domain runs (or is paused) from it: QEMU has read
         all of it when the restore returns, and the running domain is its newer state. A failed
         restore keeps it (it may be the only copy of that state)."""
-        name = domain_name(savehdr.read_header(memory_image).xml)
+        name = domain_name(savefmt.read_header(memory_image).xml)
         flags = libvirt.VIR_DOMAIN_SAVE_PAUSED if paused else libvirt.VIR_DOMAIN_SAVE_RUNNING
         try:
             self.conn.restoreParams({libvirt.VIR_DOMAIN_SAVE_PARAM_FILE: str(memory_image)}, flags)
