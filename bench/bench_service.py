@@ -45,7 +45,8 @@ from typing import IO, Any, Final
 
 from bench.loadgen import FRAME_INTERVAL_S, HANDOFF, PAIRS, STEADY, Plan, WorkerResult, typing_frames
 from bench.tables import md_table
-from server.session import TOKEN_ENV, Limits, MiB
+from server.credentials import TOKEN_ENV
+from server.limits import Limits, MiB
 
 REPO: Final = Path(__file__).resolve().parent.parent
 SERVICE_CPU: Final = 0

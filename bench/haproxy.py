@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Final
 
 from replay_migrate.errors import HostError
-from server.session import TOKEN_ENV
+from server.credentials import TOKEN_ENV
 
 HERE: Final = Path(__file__).resolve().parent
 REPO: Final = HERE.parent

@@ -45,9 +45,13 @@ from bench.wspeer import LeanPeer
 from recorder.logformat import Event
 from replay_migrate.errors import ReplayMigrateError
 from replayer.workload import load_workload, shipped_workloads, synthesize
-from server.client import Event as SessionEvent
-from server.client import Frame, LogEnded, ReconnectPolicy, SessionClient, SessionFailedError, create_session
-from server.session import TOKEN_ENV, Credential, Phase, Stream
+from server.backoff import ReconnectPolicy
+from server.client import SessionClient, create_session
+from server.clientcore import Event as SessionEvent
+from server.clientcore import Frame, LogEnded, SessionFailedError
+from server.credentials import TOKEN_ENV
+from server.keyring import Credential
+from server.wire import Phase, Stream
 
 FRAME_INTERVAL_S: Final = DEFAULT_FRAME_MS / 1000
 TYPING_WORKLOADS: Final = ("notes", "shell")

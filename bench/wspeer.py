@@ -27,8 +27,10 @@ from websockets.http11 import Response
 from websockets.uri import parse_uri
 
 from replay_migrate.errors import ProtocolError, ReplayMigrateError, TransportError
-from server.client import ClientState, Event, Failed, Frame, SessionFailedError, session_url
-from server.session import Credential, Phase, Role, State, Stream, state_reached
+from server.client import session_url
+from server.clientcore import ClientState, Event, Failed, Frame, SessionFailedError
+from server.keyring import Credential
+from server.wire import Phase, Role, State, Stream, state_reached
 
 HANDSHAKE_TIMEOUT_S: Final = 30.0
 

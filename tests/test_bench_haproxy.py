@@ -17,9 +17,12 @@ import pytest
 
 from bench.haproxy import CONFIG, SERVERS, HAProxy, Instance, fixed_port, haproxy_binary, proxy_env
 from bench.loadgen import ACK_BYTES, END_BYTES, ROOTS, WALK_S2T, WALK_T2S
-from server.client import Frame, LogEnded, ReconnectPolicy, SessionClient, create_session
+from server.backoff import ReconnectPolicy
+from server.client import SessionClient, create_session
+from server.clientcore import Frame, LogEnded
 from server.credentials import write_secret_file
-from server.session import MIN_KEY_BYTES, Phase, State, Stream
+from server.keyring import MIN_KEY_BYTES
+from server.wire import Phase, State, Stream
 
 pytestmark = pytest.mark.timeout(90)
 

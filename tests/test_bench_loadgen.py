@@ -11,8 +11,9 @@ import pytest
 
 from bench.loadgen import HANDOFF, PAIRS, STEADY, TYPING_WORKLOADS, Plan, WorkerResult, run_worker, typing_frames
 from recorder.logformat import decode_log
+from server.credentials import TOKEN_ENV
+from server.limits import Limits
 from server.service import ServiceConfig, start_service
-from server.session import TOKEN_ENV, Limits
 
 pytestmark = pytest.mark.timeout(60)
 

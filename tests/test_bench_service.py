@@ -30,7 +30,7 @@ from bench.bench_service import (
     window,
 )
 from bench.loadgen import STEADY, WorkerResult
-from server.session import Limits
+from server.limits import Limits
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -11,9 +11,11 @@ import pytest
 
 from bench.wspeer import LeanPeer
 from replay_migrate.errors import TransportError
-from server.client import Frame, LogEnded, SessionClient, create_session
+from server.client import SessionClient, create_session
+from server.clientcore import Frame, LogEnded
+from server.keyring import Credential, Keyring
 from server.service import ServiceConfig, start_service
-from server.session import Credential, Keyring, Phase, Role, State, Stream
+from server.wire import Phase, Role, State, Stream
 
 pytestmark = pytest.mark.timeout(60)
 
