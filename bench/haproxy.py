@@ -4,7 +4,7 @@
 :class:`HAProxy` runs Debian's ``haproxy`` in the foreground on that config and reads its state
 through the admin socket (which instance is up, which instance a session's path sticks to);
 :class:`Instance` is one ``serve`` process on a fixed loopback port (a restart gets it back), with
-its log in a file so a test can tell which instance holds a session.  ``tests/test_haproxy.py``
+its log in a file so a test can tell which instance holds a session.  ``tests/test_bench_haproxy.py``
 kills an instance under a live session with these.
 """
 
