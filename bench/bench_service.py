@@ -737,7 +737,9 @@ def _limits(held: StepResult | None, knee: StepResult | None, profile: Mapping[s
         libs = share("websockets (framing, connection)", "asyncio (event loop, transports)",
                      "contextlib (websockets' send context)")
         ours = share("server.session (the core)", "server.service", "server (other)")
-        out.append(f"The profile at the knee puts {libs:.0f} % of the service's time in websockets' framing and "
+        # the profiled run is at the knee as the sweep first found it; the halfway step may move the knee below it
+        out.append(f"The profile at {profile['sessions']:,} sessions puts {libs:.0f} % of the service's time in "
+                   "websockets' framing and "
                    f"connection and the asyncio event loop and transports, per message, and {ours:.0f} % in the "
                    f"service's own code (the session core and the adapter; msgpack {share('msgpack'):.1f} %): no "
                    "cheap fix in the service's code moves the knee much. ")
