@@ -113,10 +113,6 @@ def root_digest(top: bytes, size: int, leaf_count: int, fanout: int, leaf_size: 
     return blake3.blake3(top + _ROOT_META.pack(size, leaf_count, leaf_size, fanout), key=ROOT_KEY).digest()
 
 
-def _parent_level(level: UInt8Array, fanout: int) -> UInt8Array:
-    return leafhash.hash_nodes(level, fanout, NODE_KEY)
-
-
 def known_arrays(source: BlockSource) -> KnownArrays:
     """What ``source`` knows without reading, as arrays (see :class:`differ.source.KnownLeafArrays`),
     checked: indices increasing, inside the image, zero and given leaves disjoint."""
@@ -155,8 +151,12 @@ class MerkleTree:
 
     __slots__ = ("_levels", "_root", "fanout", "leaf_count", "leaf_size", "size")
 
-    def __init__(self, leaves: UInt8Array, size: int, fanout: int = DEFAULT_FANOUT, leaf_size: int = LEAF_SIZE):
-        """Build the interior levels over ``leaves`` (an ``(n, 32) uint8`` array, not copied)."""
+    def __init__(
+        self, leaves: UInt8Array, size: int, fanout: int = DEFAULT_FANOUT, leaf_size: int = LEAF_SIZE, *,
+        native: bool | None = None,
+    ) -> None:
+        """Build the interior levels over ``leaves`` (an ``(n, 32) uint8`` array, not copied);
+        ``native``: the hashing backend (see :func:`differ.leafhash.hash_nodes`)."""
         if not MIN_FANOUT <= fanout <= MAX_FANOUT:
             raise ValueError(f"fanout {fanout} outside {MIN_FANOUT}..{MAX_FANOUT}")
         if leaf_size != LEAF_SIZE:
@@ -174,7 +174,7 @@ class MerkleTree:
         self.leaf_size = leaf_size
         levels = [leaves]
         while len(levels[-1]) > 1:
-            levels.append(_parent_level(levels[-1], fanout))
+            levels.append(leafhash.hash_nodes(levels[-1], fanout, NODE_KEY, native=native))
         self._levels: tuple[UInt8Array, ...] = tuple(levels)
         self._root = root_digest(self.top, size, n, fanout, leaf_size)
 
@@ -286,7 +286,8 @@ class MerkleTree:
         their hand-offs when the other core was busy (``bench/bench_differ.py`` measures both).
         The python backend's per-leaf calls fight over the GIL, so it always hashes in turn.
         All reads stay in the calling thread: a source need not be thread-safe.
-        ``native``: the backend (None: the best there is; see :func:`differ.leafhash.hash_leaves_into`).
+        ``native``: the backend, for the leaves and the interior levels (None: the best there is;
+        see :func:`differ.leafhash.hash_leaves_into`).
         """
         size, n = source.size, source.leaf_count
         if n != leaf_count_for(size):
@@ -315,7 +316,7 @@ class MerkleTree:
                                           native=native)
         else:
             _hash_overlapped(source, runs, leaves, workers, native)
-        return cls(leaves, size, fanout)
+        return cls(leaves, size, fanout, native=native)
 
     @classmethod
     def from_bytes(cls, data: bytes, fanout: int = DEFAULT_FANOUT) -> MerkleTree:
