@@ -647,7 +647,7 @@ class TargetSide:
             await in_thread(self.on_verified, state)
             self.inspect_s = time.monotonic() - t_inspect
         back = await in_thread(self.hv.restore_clone, image, name=m.name, disk=state.disk,
-                               run_dir=run_dir, paused=False, copy=False)
+                               run_dir=run_dir, paused=False, copy=False, guest=self.checkpoint.image)
         await in_thread(back.wait_agent)
         await in_thread(back.fsthaw)
         self.machine = back
