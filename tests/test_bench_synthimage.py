@@ -60,7 +60,7 @@ def test_divergent_copy_reads_and_hashes_as_its_tree(tmp_path: Path) -> None:
         assert src.read(int(div.changed[0]), 1) == copy[div.changed[0]].tobytes()
     differs = np.flatnonzero((copy != base).any(axis=1))
     assert np.array_equal(differs, div.changed)
-    assert div.delta.stat().st_blocks * 512 < 400 * LEAF_SIZE  # only the changed leaves take space
+    assert div.delta.stat().st_size == len(div.changed) * LEAF_SIZE  # only the changed leaves, dense
     assert (tree.differing_leaves(div.tree) == div.changed).all()
 
 
@@ -69,3 +69,12 @@ def test_no_image_where_the_disk_is_short(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(ImageError, match="GiB free"):
         synthimage.make_image(tmp_path / "big.raw", 16 << 30, seed=1)
     assert not os.path.exists(tmp_path / "big.raw")
+
+
+def test_overlay_refuses_a_delta_of_another_length(tmp_path: Path) -> None:
+    img = synthimage.make_image(tmp_path / "base.raw", 100 * LEAF_SIZE, seed=6)
+    (tmp_path / "delta").write_bytes(bytes(2 * LEAF_SIZE))
+    with pytest.raises(ImageError, match="one leaf per changed leaf"):
+        synthimage.OverlaySource(img.path, tmp_path / "delta", np.array([3, 5, 7]))
+    with pytest.raises(ImageError, match="one leaf per changed leaf"):
+        synthimage.OverlaySource(img.path, tmp_path / "delta", np.array([3, 100]))
