@@ -25,8 +25,10 @@ lint: setup
 unit: setup
 	$(PY) -m pytest -m "not vm" $(PYTEST_ARGS)
 
+# every benchmark (~30 min, the migration one starts VMs); BENCH="differ scaling" runs only those
+BENCH ?=
 bench: setup
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(BENCH)
 
 # only the scaling benchmark (also part of `make bench`): tree build, walk and transfer against image
 # size (1, 4, 16 GiB sparse synthetic images) and divergence, hashing in a 4/8 GiB guest's downtime;
