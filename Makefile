@@ -32,7 +32,7 @@ bench: setup
 
 # only the scaling benchmark (also part of `make bench`): tree build, walk and transfer against image
 # size (1, 4, 16 GiB sparse synthetic images) and divergence, hashing in a 4/8 GiB guest's downtime;
-# ~3 min, ~6 GiB of temporary disk; writes bench/results/scaling.{md,json,png}
+# ~2.5 min here, ~6.5 GiB of temporary disk; writes bench/results/scaling.{md,json,png}
 bench-scaling: setup
 	$(PY) -m bench.bench_scaling --out bench/results
 

@@ -225,6 +225,8 @@ def downtime_rows(img: synthimage.SynthImage, build: BuildRow, tree: MerkleTree,
 
 
 def gib(n: int) -> str:
+    if n < GIB // 4:  # the small images of a test run
+        return f"{n / 2**20:.3g} MiB"
     return f"{n / GIB:g} GiB" if n % (GIB // 4) == 0 else f"{n / GIB:.2f} GiB"
 
 
@@ -255,6 +257,7 @@ def render(builds: list[BuildRow], diffs: list[DiffRow], div_size: int, downtime
             f"| {gib(b.size)} | {gib(b.data_bytes)} | {b.leaves:,} | {opt(b.native_s)} "
             f"| {opt(None if b.native_s is None else data_gib / b.native_s)} | {b.python_s:.2f} "
             f"| {data_gib / b.python_s:.2f} | {opt(b.interior_native_s, '{:.3f}')} | {b.interior_python_s:.3f} |")
+    out += summary(builds, diffs)
     out += [
         "",
         "## Walk and transfer against image size and divergence",
@@ -289,16 +292,39 @@ def render(builds: list[BuildRow], diffs: list[DiffRow], div_size: int, downtime
         "",
         "| guest RAM | data | leaf hashing | one memory tree (s) | verify: full rebuild (s) "
         "| verify: incremental (s) | in the downtime today: 2 trees + full verify (s) "
-        "| with incremental verify (s) | target's critical path, incremental (s) |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| with incremental verify (s) | target's critical path today (s) | target's critical path, incremental (s) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in downtime:
         out.append(
             f"| {gib(r.ram)} | {gib(r.data_bytes)} | {r.backend} | {r.build_s:.2f} | {r.verify_full_s:.2f} "
             f"| {r.verify_incremental_s:.3f} | {r.today_s:.2f} | {r.incremental_s:.2f} "
-            f"| {r.build_s + r.verify_incremental_s:.2f} |")
+            f"| {r.build_s + r.verify_full_s:.2f} | {r.build_s + r.verify_incremental_s:.2f} |")
     out += ["", "![scaling](scaling.png)", ""]
     return "\n".join(out)
+
+
+def summary(builds: list[BuildRow], diffs: list[DiffRow]) -> list[str]:
+    """How each phase grew from the smallest to the largest image, from the rows above."""
+    if len(builds) < 2:
+        return []
+    lo, hi = builds[0], builds[-1]
+    lines = ["", f"From {gib(lo.size)} to {gib(hi.size)} ({hi.size / lo.size:.0f}x the size):"]
+    if lo.native_s and hi.native_s:
+        lines.append(f"- tree build, native: {hi.native_s / lo.native_s:.1f}x the time "
+                     f"({lo.data_bytes / GIB / lo.native_s:.2f} → {hi.data_bytes / GIB / hi.native_s:.2f} GiB/s "
+                     f"of data; {hi.python_s / hi.native_s:.1f}x faster than python per leaf at {gib(hi.size)});")
+    lines.append(f"- interior levels, python: {hi.interior_python_s / lo.interior_python_s:.1f}x (they grow with the "
+                 f"leaf count: {hi.interior_python_s / (hi.python_s or 1):.0%} of the python build);")
+    for fraction in sorted({d.fraction for d in diffs}):
+        rows = [d for d in diffs if d.fraction == fraction and d.size in (lo.size, hi.size)]
+        if len(rows) == 2:
+            a, z = sorted(rows, key=lambda d: d.size)
+            lines.append(f"- {fraction:.1%} divergent: walk {z.walk_s / a.walk_s:.1f}x, transfer "
+                         f"{z.transfer_s / a.transfer_s:.1f}x, hash bytes {z.hash_bytes / a.hash_bytes:.1f}x, "
+                         f"round trips {a.round_trips} → {z.round_trips};")
+    lines[-1] = lines[-1].rstrip(";") + "."
+    return lines
 
 
 def plot(builds: list[BuildRow], diffs: list[DiffRow], div_size: int, path: Path) -> bool:

@@ -16,8 +16,10 @@ def test_small_run_writes_every_table(tmp_path: Path) -> None:
                                "--divergence-size", "0.008", "--ram", "0.004", "--dir", str(work),
                                "--out", str(out)]) == 0
     text = (out / "scaling.md").read_text()
-    for heading in ("## Tree build against image size", "## Walk and transfer", "## Hashing inside the downtime"):
+    for heading in ("## Tree build against image size", "From 4.09 MiB to 8.19 MiB", "## Walk and transfer",
+                    "## Hashing inside the downtime"):
         assert heading in text
+    assert "- 10.0% divergent: walk" in text  # how each phase grew with the size
     raw = json.loads((out / "scaling.json").read_text())
     assert [b["leaves"] for b in raw["builds"]] == [1048, 2097]
     assert {(d["size"], d["fraction"]) for d in raw["diffs"]} == {
