@@ -36,7 +36,7 @@ bench: setup
 bench-scaling: setup
 	$(PY) -m bench.bench_scaling --out bench/results
 
-# the handoff service under load (~8 min, < 10; not part of `make test`, part of `make bench`): one `replay-migrate serve`
+# the handoff service under load (~8 min, < 10; not part of `make test` nor of the default `make bench`): one `replay-migrate serve`
 # pinned to core 0, the load generator's processes on core 1, 10, 100, 1,000 sessions and up until a
 # step breaks; bench/results/service.md, service.json, service.png (the py-spy profile at the knee)
 LOADTEST_ARGS ?=

@@ -25,3 +25,13 @@ def test_an_unknown_name_is_refused(monkeypatch: pytest.MonkeyPatch, capsys: pyt
         run.main(["nosuch"])
     assert e.value.code == 2 and "no benchmark nosuch" in capsys.readouterr().err
     assert run.main([]) == 1  # every benchmark by default; a failing one fails the suite
+
+
+def test_an_opt_in_benchmark_runs_only_when_named(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    fake = [(name, [sys.executable, "-c", f"print('ran {name}')"], True) for name in ("a", "service")]
+    monkeypatch.setattr(run, "BENCHES", fake)
+    assert run.main([]) == 0
+    assert "ran service" not in capsys.readouterr().out
+    assert run.main(["service"]) == 0
+    assert "ran service" in capsys.readouterr().out
