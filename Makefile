@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint unit bench fuzz clean-vms
+.PHONY: setup demo test lint unit bench bench-long fuzz clean-vms
 
 setup:
 	bash scripts/setup-host.sh
@@ -27,6 +27,12 @@ unit: setup
 
 bench: setup
 	$(PY) bench/run.py
+
+# the long session (replayer/workloads/long.wl: ~11 min of a user's typing in the xterm and the
+# notepad) migrated once over the first shaped link, with its baselines: sync marks met/failed and
+# bytes against the plain transfer, in bench/results/long/ (~20 min; not part of `make bench`)
+bench-long: setup
+	$(PY) bench/bench_migration.py --workloads long --out bench/results/long
 
 # every decoder of peer or file bytes on 100,000 generated inputs each (~5 min on 2 cores; not part
 # of `make test`, whose unit tests run the same targets on a few hundred inputs); the table goes to
