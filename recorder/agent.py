@@ -121,6 +121,9 @@ DEFAULT_SYNC_MAX_PHASES = 2
 """A region that alternates between at most this many looks, the current one seen before, counts as
 settled: a blinking text cursor (Tk's 600/300 ms) never holds still for ``DEFAULT_SYNC_SETTLE_MS``,
 and the target sees every phase again while it waits."""
+DEFAULT_SYNC_SAMPLE_MS = 200
+"""How often a region is sampled while it settles: a window-sized GetImage is ~1 MB of pixels the
+guest copies and digests, and the settle rule needs the interval covered, not every frame of it."""
 DEFAULT_SYNC_MAX_WAIT_MS = 5000
 """A region still changing this long after the mark was due gets no mark at all: a mark of a
 screen in motion names a moment the target may pass before it looks (a failed mark that costs
@@ -278,6 +281,7 @@ class SyncPolicy:
     idle_ms: int = DEFAULT_SYNC_IDLE_MS
     window_max: tuple[int, int] = DEFAULT_SYNC_WINDOW_MAX
     settle_ms: int = DEFAULT_SYNC_SETTLE_MS
+    sample_ms: int = DEFAULT_SYNC_SAMPLE_MS
     max_phases: int = DEFAULT_SYNC_MAX_PHASES
     max_wait_ms: int = DEFAULT_SYNC_MAX_WAIT_MS
 
@@ -497,6 +501,7 @@ class Flusher(threading.Thread):
         self.stop = threading.Event()
         self._settling: tuple[int, tuple[int, int, int, int], Settler] | None = None
         """(the due mark's generation, its region, the samples so far)"""
+        self._sampled_ns = 0
         self.unsettled = 0
         """Marks given up because their region never settled."""
 
@@ -541,6 +546,10 @@ class Flusher(threading.Thread):
             self._settling = None
             return
         label, gen = due
+        if (self._settling is not None and self._settling[0] == gen
+                and now - self._sampled_ns < self.sampler.policy.sample_ms * 1_000_000):
+            return
+        self._sampled_ns = now
         try:
             if self._settling is None or self._settling[0] != gen:
                 self._settling = (gen, self.sampler.region(label), Settler(self.sampler.policy, now))
@@ -844,6 +853,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sync-window-max", type=_size, default=DEFAULT_SYNC_WINDOW_MAX, metavar="WxH")
     p.add_argument("--sync-settle-ms", type=_positive, default=DEFAULT_SYNC_SETTLE_MS,
                    help="a region must look the same this long to be marked (default %(default)s)")
+    p.add_argument("--sync-sample-ms", type=_positive, default=DEFAULT_SYNC_SAMPLE_MS,
+                   help="how often a settling region is sampled (default %(default)s)")
     p.add_argument("--sync-max-wait-ms", type=_positive, default=DEFAULT_SYNC_MAX_WAIT_MS,
                    help="no mark if the region has not settled by then (default %(default)s)")
     p.add_argument("--no-sync", action="store_true", help="no sync marks")
@@ -898,7 +909,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.kill(os.getpid(), signal.SIGTERM)
 
     policy = SyncPolicy(args.sync_size, args.sync_idle_ms, args.sync_window_max, settle_ms=args.sync_settle_ms,
-                        max_wait_ms=args.sync_max_wait_ms)
+                        sample_ms=args.sync_sample_ms, max_wait_ms=args.sync_max_wait_ms)
     screen = Sampler(aux, policy)
     sampler = screen if screen.ok else None  # the host's checks need it even with --no-sync
     trigger = SyncTrigger(args.sync_idle_ms) if sampler is not None and not args.no_sync else None
