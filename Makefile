@@ -30,7 +30,8 @@ bench: setup
 
 # the long session (replayer/workloads/long.wl: ~11 min of a user's typing in the xterm and the
 # notepad) migrated once over the first shaped link, with its baselines: sync marks met/failed and
-# bytes against the plain transfer, in bench/results/long/ (~20 min; not part of `make bench`)
+# bytes against the plain transfer, in bench/results/long/ (~15 min with the bench checkpoint cached;
+# not part of `make bench`)
 bench-long: setup
 	$(PY) bench/bench_migration.py --workloads long --out bench/results/long
 
