@@ -340,6 +340,7 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     t_begin = time.monotonic()
     work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)
+    checkpoints_dir().mkdir(parents=True, exist_ok=True)    # a fresh state root has none yet
     if work.stat().st_dev != checkpoints_dir().stat().st_dev:
         raise SystemExit(f"--work {work} must be on the file system of {checkpoints_dir()} (hard links)")
     token = secrets.token_urlsafe(24)

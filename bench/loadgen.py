@@ -40,8 +40,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Final, Protocol
 
-from bench.bench_log import DEFAULT_FRAME_EVENTS, DEFAULT_FRAME_MS, encode_like_agent, with_sync_marks
+from bench.bench_log import encode_like_agent, with_sync_marks
 from bench.wspeer import LeanPeer
+from recorder.agent import DEFAULT_FRAME_EVENTS, DEFAULT_FRAME_MS
 from recorder.logformat import Event
 from replay_migrate.errors import ReplayMigrateError
 from replayer.workload import load_workload, shipped_workloads, synthesize

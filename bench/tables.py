@@ -189,6 +189,22 @@ def breakdown_rows(results: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
+def mark_rows(results: Mapping[str, Any]) -> list[list[str]]:
+    """Sync marks per workload and link: how many the target met and which it did not (a failed
+    mark is a replay that drifted from the source's screen, or one the agent took of a transient
+    screen: it costs the replay its wait, never correctness)."""
+    rows: list[list[str]] = []
+    for wl, w in results["workloads"].items():
+        for link, run in w.get("runs", {}).items():
+            rep = run.get("replay") or {}
+            if "sync_met" not in rep:
+                continue
+            failed = list(rep.get("sync_failed", []))
+            rows.append([wl, _link_name(results, link), str(rep["sync_met"]), str(len(failed)),
+                         "; ".join(failed) if failed else "-"])
+    return rows
+
+
 def break_even_mbit(w: Mapping[str, Any], rate_mbit: float) -> float | None:
     """The link rate below which replay-migrate beats the plain transfer end to end, by a linear
     model through one run: each method's fixed time (its end-to-end time on the goal link minus its
@@ -232,6 +248,13 @@ def goal_lines(results: Mapping[str, Any]) -> list[str]:
             line += (f"; by this run's fixed times and bytes it is faster below ~{b:.1f} Mbit/s" if b != math.inf
                      else "")
         lines.append(line)
+    for wl, w in results["workloads"].items():
+        reps = [r["replay"] for r in w.get("runs", {}).values() if "sync_met" in (r.get("replay") or {})]
+        if reps:
+            failed = sum(len(r.get("sync_failed", [])) for r in reps)
+            met = sum(int(r["sync_met"]) for r in reps)
+            lines.append(f"- {wl}: {failed} of {met + failed} sync marks failed over {len(reps)} run(s) "
+                         f"(goal: none): {'met' if failed == 0 else 'NOT met'}")
     if not any(w.get("timing", {}).get(GOAL_LINK) for w in results["workloads"].values()):
         lines.append("- faster end to end than the plain transfer at 10 Mbit/s: not measured "
                      "(no shaped link on this host, see above)")
@@ -268,6 +291,10 @@ def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> st
     rows = time_rows(results)
     out.append(md_table(["workload", "method", "link", "end to end", "downtime", "how"], rows)
                if rows else "No times measured.\n")
+    rows = mark_rows(results)
+    if rows:
+        out.append("\n## Sync marks (the target's replay waiting on the source's settled screens)\n")
+        out.append(md_table(["workload", "link", "met", "failed", "failed marks"], rows))
     out.append("\n## Divergence left after replay (source vs the replayed target, before patching)\n")
     out.append("The last column, for comparison, is what differs without replay (the source vs the checkpoint).\n")
     out.append(md_table(["workload", "memory leaves", "by RAM block", "disk leaves", "by ext4 role",

@@ -28,6 +28,7 @@ from migration.cancel import Interrupted, raising_on_signals, stopping_on_signal
 from replay_migrate import __version__
 from replay_migrate.errors import NoSuchDomainError, ReplayMigrateError, UsageError
 from replay_migrate.safeopen import check_output, check_regular, open_output, open_regular, write_output
+from replayer.replay import SYNC_SLACK_S
 from store import checkpoint as ckpt
 from store.images import ensure_image
 from vm.machine import Hypervisor, Machine
@@ -239,7 +240,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from replayer.replay import ReplayConfig, Replayer
 
     cfg = ReplayConfig(gap_cap_s=args.gap_cap, echo_timeout_s=args.echo_timeout,
-                       sync_timeout_s=args.sync_timeout, strict_sync=args.strict_sync)
+                       sync_slack_s=args.sync_slack, strict_sync=args.strict_sync)
     check_regular(args.log, "log")
     with _hv(args) as hv:
         m = hv.lookup(args.domain)
@@ -385,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --follow: stop when the log has not grown for this long")
     p.add_argument("--gap-cap", type=positive, default=2.0, help="longest idle gap kept, s (default %(default)s)")
     p.add_argument("--echo-timeout", type=positive, default=10.0, help="s per event (default %(default)s)")
-    p.add_argument("--sync-timeout", type=positive, default=5.0, help="s per sync mark (default %(default)s)")
+    p.add_argument("--sync-slack", type=positive, default=SYNC_SLACK_S,
+                   help="s a sync mark may take beyond what the source took to reach it (default %(default)s)")
     p.add_argument("--strict-sync", action="store_true", help="fail on a sync mark that is not met")
     p.add_argument("--json", action="store_true")
 

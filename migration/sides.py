@@ -87,8 +87,9 @@ from vm.machine import Hypervisor, Machine, MachineState, file_allocated
 
 FLUSH_S = 3.0
 """Longest the source's agent gets before the guest is frozen: its frames are cut every 250 ms, and
-the last sync mark comes 300 ms after the last key plus up to 2 s for the region to settle. That
-mark matters: the target waits for it, so it saves only once its screen looks like the source's."""
+the last sync mark comes 300 ms after the last key once the region has held still for 1 s
+(``recorder.agent.DEFAULT_SYNC_SETTLE_MS``; none if it never does). That mark matters: the target
+waits for it, so it saves only once its screen looks like the source's."""
 MIN_FLUSH_S = 0.5
 """Shortest wait before freezing (two frame periods): once no key or button event came since the
 log's last sync mark (the user was idle and the screen settled), nothing more is coming."""

@@ -18,6 +18,7 @@ from bench.tables import (
     bytes_rows,
     goal_lines,
     human,
+    mark_rows,
     md_table,
     plot_bytes,
     plot_divergence,
@@ -110,6 +111,22 @@ def test_breakdown_adds_both_sides() -> None:
     row = breakdown_rows(RESULTS)[0]
     assert row[3] == human(5000) and row[4] == human(4000) and row[5] == human(50_000)
     assert row[7] == "100 / 3" and row[8] == "40 / 50 / 13"
+
+
+def test_sync_marks_are_reported_per_workload_and_link() -> None:
+    results = copy.deepcopy(RESULTS)
+    results["workloads"]["notes"]["runs"]["10M-40ms"]["replay"] = {"sync_met": 6, "sync_failed": []}
+    results["workloads"]["shell"]["runs"]["10M-40ms"]["replay"] = {
+        "sync_met": 1, "sync_failed": ["sync mark 'typing' at 102.276 s (508x732 at 1,1)"]}
+    assert mark_rows(results) == [
+        ["notes", "10 Mbit/s, 40 ms RTT", "6", "0", "-"],
+        ["shell", "10 Mbit/s, 40 ms RTT", "1", "1", "sync mark 'typing' at 102.276 s (508x732 at 1,1)"]]
+    lines = goal_lines(results)
+    assert "- notes: 0 of 6 sync marks failed over 1 run(s) (goal: none): met" in lines
+    assert "- shell: 1 of 2 sync marks failed over 1 run(s) (goal: none): NOT met" in lines
+    md = render_markdown(results)
+    assert "## Sync marks" in md and "| shell | 10 Mbit/s, 40 ms RTT | 1 | 1 |" in md
+    assert mark_rows(RESULTS) == [] and "## Sync marks" not in render_markdown(RESULTS)   # runs without it
 
 
 def test_goals_are_reported_not_asserted() -> None:

@@ -89,7 +89,7 @@ def test_migrate_embedded(make_clone: Callable[..., Machine], hv: Hypervisor, ch
         try:
             # a generous sync wait: on a loaded 2-core host a TCG target can take seconds to catch up
             report, _, _ = asyncio.run(migrate_embedded(hv, hv2, source, checkpoint, target_name, user=user,
-                                                        replay=ReplayConfig(sync_timeout_s=20),
+                                                        replay=ReplayConfig(sync_slack_s=20),
                                                         screenshots=tmp_path, on_verified=compare))
             r = report.as_dict()
             assert r["verified"] is True, r
