@@ -60,28 +60,41 @@ SUSPEND_WAIT_S = 1800.0
 """How long ``suspend`` waits for the recording process to finish the migration."""
 
 
+UNKNOWN = "unknown"
+"""What a figure shows when no side could tell it (the other side's report never came): never 0."""
+
+
 def print_report(report: dict[str, Any], as_json: bool, title: str = "migration") -> None:
+    """The report as a table, or as JSON (where an unknown figure is null)."""
     if as_json:
         emit_json(report)
         return
-    div = report.get("divergent_blocks", {})
+
+    def fig(key: str, show: Callable[[Any], str] = str, sub: str | None = None) -> str:
+        v = report.get(key)
+        if sub is not None and isinstance(v, dict):
+            v = v.get(sub)
+        return UNKNOWN if v is None else show(v)
+
+    verified = report.get("verified")
     rows = [
-        ["verified", "yes" if report.get("verified") else "NO"],
-        ["log", f"{human_bytes(report.get('log_bytes', 0))} in {report.get('log_frames', 0)} frames"],
-        ["events replayed", f"{report.get('events_replayed', 0)} (sync marks met {report.get('sync_marks_met', 0)}, "
-                            f"failed {report.get('sync_marks_failed', 0)})"],
-        ["divergent blocks", f"memory {div.get('memory', 0)}, disk {div.get('disk', 0)}"],
+        ["verified", UNKNOWN if verified is None else "yes" if verified else "NO"],
+        ["log", f"{fig('log_bytes', human_bytes)} in {fig('log_frames')} frames"],
+        ["events replayed", f"{fig('events_replayed')} (sync marks met {fig('sync_marks_met')}, "
+                            f"failed {fig('sync_marks_failed')})"],
+        ["divergent blocks", f"memory {fig('divergent_blocks', sub='memory')}, "
+                             f"disk {fig('divergent_blocks', sub='disk')}"],
         ["  sent as reference / delta / full",
-         f"{report.get('referenced_blocks', 0)} / {report.get('delta_blocks', 0)} / {report.get('full_blocks', 0)}"],
-        ["hash bytes", human_bytes(report.get("hash_bytes", 0))],
-        ["block bytes", human_bytes(report.get("block_bytes", 0))],
-        ["wire bytes (all traffic)", human_bytes(report.get("wire_bytes", 0))],
-        ["plain state transfer (baseline)", human_bytes(report.get("baseline_bytes", 0))],
-        ["savings vs baseline", f"{100 * report.get('savings', 0):.1f} %"],
-        ["replay", f"{report.get('replay_s', 0):.1f} s"],
-        ["diff (tree walk)", f"{report.get('diff_s', 0):.2f} s"],
-        ["transfer", f"{report.get('transfer_s', 0):.2f} s"],
-        ["downtime (source paused → target resumed)", f"{report.get('downtime_s', 0):.1f} s"],
+         f"{fig('referenced_blocks')} / {fig('delta_blocks')} / {fig('full_blocks')}"],
+        ["hash bytes", fig("hash_bytes", human_bytes)],
+        ["block bytes", fig("block_bytes", human_bytes)],
+        ["wire bytes (all traffic)", fig("wire_bytes", human_bytes)],
+        ["plain state transfer (baseline)", fig("baseline_bytes", human_bytes)],
+        ["savings vs baseline", fig("savings", lambda v: f"{100 * v:.1f} %")],
+        ["replay", fig("replay_s", lambda v: f"{v:.1f} s")],
+        ["diff (tree walk)", fig("diff_s", lambda v: f"{v:.2f} s")],
+        ["transfer", fig("transfer_s", lambda v: f"{v:.2f} s")],
+        ["downtime (source paused → target resumed)", fig("downtime_s", lambda v: f"{v:.1f} s")],
     ]
     table(rows, [title, ""])
 
@@ -187,14 +200,15 @@ def _source_credential(args: argparse.Namespace) -> Credential | None:
 
 
 async def _source(client: SessionClient, hv: Hypervisor, m: Machine, ck: ckpt.Checkpoint,
-                  stop: asyncio.Event, sides: dict[str, SourceSide]) -> Report:
+                  stop: asyncio.Event, sides: dict[str, SourceSide]) -> dict[str, Any]:
+    """The source's part; returns the whole report (with the target's half, once it came)."""
     async with client:
         src = sides["source"] = SourceSide(hv, m, ck, client)
         src.progress = Progress()
         await src.stream_log(stop)
-        report = await src.suspend()
+        await src.suspend()
         await src.release()
-        return report
+        return src.whole
 
 
 def _checkpoint_of(m: Machine) -> ckpt.Checkpoint:
@@ -224,7 +238,7 @@ def cmd_record_to(args: argparse.Namespace) -> int:
 
         early: list[int] = []
 
-        async def main() -> Report:
+        async def main() -> dict[str, Any]:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGUSR1, stop.set)
@@ -244,7 +258,7 @@ def cmd_record_to(args: argparse.Namespace) -> int:
         try:
             report = cancel.run(main, deferred=lambda: _committed(sides.get("source")),
                                 on_cancel="cancelling the migration: the VM runs on here as it was, the "
-                                          "target is told to remove its clone").as_dict()
+                                          "target is told to remove its clone")
             outcome = report
         except ReplayMigrateError as e:
             outcome = {"error": str(e), "exit_code": e.exit_code}
@@ -338,17 +352,18 @@ def cmd_follow(args: argparse.Namespace) -> int:
         check_target_name(hv, name, "--name")
         sides: dict[str, TargetSide] = {}
 
-        async def main() -> Report:
+        async def main() -> dict[str, Any]:
             async with client:
                 side = sides["target"] = TargetSide(hv, ck, client, name, replay=_replay_config(args))
                 side.progress = bar
-                return await side.run()
+                await side.run()
+                return side.whole
 
         bar = Progress()
         try:
             report = cancel.run(main, deferred=lambda: _committed(sides.get("target")),
                                 on_cancel=f"cancelling the migration: {name} is removed, the source is told "
-                                          "to resume its VM").as_dict()
+                                          "to resume its VM")
         finally:
             bar.close()
     print_report(report, args.json, title=f"{name} (target)")

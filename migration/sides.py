@@ -29,9 +29,9 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +47,10 @@ from differ.protocol import (
 )
 from differ.protocol import Verified as DiffVerified
 from differ.transfer import make_source, make_target
+from migration import halves
 from migration.cancel import drop, in_thread
 from migration.diffio import AsyncAdapter
+from migration.halves import Figures, added, all_true, largest, measured_by, preferred
 from recorder.logformat import Button, Key, SyncMark
 from replay_migrate.errors import (
     ImageError,
@@ -66,7 +68,7 @@ from replayer.logfeed import EventFeed, LogPump
 from replayer.replay import ReplayConfig, Replayer, ReplayStats
 from server.client import SessionClient
 from server.clientcore import Frame, LogEnded, SessionFailedError
-from server.wire import Reason, State, Stream
+from server.wire import Reason, Role, State, Stream
 from store import checkpoint as ckpt
 from store.vmstate import (
     DISK,
@@ -111,37 +113,42 @@ RELEASE_WAIT_S = CONFIRM_TIMEOUT_S
 restarts in between learns from the target (only) that it resumed, and confirms to the source.
 As long as the source may wait, so that it never gives up on a target that did resume."""
 LOG_POLL_S = 0.2
+REPORT_WAIT_S = 30.0
+"""How long the source waits, after the confirm, for the target's half of the report (the target
+sends it right after its ``resumed``): a target that never sends one leaves its figures unknown."""
 RELEASED_NOTE = "released"
 """The note a released source leaves in its clone folder (which keeps only its logs)."""
 
 
 @dataclass
 class Report:
-    """DESIGN.md §9: what a migration cost and whether it verified."""
+    """DESIGN.md §9: what a migration cost and whether it verified.  Each side fills what it
+    measures; how the two halves make the whole is declared per field (:mod:`migration.halves`)."""
 
     log_bytes: int = 0
     log_frames: int = 0
-    hash_bytes: int = 0
-    block_bytes: int = 0
-    fingerprint_bytes: int = 0
-    wire_bytes: int = 0
-    baseline_bytes: int = 0
-    savings: float = 0.0
-    divergent_blocks: dict[str, int] = field(default_factory=dict)
-    referenced_blocks: int = 0
+    hash_bytes: int = added()
+    block_bytes: int = added()
+    fingerprint_bytes: int = added()
+    wire_bytes: int = measured_by(Role.SOURCE)
+    """All traffic of the source's connection to the session (the target's carries about as much)."""
+    baseline_bytes: int = measured_by(Role.SOURCE)
+    savings: float = measured_by(Role.SOURCE, 0.0)
+    divergent_blocks: dict[str, int] = largest()  # noqa: RUF009 (a dataclasses.field with a factory)
+    referenced_blocks: int = added()
     """Blocks the target already held: references, duplicates, and its checkpoint's copy."""
-    delta_blocks: int = 0
+    delta_blocks: int = added()
     """Blocks sent as changes: against the target's block (delta) or the checkpoint's (XOR)."""
-    full_blocks: int = 0
-    round_trips: int = 0
-    events_replayed: int = 0
-    sync_marks_met: int = 0
-    sync_marks_failed: int = 0
-    replay_s: float = 0.0
-    diff_s: float = 0.0
-    transfer_s: float = 0.0
-    downtime_s: float = 0.0
-    verified: bool = False
+    full_blocks: int = added()
+    round_trips: int = added()
+    events_replayed: int = measured_by(Role.TARGET)
+    sync_marks_met: int = measured_by(Role.TARGET)
+    sync_marks_failed: int = measured_by(Role.TARGET)
+    replay_s: float = measured_by(Role.TARGET, 0.0)
+    diff_s: float = preferred(Role.TARGET, 0.0)
+    transfer_s: float = preferred(Role.TARGET, 0.0)
+    downtime_s: float = measured_by(Role.SOURCE, 0.0)
+    verified: bool = all_true()
 
     def add_transfer(self, stats: TransferStats) -> None:
         """Take every number of the transfer's summary (``TransferSummary``: same names here)."""
@@ -157,6 +164,18 @@ class Report:
         for k in ("replay_s", "diff_s", "transfer_s", "downtime_s"):
             d[k] = round(d[k], 3)
         return d
+
+    def half(self, role: Role) -> Figures:
+        """What ``role`` measured (the rest None): what it sends the other side at the end."""
+        return halves.half(Report, self.as_dict(), role)
+
+
+def whole_report(role: Role, mine: Figures, theirs: Mapping[str, Any] | None) -> Figures:
+    """The whole report as ``role`` sees it: its own half and the other side's, when that came
+    and checks (else the other side's figures are unknown: None)."""
+    checked = halves.check_half(Report, theirs, role.peer) if theirs is not None else None
+    source, target = (mine, checked) if role is Role.SOURCE else (checked, mine)
+    return halves.merge(Report, source, target)
 
 
 async def _pump_diff(client: SessionClient, side: AsyncAdapter[Source] | AsyncAdapter[Target], *,
@@ -229,6 +248,8 @@ class SourceSide:
         self.client = client
         self.params = params
         self.report = Report()
+        self.whole: Figures = self.report.half(Role.SOURCE)
+        """The whole report: this side's half and, once the migration is done, the target's."""
         self.stats: TransferStats | None = None
         self.state_files: VmState | None = None
         self.saved_allocated_bytes = 0
@@ -347,10 +368,24 @@ class SourceSide:
             raise
         self.report.downtime_s = time.monotonic() - t_pause
         self.report.verified = True
-        await _acknowledge_confirm(self.client, self.log)
         self.report.wire_bytes = self.client.wire_bytes_sent + self.client.wire_bytes_received
         self.report.finish()
+        await self._exchange_reports()
+        await _acknowledge_confirm(self.client, self.log)
         return self.report
+
+    async def _exchange_reports(self) -> None:
+        """Wait (briefly) for the target's half, send ours before ``released`` (the target goes
+        once it has that), and make the whole.  The migration is done: nothing here fails it."""
+        theirs = await self.client.wait_peer_report(REPORT_WAIT_S)
+        if theirs is None:
+            self.log.warning("the target sent no report within %.0f s: its figures are unknown", REPORT_WAIT_S)
+        mine = self.report.half(Role.SOURCE)
+        try:
+            await self.client.report(mine)
+        except ReplayMigrateError as e:
+            self.log.warning("could not send this side's report to the target: %s", e)
+        self.whole = whole_report(Role.SOURCE, mine, theirs)
 
     async def _answer_walk(self) -> None:
         assert self.state_files is not None
@@ -471,6 +506,8 @@ class TargetSide:
         self.replay_config = replay or ReplayConfig()
         self.params = params
         self.report = Report()
+        self.whole: Figures = self.report.half(Role.TARGET)
+        """The whole report: this side's half and, once the migration is done, the source's."""
         self.stats: TransferStats | None = None
         self.replay_stats: ReplayStats | None = None
         self.machine: Machine | None = None
@@ -517,6 +554,11 @@ class TargetSide:
             await asyncio.shield(_give_up(self.client, e, self.log))
             await asyncio.shield(in_thread(self._discard))
             raise
+        mine = self.report.half(Role.TARGET)
+        try:                    # the source waits for it before it lets this side go
+            await self.client.report(mine)
+        except ReplayMigrateError as e:
+            self.log.warning("could not send this side's report to the source: %s", e)
         # it resumed with the source's clock at suspend, the downtime behind. After the confirm
         # (the source waits for it; hwclock in the guest takes ~2 s), and outside the try above:
         # nothing after the confirm may discard the VM, which now lives only here
@@ -527,6 +569,10 @@ class TargetSide:
         except (ReplayMigrateError, TimeoutError) as err:
             self.log.warning("the source did not acknowledge the confirm: %s", err or "timeout")
         self.report.wire_bytes = self.client.wire_bytes_sent + self.client.wire_bytes_received
+        # the source's half comes before its released (unless a service restart lost it)
+        if self.client.peer_report is None:
+            self.log.warning("the source sent no report: its figures are unknown")
+        self.whole = whole_report(Role.TARGET, mine, self.client.peer_report)
         return self.report
 
     async def _follow(self, m: Machine) -> None:
