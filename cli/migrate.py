@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from cli.argtypes import positive
-from cli.report import Progress, emit_json, human_bytes, table
+from cli.report import Progress, emit_json, human_bytes, keep_drawing, table
 from migration import cancel
 from migration.sides import Report, SourceSide, TargetSide, merged_report
 from replay_migrate.errors import ReplayMigrateError, UsageError, VerificationError, VMError
@@ -200,15 +200,29 @@ def _source_credential(args: argparse.Namespace) -> Credential | None:
 
 
 async def _source(client: SessionClient, hv: Hypervisor, m: Machine, ck: ckpt.Checkpoint,
-                  stop: asyncio.Event, sides: dict[str, SourceSide]) -> dict[str, Any]:
+                  stop: asyncio.Event, sides: dict[str, SourceSide], bar: Progress) -> dict[str, Any]:
     """The source's part; returns the whole report (with the target's half, once it came)."""
-    async with client:
+    async with client, _drawing(bar):
         src = sides["source"] = SourceSide(hv, m, ck, client)
-        src.progress = Progress()
+        src.progress, src.progress_note = bar, bar.note
         await src.stream_log(stop)
         await src.suspend()
         await src.release()
         return src.whole
+
+
+@contextlib.asynccontextmanager
+async def _drawing(bar: Progress) -> AsyncIterator[None]:
+    """Keep ``bar``'s line going while the block runs (a save reports nothing for seconds), and
+    clear it after."""
+    ticker = asyncio.create_task(keep_drawing(bar))
+    try:
+        yield
+    finally:
+        ticker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ticker
+        bar.close()
 
 
 def _checkpoint_of(m: Machine) -> ckpt.Checkpoint:
@@ -246,7 +260,7 @@ def cmd_record_to(args: argparse.Namespace) -> int:
                 stop.set()
             if args.duration is not None:
                 loop.call_later(args.duration, stop.set)
-            return await _source(client, hv, m, ck, stop, sides)
+            return await _source(client, hv, m, ck, stop, sides, Progress())
 
         # SIGUSR1's default action ends a process: from the moment the pid file names us, a
         # `suspend` is remembered (before the loop runs) or ignored (after: the migration is over)
@@ -353,9 +367,9 @@ def cmd_follow(args: argparse.Namespace) -> int:
         sides: dict[str, TargetSide] = {}
 
         async def main() -> dict[str, Any]:
-            async with client:
+            async with client, _drawing(bar):
                 side = sides["target"] = TargetSide(hv, ck, client, name, replay=_replay_config(args))
-                side.progress = bar
+                side.progress, side.progress_note = bar, bar.note
                 await side.run()
                 return side.whole
 
@@ -415,7 +429,14 @@ async def migrate_embedded(hv_source: Hypervisor, hv_target: Hypervisor, m: Mach
                 SessionClient(service.url, target_cred, cafile=service.cafile) as tc:
             src = SourceSide(hv_source, m, ck, sc)
             tgt = TargetSide(hv_target, ck, tc, target_name, replay=replay)
-            src.progress = tgt.progress = progress or Progress(enabled=False)
+            bar = progress or Progress(enabled=False)
+
+            def suspending(what: str, done: int, total: int) -> None:
+                if what != "recording":     # one line: while the log streams, the target's replay
+                    bar(what, done, total)
+
+            src.progress, tgt.progress = suspending, bar
+            tgt.progress_note = bar.note
             if on_verified is not None:
                 tgt.on_verified = lambda state: on_verified(src, state)
             if on_started is not None:
@@ -481,8 +502,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 await read_line()
 
         async def main() -> tuple[Report, SourceSide, TargetSide]:
-            return await migrate_embedded(hv, hv2, m, ck, target, user=user, replay=_replay_config(args),
-                                          progress=bar, on_started=lambda s, t: both.extend((s, t)))
+            async with _drawing(bar):
+                return await migrate_embedded(hv, hv2, m, ck, target, user=user, replay=_replay_config(args),
+                                              progress=bar, on_started=lambda s, t: both.extend((s, t)))
 
         bar = Progress()
         try:

@@ -196,6 +196,20 @@ async def _pump_diff(client: SessionClient, side: AsyncAdapter[Source] | AsyncAd
                 await client.send_diff(msg)
 
 
+def _kib(n: int) -> str:
+    return f"{n / 1024:.0f} KiB" if n < 10 << 20 else f"{n / (1 << 20):.0f} MiB"
+
+
+def _state_bytes(state: VmState) -> int:
+    """What hashing a saved state reads (its memory image and disk overlay, allocated), for the
+    progress line; 0 when a file is not there."""
+    total = 0
+    for f in (state.memory, state.disk):
+        with contextlib.suppress(OSError):
+            total += file_allocated(f)
+    return total
+
+
 def _reason(e: BaseException) -> Reason:
     """The session's word for why this side gives up (no exception text crosses the wire)."""
     if isinstance(e, ReplayError | LogFormatError):
@@ -257,7 +271,9 @@ class SourceSide:
         self.run_dir = ckpt.run_dir_of(machine)
         """The source clone's folder (checked: the only folder ``release`` deletes from)."""
         self.progress: Callable[[str, int, int], None] = lambda what, done, total: None
-        """(what, done, total): the CLI passes a terminal progress bar."""
+        """(phase, done, total): the CLI passes a terminal progress line (``cli.report.Progress``)."""
+        self.progress_note: Callable[[str], None] = lambda text: None
+        """A detail of the current phase for the progress line."""
         self.screenshot_at_suspend: Path | None = None
         """Where to save the source's screen at the moment it is paused (the demo shows it)."""
         self.link = RecorderLink(machine)
@@ -288,6 +304,9 @@ class SourceSide:
             self.link.ack(fr.seq)        # journalled in the session: the agent may forget it
             self.report.log_bytes += len(fr.data)
             self.report.log_frames += 1
+        behind = self.client.in_flight(Stream.LOG)
+        self.progress_note(f"{self.report.log_frames} frames; the target is {_kib(behind)} behind")
+        self.progress("recording", self.report.log_bytes, 0)
         return len(frames)
 
     async def _end_log(self) -> None:
@@ -338,6 +357,7 @@ class SourceSide:
             while time.monotonic() < t0 + FLUSH_S and not (self.settled and time.monotonic() >= t0 + MIN_FLUSH_S):
                 await self._forward(0.1)
             self.flush_s = time.monotonic() - t0
+            self.progress("saving", 0, 0)
             # freezing flushes each file system first (FIFREEZE syncs it); a separate `sync` through
             # the guest agent cost another 0.1-0.7 s under TCG
             await in_thread(m.fsfreeze)
@@ -356,8 +376,10 @@ class SourceSide:
             self._image = image = self.run_dir / "suspend.sav"
             await in_thread(m.save, image)
             self.saved_allocated_bytes = file_allocated(image)
+            self.progress("saving", self.saved_allocated_bytes, 0)
             self.state_files = VmState(image, self.run_dir / "disk.qcow2", self.checkpoint)
             await self._answer_walk()
+            self.progress("restore", 0, 0)           # the target restores its VM; the confirm follows
             await self.client.wait_confirmed(CONFIRM_TIMEOUT_S)
         except BaseException as e:
             if self.client.confirmed or (isinstance(e, SessionFailedError) and not e.keep_vm):
@@ -393,16 +415,26 @@ class SourceSide:
         trees = await (self._trees or asyncio.to_thread(checkpoint_trees, self.checkpoint))
         with ExitStack() as stack:
             sources = stack.enter_context(open_sources(self.state_files, trees))
+            self.progress("hashing", _state_bytes(self.state_files), 0)
             t0 = time.monotonic()
             mine = await asyncio.to_thread(build_trees, sources)
             bases = checkpoint_images(self.checkpoint, trees, stack)
             src = AsyncAdapter(*make_source(source_images(sources, mine, bases), self.params))
             walked = [0.0]
+            sent0 = self.client.wire_bytes_sent
+            messages = [0]
 
             def seen(ev: object) -> None:
                 if isinstance(ev, WalkDone):
                     walked[0] = time.monotonic()
+                    self.progress_note(f"divergent: {', '.join(f'{k} {v}' for k, v in ev.divergent.items())}")
+                messages[0] += 1
+                if walked[0]:
+                    self.progress("blocks", self.client.wire_bytes_sent - sent0, 0)
+                else:
+                    self.progress("walk", messages[0], 0)
 
+            self.progress("walk", 0, 0)
             await _pump_diff(self.client, src, stream=Stream.T2S, on_event=seen,
                              until=lambda: src.core.state in (SourceState.VERIFIED, SourceState.FAILED))
             if src.core.state is not SourceState.VERIFIED:
@@ -516,7 +548,9 @@ class TargetSide:
         """Time ``on_verified`` took: not part of a real migration, left out of its downtime."""
         self._trees: asyncio.Task[CheckpointTrees] | None = None
         self.progress: Callable[[str, int, int], None] = lambda what, done, total: None
-        """(what, done, total): the CLI passes a terminal progress bar."""
+        """(phase, done, total): the CLI passes a terminal progress line (``cli.report.Progress``)."""
+        self.progress_note: Callable[[str], None] = lambda text: None
+        """A detail of the current phase for the progress line."""
         self.on_verified: Callable[[VmState], None] | None = None
         """Called with the patched, verified state before the VM is restored from it (the demo and
         the tests compare it with the source's there: once the guest runs, it writes)."""
@@ -581,7 +615,13 @@ class TargetSide:
         await in_thread(link.open)
         feed = EventFeed()
         replayer = Replayer(m, link, self.replay_config)
-        replayer.on_progress = lambda n: self.progress("replay", n, 0)
+        received = [0]
+
+        def replayed(n: int) -> None:      # (in the replay thread)
+            self.progress_note(f"{received[0] - n} events behind the source")
+            self.progress("replay", n, received[0])
+
+        replayer.on_progress = replayed
         result: list[ReplayStats | BaseException] = []
 
         def run_replay() -> None:
@@ -600,7 +640,7 @@ class TargetSide:
                 except TimeoutError:
                     continue
                 if isinstance(ev, Frame) and ev.stream is Stream.LOG:
-                    feed.put(ev.data)
+                    received[0] += feed.put(ev.data)
                     self.report.log_bytes += len(ev.data)
                     self.report.log_frames += 1
                 elif isinstance(ev, LogEnded):
@@ -632,8 +672,10 @@ class TargetSide:
         await in_thread(m.pause)
         run_dir = m.run_dir
         image = run_dir / "suspend.sav"
+        self.progress("saving", 0, 0)
         await in_thread(m.save, image)
         state = VmState(image, run_dir / "disk.qcow2", self.checkpoint)
+        self.progress("saving", file_allocated(image), 0)
         if self.on_saved is not None:
             await in_thread(self.on_saved, state)
         self.progress("hashing", 0, 0)
@@ -643,6 +685,7 @@ class TargetSide:
         walked = [0.0]
         with ExitStack() as stack:
             sources = stack.enter_context(open_sources(state, trees))
+            self.progress("hashing", _state_bytes(state), 0)
             # copy while hashing; no fsync of the memory image: it is restored at once
             copying = asyncio.create_task(asyncio.to_thread(make_sinks, state, trees, durable=False))
             try:
@@ -660,12 +703,22 @@ class TargetSide:
             tgt.core.start()
             pending: list[object] = []
 
+            walk_messages = [0]
+
             def seen(ev: object) -> None:
                 if isinstance(ev, WalkDone):
                     walked[0] = time.monotonic()
+                    self.progress_note(f"divergent: {', '.join(f'{k} {v}' for k, v in ev.divergent.items())}")
                 elif isinstance(ev, BatchApplied):
                     self.progress("transfer", ev.done, ev.total)
+                    if ev.done >= ev.total:
+                        self.progress("verify", _state_bytes(state), 0)     # the patched images rehash
+                elif not walked[0]:
+                    walk_messages[0] += 1
+                    self.progress("walk", walk_messages[0], 0)
                 pending.append(ev)
+
+            self.progress("walk", 0, 0)
 
             def finished() -> bool:
                 return tgt.core.state in (TargetState.VERIFIED, TargetState.FAILED)
@@ -692,6 +745,7 @@ class TargetSide:
             t_inspect = time.monotonic()
             await in_thread(self.on_verified, state)
             self.inspect_s = time.monotonic() - t_inspect
+        self.progress("restore", 0, 0)
         back = await in_thread(self.hv.restore_clone, image, name=m.name, disk=state.disk,
                                run_dir=run_dir, paused=False, copy=False, guest=self.checkpoint.image)
         await in_thread(back.wait_agent)

@@ -318,6 +318,11 @@ class SessionClient:
             return None
         return self._core.peer_report
 
+    def in_flight(self, stream: Stream) -> int:
+        """Bytes of ``stream`` this side sent that its receiver has not consumed yet (how far the
+        target is behind the source's log, at the source)."""
+        return self._core.in_flight(stream)
+
     @property
     def peer_report(self) -> Mapping[str, Any] | None:
         return self._core.peer_report
