@@ -200,6 +200,11 @@ def _kib(n: int) -> str:
     return f"{n / 1024:.0f} KiB" if n < 10 << 20 else f"{n / (1 << 20):.0f} MiB"
 
 
+def _divergent(ev: WalkDone) -> str:
+    """The walk's outcome for the progress line (its note while the blocks travel)."""
+    return "divergent blocks: " + ", ".join(f"{name} {n}" for name, n in ev.divergent.items())
+
+
 def _state_bytes(state: VmState) -> int:
     """What hashing a saved state reads (its memory image and disk overlay, allocated), for the
     progress line; 0 when a file is not there."""
@@ -431,7 +436,8 @@ class SourceSide:
             def seen(ev: object) -> None:
                 if isinstance(ev, WalkDone):
                     walked[0] = time.monotonic()
-                    self.progress_note(f"divergent: {', '.join(f'{k} {v}' for k, v in ev.divergent.items())}")
+                    self.progress("blocks", 0, 0)
+                    self.progress_note(_divergent(ev))
                 messages[0] += 1
                 if walked[0]:
                     self.progress("blocks", self.client.wire_bytes_sent - sent0, 0)
@@ -708,13 +714,15 @@ class TargetSide:
             pending: list[object] = []
 
             walk_messages = [0]
+            divergent = [""]
 
             def seen(ev: object) -> None:
                 if isinstance(ev, WalkDone):
                     walked[0] = time.monotonic()
-                    self.progress_note(f"divergent: {', '.join(f'{k} {v}' for k, v in ev.divergent.items())}")
+                    divergent[0] = _divergent(ev)
                 elif isinstance(ev, BatchApplied):
                     self.progress("transfer", ev.done, ev.total)
+                    self.progress_note(divergent[0])
                     if ev.done >= ev.total:
                         self.progress("verify", _state_bytes(state), 0)     # the patched images rehash
                 elif not walked[0]:
