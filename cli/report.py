@@ -46,8 +46,8 @@ def human_bytes(n: float) -> str:
 
 
 PHASE_UNITS: Final[Mapping[str, str]] = {
-    "recording": "B", "saving": "B", "hashing": "B", "transfer": "blocks", "replay": "events",
-    "walk": "messages", "verify": "B", "restore": "",
+    "recording": "B", "saving": "B", "hashing": "B", "walk": "B", "blocks": "B", "transfer": "blocks",
+    "replay": "events", "verify": "B", "restore": "",
 }
 """What each phase of a migration counts (``B``: bytes, shown as KiB/MiB with a rate); a phase
 not listed counts plain units."""

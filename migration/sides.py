@@ -180,7 +180,8 @@ def whole_report(role: Role, mine: Figures, theirs: Mapping[str, Any] | None) ->
 
 async def _pump_diff(client: SessionClient, side: AsyncAdapter[Source] | AsyncAdapter[Target], *,
                      stream: Stream, until: Callable[[], bool],
-                     on_event: Callable[[object], None] | None = None) -> None:
+                     on_event: Callable[[object], None] | None = None,
+                     on_frame: Callable[[], None] | None = None) -> None:
     """Move diff-protocol messages between ``side`` and the session until ``until()``. The side's
     reads, writes and rehashes run in worker threads (``AsyncAdapter``): the loop stays free for
     the session's pings and acks while a batch is written or the patched images are verified."""
@@ -189,11 +190,17 @@ async def _pump_diff(client: SessionClient, side: AsyncAdapter[Source] | AsyncAd
     while not until():
         ev = await client.recv()
         if isinstance(ev, Frame) and ev.stream is stream:
+            if on_frame is not None:
+                on_frame()
             for dev in await side.receive_data(ev.data):
                 if on_event is not None:
                     on_event(dev)
             for msg in side.data_to_send():
                 await client.send_diff(msg)
+
+
+def _wire(client: SessionClient) -> int:
+    return client.wire_bytes_sent + client.wire_bytes_received
 
 
 def _kib(n: int) -> str:
@@ -430,22 +437,20 @@ class SourceSide:
             bases = checkpoint_images(self.checkpoint, trees, stack)
             src = AsyncAdapter(*make_source(source_images(sources, mine, bases), self.params))
             walked = [0.0]
-            sent0 = self.client.wire_bytes_sent
-            messages = [0]
+            at = [_wire(self.client)]
 
             def seen(ev: object) -> None:
                 if isinstance(ev, WalkDone):
                     walked[0] = time.monotonic()
+                    at[0] = _wire(self.client)
                     self.progress("blocks", 0, 0)
                     self.progress_note(_divergent(ev))
-                messages[0] += 1
-                if walked[0]:
-                    self.progress("blocks", self.client.wire_bytes_sent - sent0, 0)
-                else:
-                    self.progress("walk", messages[0], 0)
+
+            def moved() -> None:
+                self.progress("blocks" if walked[0] else "walk", _wire(self.client) - at[0], 0)
 
             self.progress("walk", 0, 0)
-            await _pump_diff(self.client, src, stream=Stream.T2S, on_event=seen,
+            await _pump_diff(self.client, src, stream=Stream.T2S, on_event=seen, on_frame=moved,
                              until=lambda: src.core.state in (SourceState.VERIFIED, SourceState.FAILED))
             if src.core.state is not SourceState.VERIFIED:
                 raise VerificationError("the target did not verify the transfer")
@@ -712,9 +717,8 @@ class TargetSide:
             await self.client.phase("diffing")
             tgt.core.start()
             pending: list[object] = []
-
-            walk_messages = [0]
             divergent = [""]
+            at = _wire(self.client)
 
             def seen(ev: object) -> None:
                 if isinstance(ev, WalkDone):
@@ -725,10 +729,11 @@ class TargetSide:
                     self.progress_note(divergent[0])
                     if ev.done >= ev.total:
                         self.progress("verify", _state_bytes(state), 0)     # the patched images rehash
-                elif not walked[0]:
-                    walk_messages[0] += 1
-                    self.progress("walk", walk_messages[0], 0)
                 pending.append(ev)
+
+            def moved() -> None:
+                if not walked[0]:
+                    self.progress("walk", _wire(self.client) - at, 0)
 
             self.progress("walk", 0, 0)
 
@@ -736,7 +741,7 @@ class TargetSide:
                 return tgt.core.state in (TargetState.VERIFIED, TargetState.FAILED)
 
             # walk, announce the block phase to the session, then receive the blocks
-            await _pump_diff(self.client, tgt, stream=Stream.S2T, on_event=seen,
+            await _pump_diff(self.client, tgt, stream=Stream.S2T, on_event=seen, on_frame=moved,
                              until=lambda: finished() or bool(walked[0]))
             if walked[0]:
                 await self.client.phase("transferring")
