@@ -13,7 +13,8 @@ the CLI's ``record --to`` and ``follow`` use, with what the benchmark needs besi
 
 ``URL`` is the service's ``ws://HOST:PORT``; each side's role credential comes from
 ``$REPLAY_MIGRATE_CREDENTIAL``; ``--connect URI`` is the side's libvirt (two hosts: each its own,
-``bench/sites.py``). Each writes one JSON object to ``--out``, also on failure (``{"error": ...}``).
+``bench/sites.py``). Each writes one JSON object to ``--out`` (``report``: what this side measured, the
+bench adds the two; ``whole``: the report both sides print), also on failure (``{"error": ...}``).
 ``--keep-verified`` keeps the target's state as it verified it, before the VM resumes from it (the
 memory image hard-linked: only its header is rewritten, and then it is deleted; the disk copied:
 the resumed guest writes it), to compare with the source's kept state.
@@ -109,7 +110,7 @@ async def run_source(args: argparse.Namespace) -> dict[str, Any]:
             await src.release()         # the links keep what the bench measures on
     return {"t_start": t_start, "t_request": t_request, "t_paused": m.t_paused, "t_saved": m.t_saved,
             "t_done": t_done, "flush_s": src.flush_s, "events_driven": driven.events, "drive_s": driven.seconds,
-            "report": report.as_dict()}
+            "report": report.as_dict(), "whole": src.whole}
 
 
 async def run_target(args: argparse.Namespace) -> dict[str, Any]:
@@ -134,7 +135,7 @@ async def run_target(args: argparse.Namespace) -> dict[str, Any]:
             side.on_verified = verified
             report = await side.run()
     replay = asdict(side.replay_stats) if side.replay_stats is not None else {}
-    return {**stamps, "t_resumed": side.t_resumed, "report": report.as_dict(), "replay": replay}
+    return {**stamps, "t_resumed": side.t_resumed, "report": report.as_dict(), "whole": side.whole, "replay": replay}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

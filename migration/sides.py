@@ -29,9 +29,9 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +47,10 @@ from differ.protocol import (
 )
 from differ.protocol import Verified as DiffVerified
 from differ.transfer import make_source, make_target
+from migration import halves
 from migration.cancel import drop, in_thread
 from migration.diffio import AsyncAdapter
+from migration.halves import Figures, added, all_true, largest, measured_by, preferred
 from recorder.logformat import Button, Key, SyncMark
 from replay_migrate.errors import (
     ImageError,
@@ -66,7 +68,7 @@ from replayer.logfeed import EventFeed, LogPump
 from replayer.replay import ReplayConfig, Replayer, ReplayStats
 from server.client import SessionClient
 from server.clientcore import Frame, LogEnded, SessionFailedError
-from server.wire import Reason, State, Stream
+from server.wire import Reason, Role, State, Stream
 from store import checkpoint as ckpt
 from store.vmstate import (
     DISK,
@@ -112,37 +114,42 @@ RELEASE_WAIT_S = CONFIRM_TIMEOUT_S
 restarts in between learns from the target (only) that it resumed, and confirms to the source.
 As long as the source may wait, so that it never gives up on a target that did resume."""
 LOG_POLL_S = 0.2
+REPORT_WAIT_S = 30.0
+"""How long the source waits, after the confirm, for the target's half of the report (the target
+sends it right after its ``resumed``): a target that never sends one leaves its figures unknown."""
 RELEASED_NOTE = "released"
 """The note a released source leaves in its clone folder (which keeps only its logs)."""
 
 
 @dataclass
 class Report:
-    """DESIGN.md §9: what a migration cost and whether it verified."""
+    """DESIGN.md §9: what a migration cost and whether it verified.  Each side fills what it
+    measures; how the two halves make the whole is declared per field (:mod:`migration.halves`)."""
 
     log_bytes: int = 0
     log_frames: int = 0
-    hash_bytes: int = 0
-    block_bytes: int = 0
-    fingerprint_bytes: int = 0
-    wire_bytes: int = 0
-    baseline_bytes: int = 0
-    savings: float = 0.0
-    divergent_blocks: dict[str, int] = field(default_factory=dict)
-    referenced_blocks: int = 0
+    hash_bytes: int = added()
+    block_bytes: int = added()
+    fingerprint_bytes: int = added()
+    wire_bytes: int = measured_by(Role.SOURCE)
+    """All traffic of the source's connection to the session (the target's carries about as much)."""
+    baseline_bytes: int = measured_by(Role.SOURCE)
+    savings: float = measured_by(Role.SOURCE, 0.0)
+    divergent_blocks: dict[str, int] = largest()  # noqa: RUF009 (a dataclasses.field with a factory)
+    referenced_blocks: int = added()
     """Blocks the target already held: references, duplicates, and its checkpoint's copy."""
-    delta_blocks: int = 0
+    delta_blocks: int = added()
     """Blocks sent as changes: against the target's block (delta) or the checkpoint's (XOR)."""
-    full_blocks: int = 0
-    round_trips: int = 0
-    events_replayed: int = 0
-    sync_marks_met: int = 0
-    sync_marks_failed: int = 0
-    replay_s: float = 0.0
-    diff_s: float = 0.0
-    transfer_s: float = 0.0
-    downtime_s: float = 0.0
-    verified: bool = False
+    full_blocks: int = added()
+    round_trips: int = added()
+    events_replayed: int = measured_by(Role.TARGET)
+    sync_marks_met: int = measured_by(Role.TARGET)
+    sync_marks_failed: int = measured_by(Role.TARGET)
+    replay_s: float = measured_by(Role.TARGET, 0.0)
+    diff_s: float = preferred(Role.TARGET, 0.0)
+    transfer_s: float = preferred(Role.TARGET, 0.0)
+    downtime_s: float = measured_by(Role.SOURCE, 0.0)
+    verified: bool = all_true()
 
     def add_transfer(self, stats: TransferStats) -> None:
         """Take every number of the transfer's summary (``TransferSummary``: same names here)."""
@@ -159,10 +166,23 @@ class Report:
             d[k] = round(d[k], 3)
         return d
 
+    def half(self, role: Role) -> Figures:
+        """What ``role`` measured (the rest None): what it sends the other side at the end."""
+        return halves.half(Report, self.as_dict(), role)
+
+
+def whole_report(role: Role, mine: Figures, theirs: Mapping[str, Any] | None) -> Figures:
+    """The whole report as ``role`` sees it: its own half and the other side's, when that came
+    and checks (else the other side's figures are unknown: None)."""
+    checked = halves.check_half(Report, theirs, role.peer) if theirs is not None else None
+    source, target = (mine, checked) if role is Role.SOURCE else (checked, mine)
+    return halves.merge(Report, source, target)
+
 
 async def _pump_diff(client: SessionClient, side: AsyncAdapter[Source] | AsyncAdapter[Target], *,
                      stream: Stream, until: Callable[[], bool],
-                     on_event: Callable[[object], None] | None = None) -> None:
+                     on_event: Callable[[object], None] | None = None,
+                     on_frame: Callable[[], None] | None = None) -> None:
     """Move diff-protocol messages between ``side`` and the session until ``until()``. The side's
     reads, writes and rehashes run in worker threads (``AsyncAdapter``): the loop stays free for
     the session's pings and acks while a batch is written or the patched images are verified."""
@@ -171,11 +191,36 @@ async def _pump_diff(client: SessionClient, side: AsyncAdapter[Source] | AsyncAd
     while not until():
         ev = await client.recv()
         if isinstance(ev, Frame) and ev.stream is stream:
+            if on_frame is not None:
+                on_frame()
             for dev in await side.receive_data(ev.data):
                 if on_event is not None:
                     on_event(dev)
             for msg in side.data_to_send():
                 await client.send_diff(msg)
+
+
+def _wire(client: SessionClient) -> int:
+    return client.wire_bytes_sent + client.wire_bytes_received
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:.0f} KiB" if n < 10 << 20 else f"{n / (1 << 20):.0f} MiB"
+
+
+def _divergent(ev: WalkDone) -> str:
+    """The walk's outcome for the progress line (its note while the blocks travel)."""
+    return "divergent blocks: " + ", ".join(f"{name} {n}" for name, n in ev.divergent.items())
+
+
+def _state_bytes(state: VmState) -> int:
+    """What hashing a saved state reads (its memory image and disk overlay, allocated), for the
+    progress line; 0 when a file is not there."""
+    total = 0
+    for f in (state.memory, state.disk):
+        with contextlib.suppress(OSError):
+            total += file_allocated(f)
+    return total
 
 
 def _reason(e: BaseException) -> Reason:
@@ -230,6 +275,8 @@ class SourceSide:
         self.client = client
         self.params = params
         self.report = Report()
+        self.whole: Figures = self.report.half(Role.SOURCE)
+        """The whole report: this side's half and, once the migration is done, the target's."""
         self.stats: TransferStats | None = None
         self.state_files: VmState | None = None
         self.saved_allocated_bytes = 0
@@ -237,7 +284,9 @@ class SourceSide:
         self.run_dir = ckpt.run_dir_of(machine)
         """The source clone's folder (checked: the only folder ``release`` deletes from)."""
         self.progress: Callable[[str, int, int], None] = lambda what, done, total: None
-        """(what, done, total): the CLI passes a terminal progress bar."""
+        """(phase, done, total): the CLI passes a terminal progress line (``cli.report.Progress``)."""
+        self.progress_note: Callable[[str], None] = lambda text: None
+        """A detail of the current phase for the progress line."""
         self.screenshot_at_suspend: Path | None = None
         """Where to save the source's screen at the moment it is paused (the demo shows it)."""
         self.link = RecorderLink(machine)
@@ -268,6 +317,9 @@ class SourceSide:
             self.link.ack(fr.seq)        # journalled in the session: the agent may forget it
             self.report.log_bytes += len(fr.data)
             self.report.log_frames += 1
+        behind = self.client.in_flight(Stream.LOG)
+        self.progress_note(f"{self.report.log_frames} frames; the target is {_kib(behind)} behind")
+        self.progress("recording", self.report.log_bytes, 0)
         return len(frames)
 
     async def _end_log(self) -> None:
@@ -318,6 +370,7 @@ class SourceSide:
             while time.monotonic() < t0 + FLUSH_S and not (self.settled and time.monotonic() >= t0 + MIN_FLUSH_S):
                 await self._forward(0.1)
             self.flush_s = time.monotonic() - t0
+            self.progress("saving", 0, 0)
             # freezing flushes each file system first (FIFREEZE syncs it); a separate `sync` through
             # the guest agent cost another 0.1-0.7 s under TCG
             await in_thread(m.fsfreeze)
@@ -336,8 +389,10 @@ class SourceSide:
             self._image = image = self.run_dir / "suspend.sav"
             await in_thread(m.save, image)
             self.saved_allocated_bytes = file_allocated(image)
+            self.progress("saving", self.saved_allocated_bytes, 0)
             self.state_files = VmState(image, self.run_dir / "disk.qcow2", self.checkpoint)
             await self._answer_walk()
+            self.progress("restore", 0, 0)           # the target restores its VM; the confirm follows
             await self.client.wait_confirmed(CONFIRM_TIMEOUT_S)
         except BaseException as e:
             if self.client.confirmed or (isinstance(e, SessionFailedError) and not e.keep_vm):
@@ -348,10 +403,28 @@ class SourceSide:
             raise
         self.report.downtime_s = time.monotonic() - t_pause
         self.report.verified = True
-        await _acknowledge_confirm(self.client, self.log)
         self.report.wire_bytes = self.client.wire_bytes_sent + self.client.wire_bytes_received
         self.report.finish()
+        await self._exchange_reports()
+        await _acknowledge_confirm(self.client, self.log)
         return self.report
+
+    async def _exchange_reports(self) -> None:
+        """Wait (briefly) for the target's half, send ours before ``released`` (the target goes
+        once it has that), and make the whole.  The migration is done: nothing here fails it."""
+        try:
+            theirs = await self.client.wait_peer_report(REPORT_WAIT_S)
+        except ReplayMigrateError as e:     # the session is gone: the target runs the VM all the same
+            self.log.warning("no report from the target: %s", e)
+            theirs = None
+        if theirs is None:
+            self.log.warning("the target sent no report within %.0f s: its figures are unknown", REPORT_WAIT_S)
+        mine = self.report.half(Role.SOURCE)
+        try:
+            await self.client.report(mine)
+        except ReplayMigrateError as e:
+            self.log.warning("could not send this side's report to the target: %s", e)
+        self.whole = whole_report(Role.SOURCE, mine, theirs)
 
     async def _answer_walk(self) -> None:
         assert self.state_files is not None
@@ -359,17 +432,26 @@ class SourceSide:
         trees = await (self._trees or asyncio.to_thread(checkpoint_trees, self.checkpoint))
         with ExitStack() as stack:
             sources = stack.enter_context(open_sources(self.state_files, trees))
+            self.progress("hashing", _state_bytes(self.state_files), 0)
             t0 = time.monotonic()
             mine = await asyncio.to_thread(build_trees, sources)
             bases = checkpoint_images(self.checkpoint, trees, stack)
             src = AsyncAdapter(*make_source(source_images(sources, mine, bases), self.params))
             walked = [0.0]
+            at = [_wire(self.client)]
 
             def seen(ev: object) -> None:
                 if isinstance(ev, WalkDone):
                     walked[0] = time.monotonic()
+                    at[0] = _wire(self.client)
+                    self.progress("blocks", 0, 0)
+                    self.progress_note(_divergent(ev))
 
-            await _pump_diff(self.client, src, stream=Stream.T2S, on_event=seen,
+            def moved() -> None:
+                self.progress("blocks" if walked[0] else "walk", _wire(self.client) - at[0], 0)
+
+            self.progress("walk", 0, 0)
+            await _pump_diff(self.client, src, stream=Stream.T2S, on_event=seen, on_frame=moved,
                              until=lambda: src.core.state in (SourceState.VERIFIED, SourceState.FAILED))
             if src.core.state is not SourceState.VERIFIED:
                 raise VerificationError("the target did not verify the transfer")
@@ -472,6 +554,8 @@ class TargetSide:
         self.replay_config = replay or ReplayConfig()
         self.params = params
         self.report = Report()
+        self.whole: Figures = self.report.half(Role.TARGET)
+        """The whole report: this side's half and, once the migration is done, the source's."""
         self.stats: TransferStats | None = None
         self.replay_stats: ReplayStats | None = None
         self.machine: Machine | None = None
@@ -480,7 +564,9 @@ class TargetSide:
         """Time ``on_verified`` took: not part of a real migration, left out of its downtime."""
         self._trees: asyncio.Task[CheckpointTrees] | None = None
         self.progress: Callable[[str, int, int], None] = lambda what, done, total: None
-        """(what, done, total): the CLI passes a terminal progress bar."""
+        """(phase, done, total): the CLI passes a terminal progress line (``cli.report.Progress``)."""
+        self.progress_note: Callable[[str], None] = lambda text: None
+        """A detail of the current phase for the progress line."""
         self.on_verified: Callable[[VmState], None] | None = None
         """Called with the patched, verified state before the VM is restored from it (the demo and
         the tests compare it with the source's there: once the guest runs, it writes)."""
@@ -518,6 +604,11 @@ class TargetSide:
             await asyncio.shield(_give_up(self.client, e, self.log))
             await asyncio.shield(in_thread(self._discard))
             raise
+        mine = self.report.half(Role.TARGET)
+        try:                    # the source waits for it before it lets this side go
+            await self.client.report(mine)
+        except ReplayMigrateError as e:
+            self.log.warning("could not send this side's report to the source: %s", e)
         # it resumed with the source's clock at suspend, the downtime behind. After the confirm
         # (the source waits for it; hwclock in the guest takes ~2 s), and outside the try above:
         # nothing after the confirm may discard the VM, which now lives only here
@@ -528,6 +619,10 @@ class TargetSide:
         except (ReplayMigrateError, TimeoutError) as err:
             self.log.warning("the source did not acknowledge the confirm: %s", err or "timeout")
         self.report.wire_bytes = self.client.wire_bytes_sent + self.client.wire_bytes_received
+        # the source's half comes before its released (unless a service restart lost it)
+        if self.client.peer_report is None:
+            self.log.warning("the source sent no report: its figures are unknown")
+        self.whole = whole_report(Role.TARGET, mine, self.client.peer_report)
         return self.report
 
     async def _follow(self, m: Machine) -> None:
@@ -536,7 +631,13 @@ class TargetSide:
         await in_thread(link.open)
         feed = EventFeed()
         replayer = Replayer(m, link, self.replay_config)
-        replayer.on_progress = lambda n: self.progress("replay", n, 0)
+        received = [0]
+
+        def replayed(n: int) -> None:      # (in the replay thread)
+            self.progress_note(f"{received[0] - n} events behind the source")
+            self.progress("replay", n, received[0])
+
+        replayer.on_progress = replayed
         result: list[ReplayStats | BaseException] = []
 
         def run_replay() -> None:
@@ -555,7 +656,7 @@ class TargetSide:
                 except TimeoutError:
                     continue
                 if isinstance(ev, Frame) and ev.stream is Stream.LOG:
-                    feed.put(ev.data)
+                    received[0] += feed.put(ev.data)
                     self.report.log_bytes += len(ev.data)
                     self.report.log_frames += 1
                 elif isinstance(ev, LogEnded):
@@ -587,8 +688,10 @@ class TargetSide:
         await in_thread(m.pause)
         run_dir = m.run_dir
         image = run_dir / "suspend.sav"
+        self.progress("saving", 0, 0)
         await in_thread(m.save, image)
         state = VmState(image, run_dir / "disk.qcow2", self.checkpoint)
+        self.progress("saving", file_allocated(image), 0)
         if self.on_saved is not None:
             await in_thread(self.on_saved, state)
         self.progress("hashing", 0, 0)
@@ -598,6 +701,7 @@ class TargetSide:
         walked = [0.0]
         with ExitStack() as stack:
             sources = stack.enter_context(open_sources(state, trees))
+            self.progress("hashing", _state_bytes(state), 0)
             # copy while hashing; no fsync of the memory image: it is restored at once
             copying = asyncio.create_task(asyncio.to_thread(make_sinks, state, trees, durable=False))
             try:
@@ -614,19 +718,31 @@ class TargetSide:
             await self.client.phase("diffing")
             tgt.core.start()
             pending: list[object] = []
+            divergent = [""]
+            at = _wire(self.client)
 
             def seen(ev: object) -> None:
                 if isinstance(ev, WalkDone):
                     walked[0] = time.monotonic()
+                    divergent[0] = _divergent(ev)
                 elif isinstance(ev, BatchApplied):
                     self.progress("transfer", ev.done, ev.total)
+                    self.progress_note(divergent[0])
+                    if ev.done >= ev.total:
+                        self.progress("verify", _state_bytes(state), 0)     # the patched images rehash
                 pending.append(ev)
+
+            def moved() -> None:
+                if not walked[0]:
+                    self.progress("walk", _wire(self.client) - at, 0)
+
+            self.progress("walk", 0, 0)
 
             def finished() -> bool:
                 return tgt.core.state in (TargetState.VERIFIED, TargetState.FAILED)
 
             # walk, announce the block phase to the session, then receive the blocks
-            await _pump_diff(self.client, tgt, stream=Stream.S2T, on_event=seen,
+            await _pump_diff(self.client, tgt, stream=Stream.S2T, on_event=seen, on_frame=moved,
                              until=lambda: finished() or bool(walked[0]))
             if walked[0]:
                 await self.client.phase("transferring")
@@ -647,6 +763,7 @@ class TargetSide:
             t_inspect = time.monotonic()
             await in_thread(self.on_verified, state)
             self.inspect_s = time.monotonic() - t_inspect
+        self.progress("restore", 0, 0)
         back = await in_thread(self.hv.restore_clone, image, name=m.name, disk=state.disk,
                                run_dir=run_dir, paused=False, copy=False, guest=self.checkpoint.image)
         await in_thread(back.wait_agent)
