@@ -44,6 +44,7 @@ from bench.divergence import disk_divergence, memory_divergence
 from bench.netns import NETEM_MISSING, SHAPER_NETEM, SHAPES, NetnsLink, Shape
 from bench.sides import KEPT_DISK, KEPT_MEMORY
 from migration.sides import FLUSH_S
+from migration.timeline import downtime_breakdown, excluded_seconds, merge, spans_of
 from replay_migrate.errors import HostError
 from replayer.workload import find_workload, load_workload, synthesize
 from server.credentials import CREDENTIAL_ENV, KEY_ENV, TOKEN_ENV
@@ -153,21 +154,35 @@ class Run:
     other_vms: float = 0.0
     """Mean number of other running domains (not the benchmark's) during the run: CPU contention."""
 
+    def spans(self) -> list[Any]:
+        """Both sides' phases on the host's one monotonic clock (``migration.timeline``)."""
+        return merge(spans_of(self.source["report"]), spans_of(self.target["report"]))
+
     def derived(self) -> dict[str, float]:
         s, t = self.source, self.target
+        # the benchmark's own hooks (keeping the target's state, stamping its verification) are
+        # not part of a migration: out of its downtime
+        hooks = excluded_seconds(self.spans(), s["t_paused"], t["t_resumed"])
         return {
-            "e2e_s": t["t_resumed"] - s["t_request"],
-            "downtime_s": t["t_resumed"] - s["t_paused"],
+            "e2e_s": t["t_resumed"] - s["t_request"] - hooks,
+            "downtime_s": t["t_resumed"] - s["t_paused"] - hooks,
             # what the baselines pay too: the wait for the agent's last frames is replay's alone
             "quiesce_s": max(0.0, s["t_paused"] - s["t_request"] - s.get("flush_s", FLUSH_S)),
             "save_s": s["t_saved"] - s["t_paused"],
             "restore_s": t["t_resumed"] - t["t_verified"],
             "replay_lag_s": t["t_saved"] - s["t_paused"],
-            "e2e_confirmed_s": s["t_done"] - s["t_request"],  # until the source holds the confirm
+            "e2e_confirmed_s": s["t_done"] - s["t_request"] - hooks,  # until the source holds the confirm
+            "hooks_s": hooks,
         }
+
+    def breakdown(self) -> dict[str, float]:
+        """The downtime's critical path, phase by phase (empty for a run without timelines)."""
+        spans = self.spans()
+        return downtime_breakdown(spans, self.source["t_paused"], self.target["t_resumed"]) if spans else {}
 
     def as_dict(self) -> dict[str, Any]:
         return {"link": self.link, **{k: round(v, 3) for k, v in self.derived().items()},
+                "downtime_breakdown": self.breakdown(),
                 "report": self.source["report"], "target_report": self.target["report"],
                 "replay": self.target.get("replay", {}), "events_driven": self.source.get("events_driven"),
                 "drive_s": self.source.get("drive_s"), "other_vms_running": round(self.other_vms, 2)}
@@ -450,7 +465,8 @@ def write_results(results: dict[str, Any], out: Path) -> Path:
     (out / "migration.json").write_text(json.dumps(results, indent=2) + "\n")
     plots = [p for p in (tables.plot_bytes(results, out / "bytes.png"),
                          tables.plot_time(results, out / "time_vs_bandwidth.png"),
-                         tables.plot_divergence(results, out / "divergence.png")) if p is not None]
+                         tables.plot_divergence(results, out / "divergence.png"),
+                         tables.plot_downtime(results, out / "downtime.png")) if p is not None]
     stale = out / "time_vs_bandwidth.png"
     if stale not in plots:
         stale.unlink(missing_ok=True)

@@ -97,6 +97,11 @@ def test_migrate_embedded(make_clone: Callable[..., Machine], hv: Hypervisor, ch
             assert r["events_replayed"] > 50 and r["sync_marks_met"] >= 1, replay
             assert 0 < r["wire_bytes"] < r["baseline_bytes"], r
             assert r["divergent_blocks"]["memory"] > 0
+            # the downtime, phase by phase along its critical path, adds up (the test's hook left out)
+            phases = r["downtime_breakdown"]
+            assert sum(phases.values()) == pytest.approx(r["downtime_s"], abs=0.01), phases
+            assert {"target save", "target restore", "target thaw"} <= set(phases), phases
+            assert not any("inspect" in k for k in phases), phases
             target = hv.lookup(target_name)
             assert target.state is MachineState.RUNNING
             # identical state, checked at the target before it resumed (a running guest writes):

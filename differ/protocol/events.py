@@ -63,6 +63,9 @@ class Of(enum.Enum):
     """An image's base: the same image at the checkpoint both sides started from."""
     REFERENCE = "reference"
     """Other content the target holds (the checkpoint's memory image), by the name it was given."""
+    PATCHED = "patched"
+    """(Target) one of its images as patched so far: the leaves it wrote, read back to verify them
+    (a write that did not land shows there)."""
 
 
 @dataclass(frozen=True)
