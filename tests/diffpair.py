@@ -54,10 +54,12 @@ class Pair:
         dry_run: bool = False,
         measure_plain: bool = False,
         sinks: dict[str, type[MemorySink]] | None = None,
+        verify_written: bool = False,
     ) -> None:
         """``bases``: the common checkpoint's version of each image, held by both sides;
         ``target_bases``: the target's (content, tree) instead, to make it disagree; ``sinks``:
-        a sink class per image instead of MemorySink."""
+        a sink class per image instead of MemorySink; ``verify_written``: the target verifies by
+        reading back what it wrote."""
         self.a = a
         bases = bases or {}
         t_bases = target_bases or {name: (data, MerkleTree.from_bytes(data)) for name, data in bases.items()}
@@ -88,6 +90,7 @@ class Pair:
             references=[ReferenceImage(MemorySource(r), MerkleTree.from_bytes(r)) for r in references],
             dry_run=dry_run,
             key=KEY,
+            verify_written=verify_written,
         )
 
     def run(self) -> TransferStats:

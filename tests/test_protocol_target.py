@@ -14,7 +14,19 @@ from hypothesis import strategies as st
 from bench.fuzz_targets import fuzz_one
 from differ.memsource import MemoryImage, MemorySink, MemorySource
 from differ.merkle import MerkleTree
-from differ.protocol import BatchApplied, ImageSpec, ProtocolParams, SourceState, Target, TargetState
+from differ.protocol import (
+    BatchApplied,
+    HashImage,
+    ImageSpec,
+    Of,
+    ProtocolParams,
+    ReadLeaves,
+    Request,
+    Result,
+    SourceState,
+    Target,
+    TargetState,
+)
 from differ.sync import sync_local
 from differ.transfer import run_local
 from replay_migrate.errors import LocalProtocolError, ProtocolError, ReplayMigrateError, VerificationError
@@ -131,6 +143,81 @@ def test_root_mismatch_after_patching_aborts_every_image() -> None:
     pair = Pair({"disk": bytes(a), "memory": rand(4 * PAGE, 1)}, {"disk": b, "memory": rand(4 * PAGE, 2)},
                 sinks={"disk": LyingSink})
     with pytest.raises(VerificationError):
+        pair.run()
+    assert pair.data() == b and all(s.aborted and not s.committed for s in pair.sinks.values())
+
+
+# -- verifying by reading back what was written (issue 13 item 3) --------------------------------
+
+
+def _requests(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> list[Request]:
+    """The requests the pair's target makes, in order, as its adapter fulfils them."""
+    seen: list[Request] = []
+    fulfil = pair.target.io.fulfil
+
+    def recording(req: Request) -> Result:
+        seen.append(req)
+        return fulfil(req)
+
+    monkeypatch.setattr(pair.target.io, "fulfil", recording)
+    return seen
+
+
+def _changed(b: bytes, pages: dict[int, bytes]) -> bytes:
+    a = bytearray(b)
+    for i, page in pages.items():
+        a[i * PAGE : (i + 1) * PAGE] = page
+    return bytes(a)
+
+
+def test_verify_written_reads_back_only_the_leaves_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No rehash of the whole image: the target reads back the leaves it wrote (a zeroed one
+    too), hashes them and takes every other digest from its tree; the images are the source's."""
+    b = rand(300 * PAGE, 1)
+    a = _changed(b, {7: rand(PAGE, 2), 8: bytes(PAGE), 250: rand(PAGE, 3)})
+    memory_b = rand(40 * PAGE, 4)
+    pair = Pair({"disk": a, "memory": _changed(memory_b, {39: rand(PAGE, 5)})}, {"disk": b, "memory": memory_b},
+                verify_written=True)
+    seen = _requests(pair, monkeypatch)
+    stats = pair.run()
+    assert stats.verified and pair.data() == a and pair.data("memory") == _changed(memory_b, {39: rand(PAGE, 5)})
+    assert not any(isinstance(r, HashImage) for r in seen)
+    backs = {r.holding.name: r.leaves for r in seen if isinstance(r, ReadLeaves) and r.holding.of is Of.PATCHED}
+    assert backs == {"disk": (7, 8, 250), "memory": (39,)}
+
+
+def test_verify_written_rehashes_an_image_whose_size_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    b = rand(30 * PAGE, 1)
+    a = _changed(b, {3: rand(PAGE, 2)}) + rand(PAGE // 2, 3)
+    pair = one(a, b, verify_written=True)
+    seen = _requests(pair, monkeypatch)
+    assert pair.run().verified and pair.data() == a
+    assert [r.name for r in seen if isinstance(r, HashImage)] == ["disk"]
+    assert not any(isinstance(r, ReadLeaves) and r.holding.of is Of.PATCHED for r in seen)
+
+
+class DroppingSink(MemorySink):
+    """Reports every write done but silently loses the one to leaf 8 (a write that did not land)."""
+
+    def write(self, index: int, data: bytes) -> None:
+        if index != 8:
+            super().write(index, data)
+
+    def zero(self, index: int) -> None:
+        if index != 8:
+            super().zero(index)
+
+
+@pytest.mark.parametrize("sink, page8", [(DroppingSink, rand(PAGE, 2)), (DroppingSink, bytes(PAGE)),
+                                         (LyingSink, rand(PAGE, 2))], ids=["lost write", "lost zero", "wrong bytes"])
+def test_verify_written_catches_a_write_that_did_not_land(sink: type[MemorySink], page8: bytes) -> None:
+    """The read-back shows the leaf's old content, so the recomputed root is not the source's:
+    VerificationError, every image aborted, nothing committed."""
+    b = rand(20 * PAGE)
+    a = _changed(b, {3: rand(PAGE, 3), 8: page8})
+    pair = Pair({"disk": a, "memory": rand(4 * PAGE, 1)}, {"disk": b, "memory": rand(4 * PAGE, 2)},
+                sinks={"disk": sink}, verify_written=True)
+    with pytest.raises(VerificationError, match="root differs"):
         pair.run()
     assert pair.data() == b and all(s.aborted and not s.committed for s in pair.sinks.values())
 

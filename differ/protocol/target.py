@@ -5,34 +5,46 @@ root and commits only when all equal the source's.
 
 It holds trees only. What it reads (its own blocks for fingerprints and deltas, its base's, the
 content it references), writes, hashes and commits it asks its adapter for, one request at a time.
+
+Verifying a patched image either rehashes all of it (a :class:`HashImage` request) or, with
+``verify_written``, reads back only the leaves it wrote (:attr:`Of.PATCHED`), hashes them itself and
+recomputes the root from its tree with those leaves replaced (the leaves it did not write are the
+ones whose digests it already holds): the same 32-byte root check, at the cost of the written
+leaves instead of the whole image. A write that did not land reads back as the old content and
+fails the check.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-from differ.merkle import DIGEST_SIZE, MerkleTree, leaf_count_for
+from differ.merkle import DIGEST_SIZE, MerkleTree, leaf_count_for, leaf_digest, leaf_length
 from differ.protocol._state import TARGET, Call, TargetState
 from differ.protocol.batch import apply_batch, read_layout
-from differ.protocol.endpoint import Endpoint, Handler, HandlerFn, ImageSpec, check_images
+from differ.protocol.endpoint import Endpoint, Handler, HandlerFn, ImageSpec, check_images, read_leaves
 from differ.protocol.events import (
     Abort,
     BatchApplied,
     Commit,
     Hashed,
     HashImage,
+    Holding,
     LeafWrite,
+    Of,
+    Request,
+    Result,
     Verified,
     WalkDone,
     WriteLeaves,
 )
 from differ.protocol.framing import Message
 from differ.protocol.messages import ENTRY_BYTES, MsgType, Shape, array, integer, mapping
-from differ.protocol.params import KEY_SIZE, ProtocolParams
+from differ.protocol.params import KEY_SIZE, READ_RUN, ProtocolParams
 from differ.protocol.stats import ImageStats
 from differ.protocol.walk import Walk, first_level, walk_bytes
 from differ.protocol.want import ImageState, Plan, decide
@@ -49,9 +61,12 @@ class Target(Endpoint[TargetState]):
     leaf digests substituted. ``key``: the fingerprint key (random by default; tests pass one to be
     deterministic). ``verify_untouched``: also rehash images the transfer did not change before
     committing, which catches a stale target tree (one that no longer describes the image) at the
-    cost of reading the image; False trusts the tree for those. ``max_sizes``: per image name, the
-    largest size to accept from the source, for a caller that knows it (a local sync holds both
-    sides); the others follow ``ProtocolParams.size_limit``.
+    cost of reading the image; False trusts the tree for those. ``verify_written``: verify a
+    patched image by reading back the leaves written and recomputing its root from the tree (see
+    the module's docstring) instead of rehashing all of it; an image whose size changed is still
+    rehashed whole. ``max_sizes``: per image name, the largest size to accept from the source, for
+    a caller that knows it (a local sync holds both sides); the others follow
+    ``ProtocolParams.size_limit``.
     """
 
     side = "target"
@@ -65,6 +80,7 @@ class Target(Endpoint[TargetState]):
         dry_run: bool = False,
         key: bytes | None = None,
         verify_untouched: bool = True,
+        verify_written: bool = False,
         max_sizes: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__(params, TARGET, TargetState.IDLE, TargetState.FAILED)
@@ -83,6 +99,7 @@ class Target(Endpoint[TargetState]):
         self._references = dict(references or {})
         self.dry_run = dry_run
         self.verify_untouched = verify_untouched
+        self.verify_written = verify_written
         self._key = key if key is not None else os.urandom(KEY_SIZE)
         if len(self._key) != KEY_SIZE:
             raise ValueError("key must be 32 bytes")
@@ -263,6 +280,10 @@ class Target(Endpoint[TargetState]):
             if self.dry_run:
                 root = im.view.replace_leaves(self._plan.leaf[sel], self._plan.full[sel]).root if sel.any() \
                     else im.view.root
+            elif self.verify_written and sel.any() and im.shape.size == im.tree.size:
+                written = np.sort(self._plan.leaf[sel])
+                digests = yield from self._read_back(im, written)
+                root = im.view.replace_leaves(written, digests).root
             elif im.touched or self.verify_untouched:
                 hashed = yield HashImage(im.name, im.shape.fanout)
                 assert isinstance(hashed, Hashed)
@@ -278,3 +299,18 @@ class Target(Endpoint[TargetState]):
         self._send(MsgType.VERIFIED, {})
         return [Verified()]
 
+    def _read_back(self, im: ImageState, leaves: npt.NDArray[np.int64]) -> Generator[
+            Request, Result, npt.NDArray[np.uint8]]:
+        """The digests of ``leaves`` (ascending) as the patched image holds them now, read back
+        ``READ_RUN`` at a time and hashed here."""
+        assert im.shape is not None
+        out = np.empty((len(leaves), DIGEST_SIZE), dtype=np.uint8)
+        order = leaves.tolist()
+        for k in range(0, len(order), READ_RUN):
+            part = order[k : k + READ_RUN]
+            blocks = yield from read_leaves(Holding(Of.PATCHED, im.name), part)
+            for j, (leaf, block) in enumerate(zip(part, blocks, strict=True)):
+                if len(block) != leaf_length(im.shape.size, leaf):
+                    raise VerificationError(f"image {im.name!r}: leaf {leaf} reads back {len(block)} bytes")
+                out[k + j] = np.frombuffer(leaf_digest(block), dtype=np.uint8)
+        return out
