@@ -7,7 +7,7 @@ import random
 
 import msgpack
 import pytest
-from diffpair import PAGE, Pair, mtype, one, peak_of, rand, replayed, tree_bytes
+from diffpair import PAGE, InPlaceImage, InPlaceSink, Pair, mtype, one, peak_of, rand, replayed, tree_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -136,6 +136,11 @@ class LyingSink(MemorySink):
         super().write(index, bytes([data[0] ^ 1]) + data[1:])
 
 
+class LyingInPlaceSink(InPlaceSink):
+    def write(self, index: int, data: bytes) -> None:
+        super().write(index, bytes([data[0] ^ 1]) + data[1:])
+
+
 def test_root_mismatch_after_patching_aborts_every_image() -> None:
     b = rand(20 * PAGE)
     a = bytearray(b)
@@ -220,6 +225,54 @@ def test_verify_written_catches_a_write_that_did_not_land(sink: type[MemorySink]
     with pytest.raises(VerificationError, match="root differs"):
         pair.run()
     assert pair.data() == b and all(s.aborted and not s.committed for s in pair.sinks.values())
+
+
+# -- patching in place (issue 13 item 3) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("verify_written", [False, True])
+def test_a_reference_to_a_leaf_an_earlier_batch_overwrote_is_read_before_the_write(verify_written: bool) -> None:
+    """In place, the target's own image changes as batches are written. A leaf that moved (the
+    source holds at leaf 9 what the target holds at leaf 5, and leaf 5 gets new content in an
+    earlier batch) is read before that batch is written and kept for the later one: the target
+    never reads a leaf of its own image after it asked for it to be written."""
+    b = rand(12 * PAGE, 1)
+    a = _changed(b, {5: rand(PAGE, 2), 9: b[5 * PAGE : 6 * PAGE], 10: b[5 * PAGE : 6 * PAGE]})
+    params = ProtocolParams(max_batch_entries=1, delta=False)
+    pair = one(a, b, params=params, in_place=True, verify_written=verify_written)
+    stats = pair.run()
+    assert stats.verified and pair.data() == a
+    assert stats.images["disk"].referenced == 2 and pair.target.stats.batches == 3      # one batch per leaf
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), leaves=st.integers(2, 40), batch=st.sampled_from([1, 2, 5, 4096]),
+       verify_written=st.booleans())
+def test_property_shuffled_pages_patch_in_place(seed: int, leaves: int, batch: int, verify_written: bool) -> None:
+    """The source holds the target's pages shuffled, some new, some zeroed: most leaves travel as
+    references to leaves of the target's own image that other batches overwrite. Patched in
+    place, the image comes out as the source's, and no leaf of it is read after it was written
+    (``InPlaceImage`` refuses that)."""
+    rng = random.Random(seed)
+    pages = [rand(PAGE, rng.randrange(1 << 30)) for _ in range(leaves)]
+    order = list(range(leaves))
+    rng.shuffle(order)
+    a_pages = [pages[i] if rng.random() < 0.7 else rand(PAGE, rng.randrange(1 << 30)) if rng.random() < 0.7
+               else bytes(PAGE) for i in order]
+    a, b = b"".join(a_pages), b"".join(pages)
+    pair = one(a, b, params=ProtocolParams(max_batch_entries=batch, delta=rng.random() < 0.5), in_place=True,
+               verify_written=verify_written)
+    assert pair.run().verified and pair.data() == a
+
+
+def test_an_in_place_transfer_that_fails_discards_the_image() -> None:
+    b = rand(20 * PAGE)
+    pair = one(_changed(b, {3: rand(PAGE, 3)}), b, in_place=True, sinks={"disk": LyingInPlaceSink},
+               verify_written=True)
+    with pytest.raises(VerificationError):
+        pair.run()
+    image = pair.images["disk"]
+    assert isinstance(image, InPlaceImage) and image.deleted and not pair.sinks["disk"].committed
 
 
 # -- announced sizes (issue 10 finding 5) ----------------------------------------------------------

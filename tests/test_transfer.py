@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from diffpair import KEY, PAGE, one, rand
+from diffpair import KEY, PAGE, InPlaceImage, one, rand
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -232,14 +232,15 @@ def image_pairs(draw: st.DrawFn) -> tuple[bytes, bytes]:
     sub=st.sampled_from([64, 256, 4096]),
     delta=st.booleans(),
     verify_written=st.booleans(),
+    in_place=st.booleans(),
 )
 def test_property_target_equals_source(
     pair: tuple[bytes, bytes], fanout: int, target_fanout: int, digest_bytes: int, sub: int, delta: bool,
-    verify_written: bool,
+    verify_written: bool, in_place: bool,
 ) -> None:
     a, b = pair
     params = ProtocolParams(digest_bytes=digest_bytes, sub_block_size=sub, delta=delta, max_message_bytes=64 << 10)
-    image = MemoryImage(b)
+    image = InPlaceImage(b) if in_place else MemoryImage(b)
     sink = image.sink()
     source = blocking_source([SourceImage("x", MemorySource(a), MerkleTree.from_bytes(a, fanout))], params)
     target = blocking_target(
@@ -260,17 +261,19 @@ def test_property_target_equals_source(
     check_bytes=st.sampled_from([0, 4]),
     delta_with_base=st.booleans(),
     verify_written=st.booleans(),
+    in_place=st.booleans(),
 )
 def test_property_three_way_target_equals_source(
     data: st.DataObject, fanout: int, digest_bytes: int, check_bytes: int, delta_with_base: bool,
-    verify_written: bool,
+    verify_written: bool, in_place: bool,
 ) -> None:
     """Source and target both grown from one base (the checkpoint), the base-relative walk on."""
     base = data.draw(images())
     a, b = mutate(data.draw, base), mutate(data.draw, base)
     params = ProtocolParams(digest_bytes=digest_bytes, check_bytes=check_bytes, delta_with_base=delta_with_base,
-                            max_message_bytes=64 << 10)
-    pair = one(a, b, fanout=fanout, params=params, bases={"disk": base}, verify_written=verify_written)
+                            max_message_bytes=64 << 10, max_batch_entries=data.draw(st.sampled_from([1, 3, 4096])))
+    pair = one(a, b, fanout=fanout, params=params, bases={"disk": base}, verify_written=verify_written,
+               in_place=in_place)
     stats = pair.run()
     assert pair.data() == a and stats.verified
     view = MerkleTree.from_bytes(b).resized(len(a))

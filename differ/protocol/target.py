@@ -25,7 +25,7 @@ import numpy.typing as npt
 
 from differ.merkle import DIGEST_SIZE, MerkleTree, leaf_count_for, leaf_digest, leaf_length
 from differ.protocol._state import TARGET, Call, TargetState
-from differ.protocol.batch import apply_batch, read_layout
+from differ.protocol.batch import Ready, apply_batch, read_layout
 from differ.protocol.endpoint import Endpoint, Handler, HandlerFn, ImageSpec, check_images, read_leaves
 from differ.protocol.events import (
     Abort,
@@ -108,6 +108,9 @@ class Target(Endpoint[TargetState]):
         self._plan = Plan.empty(self._t)
         self._next_batch = 0
         self._applied = 0
+        self._own_refs: dict[tuple[str, int], list[int]] = {}
+        self._kept: dict[int, bytes] = {}
+        """Referenced content of own leaves that an earlier batch overwrote, by position."""
 
     @property
     def roots(self) -> dict[str, bytes]:
@@ -241,6 +244,7 @@ class Target(Endpoint[TargetState]):
             return []
         want, self._plan = yield from decide(self._by_gi, self._images, self._references, self.params, self._key,
                                              self.dry_run, self.stats)
+        self._own_refs = self._references_to_own_leaves()
         self.stats.round_trips += 1
         self.state = TargetState.RECEIVING
         self._send(MsgType.WANT, {"p": want})
@@ -258,8 +262,9 @@ class Target(Endpoint[TargetState]):
         if n > self._next_batch:
             raise ProtocolError(f"blocks message {n} while expecting {self._next_batch}")
         layout = read_layout(msg, self._plan, self._applied, self._by_gi, self.params)
-        ready = yield from apply_batch(layout, self._plan, self._by_gi, self.params)
+        ready = yield from apply_batch(layout, self._plan, self._by_gi, self.params, self._kept)
         if ready and not self.dry_run:  # every leaf of the batch verified: only now written
+            yield from self._keep_overwritten(ready, layout.start + len(layout.entries))
             yield WriteLeaves(tuple(LeafWrite(im.name, leaf, data) for im, leaf, data, _ in ready))
         for im, _, _, how in ready:
             counts = self.stats.images[im.name]
@@ -270,10 +275,40 @@ class Target(Endpoint[TargetState]):
         self._send(MsgType.ACK, {"n": n})
         return [BatchApplied(n, self._applied, self._plan.total)]
 
+    def _references_to_own_leaves(self) -> dict[tuple[str, int], list[int]]:
+        """(image, leaf) of this side's own images that references of the plan point at → the
+        positions that refer to it."""
+        out: dict[tuple[str, int], list[int]] = {}
+        index = self._plan.index
+        if index is not None:
+            for pos, loc in sorted(self._plan.ref.items()):
+                holding = index.holding(loc)
+                if holding.of is Of.IMAGE:
+                    out.setdefault((holding.name, loc[1]), []).append(pos)
+        return out
+
+    def _keep_overwritten(self, ready: Sequence[Ready], end: int) -> Generator[Request, Result, None]:
+        """Before a batch is written: read the leaves it overwrites that a reference of a later
+        batch (position ``end`` on) points at, and keep them for it. So the core never reads a
+        leaf of its own image after asking for it to be written, and an adapter may patch the
+        image in place (``differ.patch``)."""
+        wanted: dict[str, list[int]] = {}
+        for im, leaf, _, _ in ready:
+            if any(pos >= end for pos in self._own_refs.get((im.name, leaf), ())):
+                wanted.setdefault(im.name, []).append(leaf)
+        for name, leaves in wanted.items():
+            leaves.sort()
+            blocks = yield from read_leaves(Holding(Of.IMAGE, name), leaves)
+            for leaf, block in zip(leaves, blocks, strict=True):
+                for pos in self._own_refs[(name, leaf)]:
+                    if pos >= end:
+                        self._kept[pos] = block
+
     def _on_end(self, msg: Message) -> Handler:
         n = integer(msg, "n", 0, 1 << 32)
         if n != self._next_batch or self._applied != self._plan.total:
             raise ProtocolError("end before every requested leaf arrived")
+        self._kept.clear()  # kept for references the source answered with blocks instead
         for im in self._by_gi:
             assert im.shape is not None and im.view is not None
             sel = self._plan.img == im.gi
