@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import secrets
+import shlex
 import shutil
 import subprocess
 import sys
@@ -211,7 +212,7 @@ def _remove_ours(hv: Hypervisor, names: Sequence[str]) -> None:
 
 
 def migrate(hv: Hypervisor, ck: ckpt.Checkpoint, wl: str, workload: Path, link: NetnsLink, link_key: str,
-            token: str, keyring: Keyring, work: Path, *, keep: bool) -> Run:
+            token: str, keyring: Keyring, work: Path, *, keep: bool, target_args: Sequence[str] = ()) -> Run:
     """Source clone driven by ``workload`` in the source namespace, target clone replaying in the
     target namespace, the service there too; returns when the target runs the migrated VM."""
     src_name, tgt_name = f"{PREFIX}{wl}-src", f"{PREFIX}{wl}-tgt"
@@ -232,7 +233,7 @@ def migrate(hv: Hypervisor, ck: ckpt.Checkpoint, wl: str, workload: Path, link: 
         src = ckpt.start_clone(hv, ck, src_name)
         src.wait_agent()
         tgt_argv = [py, "-m", "bench.sides", "target", "--url", tgt_url, "--checkpoint", ck.name,
-                    "--name", tgt_name, "--out", str(wdir / f"target-{link_key}.json")]
+                    "--name", tgt_name, "--out", str(wdir / f"target-{link_key}.json"), *target_args]
         src_argv = [py, "-m", "bench.sides", "source", "--url", src_url, "--checkpoint", ck.name,
                     "--domain", src_name, "--workload", str(workload), "--out", str(wdir / f"source-{link_key}.json")]
         if keep:
@@ -362,6 +363,8 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     keyring = Keyring(key, token)
     results: dict[str, Any] = {"meta": {}, "workloads": {}}
     notes: list[str] = []
+    if args.target_args:
+        notes.append(f"The targets ran as a variant: `bench.sides target ... {shlex.join(args.target_args)}`.")
     with Hypervisor() as hv:
         ck, created = ckpt.ensure(hv, CHECKPOINT)
         log(f"checkpoint {ck.name}: {'created' if created else 'cached'}")
@@ -399,7 +402,8 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
                         notes.append(f"`{wl}` ran as the bench-only trimmed copy `{path.relative_to(REPO)}`.")
                     if shapes:
                         link.shape(shapes[0])
-                    run = migrate(hv, ck, wl, path, link, first, token, keyring, work, keep=True)
+                    run = migrate(hv, ck, wl, path, link, first, token, keyring, work, keep=True,
+                                  target_args=args.target_args)
                     shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
                     w: dict[str, Any] = {"file": str(shown), "session_s": round(run.source["drive_s"], 1),
                                          "runs": {first: run.as_dict()}}
@@ -419,7 +423,7 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
                         if wl not in REPEAT_AT_SECOND_LINK:
                             continue
                         run = migrate(hv, ck, wl, workload_file(wl), link, shape.key, token, keyring, work,
-                                      keep=False)
+                                      keep=False, target_args=args.target_args)
                         w = results["workloads"][wl]
                         w["runs"][shape.key] = run.as_dict()
                         d = run.derived()
@@ -451,7 +455,7 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
                  "shapes": [{"key": s.key, "name": s.name, "rate_mbit": s.rate_mbit, "rtt_ms": s.rtt_ms}
                             for s in shapes]},
         "params": {"max_send_bytes": MAX_SEND_BYTES, "repeat_at_second_link": list(REPEAT_AT_SECOND_LINK),
-                   "flush_s": FLUSH_S},
+                   "flush_s": FLUSH_S, "target_args": args.target_args},
         "notes": notes,
         "elapsed_s": round(time.monotonic() - t_begin, 1),
     }
@@ -482,6 +486,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--no-link", action="store_true", help="do not shape the link (no shaped times; exit 0)")
     ap.add_argument("--keep-work", action="store_true", help="keep the saved states in --work afterwards")
+    ap.add_argument("--target-args", type=shlex.split, default=[], metavar="ARGS",
+                    help="more arguments for the target side (`python -m bench.sides target --help`), to measure "
+                         "a variant, e.g. --target-args='--copy-sinks --rehash'")
     ap.add_argument("--render", type=Path, metavar="JSON",
                     help="only re-render the report and plots of an earlier run's migration.json into --out")
     args = ap.parse_args(argv)

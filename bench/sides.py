@@ -5,8 +5,9 @@ the CLI's ``record --to`` and ``follow`` use, with what the benchmark needs besi
 * timestamps on the host's monotonic clock (one clock for both processes): when the user asked to
   migrate, when each VM paused, saved, verified, resumed;
 * the source's saved state is kept (``record --to`` deletes it after the confirm), and so is the
-  target's own state from before the walk patched it (hard links made in ``on_saved``), so the
-  baselines and the divergence analysis see exactly what the migration saw.
+  target's own state from before the walk patched it (copied in ``on_saved``: the target patches
+  it in place; a hook left out of the downtime), so the baselines and the divergence analysis see
+  exactly what the migration saw.
 
     python -m bench.sides source --url URL --domain D --checkpoint C --workload W.wl --keep DIR --out R.json
     python -m bench.sides target --url URL --name N --checkpoint C [--keep DIR] --out R.json
@@ -31,6 +32,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from differ.patch import sparse_copy
 from migration.sides import SourceSide, TargetSide
 from replayer.drive import drive
 from replayer.replay import ReplayConfig
@@ -63,13 +65,18 @@ class StampedMachine(Machine):
         self.t_saved = time.monotonic()
 
 
-def keep_state(state: VmState, keep: Path) -> None:
-    """Hard-link a side's saved images into ``keep`` (the originals get patched or deleted)."""
+def keep_state(state: VmState, keep: Path, *, copy: bool = False) -> None:
+    """Hard-link a side's saved images into ``keep`` (the originals get deleted, or patched through
+    copies); ``copy``: copy them (sparse), for a target that patches its images in place (a link
+    would see them patched; the sinks refuse an image with another name)."""
     keep.mkdir(parents=True, exist_ok=True)
     for src, name in ((state.memory, KEPT_MEMORY), (state.disk, KEPT_DISK)):
         dst = keep / name
         dst.unlink(missing_ok=True)
-        os.link(src, dst)
+        if copy:
+            sparse_copy(src, dst)
+        else:
+            os.link(src, dst)
 
 
 async def run_source(args: argparse.Namespace) -> dict[str, Any]:
@@ -104,7 +111,7 @@ async def run_target(args: argparse.Namespace) -> dict[str, Any]:
     def saved(state: VmState) -> None:
         stamps["t_saved"] = time.monotonic()
         if args.keep is not None:
-            keep_state(state, args.keep)
+            keep_state(state, args.keep, copy=not args.copy_sinks)
 
     def verified(state: VmState) -> None:
         stamps["t_verified"] = time.monotonic()
@@ -112,7 +119,8 @@ async def run_target(args: argparse.Namespace) -> dict[str, Any]:
     with Hypervisor() as hv:
         async with SessionClient(args.url, load_credential(None, Role.TARGET)) as client:
             stamps["t_attached"] = time.monotonic()
-            side = TargetSide(hv, ck, client, args.name, replay=ReplayConfig(gap_cap_s=args.gap_cap))
+            side = TargetSide(hv, ck, client, args.name, replay=ReplayConfig(gap_cap_s=args.gap_cap),
+                              in_place=not args.copy_sinks, verify_written=not args.rehash)
             side.on_saved = saved
             side.on_verified = verified
             report = await side.run()
@@ -136,6 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             p.add_argument("--name", required=True)
             p.add_argument("--gap-cap", type=float, default=REPLAY_GAP_CAP_S)
+            p.add_argument("--copy-sinks", action="store_true", help="patch copies of the clone's images "
+                           "(before issue 13: a variant to measure against)")
+            p.add_argument("--rehash", action="store_true", help="verify by rehashing the patched images whole "
+                           "(before issue 13)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s {args.role} %(name)s: %(message)s")

@@ -145,7 +145,7 @@ class LocalIO:
 
 def read_leaves(source: BlockSource, leaves: Sequence[int]) -> list[bytes]:
     """``source``'s blocks at ``leaves`` (ascending); consecutive leaves are read in one call (a
-    qcow2 source may spawn qemu-img per call for backing data), at most ``READ_RUN`` at once."""
+    qcow2 source spawns qemu-img per call for compressed clusters), at most ``READ_RUN`` at once."""
     out: list[bytes] = []
     k = 0
     while k < len(leaves):

@@ -536,9 +536,16 @@ class TargetSide:
     over the source's state."""
 
     def __init__(self, hv: Hypervisor, checkpoint: ckpt.Checkpoint, client: SessionClient, name: str,
-                 *, replay: ReplayConfig | None = None, params: ProtocolParams | None = None) -> None:
+                 *, replay: ReplayConfig | None = None, params: ProtocolParams | None = None,
+                 in_place: bool = True, verify_written: bool = True) -> None:
         self.hv = hv
         self.checkpoint = checkpoint
+        self.in_place = in_place
+        """Patch the clone's own images (``differ.patch``: no copy; an abort deletes them, and the
+        clone is discarded on any failure anyway). False: patch copies, as ``sync`` does."""
+        self.verify_written = verify_written
+        """Verify by reading back the leaves written (``differ.protocol.target``). False: rehash
+        both patched images whole."""
         self.client = client
         self.name = name
         self.replay_config = replay or ReplayConfig()
@@ -687,9 +694,9 @@ class TargetSide:
 
             def copy() -> dict[str, BlockSink]:
                 with tl.phase("copy"):
-                    return make_sinks(state, trees, durable=False)
+                    return make_sinks(state, trees, durable=False, in_place=self.in_place)
 
-            # copy while hashing; no fsync of the memory image: it is restored at once
+            # sinks (copies, unless in place) made while hashing; nothing fsynced: restored at once
             copying = asyncio.create_task(asyncio.to_thread(copy))
             try:
                 with tl.phase("hash"):
@@ -704,7 +711,9 @@ class TargetSide:
                 bases = checkpoint_images(self.checkpoint, trees, stack)
                 images = stack.enter_context(open_target_images(state, trees, sources, mine, bases=bases,
                                                                 sinks=sinks))
-                core, io = make_target(images, self.params, references=references(bases))
+                core, io = make_target(images, self.params, references=references(bases),
+                                       verify_written=self.verify_written,
+                                       verify_untouched=not self.verify_written)
             tgt = AsyncAdapter(core, io, on_request=self._note_request)
             await self.client.phase("diffing")
             tgt.core.start()
