@@ -363,6 +363,8 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     keyring = Keyring(key, token)
     results: dict[str, Any] = {"meta": {}, "workloads": {}}
     notes: list[str] = []
+    if args.migrations_only:
+        notes.append("Only the replay-migrate migrations ran (`--migrations-only`): no baselines, no divergence.")
     if args.target_args:
         notes.append(f"The targets ran as a variant: `bench.sides target ... {shlex.join(args.target_args)}`.")
     with Hypervisor() as hv:
@@ -402,13 +404,14 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
                         notes.append(f"`{wl}` ran as the bench-only trimmed copy `{path.relative_to(REPO)}`.")
                     if shapes:
                         link.shape(shapes[0])
-                    run = migrate(hv, ck, wl, path, link, first, token, keyring, work, keep=True,
+                    run = migrate(hv, ck, wl, path, link, first, token, keyring, work, keep=not args.migrations_only,
                                   target_args=args.target_args)
                     shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
                     w: dict[str, Any] = {"file": str(shown), "session_s": round(run.source["drive_s"], 1),
-                                         "runs": {first: run.as_dict()}}
-                    log(f"{wl}: baselines and divergence on the kept states")
-                    w.update(measure_baselines(ck, work / wl, trees))
+                                         "runs": {first: run.as_dict()}, "bytes": {}}
+                    if not args.migrations_only:
+                        log(f"{wl}: baselines and divergence on the kept states")
+                        w.update(measure_baselines(ck, work / wl, trees))
                     w["bytes"] = {"replay-migrate": run.source["report"]["wire_bytes"], **w["bytes"]}
                     d = run.derived()
                     w["timing"] = {first: {"replay-migrate": {"e2e_s": d["e2e_s"], "downtime_s": d["downtime_s"],
@@ -429,7 +432,7 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
                         d = run.derived()
                         w["timing"].setdefault(shape.key, {})["replay-migrate"] = {
                             "e2e_s": d["e2e_s"], "downtime_s": d["downtime_s"], "how": "measured migration"}
-                for shape in shapes:
+                for shape in shapes if not args.migrations_only else ():
                     time_baselines(link, shape, results["workloads"], token)
             finally:
                 receiver.stop()
@@ -486,6 +489,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--no-link", action="store_true", help="do not shape the link (no shaped times; exit 0)")
     ap.add_argument("--keep-work", action="store_true", help="keep the saved states in --work afterwards")
+    ap.add_argument("--migrations-only", action="store_true",
+                    help="only the replay-migrate runs: no baselines, no divergence analysis (to compare variants)")
     ap.add_argument("--target-args", type=shlex.split, default=[], metavar="ARGS",
                     help="more arguments for the target side (`python -m bench.sides target --help`), to measure "
                          "a variant, e.g. --target-args='--copy-sinks --rehash'")
