@@ -42,7 +42,7 @@ from server.credentials import load_credential
 from server.wire import Role
 from store import checkpoint as ckpt
 from store.vmstate import VmState
-from vm.machine import Hypervisor, Machine
+from vm.machine import SAVE_CHANNELS, Hypervisor, Machine
 
 KEPT_MEMORY = "memory.sav"
 KEPT_DISK = "disk.qcow2"
@@ -60,8 +60,8 @@ class StampedMachine(Machine):
         super().pause()
         self.t_paused = time.monotonic()
 
-    def save(self, path: Path) -> None:
-        super().save(path)
+    def save(self, path: Path, *, channels: int = SAVE_CHANNELS) -> None:
+        super().save(path, channels=channels)
         self.t_saved = time.monotonic()
 
 
