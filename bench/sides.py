@@ -10,17 +10,21 @@ the CLI's ``record --to`` and ``follow`` use, with what the benchmark needs besi
   exactly what the migration saw.
 
     python -m bench.sides source --url URL --domain D --checkpoint C --workload W.wl --keep DIR --out R.json
-    python -m bench.sides target --url URL --name N --checkpoint C [--keep DIR] --out R.json
+    python -m bench.sides target --url URL --name N --checkpoint C [--keep DIR] [--keep-verified DIR] --out R.json
 
 ``URL`` is the service's ``ws://HOST:PORT``; each side's role credential comes from
-``$REPLAY_MIGRATE_CREDENTIAL``. Each writes one JSON object to ``--out``, also on failure
-(``{"error": ...}``).
+``$REPLAY_MIGRATE_CREDENTIAL``; ``--connect URI`` is the side's libvirt (two hosts: each its own,
+``bench/sites.py``). Each writes one JSON object to ``--out``, also on failure (``{"error": ...}``).
+``--keep-verified`` keeps the target's state as it verified it, before the VM resumes from it (the
+memory image hard-linked: only its header is rewritten, and then it is deleted; the disk copied:
+the resumed guest writes it), to compare with the source's kept state.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -65,24 +69,30 @@ class StampedMachine(Machine):
         self.t_saved = time.monotonic()
 
 
-def keep_state(state: VmState, keep: Path, *, copy: bool = False) -> None:
-    """Hard-link a side's saved images into ``keep`` (the originals get deleted, or patched through
-    copies); ``copy``: copy them (sparse), for a target that patches its images in place (a link
-    would see them patched; the sinks refuse an image with another name)."""
+def keep_state(state: VmState, keep: Path, *, copy: bool = False, copy_disk: bool = False) -> None:
+    """Hard-link a side's saved images into ``keep`` (the originals get deleted); ``copy``: copy
+    both (sparse), for a target that patches its images in place (a link would see them patched);
+    ``copy_disk``: copy the disk only (a guest will run on it). Another file system (a site's bind
+    mount) gets a sparse copy too."""
     keep.mkdir(parents=True, exist_ok=True)
     for src, name in ((state.memory, KEPT_MEMORY), (state.disk, KEPT_DISK)):
         dst = keep / name
         dst.unlink(missing_ok=True)
-        if copy:
+        if copy or (copy_disk and name == KEPT_DISK):
             sparse_copy(src, dst)
-        else:
+            continue
+        try:
             os.link(src, dst)
+        except OSError as e:       # another file system, or another mount of it (a site's bind mount)
+            if e.errno != errno.EXDEV:
+                raise
+            sparse_copy(src, dst)
 
 
 async def run_source(args: argparse.Namespace) -> dict[str, Any]:
     actions = load_workload(args.workload)
     ck = ckpt.get(args.checkpoint)
-    with Hypervisor() as hv:
+    with Hypervisor(args.connect) as hv:
         m = StampedMachine(hv, hv.lookup(args.domain).dom)
         async with SessionClient(args.url, load_credential(None, Role.SOURCE)) as client:
             src = SourceSide(hv, m, ck, client)
@@ -115,8 +125,10 @@ async def run_target(args: argparse.Namespace) -> dict[str, Any]:
 
     def verified(state: VmState) -> None:
         stamps["t_verified"] = time.monotonic()
+        if args.keep_verified is not None:
+            keep_state(state, args.keep_verified, copy_disk=True)
 
-    with Hypervisor() as hv:
+    with Hypervisor(args.connect) as hv:
         async with SessionClient(args.url, load_credential(None, Role.TARGET)) as client:
             stamps["t_attached"] = time.monotonic()
             side = TargetSide(hv, ck, client, args.name, replay=ReplayConfig(gap_cap_s=args.gap_cap),
@@ -137,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--checkpoint", required=True)
         p.add_argument("--keep", type=Path, default=None, help="hard-link the saved state here")
         p.add_argument("--out", type=Path, required=True)
+        p.add_argument("--connect", default="qemu:///system", help="this side's libvirt (default: %(default)s)")
         if role == "source":
             p.add_argument("--domain", required=True)
             p.add_argument("--workload", type=Path, required=True)
@@ -148,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "(before issue 13: a variant to measure against)")
             p.add_argument("--rehash", action="store_true", help="verify by rehashing the patched images whole "
                            "(before issue 13)")
+            p.add_argument("--keep-verified", type=Path, default=None,
+                           help="keep the patched, verified state here before the VM resumes from it")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s {args.role} %(name)s: %(message)s")

@@ -759,7 +759,8 @@ class TargetSide:
             self.inspect_s = time.monotonic() - t_inspect
         with tl.phase("restore"):
             back = await in_thread(self.hv.restore_clone, image, name=m.name, disk=state.disk,
-                                   run_dir=run_dir, paused=False, copy=False)
+                                   run_dir=run_dir, paused=False, copy=False,
+                                   guest=self.checkpoint.image)
         with tl.phase("agent"):
             await in_thread(back.wait_agent)
         with tl.phase("thaw"):

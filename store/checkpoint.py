@@ -268,7 +268,7 @@ def start_clone(hv: Hypervisor, ck: Checkpoint, name: str, *, paused: bool = Fal
     create_overlay(run_dir / "disk.qcow2", ck.disk)
     try:
         m = hv.restore_clone(ck.memory, name=name, disk=run_dir / "disk.qcow2", run_dir=run_dir,
-                             paused=paused)
+                             paused=paused, guest=ck.image)
         if not paused:
             m.wait_agent()
             offset = m.sync_clock()

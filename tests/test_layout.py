@@ -37,7 +37,7 @@ LAYOUT: tuple[Package, ...] = (
     Package("server", "the websocket session-handoff service and its client: sans-I/O cores, thin asyncio "
             "adapters", ("replay_migrate",)),
     Package("store", "the state store on a host: paths, guest-image cache, checkpoints and clones, a side's saved "
-            "state, checkpoint trees", ("differ", "vm", "replay_migrate")),
+            "state, checkpoint trees, checkpoint export and import between sites", ("differ", "vm", "replay_migrate")),
     Package("migration", "orchestration of a migration's two sides: source, target, the report, cancellation",
             ("server", "store", "replayer", "differ", "recorder", "vm", "replay_migrate")),
     Package("cli", "the command line: `main(argv=None)`, the commands, text tables and progress",

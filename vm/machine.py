@@ -38,7 +38,7 @@ from replay_migrate import savefmt
 from replay_migrate.errors import HostError, ImageError, NoSuchDomainError, VMError
 from replay_migrate.tools import run_tool
 from vm.screen import Screenshot
-from vm.spec import SCREEN, DomainSpec, clone_xml, domain_name
+from vm.spec import SCREEN, DomainSpec, GuestImage, check_saved_domain, clone_xml, domain_name
 
 URI = "qemu:///system"
 CONNECT_TIMEOUT_S = 20.0
@@ -153,7 +153,8 @@ class Hypervisor:
         return Machine(self, dom)
 
     def restore_clone(self, memory_image: Path, *, name: str, disk: Path, run_dir: Path,
-                      paused: bool = False, copy: bool = True, channels: int = SAVE_CHANNELS) -> Machine:
+                      paused: bool = False, copy: bool = True, guest: GuestImage | None = None,
+                      channels: int = SAVE_CHANNELS) -> Machine:
         """Start domain ``name`` from ``memory_image`` with a clone's identity.
 
         ``disk`` must already hold the clone's overlay (the disk state that goes with the memory
@@ -161,13 +162,17 @@ class Hypervisor:
         so any number of clones can be made from one checkpoint; without, the image's own header
         is rewritten (a migrated image the target now owns). Either way the image the domain was
         restored from is deleted once it runs (see :meth:`restore`); ``memory_image`` itself is
-        kept when it was copied.
+        kept when it was copied. With ``guest`` (the guest image the domain runs), the saved
+        domain must be one this project defines (``vm.spec.check_saved_domain``) before libvirt,
+        which runs it as root, sees it: a checkpoint from another site or a peer's patched image.
         """
         if self.exists(name):
             raise VMError(f"a domain named {name!r} already exists")
         if not disk.is_file():
             raise ImageError(f"clone disk {disk} does not exist")
         header = savefmt.read_header(memory_image)
+        if guest is not None:
+            check_saved_domain(header.xml, guest)
         image = memory_image
         if copy:
             image = run_dir / "memory.sav"

@@ -101,6 +101,8 @@ def targets() -> list[FuzzTarget]:
                    what="differ.blocks.LeafDigests: a saved leaf-digest file"),
         external("session", "tests.sessionkit:fuzz_session_message", seeds="tests.sessionkit:FUZZ_SEEDS",
                  what="server.wire / link / session / clientcore: service and client fed a peer's message"),
+        external("checkpoint-stream", "tests.test_ckstream:fuzz_stream", generate="tests.test_ckstream:fuzz_generate",
+                 what="store.ckstream: a checkpoint import stream (`checkpoint import`)"),
         external("cli-files", "cli.fileargs:fuzz_file_argument",
                  what="cli.fileargs: every file argument of every command given odd files"),
     ]
