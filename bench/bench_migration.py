@@ -45,6 +45,7 @@ from bench.divergence import disk_divergence, memory_divergence
 from bench.netns import NETEM_MISSING, SHAPER_NETEM, SHAPES, NetnsLink, Shape
 from bench.sides import KEPT_DISK, KEPT_MEMORY
 from migration.sides import FLUSH_S
+from migration.suspenddir import suspend_dir_arg
 from migration.timeline import downtime_breakdown, excluded_seconds, merge, spans_of
 from replay_migrate.errors import HostError
 from replayer.workload import find_workload, load_workload, synthesize
@@ -80,6 +81,8 @@ CALIBRATION_SMALL_BYTES = 1 << 20
 """The small calibration transfer: with the large one it gives the link's fixed cost and rate."""
 DEFAULT_WORK = Path("/var/tmp/rm-bench")
 """Kept states and scratch files; must be on the clones' file system (hard links)."""
+DEFAULT_SUSPEND_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else ""
+"""Where both sides save at suspend (``migration.suspenddir``): tmpfs, as a host with the RAM would."""
 EXIT_NO_NETEM = 3
 WATCH_S = 1.0
 """How often the host's other running domains are counted during a migration."""
@@ -212,7 +215,8 @@ def _remove_ours(hv: Hypervisor, names: Sequence[str]) -> None:
 
 
 def migrate(hv: Hypervisor, ck: ckpt.Checkpoint, wl: str, workload: Path, link: NetnsLink, link_key: str,
-            token: str, keyring: Keyring, work: Path, *, keep: bool, target_args: Sequence[str] = ()) -> Run:
+            token: str, keyring: Keyring, work: Path, *, keep: bool, target_args: Sequence[str] = (),
+            suspend_dir: Path | None = None) -> Run:
     """Source clone driven by ``workload`` in the source namespace, target clone replaying in the
     target namespace, the service there too; returns when the target runs the migrated VM."""
     src_name, tgt_name = f"{PREFIX}{wl}-src", f"{PREFIX}{wl}-tgt"
@@ -236,6 +240,9 @@ def migrate(hv: Hypervisor, ck: ckpt.Checkpoint, wl: str, workload: Path, link: 
                     "--name", tgt_name, "--out", str(wdir / f"target-{link_key}.json"), *target_args]
         src_argv = [py, "-m", "bench.sides", "source", "--url", src_url, "--checkpoint", ck.name,
                     "--domain", src_name, "--workload", str(workload), "--out", str(wdir / f"source-{link_key}.json")]
+        if suspend_dir is not None:
+            tgt_argv += ["--suspend-dir", str(suspend_dir)]
+            src_argv += ["--suspend-dir", str(suspend_dir)]
         if keep:
             tgt_argv += ["--keep", str(wdir / "target")]
             src_argv += ["--keep", str(wdir / "source")]
@@ -365,6 +372,9 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     notes: list[str] = []
     if args.migrations_only:
         notes.append("Only the replay-migrate migrations ran (`--migrations-only`): no baselines, no divergence.")
+    notes.append(f"Both sides saved their VMs at suspend into `{args.suspend_dir}` (tmpfs; `--suspend-dir`), the "
+                 "baselines' save and restore are the same measured ones." if args.suspend_dir else
+                 "Both sides saved their VMs at suspend into their clone folders (the state disk).")
     if args.target_args:
         notes.append(f"The targets ran as a variant: `bench.sides target ... {shlex.join(args.target_args)}`.")
     with Hypervisor() as hv:
@@ -405,7 +415,7 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
                     if shapes:
                         link.shape(shapes[0])
                     run = migrate(hv, ck, wl, path, link, first, token, keyring, work, keep=not args.migrations_only,
-                                  target_args=args.target_args)
+                                  target_args=args.target_args, suspend_dir=args.suspend_dir)
                     shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
                     w: dict[str, Any] = {"file": str(shown), "session_s": round(run.source["drive_s"], 1),
                                          "runs": {first: run.as_dict()}, "bytes": {}}
@@ -426,7 +436,7 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
                         if wl not in REPEAT_AT_SECOND_LINK:
                             continue
                         run = migrate(hv, ck, wl, workload_file(wl), link, shape.key, token, keyring, work,
-                                      keep=False, target_args=args.target_args)
+                                      keep=False, target_args=args.target_args, suspend_dir=args.suspend_dir)
                         w = results["workloads"][wl]
                         w["runs"][shape.key] = run.as_dict()
                         d = run.derived()
@@ -458,7 +468,8 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
                  "shapes": [{"key": s.key, "name": s.name, "rate_mbit": s.rate_mbit, "rtt_ms": s.rtt_ms}
                             for s in shapes]},
         "params": {"max_send_bytes": MAX_SEND_BYTES, "repeat_at_second_link": list(REPEAT_AT_SECOND_LINK),
-                   "flush_s": FLUSH_S, "target_args": args.target_args},
+                   "flush_s": FLUSH_S, "target_args": args.target_args,
+                   "suspend_dir": str(args.suspend_dir) if args.suspend_dir else None},
         "notes": notes,
         "elapsed_s": round(time.monotonic() - t_begin, 1),
     }
@@ -494,6 +505,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--target-args", type=shlex.split, default=[], metavar="ARGS",
                     help="more arguments for the target side (`python -m bench.sides target --help`), to measure "
                          "a variant, e.g. --target-args='--copy-sinks --rehash'")
+    ap.add_argument("--suspend-dir", type=lambda v: suspend_dir_arg(v) if v else None, default=DEFAULT_SUSPEND_DIR,
+                    metavar="DIR", help="both sides save their VMs at suspend here (default: %(default)s; '' for the "
+                    "clone folders on the state disk)")
     ap.add_argument("--render", type=Path, metavar="JSON",
                     help="only re-render the report and plots of an earlier run's migration.json into --out")
     args = ap.parse_args(argv)

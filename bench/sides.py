@@ -38,6 +38,7 @@ from typing import Any
 
 from differ.patch import sparse_copy
 from migration.sides import SourceSide, TargetSide
+from migration.suspenddir import suspend_dir_arg
 from replayer.drive import drive
 from replayer.replay import ReplayConfig
 from replayer.workload import load_workload
@@ -95,7 +96,7 @@ async def run_source(args: argparse.Namespace) -> dict[str, Any]:
     with Hypervisor(args.connect) as hv:
         m = StampedMachine(hv, hv.lookup(args.domain).dom)
         async with SessionClient(args.url, load_credential(None, Role.SOURCE)) as client:
-            src = SourceSide(hv, m, ck, client)
+            src = SourceSide(hv, m, ck, client, suspend_dir=args.suspend_dir)
             stop = asyncio.Event()
             streaming = asyncio.create_task(src.stream_log(stop))
             t_start = time.monotonic()
@@ -132,7 +133,8 @@ async def run_target(args: argparse.Namespace) -> dict[str, Any]:
         async with SessionClient(args.url, load_credential(None, Role.TARGET)) as client:
             stamps["t_attached"] = time.monotonic()
             side = TargetSide(hv, ck, client, args.name, replay=ReplayConfig(gap_cap_s=args.gap_cap),
-                              in_place=not args.copy_sinks, verify_written=not args.rehash)
+                              in_place=not args.copy_sinks, verify_written=not args.rehash,
+                              suspend_dir=args.suspend_dir)
             side.on_saved = saved
             side.on_verified = verified
             report = await side.run()
@@ -150,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--keep", type=Path, default=None, help="hard-link the saved state here")
         p.add_argument("--out", type=Path, required=True)
         p.add_argument("--connect", default="qemu:///system", help="this side's libvirt (default: %(default)s)")
+        p.add_argument("--suspend-dir", type=suspend_dir_arg, default=None,
+                       help="save the VM at suspend here (a tmpfs; default: the clone's folder)")
         if role == "source":
             p.add_argument("--domain", required=True)
             p.add_argument("--workload", type=Path, required=True)

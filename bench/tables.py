@@ -190,19 +190,22 @@ def breakdown_rows(results: Mapping[str, Any]) -> list[list[str]]:
 
 
 PHASE_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("source drain, save", ("source drain", "source save", "source screenshot")),
-    ("target tail: replay, settle, freeze, save", ("target replay", "target settle", "target freeze",
-                                                   "target pause", "target save")),
-    ("hash (open, trees, copy)", ("source open", "source hash", "source checkpoint trees", "target open",
-                                  "target hash", "target checkpoint trees", "target copy")),
+    ("target tail", ("target replay", "target settle", "target freeze", "target pause")),
+    ("save", ("source drain", "source save", "source screenshot", "target save")),
+    ("hash", ("source open", "source hash", "source checkpoint trees", "target open", "target hash",
+              "target checkpoint trees", "target copy")),
     ("walk", ("target walk", "source walk")),
-    ("blocks (incl. reads)", ("target blocks", "target read", "source blocks", "source read")),
+    ("blocks", ("target blocks", "target read", "source blocks", "source read")),
     ("patch", ("target patch", "target setsize")),
-    ("verify, commit", ("target verify", "target commit", "target verified")),
-    ("restore", ("target restore",)),
-    ("resume: agent, thaw", ("target agent", "target thaw")),
+    ("verify", ("target verify", "target commit", "target verified")),
+    ("restore", ("target restore", "target agent", "target thaw")),
 )
-"""Phases of ``migration.timeline`` grouped for the downtime plot (anything else: "other")."""
+"""The phases of ``migration.timeline`` in the groups issue 13 names (anything else: "other"):
+the target's tail (replay catching up, settle, freeze), the saves (the source's drain too), the
+hashing (opening the images, the trees), the walk, the blocks (the source's reads in them),
+the patch writes, the verification (read-back, commit, telling the session), the restore (the
+guest agent answering and the file systems thawed: the user's programs wait until then)."""
+GROUP_ORDER = (*(g for g, _ in PHASE_GROUPS), "gaps", "other")
 
 
 def phase_group(key: str) -> str:
@@ -212,27 +215,39 @@ def phase_group(key: str) -> str:
     return "gaps" if key.endswith(" gap") else "other"
 
 
+def grouped(breakdown: Mapping[str, float]) -> dict[str, float]:
+    """A run's breakdown summed by :data:`PHASE_GROUPS`, in their order."""
+    out: dict[str, float] = {}
+    for k, v in breakdown.items():
+        out[phase_group(k)] = out.get(phase_group(k), 0.0) + v
+    return {g: out[g] for g in GROUP_ORDER if g in out}
+
+
 def downtime_tables(results: Mapping[str, Any]) -> str:
-    """Per workload, the downtime's critical path phase by phase (``migration.timeline``), one
-    column per link; the plain transfer's downtime on that link below, for scale."""
+    """Per workload, the downtime's critical path by group of phases (``migration.timeline``), one
+    column per link, and the phases of each group on the first link; the plain transfer's downtime
+    on that link below, for scale."""
     out: list[str] = []
     for wl, w in results["workloads"].items():
         runs = {link: r for link, r in w.get("runs", {}).items() if r.get("downtime_breakdown")}
         if not runs:
             continue
-        phases: list[str] = []
-        for r in runs.values():
-            phases += [k for k in r["downtime_breakdown"] if k not in phases]
-        rows: list[list[str]] = [[k, *(f"{r['downtime_breakdown'].get(k, 0.0):.2f}" if k in r["downtime_breakdown"]
-                                       else "" for r in runs.values())] for k in phases]
-        rows.append(["**downtime**", *(f"**{r['downtime_s']:.2f}**" for r in runs.values())])
+        groups = {link: grouped(r["downtime_breakdown"]) for link, r in runs.items()}
+        first = next(iter(runs.values()))["downtime_breakdown"]
+        rows: list[list[str]] = []
+        for g in GROUP_ORDER:
+            if not any(g in gs for gs in groups.values()):
+                continue
+            detail = ", ".join(f"{k} {v:.2f}" for k, v in first.items() if phase_group(k) == g)
+            rows.append([g, *(f"{gs[g]:.2f}" if g in gs else "" for gs in groups.values()), detail])
+        rows.append(["**downtime**", *(f"**{r['downtime_s']:.2f}**" for r in runs.values()), ""])
         plain = [w.get("timing", {}).get(link, {}).get("plain", {}).get("downtime_s") for link in runs]
         if any(p is not None for p in plain):
             rows.append(["plain transfer's downtime (same link, modelled)",
-                         *("" if p is None else f"{p:.2f}" for p in plain)])
+                         *("" if p is None else f"{p:.2f}" for p in plain), ""])
         out.append(f"### {wl}\n")
-        out.append(md_table(["phase (side on the critical path)", *(f"{_link_name(results, k)} (s)" for k in runs)],
-                            rows))
+        out.append(md_table(["phase", *(f"{_link_name(results, k)} (s)" for k in runs),
+                             f"on the critical path ({_link_name(results, next(iter(runs)))}, s)"], rows))
     return "\n".join(out)
 
 
@@ -410,10 +425,7 @@ def plot_downtime(results: Mapping[str, Any], path: Path) -> Path | None:
     for wl, w in results["workloads"].items():
         for link, r in w.get("runs", {}).items():
             if r.get("downtime_breakdown"):
-                groups: dict[str, float] = {}
-                for k, v in r["downtime_breakdown"].items():
-                    groups[phase_group(k)] = groups.get(phase_group(k), 0.0) + v
-                bars[f"{wl}\n{_link_name(results, link)}"] = groups
+                bars[f"{wl}\n{_link_name(results, link)}"] = grouped(r["downtime_breakdown"])
     if not bars:
         return None
     import matplotlib
@@ -421,7 +433,7 @@ def plot_downtime(results: Mapping[str, Any], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    order = [g for g, _ in PHASE_GROUPS] + ["gaps", "other"]
+    order = GROUP_ORDER
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(bars)), 4.8))
     bottom = [0.0] * len(bars)
     for group in order:

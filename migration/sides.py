@@ -57,6 +57,7 @@ from differ.source import BlockSink
 from differ.transfer import make_source, make_target
 from migration.cancel import drop, in_thread
 from migration.diffio import AsyncAdapter
+from migration.suspenddir import suspend_image
 from migration.timeline import SOURCE, TARGET, Timeline, downtime_breakdown, excluded_seconds, merge
 from recorder.logformat import Button, Key, SyncMark
 from replay_migrate.errors import (
@@ -250,9 +251,12 @@ class SourceSide:
     """The source site's half: ``stream_log`` while the user works, then ``suspend``."""
 
     def __init__(self, hv: Hypervisor, machine: Machine, checkpoint: ckpt.Checkpoint, client: SessionClient,
-                 *, params: ProtocolParams | None = None) -> None:
+                 *, params: ProtocolParams | None = None, suspend_dir: Path | None = None) -> None:
         self.hv = hv
         self.machine = machine
+        self.suspend_dir = suspend_dir
+        """Where to save the VM at suspend (``migration.suspenddir``: a tmpfs folder; None, or no
+        room there: the clone's folder)."""
         self.checkpoint = checkpoint
         self.client = client
         self.params = params
@@ -370,7 +374,7 @@ class SourceSide:
                 await self._end_log()
                 await self.client.suspend()
                 await self.client.end_log()
-            self._image = image = self.run_dir / "suspend.sav"
+            self._image = image = await in_thread(self._suspend_image)
             with tl.phase("save"):
                 await in_thread(m.save, image)
             self.saved_allocated_bytes = file_allocated(image)
@@ -402,6 +406,9 @@ class SourceSide:
         self.report.downtime_breakdown = downtime_breakdown(tl.spans, t_pause, self.t_confirmed)
         self.report.finish()
         return self.report
+
+    def _suspend_image(self) -> Path:
+        return suspend_image(self.run_dir, self.suspend_dir, self.machine.memory_bytes())
 
     def _baseline(self, trees: dict[str, MerkleTree]) -> int:
         """DESIGN.md §9 ``baseline_bytes`` of the saved state, from the trees the walk used (no
@@ -496,6 +503,8 @@ class SourceSide:
             left.undefine()
         for f in ("suspend.sav", "memory.sav", "disk.qcow2", "checkpoint"):
             (self.run_dir / f).unlink(missing_ok=True)
+        if self._image is not None:
+            self._image.unlink(missing_ok=True)     # saved into the suspend folder
         (self.run_dir / RELEASED_NOTE).write_text(
             f"{name} migrated; its state here was deleted at {time.strftime('%Y-%m-%d %H:%M:%S %z')}\n")
         self.log.info("released %s: the VM runs at the target", name)
@@ -537,9 +546,13 @@ class TargetSide:
 
     def __init__(self, hv: Hypervisor, checkpoint: ckpt.Checkpoint, client: SessionClient, name: str,
                  *, replay: ReplayConfig | None = None, params: ProtocolParams | None = None,
-                 in_place: bool = True, verify_written: bool = True) -> None:
+                 in_place: bool = True, verify_written: bool = True, suspend_dir: Path | None = None) -> None:
         self.hv = hv
         self.checkpoint = checkpoint
+        self.suspend_dir = suspend_dir
+        """Where to save the replayed clone at suspend, patch it and restore it from
+        (``migration.suspenddir``: a tmpfs folder; None, or no room there: the clone's folder)."""
+        self._image: Path | None = None
         self.in_place = in_place
         """Patch the clone's own images (``differ.patch``: no copy; an abort deletes them, and the
         clone is discarded on any failure anyway). False: patch copies, as ``sync`` does."""
@@ -675,7 +688,7 @@ class TargetSide:
         with tl.phase("pause"):
             await in_thread(m.pause)
         run_dir = m.run_dir
-        image = run_dir / "suspend.sav"
+        self._image = image = await in_thread(suspend_image, run_dir, self.suspend_dir, m.memory_bytes())
         with tl.phase("save"):
             await in_thread(m.save, image)
         state = VmState(image, run_dir / "disk.qcow2", self.checkpoint)
@@ -783,6 +796,8 @@ class TargetSide:
             ckpt.remove_clone(self.hv, self.name)
         except ReplayMigrateError as e:
             self.log.error("could not remove the target clone %s: %s", self.name, e)
+        if self._image is not None:
+            self._image.unlink(missing_ok=True)    # saved into the suspend folder: not the clone's
 
 
 def merged_report(src: SourceSide, tgt: TargetSide) -> Report:

@@ -292,6 +292,10 @@ class Machine:
         except NoSuchDomainError:
             pass
 
+    def memory_bytes(self) -> int:
+        """The guest's RAM size (libvirt's maximum memory): what a saved image may allocate at most."""
+        return int(self._call("reading the memory size of", self.dom.maxMemory)) * 1024
+
     def save(self, path: Path, *, channels: int = SAVE_CHANNELS) -> None:
         """Save memory + device state in the sparse format; the domain is gone afterwards.
         ``channels`` > 1: that many parallel channels write the RAM (libvirt's
