@@ -4,7 +4,10 @@ the blocking adapter): what it commits, what it refuses, the sizes it accepts, r
 from __future__ import annotations
 
 import random
+from collections import Counter
+from typing import Any
 
+import blake3
 import msgpack
 import pytest
 from diffpair import PAGE, InPlaceImage, InPlaceSink, Pair, mtype, one, peak_of, rand, replayed, tree_bytes
@@ -12,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.fuzz_targets import fuzz_one
+from differ import merkle
 from differ.memsource import MemoryImage, MemorySink, MemorySource
 from differ.merkle import MerkleTree
 from differ.protocol import (
@@ -27,6 +31,8 @@ from differ.protocol import (
     Target,
     TargetState,
 )
+from differ.protocol import batch as batch_module
+from differ.protocol import target as target_module
 from differ.sync import sync_local
 from differ.transfer import run_local
 from replay_migrate.errors import LocalProtocolError, ProtocolError, ReplayMigrateError, VerificationError
@@ -216,15 +222,43 @@ class DroppingSink(MemorySink):
 @pytest.mark.parametrize("sink, page8", [(DroppingSink, rand(PAGE, 2)), (DroppingSink, bytes(PAGE)),
                                          (LyingSink, rand(PAGE, 2))], ids=["lost write", "lost zero", "wrong bytes"])
 def test_verify_written_catches_a_write_that_did_not_land(sink: type[MemorySink], page8: bytes) -> None:
-    """The read-back shows the leaf's old content, so the recomputed root is not the source's:
-    VerificationError, every image aborted, nothing committed."""
+    """The read-back shows the leaf's old content, not what was written: VerificationError, every
+    image aborted, nothing committed."""
     b = rand(20 * PAGE)
     a = _changed(b, {3: rand(PAGE, 3), 8: page8})
     pair = Pair({"disk": a, "memory": rand(4 * PAGE, 1)}, {"disk": b, "memory": rand(4 * PAGE, 2)},
                 sinks={"disk": sink}, verify_written=True)
-    with pytest.raises(VerificationError, match="root differs"):
+    with pytest.raises(VerificationError, match="reads back other bytes than were written"):
         pair.run()
     assert pair.data() == b and all(s.aborted and not s.committed for s in pair.sinks.values())
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_verify_written_hashes_no_written_page_twice(monkeypatch: pytest.MonkeyPatch, in_place: bool) -> None:
+    """Issue 13 item 3, hash once: the target hashed each block when it arrived and again when it
+    read it back to verify. Now the read-back is compared byte for byte with what was written, and
+    the root is recomputed from the digests of the arrival check: one hash per written page."""
+    b = rand(64 * PAGE, 1)
+    pages = {i: rand(PAGE, 10 + i) for i in (3, 9, 40, 63)}
+    a = _changed(b, pages)
+    pair = one(a, b, verify_written=True, in_place=in_place)
+    hashed: Counter[bytes] = Counter()
+    real_blake3, real_leaf_digest = blake3.blake3, merkle.leaf_digest
+
+    class CountingBlake3:
+        @staticmethod
+        def blake3(data: bytes = b"", **kw: Any) -> Any:
+            hashed[bytes(data)] += 1
+            return real_blake3(data, **kw)
+
+    def leaf_digest(block: bytes) -> bytes:
+        hashed[bytes(block)] += 1
+        return real_leaf_digest(block)
+
+    monkeypatch.setattr(batch_module, "blake3", CountingBlake3)
+    monkeypatch.setattr(target_module, "leaf_digest", leaf_digest, raising=False)
+    assert pair.run().verified and pair.data() == a
+    assert {i: hashed[p] for i, p in pages.items()} == dict.fromkeys(pages, 1)
 
 
 # -- patching in place (issue 13 item 3) -----------------------------------------------------------

@@ -7,11 +7,13 @@ It holds trees only. What it reads (its own blocks for fingerprints and deltas, 
 content it references), writes, hashes and commits it asks its adapter for, one request at a time.
 
 Verifying a patched image either rehashes all of it (a :class:`HashImage` request) or, with
-``verify_written``, reads back only the leaves it wrote (:attr:`Of.PATCHED`), hashes them itself and
-recomputes the root from its tree with those leaves replaced (the leaves it did not write are the
-ones whose digests it already holds): the same 32-byte root check, at the cost of the written
-leaves instead of the whole image. A write that did not land reads back as the old content and
-fails the check.
+``verify_written``, reads back each batch's leaves right after asking for them to be written
+(:attr:`Of.PATCHED`) and compares them byte for byte with what it wrote, then recomputes the root
+from its tree with the written leaves' digests replaced (the digests it computed when it verified
+each block on arrival; the leaves it did not write are the ones whose digests it already holds):
+the same 32-byte root check, at the cost of reading the written leaves instead of hashing the whole
+image, and no page hashed twice (issue 13: hash once inside the downtime). A write that did not
+land, or landed elsewhere, reads back as other bytes and fails the check.
 """
 
 from __future__ import annotations
@@ -21,9 +23,8 @@ from collections.abc import Generator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
-from differ.merkle import DIGEST_SIZE, MerkleTree, leaf_count_for, leaf_digest, leaf_length
+from differ.merkle import DIGEST_SIZE, MerkleTree, leaf_count_for, leaf_length
 from differ.protocol._state import TARGET, Call, TargetState
 from differ.protocol.batch import Ready, apply_batch, read_layout
 from differ.protocol.endpoint import Endpoint, Handler, HandlerFn, ImageSpec, check_images, read_leaves
@@ -266,6 +267,8 @@ class Target(Endpoint[TargetState]):
         if ready and not self.dry_run:  # every leaf of the batch verified: only now written
             yield from self._keep_overwritten(ready, layout.start + len(layout.entries))
             yield WriteLeaves(tuple(LeafWrite(im.name, leaf, data) for im, leaf, data, _ in ready))
+            if self.verify_written:
+                yield from self._check_written(ready)
         for im, _, _, how in ready:
             counts = self.stats.images[im.name]
             setattr(counts, how.value, getattr(counts, how.value) + 1)
@@ -315,10 +318,10 @@ class Target(Endpoint[TargetState]):
             if self.dry_run:
                 root = im.view.replace_leaves(self._plan.leaf[sel], self._plan.full[sel]).root if sel.any() \
                     else im.view.root
-            elif self.verify_written and sel.any() and im.shape.size == im.tree.size:
-                written = np.sort(self._plan.leaf[sel])
-                digests = yield from self._read_back(im, written)
-                root = im.view.replace_leaves(written, digests).root
+            elif self.verify_written and sel.any() and self._reads_back(im):
+                # every written leaf read back as written (_check_written): its digest is the one
+                # verified on arrival, and hashing it again would hash the page twice
+                root = im.view.replace_leaves(self._plan.leaf[sel], self._plan.full[sel]).root
             elif im.touched or self.verify_untouched:
                 hashed = yield HashImage(im.name, im.shape.fanout)
                 assert isinstance(hashed, Hashed)
@@ -334,18 +337,28 @@ class Target(Endpoint[TargetState]):
         self._send(MsgType.VERIFIED, {})
         return [Verified()]
 
-    def _read_back(self, im: ImageState, leaves: npt.NDArray[np.int64]) -> Generator[
-            Request, Result, npt.NDArray[np.uint8]]:
-        """The digests of ``leaves`` (ascending) as the patched image holds them now, read back
-        ``READ_RUN`` at a time and hashed here."""
+    @staticmethod
+    def _reads_back(im: ImageState) -> bool:
+        """Whether ``im`` is verified by reading back what was written (an image whose size changed
+        is rehashed whole: its tree's leaves beyond the old size are no digests of anything)."""
         assert im.shape is not None
-        out = np.empty((len(leaves), DIGEST_SIZE), dtype=np.uint8)
-        order = leaves.tolist()
-        for k in range(0, len(order), READ_RUN):
-            part = order[k : k + READ_RUN]
-            blocks = yield from read_leaves(Holding(Of.PATCHED, im.name), part)
-            for j, (leaf, block) in enumerate(zip(part, blocks, strict=True)):
-                if len(block) != leaf_length(im.shape.size, leaf):
-                    raise VerificationError(f"image {im.name!r}: leaf {leaf} reads back {len(block)} bytes")
-                out[k + j] = np.frombuffer(leaf_digest(block), dtype=np.uint8)
-        return out
+        return im.shape.size == im.tree.size
+
+    def _check_written(self, ready: Sequence[Ready]) -> Generator[Request, Result, None]:
+        """Read back the leaves of a batch just written, ``READ_RUN`` at a time, and compare them
+        byte for byte with what was written (zeros for a zeroed leaf)."""
+        by_image: dict[str, tuple[ImageState, dict[int, bytes | None]]] = {}
+        for im, leaf, data, _ in ready:
+            if self._reads_back(im):
+                by_image.setdefault(im.name, (im, {}))[1][leaf] = data
+        for name, (im, wrote) in by_image.items():
+            assert im.shape is not None
+            order = sorted(wrote)
+            for k in range(0, len(order), READ_RUN):
+                part = order[k : k + READ_RUN]
+                blocks = yield from read_leaves(Holding(Of.PATCHED, name), part)
+                for leaf, block in zip(part, blocks, strict=True):
+                    data = wrote[leaf]
+                    if block != (data if data is not None else bytes(leaf_length(im.shape.size, leaf))):
+                        raise VerificationError(f"image {name!r}: leaf {leaf} reads back other bytes than were "
+                                                "written")
