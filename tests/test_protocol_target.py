@@ -197,14 +197,41 @@ def test_verify_written_reads_back_only_the_leaves_written(monkeypatch: pytest.M
     assert backs == {"disk": (7, 8, 250), "memory": (39,)}
 
 
-def test_verify_written_rehashes_an_image_whose_size_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("grow", [PAGE // 2, 5 * PAGE + 100, -(3 * PAGE + 7)], ids=["grown", "grown-more", "shrunk"])
+def test_verify_written_reads_back_an_image_whose_size_changed(monkeypatch: pytest.MonkeyPatch, grow: int) -> None:
+    """Issue 13 item 3: a saved memory image's size differs between the two sides (its device state
+    has another length), and the target rehashed all of it (0.27 s of a 4.9 s downtime). Now it
+    reads back what it wrote, and the grown tail it did not write as zeros; no rehash."""
     b = rand(30 * PAGE, 1)
-    a = _changed(b, {3: rand(PAGE, 2)}) + rand(PAGE // 2, 3)
+    a = _changed(b, {3: rand(PAGE, 2)})
+    a = a + bytes(grow) if grow > 0 else a[:grow]
+    a = _changed(a, {len(a) // PAGE - 2: rand(PAGE, 4)})
     pair = one(a, b, verify_written=True)
     seen = _requests(pair, monkeypatch)
     assert pair.run().verified and pair.data() == a
-    assert [r.name for r in seen if isinstance(r, HashImage)] == ["disk"]
-    assert not any(isinstance(r, ReadLeaves) and r.holding.of is Of.PATCHED for r in seen)
+    assert not any(isinstance(r, HashImage) for r in seen)
+    assert any(isinstance(r, ReadLeaves) and r.holding.of is Of.PATCHED for r in seen)
+
+
+class DirtyExtendingSink(MemorySink):
+    """Extends an image with other bytes than zeros (a sink that breaks its contract)."""
+
+    def set_size(self, size: int) -> None:
+        buf = self._live()
+        old = len(buf)
+        super().set_size(size)
+        if size > old:
+            buf[old:] = b"\x01" * (size - old)
+
+
+def test_verify_written_catches_a_grown_tail_that_is_not_zeros() -> None:
+    b = rand(30 * PAGE, 1)
+    a = _changed(b, {3: rand(PAGE, 2)}) + bytes(4 * PAGE)
+    pair = Pair({"disk": a, "memory": rand(4 * PAGE, 1)}, {"disk": b, "memory": rand(4 * PAGE, 2)},
+                sinks={"disk": DirtyExtendingSink}, verify_written=True)
+    with pytest.raises(VerificationError, match="past the old end is not zeros"):
+        pair.run()
+    assert all(s.aborted and not s.committed for s in pair.sinks.values())
 
 
 class DroppingSink(MemorySink):

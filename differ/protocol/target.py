@@ -23,6 +23,7 @@ from collections.abc import Generator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from differ.merkle import DIGEST_SIZE, MerkleTree, leaf_count_for, leaf_length
 from differ.protocol._state import TARGET, Call, TargetState
@@ -64,10 +65,10 @@ class Target(Endpoint[TargetState]):
     committing, which catches a stale target tree (one that no longer describes the image) at the
     cost of reading the image; False trusts the tree for those. ``verify_written``: verify a
     patched image by reading back the leaves written and recomputing its root from the tree (see
-    the module's docstring) instead of rehashing all of it; an image whose size changed is still
-    rehashed whole. ``max_sizes``: per image name, the largest size to accept from the source, for
-    a caller that knows it (a local sync holds both sides); the others follow
-    ``ProtocolParams.size_limit``.
+    the module's docstring) instead of rehashing all of it; an image the source's size grew also
+    has the leaves past its old end that were not written read back as zeros. ``max_sizes``: per
+    image name, the largest size to accept from the source, for a caller that knows it (a local
+    sync holds both sides); the others follow ``ProtocolParams.size_limit``.
     """
 
     side = "target"
@@ -318,10 +319,13 @@ class Target(Endpoint[TargetState]):
             if self.dry_run:
                 root = im.view.replace_leaves(self._plan.leaf[sel], self._plan.full[sel]).root if sel.any() \
                     else im.view.root
-            elif self.verify_written and sel.any() and self._reads_back(im):
+            elif self.verify_written and (sel.any() or im.shape.size != im.tree.size):
                 # every written leaf read back as written (_check_written): its digest is the one
                 # verified on arrival, and hashing it again would hash the page twice
-                root = im.view.replace_leaves(self._plan.leaf[sel], self._plan.full[sel]).root
+                if im.shape.size > im.tree.size:
+                    yield from self._check_zero_tail(im, self._plan.leaf[sel])
+                root = im.view.replace_leaves(self._plan.leaf[sel], self._plan.full[sel]).root if sel.any() \
+                    else im.view.root
             elif im.touched or self.verify_untouched:
                 hashed = yield HashImage(im.name, im.shape.fanout)
                 assert isinstance(hashed, Hashed)
@@ -337,20 +341,12 @@ class Target(Endpoint[TargetState]):
         self._send(MsgType.VERIFIED, {})
         return [Verified()]
 
-    @staticmethod
-    def _reads_back(im: ImageState) -> bool:
-        """Whether ``im`` is verified by reading back what was written (an image whose size changed
-        is rehashed whole: its tree's leaves beyond the old size are no digests of anything)."""
-        assert im.shape is not None
-        return im.shape.size == im.tree.size
-
     def _check_written(self, ready: Sequence[Ready]) -> Generator[Request, Result, None]:
         """Read back the leaves of a batch just written, ``READ_RUN`` at a time, and compare them
         byte for byte with what was written (zeros for a zeroed leaf)."""
         by_image: dict[str, tuple[ImageState, dict[int, bytes | None]]] = {}
         for im, leaf, data, _ in ready:
-            if self._reads_back(im):
-                by_image.setdefault(im.name, (im, {}))[1][leaf] = data
+            by_image.setdefault(im.name, (im, {}))[1][leaf] = data
         for name, (im, wrote) in by_image.items():
             assert im.shape is not None
             order = sorted(wrote)
@@ -362,3 +358,18 @@ class Target(Endpoint[TargetState]):
                     if block != (data if data is not None else bytes(leaf_length(im.shape.size, leaf))):
                         raise VerificationError(f"image {name!r}: leaf {leaf} reads back other bytes than were "
                                                 "written")
+
+    def _check_zero_tail(self, im: ImageState, written: npt.NDArray[np.int64]) -> Generator[Request, Result, None]:
+        """An image the source's size grew: its tree holds zero digests for the leaves past its old
+        end (``MerkleTree.resized``); read back those no batch wrote and check they are zeros (the
+        sink extended the image with zeros), so the recomputed root describes the image. A leaf
+        whose length changed has no digest in the tree: the walk asked for it, and it was written."""
+        assert im.shape is not None
+        old_end = leaf_count_for(im.tree.size)
+        tail = np.setdiff1d(np.arange(old_end, im.shape.leaves, dtype=np.int64), written).tolist()
+        for k in range(0, len(tail), READ_RUN):
+            part = tail[k : k + READ_RUN]
+            blocks = yield from read_leaves(Holding(Of.PATCHED, im.name), part)
+            for leaf, block in zip(part, blocks, strict=True):
+                if block != bytes(leaf_length(im.shape.size, leaf)):
+                    raise VerificationError(f"image {im.name!r}: leaf {leaf} past the old end is not zeros")
