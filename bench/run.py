@@ -23,6 +23,7 @@ BENCHES: list[tuple[str, list[str], bool]] = [
     # the handoff service under load: `make loadtest` (~8 min; pins the service to core 0), not in the
     # default run, which must stay under 30 min with the migration benchmark; `make bench BENCH=service`
     ("service", [sys.executable, "-m", "bench.bench_service", "--out", str(HERE / "results")], True),
+    ("chain", [sys.executable, str(HERE / "bench_chain.py"), "--out", str(HERE / "results")], True),
     ("migration", [sys.executable, str(HERE / "bench_migration.py"), "--out", str(HERE / "results")], True),
 ]
 OPT_IN = frozenset({"service"})

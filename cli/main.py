@@ -175,19 +175,21 @@ def cmd_vm_resume(args: argparse.Namespace) -> int:
     saved: SIGINT and SIGTERM do this themselves; SIGKILL runs nothing."""
     from cli.migrate import PID_FILE, recorder_pid
     from migration.sides import put_back
+    from migration.suspenddir import saved_images
 
     with _hv(args) as hv:
         try:
             run_dir = hv.lookup(args.name).run_dir
         except NoSuchDomainError:          # a saved clone: gone until restored from its folder
             run_dir = ckpt.clone_dir(args.name)
-            if not (run_dir / "suspend.sav").is_file():
+            if not saved_images(run_dir, args.suspend_dir):
                 raise
         pid = recorder_pid(run_dir / PID_FILE)
         if pid is not None:
             raise UsageError(f"a `replay-migrate record {args.name} --to` (pid {pid}) is migrating it: stop that "
                              "first (Ctrl-C cancels the migration and resumes the VM itself)")
-        back = put_back(hv, args.name, run_dir / "suspend.sav")
+        images = saved_images(run_dir, args.suspend_dir)
+        back = put_back(hv, args.name, images[0] if images else None)
         print(f"{back.name}: {back.state.value}, file systems thawed")
     return 0
 
@@ -295,6 +297,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cli import migrate
+
     ap = _Parser(prog="replay-migrate", description="Migrate a desktop VM by replaying its user's input.")
     ap.add_argument("--version", action="version", version=f"replay-migrate {__version__}")
     ap.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -344,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(vmp, "resume", cmd_vm_resume,
             "put back a VM a killed migration left paused, frozen or saved (restore, resume, thaw)")
     p.add_argument("name")
+    migrate.add_suspend_dir_argument(p)
     p = add(vmp, "screenshot", cmd_vm_screenshot, "save the screen as PNG")
     p.add_argument("name")
     p.add_argument("out", type=Path, help="a regular file (created or truncated; not through a symbolic link)")
@@ -361,7 +366,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "migrate at `replay-migrate suspend DOMAIN`")
     p.add_argument("--duration", type=positive, help="stop (with --to: suspend) after this many seconds")
     p.add_argument("--json", action="store_true", help="with --to: print the report as JSON")
-    from cli import migrate
     migrate.add_record_to_options(p)
 
     p = add(sub, "suspend", migrate.cmd_suspend,

@@ -39,6 +39,7 @@ from cli.argtypes import positive
 from cli.report import Progress, emit_json, human_bytes, keep_drawing, table
 from migration import cancel
 from migration.sides import Report, SourceSide, TargetSide, merged_report
+from migration.suspenddir import SUSPEND_DIR_ENV, suspend_dir_arg, suspend_dir_from_env
 from replay_migrate.errors import ReplayMigrateError, UsageError, VerificationError, VMError
 from replay_migrate.safeopen import write_output
 from replayer.drive import drive
@@ -200,10 +201,11 @@ def _source_credential(args: argparse.Namespace) -> Credential | None:
 
 
 async def _source(client: SessionClient, hv: Hypervisor, m: Machine, ck: ckpt.Checkpoint,
-                  stop: asyncio.Event, sides: dict[str, SourceSide], bar: Progress) -> dict[str, Any]:
+                  stop: asyncio.Event, sides: dict[str, SourceSide], bar: Progress,
+                  suspend_dir: Path | None) -> dict[str, Any]:
     """The source's part; returns the whole report (with the target's half, once it came)."""
     async with client, _drawing(bar):
-        src = sides["source"] = SourceSide(hv, m, ck, client)
+        src = sides["source"] = SourceSide(hv, m, ck, client, suspend_dir=suspend_dir)
         src.progress, src.progress_note = bar, bar.note
         await src.stream_log(stop)
         await src.suspend()
@@ -260,7 +262,7 @@ def cmd_record_to(args: argparse.Namespace) -> int:
                 stop.set()
             if args.duration is not None:
                 loop.call_later(args.duration, stop.set)
-            return await _source(client, hv, m, ck, stop, sides, Progress())
+            return await _source(client, hv, m, ck, stop, sides, Progress(), args.suspend_dir)
 
         # SIGUSR1's default action ends a process: from the moment the pid file names us, a
         # `suspend` is remembered (before the loop runs) or ignored (after: the migration is over)
@@ -368,7 +370,8 @@ def cmd_follow(args: argparse.Namespace) -> int:
 
         async def main() -> dict[str, Any]:
             async with client, _drawing(bar):
-                side = sides["target"] = TargetSide(hv, ck, client, name, replay=_replay_config(args))
+                side = sides["target"] = TargetSide(hv, ck, client, name, replay=_replay_config(args),
+                                                    suspend_dir=args.suspend_dir)
                 side.progress, side.progress_note = bar, bar.note
                 await side.run()
                 return side.whole
@@ -412,10 +415,11 @@ async def migrate_embedded(hv_source: Hypervisor, hv_target: Hypervisor, m: Mach
                            on_verified: Callable[[SourceSide, VmState], None] | None = None,
                            progress: Progress | None = None, service: ServiceEndpoint | None = None,
                            on_started: Callable[[SourceSide, TargetSide], None] | None = None,
-                           ) -> tuple[Report, SourceSide, TargetSide]:
+                           suspend_dir: Path | None = None) -> tuple[Report, SourceSide, TargetSide]:
     """Source and target in this process, through ``service`` or one on loopback made for the
     purpose; ``user`` is what happens at the source before the suspend (a workload, or waiting for
-    the person at the console); ``on_started`` sees both sides before anything runs (hooks, tests).
+    the person at the console); ``on_started`` sees both sides before anything runs (hooks, tests);
+    ``suspend_dir``: where both sides save their VMs at suspend (``migration.suspenddir``).
 
     The target, the log stream and ``user`` run at once under :func:`migration.cancel.supervise`:
     the first to fail (or a cancellation) stops the others at once; the source VM is put back as
@@ -427,8 +431,8 @@ async def migrate_embedded(hv_source: Hypervisor, hv_target: Hypervisor, m: Mach
         source_cred, target_cred = await create_session(service.url, service.token, cafile=service.cafile)
         async with SessionClient(service.url, source_cred, cafile=service.cafile) as sc, \
                 SessionClient(service.url, target_cred, cafile=service.cafile) as tc:
-            src = SourceSide(hv_source, m, ck, sc)
-            tgt = TargetSide(hv_target, ck, tc, target_name, replay=replay)
+            src = SourceSide(hv_source, m, ck, sc, suspend_dir=suspend_dir)
+            tgt = TargetSide(hv_target, ck, tc, target_name, replay=replay, suspend_dir=suspend_dir)
             bar = progress or Progress(enabled=False)
 
             def suspending(what: str, done: int, total: int) -> None:
@@ -504,6 +508,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         async def main() -> tuple[Report, SourceSide, TargetSide]:
             async with _drawing(bar):
                 return await migrate_embedded(hv, hv2, m, ck, target, user=user, replay=_replay_config(args),
+                                              suspend_dir=args.suspend_dir,
                                               progress=bar, on_started=lambda s, t: both.extend((s, t)))
 
         bar = Progress()
@@ -528,8 +533,18 @@ def _token_file_arg(p: argparse.ArgumentParser) -> None:
                    help=f"the service's shared token, which creates sessions (default: ${TOKEN_ENV})")
 
 
+def add_suspend_dir_argument(p: argparse.ArgumentParser) -> None:
+    """``--suspend-dir``: where a migration saves the VMs at suspend (``migration.suspenddir``)."""
+    p.add_argument("--suspend-dir", type=suspend_dir_arg, default=suspend_dir_from_env(), metavar="DIR",
+                   help="save the VM at suspend into DIR (a tmpfs such as /dev/shm: the save, hashing, patching "
+                        "and restore run at memory speed; a private subfolder is made there); without it, or when DIR "
+                        f"has no room for the guest's RAM, the clone's folder on the state disk (default: "
+                        f"${SUSPEND_DIR_ENV})")
+
+
 def add_record_to_options(p: argparse.ArgumentParser) -> None:
     """``record``'s options for ``--to`` (the rest of ``record`` is in cli/main.py)."""
+    add_suspend_dir_argument(p)
     p.add_argument("--target-credential", type=Path, default=None, metavar="FILE",
                    help="with --to: create a new session and write the target's credential to FILE (0600)")
     p.add_argument("--credential", type=Path, default=None, metavar="FILE",
@@ -556,6 +571,7 @@ def add_suspend_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_follow_arguments(p: argparse.ArgumentParser) -> None:
+    add_suspend_dir_argument(p)
     p.add_argument("--from", dest="source_url", required=True, metavar="URL",
                    help="the handoff service, ws[s]://HOST:PORT")
     p.add_argument("--credential", type=Path, default=None, metavar="FILE",
@@ -568,6 +584,7 @@ def add_follow_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_migrate_arguments(p: argparse.ArgumentParser) -> None:
+    add_suspend_dir_argument(p)
     p.add_argument("domain", help="a running clone of CHECKPOINT (replay-migrate vm start)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--target-name", help="name of the migrated VM (default: DOMAIN-migrated)")

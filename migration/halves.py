@@ -45,6 +45,7 @@ class Rule(enum.Enum):
     LARGEST = "largest"
     PREFERRED = "preferred"
     ALL_TRUE = "all_true"
+    LOCAL = "local"
 
 
 _RULE: Final = "halves.rule"
@@ -76,9 +77,22 @@ def all_true(default: bool = False) -> Any:
     return dataclasses.field(default=default, metadata={_RULE: Rule.ALL_TRUE})
 
 
+def local(factory: Callable[[], Any] = dict) -> Any:
+    """Detail kept in this side's own report (a timeline, a breakdown of its phases, for the
+    benchmark, which lays both sides' side by side): never sent to the other side (it would not fit
+    the report message's bounds) and not part of the whole."""
+    return dataclasses.field(default_factory=factory, metadata={_RULE: Rule.LOCAL})
+
+
 def _fields(report_type: type) -> tuple[dataclasses.Field[Any], ...]:
+    """The fields the halves carry (every one but the :func:`local` ones)."""
     assert dataclasses.is_dataclass(report_type)
-    return dataclasses.fields(report_type)
+    return tuple(f for f in dataclasses.fields(report_type) if f.metadata.get(_RULE) is not Rule.LOCAL)
+
+
+def carried(report_type: type) -> frozenset[str]:
+    """The names of the figures a half carries and the whole holds."""
+    return frozenset(f.name for f in _fields(report_type))
 
 
 def half(report_type: type, own: Mapping[str, Any], role: Role) -> Figures:

@@ -35,22 +35,32 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from differ.merkle import MerkleTree
 from differ.protocol import (
     BatchApplied,
+    Commit,
+    HashImage,
+    Of,
     ProtocolParams,
+    ReadLeaves,
+    Request,
     Source,
     SourceState,
     Target,
     TargetState,
     TransferStats,
     WalkDone,
+    WriteLeaves,
 )
 from differ.protocol import Verified as DiffVerified
+from differ.source import BlockSink
 from differ.transfer import make_source, make_target
 from migration import halves
 from migration.cancel import drop, in_thread
 from migration.diffio import AsyncAdapter
-from migration.halves import Figures, added, all_true, largest, measured_by, preferred
+from migration.halves import Figures, added, all_true, largest, local, measured_by, preferred
+from migration.suspenddir import suspend_image
+from migration.timeline import SOURCE, TARGET, Timeline, downtime_breakdown, excluded_seconds, merge
 from recorder.logformat import Button, Key, SyncMark
 from replay_migrate.errors import (
     ImageError,
@@ -149,6 +159,12 @@ class Report:
     diff_s: float = preferred(Role.TARGET, 0.0)
     transfer_s: float = preferred(Role.TARGET, 0.0)
     downtime_s: float = measured_by(Role.SOURCE, 0.0)
+    downtime_breakdown: dict[str, float] = local()  # noqa: RUF009 (a dataclasses.field with a factory)
+    """Seconds per phase along the downtime's critical path (``migration.timeline``): both sides'
+    phases in an embedded migration, this side's own otherwise."""
+    timeline: list[list[object]] = local(list)  # noqa: RUF009
+    """Every phase noted, ``[side, phase, start, end]`` on the host's monotonic clock (comparable
+    between the two sides when both run on one host: the benchmark merges them)."""
     verified: bool = all_true()
 
     def add_transfer(self, stats: TransferStats) -> None:
@@ -177,6 +193,19 @@ def whole_report(role: Role, mine: Figures, theirs: Mapping[str, Any] | None) ->
     checked = halves.check_half(Report, theirs, role.peer) if theirs is not None else None
     source, target = (mine, checked) if role is Role.SOURCE else (checked, mine)
     return halves.merge(Report, source, target)
+
+
+def request_phase(req: Request) -> str:
+    """The timeline's name for the time a diff-protocol request took."""
+    if isinstance(req, WriteLeaves):
+        return "patch"
+    if isinstance(req, HashImage):
+        return "verify"
+    if isinstance(req, ReadLeaves):
+        return "verify" if req.holding.of is Of.PATCHED else "read"
+    if isinstance(req, Commit):
+        return "commit"
+    return type(req).__name__.lower()
 
 
 async def _pump_diff(client: SessionClient, side: AsyncAdapter[Source] | AsyncAdapter[Target], *,
@@ -268,9 +297,12 @@ class SourceSide:
     """The source site's half: ``stream_log`` while the user works, then ``suspend``."""
 
     def __init__(self, hv: Hypervisor, machine: Machine, checkpoint: ckpt.Checkpoint, client: SessionClient,
-                 *, params: ProtocolParams | None = None) -> None:
+                 *, params: ProtocolParams | None = None, suspend_dir: Path | None = None) -> None:
         self.hv = hv
         self.machine = machine
+        self.suspend_dir = suspend_dir
+        """Where to save the VM at suspend (``migration.suspenddir``: a tmpfs folder; None, or no
+        room there: the clone's folder)."""
         self.checkpoint = checkpoint
         self.client = client
         self.params = params
@@ -303,6 +335,10 @@ class SourceSide:
         after them once the screen settles; pointer motion alone brings none)."""
         self.flush_s = 0.0
         """How long ``suspend`` waited for the agent's last frames before freezing the guest."""
+        self.timeline = Timeline(SOURCE)
+        """This side's phases (``migration.timeline``): where its share of the downtime went."""
+        self.t_paused = 0.0
+        self.t_confirmed = 0.0
         self.log = logging.getLogger(f"replay_migrate.source.{machine.name}")
 
     async def _forward(self, poll_s: float) -> int:
@@ -364,36 +400,45 @@ class SourceSide:
         """End the log, quiesce, pause, save; answer the walk and ship blocks; wait for the confirm.
         On any failure or cancellation before the confirm, the VM is put back as it was."""
         m = self.machine
+        tl = self.timeline
         t_pause = time.monotonic()
         try:
             t0 = time.monotonic()
-            while time.monotonic() < t0 + FLUSH_S and not (self.settled and time.monotonic() >= t0 + MIN_FLUSH_S):
-                await self._forward(0.1)
+            with tl.phase("flush"):
+                while time.monotonic() < t0 + FLUSH_S and not (self.settled and time.monotonic() >= t0 + MIN_FLUSH_S):
+                    await self._forward(0.1)
             self.flush_s = time.monotonic() - t0
             self.progress("saving", 0, 0)
             # freezing flushes each file system first (FIFREEZE syncs it); a separate `sync` through
             # the guest agent cost another 0.1-0.7 s under TCG
-            await in_thread(m.fsfreeze)
-            await in_thread(m.pause)
-            t_pause = time.monotonic()
+            with tl.phase("freeze"):
+                await in_thread(m.fsfreeze)
+            with tl.phase("pause"):
+                await in_thread(m.pause)
+            self.t_paused = t_pause = time.monotonic()
             if self.screenshot_at_suspend is not None:
-                shot = await in_thread(m.screenshot)
-                write_output(self.screenshot_at_suspend, shot.png(), "screenshot")
-            t_drain = time.monotonic()
-            while await self._forward(DRAIN_QUIET_S) and time.monotonic() < t_drain + DRAIN_S:
-                pass
-            self.link.close()
-            await self._end_log()
-            await self.client.suspend()
-            await self.client.end_log()
-            self._image = image = self.run_dir / "suspend.sav"
-            await in_thread(m.save, image)
+                with tl.phase("screenshot"):
+                    shot = await in_thread(m.screenshot)
+                    write_output(self.screenshot_at_suspend, shot.png(), "screenshot")
+            with tl.phase("drain"):
+                t_drain = time.monotonic()
+                while await self._forward(DRAIN_QUIET_S) and time.monotonic() < t_drain + DRAIN_S:
+                    pass
+                self.link.close()
+                await self._end_log()
+                await self.client.suspend()
+                await self.client.end_log()
+            self._image = image = await in_thread(self._suspend_image)
+            with tl.phase("save"):
+                await in_thread(m.save, image)
             self.saved_allocated_bytes = file_allocated(image)
             self.progress("saving", self.saved_allocated_bytes, 0)
             self.state_files = VmState(image, self.run_dir / "disk.qcow2", self.checkpoint)
-            await self._answer_walk()
+            trees = await self._answer_walk()
             self.progress("restore", 0, 0)           # the target restores its VM; the confirm follows
-            await self.client.wait_confirmed(CONFIRM_TIMEOUT_S)
+            with tl.phase("confirm"):
+                await self.client.wait_confirmed(CONFIRM_TIMEOUT_S)
+            self.t_confirmed = time.monotonic()
         except BaseException as e:
             if self.client.confirmed or (isinstance(e, SessionFailedError) and not e.keep_vm):
                 raise      # the target runs the VM now: the source must not come back too
@@ -401,9 +446,19 @@ class SourceSide:
             self.link.close()
             await asyncio.shield(in_thread(self._restore))
             raise
-        self.report.downtime_s = time.monotonic() - t_pause
+        self.report.downtime_s = self.t_confirmed - t_pause
         self.report.verified = True
         self.report.wire_bytes = self.client.wire_bytes_sent + self.client.wire_bytes_received
+        # the report's baseline, once the VM runs at the target: never inside the downtime (it
+        # reads and compresses every leaf that changed since the checkpoint, on the cores the
+        # target's restore needs)
+        with tl.phase("baseline"):
+            try:
+                self.report.baseline_bytes = await asyncio.to_thread(self._baseline, trees)
+            except ReplayMigrateError as e:     # a number for the report: the migration is done
+                self.log.warning("could not measure the plain transfer's bytes: %s", e)
+        self.report.timeline = [span.as_list() for span in tl.spans]
+        self.report.downtime_breakdown = downtime_breakdown(tl.spans, t_pause, self.t_confirmed)
         self.report.finish()
         await self._exchange_reports()
         await _acknowledge_confirm(self.client, self.log)
@@ -426,23 +481,43 @@ class SourceSide:
             self.log.warning("could not send this side's report to the target: %s", e)
         self.whole = whole_report(Role.SOURCE, mine, theirs)
 
-    async def _answer_walk(self) -> None:
+    def _suspend_image(self) -> Path:
+        return suspend_image(self.run_dir, self.suspend_dir, self.machine.memory_bytes())
+
+    def _baseline(self, trees: dict[str, MerkleTree]) -> int:
+        """DESIGN.md §9 ``baseline_bytes`` of the saved state, from the trees the walk used (no
+        page is hashed again): zstd of every leaf that differs from the checkpoint's."""
         assert self.state_files is not None
+        ck_trees = checkpoint_trees(self.checkpoint)
+        with open_sources(self.state_files, ck_trees) as sources:
+            return plain_transfer_bytes(sources, trees, ck_trees)
+
+    async def _answer_walk(self) -> dict[str, MerkleTree]:
+        """Hash the saved state, answer the target's walk and ship the blocks; returns the trees."""
+        assert self.state_files is not None
+        tl = self.timeline
         self.progress("hashing", 0, 0)
-        trees = await (self._trees or asyncio.to_thread(checkpoint_trees, self.checkpoint))
+        with tl.phase("checkpoint trees"):
+            trees = await (self._trees or asyncio.to_thread(checkpoint_trees, self.checkpoint))
         with ExitStack() as stack:
-            sources = stack.enter_context(open_sources(self.state_files, trees))
+            with tl.phase("open"):
+                sources = stack.enter_context(open_sources(self.state_files, trees))
             self.progress("hashing", _state_bytes(self.state_files), 0)
             t0 = time.monotonic()
-            mine = await asyncio.to_thread(build_trees, sources)
-            bases = checkpoint_images(self.checkpoint, trees, stack)
-            src = AsyncAdapter(*make_source(source_images(sources, mine, bases), self.params))
+            with tl.phase("hash"):
+                mine = await asyncio.to_thread(build_trees, sources)
+            with tl.phase("open"):
+                bases = checkpoint_images(self.checkpoint, trees, stack)
+                core, io = make_source(source_images(sources, mine, bases), self.params)
+            src = AsyncAdapter(core, io, on_request=self._note_request)
+            tl.ready()
             walked = [0.0]
             at = [_wire(self.client)]
 
             def seen(ev: object) -> None:
                 if isinstance(ev, WalkDone):
                     walked[0] = time.monotonic()
+                    tl.add("walk", t0_walk, walked[0])
                     at[0] = _wire(self.client)
                     self.progress("blocks", 0, 0)
                     self.progress_note(_divergent(ev))
@@ -451,11 +526,14 @@ class SourceSide:
                 self.progress("blocks" if walked[0] else "walk", _wire(self.client) - at[0], 0)
 
             self.progress("walk", 0, 0)
+            t0_walk = time.monotonic()
             await _pump_diff(self.client, src, stream=Stream.T2S, on_event=seen, on_frame=moved,
                              until=lambda: src.core.state in (SourceState.VERIFIED, SourceState.FAILED))
             if src.core.state is not SourceState.VERIFIED:
                 raise VerificationError("the target did not verify the transfer")
-            await self.client.wait_state(State.VERIFIED, CONFIRM_TIMEOUT_S)
+            tl.add("blocks", walked[0] or t0_walk)
+            with tl.phase("verified"):
+                await self.client.wait_state(State.VERIFIED, CONFIRM_TIMEOUT_S)
             self.committing = True
             want = {MEMORY: mine[MEMORY].root, DISK: mine[DISK].root}
             if dict(self.client.roots or {}) != want:
@@ -464,8 +542,10 @@ class SourceSide:
             self.report.add_transfer(src.stats)
             self.report.diff_s = (walked[0] or time.monotonic()) - t0
             self.report.transfer_s = time.monotonic() - (walked[0] or t0)
-            # the report's baseline, while the target restores: not on the way to the first block
-            self.report.baseline_bytes = await asyncio.to_thread(plain_transfer_bytes, sources, mine, trees)
+        return mine
+
+    def _note_request(self, req: Request, start: float, end: float) -> None:
+        self.timeline.add(request_phase(req), start, end)
 
     def _restore(self) -> None:
         """Put the source VM back as it was (the migration did not finish)."""
@@ -506,6 +586,8 @@ class SourceSide:
             left.undefine()
         for f in ("suspend.sav", "memory.sav", "disk.qcow2", "checkpoint"):
             (self.run_dir / f).unlink(missing_ok=True)
+        if self._image is not None:
+            self._image.unlink(missing_ok=True)     # saved into the suspend folder
         (self.run_dir / RELEASED_NOTE).write_text(
             f"{name} migrated; its state here was deleted at {time.strftime('%Y-%m-%d %H:%M:%S %z')}\n")
         self.log.info("released %s: the VM runs at the target", name)
@@ -546,9 +628,20 @@ class TargetSide:
     over the source's state."""
 
     def __init__(self, hv: Hypervisor, checkpoint: ckpt.Checkpoint, client: SessionClient, name: str,
-                 *, replay: ReplayConfig | None = None, params: ProtocolParams | None = None) -> None:
+                 *, replay: ReplayConfig | None = None, params: ProtocolParams | None = None,
+                 in_place: bool = True, verify_written: bool = True, suspend_dir: Path | None = None) -> None:
         self.hv = hv
         self.checkpoint = checkpoint
+        self.suspend_dir = suspend_dir
+        """Where to save the replayed clone at suspend, patch it and restore it from
+        (``migration.suspenddir``: a tmpfs folder; None, or no room there: the clone's folder)."""
+        self._image: Path | None = None
+        self.in_place = in_place
+        """Patch the clone's own images (``differ.patch``: no copy; an abort deletes them, and the
+        clone is discarded on any failure anyway). False: patch copies, as ``sync`` does."""
+        self.verify_written = verify_written
+        """Verify by reading back the leaves written (``differ.protocol.target``). False: rehash
+        both patched images whole."""
         self.client = client
         self.name = name
         self.replay_config = replay or ReplayConfig()
@@ -578,6 +671,10 @@ class TargetSide:
         self.committing = False
         """Every block and both roots verified: from here the migration completes."""
         self._resuming = False
+        self.timeline = Timeline(TARGET)
+        """This side's phases (``migration.timeline``): where its share of the downtime went."""
+        self.t_log_ended = 0.0
+        """When the source's end of log arrived (this side's view of the source's pause)."""
         self.log = logging.getLogger(f"replay_migrate.target.{name}")
 
     async def run(self) -> Report:
@@ -660,6 +757,7 @@ class TargetSide:
                     self.report.log_bytes += len(ev.data)
                     self.report.log_frames += 1
                 elif isinstance(ev, LogEnded):
+                    self.t_log_ended = time.monotonic()
                     feed.end()              # a log cut short is a LogFormatError, not a replay
                     replayer.log_ended()
                     break
@@ -670,6 +768,7 @@ class TargetSide:
             feed.close()
             await in_thread(worker.join)
             link.close()
+            self.timeline.add("replay", t0)
         if isinstance(result[0], BaseException):
             raise result[0]
         stats = result[0]
@@ -681,42 +780,62 @@ class TargetSide:
 
     async def _take_over(self, m: Machine) -> None:
         """Quiesce like the source did, then walk, patch, verify, restore and resume."""
+        tl = self.timeline
         t_end = time.monotonic()
         settled = self.replay_stats is not None and self.replay_stats.settled
-        await asyncio.sleep(SETTLED_S if settled else SETTLE_S)
-        await in_thread(m.fsfreeze)            # flushes, like the source's (no extra sync)
-        await in_thread(m.pause)
+        with tl.phase("settle"):
+            await asyncio.sleep(SETTLED_S if settled else SETTLE_S)
+        with tl.phase("freeze"):
+            await in_thread(m.fsfreeze)            # flushes, like the source's (no extra sync)
+        with tl.phase("pause"):
+            await in_thread(m.pause)
         run_dir = m.run_dir
-        image = run_dir / "suspend.sav"
         self.progress("saving", 0, 0)
-        await in_thread(m.save, image)
+        self._image = image = await in_thread(suspend_image, run_dir, self.suspend_dir, m.memory_bytes())
+        with tl.phase("save"):
+            await in_thread(m.save, image)
         state = VmState(image, run_dir / "disk.qcow2", self.checkpoint)
         self.progress("saving", file_allocated(image), 0)
         if self.on_saved is not None:
-            await in_thread(self.on_saved, state)
+            with tl.phase("keep state"):
+                await in_thread(self.on_saved, state)
         self.progress("hashing", 0, 0)
-        trees = await (self._trees or asyncio.to_thread(checkpoint_trees, self.checkpoint))
+        with tl.phase("checkpoint trees"):
+            trees = await (self._trees or asyncio.to_thread(checkpoint_trees, self.checkpoint))
         self.log.info("saved and ready to diff %.2f s after the log ended", time.monotonic() - t_end)
         t0 = time.monotonic()
         walked = [0.0]
         with ExitStack() as stack:
-            sources = stack.enter_context(open_sources(state, trees))
+            with tl.phase("open"):
+                sources = stack.enter_context(open_sources(state, trees))
             self.progress("hashing", _state_bytes(state), 0)
-            # copy while hashing; no fsync of the memory image: it is restored at once
-            copying = asyncio.create_task(asyncio.to_thread(make_sinks, state, trees, durable=False))
+
+            def copy() -> dict[str, BlockSink]:
+                with tl.phase("copy"):
+                    return make_sinks(state, trees, durable=False, in_place=self.in_place)
+
+            # sinks (copies, unless in place) made while hashing; nothing fsynced: restored at once
+            copying = asyncio.create_task(asyncio.to_thread(copy))
             try:
-                mine = await in_thread(build_trees, sources)
+                with tl.phase("hash"):
+                    mine = await in_thread(build_trees, sources)
             except BaseException:
                 with contextlib.suppress(BaseException):
                     for sink in (await copying).values():
                         sink.abort()
                 raise
             sinks = await copying
-            bases = checkpoint_images(self.checkpoint, trees, stack)
-            images = stack.enter_context(open_target_images(state, trees, sources, mine, bases=bases, sinks=sinks))
-            tgt = AsyncAdapter(*make_target(images, self.params, references=references(bases)))
+            with tl.phase("open"):
+                bases = checkpoint_images(self.checkpoint, trees, stack)
+                images = stack.enter_context(open_target_images(state, trees, sources, mine, bases=bases,
+                                                                sinks=sinks))
+                core, io = make_target(images, self.params, references=references(bases),
+                                       verify_written=self.verify_written,
+                                       verify_untouched=not self.verify_written)
+            tgt = AsyncAdapter(core, io, on_request=self._note_request)
             await self.client.phase("diffing")
             tgt.core.start()
+            tl.ready()
             pending: list[object] = []
             divergent = [""]
             at = _wire(self.client)
@@ -725,6 +844,7 @@ class TargetSide:
                 if isinstance(ev, WalkDone):
                     walked[0] = time.monotonic()
                     divergent[0] = _divergent(ev)
+                    tl.add("walk", t0_walk, walked[0])
                 elif isinstance(ev, BatchApplied):
                     self.progress("transfer", ev.done, ev.total)
                     self.progress_note(divergent[0])
@@ -742,11 +862,13 @@ class TargetSide:
                 return tgt.core.state in (TargetState.VERIFIED, TargetState.FAILED)
 
             # walk, announce the block phase to the session, then receive the blocks
+            t0_walk = time.monotonic()
             await _pump_diff(self.client, tgt, stream=Stream.S2T, on_event=seen, on_frame=moved,
                              until=lambda: finished() or bool(walked[0]))
             if walked[0]:
                 await self.client.phase("transferring")
             await _pump_diff(self.client, tgt, stream=Stream.S2T, on_event=seen, until=finished)
+            tl.add("blocks", walked[0] or t0_walk)
             if tgt.core.state is not TargetState.VERIFIED or not any(isinstance(e, DiffVerified) for e in pending):
                 raise VerificationError("the transfer did not verify: nothing was resumed")
             for msg in tgt.data_to_send():
@@ -758,22 +880,33 @@ class TargetSide:
         self.report.transfer_s = time.monotonic() - (walked[0] or t0)
         self.log.info("verified: walk %.2f s, blocks %.2f s", self.report.diff_s, self.report.transfer_s)
         self.committing = True
-        await self.client.verified(roots)
+        with tl.phase("verified"):
+            await self.client.verified(roots)
         if self.on_verified is not None:
             t_inspect = time.monotonic()
-            await in_thread(self.on_verified, state)
+            with tl.phase("inspect"):
+                await in_thread(self.on_verified, state)
             self.inspect_s = time.monotonic() - t_inspect
         self.progress("restore", 0, 0)
-        back = await in_thread(self.hv.restore_clone, image, name=m.name, disk=state.disk,
-                               run_dir=run_dir, paused=False, copy=False, guest=self.checkpoint.image)
-        await in_thread(back.wait_agent)
-        await in_thread(back.fsthaw)
+        with tl.phase("restore"):
+            back = await in_thread(self.hv.restore_clone, image, name=m.name, disk=state.disk,
+                                   run_dir=run_dir, paused=False, copy=False,
+                                   guest=self.checkpoint.image)
+        with tl.phase("agent"):
+            await in_thread(back.wait_agent)
+        with tl.phase("thaw"):
+            await in_thread(back.fsthaw)
         self.machine = back
         self.t_resumed = time.monotonic()
         self.log.info("resumed %.2f s after the log ended", self.t_resumed - t_end)
         self._resuming = True
         await self.client.resumed()
         self.report.verified = True
+        self.report.timeline = [span.as_list() for span in tl.spans]
+        self.report.downtime_breakdown = downtime_breakdown(tl.spans, self.t_log_ended or t_end, self.t_resumed)
+
+    def _note_request(self, req: Request, start: float, end: float) -> None:
+        self.timeline.add(request_phase(req), start, end)
 
     def _discard(self) -> None:
         """The migration failed: the target's clone is not the user's VM; remove it."""
@@ -781,10 +914,14 @@ class TargetSide:
             ckpt.remove_clone(self.hv, self.name)
         except ReplayMigrateError as e:
             self.log.error("could not remove the target clone %s: %s", self.name, e)
+        if self._image is not None:
+            self._image.unlink(missing_ok=True)    # saved into the suspend folder: not the clone's
 
 
 def merged_report(src: SourceSide, tgt: TargetSide) -> Report:
-    """One report from both sides of an embedded migration (each side counts what it sent)."""
+    """One report from both sides of an embedded migration (each side counts what it sent); its
+    downtime runs from the source's pause to the target's resume, the hooks left out, and its
+    breakdown lays both sides' phases on the critical path."""
     r = src.report
     if src.stats is not None and tgt.stats is not None:
         r.add_transfer(src.stats.merged(tgt.stats))
@@ -794,8 +931,11 @@ def merged_report(src: SourceSide, tgt: TargetSide) -> Report:
     r.replay_s = tgt.report.replay_s
     r.diff_s = tgt.report.diff_s
     r.transfer_s = tgt.report.transfer_s
-    r.downtime_s = max(0.0, r.downtime_s - tgt.inspect_s)
+    spans = merge(src.timeline.spans, tgt.timeline.spans)
+    if src.t_paused and tgt.t_resumed:
+        r.downtime_s = max(0.0, tgt.t_resumed - src.t_paused - excluded_seconds(spans, src.t_paused, tgt.t_resumed))
+        r.downtime_breakdown = downtime_breakdown(spans, src.t_paused, tgt.t_resumed)
+    r.timeline = [span.as_list() for span in spans]
     r.verified = src.report.verified and tgt.report.verified
     r.finish()
     return r
-

@@ -43,7 +43,7 @@ def target_report() -> Report:
 
 def test_a_half_leaves_what_only_the_other_side_knows_unknown() -> None:
     src, tgt = source_report().half(Role.SOURCE), target_report().half(Role.TARGET)
-    assert set(src) == set(tgt) == set(Report().as_dict())
+    assert set(src) == set(tgt) == halves.carried(Report)
     assert src["events_replayed"] is src["replay_s"] is src["sync_marks_met"] is None
     assert tgt["downtime_s"] is tgt["baseline_bytes"] is tgt["savings"] is tgt["wire_bytes"] is None
     assert src["downtime_s"] == 3.25 and tgt["replay_s"] == 11.5
@@ -95,7 +95,7 @@ def test_the_other_sides_half_is_checked(caplog: pytest.LogCaptureFixture) -> No
             assert halves.check_half(Report, {**tgt, **bad}, Role.TARGET) is None, bad
         assert whole_report(Role.SOURCE, src, {**tgt, **bad})["replay_s"] is None
     assert "not shown" in caplog.text
-    assert halves.check_half(Report, {}, Role.TARGET) == dict.fromkeys(Report().as_dict())
+    assert halves.check_half(Report, {}, Role.TARGET) == dict.fromkeys(halves.carried(Report))
 
 
 def test_a_half_fits_the_sessions_report_message() -> None:
@@ -119,3 +119,15 @@ def test_a_field_without_a_rule_merges_too() -> None:
     assert src == {"strategy": "native", "hash_bytes": 3, "replay_s": None}
     assert halves.merge(Later, src, tgt) == {"strategy": "native", "hash_bytes": 7, "replay_s": 2.0}
     assert halves.merge(Later, None, tgt) == {"strategy": "replay", "hash_bytes": None, "replay_s": 2.0}
+
+
+def test_a_sides_timeline_stays_with_it() -> None:
+    """Each side's phases (a list of spans, a breakdown in seconds) are for its own report and the
+    benchmark: they would not fit the report message's bounds, and are not figures of the whole."""
+    r = source_report()
+    r.timeline = [["source", "save", 1.0, 2.0]] * 1000
+    r.downtime_breakdown = {"source save": 1.0}
+    assert {"timeline", "downtime_breakdown"} <= set(r.as_dict())
+    assert {"timeline", "downtime_breakdown"}.isdisjoint(halves.carried(Report))
+    sent = r.half(Role.SOURCE)
+    assert "timeline" not in sent and len(encode("report", figures=sent)) <= MAX_REPORT_MESSAGE
