@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint unit bench fuzz clean-vms
+.PHONY: setup demo test lint unit bench bench-scaling bench-long loadtest fuzz clean-vms
 
 setup:
 	bash scripts/setup-host.sh
@@ -25,8 +25,30 @@ lint: setup
 unit: setup
 	$(PY) -m pytest -m "not vm" $(PYTEST_ARGS)
 
+# every benchmark (~30 min, the migration one starts VMs); BENCH="differ scaling" runs only those
+BENCH ?=
 bench: setup
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(BENCH)
+
+# only the scaling benchmark (also part of `make bench`): tree build, walk and transfer against image
+# size (1, 4, 16 GiB sparse synthetic images) and divergence, hashing in a 4/8 GiB guest's downtime;
+# ~2.5 min here, ~6.5 GiB of temporary disk; writes bench/results/scaling.{md,json,png}
+bench-scaling: setup
+	$(PY) -m bench.bench_scaling --out bench/results
+
+# the handoff service under load (~8 min, < 10; not part of `make test` nor of the default `make bench`): one `replay-migrate serve`
+# pinned to core 0, the load generator's processes on core 1, 10, 100, 1,000 sessions and up until a
+# step breaks; bench/results/service.md, service.json, service.png (the py-spy profile at the knee)
+LOADTEST_ARGS ?=
+loadtest: setup
+	$(PY) -m bench.bench_service --out bench/results $(LOADTEST_ARGS)
+
+# the long session (replayer/workloads/long.wl: ~11 min of a user's typing in the xterm and the
+# notepad) migrated once over the first shaped link, with its baselines: sync marks met/failed and
+# bytes against the plain transfer, in bench/results/long/ (~15 min with the bench checkpoint cached;
+# not part of `make bench`)
+bench-long: setup
+	$(PY) bench/bench_migration.py --workloads long --out bench/results/long
 
 # every decoder of peer or file bytes on 100,000 generated inputs each (~5 min on 2 cores; not part
 # of `make test`, whose unit tests run the same targets on a few hundred inputs); the table goes to

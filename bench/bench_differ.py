@@ -1,11 +1,15 @@
 """Benchmark of the differ: Merkle tree build throughput, protocol overhead, delta sub-block size.
 
-    python bench/bench_differ.py [--size-gib 1] [--dir /tmp] [--quick]
+    python bench/bench_differ.py [--size-gib 1] [--dir /tmp] [--quick] [--reps 5] [--checkpoint NAME]
 
 Prints markdown tables:
 
-1. tree build over a fully present synthetic file (random bytes, page cache warm) beside blake3 over
-   the whole file in one call and ``b3sum`` when it is on PATH, in the same run;
+1. tree build (native leaf hashing, and the python per-leaf path it replaced) beside blake3 over the
+   whole file in one call (1 thread, all threads) and ``b3sum`` when it is on PATH, in the same run,
+   each timed ``--reps`` times interleaved (medians; the load average is printed: other jobs share
+   this host), over two 1 GiB images: a fully present file of random bytes (every leaf is read and
+   hashed: the hard case) and the checkpoint's memory image (a synthetic one of its shape, see
+   ``bench/synthimage.py``, when there is no checkpoint on this host);
 2. protocol cost when 0.1 %, 1 %, 10 % of the leaves differ (dry run, in memory): hash bytes (roots,
    walk digests, bitmaps, leaf digests), fingerprint bytes (delta requests), round trips, block
    bytes, their ratio, and the flat alternative (32 bytes per leaf);
@@ -19,12 +23,16 @@ import argparse
 import functools
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
+from contextlib import closing
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import blake3
 import numpy as np
@@ -32,56 +40,18 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import synthimage
+from differ import leafhash
+from differ.blocks import RawImageSource
 from differ.memsource import MemorySource
 from differ.merkle import MerkleTree
 from differ.protocol import ProtocolParams, TransferStats
-from differ.source import LEAF_SIZE, BlockSource, ImageKind
+from differ.source import LEAF_SIZE, BlockSource
 from differ.transfer import ReferenceImage, SourceImage, TargetImage, blocking_source, blocking_target, run_local
 from replay_migrate.errors import VerificationError
 
 GIB = 1 << 30
 CHUNK = 64 << 20
-
-
-class _PreadSource:
-    """A raw file as leaves (used only if ``differ.blocks`` is missing)."""
-
-    def __init__(self, path: str) -> None:
-        self._fd = os.open(path, os.O_RDONLY)
-        self._size = os.fstat(self._fd).st_size
-
-    @property
-    def kind(self) -> ImageKind:
-        return "raw"
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def leaf_count(self) -> int:
-        return -(-self._size // LEAF_SIZE)
-
-    def known_leaves(self) -> Iterator[tuple[int, bytes | None]]:
-        return iter(())
-
-    def read(self, index: int, count: int = 1) -> bytes:
-        off = index * LEAF_SIZE
-        return os.pread(self._fd, min(count * LEAF_SIZE, self._size - off), off)
-
-    def label(self, index: int) -> str:
-        return "raw"
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-
-def open_raw(path: str) -> BlockSource:
-    try:
-        from differ.blocks import RawImageSource
-    except ImportError:
-        return _PreadSource(path)
-    return RawImageSource(path)
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
@@ -97,39 +67,108 @@ def make_file(path: str, size: int, seed: int = 1) -> None:
             f.write(rng.bytes(min(CHUNK, size - off)))
 
 
-def bench_build(path: str, size: int) -> MerkleTree:
-    with open(path, "rb") as f:  # warm the page cache: measure hashing, not the disk
+def warm(path: str) -> None:
+    """Read the file once: measure hashing, not the disk."""
+    with open(path, "rb") as f:
         while f.read(CHUNK):
             pass
-    rows: list[tuple[str, float]] = []
-    src = open_raw(path)
-    dt, tree = timed(lambda: MerkleTree.build(src, workers=1))
-    rows.append(("MerkleTree.build, in-process (per-4-KiB blake3 + interior levels)", dt))
-    cpus = os.cpu_count() or 1
-    if cpus > 1:
-        dt2, tree2 = timed(lambda: MerkleTree.build(src, workers=cpus))
-        assert isinstance(tree2, MerkleTree) and isinstance(tree, MerkleTree) and tree2.root == tree.root
-        rows.append((f"MerkleTree.build, {cpus} hashing processes (incl. ~0.2 s start-up)", dt2))
-    src.close()
-    rows.append(("blake3 one call over the file, 1 thread", timed(lambda: blake3.blake3().update_mmap(path))[0]))
-    rows.append(
-        (
-            "blake3 one call over the file, all threads",
-            timed(lambda: blake3.blake3(max_threads=blake3.blake3.AUTO).update_mmap(path))[0],
-        )
-    )
+
+
+def load() -> str:
+    return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+
+
+@dataclass
+class Method:
+    label: str
+    run: Callable[[], object]
+    times: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+def build_methods(path: str, open_source: Callable[[], BlockSource]) -> tuple[list[Method], Callable[[], MerkleTree]]:
+    """The ways to hash ``path`` compared in one run: the tree build through each backend (the
+    python one is the code before issue 13) and blake3/b3sum over the whole file."""
+    def tree(**kw: Any) -> Callable[[], MerkleTree]:
+        def go() -> MerkleTree:
+            with closing(open_source()) as src:
+                return MerkleTree.build(src, **kw)
+        return go
+
+    methods = []
+    if leafhash.backend() == "native":
+        methods += [Method("MerkleTree.build, native leaf hashing (read and hash in turn, 1 thread)", tree(workers=0)),
+                    Method("MerkleTree.build, native, 1 hashing thread beside the reader", tree(workers=1))]
+    methods.append(Method("MerkleTree.build, python per-leaf blake3 (before)", tree(workers=0, native=False)))
+    methods += [
+        Method(ONE_CALL, lambda: blake3.blake3().update_mmap(path).digest()),
+        Method("blake3 one call over the file, all threads",
+               lambda: blake3.blake3(max_threads=blake3.blake3.AUTO).update_mmap(path).digest()),
+    ]
     if shutil.which("b3sum"):
         for label, args in (("b3sum --num-threads 1", ["--num-threads", "1"]), ("b3sum (all threads)", [])):
             cmd = ["b3sum", *args, path]
-            rows.append((label, timed(functools.partial(subprocess.run, cmd, check=True, capture_output=True))[0]))
-    print(f"### Tree build over a {size / GIB:.2f} GiB fully present file ({cpus} CPUs, page cache warm)\n")
-    print("| method | seconds | GiB/s |")
-    print("|---|---:|---:|")
-    for label, secs in rows:
-        print(f"| {label} | {secs:.2f} | {size / GIB / secs:.2f} |")
-    print()
-    assert isinstance(tree, MerkleTree)
+            methods.append(Method(label, functools.partial(subprocess.run, cmd, check=True, capture_output=True)))
+    return methods, tree(workers=0)
+
+
+ONE_CALL = "blake3 one call over the file, 1 thread"
+GOAL_RATIO = 1.5
+"""Issue 13: the tree build within 1.5x of one-call blake3 (1 thread) on the same file."""
+
+
+def bench_build(path: str, what: str, open_source: Callable[[], BlockSource], reps: int) -> MerkleTree:
+    """Every method ``reps`` times, interleaved (a load spike hits all of them alike); medians."""
+    warm(path)
+    methods, reference = build_methods(path, open_source)
+    tree = reference()
+    before = load()
+    for _ in range(reps):
+        for m in methods:
+            dt, out = timed(m.run)
+            if isinstance(out, MerkleTree) and out.root != tree.root:
+                raise AssertionError(f"{m.label}: another root than the reference build")
+            m.times.append(dt)
+    st = os.stat(path)
+    apparent, allocated = st.st_size, st.st_blocks * 512
+    one = next(m for m in methods if m.label == ONE_CALL).median
+    print(f"### Tree build over {what}: {apparent / GIB:.2f} GiB, {allocated / GIB:.2f} GiB allocated "
+          f"({os.cpu_count()} CPUs, page cache warm, median of {reps})\n")
+    print(f"Load average before / after: {before} / {load()} (1, 5, 15 min); leaf hashing backend: "
+          f"{leafhash.backend()}{f' ({leafhash.native_reason()})' if leafhash.native_reason() else ''}.\n")
+    print("| method | median s | min s | GiB/s (apparent) | x one-call blake3, 1 thread |")
+    print("|---|---:|---:|---:|---:|")
+    for m in methods:
+        print(f"| {m.label} | {m.median:.3f} | {min(m.times):.3f} | {apparent / GIB / m.median:.2f} "
+              f"| {m.median / one:.2f} |")
+    best = min((m for m in methods if m.label.startswith("MerkleTree.build")), key=lambda m: m.median)
+    ratio = best.median / one
+    print(f"\nGoal (tree build within {GOAL_RATIO}x of one-call blake3, 1 thread): {ratio:.2f}x, "
+          f"{'met' if ratio <= GOAL_RATIO else 'NOT met'} ({best.label}).\n")
     return tree
+
+
+def realistic_image(tmp: str, size: int, checkpoint: str | None) -> tuple[str, str, Callable[[], BlockSource]]:
+    """The real checkpoint's memory image if there is one, else a synthetic one of its shape."""
+    try:
+        from differ.blocks import MemoryImageSource
+        from store import checkpoint as ckpt
+
+        cks = [ckpt.get(checkpoint)] if checkpoint else ckpt.list_all()
+    except Exception as e:  # no state folder, no checkpoint: the synthetic image stands in
+        print(f"(no checkpoint: {e})\n", file=sys.stderr)
+        cks = []
+    if cks:
+        mem = str(cks[0].memory)
+        return mem, f"the checkpoint {cks[0].name!r}'s memory image", lambda: MemoryImageSource(mem)
+    path = os.path.join(tmp, "synthetic.raw")
+    img = synthimage.make_image(Path(path), size, seed=7)
+    what = (f"a synthetic sparse memory-like image ({img.data_bytes / img.size:.0%} data, the measured "
+            "checkpoint's shape)")
+    return path, what, lambda: RawImageSource(path)
 
 
 def mutate(data: bytes, tree: MerkleTree, fraction: float, mode: str, seed: int) -> tuple[bytes, MerkleTree]:
@@ -312,18 +351,23 @@ def bench_delta(npages: int) -> None:
     print()
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size-gib", type=float, default=1.0, help="size of the synthetic image (default 1)")
-    ap.add_argument("--dir", default=None, help="where to write the synthetic file (default: a temp dir)")
+    ap.add_argument("--size-gib", type=float, default=1.0, help="size of the synthetic images (default 1)")
+    ap.add_argument("--dir", default=None, help="where to write the synthetic files (default: a temp dir)")
     ap.add_argument("--quick", action="store_true", help="fewer protocol cases")
-    args = ap.parse_args()
+    ap.add_argument("--reps", type=int, default=5, help="repetitions of each tree build timing (default 5)")
+    ap.add_argument("--checkpoint", default=None, help="checkpoint whose memory image to hash (default: the first)")
+    args = ap.parse_args(argv)
     size = int(args.size_gib * GIB) // LEAF_SIZE * LEAF_SIZE
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-differ-") as tmp:
         path = os.path.join(tmp, "image.raw")
         make_file(path, size)
-        tree = bench_build(path, size)
+        tree = bench_build(path, "a fully present file of random bytes (every leaf read and hashed)",
+                           lambda: RawImageSource(path), args.reps)
+        real, what, opener = realistic_image(tmp, size, args.checkpoint)
+        bench_build(real, what, opener, args.reps)
         with open(path, "rb") as f:
             data = f.read()
     bench_protocol(data, tree, args.quick)

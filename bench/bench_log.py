@@ -19,6 +19,13 @@ from dataclasses import dataclass, replace
 
 import zstandard
 
+from recorder.agent import (
+    DEFAULT_FRAME_EVENTS,
+    DEFAULT_FRAME_MS,
+    DEFAULT_MOTION_WINDOW_MS,
+    DEFAULT_SYNC_IDLE_MS,
+    DEFAULT_SYNC_SETTLE_MS,
+)
 from recorder.logformat import (
     Button,
     EncodedFrame,
@@ -32,19 +39,17 @@ from recorder.logformat import (
 )
 from replayer.workload import load_workload, shipped_workloads, synthesize
 
-DEFAULT_FRAME_EVENTS = 64
-DEFAULT_FRAME_MS = 250
-DEFAULT_MOTION_WINDOW_MS = 20
-DEFAULT_SYNC_IDLE_MS = 300
 DEFAULT_ZSTD_LEVEL = 3
 HEADER = LogHeader(1280, 800, "us", "bench", 1_700_000_000_000_000, "bench")
 
 
-def with_sync_marks(events: Sequence[Event], idle_ms: int = DEFAULT_SYNC_IDLE_MS) -> list[Event]:
-    """Insert the sync marks the agent would take: ``idle_ms`` after the last key/button event of a
-    burst, 64x64 around the pointer after a click, a window-sized region after typing."""
+def with_sync_marks(events: Sequence[Event], idle_ms: int = DEFAULT_SYNC_IDLE_MS,
+                    settle_ms: int = DEFAULT_SYNC_SETTLE_MS) -> list[Event]:
+    """Insert the sync marks the agent would take: ``idle_ms`` plus ``settle_ms`` (a still screen)
+    after the last key/button event of a burst, 64x64 around the pointer after a click, a
+    window-sized region after typing."""
     out: list[Event] = []
-    idle = idle_ms * 1000
+    idle = (idle_ms + settle_ms) * 1000
     last: Event | None = None
     for i, ev in enumerate(events):
         out.append(ev)
@@ -141,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             motion_window_ms=args.motion_window_ms, level=args.level))
         shift = everything[-1].t_us + 1_000_000 if everything else 0
         everything += [replace(e, t_us=e.t_us + shift) for e in events]
-    rows.append(measure("all three", everything, frame_events=args.frame_events, frame_ms=args.frame_ms,
+    rows.append(measure("all workloads", everything, frame_events=args.frame_events, frame_ms=args.frame_ms,
                         motion_window_ms=args.motion_window_ms, level=args.level))
     print(f"Input log size (frames every {args.frame_events} events or {args.frame_ms} ms, motion window "
           f"{args.motion_window_ms} ms, zstd level {args.level}, seed {args.seed})\n")

@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import secrets
+import shlex
 import shutil
 import subprocess
 import sys
@@ -50,6 +51,8 @@ from bench.pageflags import kinds_of, read_page_flags
 from bench.residue import residue
 from bench.sides import KEPT_DISK, KEPT_MEMORY
 from migration.sides import FLUSH_S
+from migration.suspenddir import suspend_dir_arg
+from migration.timeline import downtime_breakdown, excluded_seconds, merge, spans_of
 from replay_migrate.errors import HostError
 from replayer.drive import run_checks
 from replayer.workload import find_workload, load_workload, synthesize
@@ -88,6 +91,8 @@ CALIBRATION_SMALL_BYTES = 1 << 20
 """The small calibration transfer: with the large one it gives the link's fixed cost and rate."""
 DEFAULT_WORK = Path("/var/tmp/rm-bench")
 """Kept states and scratch files; must be on the clones' file system (hard links)."""
+DEFAULT_SUSPEND_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else ""
+"""Where both sides save at suspend (``migration.suspenddir``): tmpfs, as a host with the RAM would."""
 EXIT_NO_NETEM = 3
 EXIT_CHECK_FAILED = 4
 """A workload's check failed in the migrated VM (its files are not what the source computed)."""
@@ -167,21 +172,35 @@ class Run:
     checks: list[dict[str, Any]] | None = None
     """The workload's checks, run in the migrated VM: command, exit code, output."""
 
+    def spans(self) -> list[Any]:
+        """Both sides' phases on the host's one monotonic clock (``migration.timeline``)."""
+        return merge(spans_of(self.source["report"]), spans_of(self.target["report"]))
+
     def derived(self) -> dict[str, float]:
         s, t = self.source, self.target
+        # the benchmark's own hooks (keeping the target's state, stamping its verification) are
+        # not part of a migration: out of its downtime
+        hooks = excluded_seconds(self.spans(), s["t_paused"], t["t_resumed"])
         return {
-            "e2e_s": t["t_resumed"] - s["t_request"],
-            "downtime_s": t["t_resumed"] - s["t_paused"],
+            "e2e_s": t["t_resumed"] - s["t_request"] - hooks,
+            "downtime_s": t["t_resumed"] - s["t_paused"] - hooks,
             # what the baselines pay too: the wait for the agent's last frames is replay's alone
             "quiesce_s": max(0.0, s["t_paused"] - s["t_request"] - s.get("flush_s", FLUSH_S)),
             "save_s": s["t_saved"] - s["t_paused"],
             "restore_s": t["t_resumed"] - t["t_verified"],
             "replay_lag_s": t["t_saved"] - s["t_paused"],
-            "e2e_confirmed_s": s["t_done"] - s["t_request"],  # until the source holds the confirm
+            "e2e_confirmed_s": s["t_done"] - s["t_request"] - hooks,  # until the source holds the confirm
+            "hooks_s": hooks,
         }
+
+    def breakdown(self) -> dict[str, float]:
+        """The downtime's critical path, phase by phase (empty for a run without timelines)."""
+        spans = self.spans()
+        return downtime_breakdown(spans, self.source["t_paused"], self.target["t_resumed"]) if spans else {}
 
     def as_dict(self) -> dict[str, Any]:
         return {"link": self.link, **{k: round(v, 3) for k, v in self.derived().items()},
+                "downtime_breakdown": self.breakdown(),
                 "report": self.source["report"], "target_report": self.target["report"],
                 "replay": self.target.get("replay", {}), "events_driven": self.source.get("events_driven"),
                 "drive_s": self.source.get("drive_s"), "other_vms_running": round(self.other_vms, 2),
@@ -211,7 +230,8 @@ def _remove_ours(hv: Hypervisor, names: Sequence[str]) -> None:
 
 
 def migrate(hv: Hypervisor, ck: ckpt.Checkpoint, wl: str, workload: Path, link: NetnsLink, link_key: str,
-            token: str, keyring: Keyring, work: Path, *, keep: bool) -> Run:
+            token: str, keyring: Keyring, work: Path, *, keep: bool, target_args: Sequence[str] = (),
+            suspend_dir: Path | None = None) -> Run:
     """Source clone driven by ``workload`` in the source namespace, target clone replaying in the
     target namespace, the service there too; returns when the target runs the migrated VM."""
     src_name, tgt_name = f"{PREFIX}{wl}-src", f"{PREFIX}{wl}-tgt"
@@ -232,9 +252,12 @@ def migrate(hv: Hypervisor, ck: ckpt.Checkpoint, wl: str, workload: Path, link: 
         src = ckpt.start_clone(hv, ck, src_name)
         src.wait_agent()
         tgt_argv = [py, "-m", "bench.sides", "target", "--url", tgt_url, "--checkpoint", ck.name,
-                    "--name", tgt_name, "--out", str(wdir / f"target-{link_key}.json")]
+                    "--name", tgt_name, "--out", str(wdir / f"target-{link_key}.json"), *target_args]
         src_argv = [py, "-m", "bench.sides", "source", "--url", src_url, "--checkpoint", ck.name,
                     "--domain", src_name, "--workload", str(workload), "--out", str(wdir / f"source-{link_key}.json")]
+        if suspend_dir is not None:
+            tgt_argv += ["--suspend-dir", str(suspend_dir)]
+            src_argv += ["--suspend-dir", str(suspend_dir)]
         if keep:
             tgt_argv += ["--keep", str(wdir / "target")]
             src_argv += ["--keep", str(wdir / "source")]
@@ -380,7 +403,7 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     t_begin = time.monotonic()
     work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)
-    checkpoints_dir().mkdir(parents=True, exist_ok=True)  # a fresh state root has none yet
+    checkpoints_dir().mkdir(parents=True, exist_ok=True)    # a fresh state root has none yet
     if work.stat().st_dev != checkpoints_dir().stat().st_dev:
         raise SystemExit(f"--work {work} must be on the file system of {checkpoints_dir()} (hard links)")
     token = secrets.token_urlsafe(24)
@@ -388,6 +411,13 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     keyring = Keyring(key, token)
     results: dict[str, Any] = {"meta": {}, "workloads": {}}
     notes: list[str] = []
+    if args.migrations_only:
+        notes.append("Only the replay-migrate migrations ran (`--migrations-only`): no baselines, no divergence.")
+    notes.append(f"Both sides saved their VMs at suspend into `{args.suspend_dir}` (tmpfs; `--suspend-dir`), the "
+                 "baselines' save and restore are the same measured ones." if args.suspend_dir else
+                 "Both sides saved their VMs at suspend into their clone folders (the state disk).")
+    if args.target_args:
+        notes.append(f"The targets ran as a variant: `bench.sides target ... {shlex.join(args.target_args)}`.")
     with Hypervisor() as hv:
         ck, created = ckpt.ensure(hv, args.checkpoint, kernel_args=args.kernel_arg)
         log(f"checkpoint {ck.name}: {'created' if created else 'cached'}")
@@ -425,12 +455,14 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
                         notes.append(f"`{wl}` ran as the bench-only trimmed copy `{path.relative_to(REPO)}`.")
                     if shapes:
                         link.shape(shapes[0])
-                    run = migrate(hv, ck, wl, path, link, first, token, keyring, work, keep=True)
+                    run = migrate(hv, ck, wl, path, link, first, token, keyring, work, keep=not args.migrations_only,
+                                  target_args=args.target_args, suspend_dir=args.suspend_dir)
                     shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
                     w: dict[str, Any] = {"file": str(shown), "session_s": round(run.source["drive_s"], 1),
-                                         "runs": {first: run.as_dict()}}
-                    log(f"{wl}: baselines, divergence and residue on the kept states")
-                    w.update(measure_baselines(ck, work / wl, trees, hv if args.page_flags else None))
+                                         "runs": {first: run.as_dict()}, "bytes": {}}
+                    if not args.migrations_only:
+                        log(f"{wl}: baselines, divergence and residue on the kept states")
+                        w.update(measure_baselines(ck, work / wl, trees, hv if args.page_flags else None))
                     w["bytes"] = {"replay-migrate": run.source["report"]["wire_bytes"], **w["bytes"]}
                     d = run.derived()
                     w["timing"] = {first: {"replay-migrate": {"e2e_s": d["e2e_s"], "downtime_s": d["downtime_s"],
@@ -442,16 +474,16 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
                 for shape in shapes[1:]:
                     link.shape(shape)
                     for wl in args.workloads:
-                        if wl not in REPEAT_AT_SECOND_LINK:
+                        if wl not in REPEAT_AT_SECOND_LINK or args.first_link_only:
                             continue
                         run = migrate(hv, ck, wl, workload_file(wl), link, shape.key, token, keyring, work,
-                                      keep=False)
+                                      keep=False, target_args=args.target_args, suspend_dir=args.suspend_dir)
                         w = results["workloads"][wl]
                         w["runs"][shape.key] = run.as_dict()
                         d = run.derived()
                         w["timing"].setdefault(shape.key, {})["replay-migrate"] = {
                             "e2e_s": d["e2e_s"], "downtime_s": d["downtime_s"], "how": "measured migration"}
-                for shape in shapes:
+                for shape in shapes if not args.migrations_only else ():
                     time_baselines(link, shape, results["workloads"], token)
             finally:
                 receiver.stop()
@@ -465,7 +497,8 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
                      "leaf the source changed, measured on the kept state; the diff without replay is given the "
                      "same writes and no verification); rsync's receiver is inside its "
                      "measured time; the full image's target writes are not counted.")
-        notes.append(f"replay-migrate ran on the second link ({SHAPES[1].name}) for "
+        notes.append("replay-migrate ran on the first link only (`--first-link-only`)." if args.first_link_only else
+                     f"replay-migrate ran on the second link ({SHAPES[1].name}) for "
                      f"{', '.join(REPEAT_AT_SECOND_LINK)} only, to keep `make bench` under 30 minutes.")
     results["meta"] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -478,7 +511,8 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
                  "shapes": [{"key": s.key, "name": s.name, "rate_mbit": s.rate_mbit, "rtt_ms": s.rtt_ms}
                             for s in shapes]},
         "params": {"max_send_bytes": MAX_SEND_BYTES, "repeat_at_second_link": list(REPEAT_AT_SECOND_LINK),
-                   "flush_s": FLUSH_S},
+                   "flush_s": FLUSH_S, "target_args": args.target_args,
+                   "suspend_dir": str(args.suspend_dir) if args.suspend_dir else None},
         "notes": notes,
         "elapsed_s": round(time.monotonic() - t_begin, 1),
     }
@@ -498,7 +532,8 @@ def write_results(results: dict[str, Any], out: Path) -> Path:
     (out / "migration.json").write_text(json.dumps(results, indent=2) + "\n")
     plots = [p for p in (tables.plot_bytes(results, out / "bytes.png"),
                          tables.plot_time(results, out / "time_vs_bandwidth.png"),
-                         tables.plot_divergence(results, out / "divergence.png")) if p is not None]
+                         tables.plot_divergence(results, out / "divergence.png"),
+                         tables.plot_downtime(results, out / "downtime.png")) if p is not None]
     stale = out / "time_vs_bandwidth.png"
     if stale not in plots:
         stale.unlink(missing_ok=True)
@@ -521,6 +556,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "init_on_free=1); a checkpoint made with others is made anew")
     ap.add_argument("--no-page-flags", dest="page_flags", action="store_false",
                     help="name the residue's pages by content only (no restored copies of the states)")
+    ap.add_argument("--migrations-only", action="store_true",
+                    help="only the replay-migrate runs: no baselines, no divergence analysis (to compare variants)")
+    ap.add_argument("--target-args", type=shlex.split, default=[], metavar="ARGS",
+                    help="more arguments for the target side (`python -m bench.sides target --help`), to measure "
+                         "a variant, e.g. --target-args='--copy-sinks --rehash'")
+    ap.add_argument("--first-link-only", action="store_true",
+                    help="migrate on the first link only (the baselines are still timed on every link)")
+    ap.add_argument("--suspend-dir", type=lambda v: suspend_dir_arg(v) if v else None, default=DEFAULT_SUSPEND_DIR,
+                    metavar="DIR", help="both sides save their VMs at suspend here (default: %(default)s; '' for the "
+                    "clone folders on the state disk)")
     ap.add_argument("--render", type=Path, metavar="JSON",
                     help="only re-render the report and plots of an earlier run's migration.json into --out")
     args = ap.parse_args(argv)

@@ -5,15 +5,17 @@ the CLI's ``record --to`` and ``follow`` use, with what the benchmark needs besi
 * timestamps on the host's monotonic clock (one clock for both processes): when the user asked to
   migrate, when each VM paused, saved, verified, resumed;
 * the source's saved state is kept (``record --to`` deletes it after the confirm), and so is the
-  target's own state from before the walk patched it (hard links made in ``on_saved``), so the
-  baselines and the divergence analysis see exactly what the migration saw.
+  target's own state from before the walk patched it (copied in ``on_saved``: the target patches
+  it in place; a hook left out of the downtime), so the baselines and the divergence analysis see
+  exactly what the migration saw.
 
     python -m bench.sides source --url URL --domain D --checkpoint C --workload W.wl --keep DIR --out R.json
     python -m bench.sides target --url URL --name N --checkpoint C [--keep DIR] [--keep-verified DIR] --out R.json
 
 ``URL`` is the service's ``ws://HOST:PORT``; each side's role credential comes from
 ``$REPLAY_MIGRATE_CREDENTIAL``; ``--connect URI`` is the side's libvirt (two hosts: each its own,
-``bench/sites.py``). Each writes one JSON object to ``--out``, also on failure (``{"error": ...}``).
+``bench/sites.py``). Each writes one JSON object to ``--out`` (``report``: what this side measured, the
+bench adds the two; ``whole``: the report both sides print), also on failure (``{"error": ...}``).
 ``--keep-verified`` keeps the target's state as it verified it, before the VM resumes from it (the
 memory image hard-linked: only its header is rewritten, and then it is deleted; the disk copied:
 the resumed guest writes it), to compare with the source's kept state.
@@ -27,8 +29,6 @@ import errno
 import json
 import logging
 import os
-import shutil
-import subprocess
 import sys
 import time
 import traceback
@@ -37,7 +37,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from differ.patch import sparse_copy
 from migration.sides import SourceSide, TargetSide
+from migration.suspenddir import suspend_dir_arg
 from replayer.drive import drive
 from replayer.replay import ReplayConfig
 from replayer.workload import load_workload
@@ -46,7 +48,7 @@ from server.credentials import load_credential
 from server.wire import Role
 from store import checkpoint as ckpt
 from store.vmstate import VmState
-from vm.machine import Hypervisor, Machine
+from vm.machine import SAVE_CHANNELS, Hypervisor, Machine
 
 KEPT_MEMORY = "memory.sav"
 KEPT_DISK = "disk.qcow2"
@@ -64,27 +66,29 @@ class StampedMachine(Machine):
         super().pause()
         self.t_paused = time.monotonic()
 
-    def save(self, path: Path) -> None:
-        super().save(path)
+    def save(self, path: Path, *, channels: int = SAVE_CHANNELS) -> None:
+        super().save(path, channels=channels)
         self.t_saved = time.monotonic()
 
 
-def keep_state(state: VmState, keep: Path, *, copy_disk: bool = False) -> None:
-    """Hard-link a side's saved images into ``keep`` (the originals get patched or deleted);
-    ``copy_disk``: copy the disk instead (a guest will run on it)."""
+def keep_state(state: VmState, keep: Path, *, copy: bool = False, copy_disk: bool = False) -> None:
+    """Hard-link a side's saved images into ``keep`` (the originals get deleted); ``copy``: copy
+    both (sparse), for a target that patches its images in place (a link would see them patched);
+    ``copy_disk``: copy the disk only (a guest will run on it). Another file system (a site's bind
+    mount) gets a sparse copy too."""
     keep.mkdir(parents=True, exist_ok=True)
     for src, name in ((state.memory, KEPT_MEMORY), (state.disk, KEPT_DISK)):
         dst = keep / name
         dst.unlink(missing_ok=True)
-        if copy_disk and name == KEPT_DISK:
-            shutil.copyfile(src, dst)
+        if copy or (copy_disk and name == KEPT_DISK):
+            sparse_copy(src, dst)
             continue
         try:
             os.link(src, dst)
         except OSError as e:       # another file system, or another mount of it (a site's bind mount)
             if e.errno != errno.EXDEV:
                 raise
-            subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(src), str(dst)], check=True)
+            sparse_copy(src, dst)
 
 
 async def run_source(args: argparse.Namespace) -> dict[str, Any]:
@@ -93,7 +97,7 @@ async def run_source(args: argparse.Namespace) -> dict[str, Any]:
     with Hypervisor(args.connect) as hv:
         m = StampedMachine(hv, hv.lookup(args.domain).dom)
         async with SessionClient(args.url, load_credential(None, Role.SOURCE)) as client:
-            src = SourceSide(hv, m, ck, client)
+            src = SourceSide(hv, m, ck, client, suspend_dir=args.suspend_dir)
             stop = asyncio.Event()
             streaming = asyncio.create_task(src.stream_log(stop))
             t_start = time.monotonic()
@@ -109,7 +113,7 @@ async def run_source(args: argparse.Namespace) -> dict[str, Any]:
             await src.release()         # the links keep what the bench measures on
     return {"t_start": t_start, "t_request": t_request, "t_paused": m.t_paused, "t_saved": m.t_saved,
             "t_done": t_done, "flush_s": src.flush_s, "events_driven": driven.events, "drive_s": driven.seconds,
-            "report": report.as_dict()}
+            "report": report.as_dict(), "whole": src.whole}
 
 
 async def run_target(args: argparse.Namespace) -> dict[str, Any]:
@@ -119,7 +123,7 @@ async def run_target(args: argparse.Namespace) -> dict[str, Any]:
     def saved(state: VmState) -> None:
         stamps["t_saved"] = time.monotonic()
         if args.keep is not None:
-            keep_state(state, args.keep)
+            keep_state(state, args.keep, copy=not args.copy_sinks)
 
     def verified(state: VmState) -> None:
         stamps["t_verified"] = time.monotonic()
@@ -129,12 +133,14 @@ async def run_target(args: argparse.Namespace) -> dict[str, Any]:
     with Hypervisor(args.connect) as hv:
         async with SessionClient(args.url, load_credential(None, Role.TARGET)) as client:
             stamps["t_attached"] = time.monotonic()
-            side = TargetSide(hv, ck, client, args.name, replay=ReplayConfig(gap_cap_s=args.gap_cap))
+            side = TargetSide(hv, ck, client, args.name, replay=ReplayConfig(gap_cap_s=args.gap_cap),
+                              in_place=not args.copy_sinks, verify_written=not args.rehash,
+                              suspend_dir=args.suspend_dir)
             side.on_saved = saved
             side.on_verified = verified
             report = await side.run()
     replay = asdict(side.replay_stats) if side.replay_stats is not None else {}
-    return {**stamps, "t_resumed": side.t_resumed, "report": report.as_dict(), "replay": replay}
+    return {**stamps, "t_resumed": side.t_resumed, "report": report.as_dict(), "whole": side.whole, "replay": replay}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -147,6 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--keep", type=Path, default=None, help="hard-link the saved state here")
         p.add_argument("--out", type=Path, required=True)
         p.add_argument("--connect", default="qemu:///system", help="this side's libvirt (default: %(default)s)")
+        p.add_argument("--suspend-dir", type=suspend_dir_arg, default=None,
+                       help="save the VM at suspend here (a tmpfs; default: the clone's folder)")
         if role == "source":
             p.add_argument("--domain", required=True)
             p.add_argument("--workload", type=Path, required=True)
@@ -154,6 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             p.add_argument("--name", required=True)
             p.add_argument("--gap-cap", type=float, default=REPLAY_GAP_CAP_S)
+            p.add_argument("--copy-sinks", action="store_true", help="patch copies of the clone's images "
+                           "(before issue 13: a variant to measure against)")
+            p.add_argument("--rehash", action="store_true", help="verify by rehashing the patched images whole "
+                           "(before issue 13)")
             p.add_argument("--keep-verified", type=Path, default=None,
                            help="keep the patched, verified state here before the VM resumes from it")
     args = ap.parse_args(argv)

@@ -196,6 +196,84 @@ def breakdown_rows(results: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
+def mark_rows(results: Mapping[str, Any]) -> list[list[str]]:
+    """Sync marks per workload and link: how many the target met and which it did not (a failed
+    mark is a replay that drifted from the source's screen, or one the agent took of a transient
+    screen: it costs the replay its wait, never correctness)."""
+    rows: list[list[str]] = []
+    for wl, w in results["workloads"].items():
+        for link, run in w.get("runs", {}).items():
+            rep = run.get("replay") or {}
+            if "sync_met" not in rep:
+                continue
+            failed = list(rep.get("sync_failed", []))
+            rows.append([wl, _link_name(results, link), str(rep["sync_met"]), str(len(failed)),
+                         "; ".join(failed) if failed else "-"])
+    return rows
+
+
+PHASE_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("target tail", ("target replay", "target settle", "target freeze", "target pause")),
+    ("save", ("source drain", "source save", "source screenshot", "target save")),
+    ("hash", ("source open", "source hash", "source checkpoint trees", "target open", "target hash",
+              "target checkpoint trees", "target copy")),
+    ("walk", ("target walk", "source walk")),
+    ("blocks", ("target blocks", "target read", "source blocks", "source read")),
+    ("patch", ("target patch", "target setsize")),
+    ("verify", ("target verify", "target commit", "target verified")),
+    ("restore", ("target restore", "target agent", "target thaw")),
+)
+"""The phases of ``migration.timeline`` in the groups issue 13 names (anything else: "other"):
+the target's tail (replay catching up, settle, freeze), the saves (the source's drain too), the
+hashing (opening the images, the trees), the walk, the blocks (the source's reads in them),
+the patch writes, the verification (read-back, commit, telling the session), the restore (the
+guest agent answering and the file systems thawed: the user's programs wait until then)."""
+GROUP_ORDER = (*(g for g, _ in PHASE_GROUPS), "gaps", "other")
+
+
+def phase_group(key: str) -> str:
+    for group, keys in PHASE_GROUPS:
+        if key in keys:
+            return group
+    return "gaps" if key.endswith(" gap") else "other"
+
+
+def grouped(breakdown: Mapping[str, float]) -> dict[str, float]:
+    """A run's breakdown summed by :data:`PHASE_GROUPS`, in their order."""
+    out: dict[str, float] = {}
+    for k, v in breakdown.items():
+        out[phase_group(k)] = out.get(phase_group(k), 0.0) + v
+    return {g: out[g] for g in GROUP_ORDER if g in out}
+
+
+def downtime_tables(results: Mapping[str, Any]) -> str:
+    """Per workload, the downtime's critical path by group of phases (``migration.timeline``), one
+    column per link, and the phases of each group on the first link; the plain transfer's downtime
+    on that link below, for scale."""
+    out: list[str] = []
+    for wl, w in results["workloads"].items():
+        runs = {link: r for link, r in w.get("runs", {}).items() if r.get("downtime_breakdown")}
+        if not runs:
+            continue
+        groups = {link: grouped(r["downtime_breakdown"]) for link, r in runs.items()}
+        first = next(iter(runs.values()))["downtime_breakdown"]
+        rows: list[list[str]] = []
+        for g in GROUP_ORDER:
+            if not any(g in gs for gs in groups.values()):
+                continue
+            detail = ", ".join(f"{k} {v:.2f}" for k, v in first.items() if phase_group(k) == g)
+            rows.append([g, *(f"{gs[g]:.2f}" if g in gs else "" for gs in groups.values()), detail])
+        rows.append(["**downtime**", *(f"**{r['downtime_s']:.2f}**" for r in runs.values()), ""])
+        plain = [w.get("timing", {}).get(link, {}).get("plain", {}).get("downtime_s") for link in runs]
+        if any(p is not None for p in plain):
+            rows.append(["plain transfer's downtime (same link, modelled)",
+                         *("" if p is None else f"{p:.2f}" for p in plain), ""])
+        out.append(f"### {wl}\n")
+        out.append(md_table(["phase", *(f"{_link_name(results, k)} (s)" for k in runs),
+                             f"on the critical path ({_link_name(results, next(iter(runs)))}, s)"], rows))
+    return "\n".join(out)
+
+
 def break_even_mbit(w: Mapping[str, Any], rate_mbit: float) -> float | None:
     """The link rate below which replay-migrate beats the plain transfer end to end, by a linear
     model through one run: each method's fixed time (its end-to-end time on the goal link minus its
@@ -302,6 +380,13 @@ def goal_lines(results: Mapping[str, Any]) -> list[str]:
             line += (f"; by this run's fixed times and bytes it is faster below ~{b:.1f} Mbit/s" if b != math.inf
                      else "")
         lines.append(line)
+    for wl, w in results["workloads"].items():
+        reps = [r["replay"] for r in w.get("runs", {}).values() if "sync_met" in (r.get("replay") or {})]
+        if reps:
+            failed = sum(len(r.get("sync_failed", [])) for r in reps)
+            met = sum(int(r["sync_met"]) for r in reps)
+            lines.append(f"- {wl}: {failed} of {met + failed} sync marks failed over {len(reps)} run(s) "
+                         f"(goal: none): {'met' if failed == 0 else 'NOT met'}")
     if not any(w.get("timing", {}).get(GOAL_LINK) for w in results["workloads"].values()):
         lines.append("- faster end to end than the plain transfer at 10 Mbit/s: not measured "
                      "(no shaped link on this host, see above)")
@@ -338,6 +423,18 @@ def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> st
     rows = time_rows(results)
     out.append(md_table(["workload", "method", "link", "end to end", "downtime", "how"], rows)
                if rows else "No times measured.\n")
+    rows = mark_rows(results)
+    if rows:
+        out.append("\n## Sync marks (the target's replay waiting on the source's settled screens)\n")
+        out.append(md_table(["workload", "link", "met", "failed", "failed marks"], rows))
+    downtime = downtime_tables(results)
+    if downtime:
+        out.append("\n## Where the downtime goes\n")
+        out.append("Each side notes its phases on the host's monotonic clock; before the walk the side that was "
+                   "ready last is the critical path (the other ran in its shadow), from the walk on the target "
+                   "(`migration/timeline.py`). A gap is time no phase of that side covers (messages in flight, "
+                   "waiting on the other side). The benchmark's own hooks are left out.\n")
+        out.append(downtime)
     out.append("\n## Divergence left after replay (source vs the replayed target, before patching)\n")
     out.append("The last column, for comparison, is what differs without replay (the source vs the checkpoint).\n")
     out.append(md_table(["workload", "memory leaves", "by RAM block", "disk leaves", "by ext4 role",
@@ -428,6 +525,38 @@ def plot_time(results: Mapping[str, Any], path: Path) -> Path | None:
         ax.set_title(wl)
     axes[0][0].set_ylabel("end to end (s)")
     axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_downtime(results: Mapping[str, Any], path: Path) -> Path | None:
+    """Stacked bars: the downtime of each workload and link by group of phases."""
+    bars: dict[str, dict[str, float]] = {}
+    for wl, w in results["workloads"].items():
+        for link, r in w.get("runs", {}).items():
+            if r.get("downtime_breakdown"):
+                bars[f"{wl}\n{_link_name(results, link)}"] = grouped(r["downtime_breakdown"])
+    if not bars:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = GROUP_ORDER
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(bars)), 4.8))
+    bottom = [0.0] * len(bars)
+    for group in order:
+        ys = [b.get(group, 0.0) for b in bars.values()]
+        if any(ys):
+            ax.bar(list(bars), ys, bottom=bottom, label=group)
+            bottom = [a + y for a, y in zip(bottom, ys, strict=True)]
+    ax.set_ylabel("seconds of downtime (critical path)")
+    ax.set_title("Where the downtime goes")
+    ax.tick_params(axis="x", labelsize=7)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -28,6 +28,7 @@ from migration.cancel import Interrupted, raising_on_signals, stopping_on_signal
 from replay_migrate import __version__
 from replay_migrate.errors import NoSuchDomainError, ReplayMigrateError, UsageError, WorkloadCheckError
 from replay_migrate.safeopen import check_output, check_regular, open_output, open_regular, write_output
+from replayer.replay import SYNC_SLACK_S
 from store import checkpoint as ckpt
 from store.images import ensure_image
 from vm.machine import Hypervisor, Machine
@@ -177,19 +178,21 @@ def cmd_vm_resume(args: argparse.Namespace) -> int:
     saved: SIGINT and SIGTERM do this themselves; SIGKILL runs nothing."""
     from cli.migrate import PID_FILE, recorder_pid
     from migration.sides import put_back
+    from migration.suspenddir import saved_images
 
     with _hv(args) as hv:
         try:
             run_dir = hv.lookup(args.name).run_dir
         except NoSuchDomainError:          # a saved clone: gone until restored from its folder
             run_dir = ckpt.clone_dir(args.name)
-            if not (run_dir / "suspend.sav").is_file():
+            if not saved_images(run_dir, args.suspend_dir):
                 raise
         pid = recorder_pid(run_dir / PID_FILE)
         if pid is not None:
             raise UsageError(f"a `replay-migrate record {args.name} --to` (pid {pid}) is migrating it: stop that "
                              "first (Ctrl-C cancels the migration and resumes the VM itself)")
-        back = put_back(hv, args.name, run_dir / "suspend.sav")
+        images = saved_images(run_dir, args.suspend_dir)
+        back = put_back(hv, args.name, images[0] if images else None)
         print(f"{back.name}: {back.state.value}, file systems thawed")
     return 0
 
@@ -242,7 +245,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from replayer.replay import ReplayConfig, Replayer
 
     cfg = ReplayConfig(gap_cap_s=args.gap_cap, echo_timeout_s=args.echo_timeout,
-                       sync_timeout_s=args.sync_timeout, strict_sync=args.strict_sync)
+                       sync_slack_s=args.sync_slack, strict_sync=args.strict_sync)
     check_regular(args.log, "log")
     with _hv(args) as hv:
         m = hv.lookup(args.domain)
@@ -307,6 +310,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cli import migrate
+
     ap = _Parser(prog="replay-migrate", description="Migrate a desktop VM by replaying its user's input.")
     ap.add_argument("--version", action="version", version=f"replay-migrate {__version__}")
     ap.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -359,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(vmp, "resume", cmd_vm_resume,
             "put back a VM a killed migration left paused, frozen or saved (restore, resume, thaw)")
     p.add_argument("name")
+    migrate.add_suspend_dir_argument(p)
     p = add(vmp, "screenshot", cmd_vm_screenshot, "save the screen as PNG")
     p.add_argument("name")
     p.add_argument("out", type=Path, help="a regular file (created or truncated; not through a symbolic link)")
@@ -376,7 +382,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "migrate at `replay-migrate suspend DOMAIN`")
     p.add_argument("--duration", type=positive, help="stop (with --to: suspend) after this many seconds")
     p.add_argument("--json", action="store_true", help="with --to: print the report as JSON")
-    from cli import migrate
     migrate.add_record_to_options(p)
 
     p = add(sub, "suspend", migrate.cmd_suspend,
@@ -401,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --follow: stop when the log has not grown for this long")
     p.add_argument("--gap-cap", type=positive, default=2.0, help="longest idle gap kept, s (default %(default)s)")
     p.add_argument("--echo-timeout", type=positive, default=10.0, help="s per event (default %(default)s)")
-    p.add_argument("--sync-timeout", type=positive, default=5.0, help="s per sync mark (default %(default)s)")
+    p.add_argument("--sync-slack", type=positive, default=SYNC_SLACK_S,
+                   help="s a sync mark may take beyond what the source took to reach it (default %(default)s)")
     p.add_argument("--strict-sync", action="store_true", help="fail on a sync mark that is not met")
     p.add_argument("--json", action="store_true")
 

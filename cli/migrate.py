@@ -36,9 +36,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from cli.argtypes import positive
-from cli.report import Progress, emit_json, human_bytes, table
+from cli.report import Progress, emit_json, human_bytes, keep_drawing, table
 from migration import cancel
 from migration.sides import Report, SourceSide, TargetSide, merged_report
+from migration.suspenddir import SUSPEND_DIR_ENV, suspend_dir_arg, suspend_dir_from_env
 from replay_migrate.errors import ReplayMigrateError, UsageError, VerificationError, VMError
 from replay_migrate.safeopen import write_output
 from replayer.drive import drive
@@ -60,28 +61,41 @@ SUSPEND_WAIT_S = 1800.0
 """How long ``suspend`` waits for the recording process to finish the migration."""
 
 
+UNKNOWN = "unknown"
+"""What a figure shows when no side could tell it (the other side's report never came): never 0."""
+
+
 def print_report(report: dict[str, Any], as_json: bool, title: str = "migration") -> None:
+    """The report as a table, or as JSON (where an unknown figure is null)."""
     if as_json:
         emit_json(report)
         return
-    div = report.get("divergent_blocks", {})
+
+    def fig(key: str, show: Callable[[Any], str] = str, sub: str | None = None) -> str:
+        v = report.get(key)
+        if sub is not None and isinstance(v, dict):
+            v = v.get(sub)
+        return UNKNOWN if v is None else show(v)
+
+    verified = report.get("verified")
     rows = [
-        ["verified", "yes" if report.get("verified") else "NO"],
-        ["log", f"{human_bytes(report.get('log_bytes', 0))} in {report.get('log_frames', 0)} frames"],
-        ["events replayed", f"{report.get('events_replayed', 0)} (sync marks met {report.get('sync_marks_met', 0)}, "
-                            f"failed {report.get('sync_marks_failed', 0)})"],
-        ["divergent blocks", f"memory {div.get('memory', 0)}, disk {div.get('disk', 0)}"],
+        ["verified", UNKNOWN if verified is None else "yes" if verified else "NO"],
+        ["log", f"{fig('log_bytes', human_bytes)} in {fig('log_frames')} frames"],
+        ["events replayed", f"{fig('events_replayed')} (sync marks met {fig('sync_marks_met')}, "
+                            f"failed {fig('sync_marks_failed')})"],
+        ["divergent blocks", f"memory {fig('divergent_blocks', sub='memory')}, "
+                             f"disk {fig('divergent_blocks', sub='disk')}"],
         ["  sent as reference / delta / full",
-         f"{report.get('referenced_blocks', 0)} / {report.get('delta_blocks', 0)} / {report.get('full_blocks', 0)}"],
-        ["hash bytes", human_bytes(report.get("hash_bytes", 0))],
-        ["block bytes", human_bytes(report.get("block_bytes", 0))],
-        ["wire bytes (all traffic)", human_bytes(report.get("wire_bytes", 0))],
-        ["plain state transfer (baseline)", human_bytes(report.get("baseline_bytes", 0))],
-        ["savings vs baseline", f"{100 * report.get('savings', 0):.1f} %"],
-        ["replay", f"{report.get('replay_s', 0):.1f} s"],
-        ["diff (tree walk)", f"{report.get('diff_s', 0):.2f} s"],
-        ["transfer", f"{report.get('transfer_s', 0):.2f} s"],
-        ["downtime (source paused → target resumed)", f"{report.get('downtime_s', 0):.1f} s"],
+         f"{fig('referenced_blocks')} / {fig('delta_blocks')} / {fig('full_blocks')}"],
+        ["hash bytes", fig("hash_bytes", human_bytes)],
+        ["block bytes", fig("block_bytes", human_bytes)],
+        ["wire bytes (all traffic)", fig("wire_bytes", human_bytes)],
+        ["plain state transfer (baseline)", fig("baseline_bytes", human_bytes)],
+        ["savings vs baseline", fig("savings", lambda v: f"{100 * v:.1f} %")],
+        ["replay", fig("replay_s", lambda v: f"{v:.1f} s")],
+        ["diff (tree walk)", fig("diff_s", lambda v: f"{v:.2f} s")],
+        ["transfer", fig("transfer_s", lambda v: f"{v:.2f} s")],
+        ["downtime (source paused → target resumed)", fig("downtime_s", lambda v: f"{v:.1f} s")],
     ]
     table(rows, [title, ""])
 
@@ -187,14 +201,30 @@ def _source_credential(args: argparse.Namespace) -> Credential | None:
 
 
 async def _source(client: SessionClient, hv: Hypervisor, m: Machine, ck: ckpt.Checkpoint,
-                  stop: asyncio.Event, sides: dict[str, SourceSide]) -> Report:
-    async with client:
-        src = sides["source"] = SourceSide(hv, m, ck, client)
-        src.progress = Progress()
+                  stop: asyncio.Event, sides: dict[str, SourceSide], bar: Progress,
+                  suspend_dir: Path | None) -> dict[str, Any]:
+    """The source's part; returns the whole report (with the target's half, once it came)."""
+    async with client, _drawing(bar):
+        src = sides["source"] = SourceSide(hv, m, ck, client, suspend_dir=suspend_dir)
+        src.progress, src.progress_note = bar, bar.note
         await src.stream_log(stop)
-        report = await src.suspend()
+        await src.suspend()
         await src.release()
-        return report
+        return src.whole
+
+
+@contextlib.asynccontextmanager
+async def _drawing(bar: Progress) -> AsyncIterator[None]:
+    """Keep ``bar``'s line going while the block runs (a save reports nothing for seconds), and
+    clear it after."""
+    ticker = asyncio.create_task(keep_drawing(bar))
+    try:
+        yield
+    finally:
+        ticker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ticker
+        bar.close()
 
 
 def _checkpoint_of(m: Machine) -> ckpt.Checkpoint:
@@ -224,7 +254,7 @@ def cmd_record_to(args: argparse.Namespace) -> int:
 
         early: list[int] = []
 
-        async def main() -> Report:
+        async def main() -> dict[str, Any]:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGUSR1, stop.set)
@@ -232,7 +262,7 @@ def cmd_record_to(args: argparse.Namespace) -> int:
                 stop.set()
             if args.duration is not None:
                 loop.call_later(args.duration, stop.set)
-            return await _source(client, hv, m, ck, stop, sides)
+            return await _source(client, hv, m, ck, stop, sides, Progress(), args.suspend_dir)
 
         # SIGUSR1's default action ends a process: from the moment the pid file names us, a
         # `suspend` is remembered (before the loop runs) or ignored (after: the migration is over)
@@ -244,7 +274,7 @@ def cmd_record_to(args: argparse.Namespace) -> int:
         try:
             report = cancel.run(main, deferred=lambda: _committed(sides.get("source")),
                                 on_cancel="cancelling the migration: the VM runs on here as it was, the "
-                                          "target is told to remove its clone").as_dict()
+                                          "target is told to remove its clone")
             outcome = report
         except ReplayMigrateError as e:
             outcome = {"error": str(e), "exit_code": e.exit_code}
@@ -338,17 +368,19 @@ def cmd_follow(args: argparse.Namespace) -> int:
         check_target_name(hv, name, "--name")
         sides: dict[str, TargetSide] = {}
 
-        async def main() -> Report:
-            async with client:
-                side = sides["target"] = TargetSide(hv, ck, client, name, replay=_replay_config(args))
-                side.progress = bar
-                return await side.run()
+        async def main() -> dict[str, Any]:
+            async with client, _drawing(bar):
+                side = sides["target"] = TargetSide(hv, ck, client, name, replay=_replay_config(args),
+                                                    suspend_dir=args.suspend_dir)
+                side.progress, side.progress_note = bar, bar.note
+                await side.run()
+                return side.whole
 
         bar = Progress()
         try:
             report = cancel.run(main, deferred=lambda: _committed(sides.get("target")),
                                 on_cancel=f"cancelling the migration: {name} is removed, the source is told "
-                                          "to resume its VM").as_dict()
+                                          "to resume its VM")
         finally:
             bar.close()
     print_report(report, args.json, title=f"{name} (target)")
@@ -383,10 +415,11 @@ async def migrate_embedded(hv_source: Hypervisor, hv_target: Hypervisor, m: Mach
                            on_verified: Callable[[SourceSide, VmState], None] | None = None,
                            progress: Progress | None = None, service: ServiceEndpoint | None = None,
                            on_started: Callable[[SourceSide, TargetSide], None] | None = None,
-                           ) -> tuple[Report, SourceSide, TargetSide]:
+                           suspend_dir: Path | None = None) -> tuple[Report, SourceSide, TargetSide]:
     """Source and target in this process, through ``service`` or one on loopback made for the
     purpose; ``user`` is what happens at the source before the suspend (a workload, or waiting for
-    the person at the console); ``on_started`` sees both sides before anything runs (hooks, tests).
+    the person at the console); ``on_started`` sees both sides before anything runs (hooks, tests);
+    ``suspend_dir``: where both sides save their VMs at suspend (``migration.suspenddir``).
 
     The target, the log stream and ``user`` run at once under :func:`migration.cancel.supervise`:
     the first to fail (or a cancellation) stops the others at once; the source VM is put back as
@@ -398,9 +431,16 @@ async def migrate_embedded(hv_source: Hypervisor, hv_target: Hypervisor, m: Mach
         source_cred, target_cred = await create_session(service.url, service.token, cafile=service.cafile)
         async with SessionClient(service.url, source_cred, cafile=service.cafile) as sc, \
                 SessionClient(service.url, target_cred, cafile=service.cafile) as tc:
-            src = SourceSide(hv_source, m, ck, sc)
-            tgt = TargetSide(hv_target, ck, tc, target_name, replay=replay)
-            src.progress = tgt.progress = progress or Progress(enabled=False)
+            src = SourceSide(hv_source, m, ck, sc, suspend_dir=suspend_dir)
+            tgt = TargetSide(hv_target, ck, tc, target_name, replay=replay, suspend_dir=suspend_dir)
+            bar = progress or Progress(enabled=False)
+
+            def suspending(what: str, done: int, total: int) -> None:
+                if what != "recording":     # one line: while the log streams, the target's replay
+                    bar(what, done, total)
+
+            src.progress, tgt.progress = suspending, bar
+            tgt.progress_note = bar.note
             if on_verified is not None:
                 tgt.on_verified = lambda state: on_verified(src, state)
             if on_started is not None:
@@ -466,8 +506,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 await read_line()
 
         async def main() -> tuple[Report, SourceSide, TargetSide]:
-            return await migrate_embedded(hv, hv2, m, ck, target, user=user, replay=_replay_config(args),
-                                          progress=bar, on_started=lambda s, t: both.extend((s, t)))
+            async with _drawing(bar):
+                return await migrate_embedded(hv, hv2, m, ck, target, user=user, replay=_replay_config(args),
+                                              suspend_dir=args.suspend_dir,
+                                              progress=bar, on_started=lambda s, t: both.extend((s, t)))
 
         bar = Progress()
         try:
@@ -491,8 +533,18 @@ def _token_file_arg(p: argparse.ArgumentParser) -> None:
                    help=f"the service's shared token, which creates sessions (default: ${TOKEN_ENV})")
 
 
+def add_suspend_dir_argument(p: argparse.ArgumentParser) -> None:
+    """``--suspend-dir``: where a migration saves the VMs at suspend (``migration.suspenddir``)."""
+    p.add_argument("--suspend-dir", type=suspend_dir_arg, default=suspend_dir_from_env(), metavar="DIR",
+                   help="save the VM at suspend into DIR (a tmpfs such as /dev/shm: the save, hashing, patching "
+                        "and restore run at memory speed; a private subfolder is made there); without it, or when DIR "
+                        f"has no room for the guest's RAM, the clone's folder on the state disk (default: "
+                        f"${SUSPEND_DIR_ENV})")
+
+
 def add_record_to_options(p: argparse.ArgumentParser) -> None:
     """``record``'s options for ``--to`` (the rest of ``record`` is in cli/main.py)."""
+    add_suspend_dir_argument(p)
     p.add_argument("--target-credential", type=Path, default=None, metavar="FILE",
                    help="with --to: create a new session and write the target's credential to FILE (0600)")
     p.add_argument("--credential", type=Path, default=None, metavar="FILE",
@@ -519,6 +571,7 @@ def add_suspend_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_follow_arguments(p: argparse.ArgumentParser) -> None:
+    add_suspend_dir_argument(p)
     p.add_argument("--from", dest="source_url", required=True, metavar="URL",
                    help="the handoff service, ws[s]://HOST:PORT")
     p.add_argument("--credential", type=Path, default=None, metavar="FILE",
@@ -531,6 +584,7 @@ def add_follow_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_migrate_arguments(p: argparse.ArgumentParser) -> None:
+    add_suspend_dir_argument(p)
     p.add_argument("domain", help="a running clone of CHECKPOINT (replay-migrate vm start)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--target-name", help="name of the migrated VM (default: DOMAIN-migrated)")

@@ -481,16 +481,29 @@ class _Extent:
     end: int
     mode: int
     host_offset: int
+    layer: int = 0
+    """Depth in the backing chain of the file that holds a ``_HOST`` extent (0: the overlay)."""
+
+
+DIRECT_FORMATS = frozenset({"qcow2", "raw"})
+"""Layer formats whose mapped offsets are offsets in the layer's own file (read with pread)."""
 
 
 class Qcow2OverlaySource:
     """The guest-visible content of a qcow2 overlay whose backing chain both sides share.
 
-    ``qemu-img map`` tells which clusters the overlay allocates (depth 0). Only those are read:
-    uncompressed data straight from the overlay file at its host offset, compressed clusters or an
-    external data file through qemu-img. Every other leaf takes its digest from ``backing_tree``
-    (the backing chain's saved leaf digests) or is a zero leaf. Without a backing tree, leaves with
-    backing data are read through qemu-img: correct but slow."""
+    ``qemu-img map`` (one run, at open) tells for every extent of the guest disk which layer of the
+    chain holds it (its depth) and, for uncompressed data, at which offset of that layer's file.
+    Those extents are read with ``pread`` from the layer's file (each opened once); only compressed
+    clusters and layers that cannot be read directly (an external data file, encryption, a format
+    other than qcow2 and raw, a file name that is not a plain path) go through ``qemu-img convert``,
+    one process per range. For hashing, only the clusters the overlay allocates (depth 0) are read:
+    every other leaf takes its digest from ``backing_tree`` (the backing chain's saved leaf
+    digests) or is a zero leaf. References and deltas read backing leaves too, through the same
+    map. The chain's lower layers must not change while the source is open (a checkpoint's never
+    do); the overlay itself may be patched in place, leaf by leaf, by a caller that does not read
+    a leaf after writing it (``differ.patch``). ``read_backing_directly=False`` reads every backing
+    range through qemu-img (as before the map was used for them: ``bench/bench_chain.py``)."""
 
     def __init__(
         self,
@@ -502,11 +515,14 @@ class Qcow2OverlaySource:
         force_share: bool = False,
         tmp_dir: str | None = None,
         max_fallback_bytes: int = DEFAULT_MAX_FALLBACK_BYTES,
+        read_backing_directly: bool = True,
     ) -> None:
         self.path = os.fspath(path)
         self._qemu_img, self._timeout, self._force_share = qemu_img, timeout, force_share
+        self._read_backing_directly = read_backing_directly
         self._tmp_dir, self._max_fallback = tmp_dir, max_fallback_bytes
         self._fd, _ = _open_readonly(self.path, "qcow2 overlay")
+        self._layer_fds: dict[int, int] = {0: self._fd}
         try:
             self._setup(backing_tree)
         except BaseException:
@@ -517,7 +533,8 @@ class Qcow2OverlaySource:
         if os.pread(self._fd, 4, 0) != QCOW2_MAGIC:
             raise ImageError(f"{self.path}: not a qcow2 image (no QFI\\xfb magic)")
         chain = qemu_img_info(
-            self.path, fmt="qcow2", qemu_img=self._qemu_img, timeout=self._timeout, force_share=self._force_share
+            os.path.abspath(self.path), fmt="qcow2", qemu_img=self._qemu_img, timeout=self._timeout,
+            force_share=self._force_share,
         )
         top = chain[0]
         if top.get("encrypted"):
@@ -540,11 +557,41 @@ class Qcow2OverlaySource:
                     f"{self.path}: backing tree is for an image of {tree.size} bytes, the backing file has {bsize}"
                 )
         self._tree = tree
-        self._extents = self._load_map(external)
+        self._direct = [self._readable_directly(layer) and (d == 0 or self._read_backing_directly)
+                        for d, layer in enumerate(chain)]
+        self._direct[0] = not external
+        self._chain_files = [str(layer.get("filename", "")) for layer in chain]
+        self._extents = self._load_map()
         self._starts = [e.start for e in self._extents]
         self._classify(tree)
 
-    def _load_map(self, external: bool) -> list[_Extent]:
+    @staticmethod
+    def _readable_directly(layer: dict[str, Any]) -> bool:
+        """Whether a layer's mapped offsets can be read from its file with pread."""
+        name = layer.get("filename")
+        specific = layer.get("format-specific", {}).get("data", {})
+        return (
+            isinstance(name, str) and os.path.isabs(name) and not name.startswith("json:")
+            and layer.get("format") in DIRECT_FORMATS and not layer.get("encrypted")
+            and not (isinstance(specific, dict) and specific.get("data-file"))
+        )
+
+    def _layer_fd(self, depth: int) -> int | None:
+        """The open file of the chain's layer at ``depth`` (opened on first use), or None when it
+        is not to be read directly (or is no longer a regular file)."""
+        if not (0 <= depth < len(self._direct)) or not self._direct[depth]:
+            return None
+        if depth in self._layer_fds:
+            return self._layer_fds[depth]
+        try:
+            fd, _ = _open_readonly(self._chain_files[depth], "backing image")
+        except ImageError:
+            self._direct[depth] = False
+            return None
+        self._layer_fds[depth] = fd
+        return fd
+
+    def _load_map(self) -> list[_Extent]:
         argv = [self._qemu_img, "map", "--output=json", "-f", "qcow2"]
         argv += (["-U"] if self._force_share else []) + [self.path]
         entries = _json_tool(argv, timeout=self._timeout, what="qemu-img map", path=self.path)
@@ -571,14 +618,11 @@ class Qcow2OverlaySource:
                 mode = _ZERO
                 if depth == 0:
                     self._ov_zero[lo:hi] = True
-            elif depth > 0:
-                mode = _QEMU
-                self._bk_data[lo:hi] = True
             else:
-                direct = data and isinstance(host, int) and not compressed and not external
-                mode = _HOST if direct else _QEMU
-                self._ov_data[lo:hi] = True
-            extents.append(_Extent(start, pos, mode, host if mode == _HOST else -1))
+                direct = data and isinstance(host, int) and host >= 0 and not compressed
+                mode = _HOST if direct and self._layer_fd(depth) is not None else _QEMU
+                (self._bk_data if depth > 0 else self._ov_data)[lo:hi] = True
+            extents.append(_Extent(start, pos, mode, host if mode == _HOST else -1, depth if mode == _HOST else 0))
         if pos != self._size:
             raise ImageError(f"{self.path}: qemu-img map covers {pos} bytes, the disk has {self._size}")
         return extents
@@ -641,14 +685,16 @@ class Qcow2OverlaySource:
             lo, hi = max(ext.start, start), min(ext.end, end)
             if ext.mode == _HOST:
                 want = hi - lo
+                fd = self._layer_fds[ext.layer]
                 try:
-                    got = os.preadv(self._fd, [view[lo - start : hi - start]], ext.host_offset + lo - ext.start)
+                    got = os.preadv(fd, [view[lo - start : hi - start]], ext.host_offset + lo - ext.start)
                 except OSError as e:
                     raise ImageError(
-                        f"{self.path}: read at host offset {ext.host_offset} failed: {e.strerror}"
+                        f"{self._chain_files[ext.layer]}: read at host offset {ext.host_offset} failed: {e.strerror}"
                     ) from None
                 if got != want:
-                    raise ImageError(f"{self.path}: short read of a cluster at host offset {ext.host_offset}")
+                    raise ImageError(f"{self._chain_files[ext.layer]}: short read of a cluster at host offset "
+                                     f"{ext.host_offset}")
             elif ext.mode == _QEMU:
                 if slow and slow[-1][1] == lo:
                     slow[-1] = (slow[-1][0], hi)
@@ -673,6 +719,10 @@ class Qcow2OverlaySource:
         return "disk"
 
     def close(self) -> None:
+        for depth, fd in self._layer_fds.items():
+            if depth and fd >= 0:
+                os.close(fd)
+        self._layer_fds = {}
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

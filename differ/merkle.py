@@ -24,14 +24,11 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import queue
 import struct
-import subprocess
-import sys
-import threading
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
-from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 
 import blake3
@@ -39,6 +36,7 @@ import numpy as np
 import numpy.typing as npt
 import zstandard
 
+from differ import leafhash
 from differ.bounded import decompress_exact
 from differ.source import LEAF_SIZE, BlockSource, KnownArrays, KnownLeafArrays
 from replay_migrate.errors import ImageError
@@ -65,14 +63,10 @@ EMPTY_TOP = bytes(DIGEST_SIZE)
 
 READ_LEAVES = 256
 """Leaves per ``BlockSource.read`` call when building (1 MiB): few calls, bounded memory."""
-PARALLEL_MIN_BYTES = 256 << 20
-"""Below this many bytes to read, :meth:`MerkleTree.build` hashes in-process (``workers=None``):
-starting worker processes costs ~0.3 s."""
-MAX_WORKERS = 8
-PARALLEL_CHUNK_LEAVES = 1024
-"""Leaves per task handed to a worker process (4 MiB): amortises the inter-process round trip."""
-SLOTS_PER_WORKER = 4
-"""Tasks in flight per worker process: keeps each busy while the caller reads the next chunk."""
+MAX_WORKERS = 64
+"""Most hashing threads :meth:`MerkleTree.build` accepts."""
+IN_FLIGHT_PER_THREAD = 2
+"""Reads queued per hashing thread: one being hashed, one waiting, while the caller reads on."""
 
 FILE_MAGIC = b"RMMERKLE"
 FILE_VERSION = 1
@@ -119,22 +113,6 @@ def root_digest(top: bytes, size: int, leaf_count: int, fanout: int, leaf_size: 
     return blake3.blake3(top + _ROOT_META.pack(size, leaf_count, leaf_size, fanout), key=ROOT_KEY).digest()
 
 
-def _parent_level(level: UInt8Array, fanout: int) -> UInt8Array:
-    buf = np.ascontiguousarray(level).data.cast("B")
-    step = fanout * DIGEST_SIZE
-    hasher = blake3.blake3
-    key = NODE_KEY
-    out = b"".join([hasher(buf[j : j + step], key=key).digest() for j in range(0, len(buf), step)])
-    return np.frombuffer(out, dtype=np.uint8).reshape(-1, DIGEST_SIZE)
-
-
-def _hash_leaves(data: bytes | memoryview) -> bytes:
-    """Concatenated digests of consecutive leaves in ``data`` (the last one may be short)."""
-    mv = memoryview(data).cast("B")
-    hasher = blake3.blake3
-    return b"".join([hasher(mv[i : i + LEAF_SIZE]).digest() for i in range(0, len(mv), LEAF_SIZE)])
-
-
 def known_arrays(source: BlockSource) -> KnownArrays:
     """What ``source`` knows without reading, as arrays (see :class:`differ.source.KnownLeafArrays`),
     checked: indices increasing, inside the image, zero and given leaves disjoint."""
@@ -173,8 +151,12 @@ class MerkleTree:
 
     __slots__ = ("_levels", "_root", "fanout", "leaf_count", "leaf_size", "size")
 
-    def __init__(self, leaves: UInt8Array, size: int, fanout: int = DEFAULT_FANOUT, leaf_size: int = LEAF_SIZE):
-        """Build the interior levels over ``leaves`` (an ``(n, 32) uint8`` array, not copied)."""
+    def __init__(
+        self, leaves: UInt8Array, size: int, fanout: int = DEFAULT_FANOUT, leaf_size: int = LEAF_SIZE, *,
+        native: bool | None = None,
+    ) -> None:
+        """Build the interior levels over ``leaves`` (an ``(n, 32) uint8`` array, not copied);
+        ``native``: the hashing backend (see :func:`differ.leafhash.hash_nodes`)."""
         if not MIN_FANOUT <= fanout <= MAX_FANOUT:
             raise ValueError(f"fanout {fanout} outside {MIN_FANOUT}..{MAX_FANOUT}")
         if leaf_size != LEAF_SIZE:
@@ -192,7 +174,7 @@ class MerkleTree:
         self.leaf_size = leaf_size
         levels = [leaves]
         while len(levels[-1]) > 1:
-            levels.append(_parent_level(levels[-1], fanout))
+            levels.append(leafhash.hash_nodes(levels[-1], fanout, NODE_KEY, native=native))
         self._levels: tuple[UInt8Array, ...] = tuple(levels)
         self._root = root_digest(self.top, size, n, fanout, leaf_size)
 
@@ -291,17 +273,21 @@ class MerkleTree:
         *,
         workers: int | None = None,
         read_leaves: int = READ_LEAVES,
+        native: bool | None = None,
     ) -> MerkleTree:
         """Hash ``source``: known leaves (holes, zero pages, backing digests) are taken without
-        reading; the rest is read ``read_leaves`` at a time and hashed leaf by leaf.
+        reading; the rest is read ``read_leaves`` at a time and hashed a read per call
+        (:mod:`differ.leafhash`).
 
-        ``workers``: processes that hash (``None``: one per CPU but one, up to :data:`MAX_WORKERS`,
-        when at least two and more than :data:`PARALLEL_MIN_BYTES` to read; else in-process).
-        Processes, not threads: per-4-KiB blake3 calls fight over the GIL, and two threads hashing
-        leaves ran at half the speed of one here. All reads stay in the calling thread, so a source
-        need not be thread-safe; workers see the bytes through shared memory. On a 2-CPU host the
-        copying leaves no spare core, so the default stays in-process there (measured: 0.8 GiB/s
-        with 2 workers vs 1.0 in-process; 2 workers hashing alone reach 1.7).
+        ``workers``: threads that hash while the calling thread reads; 0 (the default): read and
+        hash in turn in the calling thread. The native hashing call releases the GIL, so threads
+        do run in parallel, but reading is ~5x faster than hashing here and the hash keeps pace
+        with one-call blake3 on one core, so on this 2-CPU host threads won nothing and lost to
+        their hand-offs when the other core was busy (``bench/bench_differ.py`` measures both).
+        The python backend's per-leaf calls fight over the GIL, so it always hashes in turn.
+        All reads stay in the calling thread: a source need not be thread-safe.
+        ``native``: the backend, for the leaves and the interior levels (None: the best there is;
+        see :func:`differ.leafhash.hash_leaves_into`).
         """
         size, n = source.size, source.leaf_count
         if n != leaf_count_for(size):
@@ -320,26 +306,24 @@ class MerkleTree:
                 leaves[n - 1] = np.frombuffer(zero_digest(leaf_length(size, n - 1)), dtype=np.uint8)
             known[zi] = True
         runs = list(_runs(np.flatnonzero(~known), read_leaves))
-        to_read = sum(c for _, c in runs) * LEAF_SIZE
-        if workers is None:
-            spare = (os.cpu_count() or 1) - 1  # the calling thread needs a core to read and copy
-            workers = min(spare, MAX_WORKERS) if to_read >= PARALLEL_MIN_BYTES and spare > 1 else 1
-        if workers > 1 and runs:
-            _hash_parallel(source, runs, leaves, workers)
-        else:
+        is_native = native is not False and leafhash.backend() == "native"
+        workers = 0 if workers is None else workers
+        if not 0 <= workers <= MAX_WORKERS:
+            raise ValueError(f"workers outside 0..{MAX_WORKERS}")
+        if not is_native or workers == 0:
             for start, count in runs:
-                data = _read_checked(source, start, count)
-                leaves[start : start + count] = np.frombuffer(_hash_leaves(data), dtype=np.uint8).reshape(
-                    count, DIGEST_SIZE
-                )
-        return cls(leaves, size, fanout)
+                leafhash.hash_leaves_into(_read_checked(source, start, count), leaves[start : start + count],
+                                          native=native)
+        else:
+            _hash_overlapped(source, runs, leaves, workers, native)
+        return cls(leaves, size, fanout, native=native)
 
     @classmethod
     def from_bytes(cls, data: bytes, fanout: int = DEFAULT_FANOUT) -> MerkleTree:
         """The tree of an in-memory image (tests, small images)."""
-        n = leaf_count_for(len(data))
-        leaves = np.frombuffer(_hash_leaves(data), dtype=np.uint8).reshape(n, DIGEST_SIZE)
-        return cls(leaves.copy(), len(data), fanout)
+        leaves = np.empty((leaf_count_for(len(data)), DIGEST_SIZE), dtype=np.uint8)
+        leafhash.hash_leaves_into(data, leaves)
+        return cls(leaves, len(data), fanout)
 
     # -- files ---------------------------------------------------------------------------------
 
@@ -472,108 +456,23 @@ def _read_checked(source: BlockSource, start: int, count: int) -> bytes:
     return data
 
 
-_REQUEST = struct.Struct("<QQ")
-
-
-def _hash_parallel(source: BlockSource, runs: list[tuple[int, int]], leaves: UInt8Array, workers: int) -> None:
-    """Read in this thread into a ring of shared-memory slots; worker processes hash the slots.
-
-    Workers are plain subprocesses (``python -m differ.merkle --hash-worker``) fed offsets over a
-    pipe: no fork of a possibly multi-threaded caller, no re-import of the caller's ``__main__``.
-    One thread per worker drains its digests as they come, so a full pipe never stalls a worker.
-    """
-    chunks: list[tuple[int, int]] = []
-    for start, count in runs:
-        for off in range(0, count, PARALLEL_CHUNK_LEAVES):
-            chunks.append((start + off, min(PARALLEL_CHUNK_LEAVES, count - off)))
-    workers = min(workers, len(chunks))
-    slot_bytes = PARALLEL_CHUNK_LEAVES * LEAF_SIZE
-    nslots = SLOTS_PER_WORKER * workers  # chunk k uses slot k % nslots and worker k % workers
-    shm = shared_memory.SharedMemory(create=True, size=slot_bytes * nslots)
-    env = dict(os.environ)
-    pkg_root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    cmd = [sys.executable, "-m", "differ.merkle", "--hash-worker", shm.name]
-    procs: list[subprocess.Popen[bytes]] = []
-    queues: list[queue.SimpleQueue[tuple[int, int, int] | None]] = [queue.SimpleQueue() for _ in range(workers)]
-    done = [threading.Event() for _ in chunks]
-    failed: list[bool] = []
-
-    def drain(w: int) -> None:
-        stdout = procs[w].stdout
-        assert stdout is not None
-        while (task := queues[w].get()) is not None:
-            k, start, count = task
-            out = stdout.read(count * DIGEST_SIZE)
-            if len(out) != count * DIGEST_SIZE:
-                failed.append(True)
-                for event in done:
-                    event.set()
-                return
-            leaves[start : start + count] = np.frombuffer(out, dtype=np.uint8).reshape(count, DIGEST_SIZE)
-            done[k].set()
-
-    def wait(k: int) -> None:
-        done[k].wait()
-        if failed:
-            raise ImageError("a hashing worker process died")
-
-    threads: list[threading.Thread] = []
-    try:
-        for w in range(workers):
-            procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env))
-            threads.append(threading.Thread(target=drain, args=(w,), daemon=True))
-            threads[-1].start()
-        for k, (start, count) in enumerate(chunks):
-            if k >= nslots:
-                wait(k - nslots)
-            data = _read_checked(source, start, count)
-            off = (k % nslots) * slot_bytes
-            assert shm.buf is not None
-            shm.buf[off : off + len(data)] = data
-            queues[k % workers].put((k, start, count))
-            stdin = procs[k % workers].stdin
-            assert stdin is not None
-            stdin.write(_REQUEST.pack(off, len(data)))
-            stdin.flush()
-        for k in range(max(0, len(chunks) - nslots), len(chunks)):
-            wait(k)
-    finally:
-        for w, proc in enumerate(procs):
-            queues[w].put(None)
-            if proc.stdin is not None:
-                proc.stdin.close()
-        for proc in procs:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for t in threads:
-            t.join(timeout=5)
-        for proc in procs:
-            if proc.stdout is not None:
-                proc.stdout.close()
-        shm.close()
-        shm.unlink()
-
-
-def _worker_main(shm_name: str) -> None:
-    """Hash requests ``(offset, nbytes)`` from stdin over the shared slots; digests to stdout."""
-    shm = shared_memory.SharedMemory(name=shm_name)
-    # Python 3.11 registers an attached segment with the resource tracker as if this process owned
-    # it; the parent unlinks it (3.13 has track=False for this).
-    resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    try:
-        while len(req := stdin.read(_REQUEST.size)) == _REQUEST.size:
-            off, nbytes = _REQUEST.unpack(req)
-            assert shm.buf is not None
-            stdout.write(_hash_leaves(shm.buf[off : off + nbytes]))
-            stdout.flush()
-    finally:
-        shm.close()
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["--hash-worker"]:
-    _worker_main(sys.argv[2])
+def _hash_overlapped(
+    source: BlockSource, runs: list[tuple[int, int]], leaves: UInt8Array, threads: int, native: bool | None
+) -> None:
+    """The calling thread reads each run; ``threads`` threads hash what it read into ``leaves``
+    (the native call releases the GIL, so hashing one read overlaps reading the next). At most
+    ``IN_FLIGHT_PER_THREAD * threads`` reads are held at once."""
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="merkle-hash") as pool:
+        pending: deque[Future[None]] = deque()
+        try:
+            for start, count in runs:
+                data = _read_checked(source, start, count)
+                while len(pending) >= IN_FLIGHT_PER_THREAD * threads:
+                    pending.popleft().result()
+                pending.append(pool.submit(leafhash.hash_leaves_into, data, leaves[start : start + count],
+                                           native=native))
+            while pending:
+                pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()

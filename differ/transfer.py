@@ -98,10 +98,17 @@ class LocalIO:
     ) -> None:
         self.sources = {Of.IMAGE: dict(images), Of.BASE: dict(bases or {}), Of.REFERENCE: dict(references or {})}
         self.sinks = dict(sinks or {})
+        self._patched: dict[str, BlockSource] = {}
+        """Sources over the patched images, opened on the first read-back and kept until the
+        next write (a qcow2 one costs a ``qemu-img map``)."""
 
     def fulfil(self, req: Request) -> Result:
         """Do ``req``; its result (errors are the block source's or sink's)."""
+        if not isinstance(req, ReadLeaves):
+            self._close_patched()        # a write, a commit or an abort: what was read back is past
         if isinstance(req, ReadLeaves):
+            if req.holding.of is Of.PATCHED:
+                return req.answer(read_leaves(self._patched_source(req.holding.name), req.leaves))
             return req.answer(read_leaves(self.sources[req.holding.of][req.holding.name], req.leaves))
         if isinstance(req, WriteLeaves):
             for w in req.writes:
@@ -132,9 +139,20 @@ class LocalIO:
         return req.done()
 
 
+    def _patched_source(self, name: str) -> BlockSource:
+        if name not in self._patched:
+            self._patched[name] = self.sinks[name].source()
+        return self._patched[name]
+
+    def _close_patched(self) -> None:
+        for source in self._patched.values():
+            source.close()
+        self._patched.clear()
+
+
 def read_leaves(source: BlockSource, leaves: Sequence[int]) -> list[bytes]:
     """``source``'s blocks at ``leaves`` (ascending); consecutive leaves are read in one call (a
-    qcow2 source may spawn qemu-img per call for backing data), at most ``READ_RUN`` at once."""
+    qcow2 source spawns qemu-img per call for compressed clusters), at most ``READ_RUN`` at once."""
     out: list[bytes] = []
     k = 0
     while k < len(leaves):
@@ -165,6 +183,7 @@ def make_target(
     dry_run: bool = False,
     key: bytes | None = None,
     verify_untouched: bool = True,
+    verify_written: bool = False,
     max_sizes: Mapping[str, int] | None = None,
 ) -> tuple[Target, LocalIO]:
     """A target core over ``images`` (see :class:`~differ.protocol.Target`) and the I/O that
@@ -174,7 +193,7 @@ def make_target(
     refs = {f"reference {k}": r for k, r in enumerate(references)}
     core = Target([_spec(im.name, im.source, im.tree, im.base) for im in images], params,
                   references={name: r.tree for name, r in refs.items()}, dry_run=dry_run, key=key,
-                  verify_untouched=verify_untouched, max_sizes=max_sizes)
+                  verify_untouched=verify_untouched, verify_written=verify_written, max_sizes=max_sizes)
     io = LocalIO({im.name: im.source for im in images},
                  bases={im.name: im.base.source for im in images if im.base is not None},
                  references={name: r.source for name, r in refs.items()},
@@ -269,9 +288,11 @@ def blocking_source(images: Sequence[SourceImage], params: ProtocolParams | None
 
 def blocking_target(images: Sequence[TargetImage], params: ProtocolParams | None = None, *,
                     references: Sequence[ReferenceImage] = (), dry_run: bool = False, key: bytes | None = None,
-                    verify_untouched: bool = True, max_sizes: Mapping[str, int] | None = None) -> BlockingTarget:
+                    verify_untouched: bool = True, verify_written: bool = False,
+                    max_sizes: Mapping[str, int] | None = None) -> BlockingTarget:
     return BlockingTarget(*make_target(images, params, references=references, dry_run=dry_run, key=key,
-                                       verify_untouched=verify_untouched, max_sizes=max_sizes))
+                                       verify_untouched=verify_untouched, verify_written=verify_written,
+                                       max_sizes=max_sizes))
 
 
 def _live(side: BlockingSource | BlockingTarget) -> bool:

@@ -14,10 +14,11 @@ is told (its failed message is queued) and a target's patched copies are aborted
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeVar
 
-from differ.protocol import Abort, Event, Source, Target, TransferStats, fail_code
+from differ.protocol import Abort, Event, Request, Source, Target, TransferStats, fail_code
 from differ.transfer import LocalIO
 from migration.cancel import in_thread
 from replay_migrate.errors import LocalProtocolError
@@ -36,10 +37,14 @@ class AsyncAdapter(Generic[C]):
     """``core`` driven with ``io`` off the event loop. ``core`` stays readable (state, stats,
     roots) and its local calls that make no request (a target's ``start``) may be made directly."""
 
-    def __init__(self, core: C, io: LocalIO, *, run: Runner = in_thread) -> None:
+    def __init__(self, core: C, io: LocalIO, *, run: Runner = in_thread,
+                 on_request: Callable[[Request, float, float], None] | None = None) -> None:
         self.core: C = core
         self.io = io
         self._run = run
+        self.on_request = on_request
+        """Told of every request fulfilled, with its start and end on the monotonic clock (the
+        migration's downtime breakdown: patch, verify, commit)."""
 
     @property
     def stats(self) -> TransferStats:
@@ -62,7 +67,10 @@ class AsyncAdapter(Generic[C]):
         try:
             events = await self._run(call, data)
             while (req := self.core.next_request()) is not None:
+                t0 = time.monotonic()
                 result = await self._run(self.io.fulfil, req)
+                if self.on_request is not None:
+                    self.on_request(req, t0, time.monotonic())
                 events += await self._run(self.core.receive_result, result)
             return events
         except LocalProtocolError:

@@ -29,26 +29,38 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from differ.merkle import MerkleTree
 from differ.protocol import (
     BatchApplied,
+    Commit,
+    HashImage,
+    Of,
     ProtocolParams,
+    ReadLeaves,
+    Request,
     Source,
     SourceState,
     Target,
     TargetState,
     TransferStats,
     WalkDone,
+    WriteLeaves,
 )
 from differ.protocol import Verified as DiffVerified
+from differ.source import BlockSink
 from differ.transfer import make_source, make_target
+from migration import halves
 from migration.cancel import drop, in_thread
 from migration.diffio import AsyncAdapter
+from migration.halves import Figures, added, all_true, largest, local, measured_by, preferred
+from migration.suspenddir import suspend_image
+from migration.timeline import SOURCE, TARGET, Timeline, downtime_breakdown, excluded_seconds, merge
 from recorder.logformat import Button, Key, SyncMark
 from replay_migrate.errors import (
     ImageError,
@@ -66,7 +78,7 @@ from replayer.logfeed import EventFeed, LogPump
 from replayer.replay import ReplayConfig, Replayer, ReplayStats
 from server.client import SessionClient
 from server.clientcore import Frame, LogEnded, SessionFailedError
-from server.wire import Reason, State, Stream
+from server.wire import Reason, Role, State, Stream
 from store import checkpoint as ckpt
 from store.vmstate import (
     DISK,
@@ -87,8 +99,9 @@ from vm.machine import Hypervisor, Machine, MachineState, file_allocated
 
 FLUSH_S = 3.0
 """Longest the source's agent gets before the guest is frozen: its frames are cut every 250 ms, and
-the last sync mark comes 300 ms after the last key plus up to 2 s for the region to settle. That
-mark matters: the target waits for it, so it saves only once its screen looks like the source's."""
+the last sync mark comes 300 ms after the last key once the region has held still for 1 s
+(``recorder.agent.DEFAULT_SYNC_SETTLE_MS``; none if it never does). That mark matters: the target
+waits for it, so it saves only once its screen looks like the source's."""
 MIN_FLUSH_S = 0.5
 """Shortest wait before freezing (two frame periods): once no key or button event came since the
 log's last sync mark (the user was idle and the screen settled), nothing more is coming."""
@@ -111,37 +124,48 @@ RELEASE_WAIT_S = CONFIRM_TIMEOUT_S
 restarts in between learns from the target (only) that it resumed, and confirms to the source.
 As long as the source may wait, so that it never gives up on a target that did resume."""
 LOG_POLL_S = 0.2
+REPORT_WAIT_S = 30.0
+"""How long the source waits, after the confirm, for the target's half of the report (the target
+sends it right after its ``resumed``): a target that never sends one leaves its figures unknown."""
 RELEASED_NOTE = "released"
 """The note a released source leaves in its clone folder (which keeps only its logs)."""
 
 
 @dataclass
 class Report:
-    """DESIGN.md §9: what a migration cost and whether it verified."""
+    """DESIGN.md §9: what a migration cost and whether it verified.  Each side fills what it
+    measures; how the two halves make the whole is declared per field (:mod:`migration.halves`)."""
 
     log_bytes: int = 0
     log_frames: int = 0
-    hash_bytes: int = 0
-    block_bytes: int = 0
-    fingerprint_bytes: int = 0
-    wire_bytes: int = 0
-    baseline_bytes: int = 0
-    savings: float = 0.0
-    divergent_blocks: dict[str, int] = field(default_factory=dict)
-    referenced_blocks: int = 0
+    hash_bytes: int = added()
+    block_bytes: int = added()
+    fingerprint_bytes: int = added()
+    wire_bytes: int = measured_by(Role.SOURCE)
+    """All traffic of the source's connection to the session (the target's carries about as much)."""
+    baseline_bytes: int = measured_by(Role.SOURCE)
+    savings: float = measured_by(Role.SOURCE, 0.0)
+    divergent_blocks: dict[str, int] = largest()  # noqa: RUF009 (a dataclasses.field with a factory)
+    referenced_blocks: int = added()
     """Blocks the target already held: references, duplicates, and its checkpoint's copy."""
-    delta_blocks: int = 0
+    delta_blocks: int = added()
     """Blocks sent as changes: against the target's block (delta) or the checkpoint's (XOR)."""
-    full_blocks: int = 0
-    round_trips: int = 0
-    events_replayed: int = 0
-    sync_marks_met: int = 0
-    sync_marks_failed: int = 0
-    replay_s: float = 0.0
-    diff_s: float = 0.0
-    transfer_s: float = 0.0
-    downtime_s: float = 0.0
-    verified: bool = False
+    full_blocks: int = added()
+    round_trips: int = added()
+    events_replayed: int = measured_by(Role.TARGET)
+    sync_marks_met: int = measured_by(Role.TARGET)
+    sync_marks_failed: int = measured_by(Role.TARGET)
+    replay_s: float = measured_by(Role.TARGET, 0.0)
+    diff_s: float = preferred(Role.TARGET, 0.0)
+    transfer_s: float = preferred(Role.TARGET, 0.0)
+    downtime_s: float = measured_by(Role.SOURCE, 0.0)
+    downtime_breakdown: dict[str, float] = local()  # noqa: RUF009 (a dataclasses.field with a factory)
+    """Seconds per phase along the downtime's critical path (``migration.timeline``): both sides'
+    phases in an embedded migration, this side's own otherwise."""
+    timeline: list[list[object]] = local(list)  # noqa: RUF009
+    """Every phase noted, ``[side, phase, start, end]`` on the host's monotonic clock (comparable
+    between the two sides when both run on one host: the benchmark merges them)."""
+    verified: bool = all_true()
 
     def add_transfer(self, stats: TransferStats) -> None:
         """Take every number of the transfer's summary (``TransferSummary``: same names here)."""
@@ -158,10 +182,36 @@ class Report:
             d[k] = round(d[k], 3)
         return d
 
+    def half(self, role: Role) -> Figures:
+        """What ``role`` measured (the rest None): what it sends the other side at the end."""
+        return halves.half(Report, self.as_dict(), role)
+
+
+def whole_report(role: Role, mine: Figures, theirs: Mapping[str, Any] | None) -> Figures:
+    """The whole report as ``role`` sees it: its own half and the other side's, when that came
+    and checks (else the other side's figures are unknown: None)."""
+    checked = halves.check_half(Report, theirs, role.peer) if theirs is not None else None
+    source, target = (mine, checked) if role is Role.SOURCE else (checked, mine)
+    return halves.merge(Report, source, target)
+
+
+def request_phase(req: Request) -> str:
+    """The timeline's name for the time a diff-protocol request took."""
+    if isinstance(req, WriteLeaves):
+        return "patch"
+    if isinstance(req, HashImage):
+        return "verify"
+    if isinstance(req, ReadLeaves):
+        return "verify" if req.holding.of is Of.PATCHED else "read"
+    if isinstance(req, Commit):
+        return "commit"
+    return type(req).__name__.lower()
+
 
 async def _pump_diff(client: SessionClient, side: AsyncAdapter[Source] | AsyncAdapter[Target], *,
                      stream: Stream, until: Callable[[], bool],
-                     on_event: Callable[[object], None] | None = None) -> None:
+                     on_event: Callable[[object], None] | None = None,
+                     on_frame: Callable[[], None] | None = None) -> None:
     """Move diff-protocol messages between ``side`` and the session until ``until()``. The side's
     reads, writes and rehashes run in worker threads (``AsyncAdapter``): the loop stays free for
     the session's pings and acks while a batch is written or the patched images are verified."""
@@ -170,11 +220,36 @@ async def _pump_diff(client: SessionClient, side: AsyncAdapter[Source] | AsyncAd
     while not until():
         ev = await client.recv()
         if isinstance(ev, Frame) and ev.stream is stream:
+            if on_frame is not None:
+                on_frame()
             for dev in await side.receive_data(ev.data):
                 if on_event is not None:
                     on_event(dev)
             for msg in side.data_to_send():
                 await client.send_diff(msg)
+
+
+def _wire(client: SessionClient) -> int:
+    return client.wire_bytes_sent + client.wire_bytes_received
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:.0f} KiB" if n < 10 << 20 else f"{n / (1 << 20):.0f} MiB"
+
+
+def _divergent(ev: WalkDone) -> str:
+    """The walk's outcome for the progress line (its note while the blocks travel)."""
+    return "divergent blocks: " + ", ".join(f"{name} {n}" for name, n in ev.divergent.items())
+
+
+def _state_bytes(state: VmState) -> int:
+    """What hashing a saved state reads (its memory image and disk overlay, allocated), for the
+    progress line; 0 when a file is not there."""
+    total = 0
+    for f in (state.memory, state.disk):
+        with contextlib.suppress(OSError):
+            total += file_allocated(f)
+    return total
 
 
 def _reason(e: BaseException) -> Reason:
@@ -222,13 +297,18 @@ class SourceSide:
     """The source site's half: ``stream_log`` while the user works, then ``suspend``."""
 
     def __init__(self, hv: Hypervisor, machine: Machine, checkpoint: ckpt.Checkpoint, client: SessionClient,
-                 *, params: ProtocolParams | None = None) -> None:
+                 *, params: ProtocolParams | None = None, suspend_dir: Path | None = None) -> None:
         self.hv = hv
         self.machine = machine
+        self.suspend_dir = suspend_dir
+        """Where to save the VM at suspend (``migration.suspenddir``: a tmpfs folder; None, or no
+        room there: the clone's folder)."""
         self.checkpoint = checkpoint
         self.client = client
         self.params = params
         self.report = Report()
+        self.whole: Figures = self.report.half(Role.SOURCE)
+        """The whole report: this side's half and, once the migration is done, the target's."""
         self.stats: TransferStats | None = None
         self.state_files: VmState | None = None
         self.saved_allocated_bytes = 0
@@ -236,7 +316,9 @@ class SourceSide:
         self.run_dir = ckpt.run_dir_of(machine)
         """The source clone's folder (checked: the only folder ``release`` deletes from)."""
         self.progress: Callable[[str, int, int], None] = lambda what, done, total: None
-        """(what, done, total): the CLI passes a terminal progress bar."""
+        """(phase, done, total): the CLI passes a terminal progress line (``cli.report.Progress``)."""
+        self.progress_note: Callable[[str], None] = lambda text: None
+        """A detail of the current phase for the progress line."""
         self.screenshot_at_suspend: Path | None = None
         """Where to save the source's screen at the moment it is paused (the demo shows it)."""
         self.link = RecorderLink(machine)
@@ -253,6 +335,10 @@ class SourceSide:
         after them once the screen settles; pointer motion alone brings none)."""
         self.flush_s = 0.0
         """How long ``suspend`` waited for the agent's last frames before freezing the guest."""
+        self.timeline = Timeline(SOURCE)
+        """This side's phases (``migration.timeline``): where its share of the downtime went."""
+        self.t_paused = 0.0
+        self.t_confirmed = 0.0
         self.log = logging.getLogger(f"replay_migrate.source.{machine.name}")
 
     async def _forward(self, poll_s: float) -> int:
@@ -267,6 +353,9 @@ class SourceSide:
             self.link.ack(fr.seq)        # journalled in the session: the agent may forget it
             self.report.log_bytes += len(fr.data)
             self.report.log_frames += 1
+        behind = self.client.in_flight(Stream.LOG)
+        self.progress_note(f"{self.report.log_frames} frames; the target is {_kib(behind)} behind")
+        self.progress("recording", self.report.log_bytes, 0)
         return len(frames)
 
     async def _end_log(self) -> None:
@@ -311,33 +400,45 @@ class SourceSide:
         """End the log, quiesce, pause, save; answer the walk and ship blocks; wait for the confirm.
         On any failure or cancellation before the confirm, the VM is put back as it was."""
         m = self.machine
+        tl = self.timeline
         t_pause = time.monotonic()
         try:
             t0 = time.monotonic()
-            while time.monotonic() < t0 + FLUSH_S and not (self.settled and time.monotonic() >= t0 + MIN_FLUSH_S):
-                await self._forward(0.1)
+            with tl.phase("flush"):
+                while time.monotonic() < t0 + FLUSH_S and not (self.settled and time.monotonic() >= t0 + MIN_FLUSH_S):
+                    await self._forward(0.1)
             self.flush_s = time.monotonic() - t0
+            self.progress("saving", 0, 0)
             # freezing flushes each file system first (FIFREEZE syncs it); a separate `sync` through
             # the guest agent cost another 0.1-0.7 s under TCG
-            await in_thread(m.fsfreeze)
-            await in_thread(m.pause)
-            t_pause = time.monotonic()
+            with tl.phase("freeze"):
+                await in_thread(m.fsfreeze)
+            with tl.phase("pause"):
+                await in_thread(m.pause)
+            self.t_paused = t_pause = time.monotonic()
             if self.screenshot_at_suspend is not None:
-                shot = await in_thread(m.screenshot)
-                write_output(self.screenshot_at_suspend, shot.png(), "screenshot")
-            t_drain = time.monotonic()
-            while await self._forward(DRAIN_QUIET_S) and time.monotonic() < t_drain + DRAIN_S:
-                pass
-            self.link.close()
-            await self._end_log()
-            await self.client.suspend()
-            await self.client.end_log()
-            self._image = image = self.run_dir / "suspend.sav"
-            await in_thread(m.save, image)
+                with tl.phase("screenshot"):
+                    shot = await in_thread(m.screenshot)
+                    write_output(self.screenshot_at_suspend, shot.png(), "screenshot")
+            with tl.phase("drain"):
+                t_drain = time.monotonic()
+                while await self._forward(DRAIN_QUIET_S) and time.monotonic() < t_drain + DRAIN_S:
+                    pass
+                self.link.close()
+                await self._end_log()
+                await self.client.suspend()
+                await self.client.end_log()
+            self._image = image = await in_thread(self._suspend_image)
+            with tl.phase("save"):
+                await in_thread(m.save, image)
             self.saved_allocated_bytes = file_allocated(image)
+            self.progress("saving", self.saved_allocated_bytes, 0)
             self.state_files = VmState(image, self.run_dir / "disk.qcow2", self.checkpoint)
-            await self._answer_walk()
-            await self.client.wait_confirmed(CONFIRM_TIMEOUT_S)
+            trees = await self._answer_walk()
+            self.progress("restore", 0, 0)           # the target restores its VM; the confirm follows
+            with tl.phase("confirm"):
+                await self.client.wait_confirmed(CONFIRM_TIMEOUT_S)
+            self.t_confirmed = time.monotonic()
         except BaseException as e:
             if self.client.confirmed or (isinstance(e, SessionFailedError) and not e.keep_vm):
                 raise      # the target runs the VM now: the source must not come back too
@@ -345,34 +446,94 @@ class SourceSide:
             self.link.close()
             await asyncio.shield(in_thread(self._restore))
             raise
-        self.report.downtime_s = time.monotonic() - t_pause
+        self.report.downtime_s = self.t_confirmed - t_pause
         self.report.verified = True
-        await _acknowledge_confirm(self.client, self.log)
         self.report.wire_bytes = self.client.wire_bytes_sent + self.client.wire_bytes_received
+        # the report's baseline, once the VM runs at the target: never inside the downtime (it
+        # reads and compresses every leaf that changed since the checkpoint, on the cores the
+        # target's restore needs)
+        with tl.phase("baseline"):
+            try:
+                self.report.baseline_bytes = await asyncio.to_thread(self._baseline, trees)
+            except ReplayMigrateError as e:     # a number for the report: the migration is done
+                self.log.warning("could not measure the plain transfer's bytes: %s", e)
+        self.report.timeline = [span.as_list() for span in tl.spans]
+        self.report.downtime_breakdown = downtime_breakdown(tl.spans, t_pause, self.t_confirmed)
         self.report.finish()
+        await self._exchange_reports()
+        await _acknowledge_confirm(self.client, self.log)
         return self.report
 
-    async def _answer_walk(self) -> None:
+    async def _exchange_reports(self) -> None:
+        """Wait (briefly) for the target's half, send ours before ``released`` (the target goes
+        once it has that), and make the whole.  The migration is done: nothing here fails it."""
+        try:
+            theirs = await self.client.wait_peer_report(REPORT_WAIT_S)
+        except ReplayMigrateError as e:     # the session is gone: the target runs the VM all the same
+            self.log.warning("no report from the target: %s", e)
+            theirs = None
+        if theirs is None:
+            self.log.warning("the target sent no report within %.0f s: its figures are unknown", REPORT_WAIT_S)
+        mine = self.report.half(Role.SOURCE)
+        try:
+            await self.client.report(mine)
+        except ReplayMigrateError as e:
+            self.log.warning("could not send this side's report to the target: %s", e)
+        self.whole = whole_report(Role.SOURCE, mine, theirs)
+
+    def _suspend_image(self) -> Path:
+        return suspend_image(self.run_dir, self.suspend_dir, self.machine.memory_bytes())
+
+    def _baseline(self, trees: dict[str, MerkleTree]) -> int:
+        """DESIGN.md §9 ``baseline_bytes`` of the saved state, from the trees the walk used (no
+        page is hashed again): zstd of every leaf that differs from the checkpoint's."""
         assert self.state_files is not None
+        ck_trees = checkpoint_trees(self.checkpoint)
+        with open_sources(self.state_files, ck_trees) as sources:
+            return plain_transfer_bytes(sources, trees, ck_trees)
+
+    async def _answer_walk(self) -> dict[str, MerkleTree]:
+        """Hash the saved state, answer the target's walk and ship the blocks; returns the trees."""
+        assert self.state_files is not None
+        tl = self.timeline
         self.progress("hashing", 0, 0)
-        trees = await (self._trees or asyncio.to_thread(checkpoint_trees, self.checkpoint))
+        with tl.phase("checkpoint trees"):
+            trees = await (self._trees or asyncio.to_thread(checkpoint_trees, self.checkpoint))
         with ExitStack() as stack:
-            sources = stack.enter_context(open_sources(self.state_files, trees))
+            with tl.phase("open"):
+                sources = stack.enter_context(open_sources(self.state_files, trees))
+            self.progress("hashing", _state_bytes(self.state_files), 0)
             t0 = time.monotonic()
-            mine = await asyncio.to_thread(build_trees, sources)
-            bases = checkpoint_images(self.checkpoint, trees, stack)
-            src = AsyncAdapter(*make_source(source_images(sources, mine, bases), self.params))
+            with tl.phase("hash"):
+                mine = await asyncio.to_thread(build_trees, sources)
+            with tl.phase("open"):
+                bases = checkpoint_images(self.checkpoint, trees, stack)
+                core, io = make_source(source_images(sources, mine, bases), self.params)
+            src = AsyncAdapter(core, io, on_request=self._note_request)
+            tl.ready()
             walked = [0.0]
+            at = [_wire(self.client)]
 
             def seen(ev: object) -> None:
                 if isinstance(ev, WalkDone):
                     walked[0] = time.monotonic()
+                    tl.add("walk", t0_walk, walked[0])
+                    at[0] = _wire(self.client)
+                    self.progress("blocks", 0, 0)
+                    self.progress_note(_divergent(ev))
 
-            await _pump_diff(self.client, src, stream=Stream.T2S, on_event=seen,
+            def moved() -> None:
+                self.progress("blocks" if walked[0] else "walk", _wire(self.client) - at[0], 0)
+
+            self.progress("walk", 0, 0)
+            t0_walk = time.monotonic()
+            await _pump_diff(self.client, src, stream=Stream.T2S, on_event=seen, on_frame=moved,
                              until=lambda: src.core.state in (SourceState.VERIFIED, SourceState.FAILED))
             if src.core.state is not SourceState.VERIFIED:
                 raise VerificationError("the target did not verify the transfer")
-            await self.client.wait_state(State.VERIFIED, CONFIRM_TIMEOUT_S)
+            tl.add("blocks", walked[0] or t0_walk)
+            with tl.phase("verified"):
+                await self.client.wait_state(State.VERIFIED, CONFIRM_TIMEOUT_S)
             self.committing = True
             want = {MEMORY: mine[MEMORY].root, DISK: mine[DISK].root}
             if dict(self.client.roots or {}) != want:
@@ -381,8 +542,10 @@ class SourceSide:
             self.report.add_transfer(src.stats)
             self.report.diff_s = (walked[0] or time.monotonic()) - t0
             self.report.transfer_s = time.monotonic() - (walked[0] or t0)
-            # the report's baseline, while the target restores: not on the way to the first block
-            self.report.baseline_bytes = await asyncio.to_thread(plain_transfer_bytes, sources, mine, trees)
+        return mine
+
+    def _note_request(self, req: Request, start: float, end: float) -> None:
+        self.timeline.add(request_phase(req), start, end)
 
     def _restore(self) -> None:
         """Put the source VM back as it was (the migration did not finish)."""
@@ -423,6 +586,8 @@ class SourceSide:
             left.undefine()
         for f in ("suspend.sav", "memory.sav", "disk.qcow2", "checkpoint"):
             (self.run_dir / f).unlink(missing_ok=True)
+        if self._image is not None:
+            self._image.unlink(missing_ok=True)     # saved into the suspend folder
         (self.run_dir / RELEASED_NOTE).write_text(
             f"{name} migrated; its state here was deleted at {time.strftime('%Y-%m-%d %H:%M:%S %z')}\n")
         self.log.info("released %s: the VM runs at the target", name)
@@ -463,14 +628,27 @@ class TargetSide:
     over the source's state."""
 
     def __init__(self, hv: Hypervisor, checkpoint: ckpt.Checkpoint, client: SessionClient, name: str,
-                 *, replay: ReplayConfig | None = None, params: ProtocolParams | None = None) -> None:
+                 *, replay: ReplayConfig | None = None, params: ProtocolParams | None = None,
+                 in_place: bool = True, verify_written: bool = True, suspend_dir: Path | None = None) -> None:
         self.hv = hv
         self.checkpoint = checkpoint
+        self.suspend_dir = suspend_dir
+        """Where to save the replayed clone at suspend, patch it and restore it from
+        (``migration.suspenddir``: a tmpfs folder; None, or no room there: the clone's folder)."""
+        self._image: Path | None = None
+        self.in_place = in_place
+        """Patch the clone's own images (``differ.patch``: no copy; an abort deletes them, and the
+        clone is discarded on any failure anyway). False: patch copies, as ``sync`` does."""
+        self.verify_written = verify_written
+        """Verify by reading back the leaves written (``differ.protocol.target``). False: rehash
+        both patched images whole."""
         self.client = client
         self.name = name
         self.replay_config = replay or ReplayConfig()
         self.params = params
         self.report = Report()
+        self.whole: Figures = self.report.half(Role.TARGET)
+        """The whole report: this side's half and, once the migration is done, the source's."""
         self.stats: TransferStats | None = None
         self.replay_stats: ReplayStats | None = None
         self.machine: Machine | None = None
@@ -479,7 +657,9 @@ class TargetSide:
         """Time ``on_verified`` took: not part of a real migration, left out of its downtime."""
         self._trees: asyncio.Task[CheckpointTrees] | None = None
         self.progress: Callable[[str, int, int], None] = lambda what, done, total: None
-        """(what, done, total): the CLI passes a terminal progress bar."""
+        """(phase, done, total): the CLI passes a terminal progress line (``cli.report.Progress``)."""
+        self.progress_note: Callable[[str], None] = lambda text: None
+        """A detail of the current phase for the progress line."""
         self.on_verified: Callable[[VmState], None] | None = None
         """Called with the patched, verified state before the VM is restored from it (the demo and
         the tests compare it with the source's there: once the guest runs, it writes)."""
@@ -491,6 +671,10 @@ class TargetSide:
         self.committing = False
         """Every block and both roots verified: from here the migration completes."""
         self._resuming = False
+        self.timeline = Timeline(TARGET)
+        """This side's phases (``migration.timeline``): where its share of the downtime went."""
+        self.t_log_ended = 0.0
+        """When the source's end of log arrived (this side's view of the source's pause)."""
         self.log = logging.getLogger(f"replay_migrate.target.{name}")
 
     async def run(self) -> Report:
@@ -517,6 +701,11 @@ class TargetSide:
             await asyncio.shield(_give_up(self.client, e, self.log))
             await asyncio.shield(in_thread(self._discard))
             raise
+        mine = self.report.half(Role.TARGET)
+        try:                    # the source waits for it before it lets this side go
+            await self.client.report(mine)
+        except ReplayMigrateError as e:
+            self.log.warning("could not send this side's report to the source: %s", e)
         # it resumed with the source's clock at suspend, the downtime behind. After the confirm
         # (the source waits for it; hwclock in the guest takes ~2 s), and outside the try above:
         # nothing after the confirm may discard the VM, which now lives only here
@@ -527,6 +716,10 @@ class TargetSide:
         except (ReplayMigrateError, TimeoutError) as err:
             self.log.warning("the source did not acknowledge the confirm: %s", err or "timeout")
         self.report.wire_bytes = self.client.wire_bytes_sent + self.client.wire_bytes_received
+        # the source's half comes before its released (unless a service restart lost it)
+        if self.client.peer_report is None:
+            self.log.warning("the source sent no report: its figures are unknown")
+        self.whole = whole_report(Role.TARGET, mine, self.client.peer_report)
         return self.report
 
     async def _follow(self, m: Machine) -> None:
@@ -535,7 +728,13 @@ class TargetSide:
         await in_thread(link.open)
         feed = EventFeed()
         replayer = Replayer(m, link, self.replay_config)
-        replayer.on_progress = lambda n: self.progress("replay", n, 0)
+        received = [0]
+
+        def replayed(n: int) -> None:      # (in the replay thread)
+            self.progress_note(f"{received[0] - n} events behind the source")
+            self.progress("replay", n, received[0])
+
+        replayer.on_progress = replayed
         result: list[ReplayStats | BaseException] = []
 
         def run_replay() -> None:
@@ -554,10 +753,11 @@ class TargetSide:
                 except TimeoutError:
                     continue
                 if isinstance(ev, Frame) and ev.stream is Stream.LOG:
-                    feed.put(ev.data)
+                    received[0] += feed.put(ev.data)
                     self.report.log_bytes += len(ev.data)
                     self.report.log_frames += 1
                 elif isinstance(ev, LogEnded):
+                    self.t_log_ended = time.monotonic()
                     feed.end()              # a log cut short is a LogFormatError, not a replay
                     replayer.log_ended()
                     break
@@ -568,6 +768,7 @@ class TargetSide:
             feed.close()
             await in_thread(worker.join)
             link.close()
+            self.timeline.add("replay", t0)
         if isinstance(result[0], BaseException):
             raise result[0]
         stats = result[0]
@@ -579,57 +780,95 @@ class TargetSide:
 
     async def _take_over(self, m: Machine) -> None:
         """Quiesce like the source did, then walk, patch, verify, restore and resume."""
+        tl = self.timeline
         t_end = time.monotonic()
         settled = self.replay_stats is not None and self.replay_stats.settled
-        await asyncio.sleep(SETTLED_S if settled else SETTLE_S)
-        await in_thread(m.fsfreeze)            # flushes, like the source's (no extra sync)
-        await in_thread(m.pause)
+        with tl.phase("settle"):
+            await asyncio.sleep(SETTLED_S if settled else SETTLE_S)
+        with tl.phase("freeze"):
+            await in_thread(m.fsfreeze)            # flushes, like the source's (no extra sync)
+        with tl.phase("pause"):
+            await in_thread(m.pause)
         run_dir = m.run_dir
-        image = run_dir / "suspend.sav"
-        await in_thread(m.save, image)
+        self.progress("saving", 0, 0)
+        self._image = image = await in_thread(suspend_image, run_dir, self.suspend_dir, m.memory_bytes())
+        with tl.phase("save"):
+            await in_thread(m.save, image)
         state = VmState(image, run_dir / "disk.qcow2", self.checkpoint)
+        self.progress("saving", file_allocated(image), 0)
         if self.on_saved is not None:
-            await in_thread(self.on_saved, state)
+            with tl.phase("keep state"):
+                await in_thread(self.on_saved, state)
         self.progress("hashing", 0, 0)
-        trees = await (self._trees or asyncio.to_thread(checkpoint_trees, self.checkpoint))
+        with tl.phase("checkpoint trees"):
+            trees = await (self._trees or asyncio.to_thread(checkpoint_trees, self.checkpoint))
         self.log.info("saved and ready to diff %.2f s after the log ended", time.monotonic() - t_end)
         t0 = time.monotonic()
         walked = [0.0]
         with ExitStack() as stack:
-            sources = stack.enter_context(open_sources(state, trees))
-            # copy while hashing; no fsync of the memory image: it is restored at once
-            copying = asyncio.create_task(asyncio.to_thread(make_sinks, state, trees, durable=False))
+            with tl.phase("open"):
+                sources = stack.enter_context(open_sources(state, trees))
+            self.progress("hashing", _state_bytes(state), 0)
+
+            def copy() -> dict[str, BlockSink]:
+                with tl.phase("copy"):
+                    return make_sinks(state, trees, durable=False, in_place=self.in_place)
+
+            # sinks (copies, unless in place) made while hashing; nothing fsynced: restored at once
+            copying = asyncio.create_task(asyncio.to_thread(copy))
             try:
-                mine = await in_thread(build_trees, sources)
+                with tl.phase("hash"):
+                    mine = await in_thread(build_trees, sources)
             except BaseException:
                 with contextlib.suppress(BaseException):
                     for sink in (await copying).values():
                         sink.abort()
                 raise
             sinks = await copying
-            bases = checkpoint_images(self.checkpoint, trees, stack)
-            images = stack.enter_context(open_target_images(state, trees, sources, mine, bases=bases, sinks=sinks))
-            tgt = AsyncAdapter(*make_target(images, self.params, references=references(bases)))
+            with tl.phase("open"):
+                bases = checkpoint_images(self.checkpoint, trees, stack)
+                images = stack.enter_context(open_target_images(state, trees, sources, mine, bases=bases,
+                                                                sinks=sinks))
+                core, io = make_target(images, self.params, references=references(bases),
+                                       verify_written=self.verify_written,
+                                       verify_untouched=not self.verify_written)
+            tgt = AsyncAdapter(core, io, on_request=self._note_request)
             await self.client.phase("diffing")
             tgt.core.start()
+            tl.ready()
             pending: list[object] = []
+            divergent = [""]
+            at = _wire(self.client)
 
             def seen(ev: object) -> None:
                 if isinstance(ev, WalkDone):
                     walked[0] = time.monotonic()
+                    divergent[0] = _divergent(ev)
+                    tl.add("walk", t0_walk, walked[0])
                 elif isinstance(ev, BatchApplied):
                     self.progress("transfer", ev.done, ev.total)
+                    self.progress_note(divergent[0])
+                    if ev.done >= ev.total:
+                        self.progress("verify", _state_bytes(state), 0)     # the patched images rehash
                 pending.append(ev)
+
+            def moved() -> None:
+                if not walked[0]:
+                    self.progress("walk", _wire(self.client) - at, 0)
+
+            self.progress("walk", 0, 0)
 
             def finished() -> bool:
                 return tgt.core.state in (TargetState.VERIFIED, TargetState.FAILED)
 
             # walk, announce the block phase to the session, then receive the blocks
-            await _pump_diff(self.client, tgt, stream=Stream.S2T, on_event=seen,
+            t0_walk = time.monotonic()
+            await _pump_diff(self.client, tgt, stream=Stream.S2T, on_event=seen, on_frame=moved,
                              until=lambda: finished() or bool(walked[0]))
             if walked[0]:
                 await self.client.phase("transferring")
             await _pump_diff(self.client, tgt, stream=Stream.S2T, on_event=seen, until=finished)
+            tl.add("blocks", walked[0] or t0_walk)
             if tgt.core.state is not TargetState.VERIFIED or not any(isinstance(e, DiffVerified) for e in pending):
                 raise VerificationError("the transfer did not verify: nothing was resumed")
             for msg in tgt.data_to_send():
@@ -641,21 +880,33 @@ class TargetSide:
         self.report.transfer_s = time.monotonic() - (walked[0] or t0)
         self.log.info("verified: walk %.2f s, blocks %.2f s", self.report.diff_s, self.report.transfer_s)
         self.committing = True
-        await self.client.verified(roots)
+        with tl.phase("verified"):
+            await self.client.verified(roots)
         if self.on_verified is not None:
             t_inspect = time.monotonic()
-            await in_thread(self.on_verified, state)
+            with tl.phase("inspect"):
+                await in_thread(self.on_verified, state)
             self.inspect_s = time.monotonic() - t_inspect
-        back = await in_thread(self.hv.restore_clone, image, name=m.name, disk=state.disk,
-                               run_dir=run_dir, paused=False, copy=False, guest=self.checkpoint.image)
-        await in_thread(back.wait_agent)
-        await in_thread(back.fsthaw)
+        self.progress("restore", 0, 0)
+        with tl.phase("restore"):
+            back = await in_thread(self.hv.restore_clone, image, name=m.name, disk=state.disk,
+                                   run_dir=run_dir, paused=False, copy=False,
+                                   guest=self.checkpoint.image)
+        with tl.phase("agent"):
+            await in_thread(back.wait_agent)
+        with tl.phase("thaw"):
+            await in_thread(back.fsthaw)
         self.machine = back
         self.t_resumed = time.monotonic()
         self.log.info("resumed %.2f s after the log ended", self.t_resumed - t_end)
         self._resuming = True
         await self.client.resumed()
         self.report.verified = True
+        self.report.timeline = [span.as_list() for span in tl.spans]
+        self.report.downtime_breakdown = downtime_breakdown(tl.spans, self.t_log_ended or t_end, self.t_resumed)
+
+    def _note_request(self, req: Request, start: float, end: float) -> None:
+        self.timeline.add(request_phase(req), start, end)
 
     def _discard(self) -> None:
         """The migration failed: the target's clone is not the user's VM; remove it."""
@@ -663,10 +914,14 @@ class TargetSide:
             ckpt.remove_clone(self.hv, self.name)
         except ReplayMigrateError as e:
             self.log.error("could not remove the target clone %s: %s", self.name, e)
+        if self._image is not None:
+            self._image.unlink(missing_ok=True)    # saved into the suspend folder: not the clone's
 
 
 def merged_report(src: SourceSide, tgt: TargetSide) -> Report:
-    """One report from both sides of an embedded migration (each side counts what it sent)."""
+    """One report from both sides of an embedded migration (each side counts what it sent); its
+    downtime runs from the source's pause to the target's resume, the hooks left out, and its
+    breakdown lays both sides' phases on the critical path."""
     r = src.report
     if src.stats is not None and tgt.stats is not None:
         r.add_transfer(src.stats.merged(tgt.stats))
@@ -676,8 +931,11 @@ def merged_report(src: SourceSide, tgt: TargetSide) -> Report:
     r.replay_s = tgt.report.replay_s
     r.diff_s = tgt.report.diff_s
     r.transfer_s = tgt.report.transfer_s
-    r.downtime_s = max(0.0, r.downtime_s - tgt.inspect_s)
+    spans = merge(src.timeline.spans, tgt.timeline.spans)
+    if src.t_paused and tgt.t_resumed:
+        r.downtime_s = max(0.0, tgt.t_resumed - src.t_paused - excluded_seconds(spans, src.t_paused, tgt.t_resumed))
+        r.downtime_breakdown = downtime_breakdown(spans, src.t_paused, tgt.t_resumed)
+    r.timeline = [span.as_list() for span in spans]
     r.verified = src.report.verified and tgt.report.verified
     r.finish()
     return r
-

@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import enum
 import logging
 import os
 import queue
@@ -110,14 +111,23 @@ DEFAULT_SYNC_SIZE = 64
 """Side of the square sampled around the pointer after a click (px)."""
 DEFAULT_SYNC_IDLE_MS = 300
 """A sync mark is taken once no key or button event came for this long after one did."""
-DEFAULT_SYNC_STABLE_SAMPLES = 2
-"""A sync mark waits until this many consecutive samples (one per flush tick) are equal: a screen
-still changing (a command printing, a window redrawing) gives a digest of a moment the replaying
-target may pass before it checks."""
-DEFAULT_SYNC_MAX_WAIT_MS = 2000
-"""A region still changing this long after the mark was due is marked as it is then: a blinking text
-cursor never holds still under a slow (TCG) guest's sampling, and the target will see both of its
-phases again while it waits."""
+DEFAULT_SYNC_SETTLE_MS = 1000
+"""A sync mark names a screen only once its region has looked the same for this long, all of it
+after the mark was due (``Settler``). Two equal samples 100 ms apart (the rule before) could name
+the xterm between a command's Enter and its output under TCG, a screen the replaying target had
+already left when it looked. Longer than the output pauses of the shipped workloads' commands,
+shorter than a user's pause to read."""
+DEFAULT_SYNC_MAX_PHASES = 2
+"""A region that alternates between at most this many looks, the current one seen before, counts as
+settled: a blinking text cursor (Tk's 600/300 ms) never holds still for ``DEFAULT_SYNC_SETTLE_MS``,
+and the target sees every phase again while it waits."""
+DEFAULT_SYNC_SAMPLE_MS = 200
+"""How often a region is sampled while it settles: a window-sized GetImage is ~1 MB of pixels the
+guest copies and digests, and the settle rule needs the interval covered, not every frame of it."""
+DEFAULT_SYNC_MAX_WAIT_MS = 5000
+"""A region still changing this long after the mark was due gets no mark at all: a mark of a
+screen in motion names a moment the target may pass before it looks (a failed mark that costs
+the replay its wait and proves nothing)."""
 DEFAULT_SYNC_WINDOW_MAX = (640, 800)
 """Largest region sampled from the focused window after typing (from its top-left corner)."""
 DEFAULT_RETRY_MS = 200
@@ -270,6 +280,52 @@ class SyncPolicy:
     size: int = DEFAULT_SYNC_SIZE
     idle_ms: int = DEFAULT_SYNC_IDLE_MS
     window_max: tuple[int, int] = DEFAULT_SYNC_WINDOW_MAX
+    settle_ms: int = DEFAULT_SYNC_SETTLE_MS
+    sample_ms: int = DEFAULT_SYNC_SAMPLE_MS
+    max_phases: int = DEFAULT_SYNC_MAX_PHASES
+    max_wait_ms: int = DEFAULT_SYNC_MAX_WAIT_MS
+
+
+class Settle(enum.Enum):
+    """What ``Settler.add`` decided about a region."""
+
+    WAIT = "wait"
+    """Not settled yet: sample it again."""
+    SETTLED = "settled"
+    """Mark it with the sample just added."""
+    GAVE_UP = "gave up"
+    """Still changing after ``max_wait_ms``: no mark."""
+
+
+class Settler:
+    """Decides from timed digests of one region, sampled after a mark fell due, whether the region
+    has settled: the same digest over the last ``settle_ms`` (or at most ``max_phases`` digests
+    taking turns, the current one seen before: a blinking cursor). Sans-I/O: the times are passed in
+    (ns on any monotonic scale), so the rule is checked without a screen or a clock.
+
+    The window must be *observed*: the first sample opens it, so a region is never called settled
+    on less than ``settle_ms`` of looking, and nothing seen before the mark was due counts."""
+
+    def __init__(self, policy: SyncPolicy, due_ns: int) -> None:
+        self.settle_ns = policy.settle_ms * 1_000_000
+        self.max_wait_ns = policy.max_wait_ms * 1_000_000
+        self.max_phases = policy.max_phases
+        self.due_ns = due_ns
+        self._samples: collections.deque[tuple[int, bytes]] = collections.deque()
+
+    def add(self, t_ns: int, digest: bytes) -> Settle:
+        s = self._samples
+        s.append((t_ns, digest))
+        start = t_ns - self.settle_ns
+        while len(s) >= 2 and s[1][0] <= start:  # keep the one sample that shows the window's start
+            s.popleft()
+        if s[0][0] <= start:
+            runs = [d for i, (_, d) in enumerate(s) if i == 0 or s[i - 1][1] != d]
+            if len(runs) == 1 or (len(set(runs)) <= self.max_phases and runs.count(digest) >= 2):
+                return Settle.SETTLED
+        if t_ns - self.due_ns >= self.max_wait_ns:
+            return Settle.GAVE_UP
+        return Settle.WAIT
 
 
 class SyncTrigger:
@@ -443,8 +499,11 @@ class Flusher(threading.Thread):
         self.sampler, self.trigger, self.checks, self.clock, self.put = sampler, trigger, checks, clock, put
         self.on_fatal = on_fatal
         self.stop = threading.Event()
-        self._settling: tuple[int, str, tuple[int, int, int, int], bytes, int, int] | None = None
-        """(generation, label, region, last sample, equal samples so far, first sample's time)"""
+        self._settling: tuple[int, tuple[int, int, int, int], Settler] | None = None
+        """(the due mark's generation, its region, the samples so far)"""
+        self._sampled_ns = 0
+        self.unsettled = 0
+        """Marks given up because their region never settled."""
 
     def run(self) -> None:
         try:
@@ -478,7 +537,7 @@ class Flusher(threading.Thread):
             return b""
 
     def _maybe_sync(self) -> None:
-        """Take the due mark once its region has settled (see DEFAULT_SYNC_STABLE_SAMPLES)."""
+        """Take the due mark once its region has settled (``Settler``); none if it never does."""
         if self.sampler is None or self.trigger is None:
             return
         now = time.monotonic_ns()
@@ -487,26 +546,32 @@ class Flusher(threading.Thread):
             self._settling = None
             return
         label, gen = due
+        if (self._settling is not None and self._settling[0] == gen
+                and now - self._sampled_ns < self.sampler.policy.sample_ms * 1_000_000):
+            return
+        self._sampled_ns = now
         try:
             if self._settling is None or self._settling[0] != gen:
-                region = self.sampler.region(label)
-                self._settling = (gen, label, region, self.sampler.sample(*region), 1, now)
-            else:
-                _, _, region, last, equal, first = self._settling
-                rgb = self.sampler.sample(*region)
-                self._settling = (gen, label, region, rgb, equal + 1 if rgb == last else 1, first)
+                self._settling = (gen, self.sampler.region(label), Settler(self.sampler.policy, now))
+            _, region, settler = self._settling
+            digest = region_digest(self.sampler.sample(*region))
         except XError as e:  # a window went away between the queries: no mark this time
             log.debug("sync sample failed: %s", e)
             self._settling = None
             self.trigger.done(gen)
             return
-        _, _, (x, y, w, h), rgb, equal, first = self._settling
-        if equal < DEFAULT_SYNC_STABLE_SAMPLES and now - first <= DEFAULT_SYNC_MAX_WAIT_MS * 1_000_000:
+        verdict = settler.add(time.monotonic_ns(), digest)
+        if verdict is Settle.WAIT:
             return
         self._settling = None
-        t = self.clock.from_mono(now)
-        if self.trigger.done(gen):
-            self.put(SyncMark(t, x, y, w, h, region_digest(rgb), label))
+        if not self.trigger.done(gen):
+            return  # input came while sampling: the next mark is due later
+        if verdict is Settle.GAVE_UP:
+            self.unsettled += 1
+            log.debug("no sync mark: %dx%d at %d,%d still changing", region[2], region[3], region[0], region[1])
+            return
+        x, y, w, h = region
+        self.put(SyncMark(self.clock.from_mono(time.monotonic_ns()), x, y, w, h, digest, label))
 
 
 @dataclass
@@ -786,6 +851,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sync-size", type=_positive, default=DEFAULT_SYNC_SIZE)
     p.add_argument("--sync-idle-ms", type=_positive, default=DEFAULT_SYNC_IDLE_MS)
     p.add_argument("--sync-window-max", type=_size, default=DEFAULT_SYNC_WINDOW_MAX, metavar="WxH")
+    p.add_argument("--sync-settle-ms", type=_positive, default=DEFAULT_SYNC_SETTLE_MS,
+                   help="a region must look the same this long to be marked (default %(default)s)")
+    p.add_argument("--sync-sample-ms", type=_positive, default=DEFAULT_SYNC_SAMPLE_MS,
+                   help="how often a settling region is sampled (default %(default)s)")
+    p.add_argument("--sync-max-wait-ms", type=_positive, default=DEFAULT_SYNC_MAX_WAIT_MS,
+                   help="no mark if the region has not settled by then (default %(default)s)")
     p.add_argument("--no-sync", action="store_true", help="no sync marks")
     p.add_argument("--retry-ms", type=_positive, default=DEFAULT_RETRY_MS)
     p.add_argument("--queue-max", type=_positive, default=DEFAULT_QUEUE_MAX)
@@ -837,7 +908,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         fatal.append(why)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    policy = SyncPolicy(args.sync_size, args.sync_idle_ms, args.sync_window_max)
+    policy = SyncPolicy(args.sync_size, args.sync_idle_ms, args.sync_window_max, settle_ms=args.sync_settle_ms,
+                        sample_ms=args.sync_sample_ms, max_wait_ms=args.sync_max_wait_ms)
     screen = Sampler(aux, policy)
     sampler = screen if screen.ok else None  # the host's checks need it even with --no-sync
     trigger = SyncTrigger(args.sync_idle_ms) if sampler is not None and not args.no_sync else None
@@ -904,9 +976,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         pump.join(args.drain_s + 5)
     fallback.close()
     s = pump.stats
-    log.info("%d events, %d sync marks, %d checks answered, %d frames (%d re-read from the fallback log, "
-             "%d lost), %d events dropped (queue full)", s["events"], s["sync"], s["checks"], s["frames"],
-             pump.agent.recovered_frames, pump.agent.lost_frames, dropped[0])
+    log.info("%d events, %d sync marks (%d not taken: the screen never settled), %d checks answered, "
+             "%d frames (%d re-read from the fallback log, %d lost), %d events dropped (queue full)",
+             s["events"], s["sync"], flusher.unsettled, s["checks"], s["frames"], pump.agent.recovered_frames,
+             pump.agent.lost_frames, dropped[0])
     return status
 
 

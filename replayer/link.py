@@ -157,8 +157,10 @@ class RecorderLink:
         self._flush()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for ev in self.poll(max(0.0, deadline - time.monotonic())):
+            events = self.poll(max(0.0, deadline - time.monotonic()))
+            for i, ev in enumerate(events):
                 if isinstance(ev, Checked) and ev.req_id == req:
+                    self._pending = events[i + 1:] + self._pending   # what came with it is not dropped
                     return ev.digest
                 if on_event is not None and not isinstance(ev, Checked):
                     on_event.append(ev)
@@ -169,9 +171,11 @@ class RecorderLink:
         """Wait for the echo of ``replay_seq``; other events go to ``on_event`` if given."""
         deadline = time.monotonic() + timeout
         while True:
-            for ev in self.poll(max(0.0, deadline - time.monotonic())):
+            events = self.poll(max(0.0, deadline - time.monotonic()))
+            for i, ev in enumerate(events):
                 if isinstance(ev, Echo):
                     if ev.replay_seq == replay_seq:
+                        self._pending = events[i + 1:] + self._pending
                         return True
                 elif on_event is not None:
                     on_event.append(ev)

@@ -122,9 +122,13 @@ class EventFeed:
         self.pump = pump or LogPump(require_end=True)
         self._q: queue.SimpleQueue[Event | None] = queue.SimpleQueue()
 
-    def put(self, data: bytes) -> None:
-        for ev in self.pump.feed(data):
+    def put(self, data: bytes) -> int:
+        """Decode one piece of the log and queue its events; returns how many (the target shows
+        how far its replay is behind what arrived)."""
+        events = self.pump.feed(data)
+        for ev in events:
             self._q.put(ev)
+        return len(events)
 
     def end(self) -> None:
         """The sender ended the log: check that it is whole, then let the replay finish."""

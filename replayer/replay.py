@@ -4,8 +4,9 @@ Each key, button and pointer event is injected with one QMP ``input-send-event``
 first to the guest's recorder agent with ``expect``; the next event goes only after the agent has
 *echoed* this one, i.e. after X really delivered it (DESIGN.md §7: open-loop batches lost 20 % of
 events and let a button release overtake later keys). Idle gaps longer than ``gap_cap_s`` are
-compressed. A sync mark makes the replayer wait (bounded) until the screen region it names shows
-the recorded digest: a click is only replayed once the window it lands in looks as it did.
+compressed. A sync mark makes the replayer wait until the screen region it names shows the recorded
+digest: a click is only replayed once the window it lands in looks as it did. The wait is as long
+as the source took to reach the mark from the input before it, plus a slack (``SYNC_SLACK_S``).
 
 Time comes from a :class:`replayer.clock.Clock` passed in (the host's by default), and the machine
 and the recorder link are what :class:`InputTarget` and :class:`EchoLink` say a replay needs of
@@ -32,12 +33,18 @@ GAP_CAP_S = 2.0
 """Longest idle gap kept from the recording; longer ones are cut to this."""
 ECHO_TIMEOUT_S = 10.0
 """How long one injected event may take to be echoed by the guest (TCG guests are slow)."""
-SYNC_TIMEOUT_S = 5.0
-"""How long to wait for a sync mark's screen region before counting it as failed."""
-SYNC_TIMEOUT_ENDED_S = 1.0
+SYNC_SLACK_S = 5.0
+"""How much longer than the source took to reach a sync mark the target may take (it replays on a
+loaded host, behind the source) before the mark counts as failed. A mark is waited on from the
+moment the target's guest echoed the last key or button before it, for as long as the recording
+says the source took from that input to the mark, plus this."""
+SYNC_SLACK_ENDED_S = 1.0
 """The same once the source has ended the log: its VM is frozen and every second of waiting is
-downtime. A mark still unmet then is most often one the source's agent took of a transient screen
-(a terminal mid-output); giving up early costs at most some divergence, never correctness."""
+downtime. The agent marks only settled screens, so a mark the target does not show by then is one
+the replay drifted from; giving up costs at most some divergence, never correctness."""
+SYNC_REACH_MAX_S = 30.0
+"""Longest time a log may claim the source took to reach a mark (the agent gives up on a region
+that has not settled within seconds): bounds the wait a hostile or broken log can ask for."""
 SYNC_POLL_S = 0.1
 """How often an unmet sync mark's region is checked again."""
 
@@ -71,8 +78,9 @@ class EchoLink(Protocol):
 class ReplayConfig:
     gap_cap_s: float = GAP_CAP_S
     echo_timeout_s: float = ECHO_TIMEOUT_S
-    sync_timeout_s: float = SYNC_TIMEOUT_S
-    sync_timeout_ended_s: float = SYNC_TIMEOUT_ENDED_S
+    sync_slack_s: float = SYNC_SLACK_S
+    sync_slack_ended_s: float = SYNC_SLACK_ENDED_S
+    sync_reach_max_s: float = SYNC_REACH_MAX_S
     strict_sync: bool = False
     """Fail (ReplayError) on a sync mark that is not met instead of counting it."""
     speed: float = 1.0
@@ -132,6 +140,8 @@ class Replayer:
         gap (capped). Echo latency does not push the schedule back, so a replay that fell behind
         catches up instead of trailing the source by the sum of all echo waits."""
         self._t0 = clock.now()
+        self._input: tuple[int, float] | None = None
+        """The last key or button: its time in the log (µs) and when the target echoed it (clock s)."""
         self._log_ended = threading.Event()
         self._stop = threading.Event()
         self.on_progress: Callable[[int], None] | None = None
@@ -140,7 +150,8 @@ class Replayer:
 
     def log_ended(self) -> None:
         """The source has ended the log (it is frozen): from now on sync marks wait only
-        ``sync_timeout_ended_s``. Thread-safe: called while :meth:`replay` runs in another thread."""
+        ``sync_slack_ended_s`` beyond the source's time. Thread-safe: called while :meth:`replay`
+        runs in another thread."""
         self._log_ended.set()
 
     def stop(self) -> None:
@@ -211,15 +222,27 @@ class Replayer:
         self.stats.injected += 1
         self.stats.echo_total_s += dt
         self.stats.echo_max_s = max(self.stats.echo_max_s, dt)
+        if not isinstance(ev, Motion):
+            self._input = (ev.t_us, self.clock.now())
+
+    def _sync_deadline(self, mark: SyncMark, start: float) -> float:
+        """When to give up on ``mark``: the source took ``mark.t - t`` from its last key or button
+        (at log time ``t``) to show the mark's screen, so the target gets as long from its echo of
+        that input, plus the slack (less once the source ended the log)."""
+        ended = self._log_ended.is_set() and not self.config.strict_sync
+        slack = min(self.config.sync_slack_s, self.config.sync_slack_ended_s) if ended else self.config.sync_slack_s
+        if self._input is None:
+            return start + slack
+        t_us, echoed_at = self._input
+        reach = min(max(0, mark.t_us - t_us) / 1e6, self.config.sync_reach_max_s)
+        return echoed_at + reach + slack
 
     def _sync(self, mark: SyncMark) -> None:
         """Wait until the target's agent sees the region as the source's did. Asked of the agent,
         not taken from a QEMU screenshot: that one includes X's software cursor, GetImage not."""
         start = self.clock.now()
         while True:
-            ended = self._log_ended.is_set() and not self.config.strict_sync
-            deadline = start + (min(self.config.sync_timeout_s, self.config.sync_timeout_ended_s) if ended
-                                else self.config.sync_timeout_s)
+            deadline = self._sync_deadline(mark, start)
             others: list[HostEvent] = []
             try:
                 digest = self.link.check(mark.x, mark.y, mark.w, mark.h, self.config.echo_timeout_s, others)
@@ -236,7 +259,7 @@ class Replayer:
             if self.clock.now() > deadline:
                 what = f"{describe(mark)} ({mark.w}x{mark.h} at {mark.x},{mark.y})"
                 if self.config.strict_sync:
-                    raise ReplayError(f"{what} was not met within {deadline - start:.0f} s")
+                    raise ReplayError(f"{what} was not met within {self.clock.now() - start:.1f} s")
                 self.log.warning("%s not met", what)
                 self.stats.sync_failed.append(what)
                 self.stats.settled = False

@@ -3,10 +3,13 @@
 # before it acts, so a second run only verifies. Called by `make demo` and `make test`.
 #
 #   - bookworm-backports libvirt >= 11.2 and QEMU >= 9.0 (the sparse save format needs them)
-#   - the tools the image build, tests and benchmarks use (mmdebstrap, Xvfb, b3sum, rsync, ...)
+#   - the tools the image build, tests and benchmarks use (mmdebstrap, Xvfb, b3sum, rsync, haproxy, ...)
 #   - the libvirt-qemu user and kvm group, qemu.conf settings for a container without systemd
 #   - virtlogd and libvirtd started if not running; waits until qemu:///system answers
 #   - the venv at .venv with libvirt-python built from source against the installed headers
+#   - the native leaf hashing library (differ/_leafhash.so) from blake3's C sources in Debian's
+#     librust-blake3-dev; where it cannot be installed or built, leaves are hashed in Python
+#     (~3x slower) and the reason is printed
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${VENV:-$REPO/.venv}
@@ -20,7 +23,7 @@ log() { printf 'setup-host: %s\n' "$*" >&2; }
 export DEBIAN_FRONTEND=noninteractive
 BACKPORTS_PKGS=(qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev)
 PLAIN_PKGS=(pkg-config gcc python3-dev python3-venv mmdebstrap e2fsprogs zstd b3sum rsync iproute2
-            xvfb xdotool x11-utils python3-xlib python3-msgpack procps)
+            xvfb xdotool x11-utils python3-xlib python3-msgpack procps haproxy)
 
 version_ge() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" = "$2" ]; }
 installed_version() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null | sed 's/^[0-9]*://' || true; }
@@ -91,4 +94,13 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/pip" install -q --no-binary libvirt-python -e "$REPO[dev]"
   echo "$want" > "$stamp"
 fi
+# native leaf hashing (differ/leafhash.py): optional, so a failure here only falls back, with the reason
+if ! dpkg -s librust-blake3-dev >/dev/null 2>&1; then
+  log "installing librust-blake3-dev (blake3's C sources, for the native leaf hashing)"
+  apt-get install -y -qq --no-install-recommends librust-blake3-dev >/dev/null 2>&1 ||
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends librust-blake3-dev >/dev/null 2>&1; } ||
+    log "warning: librust-blake3-dev is not installable here: leaves will be hashed in Python (~3x slower)"
+fi
+(cd "$REPO" && PYTHONPATH="$REPO" "$VENV/bin/python" -m differ.leafhash --build) ||
+  log "warning: the native leaf hashing could not be set up: leaves will be hashed in Python"
 log "ready: libvirt $lv, QEMU $qv"

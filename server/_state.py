@@ -45,6 +45,7 @@ class PeerMessage(enum.Enum):
     VERIFIED = "verified"
     RESUMED = "resumed"
     RELEASED = "released"
+    REPORT = "report"
     ABORT = "abort"
 
     @staticmethod
@@ -91,8 +92,8 @@ def _table() -> dict[State, dict[Role, dict[PeerMessage, State]]]:
             TGT: {**stay(S.VERIFIED, M.ACK_LOG, M.ACK_S2T), M.RESUMED: S.RESUMED, M.ABORT: S.FAILED},
         },
         S.RESUMED: {        # finished: a late message must not turn a confirmed migration into a failed one
-            SRC: stay(S.RESUMED, M.RELEASED, M.ACK_T2S),
-            TGT: stay(S.RESUMED, M.ACK_LOG, M.ACK_S2T),
+            SRC: stay(S.RESUMED, M.RELEASED, M.REPORT, M.ACK_T2S),     # the sides' figures, each to the other
+            TGT: stay(S.RESUMED, M.REPORT, M.ACK_LOG, M.ACK_S2T),
         },
         S.FAILED: {SRC: {}, TGT: {}},
     }

@@ -14,7 +14,7 @@ Usage::
     # ... hand str(target) to the target site (a 0600 file, see server/credentials.py) ...
     async with SessionClient("wss://svc:8765", target, cafile=ca) as c:
         while True:
-            ev = await c.recv()          # Frame / LogEnded / StateChanged / Verified / Confirmed / Released
+            ev = await c.recv()          # Frame / LogEnded / StateChanged / Verified / Confirmed / Released / Reported
             ...
 
 Payloads are opaque bytes.  A frame is acked when :meth:`SessionClient.recv` hands it over, so
@@ -298,6 +298,34 @@ class SessionClient:
         then lets a restarted service learn from this side that the target resumed."""
         async with asyncio.timeout(timeout):
             await self._wait(lambda: self._core.released)
+
+    async def report(self, figures: Mapping[str, Any]) -> None:
+        """This side's figures of the migration, for the other side (the target's after
+        ``resumed``, the source's after the confirm and before :meth:`acknowledge_confirm`);
+        returns once they are on the wire (the service may still be catching up after a reconnect:
+        they stay journalled until ``released``)."""
+        self._check()
+        self._core.report(figures)
+        await self._flush()
+
+    async def wait_peer_report(self, timeout: float | None = None) -> Mapping[str, Any] | None:
+        """The other side's figures once they came, or None after ``timeout`` (its report is a
+        courtesy of a finished migration: nothing waits on it for long)."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._wait(lambda: self._core.peer_report is not None)
+        except TimeoutError:
+            return None
+        return self._core.peer_report
+
+    def in_flight(self, stream: Stream) -> int:
+        """Bytes of ``stream`` this side sent that its receiver has not consumed yet (how far the
+        target is behind the source's log, at the source)."""
+        return self._core.in_flight(stream)
+
+    @property
+    def peer_report(self) -> Mapping[str, Any] | None:
+        return self._core.peer_report
 
     async def abort(self, reason: Reason | str) -> None:
         """Give up the session (either side); returns once the service failed it."""

@@ -27,6 +27,7 @@ from server.limits import Limits
 from server.wire import (
     ENVELOPE_OVERHEAD,
     FRAME_COST,
+    MAX_REPORT_MESSAGE,
     MAX_ROOT_BYTES,
     MAX_ROOT_NAME,
     MAX_ROOTS,
@@ -44,6 +45,7 @@ from server.wire import (
     frame_cost,
     frame_message,
     state_reached,
+    valid_figures,
     valid_roots,
 )
 
@@ -90,13 +92,21 @@ class Released:
 
 
 @dataclass(frozen=True)
+class Reported:
+    """The other side's figures of the migration (``report``), as the service relayed them: the
+    shape is checked (:func:`~server.wire.valid_figures`), the names and types are the caller's."""
+
+    figures: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
 class Failed:
     code: int
     reason: Reason
     keep_vm: bool
 
 
-Event = Frame | LogEnded | StateChanged | Verified | Confirmed | Released | Failed
+Event = Frame | LogEnded | StateChanged | Verified | Confirmed | Released | Reported | Failed
 
 
 class SessionFailedError(ProtocolError):
@@ -152,9 +162,13 @@ class ClientState:
         self.roots: dict[str, bytes] | None = None
         self.confirmed = False
         self.released = False
+        self.peer_report: dict[str, Any] | None = None
+        """The other side's figures, once its ``report`` came."""
+        self._reported = False
         self.failed: Failed | None = None
         self.duplicates = 0
         self._service_log_end = False
+        self._sent_resumed = False
         self._order = itertools.count()
         self._journal: dict[int, _Entry] = {}
         self._unsent: deque[int] = deque()
@@ -269,6 +283,7 @@ class ClientState:
 
     def resumed(self) -> None:
         self._need(PeerMessage.RESUMED)
+        self._sent_resumed = True
         self._control(encode("resumed"), lambda: state_reached(self.state, State.RESUMED))
 
     def acknowledge_confirm(self) -> None:
@@ -278,6 +293,30 @@ class ClientState:
         if not self.confirmed:
             raise LocalProtocolError("released before the confirm")
         self._control(encode("released"), lambda: self.released)
+
+    def report(self, figures: Mapping[str, Any]) -> None:
+        """Send this side's figures of the migration to the other side, once: the target's after
+        its ``resumed``, the source's after the confirm and before its ``released`` (the target
+        leaves once it has that).  Journalled until ``released`` is seen: the service relays them
+        in order before it, so by then the other side has them (or was away and gets them from the
+        service when it attaches)."""
+        self._need(PeerMessage.REPORT)
+        if self._reported:
+            raise LocalProtocolError("this side reported already")
+        if self.role is Role.SOURCE and not self.confirmed:
+            raise LocalProtocolError("the source reports after the confirm")
+        if self.role is Role.TARGET and not (self._sent_resumed or state_reached(self.state, State.RESUMED)):
+            raise LocalProtocolError("the target reports after its resumed")
+        if self.released:
+            raise LocalProtocolError("report after released: the other side may be gone")
+        if not valid_figures(dict(figures)):
+            raise LocalProtocolError("figures must be at most a few dozen lower-case names of numbers, flags, "
+                                     "short text, nil or small maps of numbers (server.wire.valid_figures)")
+        msg = encode("report", figures=dict(figures))
+        if len(msg) > MAX_REPORT_MESSAGE:
+            raise LocalProtocolError(f"report of {len(msg)} bytes exceeds {MAX_REPORT_MESSAGE}")
+        self._reported = True
+        self._control(msg, lambda: self.released)
 
     def abort(self, reason: Reason) -> None:
         if reason not in PEER_REASONS:
@@ -460,6 +499,17 @@ class ClientState:
         self._prune()
         return [Released()] if self.role is Role.TARGET else []
 
+    def _on_report(self, msg: dict[str, Any]) -> list[Event]:
+        if self.state is not State.RESUMED:
+            raise SessionViolation(Reason.WRONG_STATE, "the other side's report before the session resumed")
+        figures = dict(msg["figures"])
+        if self.peer_report == figures:
+            return []                   # given again on a re-attach
+        if self.peer_report is not None:
+            raise SessionViolation(Reason.BAD_SEQUENCE, "the other side's report changed")
+        self.peer_report = figures
+        return [Reported(figures)]
+
     def _on_roots(self, roots: dict[str, bytes]) -> list[Event]:
         if self.roots == roots:
             return []
@@ -496,6 +546,7 @@ _FROM_SERVICE: Final[Mapping[str, tuple[frozenset[Role], Callable[[ClientState, 
     "verified": (frozenset({Role.SOURCE}), ClientState._on_verified),
     "confirm": (frozenset({Role.SOURCE}), ClientState._on_confirm),
     "released": (_BOTH, ClientState._on_released),
+    "report": (_BOTH, ClientState._on_report),
 }
 _FRAMES: Final[Mapping[Stream, PeerMessage]] = {
     Stream.LOG: PeerMessage.LOG, Stream.S2T: PeerMessage.DIFF_S2T, Stream.T2S: PeerMessage.DIFF_T2S}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from server.wire import ENVELOPE_OVERHEAD, FRAME_COST, Stream
+from server.wire import ENVELOPE_OVERHEAD, FRAME_COST, MAX_REPORT_MESSAGE, Role, Stream
 
 KiB: Final = 1024
 MiB: Final = 1024 * KiB
@@ -23,7 +23,7 @@ READ_CHUNK: Final = 256 * KiB
 @dataclass(frozen=True)
 class Limits:
     """Every bound of the service, and the memory they add up to (:attr:`worst_case_memory`, which
-    must fit ``memory_budget``).  The defaults make 444 MiB of a 512 MiB budget."""
+    must fit ``memory_budget``).  The defaults make 444.1 MiB of a 512 MiB budget."""
 
     #: largest websocket message, envelope included (also websockets' ``max_size``, each way); the
     #: diff protocol's messages are at most 1 MiB
@@ -91,8 +91,9 @@ class Limits:
     @property
     def worst_case_memory(self) -> int:
         """Every queue of the service at once: the streams' buffers of every session, every
-        connection's queues, the one message being decoded (and its payload) and the tombstones."""
-        return (self.max_sessions * len(Stream) * self.max_buffered_bytes
+        connection's queues, the one message being decoded (and its payload), the tombstones and
+        each session's two reports."""
+        return (self.max_sessions * (len(Stream) * self.max_buffered_bytes + len(Role) * MAX_REPORT_MESSAGE)
                 + self.max_connections * self.connection_memory
                 + 2 * self.max_message_size
                 + self.max_tombstones * TOMBSTONE_BYTES)

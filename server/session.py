@@ -91,6 +91,9 @@ class Session:
         self._links: dict[Role, Link | None] = dict.fromkeys(Role)
         self._absent_since: dict[Role, float | None] = dict.fromkeys(Role, now)
         self._relays = {s: Relay(s, limits.max_buffered_bytes) for s in Stream}
+        #: each role's last ``report`` as relayed (encoded, at most MAX_REPORT_MESSAGE bytes): the
+        #: peer gets it on every attach, so one that was away when it came still does
+        self._reports: dict[Role, bytes] = {}
 
     # -- introspection (tests, the adapter's logs, the registry)
     def attached(self, role: Role) -> bool:
@@ -169,6 +172,9 @@ class Session:
             log_end=self.log_end, roots=self.roots))
         if role is Role.SOURCE and self.state is State.RESUMED:
             link.push(encode("confirm"))
+        report = self._reports.get(role.peer)
+        if report is not None:          # before released: the target leaves once it has that
+            link.push(report)
         if self.released:
             link.push(encode("released"))
         for stream in advanced:
@@ -341,6 +347,20 @@ class Session:
         for r in Role:          # the source's control is done; the target may go
             self._send(r, encode("released"))
 
+    def _on_report(self, role: Role, msg: dict[str, Any], now: float) -> None:
+        """Keep the side's figures and relay them to the other side; the service reads nothing in
+        them.  A side reports once: the same report again (re-sent after a reconnect) is a no-op,
+        another one is refused."""
+        data = encode("report", figures=msg["figures"])
+        old = self._reports.get(role)
+        if old == data:
+            return
+        if old is not None:
+            raise SessionViolation(Reason.BAD_SEQUENCE, f"a second, different report from the {role.value}")
+        self._reports[role] = data
+        self.log.info("%s reported %d figures", role.value, len(msg["figures"]))
+        self._send(role.peer, data)
+
     def _on_abort(self, role: Role, msg: dict[str, Any], now: float) -> None:
         reason = Reason(msg["reason"])
         self.log.warning("%s aborted the session: %s", role.value, reason.value)
@@ -422,7 +442,7 @@ _HANDLERS: Final[Mapping[PeerMessage, _Handler]] = {
     PeerMessage.PHASE_DIFFING: Session._on_phase_diffing,
     PeerMessage.PHASE_TRANSFERRING: Session._only_the_transition, PeerMessage.VERIFIED: Session._on_verified,
     PeerMessage.RESUMED: Session._only_the_transition, PeerMessage.RELEASED: Session._on_released,
-    PeerMessage.ABORT: Session._on_abort,
+    PeerMessage.REPORT: Session._on_report, PeerMessage.ABORT: Session._on_abort,
 }
 #: the controls a restored session may see again, and how it tells they are applied already
 _APPLIED: Final[Mapping[PeerMessage, Callable[[Session, Mapping[str, Any]], bool]]] = {

@@ -41,6 +41,13 @@ resumed         tgt → svc       VERIFIED → RESUMED; the service then sends `
 confirm         svc → src       the target runs: the source may now release its VM.
 released        src → svc → both  the source has the confirm (RESUMED only): the target, which
                                 stays attached until then, may go.
+report          both via svc    ``figures`` {name: number|bool|text|nil|{name: number|nil}}: what
+                                this side measured of the migration (RESUMED only; the target's
+                                after ``resumed``, the source's before ``released``), relayed to
+                                the other side so that both print the whole report.  At most
+                                ``MAX_FIGURES`` names, the message at most ``MAX_REPORT_MESSAGE``
+                                bytes; the service keeps the last one per role and gives it to the
+                                peer on every attach.
 state           svc → both      ``state``: sent to both peers on every transition but FAILED.
 abort           peer → svc      ``reason`` (one of PEER_REASONS): any live state → FAILED.
 error           svc → peer      ``code``, ``reason`` (Reason vocabulary), ``keep_vm`` (true to a
@@ -51,6 +58,7 @@ error           svc → peer      ``code``, ``reason`` (Reason vocabulary), ``ke
 from __future__ import annotations
 
 import enum
+import math
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -71,6 +79,18 @@ MAX_ROOTS: Final = 8
 MAX_ROOT_NAME: Final = 32
 MAX_ROOT_BYTES: Final = 64
 _MAX_SEQ: Final = 2**63 - 1
+MAX_FIGURES: Final = 64
+"""Names a ``report`` may carry (a migration's report has about 25; room for more)."""
+MAX_FIGURE_NAME: Final = 32
+MAX_FIGURE_TEXT: Final = 160
+"""Longest text figure (a strategy's name, the reason it was chosen)."""
+MAX_FIGURE_ENTRIES: Final = 8
+"""Entries of one figure that is a map (divergent blocks per image)."""
+MAX_FIGURE_VALUE: Final = 2.0**63
+"""Largest magnitude of a number figure (no NaN, no infinity)."""
+MAX_REPORT_MESSAGE: Final = 8192
+"""Largest ``report`` message, envelope included: what the service keeps per role and session."""
+FIGURE_NAME_RE: Final = re.compile(r"[a-z][a-z0-9_]{0,31}")
 # no dots: the id ends a logger name, and dots would make it a hierarchy
 SESSION_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 CREDENTIAL_RE: Final = re.compile(r"rm1\.([A-Za-z0-9_-]{1,64})\.(source|target)\.([A-Za-z0-9_-]{43})")
@@ -228,6 +248,33 @@ def valid_roots(x: Any) -> bool:
                     and 0 < len(v) <= MAX_ROOT_BYTES for k, v in x.items()))
 
 
+def _is_number(x: Any) -> bool:
+    if type(x) is int:
+        return -MAX_FIGURE_VALUE < x < MAX_FIGURE_VALUE
+    return type(x) is float and math.isfinite(x) and abs(x) < MAX_FIGURE_VALUE
+
+
+def _is_figure_name(x: Any) -> bool:
+    return isinstance(x, str) and FIGURE_NAME_RE.fullmatch(x) is not None
+
+
+def _is_scalar_figure(x: Any) -> bool:
+    return (x is None or type(x) is bool or _is_number(x)
+            or (isinstance(x, str) and len(x) <= MAX_FIGURE_TEXT and x.isprintable()))
+
+
+def valid_figures(x: Any) -> bool:
+    """What ``report{figures}`` may carry: at most MAX_FIGURES names (lower case, digits, ``_``) of
+    numbers, flags, short printable text, nil (unknown), or maps of at most MAX_FIGURE_ENTRIES names
+    to numbers or nil.  Which names a side expects, and their types, the receiver checks
+    (``migration.halves``): this is the shape the service relays."""
+    return (isinstance(x, dict) and len(x) <= MAX_FIGURES
+            and all(_is_figure_name(k) and (_is_scalar_figure(v) or (
+                isinstance(v, dict) and len(v) <= MAX_FIGURE_ENTRIES
+                and all(_is_figure_name(k2) and (v2 is None or _is_number(v2)) for k2, v2 in v.items())))
+                for k, v in x.items()))
+
+
 def _optional(check: _Check) -> _Check:
     return lambda x: x is None or check(x)
 
@@ -279,6 +326,7 @@ _SCHEMA: Final[Mapping[str, Mapping[str, _Check]]] = {
     "resumed": {},
     "confirm": {},
     "released": {},
+    "report": {"figures": valid_figures},
     "state": {"state": _words(frozenset(s.value for s in State))},
     "abort": {"reason": _words(frozenset(r.value for r in PEER_REASONS))},
     "error": {"code": _seq(0), "reason": _words(frozenset(r.value for r in Reason)), "keep_vm": _is_bool},
@@ -302,6 +350,8 @@ def decode(data: bytes, max_size: int) -> dict[str, Any]:
     schema = _SCHEMA.get(t) if isinstance(t, str) else None
     if schema is None:
         raise SessionViolation(Reason.BAD_MESSAGE, "unknown message type")
+    if t == "report" and len(data) > MAX_REPORT_MESSAGE:
+        raise SessionViolation(Reason.TOO_LARGE, f"report of {len(data)} bytes exceeds {MAX_REPORT_MESSAGE}")
     if set(obj) != {"v", "t", *schema}:
         raise SessionViolation(Reason.BAD_MESSAGE, f"{t}: missing or unknown fields")
     for name, check in schema.items():

@@ -178,14 +178,16 @@ def checkpoint_images(ck: Checkpoint, trees: CheckpointTrees, stack: ExitStack) 
             DISK: ReferenceImage(disk, trees.disk_tree)}
 
 
-def make_sinks(state: VmState, trees: CheckpointTrees, *, durable: bool = True) -> dict[str, BlockSink]:
+def make_sinks(state: VmState, trees: CheckpointTrees, *, durable: bool = True,
+               in_place: bool = False) -> dict[str, BlockSink]:
     """Sinks that patch copies of ``state``'s images. Making them copies the memory image (~1 s
     for a 1 GiB guest here), so the target does it while it hashes its images. ``durable=False``:
-    the memory image is not fsynced at commit (see ``differ.patch``), for a target that restores
-    it at once."""
-    memory = MemoryImageSink(state.memory, durable=durable)
+    nothing waits for the disk at commit (see ``differ.patch``), for a target that restores at
+    once. ``in_place``: patch the images themselves (no copy; an abort deletes them): only for a
+    state that is discarded unless verified, a migration target's clone."""
+    memory = MemoryImageSink(state.memory, durable=durable, in_place=in_place)
     try:
-        disk = Qcow2OverlaySink(state.disk, backing_tree=trees.disk)
+        disk = Qcow2OverlaySink(state.disk, backing_tree=trees.disk, durable=durable, in_place=in_place)
     except BaseException:
         memory.abort()
         raise

@@ -44,6 +44,103 @@ def base_of(data: bytes | None, *, similar: bool = False) -> ReferenceImage | No
     return ReferenceImage(src, MerkleTree.from_bytes(data), index)
 
 
+class InPlaceImage(MemoryImage):
+    """An image its sink patches where its source reads (``differ.patch``'s in-place sinks), which
+    notes every leaf written: the target's own source refuses to read one of them afterwards."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.buf = bytearray(data)
+        self.written: set[int] = set()
+        self.deleted = False
+
+    def source(self) -> MemorySource:
+        return LiveSource(self)
+
+    def sink(self) -> MemorySink:
+        return InPlaceSink(self)
+
+
+class LiveSource(MemorySource):
+    """The image as it is when read (a file source of a file patched in place), of its size when
+    opened; reading a leaf after it was written is the protocol's bug, not the image's."""
+
+    def __init__(self, image: InPlaceImage) -> None:
+        self._image = image
+        self._opened_size = len(image.buf)
+        super().__init__(b"")
+
+    @property
+    def size(self) -> int:
+        return self._opened_size
+
+    @property
+    def leaf_count(self) -> int:
+        return -(-self._opened_size // PAGE)
+
+    def read(self, index: int, count: int = 1) -> bytes:
+        late = self._image.written & set(range(index, index + count))
+        assert not late, f"the target read leaves {sorted(late)} of its own image after it wrote them"
+        end = min(self._opened_size, (index + count) * PAGE)
+        data = bytes(self._image.buf[index * PAGE : end])
+        if len(data) != end - index * PAGE:
+            raise ReplayMigrateError("short read: the image shrank")
+        return data
+
+
+class InPlaceSink(MemorySink):
+    """Writes straight into the image; a shrink waits for the last write; abort deletes it."""
+
+    def __init__(self, image: MemoryImage) -> None:
+        assert isinstance(image, InPlaceImage)
+        super().__init__(image)
+        self._in_place = image
+        self._copy = image.buf
+        self._shrink_to: int | None = None
+
+    def _length(self, index: int) -> int:
+        size = self._shrink_to if self._shrink_to is not None else len(self._live())
+        return max(0, min(PAGE, size - index * PAGE))
+
+    def _check(self, index: int, length: int) -> None:
+        assert index >= 0 and self._length(index) and length == self._length(index), \
+            f"write of {length} bytes to leaf {index}"
+
+    def write(self, index: int, data: bytes) -> None:
+        super().write(index, data)
+        self._in_place.written.add(index)
+
+    def zero(self, index: int) -> None:
+        self.write(index, bytes(self._length(index)))
+
+    def set_size(self, size: int) -> None:
+        buf = self._live()
+        self._shrink_to = size if size < len(buf) else None
+        if size > len(buf):
+            buf.extend(bytes(size - len(buf)))
+
+    def _finish(self) -> bytearray:
+        buf = self._live()
+        if self._shrink_to is not None:
+            del buf[self._shrink_to :]
+            self._shrink_to = None
+        return buf
+
+    def source(self) -> MemorySource:
+        return MemorySource(bytes(self._finish()))
+
+    def commit(self) -> None:
+        self._in_place.data = bytes(self._finish())
+        self._copy = None
+        self.committed = True
+
+    def abort(self) -> None:
+        if self._copy is not None:
+            self._in_place.deleted = True
+        self._copy = None
+        self.aborted = True
+
+
 class Pair:
     """Source images A and target images B (name → bytes), with memory sinks."""
 
@@ -61,16 +158,20 @@ class Pair:
         measure_plain: bool = False,
         sinks: dict[str, type[MemorySink]] | None = None,
         similar: bool = False,
+        verify_written: bool = False,
+        in_place: bool = False,
     ) -> None:
         """``bases``: the common checkpoint's version of each image, held by both sides;
         ``target_bases``: the target's (content, tree) instead, to make it disagree; ``sinks``:
         a sink class per image instead of MemorySink; ``similar``: the source has similarity
-        indexes of the bases (XSIM answers)."""
+        indexes of the bases (XSIM answers); ``verify_written``: the target verifies by
+        reading back what it wrote; ``in_place``: its images are patched in place
+        (:class:`InPlaceImage`)."""
         self.a = a
         bases = bases or {}
         t_bases = target_bases or {name: (data, MerkleTree.from_bytes(data)) for name, data in bases.items()}
-        self.images = {name: MemoryImage(data) for name, data in b.items()}
-        self.sinks: dict[str, MemorySink] = {name: (sinks or {}).get(name, MemorySink)(im)
+        self.images = {name: InPlaceImage(data) if in_place else MemoryImage(data) for name, data in b.items()}
+        self.sinks: dict[str, MemorySink] = {name: (sinks or {}).get(name, InPlaceSink if in_place else MemorySink)(im)
                                              for name, im in self.images.items()}
         self.source: BlockingSource = blocking_source(
             [
@@ -96,6 +197,7 @@ class Pair:
             references=[ReferenceImage(MemorySource(r), MerkleTree.from_bytes(r)) for r in references],
             dry_run=dry_run,
             key=KEY,
+            verify_written=verify_written,
         )
 
     def run(self) -> TransferStats:

@@ -121,6 +121,8 @@ FUZZ_TEMPLATES: list[dict[str, Any]] = [
     {"t": "diff", "dir": "s2t", "seq": 1, "data": b""}, {"t": "ack", "stream": "log", "seq": 1},
     {"t": "phase", "phase": "diffing"}, {"t": "verified", "roots": ROOTS}, {"t": "resumed"}, {"t": "released"},
     {"t": "abort", "reason": "cancelled"},
+    {"t": "report", "figures": {"block_bytes": 1, "replay_s": 0.5, "verified": True, "downtime_s": None,
+                                "strategy": "replay", "divergent_blocks": {"memory": 3, "disk": None}}},
     {"t": "attached", "session": SID, "state": "recording", "next": {"log": 1}, "acked": {"log": 0}, "window": 1,
      "max_message": 1, "log_end": None, "roots": None},
     {"t": "created", "session": SID, "source": str(KEYRING.credential(SID, Role.SOURCE)),

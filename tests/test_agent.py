@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from recorder.agent import DEFAULT_SYNC_MAX_WAIT_MS, DEFAULT_SYNC_SETTLE_MS, Settle, Settler, SyncPolicy
 from recorder.channel import Checked, Echo, Hello, HostSide, LogFrame
 from recorder.logformat import (
     Button,
@@ -40,6 +41,7 @@ from recorder.logformat import (
     read_log,
     region_digest,
 )
+from replayer.clock import ManualClock
 from replayer.keymap import char_stroke
 from replayer.logfeed import LogPump
 
@@ -496,3 +498,58 @@ def test_check_digests_a_region_as_the_sync_marks_do(
     assert {host.checks[i] for i in range(10, 14)} == {region_digest(ROOT_RGB * 64)}
     assert agent.stop() == 0
     assert "10 checks answered" in agent.stderr()
+
+
+# ---- the settle rule of sync marks, on a manual clock (no screen, no sleeps) ----------------------
+def _settle(looks: Callable[[float], bytes], *, tick_s: float = 0.1, policy: SyncPolicy | None = None
+            ) -> tuple[Settle, float, bytes]:
+    """Sample a region every ``tick_s`` from the moment its mark fell due (clock 0), as the
+    flusher does, until the settler decides; ``looks(t)`` is the region's digest at ``t``."""
+    clock = ManualClock()
+    settler = Settler(policy or SyncPolicy(), 0)
+    while True:
+        digest = looks(clock.now())
+        verdict = settler.add(round(clock.now() * 1e9), digest)
+        if verdict is not Settle.WAIT:
+            return verdict, clock.now(), digest
+        clock.sleep(tick_s)
+
+
+def test_a_still_region_settles_after_the_settle_interval_not_two_samples() -> None:
+    verdict, t, digest = _settle(lambda t: b"A")
+    assert verdict is Settle.SETTLED and digest == b"A"
+    assert abs(t - DEFAULT_SYNC_SETTLE_MS / 1000) < 1e-6
+
+
+def test_a_command_whose_output_comes_late_is_marked_after_its_output() -> None:
+    """The xterm shows the command line for 0.6 s (a TCG guest forking ``wc``), then its output:
+    two equal samples 100 ms apart (the old rule) named the first screen, which the replaying
+    target had already left; the settle interval waits the output out."""
+    verdict, t, digest = _settle(lambda t: b"command line" if t < 0.6 else b"output and prompt")
+    assert verdict is Settle.SETTLED and digest == b"output and prompt"
+    assert t >= 0.6 + DEFAULT_SYNC_SETTLE_MS / 1000 - 1e-6
+
+
+def test_a_blinking_cursor_settles_on_a_phase_seen_before() -> None:
+    def blink(t: float) -> bytes:                 # Tk's text cursor: on 600 ms, off 300 ms
+        return b"cursor on" if (t + 1e-9) % 0.9 < 0.6 else b"cursor off"
+
+    verdict, t, digest = _settle(blink)
+    assert verdict is Settle.SETTLED and t <= DEFAULT_SYNC_MAX_WAIT_MS / 1000
+    assert digest == blink(t)
+
+
+def test_a_region_that_keeps_changing_gets_no_mark() -> None:
+    verdict, t, _ = _settle(lambda t: f"output line {round(t * 10)}".encode())
+    assert verdict is Settle.GAVE_UP and abs(t - DEFAULT_SYNC_MAX_WAIT_MS / 1000) < 0.1 + 1e-6
+    three = [b"a", b"b", b"c"]                    # more looks than a cursor's two phases
+    verdict, _, _ = _settle(lambda t: three[round(t * 10) % 3])
+    assert verdict is Settle.GAVE_UP
+
+
+def test_the_settle_interval_is_observed_even_when_samples_are_slow() -> None:
+    """Under load one sample of a large region takes ~0.4 s: the region must still be seen still
+    over a whole interval, never on two samples that happen to span less."""
+    policy = SyncPolicy(settle_ms=1000, max_wait_ms=5000)
+    verdict, t, digest = _settle(lambda t: b"old" if t < 0.5 else b"new", tick_s=0.4, policy=policy)
+    assert verdict is Settle.SETTLED and digest == b"new" and t >= 0.5 + 1.0

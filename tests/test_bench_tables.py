@@ -17,11 +17,15 @@ from bench.tables import (
     breakdown_rows,
     bytes_rows,
     checks_rows,
+    downtime_tables,
     goal_lines,
     human,
+    mark_rows,
     md_table,
+    phase_group,
     plot_bytes,
     plot_divergence,
+    plot_downtime,
     plot_time,
     render_markdown,
     residue_section,
@@ -114,6 +118,22 @@ def test_breakdown_adds_both_sides() -> None:
     assert row[7] == "100 / 3" and row[8] == "40 / 50 / 13"
 
 
+def test_sync_marks_are_reported_per_workload_and_link() -> None:
+    results = copy.deepcopy(RESULTS)
+    results["workloads"]["notes"]["runs"]["10M-40ms"]["replay"] = {"sync_met": 6, "sync_failed": []}
+    results["workloads"]["shell"]["runs"]["10M-40ms"]["replay"] = {
+        "sync_met": 1, "sync_failed": ["sync mark 'typing' at 102.276 s (508x732 at 1,1)"]}
+    assert mark_rows(results) == [
+        ["notes", "10 Mbit/s, 40 ms RTT", "6", "0", "-"],
+        ["shell", "10 Mbit/s, 40 ms RTT", "1", "1", "sync mark 'typing' at 102.276 s (508x732 at 1,1)"]]
+    lines = goal_lines(results)
+    assert "- notes: 0 of 6 sync marks failed over 1 run(s) (goal: none): met" in lines
+    assert "- shell: 1 of 2 sync marks failed over 1 run(s) (goal: none): NOT met" in lines
+    md = render_markdown(results)
+    assert "## Sync marks" in md and "| shell | 10 Mbit/s, 40 ms RTT | 1 | 1 |" in md
+    assert mark_rows(RESULTS) == [] and "## Sync marks" not in render_markdown(RESULTS)   # runs without it
+
+
 def test_goals_are_reported_not_asserted() -> None:
     lines = goal_lines(RESULTS)
     assert "notes: replay-migrate ships 7.5 % of the plain transfer's bytes (goal <= 10 %): met" in lines[0]
@@ -139,6 +159,24 @@ def test_render_markdown(tmp_path: Path) -> None:
     assert "not available" not in md and "| 10 Mbit/s, 40 ms RTT |" in md
 
 
+def test_downtime_tables_per_workload_with_the_plain_transfer_for_scale() -> None:
+    results = copy.deepcopy(RESULTS)
+    results["workloads"]["notes"]["runs"]["10M-40ms"]["downtime_breakdown"] = {
+        "target replay": 2.5, "target save": 0.75, "target gap": 0.25, "target restore": 1.0}
+    md = downtime_tables(results)
+    assert "### notes" in md and "### shell" not in md            # shell's run has no breakdown
+    assert "| phase | 10 Mbit/s, 40 ms RTT (s) | on the critical path (10 Mbit/s, 40 ms RTT, s) |" in md
+    # the groups issue 13 names, in its order, each with its phases
+    assert "| target tail | 2.50 | target replay 2.50 |" in md and "| save | 0.75 | target save 0.75 |" in md
+    assert md.index("| save |") < md.index("| restore |") < md.index("| gaps |")
+    assert "| **downtime** | **18.00** |  |" in md
+    assert "| plain transfer's downtime (same link, modelled) | 23.00 |  |" in md
+    assert "## Where the downtime goes" in render_markdown(results)
+    assert "## Where the downtime goes" not in render_markdown(RESULTS)
+    assert phase_group("target save") == "save" and phase_group("target settle") == "target tail"
+    assert phase_group("source gap") == "gaps" and phase_group("target something new") == "other"
+
+
 def test_short_cause_names() -> None:
     assert short_cause("content present elsewhere at the target (page placement)") == "moved"
     assert short_cause("something new") == "something new"
@@ -148,6 +186,12 @@ def test_plots_are_pngs(tmp_path: Path) -> None:
     for fn, name in ((plot_bytes, "bytes.png"), (plot_time, "time.png"), (plot_divergence, "div.png")):
         path = fn(RESULTS, tmp_path / name)
         assert path is not None and path.read_bytes()[:8] == PNG
+    assert plot_downtime(RESULTS, tmp_path / "none.png") is None    # no run has a breakdown
+    with_breakdown = copy.deepcopy(RESULTS)
+    with_breakdown["workloads"]["notes"]["runs"]["10M-40ms"]["downtime_breakdown"] = {"target save": 1.0,
+                                                                                     "source gap": 0.5}
+    path = plot_downtime(with_breakdown, tmp_path / "downtime.png")
+    assert path is not None and path.read_bytes()[:8] == PNG
     no_link = copy.deepcopy(RESULTS)
     no_link["meta"]["link"]["shapes"] = []
     assert plot_time(no_link, tmp_path / "none.png") is None

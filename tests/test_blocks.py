@@ -496,6 +496,90 @@ def test_refused_overlays(tmp_path: Path, qemu_tools: None) -> None:
         Qcow2OverlaySource(raw)
 
 
+# ---------------------------------------------------------------- the backing chain, read directly
+
+
+def three_layers(tmp_path: Path, base_fmt: str) -> tuple[Path, set[int]]:
+    """base (compressed qcow2, or raw) <- mid <- top, 6 MiB: data in every layer, zero clusters
+    over data, compressed clusters in the base and the middle, partial writes. Returns the top and
+    the leaves whose data lies in a compressed cluster."""
+    raw = make_base(tmp_path, "raw", size=6 * MIB)
+    qemu_io_raw = ["qemu-io", "-f", "raw", "-c", "write -P 0x21 1048576 196608", "-c", "write -P 0x22 4194304 65536",
+                   str(raw)]
+    run(*qemu_io_raw)
+    if base_fmt == "raw":
+        base = raw
+    else:
+        base = tmp_path / "base.qcow2"
+        run("qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(raw), str(base))
+        raw.unlink()
+    mid = make_overlay(tmp_path, base, "mid.qcow2", 6 * MIB,
+                       "write -P 0x31 131072 65536",        # over base data
+                       "write -z 1114112 65536",            # a zero cluster over base data
+                       "write -c -P 0x32 2097152 65536",    # a compressed cluster of its own
+                       "write -P 0x33 3149824 4096")        # a partial cluster: COW of base zeros
+    top = make_overlay(tmp_path, mid, "top.qcow2", 6 * MIB,
+                       "write -P 0x41 135168 8192",         # inside mid's cluster
+                       "write -z 2097152 65536",            # zeroes mid's compressed cluster
+                       "write -P 0x42 1179648 4096",        # next to mid's zero cluster
+                       "write -P 0x43 6287360 4096")        # the last leaf
+    compressed: set[int] = set()
+    for e in json.loads(run("qemu-img", "map", "--output=json", "-f", "qcow2", str(top))):
+        if e.get("compressed") and not e["zero"]:
+            compressed.update(range(e["start"] // LEAF_SIZE, -(-(e["start"] + e["length"]) // LEAF_SIZE)))
+    return top, compressed
+
+
+@pytest.mark.parametrize("base_fmt", ["qcow2", "raw"])
+def test_the_chain_is_read_like_qemu_reads_it(tmp_path: Path, qemu_tools: None, base_fmt: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Random ranges of a 3-layer chain read through the map (pread of each layer's file) equal
+    what qemu-img itself reads; only compressed clusters spawn a qemu-img."""
+    top, compressed = three_layers(tmp_path, base_fmt)
+    assert bool(compressed) == (base_fmt == "qcow2")
+    expected = guest_bytes(top, tmp_path)
+    spawned: list[tuple[int, int]] = []
+    real = blocks.read_guest_range
+
+    def counting(path: str, offset: int, length: int, **kw: Any) -> bytes:
+        spawned.append((offset, length))
+        return real(path, offset, length, **kw)
+
+    monkeypatch.setattr(blocks, "read_guest_range", counting)
+    rng = random.Random(5)
+    with Qcow2OverlaySource(top) as src:
+        n = src.leaf_count
+        ranges = [(0, n), (n - 1, 1), *((i, rng.randrange(1, 64)) for i in (rng.randrange(n) for _ in range(60)))]
+        for index, count in ranges:
+            count = min(count, n - index)
+            assert src.read(index, count) == expected[index * LEAF_SIZE : (index + count) * LEAF_SIZE], (index, count)
+            # the qemu-img path gives the same bytes: the map is read as QEMU reads the chain
+            assert real(str(top), index * LEAF_SIZE, count * LEAF_SIZE) == src.read(index, count)
+    slow = {i for o, length in spawned for i in range(o // LEAF_SIZE, -(-(o + length) // LEAF_SIZE))}
+    assert slow <= compressed, sorted(slow - compressed)[:5]
+
+
+def test_a_layer_that_cannot_be_read_directly_goes_through_qemu(tmp_path: Path, qemu_tools: None,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backing layer with an external data file: its offsets are not in its own file."""
+    mid = tmp_path / "mid.qcow2"
+    data_file = tmp_path / "mid.data"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={data_file}", str(mid), "1M")
+    qemu_io(mid, "write -P 0x55 4096 4096", "write -P 0x56 131072 65536")
+    top = make_overlay(tmp_path, mid, "top.qcow2", MIB, "write -P 0x57 0 4096")
+    spawned: list[int] = []
+    real = blocks.read_guest_range
+
+    def counting(path: str, offset: int, length: int, **kw: Any) -> bytes:
+        spawned.append(offset)
+        return real(path, offset, length, **kw)
+
+    monkeypatch.setattr(blocks, "read_guest_range", counting)
+    with Qcow2OverlaySource(top) as src:
+        assert digests_of(src) == file_leaf_digests(guest_bytes(top, tmp_path))
+    assert spawned and all(o >= 4096 for o in spawned)        # the top's own cluster was read directly
+
+
 def test_missing_qemu_img_is_a_host_error(tmp_path: Path, chain: tuple[Path, Path, LeafDigests]) -> None:
     from replay_migrate.errors import HostError
 

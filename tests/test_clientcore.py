@@ -10,7 +10,17 @@ from typing import Any
 import pytest
 
 from replay_migrate.errors import LocalProtocolError, ProtocolError, UsageError
-from server.clientcore import ClientState, Confirmed, Failed, Frame, LogEnded, Released, StateChanged, Verified
+from server.clientcore import (
+    ClientState,
+    Confirmed,
+    Failed,
+    Frame,
+    LogEnded,
+    Released,
+    Reported,
+    StateChanged,
+    Verified,
+)
 from server.keyring import Grant, Keyring
 from server.limits import Limits
 from server.link import Link
@@ -21,6 +31,8 @@ pytestmark = pytest.mark.timeout(60)
 
 SID = "mig-c"
 BIG = 1 << 30
+SOURCE_FIGURES = {"downtime_s": 1.5, "block_bytes": 100, "replay_s": None, "divergent_blocks": {"memory": 2}}
+TARGET_FIGURES = {"downtime_s": None, "block_bytes": 20, "replay_s": 4.25, "strategy": "replay"}
 
 
 def attached(role: Role, *, state: str = "recording", nxt: dict[str, int] | None = None,
@@ -270,6 +282,60 @@ def test_released_ends_the_targets_wait_once() -> None:
     assert t.receive(encode("released")) == []
 
 
+def test_each_side_reports_once_after_the_end_and_takes_the_others_once() -> None:
+    """Issue 12 item 5: the sides' figures travel as a control: only after the migration ended
+    (the source's after the confirm, the target's after its resumed), once, with a checked shape;
+    journalled until released; the other side's taken once (again on a re-attach: no event)."""
+    c = source()
+    with pytest.raises(LocalProtocolError, match="after the confirm"):
+        c.report(SOURCE_FIGURES)
+    with pytest.raises(ProtocolError, match="before the session resumed"):
+        c.receive(encode("report", figures=TARGET_FIGURES))
+    c = source()
+    c.receive(encode("state", state="resumed"))
+    c.receive(encode("confirm"))
+    with pytest.raises(LocalProtocolError, match="figures must be"):
+        c.report({"Bad Name": 1})
+    with pytest.raises(LocalProtocolError, match="figures must be"):
+        c.report({"x": float("nan")})
+    assert sent(c) == []
+    assert c.receive(encode("report", figures=TARGET_FIGURES)) == [Reported(TARGET_FIGURES)]
+    assert c.receive(encode("report", figures=TARGET_FIGURES)) == []       # given again on a re-attach
+    with pytest.raises(ProtocolError, match="changed"):
+        c.receive(encode("report", figures={**TARGET_FIGURES, "replay_s": 9.0}))
+    c = source()
+    c.receive(encode("confirm"))
+    c.report(SOURCE_FIGURES)
+    with pytest.raises(LocalProtocolError, match="reported already"):
+        c.report(SOURCE_FIGURES)
+    c.acknowledge_confirm()
+    assert sent(c) == [("report", None), ("released", None)]
+    c.connection_lost()                                 # not applied yet: both go again, in order
+    c.attach_message()
+    c.receive(attached(Role.SOURCE, state="resumed"))
+    assert sent(c) == [("report", None), ("released", None)]
+    c.receive(encode("released"))
+    assert c.journal_size == 0
+    t = ClientState(Role.TARGET, SID)
+    t.attach_message()
+    t.receive(attached(Role.TARGET, state="verified"))
+    with pytest.raises(LocalProtocolError, match="after its resumed"):
+        t.report(TARGET_FIGURES)
+    t.resumed()
+    t.report(TARGET_FIGURES)                            # queued behind resumed: the service takes both in order
+    assert sent(t) == [("resumed", None), ("report", None)]
+    t.receive(encode("state", state="resumed"))
+    assert t.journal_size == 1                          # the report: until released
+    t.receive(encode("released"))
+    assert t.journal_size == 0
+    late = ClientState(Role.TARGET, SID)
+    late.attach_message()
+    late.receive(attached(Role.TARGET, state="resumed"))
+    late.receive(encode("released"))
+    with pytest.raises(LocalProtocolError, match="after released"):
+        late.report(TARGET_FIGURES)
+
+
 # ---- simulation: ClientState <-> core over lossy "connections" ------------------------------------
 class Service:
     """The service as the peers see it: a registry that a restart replaces by an empty one."""
@@ -366,8 +432,9 @@ def simulate(seed: int, restart_rate: float) -> None:
             stage["src"] = 1
         elif stage["src"] == 1 and todo["s2t"] and c.in_flight(Stream.S2T) < 1500:
             c.send_frame(Stream.S2T, todo["s2t"].pop(0))
-        elif stage["src"] == 1 and c.confirmed:
-            c.acknowledge_confirm()                     # the target may go now
+        elif stage["src"] == 1 and c.confirmed and c.peer_report is not None:
+            c.report(SOURCE_FIGURES)                    # then the target may go: it has them first
+            c.acknowledge_confirm()
             stage["src"] = 2
         # the target: diffing once the whole log is in, then its messages, then the end
         if (stage["tgt"] == 0 and t.log_end is not None and len(got[Stream.LOG]) == len(log)
@@ -383,6 +450,7 @@ def simulate(seed: int, restart_rate: float) -> None:
         elif stage["tgt"] == 2 and len(got[Stream.S2T]) == len(s2t) and t.state is State.TRANSFERRING:
             t.verified({"memory": b"m" * 32})
             t.resumed()
+            t.report(TARGET_FIGURES)
             stage["tgt"] = 3
         if rng.random() < restart_rate:
             kill_and_restart(service, [src, tgt])
@@ -404,6 +472,12 @@ def simulate(seed: int, restart_rate: float) -> None:
     assert [e for e in src.seen if isinstance(e, Verified)] == [Verified({"memory": b"m" * 32})]
     assert [e for e in src.seen if isinstance(e, Confirmed)] == [Confirmed()]
     assert [e for e in tgt.seen if isinstance(e, Released)] == [Released()]
+    # the figures: the source waits for the target's, which the target re-sends until released
+    assert [e for e in src.seen if isinstance(e, Reported)] == [Reported(TARGET_FIGURES)]
+    # the source's go out before released, in order; only a service that dies between the two
+    # can lose them (the target then shows the source's figures as unknown), never change them
+    reports = [e for e in tgt.seen if isinstance(e, Reported)]
+    assert reports == [Reported(SOURCE_FIGURES)] or (restart_rate and reports == [])
     if restart_rate:
         assert service.restarts >= 3
 

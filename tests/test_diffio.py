@@ -234,3 +234,32 @@ def test_a_cancelled_transfer_waits_for_the_write_then_aborts_the_copies() -> No
     assert target.core.state is TargetState.FAILED and target.core.next_request() is None
     (failed,) = target.data_to_send()  # for the peer
     assert msgpack.unpackb(failed) == {"t": "failed", "v": PROTOCOL_VERSION, "c": FailCode.ABORTED}
+
+
+def test_every_fulfilled_request_is_reported_with_its_times() -> None:
+    """``on_request`` sees each request once it is done, in order, with its start and end on the
+    monotonic clock (the migration's timeline: patch, verify, commit)."""
+    b = rand(16 * PAGE)
+    a = bytearray(b)
+    a[5 * PAGE : 6 * PAGE] = rand(PAGE, 9)
+    image = MemoryImage(b)
+    seen: list[tuple[str, float, float]] = []
+    source = blocking_source([SourceImage("disk", MemorySource(bytes(a)), MerkleTree.from_bytes(bytes(a)))])
+    target = AsyncAdapter(*make_target([TargetImage("disk", image.source(), MerkleTree.from_bytes(b),
+                                                    MemorySink(image))], key=KEY),
+                          on_request=lambda req, t0, t1: seen.append((type(req).__name__, t0, t1)))
+
+    async def transfer() -> None:
+        target.core.start()
+        while target.core.state not in (TargetState.VERIFIED, TargetState.FAILED):
+            for m in target.data_to_send():
+                source.receive_data(m)
+            for m in source.data_to_send():
+                await target.receive_data(m)
+
+    t_begin = time.monotonic()
+    asyncio.run(transfer())
+    assert target.core.state is TargetState.VERIFIED and image.data == bytes(a)
+    assert [name for name, _, _ in seen][-2:] == ["HashImage", "Commit"] and "WriteLeaves" in [n for n, _, _ in seen]
+    assert all(t_begin <= t0 <= t1 <= time.monotonic() for _, t0, t1 in seen)
+    assert all(seen[k][2] <= seen[k + 1][1] for k in range(len(seen) - 1))      # one at a time, in order

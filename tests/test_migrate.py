@@ -10,6 +10,7 @@ target may be left: no domain, no clone folder."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -26,12 +27,13 @@ import pytest
 
 from cli.fileargs import TEST_URI
 from cli.main import main
-from cli.migrate import hold_pid_file, migrate_embedded, recorder_pid
-from migration.sides import SourceSide, TargetSide
+from cli.migrate import hold_pid_file, migrate_embedded, print_report, recorder_pid
+from migration.sides import Report, SourceSide, TargetSide, whole_report
 from replay_migrate.errors import CheckpointError, ReplayError, UsageError, VMError
 from replayer.drive import drive
 from replayer.workload import parse_workload
 from server.credentials import CREDENTIAL_ENV, TOKEN_ENV
+from server.wire import Role
 from store import checkpoint as ckpt
 from vm.machine import Hypervisor, Machine, MachineState
 
@@ -52,6 +54,24 @@ def test_migrate_looks_up_the_workload_first(capsys: pytest.CaptureFixture[str],
     assert "no workload 'nosuch'" in capsys.readouterr().err
     assert main([*argv, "--workload", "notes"]) == CheckpointError.exit_code     # the next check
     assert "no checkpoint named 'no-such-checkpoint'" in capsys.readouterr().err
+
+
+def test_a_figure_no_side_could_tell_is_shown_as_unknown_never_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 12 item 5: `follow` printed "downtime 0.0 s" and "savings 0.0 %", `suspend` "events
+    replayed 0" and "replay 0.0 s", for figures only the other side knows."""
+    whole = whole_report(Role.TARGET, Report(events_replayed=7, replay_s=2.5, verified=True).half(Role.TARGET), None)
+    print_report(whole, False)
+    out = capsys.readouterr().out
+    rows = {cells[1].strip(): cells[2].strip() for cells in (line.split("|") for line in out.splitlines()[2:])}
+    for name in ("downtime (source paused → target resumed)", "savings vs baseline", "block bytes", "hash bytes",
+                 "plain state transfer (baseline)", "wire bytes (all traffic)"):
+        assert rows[name] == "unknown", name
+    assert rows["sent as reference / delta / full"] == "unknown / unknown / unknown"
+    assert rows["events replayed"] == "7 (sync marks met 0, failed 0)" and rows["replay"] == "2.5 s"
+    assert rows["verified"] == "yes"
+    print_report(whole, True)
+    assert json.loads(capsys.readouterr().out) == whole
+    assert whole["downtime_s"] is None
 
 
 def _test_node(path: Path, *names: str, serial_dir: Path) -> str:
@@ -264,13 +284,18 @@ def _child(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Pop
 
 
 def _finish(p: subprocess.Popen[str]) -> tuple[int, str]:
+    code, _, err = _outputs(p)
+    return code, err
+
+
+def _outputs(p: subprocess.Popen[str]) -> tuple[int, str, str]:
     try:
-        _, err = p.communicate(timeout=COMMAND_S)
+        out, err = p.communicate(timeout=COMMAND_S)
     except subprocess.TimeoutExpired:
         p.kill()
         _, err = p.communicate()
         raise AssertionError(f"{p.args!r} did not end in {COMMAND_S:.0f} s:\n{err}") from None
-    return p.returncode, err
+    return p.returncode, out, err
 
 
 @pytest.mark.vm
@@ -413,6 +438,49 @@ def test_separate_processes_cancel_each_other(stopped: str, make_clone: Callable
     assert "Traceback" not in rerr + ferr
     assert_no_target(hv, target)
     assert_source_runs_as_it_was(hv, source.name)
+
+
+@pytest.mark.vm
+def test_separate_processes_print_the_same_whole_report(make_clone: Callable[..., Machine], hv: Hypervisor,
+                                                        checkpoint: ckpt.Checkpoint, events: DomainEvents) -> None:
+    """Issue 12 item 5: the README's recipe, each step its own process (`serve`; `follow` at the
+    target; `record --to` and `suspend` at the source). Each side printed only its half and zeros
+    for the rest; now `follow --json` and `suspend --json` print the same object, every figure
+    known, and the recording process wrote it for `suspend` too."""
+    source = make_clone()
+    source.wait_agent()
+    target = f"{ckpt.DOMAIN_PREFIX}test-{os.getpid()}-whole-target"
+    token = os.urandom(12).hex()
+    env_token = {TOKEN_ENV: token}
+    serve = _child(["serve", "--listen", "127.0.0.1:0"], env=env_token)
+    try:
+        assert serve.stdout is not None
+        url = serve.stdout.readline().split()[-1]           # "serving on ws://127.0.0.1:PORT"
+        creds = Path(tempfile.mkdtemp(prefix="rm-creds-"))
+        made = _child(["session", "new", "--to", url, "--source-credential", str(creds / "source"),
+                       "--target-credential", str(creds / "target")], env=env_token)
+        assert _finish(made)[0] == 0
+        mark = len(events.seen)
+        follow = _child(["follow", "--from", url, "--credential", str(creds / "target"), "--checkpoint",
+                         checkpoint.name, "--name", target, "--json"])
+        record = _child(["record", source.name, "--to", url, "--credential", str(creds / "source"), "--json"])
+        events.wait_for(target, libvirt.VIR_DOMAIN_EVENT_STARTED, after=mark)
+        drive(source, parse_workload('click 250 400\ntype "echo whole > /root/whole.txt; sync\\n"\nwait 1'))
+        suspend = _child(["suspend", source.name, "--json"])
+        (sc, sout, serr), (rc, rout, rerr), (fc, fout, ferr) = _outputs(suspend), _outputs(record), _outputs(follow)
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        _finish(serve)
+    assert (sc, rc, fc) == (0, 0, 0), serr + rerr + ferr
+    at_source, by_recorder, at_target = json.loads(sout), json.loads(rout), json.loads(fout)
+    assert at_source == by_recorder == at_target
+    assert None not in at_source.values(), at_source
+    assert at_source["verified"] is True and at_source["events_replayed"] > 0 and at_source["downtime_s"] > 0
+    assert at_source["block_bytes"] > 0 and at_source["baseline_bytes"] > 0
+    try:
+        assert hv.lookup(target).state is MachineState.RUNNING
+    finally:
+        ckpt.remove_clone(hv, target)
 
 
 @pytest.mark.vm

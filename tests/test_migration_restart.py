@@ -135,7 +135,7 @@ def test_migration_survives_sigkill_of_the_service_in_the_log_and_in_the_blocks(
         service.start()
         with Hypervisor() as hv2:
             report, src, tgt = asyncio.run(migrate_embedded(
-                hv, hv2, source, checkpoint, target_name, user=user, replay=ReplayConfig(sync_timeout_s=20),
+                hv, hv2, source, checkpoint, target_name, user=user, replay=ReplayConfig(sync_slack_s=20),
                 on_verified=compare, service=ServiceEndpoint(service.url, token), on_started=started))
         for outage in outages:
             assert outage.done() and outage.exception() is None

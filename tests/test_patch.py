@@ -322,3 +322,101 @@ def test_a_sink_that_need_not_be_durable_commits_without_fsync(tmp_path: Path, m
         sink.write(0, b"\x01" * LEAF_SIZE)
         sink.commit()
         assert len(synced) == expect and path.read_bytes()[:LEAF_SIZE] == b"\x01" * LEAF_SIZE
+
+
+# ---------------------------------------------------------------- in place (a migration target's clone)
+
+
+def test_memory_sink_in_place_patches_the_image_itself(tmp_path: Path) -> None:
+    """No copy, the same inode, byte-identical to the model after commit; the target's own source
+    (opened before) still reads what was not written."""
+    a = build_save_image(tmp_path / "a.sav", changed(default_blocks(), seed=1, n=200), tail=os.urandom(41_000))
+    b = build_save_image(tmp_path / "b.sav", changed(default_blocks(), seed=2, n=200), tail=os.urandom(41_000))
+    inode = os.stat(b.path).st_ino
+    with MemoryImageSource(a.path) as model, MemoryImageSource(b.path) as target:
+        untouched = next(i for i, (x, y) in enumerate(zip(digests_of(model), digests_of(target), strict=True))
+                         if x == y and i > 0)
+        before = target.read(untouched)
+        sink = MemoryImageSink(b.path, durable=False, in_place=True)
+        assert sink.copy_method == "in place" and sink.copy_path == str(b.path)
+        make_equal(model, target, sink)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a.sav", "b.sav"]       # no copy, ever
+        assert target.read(untouched) == before
+        patched = sink.source()
+        try:
+            assert digests_of(patched) == digests_of(model)
+        finally:
+            patched.close()
+        sink.commit()
+        sink.abort()                                     # a no-op once committed
+    assert filecmp.cmp(a.path, b.path, shallow=False) and os.stat(b.path).st_ino == inode
+
+
+def test_an_aborted_in_place_sink_deletes_the_half_patched_image(tmp_path: Path) -> None:
+    a = build_save_image(tmp_path / "a.sav", changed(default_blocks(), seed=1, n=50))
+    b = build_save_image(tmp_path / "b.sav", changed(default_blocks(), seed=2, n=50))
+    with MemoryImageSource(a.path) as model, MemoryImageSource(b.path) as target:
+        sink = MemoryImageSink(b.path, in_place=True)
+        make_equal(model, target, sink)
+        sink.abort()
+        sink.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.sav"]
+    with pytest.raises(RuntimeError):
+        sink.write(0, b"x")
+
+
+def test_in_place_refuses_an_image_with_another_name(tmp_path: Path) -> None:
+    """Another hard link would see the image half-patched (the benchmark keeps a copy instead)."""
+    b = build_save_image(tmp_path / "b.sav")
+    os.link(b.path, tmp_path / "kept.sav")
+    with pytest.raises(ImageError, match="hard links"):
+        MemoryImageSink(b.path, in_place=True)
+    with MemoryImageSink(b.path) as sink:                 # through a copy it is fine
+        sink.write(1, b"\x07" * LEAF_SIZE)
+        sink.commit()
+    assert filecmp.cmp(b.path, tmp_path / "kept.sav", shallow=False) is False
+
+
+def test_an_in_place_shrink_waits_until_the_writes_are_done(tmp_path: Path) -> None:
+    """What lies past the new end is still the image's until the last write: a reference to it
+    may be read meanwhile."""
+    path = tmp_path / "b.raw"
+    data = os.urandom(40 * LEAF_SIZE)
+    path.write_bytes(data)
+    with RawImageSource(path) as own:
+        sink = RawImageSink(path, in_place=True, durable=False)
+        sink.set_size(10 * LEAF_SIZE + 100)
+        sink.write(3, b"\x05" * LEAF_SIZE)
+        assert own.read(30) == data[30 * LEAF_SIZE : 31 * LEAF_SIZE]
+        patched = sink.source()                          # the writes are done: now it shrinks
+        assert patched.size == 10 * LEAF_SIZE + 100
+        patched.close()
+        sink.set_size(12 * LEAF_SIZE)                    # growing is at once
+        assert os.path.getsize(path) == 12 * LEAF_SIZE
+        sink.commit()
+    kept = data[: 3 * LEAF_SIZE] + b"\x05" * LEAF_SIZE + data[4 * LEAF_SIZE : 10 * LEAF_SIZE + 100]
+    assert path.read_bytes() == kept + bytes(2 * LEAF_SIZE - 100)
+
+
+@pytest.mark.parametrize("b_size", [10 * MIB, 9 * MIB, 12 * MIB])
+def test_qcow2_sink_in_place_makes_the_overlay_guest_identical(tmp_path: Path, qemu_tools: None, b_size: int) -> None:
+    base = make_base(tmp_path)
+    a = make_overlay(tmp_path, base, "a.qcow2", 10 * MIB, *OVERLAY_A)
+    b = make_overlay(tmp_path, base, "b.qcow2", b_size, *OVERLAY_B)
+    tree = compute_leaf_digests(base)
+    inode = os.stat(b).st_ino
+    patch_overlay(a, b, tree, in_place=True, durable=False)
+    result = qemu_img_compare(a, b)
+    assert result.returncode == 0 and "identical" in result.stdout, result.stdout + result.stderr
+    assert virtual_size(b) == virtual_size(a) and os.stat(b).st_ino == inode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.qcow2", "b.qcow2", "base.raw"]
+
+
+def test_an_aborted_in_place_qcow2_sink_deletes_the_overlay(tmp_path: Path, qemu_tools: None) -> None:
+    base = make_base(tmp_path)
+    b = make_overlay(tmp_path, base, "b.qcow2", 4 * MIB, *OVERLAY_B[:3])
+    sink = Qcow2OverlaySink(b, backing_tree=compute_leaf_digests(base), in_place=True)
+    sink.write(3, b"\x42" * LEAF_SIZE)
+    sink.flush()
+    sink.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.raw"]

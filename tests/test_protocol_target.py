@@ -4,17 +4,35 @@ the blocking adapter): what it commits, what it refuses, the sizes it accepts, r
 from __future__ import annotations
 
 import random
+from collections import Counter
+from typing import Any
 
+import blake3
 import msgpack
 import pytest
-from diffpair import PAGE, Pair, mtype, one, peak_of, rand, replayed, tree_bytes
+from diffpair import PAGE, InPlaceImage, InPlaceSink, Pair, mtype, one, peak_of, rand, replayed, tree_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.fuzz_targets import fuzz_one
+from differ import merkle
 from differ.memsource import MemoryImage, MemorySink, MemorySource
 from differ.merkle import MerkleTree
-from differ.protocol import BatchApplied, ImageSpec, ProtocolParams, SourceState, Target, TargetState
+from differ.protocol import (
+    BatchApplied,
+    HashImage,
+    ImageSpec,
+    Of,
+    ProtocolParams,
+    ReadLeaves,
+    Request,
+    Result,
+    SourceState,
+    Target,
+    TargetState,
+)
+from differ.protocol import batch as batch_module
+from differ.protocol import target as target_module
 from differ.sync import sync_local
 from differ.transfer import run_local
 from replay_migrate.errors import LocalProtocolError, ProtocolError, ReplayMigrateError, VerificationError
@@ -124,6 +142,11 @@ class LyingSink(MemorySink):
         super().write(index, bytes([data[0] ^ 1]) + data[1:])
 
 
+class LyingInPlaceSink(InPlaceSink):
+    def write(self, index: int, data: bytes) -> None:
+        super().write(index, bytes([data[0] ^ 1]) + data[1:])
+
+
 def test_root_mismatch_after_patching_aborts_every_image() -> None:
     b = rand(20 * PAGE)
     a = bytearray(b)
@@ -133,6 +156,184 @@ def test_root_mismatch_after_patching_aborts_every_image() -> None:
     with pytest.raises(VerificationError):
         pair.run()
     assert pair.data() == b and all(s.aborted and not s.committed for s in pair.sinks.values())
+
+
+# -- verifying by reading back what was written (issue 13 item 3) --------------------------------
+
+
+def _requests(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> list[Request]:
+    """The requests the pair's target makes, in order, as its adapter fulfils them."""
+    seen: list[Request] = []
+    fulfil = pair.target.io.fulfil
+
+    def recording(req: Request) -> Result:
+        seen.append(req)
+        return fulfil(req)
+
+    monkeypatch.setattr(pair.target.io, "fulfil", recording)
+    return seen
+
+
+def _changed(b: bytes, pages: dict[int, bytes]) -> bytes:
+    a = bytearray(b)
+    for i, page in pages.items():
+        a[i * PAGE : (i + 1) * PAGE] = page
+    return bytes(a)
+
+
+def test_verify_written_reads_back_only_the_leaves_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No rehash of the whole image: the target reads back the leaves it wrote (a zeroed one
+    too), hashes them and takes every other digest from its tree; the images are the source's."""
+    b = rand(300 * PAGE, 1)
+    a = _changed(b, {7: rand(PAGE, 2), 8: bytes(PAGE), 250: rand(PAGE, 3)})
+    memory_b = rand(40 * PAGE, 4)
+    pair = Pair({"disk": a, "memory": _changed(memory_b, {39: rand(PAGE, 5)})}, {"disk": b, "memory": memory_b},
+                verify_written=True)
+    seen = _requests(pair, monkeypatch)
+    stats = pair.run()
+    assert stats.verified and pair.data() == a and pair.data("memory") == _changed(memory_b, {39: rand(PAGE, 5)})
+    assert not any(isinstance(r, HashImage) for r in seen)
+    backs = {r.holding.name: r.leaves for r in seen if isinstance(r, ReadLeaves) and r.holding.of is Of.PATCHED}
+    assert backs == {"disk": (7, 8, 250), "memory": (39,)}
+
+
+@pytest.mark.parametrize("grow", [PAGE // 2, 5 * PAGE + 100, -(3 * PAGE + 7)], ids=["grown", "grown-more", "shrunk"])
+def test_verify_written_reads_back_an_image_whose_size_changed(monkeypatch: pytest.MonkeyPatch, grow: int) -> None:
+    """Issue 13 item 3: a saved memory image's size differs between the two sides (its device state
+    has another length), and the target rehashed all of it (0.27 s of a 4.9 s downtime). Now it
+    reads back what it wrote, and the grown tail it did not write as zeros; no rehash."""
+    b = rand(30 * PAGE, 1)
+    a = _changed(b, {3: rand(PAGE, 2)})
+    a = a + bytes(grow) if grow > 0 else a[:grow]
+    a = _changed(a, {len(a) // PAGE - 2: rand(PAGE, 4)})
+    pair = one(a, b, verify_written=True)
+    seen = _requests(pair, monkeypatch)
+    assert pair.run().verified and pair.data() == a
+    assert not any(isinstance(r, HashImage) for r in seen)
+    assert any(isinstance(r, ReadLeaves) and r.holding.of is Of.PATCHED for r in seen)
+
+
+class DirtyExtendingSink(MemorySink):
+    """Extends an image with other bytes than zeros (a sink that breaks its contract)."""
+
+    def set_size(self, size: int) -> None:
+        buf = self._live()
+        old = len(buf)
+        super().set_size(size)
+        if size > old:
+            buf[old:] = b"\x01" * (size - old)
+
+
+def test_verify_written_catches_a_grown_tail_that_is_not_zeros() -> None:
+    b = rand(30 * PAGE, 1)
+    a = _changed(b, {3: rand(PAGE, 2)}) + bytes(4 * PAGE)
+    pair = Pair({"disk": a, "memory": rand(4 * PAGE, 1)}, {"disk": b, "memory": rand(4 * PAGE, 2)},
+                sinks={"disk": DirtyExtendingSink}, verify_written=True)
+    with pytest.raises(VerificationError, match="past the old end is not zeros"):
+        pair.run()
+    assert all(s.aborted and not s.committed for s in pair.sinks.values())
+
+
+class DroppingSink(MemorySink):
+    """Reports every write done but silently loses the one to leaf 8 (a write that did not land)."""
+
+    def write(self, index: int, data: bytes) -> None:
+        if index != 8:
+            super().write(index, data)
+
+    def zero(self, index: int) -> None:
+        if index != 8:
+            super().zero(index)
+
+
+@pytest.mark.parametrize("sink, page8", [(DroppingSink, rand(PAGE, 2)), (DroppingSink, bytes(PAGE)),
+                                         (LyingSink, rand(PAGE, 2))], ids=["lost write", "lost zero", "wrong bytes"])
+def test_verify_written_catches_a_write_that_did_not_land(sink: type[MemorySink], page8: bytes) -> None:
+    """The read-back shows the leaf's old content, not what was written: VerificationError, every
+    image aborted, nothing committed."""
+    b = rand(20 * PAGE)
+    a = _changed(b, {3: rand(PAGE, 3), 8: page8})
+    pair = Pair({"disk": a, "memory": rand(4 * PAGE, 1)}, {"disk": b, "memory": rand(4 * PAGE, 2)},
+                sinks={"disk": sink}, verify_written=True)
+    with pytest.raises(VerificationError, match="reads back other bytes than were written"):
+        pair.run()
+    assert pair.data() == b and all(s.aborted and not s.committed for s in pair.sinks.values())
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_verify_written_hashes_no_written_page_twice(monkeypatch: pytest.MonkeyPatch, in_place: bool) -> None:
+    """Issue 13 item 3, hash once: the target hashed each block when it arrived and again when it
+    read it back to verify. Now the read-back is compared byte for byte with what was written, and
+    the root is recomputed from the digests of the arrival check: one hash per written page."""
+    b = rand(64 * PAGE, 1)
+    pages = {i: rand(PAGE, 10 + i) for i in (3, 9, 40, 63)}
+    a = _changed(b, pages)
+    pair = one(a, b, verify_written=True, in_place=in_place)
+    hashed: Counter[bytes] = Counter()
+    real_blake3, real_leaf_digest = blake3.blake3, merkle.leaf_digest
+
+    class CountingBlake3:
+        @staticmethod
+        def blake3(data: bytes = b"", **kw: Any) -> Any:
+            hashed[bytes(data)] += 1
+            return real_blake3(data, **kw)
+
+    def leaf_digest(block: bytes) -> bytes:
+        hashed[bytes(block)] += 1
+        return real_leaf_digest(block)
+
+    monkeypatch.setattr(batch_module, "blake3", CountingBlake3)
+    monkeypatch.setattr(target_module, "leaf_digest", leaf_digest, raising=False)
+    assert pair.run().verified and pair.data() == a
+    assert {i: hashed[p] for i, p in pages.items()} == dict.fromkeys(pages, 1)
+
+
+# -- patching in place (issue 13 item 3) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("verify_written", [False, True])
+def test_a_reference_to_a_leaf_an_earlier_batch_overwrote_is_read_before_the_write(verify_written: bool) -> None:
+    """In place, the target's own image changes as batches are written. A leaf that moved (the
+    source holds at leaf 9 what the target holds at leaf 5, and leaf 5 gets new content in an
+    earlier batch) is read before that batch is written and kept for the later one: the target
+    never reads a leaf of its own image after it asked for it to be written."""
+    b = rand(12 * PAGE, 1)
+    a = _changed(b, {5: rand(PAGE, 2), 9: b[5 * PAGE : 6 * PAGE], 10: b[5 * PAGE : 6 * PAGE]})
+    params = ProtocolParams(max_batch_entries=1, delta=False)
+    pair = one(a, b, params=params, in_place=True, verify_written=verify_written)
+    stats = pair.run()
+    assert stats.verified and pair.data() == a
+    assert stats.images["disk"].referenced == 2 and pair.target.stats.batches == 3      # one batch per leaf
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), leaves=st.integers(2, 40), batch=st.sampled_from([1, 2, 5, 4096]),
+       verify_written=st.booleans())
+def test_property_shuffled_pages_patch_in_place(seed: int, leaves: int, batch: int, verify_written: bool) -> None:
+    """The source holds the target's pages shuffled, some new, some zeroed: most leaves travel as
+    references to leaves of the target's own image that other batches overwrite. Patched in
+    place, the image comes out as the source's, and no leaf of it is read after it was written
+    (``InPlaceImage`` refuses that)."""
+    rng = random.Random(seed)
+    pages = [rand(PAGE, rng.randrange(1 << 30)) for _ in range(leaves)]
+    order = list(range(leaves))
+    rng.shuffle(order)
+    a_pages = [pages[i] if rng.random() < 0.7 else rand(PAGE, rng.randrange(1 << 30)) if rng.random() < 0.7
+               else bytes(PAGE) for i in order]
+    a, b = b"".join(a_pages), b"".join(pages)
+    pair = one(a, b, params=ProtocolParams(max_batch_entries=batch, delta=rng.random() < 0.5), in_place=True,
+               verify_written=verify_written)
+    assert pair.run().verified and pair.data() == a
+
+
+def test_an_in_place_transfer_that_fails_discards_the_image() -> None:
+    b = rand(20 * PAGE)
+    pair = one(_changed(b, {3: rand(PAGE, 3)}), b, in_place=True, sinks={"disk": LyingInPlaceSink},
+               verify_written=True)
+    with pytest.raises(VerificationError):
+        pair.run()
+    image = pair.images["disk"]
+    assert isinstance(image, InPlaceImage) and image.deleted and not pair.sinks["disk"].committed
 
 
 # -- announced sizes (issue 10 finding 5) ----------------------------------------------------------

@@ -106,7 +106,7 @@ def test_record_then_replay_converges(make_clone: Callable[..., Machine], tmp_pa
 
     with RecorderLink(target) as tlink:
         tlink.open()
-        stats = Replayer(target, tlink, ReplayConfig(sync_timeout_s=20)).replay(iter(log.events))
+        stats = Replayer(target, tlink, ReplayConfig(sync_slack_s=20)).replay(iter(log.events))
     # sync marks are hints (a mark of a moment the target passes before it looks can fail: counted,
     # not fatal); at least one must have been met, i.e. the agents' digests agree
     assert stats.injected > 0 and stats.sync_met >= 1, stats.as_dict()
@@ -207,14 +207,14 @@ def test_stop_ends_a_wait_at_once() -> None:
 def test_settled_means_a_met_mark_after_the_last_key_or_button(
         events: list[Event], screen: bytes, settled: bool) -> None:
     clock = ManualClock()
-    rep = Replayer(_Machine(), _Link(clock, screen), ReplayConfig(sync_timeout_s=0), clock=clock)
+    rep = Replayer(_Machine(), _Link(clock, screen), ReplayConfig(sync_slack_s=0), clock=clock)
     assert rep.replay(events).settled is settled
 
 
 def test_an_unmet_mark_waits_less_once_the_source_ended_the_log() -> None:
     clock = ManualClock()
     mark = SyncMark(0, 0, 0, 8, 8, b"A", "typing")
-    rep = Replayer(_Machine(), _Link(clock, b"B"), ReplayConfig(sync_timeout_s=5, sync_timeout_ended_s=1),
+    rep = Replayer(_Machine(), _Link(clock, b"B"), ReplayConfig(sync_slack_s=5, sync_slack_ended_s=1),
                    clock=clock)
     rep.replay([mark])
     assert 5.0 <= clock.now() < 5.5 and len(rep.stats.sync_failed) == 1
@@ -225,10 +225,61 @@ def test_an_unmet_mark_waits_less_once_the_source_ended_the_log() -> None:
     assert 101.0 <= clock.now() < 101.5 and len(rep.stats.sync_failed) == 2
 
 
+class _LateScreen(_Link):
+    """A target whose screen shows the mark's region (``b"A"``) only from ``at`` on (clock s)."""
+
+    def __init__(self, clock: ManualClock, at: float, echo_s: float = 0.0) -> None:
+        super().__init__(clock, b"B", echo_s)
+        self.at = at
+
+    def check(self, x: int, y: int, w: int, h: int, timeout: float,
+              on_event: list[HostEvent] | None = None) -> bytes:
+        self.checks += 1
+        return b"A" if self.clock.now() >= self.at else b"B"
+
+
+def _typed_then_marked(reach_s: float) -> list[Event]:
+    """A key typed at 0 s and a mark the source's agent took ``reach_s`` after its release."""
+    return [Key(0, 38, True), Key(100_000, 38, False),
+            SyncMark(100_000 + int(reach_s * 1e6), 0, 0, 8, 8, b"A", "typing")]
+
+
+def test_a_mark_waits_as_long_as_the_source_took_to_reach_it_plus_the_slack() -> None:
+    """The source's screen took 8 s to settle after the last key (a slow command): the target is
+    given those 8 s plus the slack from its own echo of that key, not a fixed 5 s, and meets it
+    at 9 s; a mark it never shows fails right after 8 s + slack, not later."""
+    clock = ManualClock()
+    link = _LateScreen(clock, at=9.0, echo_s=0.05)
+    rep = Replayer(_Machine(), link, ReplayConfig(sync_slack_s=2.0), clock=clock)
+    assert rep.replay(_typed_then_marked(8.0)).sync_met == 1 and 9.0 <= clock.now() < 9.0 + 2 * SYNC_POLL_S
+    clock = ManualClock()
+    rep = Replayer(_Machine(), _LateScreen(clock, at=1e9, echo_s=0.05), ReplayConfig(sync_slack_s=2.0), clock=clock)
+    stats = rep.replay(_typed_then_marked(8.0))
+    echoed = 0.1 + 0.05                           # the release's echo: the wait counts from there
+    assert len(stats.sync_failed) == 1 and echoed + 8.0 + 2.0 < clock.now() <= echoed + 10.0 + 2 * SYNC_POLL_S
+
+
+def test_a_mark_a_log_claims_took_long_waits_at_most_the_named_bound() -> None:
+    clock = ManualClock()
+    rep = Replayer(_Machine(), _LateScreen(clock, at=1e9), ReplayConfig(sync_slack_s=1.0, sync_reach_max_s=30.0,
+                                                                      gap_cap_s=0.0), clock=clock)
+    rep.replay(_typed_then_marked(3600.0))
+    assert 31.0 < clock.now() <= 31.0 + 2 * SYNC_POLL_S
+
+
+def test_once_the_log_ended_a_mark_still_gets_the_source_time_but_less_slack() -> None:
+    clock = ManualClock()
+    rep = Replayer(_Machine(), _LateScreen(clock, at=1e9), ReplayConfig(sync_slack_s=5.0, sync_slack_ended_s=0.5,
+                                                                      gap_cap_s=0.0), clock=clock)
+    rep.log_ended()
+    rep.replay(_typed_then_marked(3.0))
+    assert 3.5 < clock.now() <= 3.5 + 2 * SYNC_POLL_S
+
+
 def test_an_unmet_mark_fails_a_strict_replay() -> None:
     clock = ManualClock()
-    rep = Replayer(_Machine(), _Link(clock, b"B"), ReplayConfig(sync_timeout_s=1, strict_sync=True), clock=clock)
-    with pytest.raises(ReplayError, match=re.escape("sync mark 'typing' at 0.000 s (8x8 at 0,0) was not met")):
+    rep = Replayer(_Machine(), _Link(clock, b"B"), ReplayConfig(sync_slack_s=1, strict_sync=True), clock=clock)
+    with pytest.raises(ReplayError, match=re.escape("'typing' at 0.000 s (8x8 at 0,0) was not met within 1.")):
         rep.replay([SyncMark(0, 0, 0, 8, 8, b"A", "typing")])
 
 
@@ -253,9 +304,9 @@ def test_a_check_the_agent_answers_late_is_a_mark_not_yet_met() -> None:
     time, not the whole replay; the next check is met. A strict replay still fails at once."""
     mark = SyncMark(0, 0, 0, 8, 8, b"A", "typing")
     clock = ManualClock()
-    rep = Replayer(_Machine(), _SlowChecks(clock, slow=1), ReplayConfig(sync_timeout_s=20), clock=clock)
+    rep = Replayer(_Machine(), _SlowChecks(clock, slow=1), ReplayConfig(sync_slack_s=20), clock=clock)
     assert rep.replay([mark]).sync_met == 1
-    rep = Replayer(_Machine(), _SlowChecks(clock, slow=5), ReplayConfig(sync_timeout_s=20), clock=clock)
+    rep = Replayer(_Machine(), _SlowChecks(clock, slow=5), ReplayConfig(sync_slack_s=20), clock=clock)
     assert len(rep.replay([mark]).sync_failed) == 1
     strict = Replayer(_Machine(), _SlowChecks(clock, slow=1), ReplayConfig(strict_sync=True), clock=clock)
     with pytest.raises(CheckTimeout):

@@ -240,6 +240,10 @@ def _payloads(seed: int) -> tuple[list[bytes], list[bytes], list[bytes]]:
             [rng.randbytes(rng.randint(1, 8_000)) for _ in range(30)])
 
 
+SOURCE_FIGURES = {"downtime_s": 2.5, "block_bytes": 4096, "replay_s": None, "divergent_blocks": {"memory": 3}}
+TARGET_FIGURES = {"downtime_s": None, "block_bytes": 512, "replay_s": 9.75, "verified": True}
+
+
 async def exchange(src: SessionClient, tgt: SessionClient, log: list[bytes], s2t: list[bytes], t2s: list[bytes],
                    hooks: dict[str, Callable[[], Awaitable[None]]]) -> tuple[list[bytes], list[bytes], list[bytes]]:
     """Both peers of a migration's message flow; ``hooks`` run at named points (cuts, restarts)."""
@@ -271,6 +275,9 @@ async def exchange(src: SessionClient, tgt: SessionClient, log: list[bytes], s2t
                 await hook("source blocks")
         await reader
         await src.wait_confirmed()
+        # each side's figures for the other (issue 12 item 5): the target's came after its resumed
+        assert await src.wait_peer_report(10) == TARGET_FIGURES
+        await src.report(SOURCE_FIGURES)
         await src.acknowledge_confirm()
         return got
 
@@ -302,7 +309,9 @@ async def exchange(src: SessionClient, tgt: SessionClient, log: list[bytes], s2t
         await reader
         await tgt.verified(ROOTS)
         await tgt.resumed()
+        await tgt.report(TARGET_FIGURES)
         await tgt.wait_released()
+        assert tgt.peer_report == SOURCE_FIGURES        # relayed before released
         return got_log, got_s2t
 
     got_t2s, (got_log, got_s2t) = await asyncio.gather(source_side(), target_side())

@@ -473,6 +473,30 @@ def test_released_only_after_resumed_and_only_from_the_source() -> None:
     assert s.state is State.RESUMED and [m["reason"] for m in tgt.out()] == ["wrong_role"]
 
 
+def test_each_sides_report_goes_to_the_other_and_is_given_again_on_attach() -> None:
+    """Issue 12 item 5: the service relays each side's figures to the other, keeps them for a
+    side that is away (the target leaves once released: it gets the source's first), takes the
+    same report again as a no-op and refuses another one (in RESUMED: that connection only)."""
+    _, s, src, tgt = drive_to(State.RESUMED)
+    figures = {"replay_s": 2.5, "downtime_s": None}
+    tgt.send("report", figures=figures)
+    assert [m for m in src.out() if m["t"] == "report"] == [{"v": V, "t": "report", "figures": figures}]
+    assert tgt.out() == []
+    src.reconnect()
+    src.attach({"t2s": 1}, resume=True, claim=claim_of(State.RESUMED, Role.SOURCE, nxt={Stream.LOG: 2},
+                                                       acked={Stream.LOG: 1}, log_end=1, roots=ROOTS))
+    assert [m["t"] for m in src.out()] == ["attached", "confirm", "report"]
+    src.send("report", figures={"downtime_s": 1.25})
+    src.send("released")
+    assert [m["t"] for m in tgt.out()] == ["report", "released"]
+    assert [m["t"] for m in src.out()] == ["released"]
+    tgt.send("report", figures=figures)                              # again, after a reconnect: a no-op
+    assert s.state is State.RESUMED and src.out() == [] and tgt.out() == []
+    tgt.send("report", figures={"replay_s": 0.0})
+    assert s.state is State.RESUMED and [m["reason"] for m in tgt.out()] == ["bad_sequence"]
+    assert tgt.link.close_code is not None and src.link.close_code is None
+
+
 # ---- fuzzing: only the project's own errors come out of the session message decoder -------------
 # (the target and its seeds are in tests/sessionkit.py, where `make fuzz` finds them)
 def _mutations() -> hs.SearchStrategy[bytes]:

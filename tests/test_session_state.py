@@ -35,6 +35,7 @@ EXAMPLES: dict[PeerMessage, dict[str, Any]] = {
     PeerMessage.VERIFIED: {"t": "verified", "roots": ROOTS},
     PeerMessage.RESUMED: {"t": "resumed"},
     PeerMessage.RELEASED: {"t": "released"},
+    PeerMessage.REPORT: {"t": "report", "figures": {"block_bytes": 1, "replay_s": 0.5, "verified": True}},
     PeerMessage.ABORT: {"t": "abort", "reason": "cancelled"},
 }
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -51,6 +53,22 @@ def state_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.suffix in (".sav", ".qcow2"))
 
 
+@pytest.fixture
+def shm(tmp_path: Path) -> Iterator[Path]:
+    """A suspend folder on tmpfs (``migration.suspenddir``), /dev/shm where there is one."""
+    d = Path(tempfile.mkdtemp(prefix="rm-test-shm-", dir="/dev/shm" if os.path.isdir("/dev/shm") else tmp_path))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def left_in(shm: Path) -> list[str]:
+    """Saved images left in a suspend folder's private subfolder."""
+    sub = shm / "replay-migrate"
+    return sorted(p.name for p in sub.iterdir()) if sub.is_dir() else []
+
+
 def test_report_savings() -> None:
     r = Report(wire_bytes=25, baseline_bytes=100)
     r.finish()
@@ -77,7 +95,9 @@ def test_report_takes_every_number_of_the_transfer_summary() -> None:
 
 @pytest.mark.vm
 def test_migrate_embedded(make_clone: Callable[..., Machine], hv: Hypervisor, checkpoint: ckpt.Checkpoint,
-                          tmp_path: Path) -> None:
+                          tmp_path: Path, shm: Path) -> None:
+    """Both sides save into a tmpfs suspend folder (issue 13 item 3), the target patches and
+    restores from there, and nothing is left in it afterwards."""
     source = make_clone()
     source.wait_agent()
     target_name = f"{source.name}-migrated"
@@ -86,17 +106,31 @@ def test_migrate_embedded(make_clone: Callable[..., Machine], hv: Hypervisor, ch
             await asyncio.to_thread(drive, source, parse_workload(WORKLOAD))
 
         same, compare = state_comparison()
+        images: list[Path] = []
+
+        def saved_where(src: SourceSide, state: VmState) -> None:
+            images.extend((src.state_files.memory if src.state_files else Path(), state.memory))
+            compare(src, state)
+
         try:
             # a generous sync wait: on a loaded 2-core host a TCG target can take seconds to catch up
             report, _, _ = asyncio.run(migrate_embedded(hv, hv2, source, checkpoint, target_name, user=user,
-                                                        replay=ReplayConfig(sync_timeout_s=20),
-                                                        screenshots=tmp_path, on_verified=compare))
+                                                        replay=ReplayConfig(sync_slack_s=20),
+                                                        screenshots=tmp_path, on_verified=saved_where,
+                                                        suspend_dir=shm))
+            assert [p.parent for p in images] == [shm / "replay-migrate"] * 2, images
+            assert left_in(shm) == []       # the target restored from its image, the source released its
             r = report.as_dict()
             assert r["verified"] is True, r
             replay = {k: r[k] for k in ("events_replayed", "sync_marks_met", "sync_marks_failed", "replay_s")}
             assert r["events_replayed"] > 50 and r["sync_marks_met"] >= 1, replay
             assert 0 < r["wire_bytes"] < r["baseline_bytes"], r
             assert r["divergent_blocks"]["memory"] > 0
+            # the downtime, phase by phase along its critical path, adds up (the test's hook left out)
+            phases = r["downtime_breakdown"]
+            assert sum(phases.values()) == pytest.approx(r["downtime_s"], abs=0.01), phases
+            assert {"target save", "target restore", "target thaw"} <= set(phases), phases
+            assert not any("inspect" in k for k in phases), phases
             target = hv.lookup(target_name)
             assert target.state is MachineState.RUNNING
             # identical state, checked at the target before it resumed (a running guest writes):
@@ -122,7 +156,9 @@ def test_migrate_embedded(make_clone: Callable[..., Machine], hv: Hypervisor, ch
 
 @pytest.mark.vm
 def test_a_failed_migration_leaves_the_source_running(make_clone: Callable[..., Machine], hv: Hypervisor,
-                                                      checkpoint: ckpt.Checkpoint) -> None:
+                                                      checkpoint: ckpt.Checkpoint, shm: Path) -> None:
+    """Saved into a tmpfs suspend folder: the source comes back from its image there, and the
+    target's image there is deleted with its clone."""
     source = make_clone()
     source.wait_agent()
     target_name = f"{source.name}-failed"
@@ -132,10 +168,13 @@ def test_a_failed_migration_leaves_the_source_running(make_clone: Callable[..., 
                 'click 250 400\ntype "echo kept > /root/kept.txt; sync\\n"\nwait 1.5'))
 
         def reject(src: SourceSide, state: VmState) -> None:
+            assert left_in(shm) == sorted((src.run_dir.name + ".sav", ckpt.clone_dir(target_name).name + ".sav"))
             raise VerificationError("refused by the test after verification")
 
         with pytest.raises(ReplayMigrateError):
-            asyncio.run(migrate_embedded(hv, hv2, source, checkpoint, target_name, user=user, on_verified=reject))
+            asyncio.run(migrate_embedded(hv, hv2, source, checkpoint, target_name, user=user, on_verified=reject,
+                                         suspend_dir=shm))
+    assert left_in(shm) == []
     assert not hv.exists(target_name)                       # the target's clone is gone
     back = hv.lookup(source.name)                           # and the source runs on where it was
     assert back.state is MachineState.RUNNING

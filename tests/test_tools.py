@@ -87,7 +87,6 @@ def test_no_process_is_left_behind(tmp_path: Path) -> None:
 
 
 LONG_LIVED = {
-    "differ/merkle.py": "hash workers fed over pipes for the whole build of a tree",
     "vm/probe.py": "a KVM boot watched through its console file until a panic line, then killed",
 }
 """The modules that may start processes themselves: none of them runs a tool and reads its output."""

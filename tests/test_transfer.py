@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from diffpair import KEY, PAGE, one, rand
+from diffpair import KEY, PAGE, InPlaceImage, one, rand
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -76,6 +76,39 @@ def test_local_io_fulfils_every_request() -> None:
     assert image.data == want and sink.committed
     with pytest.raises(ImageError):
         io.fulfil(ReadLeaves(Holding(Of.BASE, "disk"), (8,), id=6))
+
+
+class CountingSink(MemorySink):
+    """Counts the sources it opens over its patched image and how many of them are still open."""
+
+    opened = 0
+    closed = 0
+
+    def source(self) -> MemorySource:
+        CountingSink.opened += 1
+        return _Tracked(bytes(self._live()))
+
+
+class _Tracked(MemorySource):
+    def close(self) -> None:
+        CountingSink.closed += 1
+
+
+def test_reading_back_the_patched_image_opens_it_once_until_the_next_write() -> None:
+    image = MemoryImage(rand(8 * PAGE, 1))
+    sink = CountingSink(image)
+    io = LocalIO({"disk": image.source()}, sinks={"disk": sink})
+    io.fulfil(WriteLeaves((LeafWrite("disk", 2, b"p" * PAGE),), id=1))
+    patched = Holding(Of.PATCHED, "disk")
+    assert io.fulfil(ReadLeaves(patched, (2,), id=2)) == ReadLeaves(patched, (2,), id=2).answer([b"p" * PAGE])
+    assert io.fulfil(ReadLeaves(patched, (3,), id=3)) == ReadLeaves(patched, (3,), id=3).answer(
+        [image.data[3 * PAGE : 4 * PAGE]])
+    assert (CountingSink.opened, CountingSink.closed) == (1, 0)
+    io.fulfil(WriteLeaves((LeafWrite("disk", 3, b"q" * PAGE),), id=4))     # what was read back is past
+    assert CountingSink.closed == 1
+    assert io.fulfil(ReadLeaves(patched, (3,), id=5)) == ReadLeaves(patched, (3,), id=5).answer([b"q" * PAGE])
+    io.fulfil(Commit(("disk",), id=6))
+    assert (CountingSink.opened, CountingSink.closed) == (2, 2) and image.data[3 * PAGE : 4 * PAGE] == b"q" * PAGE
 
 
 class BrokenSink(MemorySink):
@@ -198,17 +231,21 @@ def image_pairs(draw: st.DrawFn) -> tuple[bytes, bytes]:
     digest_bytes=st.sampled_from([4, 8, 32]),
     sub=st.sampled_from([64, 256, 4096]),
     delta=st.booleans(),
+    verify_written=st.booleans(),
+    in_place=st.booleans(),
 )
 def test_property_target_equals_source(
-    pair: tuple[bytes, bytes], fanout: int, target_fanout: int, digest_bytes: int, sub: int, delta: bool
+    pair: tuple[bytes, bytes], fanout: int, target_fanout: int, digest_bytes: int, sub: int, delta: bool,
+    verify_written: bool, in_place: bool,
 ) -> None:
     a, b = pair
     params = ProtocolParams(digest_bytes=digest_bytes, sub_block_size=sub, delta=delta, max_message_bytes=64 << 10)
-    image = MemoryImage(b)
+    image = InPlaceImage(b) if in_place else MemoryImage(b)
     sink = image.sink()
     source = blocking_source([SourceImage("x", MemorySource(a), MerkleTree.from_bytes(a, fanout))], params)
     target = blocking_target(
-        [TargetImage("x", image.source(), MerkleTree.from_bytes(b, target_fanout), sink)], params, key=KEY
+        [TargetImage("x", image.source(), MerkleTree.from_bytes(b, target_fanout), sink)], params, key=KEY,
+        verify_written=verify_written,
     )
     stats = run_local(source, target)
     assert image.data == a and stats.verified and sink.committed
@@ -223,16 +260,20 @@ def test_property_target_equals_source(
     digest_bytes=st.sampled_from([4, 8]),
     check_bytes=st.sampled_from([0, 4]),
     delta_with_base=st.booleans(),
+    verify_written=st.booleans(),
+    in_place=st.booleans(),
 )
 def test_property_three_way_target_equals_source(
-    data: st.DataObject, fanout: int, digest_bytes: int, check_bytes: int, delta_with_base: bool
+    data: st.DataObject, fanout: int, digest_bytes: int, check_bytes: int, delta_with_base: bool,
+    verify_written: bool, in_place: bool,
 ) -> None:
     """Source and target both grown from one base (the checkpoint), the base-relative walk on."""
     base = data.draw(images())
     a, b = mutate(data.draw, base), mutate(data.draw, base)
     params = ProtocolParams(digest_bytes=digest_bytes, check_bytes=check_bytes, delta_with_base=delta_with_base,
-                            max_message_bytes=64 << 10)
-    pair = one(a, b, fanout=fanout, params=params, bases={"disk": base})
+                            max_message_bytes=64 << 10, max_batch_entries=data.draw(st.sampled_from([1, 3, 4096])))
+    pair = one(a, b, fanout=fanout, params=params, bases={"disk": base}, verify_written=verify_written,
+               in_place=in_place)
     stats = pair.run()
     assert pair.data() == a and stats.verified
     view = MerkleTree.from_bytes(b).resized(len(a))

@@ -110,8 +110,12 @@ def test_a_migration_between_two_libvirt_hosts(hv: Hypervisor, checkpoint: ckpt.
         errors = [_wait(p, what) for p, what in ((src, "the source side (site A)"), (tgt, "the target side (site B)"))]
         assert not any(errors), "\n\n".join(e for e in errors if e)
         rx1, tx1 = site_b.counters()
-        rs, rt = (json.loads((tmp_path / f"{side}.json").read_text())["report"] for side in ("source", "target"))
+        sides = {side: json.loads((tmp_path / f"{side}.json").read_text()) for side in ("source", "target")}
+        rs, rt = sides["source"]["report"], sides["target"]["report"]
         assert rs["verified"] is True and rt["verified"] is True, (rs, rt)
+        # each side sent the other its half at the end: both tell the whole story, the same one
+        assert sides["source"]["whole"] == sides["target"]["whole"], sides
+        assert None not in sides["source"]["whole"].values(), sides["source"]["whole"]
 
         # 4. the migrated VM runs under site B's daemon, and nowhere at site A
         state = subprocess.run(["virsh", "-c", site_b.uri, "domstate", target], capture_output=True, text=True)

@@ -13,6 +13,11 @@ from sessionkit import FUZZ_TEMPLATES, ROOTS, SID
 from replay_migrate.errors import ProtocolError
 from server.wire import (
     HAPPY_PATH,
+    MAX_FIGURE_ENTRIES,
+    MAX_FIGURE_NAME,
+    MAX_FIGURE_TEXT,
+    MAX_FIGURES,
+    MAX_REPORT_MESSAGE,
     MAX_ROOT_BYTES,
     MAX_ROOT_NAME,
     MAX_ROOTS,
@@ -30,6 +35,7 @@ from server.wire import (
     error_message,
     frame_message,
     state_reached,
+    valid_figures,
     valid_roots,
 )
 
@@ -93,6 +99,25 @@ def test_roots_are_bounded() -> None:
     for bad in ({}, {"m": b""}, {"": b"\1"}, {"m" * (MAX_ROOT_NAME + 1): b"\1"}, {"m": b"\1" * (MAX_ROOT_BYTES + 1)},
                 {f"r{i}": b"\1" for i in range(MAX_ROOTS + 1)}, {"m": "text"}, [b"\1"], None):
         assert not valid_roots(bad), bad
+
+
+def test_report_figures_are_bounded_in_shape_and_size() -> None:
+    """Issue 12 item 5: what one side tells the other of the migration crosses the service, which
+    keeps it: names, types, counts and the message's size are bounded before anything is kept."""
+    full = {f"f{i}": i for i in range(MAX_FIGURES - 1)} | {"m": {f"k{i}": None for i in range(MAX_FIGURE_ENTRIES)}}
+    assert valid_figures({}) and valid_figures(full)
+    assert valid_figures({"x": -1.5, "y": None, "z": True, "t": "t" * MAX_FIGURE_TEXT, "n": 2**62})
+    bad: Any
+    for bad in ({**full, "one_more": 1}, {"Caps": 1}, {"": 1}, {"n" * (MAX_FIGURE_NAME + 1): 1}, {"x": float("nan")},
+                {"x": float("inf")}, {"x": 2**63}, {"x": b"bytes"}, {"x": "t" * (MAX_FIGURE_TEXT + 1)},
+                {"x": "new\nline"}, {"x": [1]}, {"m": {f"k{i}": 1 for i in range(MAX_FIGURE_ENTRIES + 1)}},
+                {"m": {"k": "text"}}, {"m": {"k": {"deeper": 1}}}, {"m": {"K": 1}}, {1: 1}, [], None):
+        assert not valid_figures(bad), bad
+        assert refused(encode("report", figures=bad)) is Reason.BAD_MESSAGE
+    # within the counts, but the text adds up beyond what the service keeps per side
+    big = {f"t{i}": "t" * MAX_FIGURE_TEXT for i in range(MAX_FIGURES)}
+    assert valid_figures(big) and len(encode("report", figures=big)) > MAX_REPORT_MESSAGE
+    assert refused(encode("report", figures=big)) is Reason.TOO_LARGE
 
 
 def test_a_claim_round_trips_and_must_be_consistent() -> None:

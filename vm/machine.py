@@ -49,6 +49,8 @@ EXEC_TIMEOUT_S = 120.0
 """Default time a guest-exec'd shell command may run."""
 MARK_TIMEOUT_S = 240.0
 """Default wait for a serial-console mark (a TCG boot to the desktop takes ~35 s)."""
+SAVE_CHANNELS = 1
+"""Channels that write (and read back) a saved state's RAM: 1, one stream (see ``Machine.save``)."""
 
 # libvirt prints every error to stderr by default; we raise ours instead
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -151,7 +153,8 @@ class Hypervisor:
         return Machine(self, dom)
 
     def restore_clone(self, memory_image: Path, *, name: str, disk: Path, run_dir: Path,
-                      paused: bool = False, copy: bool = True, guest: GuestImage | None = None) -> Machine:
+                      paused: bool = False, copy: bool = True, guest: GuestImage | None = None,
+                      channels: int = SAVE_CHANNELS) -> Machine:
         """Start domain ``name`` from ``memory_image`` with a clone's identity.
 
         ``disk`` must already hold the clone's overlay (the disk state that goes with the memory
@@ -181,18 +184,23 @@ class Hypervisor:
             if copy:
                 image.unlink(missing_ok=True)
             raise
-        return self.restore(image, paused=paused, consume=True)
+        return self.restore(image, paused=paused, consume=True, channels=channels)
 
-    def restore(self, memory_image: Path, *, paused: bool = False, consume: bool = False) -> Machine:
+    def restore(self, memory_image: Path, *, paused: bool = False, consume: bool = False,
+                channels: int = SAVE_CHANNELS) -> Machine:
         """Restore the domain saved in ``memory_image`` under the identity in its header.
 
         ``consume``: delete the image once the domain runs (or is paused) from it: QEMU has read
         all of it when the restore returns, and the running domain is its newer state. A failed
-        restore keeps it (it may be the only copy of that state)."""
+        restore keeps it (it may be the only copy of that state). ``channels`` > 1: read the RAM
+        through that many parallel channels (see :meth:`Machine.save`)."""
         name = domain_name(savefmt.read_header(memory_image).xml)
         flags = libvirt.VIR_DOMAIN_SAVE_PAUSED if paused else libvirt.VIR_DOMAIN_SAVE_RUNNING
+        params: dict[str, str | int] = {libvirt.VIR_DOMAIN_SAVE_PARAM_FILE: str(memory_image)}
+        if channels > 1:
+            params[libvirt.VIR_DOMAIN_SAVE_PARAM_PARALLEL_CHANNELS] = channels
         try:
-            self.conn.restoreParams({libvirt.VIR_DOMAIN_SAVE_PARAM_FILE: str(memory_image)}, flags)
+            self.conn.restoreParams(params, flags)
         except libvirt.libvirtError as e:
             raise VMError(f"restoring {name!r} from {memory_image}: {e.get_error_message()}") from e
         if consume:
@@ -284,13 +292,21 @@ class Machine:
         except NoSuchDomainError:
             pass
 
-    def save(self, path: Path) -> None:
-        """Save memory + device state in the sparse format; the domain is gone afterwards."""
+    def memory_bytes(self) -> int:
+        """The guest's RAM size (libvirt's maximum memory): what a saved image may allocate at most."""
+        return int(self._call("reading the memory size of", self.dom.maxMemory)) * 1024
+
+    def save(self, path: Path, *, channels: int = SAVE_CHANNELS) -> None:
+        """Save memory + device state in the sparse format; the domain is gone afterwards.
+        ``channels`` > 1: that many parallel channels write the RAM (libvirt's
+        ``parallel.channels``, QEMU's multifd over the sparse format)."""
         self._require("save", MachineState.RUNNING, MachineState.PAUSED)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)
-        params = {libvirt.VIR_DOMAIN_SAVE_PARAM_FILE: str(path),
-                  libvirt.VIR_DOMAIN_SAVE_PARAM_IMAGE_FORMAT: "sparse"}
+        params: dict[str, str | int] = {libvirt.VIR_DOMAIN_SAVE_PARAM_FILE: str(path),
+                                        libvirt.VIR_DOMAIN_SAVE_PARAM_IMAGE_FORMAT: "sparse"}
+        if channels > 1:
+            params[libvirt.VIR_DOMAIN_SAVE_PARAM_PARALLEL_CHANNELS] = channels
         self._call("saving", self.dom.saveParams, params, 0)
 
     # ---- screen and input ----------------------------------------------------------------

@@ -127,12 +127,13 @@ def read_layout(msg: Message, plan: Plan, applied: int, images: Sequence[ImageSt
     return Layout(o, entries, rests, body)
 
 
-def _held(layout: Layout, plan: Plan, images: Sequence[ImageState]) -> Generator[
+def _held(layout: Layout, plan: Plan, images: Sequence[ImageState], kept: dict[int, bytes]) -> Generator[
         Request, Result, tuple[dict[int, dict[int, bytes]], dict[int, dict[int, bytes]], dict[int, dict[int, bytes]],
                                dict[int, bytes]]]:
     """The target's own bytes the batch needs: its blocks under deltas, its base's leaves at the
     same places and the other base leaves XSIM answers name (each by image), and the referenced
-    content (by position)."""
+    content (by position; taken from ``kept`` where it was read before an earlier batch overwrote
+    it)."""
     wanted: dict[int, list[int]] = {}  # image → leaves whose delta needs the target's block
     from_base: dict[int, list[int]] = {}  # image → leaves taken from or XORed against its base
     similar: dict[int, set[int]] = {}  # image → other base leaves XORed against (XSIM)
@@ -146,7 +147,7 @@ def _held(layout: Layout, plan: Plan, images: Sequence[ImageState]) -> Generator
             from_base.setdefault(gi, []).append(leaf)
         elif entry.kind is Ans.XSIM:
             similar.setdefault(gi, set()).add(entry.other)
-        elif entry.kind is Ans.OK and plan.req[pos] == Req.REF:
+        elif entry.kind is Ans.OK and plan.req[pos] == Req.REF and pos not in kept:
             assert plan.index is not None
             loc = plan.ref[pos]
             refs.setdefault(plan.index.holding(loc), {}).setdefault(loc[1], []).append(pos)
@@ -169,6 +170,9 @@ def _held(layout: Layout, plan: Plan, images: Sequence[ImageState]) -> Generator
         # full base leaves (read_layout checked each one's length): fit only guards the adapter
         others[gi] = {leaf: fit(b, im.base.leaf_length(leaf)) for leaf, b in zip(leaves, blocks, strict=True)}
     referenced: dict[int, bytes] = {}
+    for j in range(len(layout.entries)):
+        if layout.start + j in kept:
+            referenced[layout.start + j] = kept.pop(layout.start + j)
     for holding, by_leaf in refs.items():
         leaves = sorted(by_leaf)
         blocks = yield from read_leaves(holding, leaves)
@@ -178,11 +182,13 @@ def _held(layout: Layout, plan: Plan, images: Sequence[ImageState]) -> Generator
     return own, base, others, referenced
 
 
-def apply_batch(layout: Layout, plan: Plan, images: Sequence[ImageState],
-                params: ProtocolParams) -> Generator[Request, Result, list[Ready]]:
+def apply_batch(layout: Layout, plan: Plan, images: Sequence[ImageState], params: ProtocolParams,
+                kept: dict[int, bytes] | None = None) -> Generator[Request, Result, list[Ready]]:
     """Pass 2: rebuild every leaf of the batch and verify it against the source's digest (the
-    walk's prefix plus its check bytes); nothing is returned for writing unless all verified."""
-    own, base, others, referenced = yield from _held(layout, plan, images)
+    walk's prefix plus its check bytes); nothing is returned for writing unless all verified.
+    ``kept``: referenced content by position, read before an earlier batch overwrote it (taken
+    out of it as it is used)."""
+    own, base, others, referenced = yield from _held(layout, plan, images, kept if kept is not None else {})
     t, sub, rest_len = params.digest_bytes, params.sub_block_size, params.check_bytes
     rests, body = layout.rests, layout.body
     ready: list[Ready] = []

@@ -58,11 +58,16 @@ class Of(enum.Enum):
     """What a read request reads."""
 
     IMAGE = "image"
-    """One of the side's images as it was before the transfer (a target never reads its patch)."""
+    """One of the side's images as it was before the transfer: a target never reads a leaf it
+    asked to be written (what a later reference needs of it is read before the write), so its
+    adapter may patch the image in place."""
     BASE = "base"
     """An image's base: the same image at the checkpoint both sides started from."""
     REFERENCE = "reference"
     """Other content the target holds (the checkpoint's memory image), by the name it was given."""
+    PATCHED = "patched"
+    """(Target) one of its images as patched so far: the leaves it wrote, read back to verify them
+    (a write that did not land shows there)."""
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ KEY_SIZE = 32
 READ_RUN = 256
 """Most leaves one read request asks for (1 MiB): the target's own blocks for fingerprints and
 deltas, the source's blocks for the next batch. An adapter reads consecutive ones in one call (a
-qcow2 source may spawn qemu-img per call for backing data)."""
+qcow2 source spawns qemu-img per call for compressed clusters)."""
 
 
 @dataclass(frozen=True)

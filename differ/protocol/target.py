@@ -5,34 +5,48 @@ root and commits only when all equal the source's.
 
 It holds trees only. What it reads (its own blocks for fingerprints and deltas, its base's, the
 content it references), writes, hashes and commits it asks its adapter for, one request at a time.
+
+Verifying a patched image either rehashes all of it (a :class:`HashImage` request) or, with
+``verify_written``, reads back each batch's leaves right after asking for them to be written
+(:attr:`Of.PATCHED`) and compares them byte for byte with what it wrote, then recomputes the root
+from its tree with the written leaves' digests replaced (the digests it computed when it verified
+each block on arrival; the leaves it did not write are the ones whose digests it already holds):
+the same 32-byte root check, at the cost of reading the written leaves instead of hashing the whole
+image, and no page hashed twice (issue 13: hash once inside the downtime). A write that did not
+land, or landed elsewhere, reads back as other bytes and fails the check.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-from differ.merkle import DIGEST_SIZE, MerkleTree, leaf_count_for
+from differ.merkle import DIGEST_SIZE, MerkleTree, leaf_count_for, leaf_length
 from differ.protocol._state import TARGET, Call, TargetState
-from differ.protocol.batch import apply_batch, read_layout
-from differ.protocol.endpoint import Endpoint, Handler, HandlerFn, ImageSpec, check_images
+from differ.protocol.batch import Ready, apply_batch, read_layout
+from differ.protocol.endpoint import Endpoint, Handler, HandlerFn, ImageSpec, check_images, read_leaves
 from differ.protocol.events import (
     Abort,
     BatchApplied,
     Commit,
     Hashed,
     HashImage,
+    Holding,
     LeafWrite,
+    Of,
+    Request,
+    Result,
     Verified,
     WalkDone,
     WriteLeaves,
 )
 from differ.protocol.framing import Message
 from differ.protocol.messages import ENTRY_BYTES, MsgType, Shape, array, integer, mapping
-from differ.protocol.params import KEY_SIZE, ProtocolParams
+from differ.protocol.params import KEY_SIZE, READ_RUN, ProtocolParams
 from differ.protocol.stats import ImageStats
 from differ.protocol.walk import Walk, first_level, walk_bytes
 from differ.protocol.want import ImageState, Plan, decide
@@ -49,9 +63,12 @@ class Target(Endpoint[TargetState]):
     leaf digests substituted. ``key``: the fingerprint key (random by default; tests pass one to be
     deterministic). ``verify_untouched``: also rehash images the transfer did not change before
     committing, which catches a stale target tree (one that no longer describes the image) at the
-    cost of reading the image; False trusts the tree for those. ``max_sizes``: per image name, the
-    largest size to accept from the source, for a caller that knows it (a local sync holds both
-    sides); the others follow ``ProtocolParams.size_limit``.
+    cost of reading the image; False trusts the tree for those. ``verify_written``: verify a
+    patched image by reading back the leaves written and recomputing its root from the tree (see
+    the module's docstring) instead of rehashing all of it; an image the source's size grew also
+    has the leaves past its old end that were not written read back as zeros. ``max_sizes``: per
+    image name, the largest size to accept from the source, for a caller that knows it (a local
+    sync holds both sides); the others follow ``ProtocolParams.size_limit``.
     """
 
     side = "target"
@@ -65,6 +82,7 @@ class Target(Endpoint[TargetState]):
         dry_run: bool = False,
         key: bytes | None = None,
         verify_untouched: bool = True,
+        verify_written: bool = False,
         max_sizes: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__(params, TARGET, TargetState.IDLE, TargetState.FAILED)
@@ -83,6 +101,7 @@ class Target(Endpoint[TargetState]):
         self._references = dict(references or {})
         self.dry_run = dry_run
         self.verify_untouched = verify_untouched
+        self.verify_written = verify_written
         self._key = key if key is not None else os.urandom(KEY_SIZE)
         if len(self._key) != KEY_SIZE:
             raise ValueError("key must be 32 bytes")
@@ -91,6 +110,9 @@ class Target(Endpoint[TargetState]):
         self._plan = Plan.empty(self._t)
         self._next_batch = 0
         self._applied = 0
+        self._own_refs: dict[tuple[str, int], list[int]] = {}
+        self._kept: dict[int, bytes] = {}
+        """Referenced content of own leaves that an earlier batch overwrote, by position."""
 
     @property
     def roots(self) -> dict[str, bytes]:
@@ -224,6 +246,7 @@ class Target(Endpoint[TargetState]):
             return []
         want, self._plan = yield from decide(self._by_gi, self._images, self._references, self.params, self._key,
                                              self.dry_run, self.stats)
+        self._own_refs = self._references_to_own_leaves()
         self.stats.round_trips += 1
         self.state = TargetState.RECEIVING
         self._send(MsgType.WANT, {"p": want})
@@ -241,9 +264,12 @@ class Target(Endpoint[TargetState]):
         if n > self._next_batch:
             raise ProtocolError(f"blocks message {n} while expecting {self._next_batch}")
         layout = read_layout(msg, self._plan, self._applied, self._by_gi, self.params)
-        ready = yield from apply_batch(layout, self._plan, self._by_gi, self.params)
+        ready = yield from apply_batch(layout, self._plan, self._by_gi, self.params, self._kept)
         if ready and not self.dry_run:  # every leaf of the batch verified: only now written
+            yield from self._keep_overwritten(ready, layout.start + len(layout.entries))
             yield WriteLeaves(tuple(LeafWrite(im.name, leaf, data) for im, leaf, data, _ in ready))
+            if self.verify_written:
+                yield from self._check_written(ready)
         for im, _, _, how in ready:
             counts = self.stats.images[im.name]
             setattr(counts, how.value, getattr(counts, how.value) + 1)
@@ -253,14 +279,51 @@ class Target(Endpoint[TargetState]):
         self._send(MsgType.ACK, {"n": n})
         return [BatchApplied(n, self._applied, self._plan.total)]
 
+    def _references_to_own_leaves(self) -> dict[tuple[str, int], list[int]]:
+        """(image, leaf) of this side's own images that references of the plan point at → the
+        positions that refer to it."""
+        out: dict[tuple[str, int], list[int]] = {}
+        index = self._plan.index
+        if index is not None:
+            for pos, loc in sorted(self._plan.ref.items()):
+                holding = index.holding(loc)
+                if holding.of is Of.IMAGE:
+                    out.setdefault((holding.name, loc[1]), []).append(pos)
+        return out
+
+    def _keep_overwritten(self, ready: Sequence[Ready], end: int) -> Generator[Request, Result, None]:
+        """Before a batch is written: read the leaves it overwrites that a reference of a later
+        batch (position ``end`` on) points at, and keep them for it. So the core never reads a
+        leaf of its own image after asking for it to be written, and an adapter may patch the
+        image in place (``differ.patch``)."""
+        wanted: dict[str, list[int]] = {}
+        for im, leaf, _, _ in ready:
+            if any(pos >= end for pos in self._own_refs.get((im.name, leaf), ())):
+                wanted.setdefault(im.name, []).append(leaf)
+        for name, leaves in wanted.items():
+            leaves.sort()
+            blocks = yield from read_leaves(Holding(Of.IMAGE, name), leaves)
+            for leaf, block in zip(leaves, blocks, strict=True):
+                for pos in self._own_refs[(name, leaf)]:
+                    if pos >= end:
+                        self._kept[pos] = block
+
     def _on_end(self, msg: Message) -> Handler:
         n = integer(msg, "n", 0, 1 << 32)
         if n != self._next_batch or self._applied != self._plan.total:
             raise ProtocolError("end before every requested leaf arrived")
+        self._kept.clear()  # kept for references the source answered with blocks instead
         for im in self._by_gi:
             assert im.shape is not None and im.view is not None
             sel = self._plan.img == im.gi
             if self.dry_run:
+                root = im.view.replace_leaves(self._plan.leaf[sel], self._plan.full[sel]).root if sel.any() \
+                    else im.view.root
+            elif self.verify_written and (sel.any() or im.shape.size != im.tree.size):
+                # every written leaf read back as written (_check_written): its digest is the one
+                # verified on arrival, and hashing it again would hash the page twice
+                if im.shape.size > im.tree.size:
+                    yield from self._check_zero_tail(im, self._plan.leaf[sel])
                 root = im.view.replace_leaves(self._plan.leaf[sel], self._plan.full[sel]).root if sel.any() \
                     else im.view.root
             elif im.touched or self.verify_untouched:
@@ -278,3 +341,35 @@ class Target(Endpoint[TargetState]):
         self._send(MsgType.VERIFIED, {})
         return [Verified()]
 
+    def _check_written(self, ready: Sequence[Ready]) -> Generator[Request, Result, None]:
+        """Read back the leaves of a batch just written, ``READ_RUN`` at a time, and compare them
+        byte for byte with what was written (zeros for a zeroed leaf)."""
+        by_image: dict[str, tuple[ImageState, dict[int, bytes | None]]] = {}
+        for im, leaf, data, _ in ready:
+            by_image.setdefault(im.name, (im, {}))[1][leaf] = data
+        for name, (im, wrote) in by_image.items():
+            assert im.shape is not None
+            order = sorted(wrote)
+            for k in range(0, len(order), READ_RUN):
+                part = order[k : k + READ_RUN]
+                blocks = yield from read_leaves(Holding(Of.PATCHED, name), part)
+                for leaf, block in zip(part, blocks, strict=True):
+                    data = wrote[leaf]
+                    if block != (data if data is not None else bytes(leaf_length(im.shape.size, leaf))):
+                        raise VerificationError(f"image {name!r}: leaf {leaf} reads back other bytes than were "
+                                                "written")
+
+    def _check_zero_tail(self, im: ImageState, written: npt.NDArray[np.int64]) -> Generator[Request, Result, None]:
+        """An image the source's size grew: its tree holds zero digests for the leaves past its old
+        end (``MerkleTree.resized``); read back those no batch wrote and check they are zeros (the
+        sink extended the image with zeros), so the recomputed root describes the image. A leaf
+        whose length changed has no digest in the tree: the walk asked for it, and it was written."""
+        assert im.shape is not None
+        old_end = leaf_count_for(im.tree.size)
+        tail = np.setdiff1d(np.arange(old_end, im.shape.leaves, dtype=np.int64), written).tolist()
+        for k in range(0, len(tail), READ_RUN):
+            part = tail[k : k + READ_RUN]
+            blocks = yield from read_leaves(Holding(Of.PATCHED, im.name), part)
+            for leaf, block in zip(part, blocks, strict=True):
+                if block != bytes(leaf_length(im.shape.size, leaf)):
+                    raise VerificationError(f"image {im.name!r}: leaf {leaf} past the old end is not zeros")

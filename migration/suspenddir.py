@@ -1,0 +1,102 @@
+"""Where a side saves its VM at suspend: the state folder's disk, or a folder on tmpfs.
+
+The save at suspend and the restore at the target are inside the downtime, and both write or read
+the whole memory image (1 GiB apparent for a 1 GiB guest). On tmpfs they run at memory speed, and
+the hashing, the patching and the restore that follow read the image from RAM, not the disk. A host
+with the RAM to spare names a tmpfs folder (``--suspend-dir``, or ``$REPLAY_MIGRATE_SUSPEND_DIR``);
+without one, or when the folder has no room for this guest's image, the image goes into the clone's
+folder as before (the state folder's disk). The image only lives there during the migration: the
+target restores from it and it is gone; the source deletes it at release, or restores from it when
+the migration fails.
+
+The folder may be a shared one such as ``/dev/shm`` (world-writable): the images go into a private
+subfolder ``replay-migrate`` (0700, this user's), so nobody else can plant a file or a link where
+libvirt, running as root, writes a guest's memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import stat
+from pathlib import Path
+
+from replay_migrate.errors import UsageError
+from replay_migrate.safeopen import check_output_dir, make_output_dir
+
+SUSPEND_DIR_ENV = "REPLAY_MIGRATE_SUSPEND_DIR"
+"""The environment's default for ``--suspend-dir`` (unset or empty: the state folder's disk)."""
+SUBDIR = "replay-migrate"
+"""The private folder made inside the named one (0700)."""
+SUSPEND_HEADROOM_BYTES = 64 << 20
+"""Room left free beyond the guest's RAM size (the saved image's header and device state, and
+whatever else shares the folder) before the folder counts as having room."""
+IMAGE_NAME = "suspend.sav"
+"""The saved image's name in the clone's own folder (the fallback)."""
+
+log = logging.getLogger("replay_migrate.suspenddir")
+
+
+WHAT = "VM images saved at suspend"
+
+
+def suspend_dir_from_env() -> str | None:
+    """The folder ``$REPLAY_MIGRATE_SUSPEND_DIR`` names, or None (the state folder's disk)."""
+    return os.environ.get(SUSPEND_DIR_ENV) or None
+
+
+def suspend_dir_arg(value: str) -> Path:
+    """``--suspend-dir``: a folder this process can write into, or make (checked when the command
+    starts, not at the suspend, when a refusal would cost the migration)."""
+    try:
+        check_output_dir(value, WHAT)
+    except UsageError as e:             # argparse's usage error: exit 64 before anything starts
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return Path(value)
+
+
+def private_dir(base: Path) -> Path:
+    """``base/replay-migrate``, made 0700 if missing; refused unless it is a real folder of this
+    user's that nobody else can write to (it may sit in a world-writable folder like /dev/shm)."""
+    d = make_output_dir(base, WHAT) / SUBDIR
+    try:
+        d.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise UsageError(f"cannot make the suspend folder {d}: {e.strerror}") from None
+    st = os.lstat(d)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise UsageError(f"suspend folder {d} is not a private folder of this user's (0700): not saving a VM there")
+    return d
+
+
+def has_room(folder: Path, need_bytes: int, headroom: int = SUSPEND_HEADROOM_BYTES) -> bool:
+    """Whether ``folder``'s file system has ``need_bytes`` free plus ``headroom``."""
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize >= need_bytes + headroom
+
+
+def suspend_image(run_dir: Path, suspend_dir: Path | None, need_bytes: int) -> Path:
+    """Where the VM of the clone in ``run_dir`` is saved at suspend: in ``suspend_dir``'s private
+    folder, named after the clone's folder (one image per clone), when it has room for
+    ``need_bytes`` (the guest's RAM size: the sparse image never allocates more); else, and without
+    ``suspend_dir``, ``run_dir/suspend.sav``."""
+    if suspend_dir is None:
+        return run_dir / IMAGE_NAME
+    d = private_dir(suspend_dir)
+    if not has_room(d, need_bytes):
+        log.warning("suspend folder %s has no room for a %d MiB guest: saving into %s instead", d,
+                    need_bytes >> 20, run_dir)
+        return run_dir / IMAGE_NAME
+    return d / f"{run_dir.name}.sav"
+
+
+def saved_images(run_dir: Path, suspend_dir: Path | None) -> list[Path]:
+    """The saved images a clone may have left (a migration killed after its save): its folder's,
+    and the one in ``suspend_dir``'s private folder; only those that exist, the folder's first."""
+    found = [run_dir / IMAGE_NAME]
+    if suspend_dir is not None:
+        found.append(suspend_dir / SUBDIR / f"{run_dir.name}.sav")
+    return [p for p in found if p.is_file() and not p.is_symlink()]
