@@ -40,9 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import tables
 from bench.baselines import rsync_delta, source_costs, sparse_zstd
+from bench.bench_native import merge_into, run_native
 from bench.divergence import disk_divergence, memory_divergence
 from bench.netns import NETEM_MISSING, SHAPER_NETEM, SHAPES, NetnsLink, Shape
 from bench.sides import KEPT_DISK, KEPT_MEMORY
+from bench.sites import running
 from migration.sides import FLUSH_S
 from replay_migrate.errors import HostError
 from replayer.workload import find_workload, load_workload, synthesize
@@ -317,7 +319,7 @@ def time_baselines(link: NetnsLink, shape: Shape, workloads: dict[str, dict[str,
         run = w["runs"].get(SHAPES[0].key) or w["runs"].get(tables.UNSHAPED)
         timing = w.setdefault("timing", {}).setdefault(shape.key, {})
         for method, n in w["bytes"].items():
-            if method == "replay-migrate":
+            if method == "replay-migrate" or method in tables.NATIVE:   # measured migrations, not baselines
                 continue
             if n in measured:
                 link_s, how = measured[n], "bytes sent over the link"
@@ -329,6 +331,23 @@ def time_baselines(link: NetnsLink, shape: Shape, workloads: dict[str, dict[str,
             downtime = run["save_s"] + work_s + run["restore_s"]
             timing[method] = {"e2e_s": run["quiesce_s"] + downtime, "downtime_s": downtime, "link_s": link_s,
                               "how": how}
+
+
+def run_native_rows(hv: Hypervisor, ck: ckpt.Checkpoint, workloads: Sequence[str], results: dict[str, Any],
+                    notes: list[str]) -> None:
+    """libvirt's own live migration per workload between site A and site B (``bench/bench_native.py``),
+    beside the rows above; site B is started for it and stopped (and wiped) afterwards."""
+    t0 = time.monotonic()
+    with running() as site:
+        site.link_image(ck.image)
+        log(f"native: copying checkpoint {ck.name} to site B")
+        site.copy_checkpoint(ck.name)
+        for wl in workloads:
+            merge_into(results.setdefault(wl, {}), run_native(hv, ck, wl, workload_file(wl), site, PREFIX))
+    notes.append("replay-migrate's rows and the baselines ran under one libvirt daemon (site A), its two sides in "
+                 "two network namespaces; the libvirt live-migration rows ran between two libvirt hosts (site A and "
+                 f"site B, `bench/sites.py`), {time.monotonic() - t0:.0f} s for all of them, and their shaped-link "
+                 "times are modelled from the unshaped measurement (see that section).")
 
 
 # ---- the whole benchmark ---------------------------------------------------------------------------
@@ -415,6 +434,8 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
             finally:
                 receiver.stop()
                 service.stop()
+        if args.native:
+            run_native_rows(hv, ck, args.workloads, results["workloads"], notes)
     if shapes:
         notes.append("Baseline times: quiesce, save and restore as measured in the workload's replay-migrate "
                      "run; the transfer is the baseline's real byte count sent over the same shaped link; "
@@ -466,6 +487,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--no-link", action="store_true", help="do not shape the link (no shaped times; exit 0)")
     ap.add_argument("--keep-work", action="store_true", help="keep the saved states in --work afterwards")
+    ap.add_argument("--no-native", dest="native", action="store_false",
+                    help="skip libvirt's own live migration between two libvirt hosts (bench/bench_native.py)")
     ap.add_argument("--render", type=Path, metavar="JSON",
                     help="only re-render the report and plots of an earlier run's migration.json into --out")
     args = ap.parse_args(argv)
