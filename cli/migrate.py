@@ -114,10 +114,11 @@ def print_native_report(report: dict[str, Any], title: str) -> None:
 def native_params(args: argparse.Namespace) -> NativeParams:
     """``--native-variant`` and ``--native-timeout``; refused with ``--strategy replay``."""
     if args.strategy != "native":
-        if args.native_variant is not None:
-            raise UsageError("--native-variant applies to --strategy native only")
+        if args.native_variant is not None or args.migrate_uri is not None:
+            raise UsageError("--native-variant and --migrate-uri apply to --strategy native only")
         return NativeParams()
-    return NativeParams(variant=Variant(args.native_variant or Variant.PRECOPY.value), timeout_s=args.native_timeout)
+    return NativeParams(variant=Variant(args.native_variant or Variant.PRECOPY.value), timeout_s=args.native_timeout,
+                        migrate_uri=args.migrate_uri)
 
 
 def check_native_target(args: argparse.Namespace) -> str:
@@ -638,6 +639,9 @@ def _strategy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--native-timeout", type=positive, default=MIGRATE_TIMEOUT_S,
                    help="with --strategy native: abort the live migration after this many seconds (the source runs "
                    "on; default %(default)s)")
+    p.add_argument("--migrate-uri", metavar="tcp://HOST", default=None,
+                   help="with --strategy native: where this host's QEMU reaches the target's (memory and disk "
+                   "streams; default: the address the target's libvirt announces)")
 
 
 def add_suspend_arguments(p: argparse.ArgumentParser) -> None:

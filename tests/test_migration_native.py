@@ -52,7 +52,10 @@ def test_the_advice_follows_the_link() -> None:
     (["migrate", "rm-x", "--checkpoint", "c", "--strategy", "native"], "needs --target-connect"),
     (["migrate", "rm-x", "--checkpoint", "c", "--strategy", "native", "--target-connect", TEST_URI],
      "needs another host's libvirt"),
-    (["migrate", "rm-x", "--checkpoint", "c", "--native-variant", "postcopy"], "applies to --strategy native only"),
+    (["migrate", "rm-x", "--checkpoint", "c", "--native-variant", "postcopy"], "apply to --strategy native only"),
+    (["migrate", "rm-x", "--checkpoint", "c", "--migrate-uri", "tcp://h"], "apply to --strategy native only"),
+    (["migrate", "rm-x", "--checkpoint", "c", "--strategy", "native", "--target-connect", "qemu+tcp://h/system",
+      "--migrate-uri", "tcp://h; rm -rf /"], "tcp://HOST[:PORT]"),
     (["suspend", "rm-x", "--strategy", "native"], "needs --target-connect"),
     (["suspend", "rm-x", "--target-connect", "qemu+tcp://h/system"], "apply to --strategy native only"),
 ])

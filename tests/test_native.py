@@ -56,6 +56,10 @@ def test_the_parameters_name_the_target_and_the_one_disk() -> None:
     assert z[libvirt.VIR_MIGRATE_PARAM_COMPRESSION] == ["zstd"]
     assert z[libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] == 3
     assert z[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] == 12
+    u = migrate_params(NativeParams(migrate_uri="tcp://10.232.0.1:49152"), None, dest_name="b", dest_xml="x",
+                       disk_target="vda")
+    assert u[libvirt.VIR_MIGRATE_PARAM_URI] == "tcp://10.232.0.1:49152"
+    assert u[libvirt.VIR_MIGRATE_PARAM_DISKS_URI] == "tcp://10.232.0.1"       # NBD: the same host, its own port
     x = migrate_params(NativeParams(variant=Variant.COMPRESSED), "xbzrle", dest_name="b", dest_xml="x",
                        disk_target="vda")
     assert x[libvirt.VIR_MIGRATE_PARAM_COMPRESSION] == ["xbzrle"]
@@ -65,7 +69,8 @@ def test_the_parameters_name_the_target_and_the_one_disk() -> None:
 @pytest.mark.parametrize("kw", [{"compression": "lz4", "variant": Variant.COMPRESSED},
                                 {"compression": "zstd"},                  # compression without the variant
                                 {"timeout_s": 0}, {"poll_s": -1}, {"bandwidth_mib_s": -1},
-                                {"parallel_connections": 0}, {"postcopy_after_iterations": 0}])
+                                {"parallel_connections": 0}, {"postcopy_after_iterations": 0},
+                                {"migrate_uri": "rdma://h"}, {"migrate_uri": "tcp://h/x"}, {"migrate_uri": "tcp://-h"}])
 def test_bad_parameters_are_refused(kw: dict[str, Any]) -> None:
     with pytest.raises(UsageError):
         NativeParams(**kw)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import re
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -69,6 +70,7 @@ MAX_STAT_MS = 7 * 24 * 3600 * 1000
 """Largest duration accepted from the job statistics (a week, in ms)."""
 USERFAULTFD = Path("/dev/userfaultfd")
 UNPRIVILEGED_UFFD = Path("/proc/sys/vm/unprivileged_userfaultfd")
+MIGRATE_URI = re.compile(r"tcp://([A-Za-z0-9][A-Za-z0-9.-]*)(?::[0-9]{1,5})?")
 MARKER_VOLUME = "checkpoint"
 """The clone folder's file that names its checkpoint (``store.checkpoint.start_clone`` writes it)."""
 
@@ -105,6 +107,10 @@ class NativeParams:
     parallel_connections: int = PARALLEL_CONNECTIONS
     zstd_level: int = ZSTD_LEVEL
     xbzrle_cache_bytes: int = XBZRLE_CACHE_BYTES
+    migrate_uri: str | None = None
+    """``tcp://HOST[:PORT]`` where the source's QEMU reaches the target's, for the memory stream and
+    the disk copy alike; None: what the target's libvirt announces (``migration_host`` in its
+    qemu.conf, else its host name, which must then resolve to an address the source reaches)."""
 
     def __post_init__(self) -> None:
         if self.compression not in (None, "zstd", "xbzrle"):
@@ -115,6 +121,8 @@ class NativeParams:
             raise UsageError("timeout and poll interval must be positive, bandwidth not negative")
         if self.parallel_connections < 1 or self.postcopy_after_iterations < 1:
             raise UsageError("parallel connections and post-copy iterations must be at least 1")
+        if self.migrate_uri is not None and MIGRATE_URI.fullmatch(self.migrate_uri) is None:
+            raise UsageError(f"migration URI {self.migrate_uri!r}: tcp://HOST[:PORT] (a host name or IPv4 address)")
 
 
 def migrate_flags(params: NativeParams, compression: str | None) -> int:
@@ -140,6 +148,12 @@ def migrate_params(params: NativeParams, compression: str | None, *, dest_name: 
                            libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS: [disk_target]}
     if params.bandwidth_mib_s:
         out[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = params.bandwidth_mib_s
+    if params.migrate_uri is not None:
+        match = MIGRATE_URI.fullmatch(params.migrate_uri)
+        assert match is not None                                     # checked in NativeParams
+        host = match.group(1)
+        out[libvirt.VIR_MIGRATE_PARAM_URI] = params.migrate_uri
+        out[libvirt.VIR_MIGRATE_PARAM_DISKS_URI] = f"tcp://{host}"    # the NBD server: its own port
     if params.variant is Variant.COMPRESSED:
         out[libvirt.VIR_MIGRATE_PARAM_COMPRESSION] = [compression]
         if compression == "zstd":
@@ -266,8 +280,13 @@ class TargetFolder:
 
     def make(self, *, backing: Path, capacity: int, checkpoint: str) -> None:
         conn = self.hv.conn
+        name = f"rm-native-{self.run_dir.name}"
         try:
-            self._pool = conn.storagePoolCreateXML(_pool_xml(f"rm-native-{self.run_dir.name}", self.run_dir),
+            try:                                 # ours, left by a killed run (transient: gone when it stops)
+                conn.storagePoolLookupByName(name).destroy()
+            except libvirt.libvirtError:
+                pass
+            self._pool = conn.storagePoolCreateXML(_pool_xml(name, self.run_dir),
                                                    libvirt.VIR_STORAGE_POOL_CREATE_WITH_BUILD)
             for vol in self._pool.listAllVolumes(0):
                 raise VMError(f"{self.run_dir} at {self.hv.uri} is not empty ({vol.name()}): another clone's folder")
