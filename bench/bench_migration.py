@@ -11,6 +11,11 @@ baselines' real byte counts are then sent over each shaped link by a small TCP s
 and the short workloads migrate once more at 100 Mbit/s / 5 ms. Writes ``migration.md``,
 ``migration.json`` and PNG plots to ``--out``.
 
+Then libvirt's own live migration (pre-copy, pre-copy compressed, post-copy) of one clone per
+workload between two libvirt hosts, site A and site B (``bench/bench_native.py``; its shaped-link
+times are modelled from the unshaped measurement, see there; ``--no-native`` skips it). The replay
+rows above still run under one daemon, their sides in two network namespaces.
+
 The link is shaped by ``tc netem`` where the kernel has it, else by the userspace link emulator
 (``bench/linkemu.py``, see :mod:`bench.netns`); the report says which. ``--no-link`` leaves the
 link unshaped on purpose: everything but the shaped times is measured, and the report says so.

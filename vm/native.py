@@ -54,6 +54,8 @@ MIGRATE_TIMEOUT_S = 600.0
 guest takes ~3 s on the unshaped veth here, ~5 min at 10 Mbit/s."""
 POLL_S = 0.2
 """How often the running job's statistics are read (progress, the post-copy switch, the timeout)."""
+ABORT_WAIT_S = 60.0
+"""How long an aborted job gets to end before the migration is given up on (the daemon's problem then)."""
 POSTCOPY_AFTER_ITERATIONS = 2
 """Switch to post-copy once pre-copy is in this memory iteration (2: the first full pass is done)."""
 POSTCOPY_SWITCH_S = 30.0
@@ -418,6 +420,7 @@ def live_migrate(m: Machine, target: Hypervisor, name: str, run_dir: Path, param
     t0 = time.monotonic()
     worker.start()
     switched = aborted = cancelled = False
+    t_abort = 0.0
     while worker.is_alive():
         worker.join(params.poll_s)
         if not worker.is_alive():
@@ -441,8 +444,11 @@ def live_migrate(m: Machine, target: Hypervisor, name: str, run_dir: Path, param
             except libvirt.libvirtError as e:           # not yet in the migration phase: next poll
                 log.debug("migrateStartPostCopy: %s", e.get_error_message())
         cancelled = stop is not None and stop.is_set()
+        if aborted and waited > t_abort + ABORT_WAIT_S:
+            raise NativeError(f"the live migration of {m.name!r} was aborted but libvirt's job did not end in "
+                              f"{ABORT_WAIT_S:.0f} s: see `virsh domjobinfo {m.name}` at {m.hv.uri}")
         if (waited > params.timeout_s or cancelled) and not aborted and not switched:
-            aborted = True
+            aborted, t_abort = True, waited
             try:
                 m.dom.abortJob()
             except libvirt.libvirtError as e:
