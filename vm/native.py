@@ -281,6 +281,8 @@ class TargetFolder:
         self._pool: Any = None
 
     def make(self, *, backing: Path, capacity: int, checkpoint: str) -> None:
+        """The folder, the overlay and the checkpoint file; a folder that holds anything already
+        (another clone's) is refused and left as it is."""
         conn = self.hv.conn
         name = f"rm-native-{self.run_dir.name}"
         try:
@@ -290,8 +292,15 @@ class TargetFolder:
                 pass
             self._pool = conn.storagePoolCreateXML(_pool_xml(name, self.run_dir),
                                                    libvirt.VIR_STORAGE_POOL_CREATE_WITH_BUILD)
-            for vol in self._pool.listAllVolumes(0):
-                raise VMError(f"{self.run_dir} at {self.hv.uri} is not empty ({vol.name()}): another clone's folder")
+            there = [vol.name() for vol in self._pool.listAllVolumes(0)]
+        except libvirt.libvirtError as e:
+            self.release()
+            raise NativeError(f"making {self.run_dir} at {self.hv.uri}: {e.get_error_message()}") from e
+        if there:
+            self.release()                       # not ours to delete
+            raise VMError(f"{self.run_dir} at {self.hv.uri} is not empty ({', '.join(sorted(there))}): another "
+                          "clone's folder")
+        try:
             self._pool.createXML(_overlay_xml(capacity, backing), 0)
             self._write(MARKER_VOLUME, f"{checkpoint}\n".encode())
         except libvirt.libvirtError as e:
@@ -323,7 +332,8 @@ class TargetFolder:
                 log.warning("dropping the storage pool over %s: %s", self.run_dir, e.get_error_message())
 
     def remove(self) -> None:
-        """Delete every file made and the folder, then the pool."""
+        """Delete every file made, then the folder: an active pool cannot delete its own folder,
+        so that is done as a volume (a directory) of a second transient pool over its parent."""
         pool = self._pool
         if pool is None:
             return
@@ -331,10 +341,22 @@ class TargetFolder:
             pool.refresh(0)
             for vol in pool.listAllVolumes(0):
                 vol.delete(0)
-            pool.delete(0)
         except libvirt.libvirtError as e:
             log.warning("cleaning %s at %s: %s", self.run_dir, self.hv.uri, e.get_error_message())
         self.release()
+        parent = None
+        try:
+            parent = self.hv.conn.storagePoolCreateXML(
+                _pool_xml(f"rm-native-parent-{self.run_dir.name}", self.run_dir.parent), 0)
+            parent.storageVolLookupByName(self.run_dir.name).delete(0)
+        except libvirt.libvirtError as e:
+            log.warning("deleting %s at %s: %s", self.run_dir, self.hv.uri, e.get_error_message())
+        finally:
+            if parent is not None:
+                try:
+                    parent.destroy()
+                except libvirt.libvirtError as e:
+                    log.warning("dropping the storage pool over %s: %s", self.run_dir.parent, e.get_error_message())
 
 
 # ---- the job's figures --------------------------------------------------------------------------------
