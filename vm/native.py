@@ -216,8 +216,8 @@ def postcopy_unavailable(capabilities: set[str], *, userfaultfd: Path = USERFAUL
 
 
 # ---- the target's side, through its daemon -----------------------------------------------------------
-def dest_xml(migratable_xml: str, name: str, run_dir: Path) -> str:
-    """The source's migratable XML with the target's name and clone folder: its disk overlay,
+def dest_xml(migratable_xml: str, run_dir: Path) -> str:
+    """The source's migratable XML with the target's clone folder: its disk overlay,
     serial log (and its console alias) and recorder socket there; the guest agent's socket is left
     for libvirt to make. Devices, CPU, memory and UUID stay: the running machine moves as it is."""
     root = ET.fromstring(migratable_xml)
@@ -228,7 +228,7 @@ def dest_xml(migratable_xml: str, name: str, run_dir: Path) -> str:
             raise VMError(f"the domain's XML has no {path}")
         return el
 
-    one("name").text = name
+    one("name")              # the name stays: libvirt checks it against the source's, DEST_NAME renames
     one("devices/disk[@device='disk']/source").set("file", str(run_dir / "disk.qcow2"))
     one("devices/serial/source").set("path", str(run_dir / "serial.log"))
     for console in root.findall("devices/console/source"):
@@ -428,7 +428,7 @@ def live_migrate(m: Machine, target: Hypervisor, name: str, run_dir: Path, param
         raise VMError(f"{m.name!r} is {m.state.value}: a live migration needs it running")
     xml = m.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE)
     flags = migrate_flags(params, compression)
-    typed = migrate_params(params, compression, dest_name=name, dest_xml=dest_xml(xml, name, run_dir),
+    typed = migrate_params(params, compression, dest_name=name, dest_xml=dest_xml(xml, run_dir),
                            disk_target=disk_target(xml))
     failure: list[BaseException] = []
 
