@@ -85,7 +85,10 @@ def _leg(src_hv: Hypervisor, dst_hv: Hypervisor, m: Machine, ck: ckpt.Checkpoint
         # the target's address on the veth: QEMU at site B reaches site A only there
         addr = site.cfg.site_addr if dst_hv.uri == site.uri else site.cfg.host_addr
         migrated, report = migrate_native(src_hv, dst_hv, m, ck, name,
-                                          NativeParams(variant=variant, migrate_uri=f"tcp://{addr}"),
+                                          # site A's daemon listens on its unix socket only: from
+                                          # site B, this process drives both daemons (not peer to peer)
+                                          NativeParams(variant=variant, migrate_uri=f"tcp://{addr}",
+                                                       peer_to_peer=dst_hv.uri == site.uri),
                                           source_local=source_local)
     except ReplayMigrateError as e:
         log(f"{variant.value}: could not run: {e}")

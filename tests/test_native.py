@@ -45,6 +45,7 @@ def test_every_variant_is_live_peer_to_peer_and_copies_the_overlay_only() -> Non
     assert xbzrle & libvirt.VIR_MIGRATE_COMPRESSED and not xbzrle & libvirt.VIR_MIGRATE_PARALLEL
     with pytest.raises(UsageError):
         migrate_flags(NativeParams(variant=Variant.COMPRESSED), None)
+    assert not migrate_flags(NativeParams(peer_to_peer=False), None) & libvirt.VIR_MIGRATE_PEER2PEER
 
 
 def test_the_parameters_name_the_target_and_the_one_disk() -> None:

@@ -109,6 +109,10 @@ class NativeParams:
     parallel_connections: int = PARALLEL_CONNECTIONS
     zstd_level: int = ZSTD_LEVEL
     xbzrle_cache_bytes: int = XBZRLE_CACHE_BYTES
+    peer_to_peer: bool = True
+    """The source's daemon connects to the target's (``--target-connect`` must work from there); False:
+    this process drives both daemons (for a target URI only this process can reach, e.g. a daemon
+    that listens on its unix socket alone)."""
     migrate_uri: str | None = None
     """``tcp://HOST[:PORT]`` where the source's QEMU reaches the target's, for the memory stream and
     the disk copy alike; None: what the target's libvirt announces (``migration_host`` in its
@@ -129,8 +133,9 @@ class NativeParams:
 
 def migrate_flags(params: NativeParams, compression: str | None) -> int:
     """libvirt's flags for ``params`` (``compression``: the method chosen for COMPRESSED)."""
-    flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_NON_SHARED_INC
-             | libvirt.VIR_MIGRATE_ABORT_ON_ERROR)
+    flags = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_NON_SHARED_INC | libvirt.VIR_MIGRATE_ABORT_ON_ERROR
+    if params.peer_to_peer:
+        flags |= libvirt.VIR_MIGRATE_PEER2PEER
     if params.variant is Variant.COMPRESSED:
         if compression is None:
             raise UsageError("the compressed variant needs a compression method (zstd or xbzrle)")
@@ -434,7 +439,10 @@ def live_migrate(m: Machine, target: Hypervisor, name: str, run_dir: Path, param
 
     def run() -> None:
         try:
-            m.dom.migrateToURI3(target.uri, typed, flags)
+            if params.peer_to_peer:
+                m.dom.migrateToURI3(target.uri, typed, flags)
+            else:
+                m.dom.migrate3(target.conn, typed, flags)
         except BaseException as e:  # handed to the watching thread
             failure.append(e)
 
