@@ -58,10 +58,16 @@ def log(msg: str) -> None:
     print(f"[bench native {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def link_bytes(row: dict[str, Any]) -> int:
+    """What a leg put on the link: the veth's count (libvirt's completed statistics leave the disk's
+    NBD copy out), never less than the job statistics' bytes."""
+    return max(int(row["wire_bytes"]), int(row.get("veth_bytes", 0)))
+
+
 def modelled_timing(row: dict[str, Any], shape: Shape) -> dict[str, Any]:
     """End-to-end time and downtime of a measured native migration at ``shape`` (see the module's
     docstring for the model); pure, so it is tested without VMs."""
-    n = row["wire_bytes"]
+    n = link_bytes(row)
     e2e = max(row["total_s"], n / shape.bytes_per_s + JOB_ROUND_TRIPS * shape.rtt_ms / 1000)
     out: dict[str, Any] = {"e2e_s": round(e2e, 3), "downtime_s": round(row["downtime_s"] + DOWNTIME_LIMIT_S, 3),
                            "link_s": round(n / shape.bytes_per_s, 3),
@@ -157,7 +163,7 @@ def merge_into(w: dict[str, Any], native: dict[str, Any]) -> None:
     w["native"] = native["rows"]
     for key, row in native["rows"].items():
         if "error" not in row:
-            w.setdefault("bytes", {})[key] = row["wire_bytes"]
+            w.setdefault("bytes", {})[key] = link_bytes(row)
     for link, per in native["timing"].items():
         w.setdefault("timing", {}).setdefault(link, {}).update(per)
 

@@ -271,8 +271,9 @@ def native_section(results: Mapping[str, Any]) -> list[str]:
             "per workload, driven by the workload at site A, then moved A -> B (pre-copy), B -> A (pre-copy "
             "compressed), A -> B (post-copy, switched after the first pass). Measured on the unshaped veth: bytes "
             "from libvirt's job statistics and counted on the veth, time and downtime from the job statistics. "
-            "Their shaped-link times above are modelled from these (bytes / rate; downtime at most the measured "
-            "one plus QEMU's 300 ms downtime limit), not measured: libvirt's migration ports are not behind the "
+            "libvirt's completed statistics leave the overlay's NBD copy out, so the bytes above (and the model) "
+            "are the veth's count. Their shaped-link times above are modelled from these (bytes / rate; "
+            "downtime at most the measured one plus QEMU's 300 ms downtime limit), not measured: libvirt's migration ports are not behind the "
             "bench's link shaper.\n",
             md_table(["workload", "variant", "bytes (job statistics)", "bytes on the veth", "time", "downtime",
                       "memory passes", "post-copy page requests"], rows)]
