@@ -273,8 +273,8 @@ def native_section(results: Mapping[str, Any]) -> list[str]:
             "from libvirt's job statistics and counted on the veth, time and downtime from the job statistics. "
             "libvirt's completed statistics leave the overlay's NBD copy out, so the bytes above (and the model) "
             "are the veth's count. Their shaped-link times above are modelled from these (bytes / rate; "
-            "downtime at most the measured one plus QEMU's 300 ms downtime limit), not measured: libvirt's migration ports are not behind the "
-            "bench's link shaper.\n",
+            "downtime at most the measured one plus QEMU's 300 ms downtime limit), not measured: libvirt's "
+            "migration ports are not behind the bench's link shaper.\n",
             md_table(["workload", "variant", "bytes (job statistics)", "bytes on the veth", "time", "downtime",
                       "memory passes", "post-copy page requests"], rows)]
 
