@@ -109,6 +109,7 @@ def _leg(src_hv: Hypervisor, dst_hv: Hypervisor, m: Machine, ck: ckpt.Checkpoint
            "memory_bytes": nat["memory_bytes"], "disk_bytes": nat["disk_bytes"],
            "total_s": nat["total_s"], "downtime_s": nat["downtime_s"], "wall_s": round(wall, 3),
            "iterations": nat["iterations"], "postcopy_requests": nat["postcopy_requests"],
+           "postcopy_switched": nat["postcopy_switched"],
            "dirty_bytes_s": nat["dirty_rate_pages_s"] * nat["page_bytes"]}
     log(f"{variant.value} {src_hv.uri} -> {dst_hv.uri}: {row['wire_bytes']:,} B (veth {row['veth_bytes']:,} B) in "
         f"{row['total_s']:.1f} s, downtime {row['downtime_s'] * 1000:.0f} ms")

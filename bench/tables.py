@@ -257,7 +257,9 @@ def native_rows(results: Mapping[str, Any]) -> list[list[str]]:
             rows.append([wl, key + (f" ({r['compression']})" if r.get("compression") else ""),
                          f"{human(r['wire_bytes'])} (memory {human(r['memory_bytes'])}, disk {human(r['disk_bytes'])})",
                          human(r["veth_bytes"]), f"{r['total_s']:.1f} s", f"{1000 * r['downtime_s']:.0f} ms",
-                         str(r["iterations"]), str(r["postcopy_requests"])])
+                         str(r["iterations"]),
+                         str(r["postcopy_requests"]) + ("" if r.get("postcopy_switched", True) else
+                                                        " (finished in pre-copy before the switch)")])
     return rows
 
 

@@ -153,4 +153,6 @@ def migrate_native(source: Hypervisor, target: Hypervisor, m: Machine, ck: ckpt.
         remove_run_dir(source_dir)
     log.info("%s: %s migrated in %.1f s, %d bytes, downtime %.3f s", target_name, params.variant.value,
              stats.total_s, stats.data_bytes, stats.downtime_s)
-    return migrated, native_report(stats, params, compression)
+    report = native_report(stats, params, compression)
+    report["native"]["postcopy_switched"] = bool(switched)
+    return migrated, report

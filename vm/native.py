@@ -56,8 +56,10 @@ POLL_S = 0.2
 """How often the running job's statistics are read (progress, the post-copy switch, the timeout)."""
 ABORT_WAIT_S = 60.0
 """How long an aborted job gets to end before the migration is given up on (the daemon's problem then)."""
-POSTCOPY_AFTER_ITERATIONS = 2
-"""Switch to post-copy once pre-copy is in this memory iteration (2: the first full pass is done)."""
+POSTCOPY_AFTER_ITERATIONS = 1
+"""Ask for the switch to post-copy once pre-copy's memory pass has begun (after the disk copy got
+going; asked earlier, QEMU refuses and it is asked again at the next poll). Waiting for pass 2 missed
+it: an idle 1 GiB guest's later passes take milliseconds and the job converged in pre-copy."""
 POSTCOPY_SWITCH_S = 30.0
 """Switch to post-copy after this long in pre-copy even if the iteration count was not seen."""
 PARALLEL_CONNECTIONS = 2
