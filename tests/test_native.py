@@ -142,6 +142,9 @@ def test_the_completed_job_statistics_give_bytes_time_and_downtime() -> None:
     s2 = NativeStats.from_job_stats({k: v for k, v in COMPLETED.items() if k != "data_processed"})
     assert s2.data_bytes == 338_000_000
     assert s.as_dict()["total_s"] == 2.612
+    # after a post-copy switch the target's statistics had no time_elapsed: this process's clock then
+    s3 = NativeStats.from_job_stats({k: v for k, v in COMPLETED.items() if k != "time_elapsed"}, wall_s=1.25)
+    assert s3.total_s == 1.25 and s3.data_bytes == 338_000_000
 
 
 @pytest.mark.parametrize("bad", [{"time_elapsed": None}, {"downtime": -1}, {"memory_processed": MAX_STAT_BYTES + 1},

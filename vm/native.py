@@ -393,11 +393,15 @@ class NativeStats:
     compression_bytes: int
 
     @classmethod
-    def from_job_stats(cls, stats: Mapping[str, Any]) -> NativeStats:
-        """Parse ``virDomainGetJobStats(COMPLETED)``: a completed job must say how long it took;
-        every count is checked against :data:`MAX_STAT_BYTES` / :data:`MAX_STAT_MS`."""
+    def from_job_stats(cls, stats: Mapping[str, Any], *, wall_s: float | None = None) -> NativeStats:
+        """Parse ``virDomainGetJobStats(COMPLETED)``; every count is checked against
+        :data:`MAX_STAT_BYTES` / :data:`MAX_STAT_MS`. After a post-copy switch the target's
+        statistics came without ``time_elapsed`` here: then ``wall_s`` (this process's clock) is
+        the time, and without either the statistics are refused."""
         if "time_elapsed" not in stats:
-            raise NativeError("libvirt's job statistics have no time_elapsed: no completed migration")
+            if wall_s is None:
+                raise NativeError("libvirt's job statistics have no time_elapsed: no completed migration")
+            stats = {**stats, "time_elapsed": round(wall_s * 1000)}
         mem = _count(stats, "memory_processed", MAX_STAT_BYTES)
         disk = _count(stats, "disk_processed", MAX_STAT_BYTES)
         return cls(
@@ -504,7 +508,7 @@ def live_migrate(m: Machine, target: Hypervisor, name: str, run_dir: Path, param
     except libvirt.libvirtError as e:
         raise NativeError(f"{name} runs at {target.uri}, but its job statistics are unreadable: "
                           f"{e.get_error_message()}") from e
-    return migrated, NativeStats.from_job_stats(stats)
+    return migrated, NativeStats.from_job_stats(stats, wall_s=time.monotonic() - t0)
 
 
 def check_not_same_host(source: Hypervisor, target: Hypervisor) -> None:
