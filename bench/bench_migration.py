@@ -15,6 +15,11 @@ each migration the workload's checks run in the migrated VM; one that fails fail
 shaped link by a small TCP sender and timed, and the short workloads migrate once more at
 100 Mbit/s / 5 ms. Writes ``migration.md``, ``migration.json`` and PNG plots to ``--out``.
 
+Then libvirt's own live migration (pre-copy, pre-copy compressed, post-copy) of one clone per
+workload between two libvirt hosts, site A and site B (``bench/bench_native.py``; its shaped-link
+times are modelled from the unshaped measurement, see there; ``--no-native`` skips it). The replay
+rows above still run under one daemon, their sides in two network namespaces.
+
 The link is shaped by ``tc netem`` where the kernel has it, else by the userspace link emulator
 (``bench/linkemu.py``, see :mod:`bench.netns`); the report says which. ``--no-link`` leaves the
 link unshaped on purpose: everything but the shaped times is measured, and the report says so.
@@ -45,11 +50,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import tables
 from bench.baselines import rsync_delta, source_costs, sparse_zstd
+from bench.bench_native import merge_into, run_native
 from bench.divergence import disk_divergence, memory_divergence
 from bench.netns import NETEM_MISSING, SHAPER_NETEM, SHAPES, NetnsLink, Shape
 from bench.pageflags import kinds_of, read_page_flags
 from bench.residue import residue
 from bench.sides import KEPT_DISK, KEPT_MEMORY
+from bench.sites import running
 from migration.sides import FLUSH_S
 from migration.suspenddir import suspend_dir_arg
 from migration.timeline import downtime_breakdown, excluded_seconds, merge, spans_of
@@ -380,7 +387,7 @@ def time_baselines(link: NetnsLink, shape: Shape, workloads: dict[str, dict[str,
         run = w["runs"].get(SHAPES[0].key) or w["runs"].get(tables.UNSHAPED)
         timing = w.setdefault("timing", {}).setdefault(shape.key, {})
         for method, n in w["bytes"].items():
-            if method == "replay-migrate":
+            if method == "replay-migrate" or method in tables.NATIVE:   # measured migrations, not baselines
                 continue
             if n in measured:
                 link_s, how = measured[n], "bytes sent over the link"
@@ -392,6 +399,23 @@ def time_baselines(link: NetnsLink, shape: Shape, workloads: dict[str, dict[str,
             downtime = run["save_s"] + work_s + run["restore_s"]
             timing[method] = {"e2e_s": run["quiesce_s"] + downtime, "downtime_s": downtime, "link_s": link_s,
                               "how": how}
+
+
+def run_native_rows(hv: Hypervisor, ck: ckpt.Checkpoint, workloads: Sequence[str], results: dict[str, Any],
+                    notes: list[str]) -> None:
+    """libvirt's own live migration per workload between site A and site B (``bench/bench_native.py``),
+    beside the rows above; site B is started for it and stopped (and wiped) afterwards."""
+    t0 = time.monotonic()
+    with running() as site:
+        site.link_image(ck.image)
+        log(f"native: copying checkpoint {ck.name} to site B")
+        site.copy_checkpoint(ck.name)
+        for wl in workloads:
+            merge_into(results.setdefault(wl, {}), run_native(hv, ck, wl, workload_file(wl), site, PREFIX))
+    notes.append("replay-migrate's rows and the baselines ran under one libvirt daemon (site A), its two sides in "
+                 "two network namespaces; the libvirt live-migration rows ran between two libvirt hosts (site A and "
+                 f"site B, `bench/sites.py`), {time.monotonic() - t0:.0f} s for all of them, and their shaped-link "
+                 "times are modelled from the unshaped measurement (see that section).")
 
 
 # ---- the whole benchmark ---------------------------------------------------------------------------
@@ -488,6 +512,8 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
             finally:
                 receiver.stop()
                 service.stop()
+        if args.native:
+            run_native_rows(hv, ck, args.workloads, results["workloads"], notes)
     if shapes:
         notes.append("Baseline times: quiesce, save and restore as measured in the workload's replay-migrate "
                      "run; the transfer is the baseline's real byte count sent over the same shaped link; "
@@ -566,6 +592,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--suspend-dir", type=lambda v: suspend_dir_arg(v) if v else None, default=DEFAULT_SUSPEND_DIR,
                     metavar="DIR", help="both sides save their VMs at suspend here (default: %(default)s; '' for the "
                     "clone folders on the state disk)")
+    ap.add_argument("--no-native", dest="native", action="store_false",
+                    help="skip libvirt's own live migration between two libvirt hosts (bench/bench_native.py)")
     ap.add_argument("--render", type=Path, metavar="JSON",
                     help="only re-render the report and plots of an earlier run's migration.json into --out")
     args = ap.parse_args(argv)

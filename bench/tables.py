@@ -21,7 +21,12 @@ METHODS: tuple[tuple[str, str], ...] = (
     ("plain", "plain state transfer (ISR-style)"),
     ("rsync", "rsync --no-whole-file, zstd"),
     ("full", "full image (memory + disk), zstd"),
+    ("native-precopy", "libvirt live migration, pre-copy (--copy-storage-inc), site A -> site B"),
+    ("native-compressed", "libvirt live migration, pre-copy compressed, site B -> site A"),
+    ("native-postcopy", "libvirt live migration, post-copy, site A -> site B"),
 )
+NATIVE = ("native-precopy", "native-compressed", "native-postcopy")
+"""libvirt's own migrations (``bench/bench_native.py``): measured between two libvirt hosts."""
 BASELINES = ("plain", "full", "rsync", "no-replay")
 GOAL_SHARE_OF_PLAIN = 0.10
 """Issue 6's goal: replay-migrate ships at most this share of the plain transfer (notes, shell)."""
@@ -393,6 +398,44 @@ def goal_lines(results: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def native_rows(results: Mapping[str, Any]) -> list[list[str]]:
+    """libvirt's migrations as measured (unshaped veth between the two hosts), or why one could not run."""
+    rows: list[list[str]] = []
+    for wl, w in results["workloads"].items():
+        for key in NATIVE:
+            r = w.get("native", {}).get(key)
+            if r is None:
+                continue
+            if "error" in r:
+                rows.append([wl, key, "could not run: " + r["error"], "", "", "", "", ""])
+                continue
+            rows.append([wl, key + (f" ({r['compression']})" if r.get("compression") else ""),
+                         f"{human(r['wire_bytes'])} (memory {human(r['memory_bytes'])}, disk {human(r['disk_bytes'])})",
+                         human(r["veth_bytes"]), f"{r['total_s']:.1f} s", f"{1000 * r['downtime_s']:.0f} ms",
+                         str(r["iterations"]),
+                         str(r["postcopy_requests"]) + ("" if r.get("postcopy_switched", True) else
+                                                        " (finished in pre-copy before the switch)")])
+    return rows
+
+
+def native_section(results: Mapping[str, Any]) -> list[str]:
+    rows = native_rows(results)
+    if not rows:
+        return []
+    return ["\n## libvirt's own live migration between two libvirt hosts\n",
+            "Site A (this machine's libvirtd) and site B (a second libvirtd in its own network and mount "
+            "namespaces, `bench/sites.py`), joined by a veth; each holds its own copy of the checkpoint. One clone "
+            "per workload, driven by the workload at site A, then moved A -> B (pre-copy), B -> A (pre-copy "
+            "compressed), A -> B (post-copy, switched after the first pass). Measured on the unshaped veth: bytes "
+            "from libvirt's job statistics and counted on the veth, time and downtime from the job statistics. "
+            "libvirt's completed statistics leave the overlay's NBD copy out, so the bytes above (and the model) "
+            "are the veth's count. Their shaped-link times above are modelled from these (bytes / rate; "
+            "downtime at most the measured one plus QEMU's 300 ms downtime limit), not measured: libvirt's "
+            "migration ports are not behind the bench's link shaper.\n",
+            md_table(["workload", "variant", "bytes (job statistics)", "bytes on the veth", "time", "downtime",
+                      "memory passes", "post-copy page requests"], rows)]
+
+
 def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
     meta = results["meta"]
     link = meta.get("link", {})
@@ -435,6 +478,7 @@ def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> st
                    "(`migration/timeline.py`). A gap is time no phase of that side covers (messages in flight, "
                    "waiting on the other side). The benchmark's own hooks are left out.\n")
         out.append(downtime)
+    out += native_section(results)
     out.append("\n## Divergence left after replay (source vs the replayed target, before patching)\n")
     out.append("The last column, for comparison, is what differs without replay (the source vs the checkpoint).\n")
     out.append(md_table(["workload", "memory leaves", "by RAM block", "disk leaves", "by ext4 role",

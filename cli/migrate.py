@@ -38,6 +38,7 @@ from typing import Any, TextIO
 from cli.argtypes import positive
 from cli.report import Progress, emit_json, human_bytes, keep_drawing, table
 from migration import cancel
+from migration.native import advice, migrate_native
 from migration.sides import Report, SourceSide, TargetSide, merged_report
 from migration.suspenddir import SUSPEND_DIR_ENV, suspend_dir_arg, suspend_dir_from_env
 from replay_migrate.errors import ReplayMigrateError, UsageError, VerificationError, VMError
@@ -54,10 +55,14 @@ from store import checkpoint as ckpt
 from store.paths import check_name
 from store.vmstate import VmState, same_state
 from vm.machine import Hypervisor, Machine, MachineState
+from vm.native import MIGRATE_TIMEOUT_S, NativeParams, Variant
 
 PID_FILE = "record.pid"
 RESULT_FILE = "migration.json"
 SUSPEND_WAIT_S = 1800.0
+STRATEGIES = ("replay", "native")
+RECORDER_STOP_S = 120.0
+"""How long ``suspend --strategy native`` waits for a ``record --to`` it cancelled to put the VM back."""
 """How long ``suspend`` waits for the recording process to finish the migration."""
 
 
@@ -69,6 +74,9 @@ def print_report(report: dict[str, Any], as_json: bool, title: str = "migration"
     """The report as a table, or as JSON (where an unknown figure is null)."""
     if as_json:
         emit_json(report)
+        return
+    if report.get("strategy") == "native":
+        print_native_report(report, title)
         return
 
     def fig(key: str, show: Callable[[Any], str] = str, sub: str | None = None) -> str:
@@ -98,6 +106,66 @@ def print_report(report: dict[str, Any], as_json: bool, title: str = "migration"
         ["downtime (source paused → target resumed)", fig("downtime_s", lambda v: f"{v:.1f} s")],
     ]
     table(rows, [title, ""])
+
+
+def print_native_report(report: dict[str, Any], title: str) -> None:
+    """A native migration's table: libvirt's figures; replay's do not apply, the baseline is unknown."""
+    nat = report.get("native", {})
+    comp = f", {nat['compression']}" if nat.get("compression") else ""
+    table([["strategy", f"native (libvirt live migration, {nat.get('variant', '?')}{comp})"],
+           ["verified", "not by replay-migrate (libvirt checks no root hashes)"],
+           ["wire bytes (memory + disk)", f"{human_bytes(report.get('wire_bytes', 0))} (memory "
+                                          f"{human_bytes(nat.get('memory_bytes', 0))}, disk "
+                                          f"{human_bytes(nat.get('disk_bytes', 0))})"],
+           ["plain state transfer (baseline)", "unknown (no state saved to compare)"],
+           ["memory iterations", nat.get("iterations", "?")],
+           ["total", f"{report.get('total_s', 0):.2f} s"],
+           ["downtime", f"{1000 * report.get('downtime_s', 0):.0f} ms"]], [title, ""])
+    if report.get("advice"):
+        print(report["advice"])
+
+
+def native_params(args: argparse.Namespace) -> NativeParams:
+    """``--native-variant`` and ``--native-timeout``; refused with ``--strategy replay``."""
+    if args.strategy != "native":
+        if args.native_variant is not None or args.migrate_uri is not None:
+            raise UsageError("--native-variant and --migrate-uri apply to --strategy native only")
+        return NativeParams()
+    return NativeParams(variant=Variant(args.native_variant or Variant.PRECOPY.value), timeout_s=args.native_timeout,
+                        migrate_uri=args.migrate_uri)
+
+
+def check_native_target(args: argparse.Namespace) -> str:
+    """The target daemon of a native migration: ``--target-connect``, another host's."""
+    if not args.target_connect:
+        raise UsageError("--strategy native needs --target-connect URI (the target host's libvirt, e.g. "
+                         "qemu+tcp://HOST/system): libvirt migrates from daemon to daemon")
+    if args.target_connect == args.connect:
+        raise UsageError("--target-connect is --connect: a native migration needs another host's libvirt")
+    return str(args.target_connect)
+
+
+def run_native(hv: Hypervisor, hv2: Hypervisor, m: Machine, ck: ckpt.Checkpoint, target: str, params: NativeParams,
+               *, before: Callable[[], Awaitable[None]] | None = None) -> dict[str, Any]:
+    """``before`` (the user's work), then the native migration, under :func:`migration.cancel.run`:
+    a signal aborts libvirt's job (the source runs on), unless post-copy had begun (then the
+    migration completes: the VM would be lost otherwise)."""
+    stop = threading.Event()
+    switched: list[bool] = []
+    bar = Progress()
+
+    async def main() -> dict[str, Any]:
+        if before is not None:
+            await before()
+        _, report = await cancel.in_thread(migrate_native, hv, hv2, m, ck, target, params, progress=bar, stop=stop,
+                                           on_switch=lambda: switched.append(True), on_cancel=stop.set)
+        return report
+
+    try:
+        return cancel.run(main, deferred=lambda: bool(switched),
+                          on_cancel=f"cancelling the live migration: {m.name} runs on at the source")
+    finally:
+        bar.close()
 
 
 def _token(args: argparse.Namespace) -> str:
@@ -327,7 +395,14 @@ def recorder_pid(path: Path) -> int | None:
 
 
 def cmd_suspend(args: argparse.Namespace) -> int:
-    """Tell the domain's recording process to migrate now, and wait for its report."""
+    """Tell the domain's recording process to migrate now, and wait for its report; with
+    ``--strategy native``, migrate it by libvirt instead (:func:`suspend_native`)."""
+    params = native_params(args)
+    if args.strategy == "native":
+        return suspend_native(args, params)
+    if args.target_connect is not None or args.target_name is not None:
+        raise UsageError("--target-connect and --target-name apply to --strategy native only (with replay, the "
+                         "target is the `follow` process)")
     with Hypervisor(args.connect) as hv:
         run_dir = ckpt.run_dir_of(hv.lookup(args.domain))
     pid_file, result_file = run_dir / PID_FILE, run_dir / RESULT_FILE
@@ -351,6 +426,36 @@ def cmd_suspend(args: argparse.Namespace) -> int:
     if "error" in report:
         print(f"replay-migrate: error: {report['error']}", file=sys.stderr)
         return int(report.get("exit_code", 2))
+    print_report(report, args.json)
+    return 0
+
+
+def suspend_native(args: argparse.Namespace, params: NativeParams) -> int:
+    """``suspend DOMAIN --strategy native --target-connect URI``: at the source, in the two-process
+    recipe, the user decides at suspend time that libvirt's live migration suits better (a fat
+    link). A ``record --to`` streaming this domain's log is cancelled first (SIGTERM: its session
+    fails, the target's ``follow`` removes its clone, the VM is thawed and runs on), then the
+    running domain is live-migrated to the target's daemon, which must hold the checkpoint."""
+    uri = check_native_target(args)
+    target = check_clone_name(args.target_name or args.domain, "--target-name")
+    with Hypervisor(args.connect) as hv:
+        run_dir = ckpt.run_dir_of(hv.lookup(args.domain))
+        pid = recorder_pid(run_dir / PID_FILE)
+        if pid is not None:
+            cancel.say(f"stopping the replay migration (pid {pid}) first: {args.domain} stays here until libvirt "
+                       "moves it")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + RECORDER_STOP_S
+            while recorder_pid(run_dir / PID_FILE) == pid and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if recorder_pid(run_dir / PID_FILE) == pid:
+                raise ReplayMigrateError(f"the recording process of {args.domain} (pid {pid}) did not stop in "
+                                         f"{RECORDER_STOP_S:.0f} s")
+        m, ck = check_source(hv, args.domain)
+        with Hypervisor(uri) as hv2:
+            check_target_name(hv2, target, "--target-name")
+            report = run_native(hv, hv2, m, ck, target, params)
     print_report(report, args.json)
     return 0
 
@@ -488,12 +593,16 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     target = check_clone_name(args.target_name or f"{args.domain}-migrated", "--target-name")
     if target == args.domain:
         raise UsageError("--target-name: the target needs a name of its own (the source keeps its name)")
+    params = native_params(args)
+    if args.strategy == "native":
+        check_native_target(args)
     ck = ckpt.get(args.checkpoint)
     with Hypervisor(args.connect) as hv, Hypervisor(args.target_connect or args.connect) as hv2:
         m, _ = check_source(hv, args.domain, ck)
         check_target_name(hv2, target, "--target-name")
         typing = threading.Event()
         both: list[SourceSide | TargetSide] = []
+        t_suspend: list[float] = []
 
         async def user() -> None:
             if actions is not None:
@@ -504,6 +613,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 print(f"recording {m.name}: work in it, then press Enter here to migrate (Ctrl-C cancels)",
                       file=sys.stderr)
                 await read_line()
+            t_suspend.append(time.monotonic())
+
+        if args.strategy == "native":
+            print_report(run_native(hv, hv2, m, ck, target, params, before=user), args.json)
+            return 0
 
         async def main() -> tuple[Report, SourceSide, TargetSide]:
             async with _drawing(bar):
@@ -518,7 +632,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                                                 f"{target} is removed")
         finally:
             bar.close()
-    print_report(report.as_dict(), args.json)
+    out = {**report.as_dict(), "strategy": "replay",
+           "total_s": round(time.monotonic() - t_suspend[0], 3) if t_suspend else None,
+           "advice": advice("replay", report.wire_bytes, native_bytes=ck.manifest.memory_allocated_bytes)}
+    print_report(out, args.json)
     return 0
 
 
@@ -563,11 +680,33 @@ def add_session_new_arguments(p: argparse.ArgumentParser) -> None:
     _ca_file_arg(p)
 
 
+def _strategy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strategy", choices=STRATEGIES, default="replay",
+                   help="replay: replay the user's input at the target and ship what still differs (thin links); "
+                   "native: libvirt's own live migration to --target-connect (fat links; the target holds the "
+                   "checkpoint, its overlay is the base of the disk copy). Default %(default)s")
+    p.add_argument("--native-variant", choices=[v.value for v in Variant], default=None,
+                   help="with --strategy native: pre-copy (default), pre-copy compressed (multifd+zstd, else "
+                   "XBZRLE) or post-copy (needs userfaultfd at the target; a failure after the switch loses the VM)")
+    p.add_argument("--native-timeout", type=positive, default=MIGRATE_TIMEOUT_S,
+                   help="with --strategy native: abort the live migration after this many seconds (the source runs "
+                   "on; default %(default)s)")
+    p.add_argument("--migrate-uri", metavar="tcp://HOST", default=None,
+                   help="with --strategy native: where this host's QEMU reaches the target's (memory and disk "
+                   "streams; default: the address the target's libvirt announces)")
+
+
 def add_suspend_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("domain")
     p.add_argument("--timeout", type=positive, default=SUSPEND_WAIT_S,
                    help="seconds to wait for the migration's report (default %(default)s)")
     p.add_argument("--json", action="store_true")
+    _strategy_args(p)
+    p.add_argument("--target-connect", metavar="URI", default=None,
+                   help="with --strategy native: the target host's libvirt (qemu+tcp://HOST/system, qemu+ssh://...); "
+                   "a `record --to` of the domain is cancelled first")
+    p.add_argument("--target-name", default=None,
+                   help="with --strategy native: the VM's name at the target (default: the domain's own)")
 
 
 def add_follow_arguments(p: argparse.ArgumentParser) -> None:
@@ -599,3 +738,4 @@ def add_migrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gap-cap", type=positive, default=2.0)
     p.add_argument("--json", action="store_true")
+    _strategy_args(p)
