@@ -293,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
             "create a session at the service; write each role's credential to a new 0600 file")
     migrate.add_session_new_arguments(p)
 
+    from cli import agent
+    agent.add_arguments(sub, add)
+
     p = add(sub, "replay", cmd_replay, "replay an input log into a domain, closed loop")
     p.add_argument("log", type=Path)
     p.add_argument("--into", dest="domain", required=True)
