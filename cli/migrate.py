@@ -50,6 +50,7 @@ from server.keyring import MIN_KEY_BYTES, Credential
 from server.service import ServiceConfig, start_service
 from server.wire import Role
 from store import checkpoint as ckpt
+from store.chain import DEFAULT_CHAIN_LIMIT
 from store.paths import check_name
 from store.vmstate import VmState, same_state
 from vm.machine import Hypervisor, Machine, MachineState
@@ -82,6 +83,7 @@ def print_report(report: dict[str, Any], as_json: bool, title: str = "migration"
         ["diff (tree walk)", f"{report.get('diff_s', 0):.2f} s"],
         ["transfer", f"{report.get('transfer_s', 0):.2f} s"],
         ["downtime (source paused → target resumed)", f"{report.get('downtime_s', 0):.1f} s"],
+        ["next common checkpoint", report.get("next_checkpoint") or "-"],
     ]
     table(rows, [title, ""])
 
@@ -187,9 +189,9 @@ def _source_credential(args: argparse.Namespace) -> Credential | None:
 
 
 async def _source(client: SessionClient, hv: Hypervisor, m: Machine, ck: ckpt.Checkpoint,
-                  stop: asyncio.Event, sides: dict[str, SourceSide]) -> Report:
+                  stop: asyncio.Event, sides: dict[str, SourceSide], chain_limit: int) -> Report:
     async with client:
-        src = sides["source"] = SourceSide(hv, m, ck, client)
+        src = sides["source"] = SourceSide(hv, m, ck, client, chain_limit=chain_limit)
         src.progress = Progress()
         await src.stream_log(stop)
         report = await src.suspend()
@@ -232,7 +234,7 @@ def cmd_record_to(args: argparse.Namespace) -> int:
                 stop.set()
             if args.duration is not None:
                 loop.call_later(args.duration, stop.set)
-            return await _source(client, hv, m, ck, stop, sides)
+            return await _source(client, hv, m, ck, stop, sides, args.chain_limit)
 
         # SIGUSR1's default action ends a process: from the moment the pid file names us, a
         # `suspend` is remembered (before the loop runs) or ignored (after: the migration is over)
@@ -340,7 +342,8 @@ def cmd_follow(args: argparse.Namespace) -> int:
 
         async def main() -> Report:
             async with client:
-                side = sides["target"] = TargetSide(hv, ck, client, name, replay=_replay_config(args))
+                side = sides["target"] = TargetSide(hv, ck, client, name, replay=_replay_config(args),
+                                                    chain_limit=args.chain_limit)
                 side.progress = bar
                 return await side.run()
 
@@ -383,7 +386,7 @@ async def migrate_embedded(hv_source: Hypervisor, hv_target: Hypervisor, m: Mach
                            on_verified: Callable[[SourceSide, VmState], None] | None = None,
                            progress: Progress | None = None, service: ServiceEndpoint | None = None,
                            on_started: Callable[[SourceSide, TargetSide], None] | None = None,
-                           ) -> tuple[Report, SourceSide, TargetSide]:
+                           chain_limit: int = DEFAULT_CHAIN_LIMIT) -> tuple[Report, SourceSide, TargetSide]:
     """Source and target in this process, through ``service`` or one on loopback made for the
     purpose; ``user`` is what happens at the source before the suspend (a workload, or waiting for
     the person at the console); ``on_started`` sees both sides before anything runs (hooks, tests).
@@ -398,8 +401,8 @@ async def migrate_embedded(hv_source: Hypervisor, hv_target: Hypervisor, m: Mach
         source_cred, target_cred = await create_session(service.url, service.token, cafile=service.cafile)
         async with SessionClient(service.url, source_cred, cafile=service.cafile) as sc, \
                 SessionClient(service.url, target_cred, cafile=service.cafile) as tc:
-            src = SourceSide(hv_source, m, ck, sc)
-            tgt = TargetSide(hv_target, ck, tc, target_name, replay=replay)
+            src = SourceSide(hv_source, m, ck, sc, chain_limit=chain_limit)
+            tgt = TargetSide(hv_target, ck, tc, target_name, replay=replay, chain_limit=chain_limit)
             src.progress = tgt.progress = progress or Progress(enabled=False)
             if on_verified is not None:
                 tgt.on_verified = lambda state: on_verified(src, state)
@@ -467,7 +470,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
         async def main() -> tuple[Report, SourceSide, TargetSide]:
             return await migrate_embedded(hv, hv2, m, ck, target, user=user, replay=_replay_config(args),
-                                          progress=bar, on_started=lambda s, t: both.extend((s, t)))
+                                          progress=bar, on_started=lambda s, t: both.extend((s, t)),
+                                          chain_limit=args.chain_limit)
 
         bar = Progress()
         try:
@@ -491,8 +495,16 @@ def _token_file_arg(p: argparse.ArgumentParser) -> None:
                    help=f"the service's shared token, which creates sessions (default: ${TOKEN_ENV})")
 
 
+def _chain_limit_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chain-limit", type=int, default=DEFAULT_CHAIN_LIMIT, metavar="N",
+                   help="after a verified migration, register the state as the next common checkpoint, its disk "
+                   "at most N qcow2 layers over its chain's root, and prune the chain (0: register none; "
+                   "default %(default)s)")
+
+
 def add_record_to_options(p: argparse.ArgumentParser) -> None:
     """``record``'s options for ``--to`` (the rest of ``record`` is in cli/main.py)."""
+    _chain_limit_arg(p)
     p.add_argument("--target-credential", type=Path, default=None, metavar="FILE",
                    help="with --to: create a new session and write the target's credential to FILE (0600)")
     p.add_argument("--credential", type=Path, default=None, metavar="FILE",
@@ -526,6 +538,7 @@ def add_follow_arguments(p: argparse.ArgumentParser) -> None:
     _ca_file_arg(p)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--name", help="the target clone's name (default: rm-SESSION-target)")
+    _chain_limit_arg(p)
     p.add_argument("--gap-cap", type=positive, default=2.0)
     p.add_argument("--json", action="store_true")
 
@@ -534,6 +547,7 @@ def add_migrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("domain", help="a running clone of CHECKPOINT (replay-migrate vm start)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--target-name", help="name of the migrated VM (default: DOMAIN-migrated)")
+    _chain_limit_arg(p)
     p.add_argument("--workload", help="drive this workload (a shipped name, as `workload list` shows, or a "
                    "file) into the source, then migrate")
     p.add_argument("--duration", type=positive, help="record this long, then migrate (default: until Enter)")

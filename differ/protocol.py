@@ -1377,6 +1377,8 @@ class _TgtImg:
         self.from_base: npt.NDArray[np.bool_] = np.zeros(0, dtype=bool)
         """Per differing leaf: the source said it holds the base's content there."""
         self.touched = False
+        self.verified_tree: MerkleTree | None = None
+        """The committed image's tree, once VERIFIED (the next common checkpoint reuses it)."""
 
 
 class Target:
@@ -1456,6 +1458,11 @@ class Target:
     def roots(self) -> dict[str, bytes]:
         """The source's roots by image name (once VERIFIED: the roots of the committed images)."""
         return {im.name: im.shape.root for im in self._by_gi if im.shape is not None}
+
+    @property
+    def verified_trees(self) -> dict[str, MerkleTree]:
+        """The committed images' trees by name, once VERIFIED (the source's trees, leaf for leaf)."""
+        return {im.name: im.verified_tree for im in self._by_gi if im.verified_tree is not None}
 
     @property
     def progress(self) -> tuple[int, int]:
@@ -1862,16 +1869,18 @@ class Target:
             assert im.shape is not None and im.view is not None
             sel = self._p_img == im.gi
             if self.dry_run:
-                root = im.view.replace_leaves(self._p_leaf[sel], self._full[sel]).root if sel.any() else im.view.root
+                tree = im.view.replace_leaves(self._p_leaf[sel], self._full[sel]) if sel.any() else im.view
             elif im.touched or self.verify_untouched:
                 assert im.sink is not None
                 patched = im.sink.source()
                 try:
-                    root = MerkleTree.build(patched, im.shape.fanout).root
+                    tree = MerkleTree.build(patched, im.shape.fanout)
                 finally:
                     patched.close()
             else:
-                root = im.view.root
+                tree = im.view
+            im.verified_tree = tree
+            root = tree.root
             if root != im.shape.root:
                 raise VerificationError(f"image {im.name!r}: the patched image's root differs from the source's")
         if not self.dry_run:

@@ -14,6 +14,12 @@ by accident: :meth:`SourceSide.release` deletes everything it could be restored 
 of the moment it was saved: the target's, and a source resumed after a failure, are set to the
 host's (every clone is set so when it starts: ``checkpoint.start_clone``).
 
+After a verified migration both sides register the state they now share as the next common
+checkpoint (``store.chain``, from what each holds: the trees the migration computed, the verified
+memory image, the disk built leaf by leaf), and the migrated VM runs over its disk: the way back
+replays only what was done since and ships only what that left different. ``chain_limit`` bounds
+the chain (``store.chain.DEFAULT_CHAIN_LIMIT``; 0: register nothing).
+
 A cancellation (a signal, or another part of the command failing) is a failure like any other:
 the source VM is put back as it was (resumed and thawed; restored if it was saved), the target
 removes the clone it made, and the session is told so the other side does the same. Blocking VM
@@ -35,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from differ.merkle import MerkleTree
 from differ.protocol import (
     BatchApplied,
     ProtocolParams,
@@ -48,6 +55,7 @@ from differ.protocol import (
 from differ.protocol import Verified as DiffVerified
 from migration.cancel import drop, in_thread
 from recorder.logformat import Button, Key, SyncMark
+from replay_migrate import savefmt
 from replay_migrate.errors import (
     ImageError,
     LogFormatError,
@@ -65,6 +73,7 @@ from replayer.replay import ReplayConfig, Replayer, ReplayStats
 from server.client import SessionClient
 from server.clientcore import Frame, LogEnded, SessionFailedError
 from server.wire import Reason, State, Stream
+from store import chain
 from store import checkpoint as ckpt
 from store.vmstate import (
     DISK,
@@ -81,7 +90,7 @@ from store.vmstate import (
     references,
     source_images,
 )
-from vm.machine import Hypervisor, Machine, MachineState, file_allocated
+from vm.machine import Hypervisor, Machine, MachineState, create_overlay, file_allocated
 
 FLUSH_S = 3.0
 """Longest the source's agent gets before the guest is frozen: its frames are cut every 250 ms, and
@@ -140,6 +149,9 @@ class Report:
     transfer_s: float = 0.0
     downtime_s: float = 0.0
     verified: bool = False
+    next_checkpoint: str = ""
+    """The checkpoint both sites registered from the verified state (``store.chain``), which the
+    migrated VM records against: the way back starts from it. Empty if it could not be registered."""
 
     def add_transfer(self, stats: TransferStats) -> None:
         self.hash_bytes = stats.hash_bytes
@@ -221,12 +233,15 @@ class SourceSide:
     """The source site's half: ``stream_log`` while the user works, then ``suspend``."""
 
     def __init__(self, hv: Hypervisor, machine: Machine, checkpoint: ckpt.Checkpoint, client: SessionClient,
-                 *, params: ProtocolParams | None = None) -> None:
+                 *, params: ProtocolParams | None = None, chain_limit: int = chain.DEFAULT_CHAIN_LIMIT) -> None:
         self.hv = hv
         self.machine = machine
         self.checkpoint = checkpoint
         self.client = client
         self.params = params
+        self.chain_limit = chain_limit
+        self._verified: tuple[dict[str, bytes], dict[str, MerkleTree], CheckpointTrees] | None = None
+        """(roots, trees, the checkpoint's trees) of the verified state: the next checkpoint's."""
         self.report = Report()
         self.stats: TransferStats | None = None
         self.state_files: VmState | None = None
@@ -376,6 +391,7 @@ class SourceSide:
             want = {MEMORY: mine[MEMORY].root, DISK: mine[DISK].root}
             if dict(self.client.roots or {}) != want:
                 raise VerificationError("the target reports roots other than the source's")
+            self._verified = (want, mine, trees)
             self.stats = src.stats
             self.report.add_transfer(src.stats)
             self.report.diff_s = (walked[0] or time.monotonic()) - t0
@@ -410,6 +426,21 @@ class SourceSide:
             raise VMError(f"not releasing {self.machine.name!r}: the target has not confirmed")
         await asyncio.to_thread(self._release)
 
+    def _register_next(self) -> None:
+        """The verified state becomes the next common checkpoint here too: the saved image moves in,
+        the disk is built from the overlay (``store.chain``). A failure is logged: the migration is done."""
+        if self._verified is None or self.chain_limit < 1:
+            return
+        roots, trees, ck_trees = self._verified
+        try:
+            nxt = chain.register(self.checkpoint, roots, self.run_dir / "suspend.sav", self.run_dir / "disk.qcow2",
+                                 trees, ck_trees, chain_limit=self.chain_limit)
+        except ReplayMigrateError as e:
+            self.log.error("could not register the next checkpoint here: %s", e)
+            return
+        self.report.next_checkpoint = nxt.name
+        self.log.info("next common checkpoint: %s", nxt.name)
+
     def _release(self) -> None:
         name = self.machine.name
         try:
@@ -420,6 +451,7 @@ class SourceSide:
             if left.state is not MachineState.SHUTOFF:
                 raise VMError(f"{name!r} runs again at the source after it migrated: not releasing it")
             left.undefine()
+        self._register_next()
         for f in ("suspend.sav", "memory.sav", "disk.qcow2", "checkpoint"):
             (self.run_dir / f).unlink(missing_ok=True)
         (self.run_dir / RELEASED_NOTE).write_text(
@@ -462,11 +494,16 @@ class TargetSide:
     over the source's state."""
 
     def __init__(self, hv: Hypervisor, checkpoint: ckpt.Checkpoint, client: SessionClient, name: str,
-                 *, replay: ReplayConfig | None = None, params: ProtocolParams | None = None) -> None:
+                 *, replay: ReplayConfig | None = None, params: ProtocolParams | None = None,
+                 chain_limit: int = chain.DEFAULT_CHAIN_LIMIT) -> None:
         self.hv = hv
         self.checkpoint = checkpoint
         self.client = client
         self.name = name
+        self.chain_limit = chain_limit
+        self._next: tuple[ckpt.Checkpoint, Path, bytes, MerkleTree] | None = None
+        """(next checkpoint, the verified memory image, its original head, its tree) until the image
+        is handed to the checkpoint after the resume."""
         self.replay_config = replay or ReplayConfig()
         self.params = params
         self.report = Report()
@@ -516,6 +553,7 @@ class TargetSide:
             await asyncio.shield(_give_up(self.client, e, self.log))
             await asyncio.shield(in_thread(self._discard))
             raise
+        await asyncio.to_thread(self._complete_next)
         # it resumed with the source's clock at suspend, the downtime behind. After the confirm
         # (the source waits for it; hwclock in the guest takes ~2 s), and outside the try above:
         # nothing after the confirm may discard the VM, which now lives only here
@@ -645,8 +683,13 @@ class TargetSide:
             t_inspect = time.monotonic()
             await in_thread(self.on_verified, state)
             self.inspect_s = time.monotonic() - t_inspect
-        back = await in_thread(self.hv.restore_clone, image, name=m.name, disk=state.disk,
-                               run_dir=run_dir, paused=False, copy=False)
+        disk = state.disk
+        nxt = await in_thread(self._prepare_next, roots, state, tgt.verified_trees, trees)
+        if nxt is not None:
+            disk = run_dir / "disk.qcow2"
+            await in_thread(self._over_next, nxt, disk, run_dir)
+        back = await in_thread(self.hv.restore_clone, image, name=m.name, disk=disk,
+                               run_dir=run_dir, paused=False, copy=False, consume=nxt is None)
         await in_thread(back.wait_agent)
         await in_thread(back.fsthaw)
         self.machine = back
@@ -655,6 +698,46 @@ class TargetSide:
         self._resuming = True
         await self.client.resumed()
         self.report.verified = True
+
+    def _prepare_next(self, roots: dict[str, bytes], state: VmState, verified: dict[str, MerkleTree],
+                      trees: CheckpointTrees) -> ckpt.Checkpoint | None:
+        """The next common checkpoint's disk, built from the verified state before the VM is restored
+        over it (a failure: logged, and the VM resumes over its patched overlay as before)."""
+        if self.chain_limit < 1 or set(verified) != {MEMORY, DISK}:
+            return None
+        try:
+            nxt = chain.prepare(self.checkpoint, roots, state.disk, verified, trees, chain_limit=self.chain_limit)
+            head = savefmt.read_header(state.memory).qemu_offset
+            with open(state.memory, "rb") as f:
+                self._next = (nxt, state.memory, f.read(head), verified[MEMORY])
+        except (ReplayMigrateError, OSError) as e:
+            self.log.error("could not register the next checkpoint: %s", e)
+            return None
+        return nxt
+
+    def _over_next(self, nxt: ckpt.Checkpoint, disk: Path, run_dir: Path) -> None:
+        """The VM's disk becomes a new overlay over the next checkpoint's (which holds its content now)."""
+        disk.unlink(missing_ok=True)
+        create_overlay(disk, nxt.disk)
+        (run_dir / "checkpoint").write_text(nxt.name + "\n")
+
+    def _complete_next(self) -> None:
+        """After the resume: the verified memory image (its head, which the restore rewrote, put back)
+        goes into the next checkpoint, and the chain is pruned. Logged, never raised: the VM runs."""
+        if self._next is None:
+            return
+        nxt, image, head, tree = self._next
+        self._next = None
+        try:
+            with open(image, "r+b") as f:
+                f.write(head)
+            chain.complete(nxt, image, tree)
+            chain.prune(nxt.manifest.chain, keep=nxt.name)
+        except (ReplayMigrateError, OSError) as e:
+            self.log.error("could not complete the next checkpoint %s: %s", nxt.name, e)
+            image.unlink(missing_ok=True)
+            return
+        self.report.next_checkpoint = nxt.name
 
     def _discard(self) -> None:
         """The migration failed: the target's clone is not the user's VM; remove it."""
@@ -677,6 +760,7 @@ def merged_report(src: SourceSide, tgt: TargetSide) -> Report:
     r.transfer_s = tgt.report.transfer_s
     r.downtime_s = max(0.0, r.downtime_s - tgt.inspect_s)
     r.verified = src.report.verified and tgt.report.verified
+    r.next_checkpoint = tgt.report.next_checkpoint or src.report.next_checkpoint
     r.finish()
     return r
 

@@ -3,10 +3,22 @@
 Both sites hold the same checkpoint before a migration; a clone starts from it by *restoring*
 (seconds) instead of booting (~35 s under TCG). A checkpoint folder holds::
 
-    disk.qcow2      qcow2 overlay over the guest image's base.qcow2 (never written again)
+    disk.qcow2      qcow2 overlay over its base (never written again)
     memory.sav      libvirt sparse save image of the running desktop
-    manifest.json   what it is: image recipe, virt type, sizes, timings, later root hashes
+    manifest.json   what it is: its origin and base, virt type, sizes, timings, later root hashes
     screen.png      the desktop at save time
+
+A checkpoint comes from one of three places (``Manifest.origin``):
+
+- ``image``: the guest image booted to its settled desktop (``create``); its disk is an overlay over
+  the image's ``base.qcow2``, found by the image recipe's hash.
+- ``domain``: a running domain of the user's (``store.fromdomain``); its disk is an overlay over the
+  domain's own qcow2 image, which becomes read-only and is identified by its path and a digest
+  (``Manifest.base``), and its virt type and machine come from the domain's XML (kept in the save
+  image's header, and its persistent definition in ``domain.xml``).
+- ``migration``: the state both sites verified at the end of a migration (``store.chain``): the
+  next common checkpoint, whose disk is an overlay over an earlier checkpoint's (``Manifest.parent``
+  and ``backing``) and whose trees the migration computed.
 
 Clones live in ``<state>/clones/<name>/``: their own overlay over the checkpoint's disk, serial
 log, recorder socket, and the name of their checkpoint (``checkpoint``). Every checkpoint or clone
@@ -16,10 +28,14 @@ outside those two folders, whatever the name.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +55,7 @@ SETTLE_S = 15.0
 """Idle time after the desktop is up before saving, so boot-time writers (font caches, udev,
 journald) are done and clones start from a quiet guest."""
 MANIFEST_VERSION = 1
+ORIGIN_IMAGE, ORIGIN_DOMAIN, ORIGIN_MIGRATION = "image", "domain", "migration"
 
 
 @dataclass
@@ -56,11 +73,28 @@ class Manifest:
     disk_allocated_bytes: int
     roots: dict[str, str] = field(default_factory=dict)
     version: int = MANIFEST_VERSION
+    origin: str = ORIGIN_IMAGE
+    """``image``, ``domain`` or ``migration`` (see the module docstring)."""
+    base: dict[str, Any] = field(default_factory=dict)
+    """A domain checkpoint's base image: path, format, size, mtime_ns and blake3 of its bytes."""
+    parent: str = ""
+    """A migration checkpoint's predecessor: the checkpoint the migration started from."""
+    backing: str = ""
+    """The checkpoint whose disk this one's disk.qcow2 is an overlay over (``parent``, or the chain's
+    root when the chain was cut short: ``store.chain``)."""
+    chain: str = ""
+    """The root checkpoint of a migration checkpoint's chain (one per VM)."""
+    depth: int = 0
+    """How many migration checkpoints this one's disk stacks over the root's."""
+    files: dict[str, str] = field(default_factory=dict)
+    """sha256 of files both sites must hold byte for byte (a migration checkpoint's disk.qcow2)."""
 
     @classmethod
     def load(cls, path: Path) -> Manifest:
         try:
             data: dict[str, Any] = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise TypeError("not an object")
             return cls(**data)
         except FileNotFoundError:
             raise CheckpointError(f"{path.parent}: no manifest (incomplete checkpoint)") from None
@@ -109,7 +143,39 @@ class Checkpoint:
         for p in (self.disk, self.memory, self.manifest_path):
             if not p.is_file():
                 raise CheckpointError(f"checkpoint {self.name!r} is incomplete: {p.name} is missing")
-        self.image.check()
+        m = self.manifest
+        if m.origin == ORIGIN_IMAGE:
+            self.image.check()
+        elif m.origin == ORIGIN_DOMAIN:
+            base = Path(str(m.base.get("path", "")))
+            if not base.is_file():
+                raise CheckpointError(f"checkpoint {self.name!r}: its base image {base} is missing")
+        elif m.origin == ORIGIN_MIGRATION:
+            if not m.backing or not Checkpoint(checkpoint_path(m.backing)).disk.is_file():
+                raise CheckpointError(f"checkpoint {self.name!r}: the checkpoint under its disk, "
+                                      f"{m.backing!r}, is missing")
+        else:
+            raise CheckpointError(f"checkpoint {self.name!r}: unknown origin {m.origin!r}")
+
+    @property
+    def in_use_lock(self) -> Path:
+        """A session that uses this checkpoint holds a shared lock on this file (``in_use``); pruning
+        takes it exclusively or leaves the checkpoint alone."""
+        return self.dir / IN_USE_LOCK
+
+
+IN_USE_LOCK = ".in-use"
+
+
+@contextlib.contextmanager
+def in_use(ck: Checkpoint) -> Iterator[None]:
+    """Hold checkpoint ``ck`` for the duration (a migration's side): it is not pruned meanwhile."""
+    fd = os.open(ck.in_use_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
 
 
 def get(name: str) -> Checkpoint:
@@ -209,7 +275,18 @@ def remove(hv: Hypervisor, name: str) -> None:
     users = [c for c in clones_of(name) if hv.exists(c)]
     if users:
         raise CheckpointError(f"checkpoint {name!r} is used by {', '.join(users)}: remove them first")
+    over = [c.name for c in list_all() if c.name != name and _backing_of(c) == name]
+    if over:
+        raise CheckpointError(f"the disks of checkpoints {', '.join(over)} are overlays over {name!r}'s: "
+                              "remove them first")
     shutil.rmtree(d)
+
+
+def _backing_of(c: Checkpoint) -> str:
+    try:
+        return c.manifest.backing
+    except CheckpointError:     # not a checkpoint we can read: nothing of it stacks on another
+        return ""
 
 
 def clones_of(name: str) -> list[str]:
@@ -251,7 +328,7 @@ def run_dir_of(m: Machine) -> Path:
 
 
 def start_clone(hv: Hypervisor, ck: Checkpoint, name: str, *, paused: bool = False,
-                replace: bool = False) -> Machine:
+                replace: bool = False, uuid_: str | None = None) -> Machine:
     """Start domain ``name`` as a clone of checkpoint ``ck`` (restore, not boot), with the host's
     wall-clock time (the checkpoint's is minutes or days old). Every clone is set so when it starts,
     the source's and the target's alike, so both keep one clock. ``paused``: the caller resumes it
@@ -268,7 +345,7 @@ def start_clone(hv: Hypervisor, ck: Checkpoint, name: str, *, paused: bool = Fal
     create_overlay(run_dir / "disk.qcow2", ck.disk)
     try:
         m = hv.restore_clone(ck.memory, name=name, disk=run_dir / "disk.qcow2", run_dir=run_dir,
-                             paused=paused)
+                             paused=paused, uuid_=uuid_)
         if not paused:
             m.wait_agent()
             offset = m.sync_clock()
@@ -278,6 +355,11 @@ def start_clone(hv: Hypervisor, ck: Checkpoint, name: str, *, paused: bool = Fal
         _remove_domain(hv, name)
         remove_run_dir(run_dir)
         raise
+
+
+def remove_run_dir_of(name: str) -> None:
+    """Delete clone ``name``'s folder (checked name), if there is one."""
+    remove_run_dir(clone_dir(name))
 
 
 def remove_clone(hv: Hypervisor, name: str) -> None:

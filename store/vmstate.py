@@ -51,7 +51,7 @@ TREES_LOCK = ".trees.lock"
 """The lock file in a checkpoint's folder under which its trees are computed or loaded."""
 
 
-def _stamp(path: Path) -> bytes:
+def file_stamp(path: Path) -> bytes:
     """Identity of a file nobody writes in place (checkpoint files never change once made)."""
     st = path.stat()
     return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode()
@@ -79,11 +79,11 @@ def checkpoint_trees(ck: Checkpoint) -> CheckpointTrees:
         raise ImageError(f"{ck.dir}: cannot lock the checkpoint's trees: {e.strerror}") from e
     with lock:
         with MemoryImageSource(ck.memory) as src:
-            memory = load_or_build(src, ck.dir / "memory.tree", _stamp(ck.memory), FANOUT)
+            memory = load_or_build(src, ck.dir / "memory.tree", file_stamp(ck.memory), FANOUT)
         digests_path = ck.dir / "disk.leaves.npz"
         stamp_path = ck.dir / "disk.leaves.stamp"
         disk: LeafDigests | None = None
-        if digests_path.exists() and stamp_path.exists() and stamp_path.read_bytes() == _stamp(ck.disk):
+        if digests_path.exists() and stamp_path.exists() and stamp_path.read_bytes() == file_stamp(ck.disk):
             try:
                 size = qemu_img_info(str(ck.disk), fmt="qcow2", force_share=True)[0].get("virtual-size")
                 if not isinstance(size, int):
@@ -96,7 +96,7 @@ def checkpoint_trees(ck: Checkpoint) -> CheckpointTrees:
             disk = compute_leaf_digests(ck.disk, fmt="qcow2")
             disk.save(digests_path)             # then the stamp that says it is current
             try:
-                atomic_write(stamp_path, _stamp(ck.disk))
+                atomic_write(stamp_path, file_stamp(ck.disk))
             except OSError as e:
                 raise ImageError(f"{stamp_path}: cannot write: {e.strerror}") from e
         trees = CheckpointTrees(memory, disk)

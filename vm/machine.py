@@ -152,15 +152,17 @@ class Hypervisor:
         return Machine(self, dom)
 
     def restore_clone(self, memory_image: Path, *, name: str, disk: Path, run_dir: Path,
-                      paused: bool = False, copy: bool = True) -> Machine:
+                      paused: bool = False, copy: bool = True, consume: bool = True,
+                      uuid_: str | None = None) -> Machine:
         """Start domain ``name`` from ``memory_image`` with a clone's identity.
 
         ``disk`` must already hold the clone's overlay (the disk state that goes with the memory
         image). With ``copy`` the image is copied to ``run_dir/memory.sav`` first and only read,
         so any number of clones can be made from one checkpoint; without, the image's own header
         is rewritten (a migrated image the target now owns). Either way the image the domain was
-        restored from is deleted once it runs (see :meth:`restore`); ``memory_image`` itself is
-        kept when it was copied.
+        restored from is deleted once it runs (see :meth:`restore`; not with ``consume=False``:
+        the caller takes it, e.g. into the next checkpoint); ``memory_image`` itself is kept when
+        it was copied. ``uuid_``: the clone's UUID (default: a new one).
         """
         if self.exists(name):
             raise VMError(f"a domain named {name!r} already exists")
@@ -173,12 +175,12 @@ class Hypervisor:
             sparse_copy(memory_image, image)
         (run_dir / "serial.log").unlink(missing_ok=True)
         try:
-            savefmt.rewrite_xml(image, clone_xml(header.xml, name, disk, run_dir))
+            savefmt.rewrite_xml(image, clone_xml(header.xml, name, disk, run_dir, uuid_=uuid_))
         except BaseException:
             if copy:
                 image.unlink(missing_ok=True)
             raise
-        return self.restore(image, paused=paused, consume=True)
+        return self.restore(image, paused=paused, consume=consume or copy)
 
     def restore(self, memory_image: Path, *, paused: bool = False, consume: bool = False) -> Machine:
         """Restore the domain saved in ``memory_image`` under the identity in its header.

@@ -98,10 +98,12 @@ class DomainSpec:
             recorder_channel=RECORDER_CHANNEL)
 
 
-def clone_xml(saved_xml: str, name: str, disk: Path, run_dir: Path) -> str:
-    """The saved domain's XML with a clone's identity: name, a new UUID, its own disk overlay,
-    serial log and recorder socket; the guest agent's socket path is dropped so libvirt makes a
-    new one. Everything the guest sees (devices, CPU, memory) stays as saved."""
+def clone_xml(saved_xml: str, name: str, disk: Path, run_dir: Path, *, uuid_: str | None = None) -> str:
+    """The saved domain's XML with a clone's identity: name, a new UUID (or ``uuid_``: a user's
+    domain restarted as a clone keeps its own), its own disk overlay, serial log and recorder
+    socket; the guest agent's socket path is dropped so libvirt makes a new one. Everything the
+    guest sees (devices, CPU, memory) stays as saved. The first serial port becomes a log file in
+    the clone's folder (a user's domain may have a pty there: the folder is how a clone is known)."""
     try:
         root = ET.fromstring(saved_xml)
     except ET.ParseError as e:
@@ -115,12 +117,28 @@ def clone_xml(saved_xml: str, name: str, disk: Path, run_dir: Path) -> str:
         return el
 
     one("name").text = name
-    one("uuid").text = str(uuid.uuid4())
+    one("uuid").text = uuid_ or str(uuid.uuid4())
     disk_el = one("devices/disk[@device='disk']")
     one("devices/disk[@device='disk']/source").set("file", str(disk))
     for bs in disk_el.findall("backingStore"):
         disk_el.remove(bs)
-    one("devices/serial/source").set("path", str(spec.serial_log))
+    devices = one("devices")
+    serial = root.find("devices/serial")
+    if serial is None:
+        serial = ET.SubElement(devices, "serial")
+        ET.SubElement(serial, "target", port="0")
+    if serial.get("type") != "file":
+        serial.set("type", "file")
+        for console in root.findall("devices/console"):
+            target = console.find("target")
+            if target is None or target.get("type", "serial") == "serial":
+                devices.remove(console)      # libvirt makes it again from the serial port
+    source = serial.find("source")
+    if source is None:
+        source = ET.Element("source")
+        serial.insert(0, source)
+    source.attrib.clear()
+    source.set("path", str(spec.serial_log))
     for ch in root.findall("devices/channel"):
         target = ch.find("target")
         src = ch.find("source")
