@@ -732,7 +732,7 @@ class TargetSide:
             with open(image, "r+b") as f:
                 f.write(head)
             chain.complete(nxt, image, tree)
-            chain.prune(nxt.manifest.chain, keep=nxt.name)
+            chain.prune(nxt.manifest.lineage, keep=nxt.name)
         except (ReplayMigrateError, OSError) as e:
             self.log.error("could not complete the next checkpoint %s: %s", nxt.name, e)
             image.unlink(missing_ok=True)

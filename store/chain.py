@@ -26,9 +26,10 @@ first builds it, under the store's ``.chain.lock``, and the other finds it.
 The chain per VM is bounded: a checkpoint's disk stacks over its predecessor's (one qcow2 layer per
 migration) until ``chain_limit`` layers; the next one is built over the chain's root instead (all
 changes since the root in one layer), so no chain grows deeper. After each registration the chain is
-pruned: every checkpoint of it that the newest does not stack on is deleted, unless a clone's folder
-names it (a running or saved VM) or a session holds it (``checkpoint.in_use``); the root is never
-deleted here.
+pruned, per VM (its *lineage*: the checkpoints since the first migration from the root, which many
+VMs may share): every checkpoint of it that the newest does not stack on is deleted, unless a clone's
+folder names it (a running or saved VM) or a session holds it (``checkpoint.in_use``); the root is
+never deleted here.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from replay_migrate.files import atomic_write, locked
 from replay_migrate.tools import run_tool
 from store import checkpoint as ckpt
 from store.paths import MAX_NAME_LEN, check_name, checkpoint_path, checkpoints_dir
-from store.vmstate import DISK, MEMORY, CheckpointTrees, checkpoint_trees, file_stamp
+from store.vmstate import DISK, MEMORY, CheckpointTrees, checkpoint_disk_leaves, file_stamp
 from vm.machine import file_allocated
 
 log = logging.getLogger("replay_migrate.chain")
@@ -107,7 +108,7 @@ def prepare(parent: ckpt.Checkpoint, roots: dict[str, bytes], state_disk: Path, 
         backing, backing_leaves = parent, parent_trees.disk
         if depth > chain_limit:
             backing = ckpt.get(root_name)
-            backing_leaves = checkpoint_trees(backing).disk
+            backing_leaves = checkpoint_disk_leaves(backing)
             depth = 1
         partial = ck.dir.with_name(f"{name}.partial")
         shutil.rmtree(partial, ignore_errors=True)
@@ -126,6 +127,7 @@ def prepare(parent: ckpt.Checkpoint, roots: dict[str, bytes], state_disk: Path, 
                 memory_apparent_bytes=0, memory_allocated_bytes=0, disk_allocated_bytes=file_allocated(disk),
                 roots={MEMORY: roots[MEMORY].hex(), DISK: roots[DISK].hex()}, origin=ckpt.ORIGIN_MIGRATION,
                 base=pm.base, parent=parent.name, backing=backing.name, chain=root_name, depth=depth,
+                lineage=pm.lineage if pm.origin == ckpt.ORIGIN_MIGRATION else name,
                 files={"disk.qcow2": _sha256(disk)}).save(partial / "manifest.json")
             partial.rename(ck.dir)
         except BaseException:
@@ -205,14 +207,14 @@ def _check_head(path: Path, tree: MerkleTree) -> None:
                 raise CheckpointError(f"{path}: leaf {i} is not the verified state's (its header was not put back?)")
 
 
-def prune(chain: str, *, keep: str) -> list[str]:
-    """Delete the checkpoints of ``chain`` that ``keep`` (the newest) does not stack on, unless a clone's
+def prune(lineage: str, *, keep: str) -> list[str]:
+    """Delete the checkpoints of ``lineage`` (one VM's) that ``keep`` (its newest) does not stack on, unless a clone's
     folder names one or a session holds it (``checkpoint.in_use``); a checkpoint something kept stacks
     on is kept too. Returns the names deleted."""
     with _lock():
         members = {c.name: c for c in ckpt.list_all()
                    if _manifest_or_none(c) is not None and c.manifest.origin == ckpt.ORIGIN_MIGRATION
-                   and c.manifest.chain == chain}
+                   and c.manifest.lineage == lineage}
         used = {keep} | {n for n in members if ckpt.clones_of(n)}
         kept: set[str] = set()
         for n in used:
@@ -228,7 +230,7 @@ def prune(chain: str, *, keep: str) -> list[str]:
         for n in sorted(set(members) - kept - set(removed)):
             kept.add(n)   # held by a session: its chain stays for now (pruned with a later checkpoint)
         if removed:
-            log.info("pruned checkpoints %s of chain %s", ", ".join(removed), chain)
+            log.info("pruned checkpoints %s of lineage %s", ", ".join(removed), lineage)
         return removed
 
 
@@ -264,5 +266,5 @@ def register(parent: ckpt.Checkpoint, roots: dict[str, bytes], memory_image: Pat
     """:func:`prepare` and :func:`complete` at once (the source, whose VM is gone), then :func:`prune`."""
     ck = prepare(parent, roots, state_disk, trees, parent_trees, chain_limit=chain_limit)
     complete(ck, memory_image, trees[MEMORY])
-    prune(ck.manifest.chain, keep=ck.name)
+    prune(ck.manifest.lineage, keep=ck.name)
     return ck

@@ -83,7 +83,10 @@ class Manifest:
     """The checkpoint whose disk this one's disk.qcow2 is an overlay over (``parent``, or the chain's
     root when the chain was cut short: ``store.chain``)."""
     chain: str = ""
-    """The root checkpoint of a migration checkpoint's chain (one per VM)."""
+    """The root checkpoint (image or domain) a migration checkpoint's chain starts from."""
+    lineage: str = ""
+    """The first migration checkpoint of this one's chain: one lineage per VM (many VMs may start from
+    one root), the unit ``store.chain.prune`` bounds."""
     depth: int = 0
     """How many migration checkpoints this one's disk stacks over the root's."""
     files: dict[str, str] = field(default_factory=dict)

@@ -80,25 +80,7 @@ def checkpoint_trees(ck: Checkpoint) -> CheckpointTrees:
     with lock:
         with MemoryImageSource(ck.memory) as src:
             memory = load_or_build(src, ck.dir / "memory.tree", file_stamp(ck.memory), FANOUT)
-        digests_path = ck.dir / "disk.leaves.npz"
-        stamp_path = ck.dir / "disk.leaves.stamp"
-        disk: LeafDigests | None = None
-        if digests_path.exists() and stamp_path.exists() and stamp_path.read_bytes() == file_stamp(ck.disk):
-            try:
-                size = qemu_img_info(str(ck.disk), fmt="qcow2", force_share=True)[0].get("virtual-size")
-                if not isinstance(size, int):
-                    raise ImageError(f"{ck.disk}: qemu-img info gives no virtual size")
-                disk = LeafDigests.load(digests_path, expect_size=size)   # a file of another size is stale
-            except ImageError as e:
-                log.warning("recomputing the disk digests of %s: %s", ck.name, e)
-        if disk is None:
-            log.info("hashing the guest-visible disk of checkpoint %s (once)", ck.name)
-            disk = compute_leaf_digests(ck.disk, fmt="qcow2")
-            disk.save(digests_path)             # then the stamp that says it is current
-            try:
-                atomic_write(stamp_path, file_stamp(ck.disk))
-            except OSError as e:
-                raise ImageError(f"{stamp_path}: cannot write: {e.strerror}") from e
+        disk = _disk_leaves(ck)
         trees = CheckpointTrees(memory, disk)
         m = ck.manifest
         roots = {MEMORY: memory.root.hex(), DISK: trees.disk_tree.root.hex()}
@@ -106,6 +88,42 @@ def checkpoint_trees(ck: Checkpoint) -> CheckpointTrees:
             m.roots = roots
             m.save(ck.manifest_path)
         return trees
+
+
+def _disk_leaves(ck: Checkpoint) -> LeafDigests:
+    """(Under the checkpoint's TREES_LOCK) its disk's leaf digests, saved or computed and saved."""
+    digests_path = ck.dir / "disk.leaves.npz"
+    stamp_path = ck.dir / "disk.leaves.stamp"
+    disk: LeafDigests | None = None
+    if digests_path.exists() and stamp_path.exists() and stamp_path.read_bytes() == file_stamp(ck.disk):
+        try:
+            size = qemu_img_info(str(ck.disk), fmt="qcow2", force_share=True)[0].get("virtual-size")
+            if not isinstance(size, int):
+                raise ImageError(f"{ck.disk}: qemu-img info gives no virtual size")
+            disk = LeafDigests.load(digests_path, expect_size=size)   # a file of another size is stale
+        except ImageError as e:
+            log.warning("recomputing the disk digests of %s: %s", ck.name, e)
+    if disk is None:
+        log.info("hashing the guest-visible disk of checkpoint %s (once)", ck.name)
+        disk = compute_leaf_digests(ck.disk, fmt="qcow2")
+        disk.save(digests_path)             # then the stamp that says it is current
+        try:
+            atomic_write(stamp_path, file_stamp(ck.disk))
+        except OSError as e:
+            raise ImageError(f"{stamp_path}: cannot write: {e.strerror}") from e
+    return disk
+
+
+def checkpoint_disk_leaves(ck: Checkpoint) -> LeafDigests:
+    """The leaf digests of the checkpoint's guest-visible disk only (computed once, as in
+    :func:`checkpoint_trees`)."""
+    lock = ExitStack()
+    try:
+        lock.enter_context(locked(ck.dir / TREES_LOCK))
+    except OSError as e:
+        raise ImageError(f"{ck.dir}: cannot lock the checkpoint's trees: {e.strerror}") from e
+    with lock:
+        return _disk_leaves(ck)
 
 
 @dataclass(frozen=True)
