@@ -15,6 +15,7 @@ from cli.report import emit_json, table
 from recorder.channel import Hello
 from replay_migrate.errors import ReplayError, ReplayMigrateError, TransportError, VMError
 from replayer.link import RecorderLink
+from replayer.logfeed import LogPump
 from store import checkpoint as ckpt
 from vm import install
 from vm.machine import Hypervisor, Machine
@@ -42,6 +43,43 @@ def hello_of(m: Machine, timeout: float) -> Hello | None:
             return link.open(timeout=timeout)
     except (ReplayError, TransportError, VMError):
         return None
+
+
+DRAIN_QUIET_S = 0.3
+"""A paused guest's agent writes nothing more: the channel is drained once a read this long brings nothing."""
+
+
+class ChannelLogCut:
+    """``store.fromdomain.LogCut`` over the recorder channel: attached while the domain runs, then
+    (paused) every frame read; the log stands at the next frame seq."""
+
+    def __init__(self, timeout: float = HELLO_TIMEOUT_S) -> None:
+        self.timeout = timeout
+        self._link: RecorderLink | None = None
+        self._pump = LogPump(require_end=False)
+
+    def open(self, m: Machine) -> None:
+        self._link = RecorderLink(m)
+        self._link.open(timeout=self.timeout)
+        self._read(0.2)
+
+    def _read(self, quiet_s: float) -> None:
+        assert self._link is not None
+        while frames := self._link.frames(quiet_s):
+            for fr in frames:
+                self._pump.feed(fr.data)
+                self._link.ack(fr.seq)
+
+    def cut(self) -> tuple[int, int]:
+        assert self._link is not None
+        try:
+            self._read(DRAIN_QUIET_S)
+        finally:
+            self._link.close()
+        header = self._pump.header
+        if header is None:
+            raise VMError("the recorder agent sent no log header")
+        return self._pump.decoder.next_seq, header.clock_origin_us
 
 
 def _hello_dict(h: Hello | None) -> dict[str, Any]:

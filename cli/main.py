@@ -60,7 +60,7 @@ def cmd_checkpoint_create(args: argparse.Namespace) -> int:
 
 def _checkpoint_of_domain(args: argparse.Namespace) -> int:
     """``checkpoint create NAME --domain DOMAIN``: a running domain of the user's (store.fromdomain)."""
-    from cli.agent import _busy, hello_of
+    from cli.agent import ChannelLogCut, _busy, hello_of
     from store.fromdomain import create_from_domain
 
     checkpoint_path(args.name)       # a plain name, checked before anything starts
@@ -77,7 +77,7 @@ def _checkpoint_of_domain(args: argparse.Namespace) -> int:
         if hello is None:
             raise CheckpointError(f"the recorder agent of {args.domain!r} does not answer: "
                                        f"`replay-migrate agent status {args.domain}` says why")
-        ck, clone = create_from_domain(hv, args.name, args.domain)
+        ck, clone = create_from_domain(hv, args.name, args.domain, ChannelLogCut(args.agent_timeout))
         man = ck.manifest
         print(f"checkpoint {ck.name}: {ck.dir} (memory image {human_bytes(man.memory_allocated_bytes)} allocated, "
               f"base {man.base['path']}); {clone.name} runs on as its clone (agent {hello.agent_version}, "

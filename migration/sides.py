@@ -54,7 +54,7 @@ from differ.protocol import (
 )
 from differ.protocol import Verified as DiffVerified
 from migration.cancel import drop, in_thread
-from recorder.logformat import Button, Key, SyncMark
+from recorder.logformat import Button, Key, LogDecoder, SyncMark
 from replay_migrate import savefmt
 from replay_migrate.errors import (
     ImageError,
@@ -242,6 +242,9 @@ class SourceSide:
         self.chain_limit = chain_limit
         self._verified: tuple[dict[str, bytes], dict[str, MerkleTree], CheckpointTrees] | None = None
         """(roots, trees, the checkpoint's trees) of the verified state: the next checkpoint's."""
+        self._ck_manifest = checkpoint.manifest
+        self.log_end = (1, 0)
+        """(the end-of-log frame's seq, the log's clock origin): where the saved state's log stands."""
         self.report = Report()
         self.stats: TransferStats | None = None
         self.state_files: VmState | None = None
@@ -269,6 +272,14 @@ class SourceSide:
         """How long ``suspend`` waited for the agent's last frames before freezing the guest."""
         self.log = logging.getLogger(f"replay_migrate.source.{machine.name}")
 
+    def _in_checkpoint(self, seq: int) -> bool:
+        """Whether agent frame ``seq`` is in the checkpoint's state already (``Manifest.log_resume``):
+        fed to the source's own decoder, not forwarded (the target's decoder expects the cut too)."""
+        m = self._ck_manifest
+        header = self._log.header
+        return (0 < seq < m.log_resume and header is not None
+                and header.clock_origin_us == m.log_origin_us)
+
     async def _forward(self, poll_s: float) -> int:
         frames = await in_thread(self.link.frames, poll_s)
         for fr in frames:
@@ -277,6 +288,9 @@ class SourceSide:
                     self.settled = True
                 elif isinstance(ev, (Key, Button)):     # pointer motion alone brings no new mark
                     self.settled = False
+            if self._in_checkpoint(fr.seq):
+                self.link.ack(fr.seq)
+                continue
             await self.client.send_log(fr.data)
             self.link.ack(fr.seq)        # journalled in the session: the agent may forget it
             self.report.log_bytes += len(fr.data)
@@ -286,6 +300,7 @@ class SourceSide:
     async def _end_log(self) -> None:
         """Close the forwarded log with its end-of-log event (the agent records on until the VM is
         saved, so it never writes one itself): the target then tells a whole log from a cut one."""
+        self.log_end = (self._log.decoder.next_seq, self._log.header.clock_origin_us if self._log.header else 0)
         data = self._log.end_frame()
         await self.client.send_log(data)
         self.report.log_bytes += len(data)
@@ -434,7 +449,7 @@ class SourceSide:
         roots, trees, ck_trees = self._verified
         try:
             nxt = chain.register(self.checkpoint, roots, self.run_dir / "suspend.sav", self.run_dir / "disk.qcow2",
-                                 trees, ck_trees, chain_limit=self.chain_limit)
+                                 trees, ck_trees, log_cut=self.log_end, chain_limit=self.chain_limit)
         except ReplayMigrateError as e:
             self.log.error("could not register the next checkpoint here: %s", e)
             return
@@ -501,6 +516,7 @@ class TargetSide:
         self.client = client
         self.name = name
         self.chain_limit = chain_limit
+        self._feed: EventFeed | None = None
         self._next: tuple[ckpt.Checkpoint, Path, bytes, MerkleTree] | None = None
         """(next checkpoint, the verified memory image, its original head, its tree) until the image
         is handed to the checkpoint after the resume."""
@@ -570,7 +586,9 @@ class TargetSide:
         """Replay the log as it arrives, until the source ends it."""
         link = RecorderLink(m)
         await in_thread(link.open)
-        feed = EventFeed()
+        m_ck = self.checkpoint.manifest
+        feed = EventFeed(LogPump(decoder=LogDecoder(resume_at=m_ck.log_resume, origin_us=m_ck.log_origin_us)))
+        self._feed = feed
         replayer = Replayer(m, link, self.replay_config)
         replayer.on_progress = lambda n: self.progress("replay", n, 0)
         result: list[ReplayStats | BaseException] = []
@@ -706,7 +724,12 @@ class TargetSide:
         if self.chain_limit < 1 or set(verified) != {MEMORY, DISK}:
             return None
         try:
-            nxt = chain.prepare(self.checkpoint, roots, state.disk, verified, trees, chain_limit=self.chain_limit)
+            dec = self._feed.pump.decoder if self._feed is not None else None
+            if dec is None or dec.header is None or not dec.ended:
+                return None
+            log_cut = (dec.next_seq - 1, dec.header.clock_origin_us)    # the end-of-log frame's seq
+            nxt = chain.prepare(self.checkpoint, roots, state.disk, verified, trees, log_cut=log_cut,
+                                chain_limit=self.chain_limit)
             head = savefmt.read_header(state.memory).qemu_offset
             with open(state.memory, "rb") as f:
                 self._next = (nxt, state.memory, f.read(head), verified[MEMORY])

@@ -89,10 +89,12 @@ def _relative_backing(ck_name: str) -> str:
 
 
 def prepare(parent: ckpt.Checkpoint, roots: dict[str, bytes], state_disk: Path, trees: dict[str, MerkleTree],
-            parent_trees: CheckpointTrees, *, chain_limit: int = DEFAULT_CHAIN_LIMIT) -> ckpt.Checkpoint:
+            parent_trees: CheckpointTrees, *, log_cut: tuple[int, int] = (1, 0),
+            chain_limit: int = DEFAULT_CHAIN_LIMIT) -> ckpt.Checkpoint:
     """The next checkpoint with its disk built and its disk tree saved; its memory comes with
     :func:`complete` (a target restores its VM over this disk in between). ``trees``: the verified
-    trees by image name (the migration's), ``state_disk``: this site's disk overlay of that state."""
+    trees by image name (the migration's), ``state_disk``: this site's disk overlay of that state,
+    ``log_cut``: (first frame not in the state, clock origin) of the agent's log (``Manifest.log_resume``)."""
     if chain_limit < 1:
         raise ValueError("chain_limit must be at least 1")
     name = next_name(parent, roots)
@@ -128,6 +130,7 @@ def prepare(parent: ckpt.Checkpoint, roots: dict[str, bytes], state_disk: Path, 
                 roots={MEMORY: roots[MEMORY].hex(), DISK: roots[DISK].hex()}, origin=ckpt.ORIGIN_MIGRATION,
                 base=pm.base, parent=parent.name, backing=backing.name, chain=root_name, depth=depth,
                 lineage=pm.lineage if pm.origin == ckpt.ORIGIN_MIGRATION else name,
+                log_resume=log_cut[0], log_origin_us=log_cut[1],
                 files={"disk.qcow2": _sha256(disk)}).save(partial / "manifest.json")
             partial.rename(ck.dir)
         except BaseException:
@@ -261,10 +264,10 @@ def _exclusive(c: ckpt.Checkpoint) -> Iterator[bool]:
 
 
 def register(parent: ckpt.Checkpoint, roots: dict[str, bytes], memory_image: Path, state_disk: Path,
-             trees: dict[str, MerkleTree], parent_trees: CheckpointTrees, *,
+             trees: dict[str, MerkleTree], parent_trees: CheckpointTrees, *, log_cut: tuple[int, int] = (1, 0),
              chain_limit: int = DEFAULT_CHAIN_LIMIT) -> ckpt.Checkpoint:
     """:func:`prepare` and :func:`complete` at once (the source, whose VM is gone), then :func:`prune`."""
-    ck = prepare(parent, roots, state_disk, trees, parent_trees, chain_limit=chain_limit)
+    ck = prepare(parent, roots, state_disk, trees, parent_trees, log_cut=log_cut, chain_limit=chain_limit)
     complete(ck, memory_image, trees[MEMORY])
     prune(ck.manifest.lineage, keep=ck.name)
     return ck

@@ -89,6 +89,12 @@ class Manifest:
     one root), the unit ``store.chain.prune`` bounds."""
     depth: int = 0
     """How many migration checkpoints this one's disk stacks over the root's."""
+    log_resume: int = 1
+    log_origin_us: int = 0
+    """The recorder agent's log in this checkpoint's state (``recorder.logformat.LogDecoder``): it was
+    taken while the agent recorded (a domain's, or after a migration), so frames 1 .. log_resume - 1
+    of the log with clock origin log_origin_us are in the state; a migration from a clone of it
+    forwards the header and the frames from log_resume on, or the log was replayed twice."""
     files: dict[str, str] = field(default_factory=dict)
     """sha256 of files both sites must hold byte for byte (a migration checkpoint's disk.qcow2)."""
 

@@ -6,8 +6,10 @@
    not two disks), no UEFI variable store, no snapshots, a guest agent that answers, the recorder
    channel in the running domain (``replay-migrate agent install``), no job (a libvirt migration or
    save) and no ``record --to`` running (the caller checks the agent answers);
-2. quiesces and saves it: ``sync``, a freeze/thaw (file systems flushed, journal clean), then the
-   sparse save of its memory, which stops it;
+2. quiesces and saves it: ``sync``, a freeze/thaw (file systems flushed, journal clean), a pause,
+   where its recorder agent's log stands (``LogCut``: the frames so far are in the state, and a
+   migration from the checkpoint must not replay them again), then the sparse save of its memory,
+   which stops it;
 3. makes the checkpoint: the domain's disk image becomes the read-only base (identified in the
    manifest by its path, size, mtime and the blake3 of its bytes), the checkpoint's ``disk.qcow2`` an
    empty overlay over it, ``memory.sav`` the save (its header holds the domain's machine XML: the
@@ -29,6 +31,7 @@ import shutil
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Protocol
 
 import blake3
 import libvirt
@@ -98,9 +101,23 @@ def check_domain(hv: Hypervisor, m: Machine) -> Path:
     return disk
 
 
-def create_from_domain(hv: Hypervisor, name: str, domain: str) -> tuple[ckpt.Checkpoint, Machine]:
+class LogCut(Protocol):
+    """Where the recorder agent's log stands in the saved state (the caller reads the recorder channel:
+    ``cli`` does, with ``replayer.link``)."""
+
+    def open(self, m: Machine) -> None:
+        """Attach to the agent while the domain runs (before it is frozen)."""
+        ...
+
+    def cut(self) -> tuple[int, int]:
+        """With the domain paused: (first log frame the agent has not made, the log's clock origin)."""
+        ...
+
+
+def create_from_domain(hv: Hypervisor, name: str, domain: str, agent_log: LogCut) -> tuple[ckpt.Checkpoint, Machine]:
     """Checkpoint ``name`` of running domain ``domain``, which then runs on as a clone of it (see the
-    module docstring). Returns the checkpoint and the running clone."""
+    module docstring). Returns the checkpoint and the running clone. ``agent_log`` says where the agent's
+    log stands when it is saved (the frames before are in the checkpoint: ``Manifest.log_resume``)."""
     ck = ckpt.Checkpoint(checkpoint_path(name))
     if ck.dir.exists():
         raise CheckpointError(f"checkpoint {name!r} exists already (checkpoint rm {name})")
@@ -118,10 +135,17 @@ def create_from_domain(hv: Hypervisor, name: str, domain: str) -> tuple[ckpt.Che
     partial.mkdir(parents=True)
     log.info("checkpoint %s of %s: quiescing and saving it", name, domain)
     try:
+        agent_log.open(m)
         m.exec("sync", timeout=60)
         with m.frozen():
             pass
         (partial / "screen.png").write_bytes(m.screenshot().png())
+        m.pause()
+        try:
+            log_resume, log_origin = agent_log.cut()
+        except BaseException:
+            m.resume()
+            raise
         t0 = time.monotonic()
         m.save(partial / "memory.sav")
         save_s = time.monotonic() - t0
@@ -142,7 +166,7 @@ def create_from_domain(hv: Hypervisor, name: str, domain: str) -> tuple[ckpt.Che
                       created=time.time(), boot_to_desktop_s=0.0, save_s=round(save_s, 2),
                       memory_apparent_bytes=mem_path.stat().st_size, memory_allocated_bytes=file_allocated(mem_path),
                       disk_allocated_bytes=file_allocated(partial / "disk.qcow2"), origin=ckpt.ORIGIN_DOMAIN,
-                      base=base).save(partial / "manifest.json")
+                      base=base, log_resume=log_resume, log_origin_us=log_origin).save(partial / "manifest.json")
         partial.rename(ck.dir)
         clone = ckpt.start_clone(hv, ck, domain, uuid_=uuid_ or None)
     except BaseException as e:
