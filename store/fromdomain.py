@@ -15,12 +15,12 @@
    empty overlay over it, ``memory.sav`` the save (its header holds the domain's machine XML: the
    clone machinery rewrites identities there), the virt type and memory size from the XML, the
    persistent definition kept as ``domain.xml``;
-4. restarts the VM as a clone of the checkpoint under its own name and UUID (restore, seconds), so
-   it runs on and records against the checkpoint, and undefines the old persistent definition,
-   which names the disk that must never be written again (``domain.xml`` has it).
+4. undefines the old persistent definition, which names the disk that must never be written again
+   (``domain.xml`` has it), and restarts the VM as a clone of the checkpoint under its own name and
+   UUID (restore, seconds), so it runs on and records against the checkpoint.
 
-If the clone does not start, the VM is restored from its save as it was (its disk untouched) and the
-checkpoint removed.
+If the clone does not start, the VM is defined again and restored from its save as it was (its disk
+untouched), and the checkpoint removed.
 """
 
 from __future__ import annotations
@@ -168,16 +168,14 @@ def create_from_domain(hv: Hypervisor, name: str, domain: str, agent_log: LogCut
                       disk_allocated_bytes=file_allocated(partial / "disk.qcow2"), origin=ckpt.ORIGIN_DOMAIN,
                       base=base, log_resume=log_resume, log_origin_us=log_origin).save(partial / "manifest.json")
         partial.rename(ck.dir)
+        if persistent and hv.exists(domain):
+            # the definition names the base disk, which must never be written again (it is in
+            # domain.xml), and the clone takes its name
+            hv.lookup(domain).undefine()
         clone = ckpt.start_clone(hv, ck, domain, uuid_=uuid_ or None)
     except BaseException as e:
         _put_back(hv, domain, ck.dir if ck.dir.exists() else partial, e)
         raise
-    if persistent:
-        # the definition names the base disk, which must never be written again; it is in domain.xml
-        try:
-            clone.dom.undefine()
-        except libvirt.libvirtError as e:
-            log.warning("could not undefine the old definition of %s: %s", domain, e.get_error_message())
     return ck, clone
 
 
@@ -192,6 +190,8 @@ def _put_back(hv: Hypervisor, domain: str, folder: Path, why: BaseException) -> 
             if (folder / "manifest.json").is_file() else None
         if disk_base:
             os.chmod(disk_base, 0o644)
+        if (folder / "domain.xml").is_file() and not hv.exists(domain):
+            hv.conn.defineXML((folder / "domain.xml").read_text())
         copy = folder / "restore.sav"
         sparse_copy(folder / "memory.sav", copy)
         hv.restore(copy, consume=True)
