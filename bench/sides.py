@@ -78,7 +78,7 @@ async def run_source(args: argparse.Namespace) -> dict[str, Any]:
     with Hypervisor() as hv:
         m = StampedMachine(hv, hv.lookup(args.domain).dom)
         async with SessionClient(args.url, load_credential(None, Role.SOURCE)) as client:
-            src = SourceSide(hv, m, ck, client)
+            src = SourceSide(hv, m, ck, client, chain_limit=0)   # measured states only: no next checkpoint
             stop = asyncio.Event()
             streaming = asyncio.create_task(src.stream_log(stop))
             t_start = time.monotonic()
@@ -112,7 +112,7 @@ async def run_target(args: argparse.Namespace) -> dict[str, Any]:
     with Hypervisor() as hv:
         async with SessionClient(args.url, load_credential(None, Role.TARGET)) as client:
             stamps["t_attached"] = time.monotonic()
-            side = TargetSide(hv, ck, client, args.name, replay=ReplayConfig(gap_cap_s=args.gap_cap))
+            side = TargetSide(hv, ck, client, args.name, replay=ReplayConfig(gap_cap_s=args.gap_cap), chain_limit=0)
             side.on_saved = saved
             side.on_verified = verified
             report = await side.run()

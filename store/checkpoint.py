@@ -268,19 +268,28 @@ def ensure(hv: Hypervisor, name: str, **kw: Any) -> tuple[Checkpoint, bool]:
                 return ck, False
         except CheckpointError as e:
             log.warning("recreating checkpoint %s: %s", name, e)
-        remove(hv, name)
+        remove(hv, name, with_chain=True)
     ck = create(hv, name, image=image, **kw)
     for old in prune_images({image.recipe_hash} | {c.manifest.image_recipe for c in list_all()}):
         log.info("removed the unused guest image %s", old.name)
     return ck, True
 
 
-def remove(hv: Hypervisor, name: str) -> None:
+def remove(hv: Hypervisor, name: str, *, with_chain: bool = False) -> None:
     """Delete checkpoint ``name`` (and nothing else: see ``named_path``); refused while clones of
-    it are defined."""
+    it are defined or other checkpoints stack on it. ``with_chain``: first the migration checkpoints
+    whose chain starts from it (a root whose image changed: they are stale too), refused while one
+    of them has clones."""
     d = checkpoint_path(name)
     if not d.is_dir():
         raise CheckpointError(f"no checkpoint named {name!r}")
+    if with_chain:
+        members = [c for c in list_all() if c.name != name and _chain_of(c) == name]
+        users = [f"{c} (of {m.name})" for m in members for c in clones_of(m.name) if hv.exists(c)]
+        if users:
+            raise CheckpointError(f"checkpoints after {name!r} are used by {', '.join(users)}: remove them first")
+        for m in members:
+            shutil.rmtree(m.dir)
     users = [c for c in clones_of(name) if hv.exists(c)]
     if users:
         raise CheckpointError(f"checkpoint {name!r} is used by {', '.join(users)}: remove them first")
@@ -289,6 +298,14 @@ def remove(hv: Hypervisor, name: str) -> None:
         raise CheckpointError(f"the disks of checkpoints {', '.join(over)} are overlays over {name!r}'s: "
                               "remove them first")
     shutil.rmtree(d)
+
+
+def _chain_of(c: Checkpoint) -> str:
+    try:
+        m = c.manifest
+    except CheckpointError:
+        return ""
+    return m.chain if m.origin == ORIGIN_MIGRATION else ""
 
 
 def _backing_of(c: Checkpoint) -> str:
