@@ -23,6 +23,7 @@ import os
 import secrets
 import shutil
 import socket
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
@@ -241,7 +242,7 @@ class Machine:
     @property
     def run_dir(self) -> Path:
         """The folder of the domain's serial log and recorder socket (from its XML)."""
-        el = ET.fromstring(self.xml).find("devices/serial/source")
+        el = ET.fromstring(self.xml).find("devices/serial[@type='file']/source")
         if el is None or not el.get("path"):
             raise VMError(f"{self.name!r} is not one of ours: no serial log file")
         return Path(str(el.get("path"))).parent
@@ -291,8 +292,13 @@ class Machine:
         own screenshot API hands back whatever QEMU picks (PNG on QEMU 10), which would need a
         PNG decoder here for no gain."""
         self._require("take a screenshot of", MachineState.RUNNING, MachineState.PAUSED)
-        # a name of its own: two threads of one process may take screenshots of one domain
-        path = self.run_dir / f".screendump-{os.getpid()}-{secrets.token_hex(6)}.ppm"
+        # a name of its own: two threads of one process may take screenshots of one domain; in the
+        # run folder of ours, in a private one of a domain that has none (a user's, before it is a clone)
+        try:
+            folder, scratch = self.run_dir, None
+        except VMError:
+            folder = scratch = Path(tempfile.mkdtemp(prefix="rm-screendump-"))
+        path = folder / f".screendump-{os.getpid()}-{secrets.token_hex(6)}.ppm"
         try:
             self.qmp("screendump", filename=str(path), format="ppm")
             return Screenshot.from_ppm(path.read_bytes())
@@ -300,6 +306,8 @@ class Machine:
             raise VMError(f"screenshot of {self.name!r}: {e}") from e
         finally:
             path.unlink(missing_ok=True)
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
 
     def qmp(self, command: str, **arguments: Any) -> Any:
         """One QMP command through libvirt's monitor passthrough."""
