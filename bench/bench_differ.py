@@ -34,17 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from differ.memsource import MemorySource
 from differ.merkle import MerkleTree
-from differ.protocol import (
-    ProtocolParams,
-    ReferenceImage,
-    Source,
-    SourceImage,
-    Target,
-    TargetImage,
-    TransferStats,
-    run_local,
-)
+from differ.protocol import ProtocolParams, TransferStats
 from differ.source import LEAF_SIZE, BlockSource, ImageKind
+from differ.transfer import ReferenceImage, SourceImage, TargetImage, blocking_source, blocking_target, run_local
 from replay_migrate.errors import VerificationError
 
 GIB = 1 << 30
@@ -167,8 +159,8 @@ def run_protocol(
     def ref() -> ReferenceImage | None:
         return None if base is None else ReferenceImage(MemorySource(base[0], report_zeros=False), base[1])
 
-    source = Source([SourceImage("memory", MemorySource(a, report_zeros=False), tree_a, base=ref())], params)
-    target = Target(
+    source = blocking_source([SourceImage("memory", MemorySource(a, report_zeros=False), tree_a, base=ref())], params)
+    target = blocking_target(
         [TargetImage("memory", MemorySource(b, report_zeros=False), tree_b, base=ref())], params, dry_run=True,
         key=bytes(32), max_sizes={"memory": len(a)},  # both sides are local: no size rule for a remote peer
     )

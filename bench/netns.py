@@ -83,9 +83,11 @@ SHAPES = (Shape(10, 40), Shape(100, 5))
 
 @dataclass(frozen=True)
 class LinkConfig:
-    """Names and addresses; the /30 is used only inside these two namespaces."""
+    """Names and addresses; the /30 is used only inside these two namespaces. ``src_ns=None`` puts
+    the source end in this process's own namespace (the host's: a second libvirt host joined to
+    the first, ``bench/sites.py``)."""
 
-    src_ns: str = "rm-bench-src"
+    src_ns: str | None = "rm-bench-src"
     tgt_ns: str = "rm-bench-tgt"
     src_if: str = "rmb-src"
     tgt_if: str = "rmb-tgt"
@@ -101,31 +103,36 @@ class LinkConfig:
             raise ValueError("the two sides need two namespaces")
 
 
-def ns_exec(ns: str, argv: Sequence[str]) -> list[str]:
-    """``argv`` run inside namespace ``ns`` (``ip netns exec`` execs it: same pid)."""
-    return ["ip", "netns", "exec", ns, *argv]
+def ns_exec(ns: str | None, argv: Sequence[str]) -> list[str]:
+    """``argv`` run inside namespace ``ns`` (``ip netns exec`` execs it: same pid); ``None``: here."""
+    return list(argv) if ns is None else ["ip", "netns", "exec", ns, *argv]
+
+
+def _ip(ns: str | None) -> list[str]:
+    return ["ip"] if ns is None else ["ip", "-n", ns]
 
 
 def setup_commands(cfg: LinkConfig) -> list[list[str]]:
     """Create both namespaces and the veth pair between them, addressed and up."""
-    cmds = [
-        ["ip", "netns", "add", cfg.src_ns],
-        ["ip", "netns", "add", cfg.tgt_ns],
-        ["ip", "link", "add", "name", cfg.src_if, "netns", cfg.src_ns, "type", "veth",
-         "peer", "name", cfg.tgt_if, "netns", cfg.tgt_ns],
-    ]
+    cmds = [["ip", "netns", "add", ns] for ns in (cfg.src_ns, cfg.tgt_ns) if ns is not None]
+    src_netns = [] if cfg.src_ns is None else ["netns", cfg.src_ns]
+    cmds.append(["ip", "link", "add", "name", cfg.src_if, *src_netns, "type", "veth",
+                 "peer", "name", cfg.tgt_if, "netns", cfg.tgt_ns])
     for ns, dev, addr in ((cfg.src_ns, cfg.src_if, cfg.src_addr), (cfg.tgt_ns, cfg.tgt_if, cfg.tgt_addr)):
-        cmds += [
-            ["ip", "-n", ns, "addr", "add", f"{addr}/{cfg.prefix_len}", "dev", dev],
-            ["ip", "-n", ns, "link", "set", "lo", "up"],
-            ["ip", "-n", ns, "link", "set", dev, "up"],
-        ]
+        cmds.append([*_ip(ns), "addr", "add", f"{addr}/{cfg.prefix_len}", "dev", dev])
+        if ns is not None:
+            cmds.append([*_ip(ns), "link", "set", "lo", "up"])
+        cmds.append([*_ip(ns), "link", "set", dev, "up"])
     return cmds
 
 
 def teardown_commands(cfg: LinkConfig) -> list[list[str]]:
-    """Delete both namespaces (the veth pair goes with them). Failing ones mean "not there"."""
-    return [["ip", "netns", "delete", cfg.src_ns], ["ip", "netns", "delete", cfg.tgt_ns]]
+    """Delete both namespaces (the veth pair goes with them), and an end left in this namespace.
+    Failing ones mean "not there"."""
+    cmds = [["ip", "netns", "delete", ns] for ns in (cfg.src_ns, cfg.tgt_ns) if ns is not None]
+    if cfg.src_ns is None:
+        cmds.append(["ip", "link", "delete", cfg.src_if])
+    return cmds
 
 
 def netem_commands(cfg: LinkConfig, shape: Shape, *, limit: int = NETEM_LIMIT_PACKETS) -> list[list[str]]:

@@ -9,20 +9,26 @@ the CLI's ``record --to`` and ``follow`` use, with what the benchmark needs besi
   baselines and the divergence analysis see exactly what the migration saw.
 
     python -m bench.sides source --url URL --domain D --checkpoint C --workload W.wl --keep DIR --out R.json
-    python -m bench.sides target --url URL --name N --checkpoint C [--keep DIR] --out R.json
+    python -m bench.sides target --url URL --name N --checkpoint C [--keep DIR] [--keep-verified DIR] --out R.json
 
 ``URL`` is the service's ``ws://HOST:PORT``; each side's role credential comes from
-``$REPLAY_MIGRATE_CREDENTIAL``. Each writes one JSON object to ``--out``, also on failure
-(``{"error": ...}``).
+``$REPLAY_MIGRATE_CREDENTIAL``; ``--connect URI`` is the side's libvirt (two hosts: each its own,
+``bench/sites.py``). Each writes one JSON object to ``--out``, also on failure (``{"error": ...}``).
+``--keep-verified`` keeps the target's state as it verified it, before the VM resumes from it (the
+memory image hard-linked: only its header is rewritten, and then it is deleted; the disk copied:
+the resumed guest writes it), to compare with the source's kept state.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import logging
 import os
+import shutil
+import subprocess
 import sys
 import time
 import traceback
@@ -63,19 +69,28 @@ class StampedMachine(Machine):
         self.t_saved = time.monotonic()
 
 
-def keep_state(state: VmState, keep: Path) -> None:
-    """Hard-link a side's saved images into ``keep`` (the originals get patched or deleted)."""
+def keep_state(state: VmState, keep: Path, *, copy_disk: bool = False) -> None:
+    """Hard-link a side's saved images into ``keep`` (the originals get patched or deleted);
+    ``copy_disk``: copy the disk instead (a guest will run on it)."""
     keep.mkdir(parents=True, exist_ok=True)
     for src, name in ((state.memory, KEPT_MEMORY), (state.disk, KEPT_DISK)):
         dst = keep / name
         dst.unlink(missing_ok=True)
-        os.link(src, dst)
+        if copy_disk and name == KEPT_DISK:
+            shutil.copyfile(src, dst)
+            continue
+        try:
+            os.link(src, dst)
+        except OSError as e:       # another file system, or another mount of it (a site's bind mount)
+            if e.errno != errno.EXDEV:
+                raise
+            subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(src), str(dst)], check=True)
 
 
 async def run_source(args: argparse.Namespace) -> dict[str, Any]:
     actions = load_workload(args.workload)
     ck = ckpt.get(args.checkpoint)
-    with Hypervisor() as hv:
+    with Hypervisor(args.connect) as hv:
         m = StampedMachine(hv, hv.lookup(args.domain).dom)
         async with SessionClient(args.url, load_credential(None, Role.SOURCE)) as client:
             src = SourceSide(hv, m, ck, client, chain_limit=0)   # measured states only: no next checkpoint
@@ -108,8 +123,10 @@ async def run_target(args: argparse.Namespace) -> dict[str, Any]:
 
     def verified(state: VmState) -> None:
         stamps["t_verified"] = time.monotonic()
+        if args.keep_verified is not None:
+            keep_state(state, args.keep_verified, copy_disk=True)
 
-    with Hypervisor() as hv:
+    with Hypervisor(args.connect) as hv:
         async with SessionClient(args.url, load_credential(None, Role.TARGET)) as client:
             stamps["t_attached"] = time.monotonic()
             side = TargetSide(hv, ck, client, args.name, replay=ReplayConfig(gap_cap_s=args.gap_cap), chain_limit=0)
@@ -129,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--checkpoint", required=True)
         p.add_argument("--keep", type=Path, default=None, help="hard-link the saved state here")
         p.add_argument("--out", type=Path, required=True)
+        p.add_argument("--connect", default="qemu:///system", help="this side's libvirt (default: %(default)s)")
         if role == "source":
             p.add_argument("--domain", required=True)
             p.add_argument("--workload", type=Path, required=True)
@@ -136,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             p.add_argument("--name", required=True)
             p.add_argument("--gap-cap", type=float, default=REPLAY_GAP_CAP_S)
+            p.add_argument("--keep-verified", type=Path, default=None,
+                           help="keep the patched, verified state here before the VM resumes from it")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s {args.role} %(name)s: %(message)s")

@@ -22,8 +22,9 @@ def cleanup(hv: Hypervisor, prefix: str = ckpt.DOMAIN_PREFIX) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--prefix", default=ckpt.DOMAIN_PREFIX)
+    ap.add_argument("--connect", default="qemu:///system", help="libvirt URI (default: %(default)s)")
     args = ap.parse_args(argv)
-    with Hypervisor() as hv:
+    with Hypervisor(args.connect) as hv:
         for name in cleanup(hv, args.prefix):
             print("removed", name)
     return 0

@@ -15,22 +15,26 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from cli.argtypes import non_negative, positive, positive_int
 from cli.report import emit_json, human_bytes, table
 from migration.cancel import Interrupted, raising_on_signals, stopping_on_signals
 from replay_migrate import __version__
 from replay_migrate.errors import CheckpointError, NoSuchDomainError, ReplayMigrateError, UsageError
-from replay_migrate.safeopen import check_output, check_regular, open_output, write_output
+from replay_migrate.safeopen import check_output, check_regular, open_output, open_regular, write_output
 from store import checkpoint as ckpt
 from store.images import ensure_image
 from store.paths import checkpoint_path
 from vm.machine import Hypervisor, Machine
+
+if TYPE_CHECKING:
+    from store.exchange import TransferSizes
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -104,6 +108,74 @@ def cmd_checkpoint_list(args: argparse.Namespace) -> int:
 def cmd_checkpoint_rm(args: argparse.Namespace) -> int:
     with _hv(args) as hv:
         ckpt.remove(hv, args.name)
+    return 0
+
+
+def _sizes_table(sizes: TransferSizes, title: str, out: TextIO) -> None:
+    """What the checkpoint is as files and as a stream (on ``out``: stderr when stdout is the stream)."""
+    rows = [[f"{name} (apparent / allocated / sent)",
+             f"{human_bytes(f['apparent'])} / {human_bytes(f['allocated'])} / {human_bytes(f['data'])}"]
+            for name, f in sizes.files.items()]
+    share = f" ({100 * sizes.stream_bytes / sizes.allocated_bytes:.1f} % of allocated)" if sizes.allocated_bytes else ""
+    rows += [["stream (zstd, holes and zero pages skipped)", f"{human_bytes(sizes.stream_bytes)}{share}"],
+             ["root hashes (compare them at both sites)",
+              f"memory {sizes.roots.get('memory', '?')}, disk {sizes.roots.get('disk', '?')}"],
+             ["time", f"{sizes.seconds:.1f} s"]]
+    table(rows, [title, ""], out=out)
+
+
+def cmd_checkpoint_export(args: argparse.Namespace) -> int:
+    """One stream on stdout (``-``, the default) or into ``--out FILE``; the report goes to stderr."""
+    from store.exchange import export_checkpoint
+
+    to_stdout = args.out is None or str(args.out) == "-"
+    if to_stdout and sys.stdout.isatty():
+        raise UsageError("checkpoint export writes a binary stream: pipe it (| ssh HOST replay-migrate checkpoint "
+                         "import) or give --out FILE")
+    if not to_stdout:
+        check_output(args.out, "checkpoint stream")
+    ckpt.get(args.name)                          # before the output file is created or truncated
+    if to_stdout:
+        try:
+            sizes = export_checkpoint(args.name, sys.stdout.buffer.write)
+            sys.stdout.buffer.flush()
+        except (ReplayMigrateError, OSError):
+            # the reader went away: no flush of what is left at exit (it would fail again)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            raise
+    else:
+        with open_output(args.out, "checkpoint stream") as f:
+            try:
+                sizes = export_checkpoint(args.name, f.write)
+            except BaseException:
+                Path(args.out).unlink(missing_ok=True)   # never half a stream under the name given
+                raise
+    if args.json:
+        emit_json(sizes.as_dict(), out=sys.stderr)
+    else:
+        _sizes_table(sizes, f"checkpoint {sizes.name} (export)", sys.stderr)
+    return 0
+
+
+def cmd_checkpoint_import(args: argparse.Namespace) -> int:
+    """Read a stream from stdin (``-``, the default) or ``--in FILE``: verified, then usable."""
+    from store.exchange import import_checkpoint
+
+    if args.input is None or str(args.input) == "-":
+        if sys.stdin.isatty():
+            raise UsageError("checkpoint import reads a stream: pipe one in (replay-migrate checkpoint export C | "
+                             "...) or give --in FILE")
+        sizes = import_checkpoint(sys.stdin.buffer.read, name=args.name)
+    else:
+        fd, _ = open_regular(args.input, "checkpoint stream")
+        with os.fdopen(fd, "rb") as f:
+            sizes = import_checkpoint(f.read, name=args.name)
+    if args.json:
+        emit_json(sizes.as_dict())
+    else:
+        _sizes_table(sizes, f"checkpoint {sizes.name} (imported, verified)", sys.stdout)
     return 0
 
 
@@ -284,6 +356,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p = add(ck, "rm", cmd_checkpoint_rm, "delete a checkpoint (refused while clones use it)")
     p.add_argument("name")
+    p = add(ck, "export", cmd_checkpoint_export,
+            "write a checkpoint as one stream (sparse, zstd), for `checkpoint import` at another site")
+    p.add_argument("name")
+    p.add_argument("--out", metavar="FILE", help="write the stream to this regular file (created or truncated; not "
+                   "through a symbolic link); default or '-': stdout")
+    p.add_argument("--json", action="store_true", help="print the sizes as JSON (on stderr)")
+    p = add(ck, "import", cmd_checkpoint_import,
+            "make a checkpoint of an export stream, verified (root hashes, base image) before it can be used")
+    p.add_argument("--in", dest="input", metavar="FILE", help="read the stream from this regular file; default or "
+                   "'-': stdin")
+    p.add_argument("--name", help="the checkpoint's name here (default: the one in the stream)")
+    p.add_argument("--json", action="store_true")
 
     vmp = sub.add_parser("vm", help="clones of checkpoints").add_subparsers(dest="sub", required=True)
     p = add(vmp, "start", cmd_vm_start, "start a clone of a checkpoint (by restoring it)")

@@ -452,9 +452,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if target == args.domain:
         raise UsageError("--target-name: the target needs a name of its own (the source keeps its name)")
     ck = ckpt.get(args.checkpoint)
-    with Hypervisor(args.connect) as hv, Hypervisor(args.connect) as hv2:
+    with Hypervisor(args.connect) as hv, Hypervisor(args.target_connect or args.connect) as hv2:
         m, _ = check_source(hv, args.domain, ck)
-        check_target_name(hv, target, "--target-name")
+        check_target_name(hv2, target, "--target-name")
         typing = threading.Event()
         both: list[SourceSide | TargetSide] = []
 
@@ -548,6 +548,11 @@ def add_migrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--target-name", help="name of the migrated VM (default: DOMAIN-migrated)")
     _chain_limit_arg(p)
+    p.add_argument("--target-connect", metavar="URI", default=None,
+                   help="libvirt URI of the target's daemon (default: --connect). The target side runs in this "
+                   "process and makes its clone's files in this host's state folder, so that daemon must see them "
+                   "at the same paths (a daemon of this host, or storage both share); between two hosts, run "
+                   "`follow` at the target instead")
     p.add_argument("--workload", help="drive this workload (a shipped name, as `workload list` shows, or a "
                    "file) into the source, then migrate")
     p.add_argument("--duration", type=positive, help="record this long, then migrate (default: until Enter)")

@@ -2,7 +2,8 @@
 
 The CLI's ``replay-migrate diff`` (``dry_run=True``) and ``sync`` call :func:`sync_local`; the
 networked path builds the same :class:`~differ.protocol.Source` / :class:`~differ.protocol.Target`
-and moves their messages over a websocket instead of :func:`~differ.protocol.run_local`.
+cores with the same I/O (:func:`differ.transfer.make_source` / ``make_target``) and moves their
+messages over a websocket instead of :func:`~differ.transfer.run_local`.
 """
 
 from __future__ import annotations
@@ -14,17 +15,9 @@ import numpy.typing as npt
 import zstandard
 
 from differ.merkle import DEFAULT_FANOUT, MerkleTree
-from differ.protocol import (
-    ProtocolParams,
-    ReferenceImage,
-    Source,
-    SourceImage,
-    Target,
-    TargetImage,
-    TransferStats,
-    run_local,
-)
+from differ.protocol import ProtocolParams, TransferStats
 from differ.source import BlockSink, BlockSource
+from differ.transfer import ReferenceImage, SourceImage, TargetImage, blocking_source, blocking_target, run_local
 
 BASELINE_ZSTD_LEVEL = 3
 BASELINE_READ_LEAVES = 256
@@ -70,12 +63,12 @@ def sync_local(
     base_refs = {
         name: ReferenceImage(src, tree or MerkleTree.build(src, fanout)) for name, (src, tree) in (bases or {}).items()
     }
-    source = Source(
+    source = blocking_source(
         [SourceImage(name, src, s_trees[name], base=base_refs.get(name)) for name, src in source_images.items()],
         params,
         measure_plain=measure_plain,
     )
-    target = Target(
+    target = blocking_target(
         [
             TargetImage(name, src, t_trees[name], sink, base=base_refs.get(name))
             for name, (src, sink) in target_images.items()

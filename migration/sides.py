@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,9 @@ from differ.protocol import (
     WalkDone,
 )
 from differ.protocol import Verified as DiffVerified
+from differ.transfer import make_source, make_target
 from migration.cancel import drop, in_thread
+from migration.diffio import AsyncAdapter
 from recorder.logformat import Button, Key, LogDecoder, SyncMark
 from replay_migrate import savefmt
 from replay_migrate.errors import (
@@ -154,14 +156,10 @@ class Report:
     migrated VM records against: the way back starts from it. Empty if it could not be registered."""
 
     def add_transfer(self, stats: TransferStats) -> None:
-        self.hash_bytes = stats.hash_bytes
-        self.block_bytes = stats.block_bytes
-        self.fingerprint_bytes = stats.fingerprint_bytes
-        self.round_trips = stats.round_trips
-        self.divergent_blocks = {name: s.divergent for name, s in stats.images.items()}
-        self.referenced_blocks = sum(s.referenced + s.duplicate + s.base for s in stats.images.values())
-        self.delta_blocks = sum(s.delta + s.xbase for s in stats.images.values())
-        self.full_blocks = sum(s.full for s in stats.images.values())
+        """Take every number of the transfer's summary (``TransferSummary``: same names here)."""
+        summary = stats.summary()
+        for f in fields(summary):
+            setattr(self, f.name, getattr(summary, f.name))
 
     def finish(self) -> None:
         self.savings = round(1 - self.wire_bytes / self.baseline_bytes, 4) if self.baseline_bytes else 0.0
@@ -173,15 +171,18 @@ class Report:
         return d
 
 
-async def _pump_diff(client: SessionClient, side: Source | Target, *, stream: Stream,
-                     until: Callable[[], bool], on_event: Callable[[object], None] | None = None) -> None:
-    """Move diff-protocol messages between ``side`` and the session until ``until()``."""
+async def _pump_diff(client: SessionClient, side: AsyncAdapter[Source] | AsyncAdapter[Target], *,
+                     stream: Stream, until: Callable[[], bool],
+                     on_event: Callable[[object], None] | None = None) -> None:
+    """Move diff-protocol messages between ``side`` and the session until ``until()``. The side's
+    reads, writes and rehashes run in worker threads (``AsyncAdapter``): the loop stays free for
+    the session's pings and acks while a batch is written or the patched images are verified."""
     for msg in side.data_to_send():
         await client.send_diff(msg)
     while not until():
         ev = await client.recv()
         if isinstance(ev, Frame) and ev.stream is stream:
-            for dev in side.receive_data(ev.data):
+            for dev in await side.receive_data(ev.data):
                 if on_event is not None:
                     on_event(dev)
             for msg in side.data_to_send():
@@ -390,7 +391,7 @@ class SourceSide:
             t0 = time.monotonic()
             mine = await asyncio.to_thread(build_trees, sources)
             bases = checkpoint_images(self.checkpoint, trees, stack)
-            src = Source(source_images(sources, mine, bases), self.params)
+            src = AsyncAdapter(*make_source(source_images(sources, mine, bases), self.params))
             walked = [0.0]
 
             def seen(ev: object) -> None:
@@ -398,8 +399,8 @@ class SourceSide:
                     walked[0] = time.monotonic()
 
             await _pump_diff(self.client, src, stream=Stream.T2S, on_event=seen,
-                             until=lambda: src.state in (SourceState.VERIFIED, SourceState.FAILED))
-            if src.state is not SourceState.VERIFIED:
+                             until=lambda: src.core.state in (SourceState.VERIFIED, SourceState.FAILED))
+            if src.core.state is not SourceState.VERIFIED:
                 raise VerificationError("the target did not verify the transfer")
             await self.client.wait_state(State.VERIFIED, CONFIRM_TIMEOUT_S)
             self.committing = True
@@ -664,9 +665,9 @@ class TargetSide:
             sinks = await copying
             bases = checkpoint_images(self.checkpoint, trees, stack)
             images = stack.enter_context(open_target_images(state, trees, sources, mine, bases=bases, sinks=sinks))
-            tgt = Target(images, self.params, references=references(bases))
+            tgt = AsyncAdapter(*make_target(images, self.params, references=references(bases)))
             await self.client.phase("diffing")
-            tgt.start()
+            tgt.core.start()
             pending: list[object] = []
 
             def seen(ev: object) -> None:
@@ -677,7 +678,7 @@ class TargetSide:
                 pending.append(ev)
 
             def finished() -> bool:
-                return tgt.state in (TargetState.VERIFIED, TargetState.FAILED)
+                return tgt.core.state in (TargetState.VERIFIED, TargetState.FAILED)
 
             # walk, announce the block phase to the session, then receive the blocks
             await _pump_diff(self.client, tgt, stream=Stream.S2T, on_event=seen,
@@ -685,13 +686,14 @@ class TargetSide:
             if walked[0]:
                 await self.client.phase("transferring")
             await _pump_diff(self.client, tgt, stream=Stream.S2T, on_event=seen, until=finished)
-            if tgt.state is not TargetState.VERIFIED or not any(isinstance(e, DiffVerified) for e in pending):
+            if tgt.core.state is not TargetState.VERIFIED or not any(isinstance(e, DiffVerified) for e in pending):
                 raise VerificationError("the transfer did not verify: nothing was resumed")
             for msg in tgt.data_to_send():
                 await self.client.send_diff(msg)
             self.stats = tgt.stats
             self.report.add_transfer(tgt.stats)
-            roots = tgt.roots
+            roots = tgt.core.roots
+            verified = tgt.core.verified_trees
         self.report.diff_s = (walked[0] or time.monotonic()) - t0
         self.report.transfer_s = time.monotonic() - (walked[0] or t0)
         self.log.info("verified: walk %.2f s, blocks %.2f s", self.report.diff_s, self.report.transfer_s)
@@ -702,12 +704,13 @@ class TargetSide:
             await in_thread(self.on_verified, state)
             self.inspect_s = time.monotonic() - t_inspect
         disk = state.disk
-        nxt = await in_thread(self._prepare_next, roots, state, tgt.verified_trees, trees)
+        nxt = await in_thread(self._prepare_next, roots, state, verified, trees)
         if nxt is not None:
             disk = run_dir / "disk.qcow2"
             await in_thread(self._over_next, nxt, disk, run_dir)
         back = await in_thread(self.hv.restore_clone, image, name=m.name, disk=disk,
-                               run_dir=run_dir, paused=False, copy=False, consume=nxt is None)
+                               run_dir=run_dir, paused=False, copy=False, consume=nxt is None,
+                               guest=self.checkpoint.boot)
         await in_thread(back.wait_agent)
         await in_thread(back.fsthaw)
         self.machine = back

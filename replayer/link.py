@@ -30,6 +30,12 @@ HELLO_TIMEOUT_S = 15.0
 """How long the agent may take to answer an attach (it answers in milliseconds when it runs)."""
 
 
+
+class CheckTimeout(ReplayError):
+    """The agent did not answer one screen check in time: under load a large region can take
+    seconds to sample in a TCG guest. A sync mark waiting on it counts as unmet (not fatal unless
+    ``strict_sync``); an agent that stopped answering altogether fails the next event's echo."""
+
 class RecorderLink:
     """One connection (and its reconnections) to the recorder agent of ``machine``."""
 
@@ -156,8 +162,8 @@ class RecorderLink:
                     return ev.digest
                 if on_event is not None and not isinstance(ev, Checked):
                     on_event.append(ev)
-        raise ReplayError(f"the recorder agent of {self.machine.name!r} did not answer a screen check "
-                          f"in {timeout:.0f} s")
+        raise CheckTimeout(f"the recorder agent of {self.machine.name!r} did not answer a screen check "
+                           f"in {timeout:.0f} s")
 
     def wait_echo(self, replay_seq: int, timeout: float, on_event: list[HostEvent] | None = None) -> bool:
         """Wait for the echo of ``replay_seq``; other events go to ``on_event`` if given."""

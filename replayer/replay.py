@@ -26,6 +26,7 @@ from recorder.logformat import Button, End, Event, Key, LogHeader, Motion, SyncM
 from replay_migrate.errors import ReplayError
 from replayer.clock import REAL_CLOCK, Clock
 from replayer.drive import to_qmp
+from replayer.link import CheckTimeout
 
 GAP_CAP_S = 2.0
 """Longest idle gap kept from the recording; longer ones are cut to this."""
@@ -220,7 +221,13 @@ class Replayer:
             deadline = start + (min(self.config.sync_timeout_s, self.config.sync_timeout_ended_s) if ended
                                 else self.config.sync_timeout_s)
             others: list[HostEvent] = []
-            digest = self.link.check(mark.x, mark.y, mark.w, mark.h, self.config.echo_timeout_s, others)
+            try:
+                digest = self.link.check(mark.x, mark.y, mark.w, mark.h, self.config.echo_timeout_s, others)
+            except CheckTimeout as e:
+                if self.config.strict_sync:
+                    raise
+                self.log.warning("%s", e)
+                digest = b""
             self._ack_frames(others)
             if digest == mark.digest:
                 self.stats.sync_met += 1

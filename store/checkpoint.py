@@ -40,13 +40,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from replay_migrate import savefmt
 from replay_migrate.errors import BadNameError, CheckpointError, NoSuchDomainError, UsageError, VMError
 from replay_migrate.files import atomic_write
 from store.images import ensure_image, prune_images
 from store.paths import check_name, checkpoint_path, checkpoints_dir, clone_path, clones_dir
 from vm.machine import Hypervisor, Machine, create_overlay, file_allocated, remove_run_dir
 from vm.probe import choose_virt
-from vm.spec import DomainSpec, GuestImage, VirtType
+from vm.spec import Boot, DomainSpec, GuestImage, VirtType
 
 log = logging.getLogger("replay_migrate.checkpoint")
 DOMAIN_PREFIX = "rm-"
@@ -147,6 +148,19 @@ class Checkpoint:
     def image(self) -> GuestImage:
         m = self.manifest
         return GuestImage(Path(m.image_dir), m.image_recipe)
+
+    @property
+    def boot(self) -> GuestImage | Boot:
+        """What a clone of this checkpoint may boot (``vm.spec.check_saved_domain``): the guest
+        image's kernel and initrd, or for a user's domain the boot it had when it was checkpointed
+        here (its save image's header); a migration checkpoint's is its chain root's."""
+        ck, m = self, self.manifest
+        if m.origin == ORIGIN_MIGRATION and m.chain:
+            ck = Checkpoint(checkpoint_path(m.chain))
+            m = ck.manifest
+        if m.origin == ORIGIN_DOMAIN:
+            return Boot.of(savefmt.read_header(ck.memory).xml)
+        return ck.image
 
     def check(self) -> None:
         for p in (self.disk, self.memory, self.manifest_path):
@@ -371,7 +385,7 @@ def start_clone(hv: Hypervisor, ck: Checkpoint, name: str, *, paused: bool = Fal
     create_overlay(run_dir / "disk.qcow2", ck.disk)
     try:
         m = hv.restore_clone(ck.memory, name=name, disk=run_dir / "disk.qcow2", run_dir=run_dir,
-                             paused=paused, uuid_=uuid_)
+                             paused=paused, uuid_=uuid_, guest=ck.boot)
         if not paused:
             m.wait_agent()
             offset = m.sync_clock()

@@ -5,7 +5,9 @@
 1. checks what it can take: one disk, a qcow2 file (not raw, not a block device or network disk,
    not two disks), no UEFI variable store, no snapshots, a guest agent that answers, the recorder
    channel in the running domain (``replay-migrate agent install``), no job (a libvirt migration or
-   save) and no ``record --to`` running (the caller checks the agent answers);
+   save) and no ``record --to`` running (the caller checks the agent answers), and only devices a
+   clone's restore accepts (``vm.spec.check_saved_domain``: no network interface, host device or
+   firmware yet);
 2. quiesces and saves it: ``sync``, a freeze/thaw (file systems flushed, journal clean), a pause,
    where its recorder agent's log stands (``LogCut``: the frames so far are in the state, and a
    migration from the checkpoint must not replay them again), then the sparse save of its memory,
@@ -36,12 +38,12 @@ from typing import Protocol
 import blake3
 import libvirt
 
-from replay_migrate.errors import CheckpointError, ReplayMigrateError, VMError
+from replay_migrate.errors import CheckpointError, ImageError, ReplayMigrateError, VMError
 from replay_migrate.files import atomic_write
 from store import checkpoint as ckpt
 from store.paths import checkpoint_path
 from vm.machine import Hypervisor, Machine, MachineState, create_overlay, file_allocated, sparse_copy
-from vm.spec import VirtType
+from vm.spec import Boot, VirtType, check_saved_domain, clone_xml
 
 log = logging.getLogger("replay_migrate.fromdomain")
 HASH_CHUNK = 8 << 20
@@ -98,6 +100,11 @@ def check_domain(hv: Hypervisor, m: Machine) -> Path:
                               "systems through it): install qemu-guest-agent in the guest") from None
     if m.recorder_channel() is None:
         raise CheckpointError(f"{m.name!r} has no recorder channel: `replay-migrate agent install {m.name}` first")
+    saved = str(m.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE))
+    try:    # what its clones' restore will check (vm.spec.check_saved_domain), before it is stopped
+        check_saved_domain(clone_xml(saved, m.name, disk, ckpt.clone_dir(m.name)), Boot.of(saved))
+    except ImageError as e:
+        raise CheckpointError(f"{m.name!r} cannot run as a clone here: {e}") from None
     return disk
 
 

@@ -28,15 +28,10 @@ from differ.blocks import (
 )
 from differ.merkle import DEFAULT_FANOUT, MerkleTree, load_or_build
 from differ.patch import MemoryImageSink, Qcow2OverlaySink
-from differ.protocol import (
-    ProtocolParams,
-    ReferenceImage,
-    SourceImage,
-    TargetImage,
-    TransferStats,
-)
+from differ.protocol import ProtocolParams, TransferStats
 from differ.source import BlockSink, BlockSource
 from differ.sync import baseline_bytes, sync_local
+from differ.transfer import ReferenceImage, SourceImage, TargetImage
 from replay_migrate.errors import ImageError
 from replay_migrate.files import atomic_write, locked
 from replay_migrate.savefmt import read_header

@@ -18,6 +18,7 @@ from typing import Any
 import libvirt
 import pytest
 
+from bench.sites import SiteB
 from cli.cleanup import cleanup
 from replay_migrate.errors import HostError, ReplayMigrateError
 from store import checkpoint as ckpt
@@ -100,6 +101,24 @@ def make_clone(hv: Hypervisor, checkpoint: ckpt.Checkpoint) -> Iterator[Callable
     yield make
     for name in made:
         ckpt.remove_clone(hv, name)
+
+
+@pytest.fixture(scope="module")
+def site_b(hv: Hypervisor, checkpoint: ckpt.Checkpoint) -> Iterator[SiteB]:
+    """A second libvirt host on this machine (``bench/sites.py``: its own network and mount
+    namespaces, libvirtd and folders) holding the test checkpoint's guest image, for the tests of
+    one module; stopped at the module's end, its folders deleted, whatever happened."""
+    site = SiteB()
+    try:
+        site.start()
+    except HostError as e:
+        site.stop(wipe=True)
+        pytest.fail(f"the second libvirt host did not start: {e}", pytrace=False)
+    try:
+        site.link_image(checkpoint.image)
+        yield site
+    finally:
+        site.stop(wipe=True)
 
 
 DAEMON_FIXTURES = frozenset({"hv", "checkpoint", "make_clone"})

@@ -90,7 +90,7 @@ def test_real_link_carries_bytes_and_is_removed() -> None:
                      tgt_if="rmbt-tgt", src_addr="10.231.0.5", tgt_addr="10.231.0.6")
     with NetnsLink(cfg) as link:
         names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        assert cfg.src_ns in names and cfg.tgt_ns in names
+        assert str(cfg.src_ns) in names and cfg.tgt_ns in names
         if link.netem:
             link.shape(SHAPES[1])
             qdisc = subprocess.run(link.src(["tc", "qdisc", "show", "dev", cfg.src_if]), capture_output=True,
@@ -114,7 +114,7 @@ def test_real_link_carries_bytes_and_is_removed() -> None:
             recv.terminate()
             recv.wait(10)
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert cfg.src_ns not in names and cfg.tgt_ns not in names
+    assert str(cfg.src_ns) not in names and cfg.tgt_ns not in names
 
 
 def test_netem_missing_message_says_what_to_do() -> None:
@@ -172,3 +172,21 @@ def test_real_link_is_shaped_with_netem_or_the_emulator(tmp_path: Path) -> None:
             recv.terminate()
             recv.wait(10)
     assert link.shaped is None
+
+
+def test_one_end_may_stay_in_the_hosts_namespace() -> None:
+    """A second libvirt host (bench/sites.py): its namespace joined to the host's own."""
+    cfg = LinkConfig(src_ns=None, tgt_ns="rm-site-b", src_if="rm-sa", tgt_if="rm-sb", src_addr="10.232.0.1",
+                     tgt_addr="10.232.0.2")
+    cmds = setup_commands(cfg)
+    assert cmds[0] == ["ip", "netns", "add", "rm-site-b"]
+    assert ["ip", "netns", "add", None] not in cmds and len([c for c in cmds if c[:3] == ["ip", "netns", "add"]]) == 1
+    assert cmds[1] == ["ip", "link", "add", "name", "rm-sa", "type", "veth", "peer", "name", "rm-sb",
+                       "netns", "rm-site-b"]
+    assert ["ip", "addr", "add", "10.232.0.1/30", "dev", "rm-sa"] in cmds
+    assert ["ip", "link", "set", "rm-sa", "up"] in cmds
+    assert ["ip", "link", "set", "lo", "up"] not in cmds                     # the host's loopback is left alone
+    assert ["ip", "-n", "rm-site-b", "link", "set", "lo", "up"] in cmds
+    assert teardown_commands(cfg) == [["ip", "netns", "delete", "rm-site-b"], ["ip", "link", "delete", "rm-sa"]]
+    assert netem_commands(cfg, Shape(10, 40))[0][:4] == ["tc", "qdisc", "replace", "dev"]
+    assert ns_exec(None, ["true"]) == ["true"]

@@ -14,7 +14,7 @@ import pytest
 
 from cli.fileargs import TEST_URI
 from cli.main import main
-from replay_migrate.errors import CheckpointError, UsageError
+from replay_migrate.errors import CheckpointError, ImageError, UsageError
 from store import checkpoint as ckpt
 from store.images import recipe_hash
 from vm.machine import Hypervisor, Machine
@@ -143,6 +143,23 @@ def test_vm_rm_refuses_a_domain_that_is_not_ours(store: Path, capsys: pytest.Cap
         finally:
             if hv.exists(name):
                 hv.lookup(name).remove()
+
+
+def test_a_clone_of_a_domain_we_would_not_define_is_never_restored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """libvirt restores the domain saved in a memory image as root: a checkpoint (or a migrated
+    image) whose saved domain names another emulator is refused before libvirt sees it, and
+    nothing of the clone is left."""
+    from test_exchange import make_checkpoint, make_image
+
+    monkeypatch.setenv("REPLAY_MIGRATE_STATE", str(tmp_path / "state"))
+    monkeypatch.setenv("REPLAY_MIGRATE_CACHE", str(tmp_path / "cache"))
+    ck = make_checkpoint(make_image(tmp_path / "cache"), "evil", emulator="/tmp/evil-qemu")
+    with Hypervisor("test:///default") as hv:
+        with pytest.raises(ImageError, match="emulator is '/tmp/evil-qemu'"):
+            ckpt.start_clone(hv, ck, "rm-evil")
+        assert not hv.exists("rm-evil")
+    assert not ckpt.clone_dir("rm-evil").exists()
 
 
 @pytest.mark.vm

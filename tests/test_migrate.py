@@ -54,6 +54,41 @@ def test_migrate_looks_up_the_workload_first(capsys: pytest.CaptureFixture[str],
     assert "no checkpoint named 'no-such-checkpoint'" in capsys.readouterr().err
 
 
+def _test_node(path: Path, *names: str, serial_dir: Path) -> str:
+    """A libvirt test-driver URI whose node runs ``names`` (each with its serial log in ``serial_dir/NAME``)."""
+    domains = "".join(f"<domain type='test'><name>{n}</name><memory>1024</memory><os><type>hvm</type></os>"
+                      f"<devices><serial type='file'><source path='{serial_dir / n / 'serial.log'}'/>"
+                      "<target port='0'/></serial></devices></domain>" for n in names)
+    path.write_text(f"<node>{domains}</node>")
+    return f"test://{path}"
+
+
+def test_migrate_checks_the_target_name_at_the_target_daemon(capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`migrate --target-connect URI` opens the target side's hypervisor on URI: a target name that
+    is free at the source's daemon but taken at the target's is refused before anything starts."""
+    monkeypatch.setenv("REPLAY_MIGRATE_STATE", str(tmp_path / "state"))
+    image = tmp_path / "image"
+    image.mkdir()
+    for f in ("base.qcow2", "vmlinuz", "initrd.img"):
+        (image / f).write_bytes(b"")
+    ck = tmp_path / "state" / "checkpoints" / "c"
+    ck.mkdir(parents=True)
+    for f in ("disk.qcow2", "memory.sav"):
+        (ck / f).write_bytes(b"")
+    ckpt.Manifest(name="c", image_recipe="0" * 16, image_dir=str(image), virt="qemu", memory_mib=1, created=0.0,
+                  boot_to_desktop_s=0.0, save_s=0.0, memory_apparent_bytes=0, memory_allocated_bytes=0,
+                  disk_allocated_bytes=0).save(ck / "manifest.json")
+    clones = tmp_path / "state" / "clones"
+    (clones / "rm-x").mkdir(parents=True)
+    (clones / "rm-x" / "checkpoint").write_text("c\n")
+    source = _test_node(tmp_path / "a.xml", "rm-x", serial_dir=clones)
+    target = _test_node(tmp_path / "b.xml", "rm-x-migrated", serial_dir=tmp_path / "elsewhere")
+    argv = ["--connect", source, "migrate", "rm-x", "--checkpoint", "c", "--target-connect", target]
+    assert main(argv) == UsageError.exit_code
+    assert "a domain named 'rm-x-migrated' exists already" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("bad", [["--duration", "0"], ["--duration", "-5"], ["--duration", "nan"],
                                  ["--gap-cap", "inf"], ["--target-name", "../etc"], ["--target-name", "rm-x"]])
 def test_migrate_refuses_bad_numbers_and_names(bad: list[str], capsys: pytest.CaptureFixture[str],

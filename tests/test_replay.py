@@ -17,7 +17,7 @@ from recorder.logformat import Button, Event, Key, Motion, SyncMark, read_log
 from replay_migrate.errors import ReplayError
 from replayer.clock import ManualClock
 from replayer.drive import drive
-from replayer.link import RecorderLink, record
+from replayer.link import CheckTimeout, RecorderLink, record
 from replayer.logfeed import LogPump
 from replayer.replay import SYNC_POLL_S, ReplayConfig, Replayer, describe
 from replayer.workload import load_workload, parse_workload, shipped_workloads, synthesize
@@ -230,6 +230,36 @@ def test_an_unmet_mark_fails_a_strict_replay() -> None:
     rep = Replayer(_Machine(), _Link(clock, b"B"), ReplayConfig(sync_timeout_s=1, strict_sync=True), clock=clock)
     with pytest.raises(ReplayError, match=re.escape("sync mark 'typing' at 0.000 s (8x8 at 0,0) was not met")):
         rep.replay([SyncMark(0, 0, 0, 8, 8, b"A", "typing")])
+
+
+class _SlowChecks(_Link):
+    """An agent too loaded to answer the first ``slow`` screen checks in time."""
+
+    def __init__(self, clock: ManualClock, slow: int) -> None:
+        super().__init__(clock)
+        self.slow = slow
+
+    def check(self, x: int, y: int, w: int, h: int, timeout: float,
+              on_event: list[HostEvent] | None = None) -> bytes:
+        self.checks += 1
+        if self.checks <= self.slow:
+            self.clock.advance(timeout)
+            raise CheckTimeout("the recorder agent of 'x' did not answer a screen check in 10 s")
+        return self.screen
+
+
+def test_a_check_the_agent_answers_late_is_a_mark_not_yet_met() -> None:
+    """A loaded TCG guest once took over 10 s to sample a 508x732 region: that costs the mark its
+    time, not the whole replay; the next check is met. A strict replay still fails at once."""
+    mark = SyncMark(0, 0, 0, 8, 8, b"A", "typing")
+    clock = ManualClock()
+    rep = Replayer(_Machine(), _SlowChecks(clock, slow=1), ReplayConfig(sync_timeout_s=20), clock=clock)
+    assert rep.replay([mark]).sync_met == 1
+    rep = Replayer(_Machine(), _SlowChecks(clock, slow=5), ReplayConfig(sync_timeout_s=20), clock=clock)
+    assert len(rep.replay([mark]).sync_failed) == 1
+    strict = Replayer(_Machine(), _SlowChecks(clock, slow=1), ReplayConfig(strict_sync=True), clock=clock)
+    with pytest.raises(CheckTimeout):
+        strict.replay([mark])
 
 
 def test_an_event_the_guest_does_not_echo_fails_the_replay() -> None:

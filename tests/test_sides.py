@@ -8,12 +8,14 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
 from conftest import CLONE_PREFIX
 
 from cli.migrate import _loopback_service, migrate_embedded, state_comparison
+from differ.protocol import ImageStats, TransferStats, TransferSummary
 from migration.cancel import supervise
 from migration.sides import Report, SourceSide, TargetSide
 from recorder.logformat import Key, LogHeader, encode_log, peek_frame
@@ -56,6 +58,21 @@ def test_report_savings() -> None:
     assert set(Report().as_dict()) >= {"log_bytes", "hash_bytes", "block_bytes", "wire_bytes", "baseline_bytes",
                                       "savings", "divergent_blocks", "referenced_blocks", "replay_s", "diff_s",
                                       "transfer_s", "downtime_s", "verified"}
+
+
+def test_report_takes_every_number_of_the_transfer_summary() -> None:
+    """Report.add_transfer copies no field by hand: every field of the summary lands in the
+    report under its name, so a number added to the summary cannot be forgotten here."""
+    assert {f.name for f in fields(TransferSummary)} <= {f.name for f in fields(Report)}
+    stats = TransferStats(images={"memory": ImageStats(divergent=9, referenced=1, duplicate=2, base=3, delta=4,
+                                                       xbase=5, full=6),
+                                  "disk": ImageStats(divergent=2, full=2)},
+                          root_bytes=64, walk_digest_bytes=8, fingerprint_bytes=5, block_bytes=100, round_trips=4)
+    r = Report()
+    r.add_transfer(stats)
+    assert {f.name: getattr(r, f.name) for f in fields(TransferSummary)} == asdict(stats.summary())
+    assert (r.hash_bytes, r.referenced_blocks, r.delta_blocks, r.full_blocks) == (72, 6, 9, 8)
+    assert r.divergent_blocks == {"memory": 9, "disk": 2}
 
 
 @pytest.mark.vm

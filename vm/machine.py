@@ -40,7 +40,7 @@ from replay_migrate.tools import run_tool
 from vm import guest
 from vm.guest import ExecResult
 from vm.screen import Screenshot
-from vm.spec import RECORDER_CHANNEL, SCREEN, DomainSpec, clone_xml, domain_name
+from vm.spec import RECORDER_CHANNEL, SCREEN, Boot, DomainSpec, GuestImage, check_saved_domain, clone_xml, domain_name
 
 URI = "qemu:///system"
 CONNECT_TIMEOUT_S = 20.0
@@ -154,7 +154,7 @@ class Hypervisor:
 
     def restore_clone(self, memory_image: Path, *, name: str, disk: Path, run_dir: Path,
                       paused: bool = False, copy: bool = True, consume: bool = True,
-                      uuid_: str | None = None) -> Machine:
+                      uuid_: str | None = None, guest: GuestImage | Boot | None = None) -> Machine:
         """Start domain ``name`` from ``memory_image`` with a clone's identity.
 
         ``disk`` must already hold the clone's overlay (the disk state that goes with the memory
@@ -163,13 +163,18 @@ class Hypervisor:
         is rewritten (a migrated image the target now owns). Either way the image the domain was
         restored from is deleted once it runs (see :meth:`restore`; not with ``consume=False``:
         the caller takes it, e.g. into the next checkpoint); ``memory_image`` itself is kept when
-        it was copied. ``uuid_``: the clone's UUID (default: a new one).
+        it was copied. ``uuid_``: the clone's UUID (default: a new one). With ``guest`` (the guest
+        image the domain runs, or a user's domain's boot), the saved domain must be one this project
+        defines (``vm.spec.check_saved_domain``) before libvirt, which runs it as root, sees it: a
+        checkpoint from another site or a peer's patched image.
         """
         if self.exists(name):
             raise VMError(f"a domain named {name!r} already exists")
         if not disk.is_file():
             raise ImageError(f"clone disk {disk} does not exist")
         header = savefmt.read_header(memory_image)
+        if guest is not None:
+            check_saved_domain(header.xml, guest)
         image = memory_image
         if copy:
             image = run_dir / "memory.sav"

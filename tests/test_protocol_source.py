@@ -1,0 +1,161 @@
+"""differ.protocol.source: the sending side. Hostile hellos, walks and wants are refused without
+allocating by what the target announces; the leaves it sends are read ahead through requests."""
+
+from __future__ import annotations
+
+import random
+
+import msgpack
+import pytest
+from diffpair import PAGE, V, hello_bytes, one, peak_of, rand, replayed, walk_to_want
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bench.fuzz_targets import fuzz_one
+from differ.merkle import MerkleTree
+from differ.protocol import Holding, ImageSpec, Of, ProtocolParams, ReadLeaves, Source, SourceState
+from differ.protocol.params import READ_RUN
+from replay_migrate.errors import LocalProtocolError, ProtocolError
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\xc1",
+        hello_bytes()[:-5],
+        hello_bytes() + b"\x00",
+        msgpack.packb([1, 2, 3]),
+        msgpack.packb({"t": "hello"}),
+        hello_bytes(v=V + 1),
+        hello_bytes(v=1),
+        hello_bytes(t="launch"),
+        hello_bytes(t=7),
+        hello_bytes(db="8"),
+        hello_bytes(db=True),
+        hello_bytes(db=3),
+        hello_bytes(sb=100),
+        hello_bytes(key=b"short"),
+        hello_bytes(cb=-1),
+        hello_bytes(cb=25),
+        hello_bytes(br=[]),
+        hello_bytes(br=[b"short root"]),
+        hello_bytes(br="x"),
+        hello_bytes(img=[{"n": "disk", "s": 4 * PAGE, "l": 5, "f": 4, "r": bytes(32)}]),
+        hello_bytes(img=[{"n": "disk", "s": 4 * PAGE, "l": 4, "f": 4, "r": bytes(31)}]),
+        hello_bytes(img=[{"n": "other", "s": 4 * PAGE, "l": 4, "f": 4, "r": bytes(32)}]),
+        hello_bytes(img=[{"n": "disk", "s": -1, "l": 4, "f": 4, "r": bytes(32)}]),
+        hello_bytes(img="disk"),
+        hello_bytes(img=[None]),
+        msgpack.packb({"t": "hello", "v": V, "pad": b"x" * (2 << 20)}),
+        msgpack.packb({"t": "frag", "v": V, "lt": "blocks", "i": 0, "n": 2, "d": b"x"}),
+        msgpack.packb({"t": "frag", "v": V, "lt": "hello", "i": 1, "n": 2, "d": b"x"}),
+    ],
+)
+def test_malformed_messages_raise_protocol_error(data: bytes) -> None:
+    src = one(rand(4 * PAGE), rand(4 * PAGE)).source
+    with pytest.raises(ProtocolError):
+        src.receive_data(data)
+    assert src.state is SourceState.FAILED
+
+
+def test_the_source_allocates_nothing_by_the_targets_announced_sizes() -> None:
+    """The target's hello may announce any size up to ``max_leaves`` (B may be larger than A: it
+    shrinks); the source only compares roots with it and walks its own tree."""
+    src = one(rand(8 * PAGE), rand(8 * PAGE)).source
+    big = {"n": "disk", "s": (1 << 28) * PAGE, "l": 1 << 28, "f": 4, "r": bytes(32)}
+    assert peak_of(lambda: src.receive_data(hello_bytes(img=[big]))) < 4 << 20
+    assert src.state is SourceState.WALKING
+
+
+def test_base_requests_in_a_walk_without_base_are_refused() -> None:
+    base = rand(16 * PAGE, seed=13)
+    a, b = replayed(base, same=(), differ=(4,), target_only=())
+    pair = one(a, b)                                    # no base on either side
+    want = msgpack.unpackb(walk_to_want(pair))
+    want["p"][0]["k"] = bytes([5])                      # Req.BASE
+    with pytest.raises(ProtocolError):
+        pair.source.receive_data(msgpack.packb(want))
+
+
+def test_a_duplicate_must_refer_to_an_earlier_block_request() -> None:
+    b = rand(30 * PAGE)
+    a = bytearray(b)
+    new = rand(PAGE, seed=3)
+    for i in (4, 9):
+        a[i * PAGE : (i + 1) * PAGE] = new
+    pair = one(bytes(a), b)
+    want = msgpack.unpackb(walk_to_want(pair))
+    part = want["p"][0]
+    assert part["k"][1] == 4                            # Req.DUP of the first
+    part["u"] = (1).to_bytes(4, "little")               # ... of itself
+    with pytest.raises(ProtocolError, match="duplicate"):
+        pair.source.receive_data(msgpack.packb(want))
+
+
+def drive_source(src: Source, image: bytes) -> list[ReadLeaves]:
+    """Fulfil ``src``'s reads from ``image``; the requests it made."""
+    reads = []
+    while (req := src.next_request()) is not None:
+        assert isinstance(req, ReadLeaves) and req.holding == Holding(Of.IMAGE, "disk")
+        reads.append(req)
+        src.receive_result(req.answer([image[i * PAGE : (i + 1) * PAGE] for i in req.leaves]))
+    return reads
+
+
+def test_the_source_reads_only_what_it_sends_ahead_in_runs() -> None:
+    """The source asks for the leaves it must send (not those it only confirms), ascending, at
+    most READ_RUN at once, each once; fulfilled from a dict it sends what the blocking adapter's
+    sends, byte for byte."""
+    b = rand(2000 * PAGE)
+    a = bytearray(b)
+    sent = set(range(0, 2000, 3))
+    for i in sent:
+        a[i * PAGE : (i + 1) * PAGE] = rand(PAGE, 10 + i)
+    for i in range(1, 2000, 30):
+        a[i * PAGE : (i + 1) * PAGE] = bytes(PAGE)      # zero leaves: confirmed, never read
+    params = ProtocolParams(window=2)
+    pair = one(bytes(a), b, params=params)
+    core = Source([ImageSpec("disk", MerkleTree.from_bytes(bytes(a), 4))], params)
+    reads: list[ReadLeaves] = []
+    pair.target.start()
+    while to_source := pair.target.data_to_send():
+        for m in to_source:
+            pair.source.receive_data(m)
+            core.receive_data(m)
+            reads += drive_source(core, bytes(a))
+            out = core.data_to_send()
+            assert out == pair.source.data_to_send()
+            for o in out:
+                pair.target.receive_data(o)
+    assert core.state is SourceState.VERIFIED and pair.data() == bytes(a)
+    leaves = [leaf for r in reads for leaf in r.leaves]
+    assert all(len(r.leaves) <= READ_RUN and list(r.leaves) == sorted(r.leaves) for r in reads)
+    assert len(leaves) == len(set(leaves)) and set(leaves) == sent
+
+
+def test_resume_is_refused_outside_the_block_phase_and_beyond_what_was_sent() -> None:
+    src = one(rand(4 * PAGE), rand(4 * PAGE)).source
+    with pytest.raises(LocalProtocolError, match="idle"):
+        src.resume(0)
+    assert src.state is SourceState.IDLE
+
+
+# -- fuzz: the target `make fuzz` runs on 100,000 inputs (bench/fuzz_targets.py), here on a few ----------
+
+FUZZ = settings(max_examples=150, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@FUZZ
+@given(st.randoms(use_true_random=False))
+def test_fuzz_protocol_source(rng: random.Random) -> None:
+    """Structurally valid inputs, mutated: the decoder lets out ProtocolError."""
+    fuzz_one("protocol-source", rng)
+
+
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_fuzz_protocol_source_raw_bytes(data: bytes) -> None:
+    fuzz_one("protocol-source", data)
+
