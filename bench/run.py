@@ -17,6 +17,7 @@ BENCHES: list[tuple[str, list[str], bool]] = [
     ("log", [sys.executable, str(HERE / "bench_log.py")], False),
     ("differ", [sys.executable, str(HERE / "bench_differ.py"), "--size-gib", "1"], False),
     ("images", [sys.executable, str(HERE / "bench_images.py")], False),
+    ("roundtrip", [sys.executable, str(HERE / "roundtrip.py")], False),
     ("migration", [sys.executable, str(HERE / "bench_migration.py"), "--out", str(HERE / "results")], True),
 ]
 

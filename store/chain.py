@@ -120,7 +120,7 @@ def prepare(parent: ckpt.Checkpoint, roots: dict[str, bytes], state_disk: Path, 
             run_tool(["qemu-img", "create", "-q", "-f", "qcow2", "-b", _relative_backing(backing.name), "-F",
                       "qcow2", str(disk)], what=f"{disk}: qemu-img create", error=ImageError, cwd=str(partial))
             leaves = trees[DISK]
-            _write_differing(disk, state_disk, leaves, backing_leaves, parent_trees)
+            write_differing(disk, state_disk, leaves, backing_leaves, parent_trees)
             LeafDigests(leaves.leaves, leaves.size).save(partial / "disk.leaves.npz")
             atomic_write(partial / "disk.leaves.stamp", file_stamp(disk))
             ckpt.Manifest(
@@ -140,7 +140,7 @@ def prepare(parent: ckpt.Checkpoint, roots: dict[str, bytes], state_disk: Path, 
     return ck
 
 
-def _write_differing(disk: Path, state_disk: Path, leaves: MerkleTree, backing: LeafDigests,
+def write_differing(disk: Path, state_disk: Path, leaves: MerkleTree, backing: LeafDigests,
                      parent_trees: CheckpointTrees) -> None:
     """Write into the empty overlay ``disk`` every leaf whose verified digest differs from the
     backing's, read from this site's ``state_disk``, in leaf order."""
