@@ -79,6 +79,16 @@ def the_disk(xml: str, domain: str) -> Path:
     return Path(str(src.get("file")))
 
 
+def saved_xml(live: str) -> str:
+    """A running domain's migratable XML as its save image's header will have it: without the
+    dynamic security labels, which libvirt leaves out of a save."""
+    root = ET.fromstring(live)
+    for label in root.findall("seclabel"):
+        if label.get("type") == "dynamic":
+            root.remove(label)
+    return ET.tostring(root, encoding="unicode")
+
+
 def check_domain(hv: Hypervisor, m: Machine) -> Path:
     """Everything ``create_from_domain`` refuses, before anything is touched; the disk's path."""
     if m.state is not MachineState.RUNNING:
@@ -100,12 +110,19 @@ def check_domain(hv: Hypervisor, m: Machine) -> Path:
                               "systems through it): install qemu-guest-agent in the guest") from None
     if m.recorder_channel() is None:
         raise CheckpointError(f"{m.name!r} has no recorder channel: `replay-migrate agent install {m.name}` first")
-    saved = str(m.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE))
-    try:    # what its clones' restore will check (vm.spec.check_saved_domain), before it is stopped
-        check_saved_domain(clone_xml(saved, m.name, disk, ckpt.clone_dir(m.name)), Boot.of(saved))
-    except ImageError as e:
-        raise CheckpointError(f"{m.name!r} cannot run as a clone here: {e}") from None
+    check_clonable(str(m.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE)),
+                   m.name, disk)
     return disk
+
+
+def check_clonable(live: str, domain: str, disk: Path) -> None:
+    """CheckpointError unless a clone of the domain (its running XML ``live``) passes what its
+    restore checks (``vm.spec.check_saved_domain``): said before the domain is stopped."""
+    saved = saved_xml(live)
+    try:
+        check_saved_domain(clone_xml(saved, domain, disk, ckpt.clone_dir(domain)), Boot.of(saved))
+    except ImageError as e:
+        raise CheckpointError(f"{domain!r} cannot run as a clone here: {e}") from None
 
 
 class LogCut(Protocol):

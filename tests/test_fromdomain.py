@@ -22,11 +22,13 @@ from bench.roundtrip import round_trip
 from cli.main import main
 from cli.migrate import state_comparison
 from migration.sides import SourceSide
+from replay_migrate.errors import CheckpointError
 from store import checkpoint as ckpt
+from store.fromdomain import check_clonable, saved_xml
 from store.vmstate import VmState
 from vm import install
 from vm.machine import Hypervisor, Machine, MachineState
-from vm.spec import VirtType
+from vm.spec import VirtType, emulator_path
 
 DOMAIN = f"{CLONE_PREFIX}own"
 CHECKPOINT = f"{CLONE_PREFIX}own-ck"
@@ -197,3 +199,33 @@ def test_the_test_disk_loses_exactly_the_agent(tmp_path: Path) -> None:
                              text=True, check=True).stdout
     assert not re.search(r"/rm/", listing)
     assert "keep" in subprocess.run(["debugfs", "-R", "ls -p /", str(img)], capture_output=True, text=True).stdout
+
+
+LIVE = XML.format(virt="kvm", name=DOMAIN, kernel="/srv/img/vmlinuz", initrd="/srv/img/initrd.img",
+                  cpu="<cpu mode='host-passthrough'/>", disk="/srv/vms/desktop.qcow2").replace(
+    "<channel type='unix'><target", "<channel type='unix'><source mode='bind' path='/run/libvirt/qemu/ga.sock'/><target"
+).replace("<devices>", f"<devices><emulator>{emulator_path()}</emulator>").replace(
+    "</name>", "</name><uuid>0761aacb-5b2d-4e8f-bf94-2e3365633b0b</uuid>").replace(
+    "</devices>", "</devices><seclabel type='dynamic' model='dac' relabel='yes'><label>+64:+64</label></seclabel>")
+"""The test's domain as libvirt shows it running: its emulator, the agent socket it made, a label."""
+
+
+def test_a_domain_whose_clone_restores_is_accepted(tmp_path: Path) -> None:
+    check_clonable(LIVE, DOMAIN, tmp_path / "d.qcow2")
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    (("<memballoon", "<interface type='network'><source network='default'/></interface><memballoon"), "interface"),
+    (("<os>", "<os firmware='efi'>"), "firmware"),
+    (("<input type='keyboard'", "<hostdev mode='subsystem' type='usb'/><input type='keyboard'"), "hostdev"),
+])
+def test_a_domain_whose_clone_would_be_refused_is_refused_before_it_stops(
+        tmp_path: Path, change: tuple[str, str], why: str) -> None:
+    with pytest.raises(CheckpointError, match=f"cannot run as a clone here: .*{why}"):
+        check_clonable(LIVE.replace(*change, 1), DOMAIN, tmp_path / "d.qcow2")
+
+
+def test_the_saved_xml_has_no_dynamic_label() -> None:
+    assert "seclabel" in LIVE and "seclabel" not in saved_xml(LIVE)
+    static = LIVE.replace("type='dynamic'", "type='static'")
+    assert "seclabel" in saved_xml(static)
