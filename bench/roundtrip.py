@@ -158,9 +158,10 @@ def round_trip(hv: Hypervisor, ck0: ckpt.Checkpoint, m: Machine, folder: Path, n
             await asyncio.to_thread(drive, vm, parse_workload(work))
 
         (folder / str(n)).mkdir()
-        report, src, _ = asyncio.run(migrate_embedded(
-            hv, hv, vm, ck, name, user=user, replay=ReplayConfig(sync_timeout_s=SYNC_TIMEOUT_S),
-            on_verified=keep_state(kept[n], folder / str(n), then), on_started=keep_log(logs[n])))
+        with Hypervisor(hv.uri) as hv_target:     # the target side's own connection, as in `migrate`
+            report, src, _ = asyncio.run(migrate_embedded(
+                hv, hv_target, vm, ck, name, user=user, replay=ReplayConfig(sync_timeout_s=SYNC_TIMEOUT_S),
+                on_verified=keep_state(kept[n], folder / str(n), then), on_started=keep_log(logs[n])))
         r = report.as_dict()
         if not r["verified"] or not r.get("next_checkpoint"):
             raise RuntimeError(f"migration {n + 1} of the round trip: {r}")
