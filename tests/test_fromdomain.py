@@ -119,7 +119,9 @@ def test_own_vm_installed_checkpointed_and_migrated_there_and_back(
         dom.create()
         m = hv.lookup(DOMAIN)
         m.wait_agent(timeout=BOOT_S)
-        r = m.exec("xdotool search --sync --onlyvisible --class Notepad >/dev/null && echo up", timeout=BOOT_S)
+        # the guest agent answers before X is up: wait for the display, then for the session's apps
+        r = m.exec("until xdotool getdisplaygeometry >/dev/null 2>&1; do sleep 0.5; done; "
+                   "xdotool search --sync --onlyvisible --class Notepad >/dev/null && echo up", timeout=BOOT_S)
         assert r.stdout == "up\n", r
         before = install.probe(m)
         assert before.agent_pids == [] and m.recorder_channel() is None     # no agent, no channel
