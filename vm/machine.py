@@ -40,7 +40,7 @@ from replay_migrate.tools import run_tool
 from vm import guest
 from vm.guest import ExecResult
 from vm.screen import Screenshot
-from vm.spec import RECORDER_CHANNEL, SCREEN, Boot, DomainSpec, GuestImage, check_saved_domain, clone_xml, domain_name
+from vm.spec import RECORDER_CHANNEL, SCREEN, Boot, DomainSpec, GuestImage, check_saved_domain, clone_xml, domain_name, refuse_doctype
 
 URI = "qemu:///system"
 CONNECT_TIMEOUT_S = 20.0
@@ -174,14 +174,17 @@ class Hypervisor:
             raise ImageError(f"clone disk {disk} does not exist")
         header = savefmt.read_header(memory_image)
         if guest is not None:
-            check_saved_domain(header.xml, guest)
+            refuse_doctype(header.xml)
+        xml = clone_xml(header.xml, name, disk, run_dir, uuid_=uuid_)
+        if guest is not None:       # what libvirt will run: a user's domain's pty serial is a file by now
+            check_saved_domain(xml, guest)
         image = memory_image
         if copy:
             image = run_dir / "memory.sav"
             sparse_copy(memory_image, image)
         (run_dir / "serial.log").unlink(missing_ok=True)
         try:
-            savefmt.rewrite_xml(image, clone_xml(header.xml, name, disk, run_dir, uuid_=uuid_))
+            savefmt.rewrite_xml(image, xml)
         except BaseException:
             if copy:
                 image.unlink(missing_ok=True)

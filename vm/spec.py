@@ -212,6 +212,13 @@ LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 RANDOM_SOURCES = frozenset({"/dev/urandom", "/dev/random"})
 
 
+def refuse_doctype(xml: str) -> None:
+    """ImageError if domain XML from elsewhere has a DOCTYPE or entities (libvirt never writes one):
+    before anything parses it."""
+    if "<!DOCTYPE" in xml.upper() or "<!ENTITY" in xml.upper():
+        raise ImageError("the saved domain XML has a DOCTYPE (libvirt never writes one)")
+
+
 def check_saved_domain(xml: str, image: GuestImage | Boot, *, emulator: str | None = None) -> None:
     """Refuse (ImageError) a saved domain unless it is one this project would define: a domain
     from another site's checkpoint is restored by libvirt as root, so its XML decides which
@@ -222,8 +229,7 @@ def check_saved_domain(xml: str, image: GuestImage | Boot, *, emulator: str | No
     that :func:`clone_xml` rewrites, VNC on loopback, ``/dev/urandom`` as the entropy source. Not:
     a DOCTYPE, elements of other XML namespaces (``qemu:commandline``), firmware, host devices,
     file systems, other disks or ports, any other host path."""
-    if "<!DOCTYPE" in xml.upper() or "<!ENTITY" in xml.upper():
-        raise ImageError("the saved domain XML has a DOCTYPE (libvirt never writes one)")
+    refuse_doctype(xml)
     try:
         root = ET.fromstring(xml)
     except ET.ParseError as e:
