@@ -40,7 +40,17 @@ from replay_migrate.tools import run_tool
 from vm import guest
 from vm.guest import ExecResult
 from vm.screen import Screenshot
-from vm.spec import RECORDER_CHANNEL, SCREEN, Boot, DomainSpec, GuestImage, check_saved_domain, clone_xml, domain_name, refuse_doctype
+from vm.spec import (
+    RECORDER_CHANNEL,
+    SCREEN,
+    Boot,
+    DomainSpec,
+    GuestImage,
+    check_saved_domain,
+    clone_xml,
+    domain_name,
+    refuse_doctype,
+)
 
 URI = "qemu:///system"
 CONNECT_TIMEOUT_S = 20.0
