@@ -371,8 +371,9 @@ def start_clone(hv: Hypervisor, ck: Checkpoint, name: str, *, paused: bool = Fal
                 replace: bool = False, uuid_: str | None = None) -> Machine:
     """Start domain ``name`` as a clone of checkpoint ``ck`` (restore, not boot), with the host's
     wall-clock time (the checkpoint's is minutes or days old). Every clone is set so when it starts,
-    the source's and the target's alike, so both keep one clock. ``paused``: the caller resumes it
-    and then calls ``Machine.sync_clock``."""
+    the source's and the target's alike, so both keep one clock. A migration's checkpoint was saved
+    with the guest's file systems frozen (the target's suspend): its clones are thawed first.
+    ``paused``: the caller resumes it, thaws it (``Machine.fsthaw``) and calls ``Machine.sync_clock``."""
     run_dir = clone_dir(name)
     ck.check()
     if hv.exists(name):
@@ -388,6 +389,8 @@ def start_clone(hv: Hypervisor, ck: Checkpoint, name: str, *, paused: bool = Fal
                              paused=paused, uuid_=uuid_, guest=ck.boot)
         if not paused:
             m.wait_agent()
+            if ck.manifest.origin == ORIGIN_MIGRATION:
+                m.fsthaw()      # a migration's state was saved frozen (its guest agent refuses the clock)
             offset = m.sync_clock()
             log.info("%s: clock set to the host's (off by %.3f s now)", name, offset)
         return m
