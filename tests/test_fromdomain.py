@@ -162,8 +162,9 @@ def test_own_vm_installed_checkpointed_and_migrated_there_and_back(
             assert m_b.exec("cat /root/trip.txt").stdout == "from-a\n"
 
         rt, m_a = round_trip(hv, ck0, m, tmp_path, names[1:], at_b=at_b, then=then)
-        print(f"\nthere: {rt.there} wire bytes; back against {rt.next_checkpoint}: {rt.back}; "
-              f"back against {CHECKPOINT} would have been {rt.back_against_first}")
+        with capsys.disabled():     # the measurement, in the test's output
+            print(f"\nthere: {rt.there} wire bytes; back against {rt.next_checkpoint}: {rt.back}; "
+                  f"back against {CHECKPOINT} would have been {rt.back_against_first}")
         assert same == [True, True, True, True] and backends == ["pynput-xorg", "pynput-xorg"]
         assert m_a.exec("cat /root/trip.txt").stdout == "from-a\nfrom-b\n"
         c2 = ckpt.get((ckpt.clone_dir(names[2]) / "checkpoint").read_text().strip())
