@@ -24,8 +24,8 @@ from recorder.agent import (
     DEFAULT_FRAME_MS,
     DEFAULT_MOTION_WINDOW_MS,
     DEFAULT_SYNC_IDLE_MS,
-    DEFAULT_SYNC_SETTLE_MS,
 )
+from recorder.capture import DEFAULT_SYNC_SETTLE_MS
 from recorder.logformat import (
     Button,
     EncodedFrame,

@@ -24,6 +24,7 @@ BENCHES: list[tuple[str, list[str], bool]] = [
     # default run, which must stay under 30 min with the migration benchmark; `make bench BENCH=service`
     ("service", [sys.executable, "-m", "bench.bench_service", "--out", str(HERE / "results")], True),
     ("chain", [sys.executable, str(HERE / "bench_chain.py"), "--out", str(HERE / "results")], True),
+    ("roundtrip", [sys.executable, str(HERE / "roundtrip.py")], False),
     ("migration", [sys.executable, str(HERE / "bench_migration.py"), "--out", str(HERE / "results")], True),
 ]
 OPT_IN = frozenset({"service"})

@@ -97,7 +97,8 @@ async def run_source(args: argparse.Namespace) -> dict[str, Any]:
     with Hypervisor(args.connect) as hv:
         m = StampedMachine(hv, hv.lookup(args.domain).dom)
         async with SessionClient(args.url, load_credential(None, Role.SOURCE)) as client:
-            src = SourceSide(hv, m, ck, client, suspend_dir=args.suspend_dir)
+            src = SourceSide(hv, m, ck, client, suspend_dir=args.suspend_dir,
+                             chain_limit=0)   # measured states only: no next checkpoint
             stop = asyncio.Event()
             streaming = asyncio.create_task(src.stream_log(stop))
             t_start = time.monotonic()
@@ -135,7 +136,7 @@ async def run_target(args: argparse.Namespace) -> dict[str, Any]:
             stamps["t_attached"] = time.monotonic()
             side = TargetSide(hv, ck, client, args.name, replay=ReplayConfig(gap_cap_s=args.gap_cap),
                               in_place=not args.copy_sinks, verify_written=not args.rehash,
-                              suspend_dir=args.suspend_dir)
+                              suspend_dir=args.suspend_dir, chain_limit=0)
             side.on_saved = saved
             side.on_verified = verified
             report = await side.run()

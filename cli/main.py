@@ -26,11 +26,12 @@ from cli.argtypes import non_negative, positive, positive_int
 from cli.report import emit_json, human_bytes, table
 from migration.cancel import Interrupted, raising_on_signals, stopping_on_signals
 from replay_migrate import __version__
-from replay_migrate.errors import NoSuchDomainError, ReplayMigrateError, UsageError, WorkloadCheckError
+from replay_migrate.errors import CheckpointError, NoSuchDomainError, ReplayMigrateError, UsageError, WorkloadCheckError
 from replay_migrate.safeopen import check_output, check_regular, open_output, open_regular, write_output
 from replayer.replay import SYNC_SLACK_S
 from store import checkpoint as ckpt
 from store.images import ensure_image
+from store.paths import checkpoint_path
 from vm.machine import Hypervisor, Machine
 
 if TYPE_CHECKING:
@@ -52,6 +53,8 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 
 # ---- checkpoint -------------------------------------------------------------------------------
 def cmd_checkpoint_create(args: argparse.Namespace) -> int:
+    if args.domain is not None:
+        return _checkpoint_of_domain(args)
     from vm.spec import check_kernel_args
     check_kernel_args(args.kernel_arg)     # before libvirt is touched
     with _hv(args) as hv:
@@ -63,17 +66,46 @@ def cmd_checkpoint_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_of_domain(args: argparse.Namespace) -> int:
+    """``checkpoint create NAME --domain DOMAIN``: a running domain of the user's (store.fromdomain)."""
+    from cli.agent import ChannelLogCut, _busy, hello_of
+    from store.fromdomain import create_from_domain
+
+    checkpoint_path(args.name)       # a plain name, checked before anything starts
+    with _hv(args) as hv:
+        m = hv.lookup(args.domain)
+        busy = _busy(m)
+        if busy is not None:
+            raise UsageError(f"a migration of {args.domain!r} runs (`record --to`, pid {busy}): a checkpoint waits "
+                             "for it to end")
+        if m.recorder_channel() is None:
+            raise CheckpointError(f"{args.domain!r} has no recorder channel: "
+                                       f"`replay-migrate agent install {args.domain}` first")
+        hello = hello_of(m, args.agent_timeout)
+        if hello is None:
+            raise CheckpointError(f"the recorder agent of {args.domain!r} does not answer: "
+                                       f"`replay-migrate agent status {args.domain}` says why")
+        ck, clone = create_from_domain(hv, args.name, args.domain, ChannelLogCut(args.agent_timeout))
+        man = ck.manifest
+        print(f"checkpoint {ck.name}: {ck.dir} (memory image {human_bytes(man.memory_allocated_bytes)} allocated, "
+              f"base {man.base['path']}); {clone.name} runs on as its clone (agent {hello.agent_version}, "
+              f"{hello.backend or 'unknown backend'})")
+    return 0
+
+
 def cmd_checkpoint_list(args: argparse.Namespace) -> int:
     rows = []
     for ck in ckpt.list_all():
         m = ck.manifest
-        rows.append([ck.name, m.image_recipe, m.virt, m.memory_mib,
+        origin = {ckpt.ORIGIN_IMAGE: f"image {m.image_recipe}", ckpt.ORIGIN_DOMAIN: f"domain {m.base.get('path')}",
+                  ckpt.ORIGIN_MIGRATION: f"after {m.parent} (over {m.backing})"}.get(m.origin, m.origin)
+        rows.append([ck.name, origin, m.virt, m.memory_mib,
                      human_bytes(m.memory_allocated_bytes), human_bytes(m.disk_allocated_bytes),
                      ", ".join(ckpt.clones_of(ck.name)) or "-"])
     if args.json:
-        emit_json([{"name": r[0], "image": r[1], "virt": r[2], "memory_mib": r[3]} for r in rows])
+        emit_json([{"name": r[0], "origin": r[1], "virt": r[2], "memory_mib": r[3]} for r in rows])
     else:
-        table(rows, ["name", "image", "virt", "MiB", "memory", "disk", "clones"])
+        table(rows, ["name", "origin", "virt", "MiB", "memory", "disk", "clones"])
     return 0
 
 
@@ -329,8 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
 
     ck = sub.add_parser("checkpoint", help="checkpoints both sites share").add_subparsers(dest="sub", required=True)
-    p = add(ck, "create", cmd_checkpoint_create, "boot the image to the settled desktop and save it")
+    p = add(ck, "create", cmd_checkpoint_create, "boot the image to the settled desktop and save it; with --domain, "
+            "quiesce and save a running domain of yours, which runs on as the checkpoint's clone")
     p.add_argument("name")
+    p.add_argument("--domain", help="checkpoint this running domain (one qcow2 disk, the recorder agent installed: "
+                   "`agent install`) instead of booting the image")
+    p.add_argument("--agent-timeout", type=positive, default=10.0,
+                   help="with --domain: seconds the recorder agent has to answer (default %(default)s)")
     p.add_argument("--memory-mib", type=positive_int, default=1024)
     p.add_argument("--settle", type=non_negative, default=ckpt.SETTLE_S, help="idle seconds before saving")
     p.add_argument("--kernel-arg", action="append", default=[], metavar="ARG",
@@ -397,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(sess, "new", migrate.cmd_session_new,
             "create a session at the service; write each role's credential to a new 0600 file")
     migrate.add_session_new_arguments(p)
+
+    from cli import agent
+    agent.add_arguments(sub, add)
 
     p = add(sub, "replay", cmd_replay, "replay an input log into a domain, closed loop")
     p.add_argument("log", type=Path)

@@ -52,6 +52,7 @@ from server.keyring import MIN_KEY_BYTES, Credential
 from server.service import ServiceConfig, start_service
 from server.wire import Role
 from store import checkpoint as ckpt
+from store.chain import DEFAULT_CHAIN_LIMIT
 from store.paths import check_name
 from store.vmstate import VmState, same_state
 from vm.machine import Hypervisor, Machine, MachineState
@@ -104,6 +105,7 @@ def print_report(report: dict[str, Any], as_json: bool, title: str = "migration"
         ["diff (tree walk)", fig("diff_s", lambda v: f"{v:.2f} s")],
         ["transfer", fig("transfer_s", lambda v: f"{v:.2f} s")],
         ["downtime (source paused → target resumed)", fig("downtime_s", lambda v: f"{v:.1f} s")],
+        ["next common checkpoint", report.get("next_checkpoint") or "-"],
     ]
     table(rows, [title, ""])
 
@@ -270,10 +272,11 @@ def _source_credential(args: argparse.Namespace) -> Credential | None:
 
 async def _source(client: SessionClient, hv: Hypervisor, m: Machine, ck: ckpt.Checkpoint,
                   stop: asyncio.Event, sides: dict[str, SourceSide], bar: Progress,
-                  suspend_dir: Path | None) -> dict[str, Any]:
+                  suspend_dir: Path | None, chain_limit: int) -> dict[str, Any]:
     """The source's part; returns the whole report (with the target's half, once it came)."""
     async with client, _drawing(bar):
-        src = sides["source"] = SourceSide(hv, m, ck, client, suspend_dir=suspend_dir)
+        src = sides["source"] = SourceSide(hv, m, ck, client, suspend_dir=suspend_dir,
+                                                  chain_limit=chain_limit)
         src.progress, src.progress_note = bar, bar.note
         await src.stream_log(stop)
         await src.suspend()
@@ -330,7 +333,7 @@ def cmd_record_to(args: argparse.Namespace) -> int:
                 stop.set()
             if args.duration is not None:
                 loop.call_later(args.duration, stop.set)
-            return await _source(client, hv, m, ck, stop, sides, Progress(), args.suspend_dir)
+            return await _source(client, hv, m, ck, stop, sides, Progress(), args.suspend_dir, args.chain_limit)
 
         # SIGUSR1's default action ends a process: from the moment the pid file names us, a
         # `suspend` is remembered (before the loop runs) or ignored (after: the migration is over)
@@ -476,7 +479,7 @@ def cmd_follow(args: argparse.Namespace) -> int:
         async def main() -> dict[str, Any]:
             async with client, _drawing(bar):
                 side = sides["target"] = TargetSide(hv, ck, client, name, replay=_replay_config(args),
-                                                    suspend_dir=args.suspend_dir)
+                                                    suspend_dir=args.suspend_dir, chain_limit=args.chain_limit)
                 side.progress, side.progress_note = bar, bar.note
                 await side.run()
                 return side.whole
@@ -520,7 +523,8 @@ async def migrate_embedded(hv_source: Hypervisor, hv_target: Hypervisor, m: Mach
                            on_verified: Callable[[SourceSide, VmState], None] | None = None,
                            progress: Progress | None = None, service: ServiceEndpoint | None = None,
                            on_started: Callable[[SourceSide, TargetSide], None] | None = None,
-                           suspend_dir: Path | None = None) -> tuple[Report, SourceSide, TargetSide]:
+                           suspend_dir: Path | None = None,
+                           chain_limit: int = DEFAULT_CHAIN_LIMIT) -> tuple[Report, SourceSide, TargetSide]:
     """Source and target in this process, through ``service`` or one on loopback made for the
     purpose; ``user`` is what happens at the source before the suspend (a workload, or waiting for
     the person at the console); ``on_started`` sees both sides before anything runs (hooks, tests);
@@ -536,8 +540,9 @@ async def migrate_embedded(hv_source: Hypervisor, hv_target: Hypervisor, m: Mach
         source_cred, target_cred = await create_session(service.url, service.token, cafile=service.cafile)
         async with SessionClient(service.url, source_cred, cafile=service.cafile) as sc, \
                 SessionClient(service.url, target_cred, cafile=service.cafile) as tc:
-            src = SourceSide(hv_source, m, ck, sc, suspend_dir=suspend_dir)
-            tgt = TargetSide(hv_target, ck, tc, target_name, replay=replay, suspend_dir=suspend_dir)
+            src = SourceSide(hv_source, m, ck, sc, suspend_dir=suspend_dir, chain_limit=chain_limit)
+            tgt = TargetSide(hv_target, ck, tc, target_name, replay=replay, suspend_dir=suspend_dir,
+                             chain_limit=chain_limit)
             bar = progress or Progress(enabled=False)
 
             def suspending(what: str, done: int, total: int) -> None:
@@ -623,7 +628,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             async with _drawing(bar):
                 return await migrate_embedded(hv, hv2, m, ck, target, user=user, replay=_replay_config(args),
                                               suspend_dir=args.suspend_dir,
-                                              progress=bar, on_started=lambda s, t: both.extend((s, t)))
+                                              progress=bar, on_started=lambda s, t: both.extend((s, t)),
+                                              chain_limit=args.chain_limit)
 
         bar = Progress()
         try:
@@ -659,9 +665,17 @@ def add_suspend_dir_argument(p: argparse.ArgumentParser) -> None:
                         f"${SUSPEND_DIR_ENV})")
 
 
+def _chain_limit_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chain-limit", type=int, default=DEFAULT_CHAIN_LIMIT, metavar="N",
+                   help="after a verified migration, register the state as the next common checkpoint, its disk "
+                   "at most N qcow2 layers over its chain's root, and prune the chain (0: register none; "
+                   "default %(default)s)")
+
+
 def add_record_to_options(p: argparse.ArgumentParser) -> None:
     """``record``'s options for ``--to`` (the rest of ``record`` is in cli/main.py)."""
     add_suspend_dir_argument(p)
+    _chain_limit_arg(p)
     p.add_argument("--target-credential", type=Path, default=None, metavar="FILE",
                    help="with --to: create a new session and write the target's credential to FILE (0600)")
     p.add_argument("--credential", type=Path, default=None, metavar="FILE",
@@ -718,6 +732,7 @@ def add_follow_arguments(p: argparse.ArgumentParser) -> None:
     _ca_file_arg(p)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--name", help="the target clone's name (default: rm-SESSION-target)")
+    _chain_limit_arg(p)
     p.add_argument("--gap-cap", type=positive, default=2.0)
     p.add_argument("--json", action="store_true")
 
@@ -727,6 +742,7 @@ def add_migrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("domain", help="a running clone of CHECKPOINT (replay-migrate vm start)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--target-name", help="name of the migrated VM (default: DOMAIN-migrated)")
+    _chain_limit_arg(p)
     p.add_argument("--target-connect", metavar="URI", default=None,
                    help="libvirt URI of the target's daemon (default: --connect). The target side runs in this "
                    "process and makes its clone's files in this host's state folder, so that daemon must see them "

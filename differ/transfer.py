@@ -123,7 +123,8 @@ class LocalIO:
         if isinstance(req, HashImage):
             patched = self.sinks[req.name].source()
             try:
-                return req.answer(MerkleTree.build(patched, req.fanout).root)
+                tree = MerkleTree.build(patched, req.fanout)
+                return req.answer(tree.root, tree)
             finally:
                 patched.close()
         if isinstance(req, Commit):

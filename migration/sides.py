@@ -14,6 +14,12 @@ by accident: :meth:`SourceSide.release` deletes everything it could be restored 
 of the moment it was saved: the target's, and a source resumed after a failure, are set to the
 host's (every clone is set so when it starts: ``checkpoint.start_clone``).
 
+After a verified migration both sides register the state they now share as the next common
+checkpoint (``store.chain``, from what each holds: the trees the migration computed, the verified
+memory image, the disk built leaf by leaf), and the migrated VM runs over its disk: the way back
+replays only what was done since and ships only what that left different. ``chain_limit`` bounds
+the chain (``store.chain.DEFAULT_CHAIN_LIMIT``; 0: register nothing).
+
 A cancellation (a signal, or another part of the command failing) is a failure like any other:
 the source VM is put back as it was (resumed and thawed; restored if it was saved), the target
 removes the clone it made, and the session is told so the other side does the same. Blocking VM
@@ -61,7 +67,8 @@ from migration.diffio import AsyncAdapter
 from migration.halves import Figures, added, all_true, largest, local, measured_by, preferred
 from migration.suspenddir import suspend_image
 from migration.timeline import SOURCE, TARGET, Timeline, downtime_breakdown, excluded_seconds, merge
-from recorder.logformat import Button, Key, SyncMark
+from recorder.logformat import Button, Key, LogDecoder, SyncMark
+from replay_migrate import savefmt
 from replay_migrate.errors import (
     ImageError,
     LogFormatError,
@@ -79,6 +86,7 @@ from replayer.replay import ReplayConfig, Replayer, ReplayStats
 from server.client import SessionClient
 from server.clientcore import Frame, LogEnded, SessionFailedError
 from server.wire import Reason, Role, State, Stream
+from store import chain
 from store import checkpoint as ckpt
 from store.vmstate import (
     DISK,
@@ -95,7 +103,7 @@ from store.vmstate import (
     references,
     source_images,
 )
-from vm.machine import Hypervisor, Machine, MachineState, file_allocated
+from vm.machine import Hypervisor, Machine, MachineState, create_overlay, file_allocated
 
 FLUSH_S = 3.0
 """Longest the source's agent gets before the guest is frozen: its frames are cut every 250 ms, and
@@ -166,6 +174,9 @@ class Report:
     """Every phase noted, ``[side, phase, start, end]`` on the host's monotonic clock (comparable
     between the two sides when both run on one host: the benchmark merges them)."""
     verified: bool = all_true()
+    next_checkpoint: str = preferred(Role.TARGET, "")
+    """The checkpoint both sites registered from the verified state (``store.chain``), which the
+    migrated VM records against: the way back starts from it. Empty if it could not be registered."""
 
     def add_transfer(self, stats: TransferStats) -> None:
         """Take every number of the transfer's summary (``TransferSummary``: same names here)."""
@@ -297,7 +308,8 @@ class SourceSide:
     """The source site's half: ``stream_log`` while the user works, then ``suspend``."""
 
     def __init__(self, hv: Hypervisor, machine: Machine, checkpoint: ckpt.Checkpoint, client: SessionClient,
-                 *, params: ProtocolParams | None = None, suspend_dir: Path | None = None) -> None:
+                 *, params: ProtocolParams | None = None, suspend_dir: Path | None = None,
+                 chain_limit: int = chain.DEFAULT_CHAIN_LIMIT) -> None:
         self.hv = hv
         self.machine = machine
         self.suspend_dir = suspend_dir
@@ -306,6 +318,12 @@ class SourceSide:
         self.checkpoint = checkpoint
         self.client = client
         self.params = params
+        self.chain_limit = chain_limit
+        self._verified: tuple[dict[str, bytes], dict[str, MerkleTree], CheckpointTrees] | None = None
+        """(roots, trees, the checkpoint's trees) of the verified state: the next checkpoint's."""
+        self._ck_manifest = checkpoint.manifest
+        self.log_end = (1, 0)
+        """(the end-of-log frame's seq, the log's clock origin): where the saved state's log stands."""
         self.report = Report()
         self.whole: Figures = self.report.half(Role.SOURCE)
         """The whole report: this side's half and, once the migration is done, the target's."""
@@ -341,6 +359,14 @@ class SourceSide:
         self.t_confirmed = 0.0
         self.log = logging.getLogger(f"replay_migrate.source.{machine.name}")
 
+    def _in_checkpoint(self, seq: int) -> bool:
+        """Whether agent frame ``seq`` is in the checkpoint's state already (``Manifest.log_resume``):
+        fed to the source's own decoder, not forwarded (the target's decoder expects the cut too)."""
+        m = self._ck_manifest
+        header = self._log.header
+        return (0 < seq < m.log_resume and header is not None
+                and header.clock_origin_us == m.log_origin_us)
+
     async def _forward(self, poll_s: float) -> int:
         frames = await in_thread(self.link.frames, poll_s)
         for fr in frames:
@@ -349,6 +375,9 @@ class SourceSide:
                     self.settled = True
                 elif isinstance(ev, (Key, Button)):     # pointer motion alone brings no new mark
                     self.settled = False
+            if self._in_checkpoint(fr.seq):
+                self.link.ack(fr.seq)
+                continue
             await self.client.send_log(fr.data)
             self.link.ack(fr.seq)        # journalled in the session: the agent may forget it
             self.report.log_bytes += len(fr.data)
@@ -361,6 +390,7 @@ class SourceSide:
     async def _end_log(self) -> None:
         """Close the forwarded log with its end-of-log event (the agent records on until the VM is
         saved, so it never writes one itself): the target then tells a whole log from a cut one."""
+        self.log_end = (self._log.decoder.next_seq, self._log.header.clock_origin_us if self._log.header else 0)
         data = self._log.end_frame()
         await self.client.send_log(data)
         self.report.log_bytes += len(data)
@@ -538,6 +568,7 @@ class SourceSide:
             want = {MEMORY: mine[MEMORY].root, DISK: mine[DISK].root}
             if dict(self.client.roots or {}) != want:
                 raise VerificationError("the target reports roots other than the source's")
+            self._verified = (want, mine, trees)
             self.stats = src.stats
             self.report.add_transfer(src.stats)
             self.report.diff_s = (walked[0] or time.monotonic()) - t0
@@ -574,6 +605,22 @@ class SourceSide:
             raise VMError(f"not releasing {self.machine.name!r}: the target has not confirmed")
         await asyncio.to_thread(self._release)
 
+    def _register_next(self) -> None:
+        """The verified state becomes the next common checkpoint here too: the saved image moves in,
+        the disk is built from the overlay (``store.chain``). A failure is logged: the migration is done."""
+        if self._verified is None or self.chain_limit < 1:
+            return
+        roots, trees, ck_trees = self._verified
+        try:
+            nxt = chain.register(self.checkpoint, roots, self._image or self.run_dir / "suspend.sav",
+                                 self.run_dir / "disk.qcow2",
+                                 trees, ck_trees, log_cut=self.log_end, chain_limit=self.chain_limit)
+        except ReplayMigrateError as e:
+            self.log.error("could not register the next checkpoint here: %s", e)
+            return
+        self.report.next_checkpoint = nxt.name
+        self.log.info("next common checkpoint: %s", nxt.name)
+
     def _release(self) -> None:
         name = self.machine.name
         try:
@@ -584,6 +631,7 @@ class SourceSide:
             if left.state is not MachineState.SHUTOFF:
                 raise VMError(f"{name!r} runs again at the source after it migrated: not releasing it")
             left.undefine()
+        self._register_next()
         for f in ("suspend.sav", "memory.sav", "disk.qcow2", "checkpoint"):
             (self.run_dir / f).unlink(missing_ok=True)
         if self._image is not None:
@@ -629,7 +677,8 @@ class TargetSide:
 
     def __init__(self, hv: Hypervisor, checkpoint: ckpt.Checkpoint, client: SessionClient, name: str,
                  *, replay: ReplayConfig | None = None, params: ProtocolParams | None = None,
-                 in_place: bool = True, verify_written: bool = True, suspend_dir: Path | None = None) -> None:
+                 in_place: bool = True, verify_written: bool = True, suspend_dir: Path | None = None,
+                 chain_limit: int = chain.DEFAULT_CHAIN_LIMIT) -> None:
         self.hv = hv
         self.checkpoint = checkpoint
         self.suspend_dir = suspend_dir
@@ -644,6 +693,11 @@ class TargetSide:
         both patched images whole."""
         self.client = client
         self.name = name
+        self.chain_limit = chain_limit
+        self._feed: EventFeed | None = None
+        self._next: tuple[ckpt.Checkpoint, Path, bytes, MerkleTree] | None = None
+        """(next checkpoint, the verified memory image, its original head, its tree) until the image
+        is handed to the checkpoint after the resume."""
         self.replay_config = replay or ReplayConfig()
         self.params = params
         self.report = Report()
@@ -701,6 +755,7 @@ class TargetSide:
             await asyncio.shield(_give_up(self.client, e, self.log))
             await asyncio.shield(in_thread(self._discard))
             raise
+        await asyncio.to_thread(self._complete_next)
         mine = self.report.half(Role.TARGET)
         try:                    # the source waits for it before it lets this side go
             await self.client.report(mine)
@@ -726,7 +781,9 @@ class TargetSide:
         """Replay the log as it arrives, until the source ends it."""
         link = RecorderLink(m)
         await in_thread(link.open)
-        feed = EventFeed()
+        m_ck = self.checkpoint.manifest
+        feed = EventFeed(LogPump(decoder=LogDecoder(resume_at=m_ck.log_resume, origin_us=m_ck.log_origin_us)))
+        self._feed = feed
         replayer = Replayer(m, link, self.replay_config)
         received = [0]
 
@@ -876,6 +933,7 @@ class TargetSide:
             self.stats = tgt.stats
             self.report.add_transfer(tgt.stats)
             roots = tgt.core.roots
+            verified = tgt.core.verified_trees
         self.report.diff_s = (walked[0] or time.monotonic()) - t0
         self.report.transfer_s = time.monotonic() - (walked[0] or t0)
         self.log.info("verified: walk %.2f s, blocks %.2f s", self.report.diff_s, self.report.transfer_s)
@@ -887,11 +945,16 @@ class TargetSide:
             with tl.phase("inspect"):
                 await in_thread(self.on_verified, state)
             self.inspect_s = time.monotonic() - t_inspect
+        disk = state.disk
+        nxt = await in_thread(self._prepare_next, roots, state, verified, trees)
+        if nxt is not None:
+            disk = run_dir / "disk.qcow2"
+            await in_thread(self._over_next, nxt, disk, run_dir)
         self.progress("restore", 0, 0)
         with tl.phase("restore"):
-            back = await in_thread(self.hv.restore_clone, image, name=m.name, disk=state.disk,
-                                   run_dir=run_dir, paused=False, copy=False,
-                                   guest=self.checkpoint.image)
+            back = await in_thread(self.hv.restore_clone, image, name=m.name, disk=disk,
+                                   run_dir=run_dir, paused=False, copy=False, consume=nxt is None,
+                                   guest=self.checkpoint.boot)
         with tl.phase("agent"):
             await in_thread(back.wait_agent)
         with tl.phase("thaw"):
@@ -907,6 +970,51 @@ class TargetSide:
 
     def _note_request(self, req: Request, start: float, end: float) -> None:
         self.timeline.add(request_phase(req), start, end)
+
+    def _prepare_next(self, roots: dict[str, bytes], state: VmState, verified: dict[str, MerkleTree],
+                      trees: CheckpointTrees) -> ckpt.Checkpoint | None:
+        """The next common checkpoint's disk, built from the verified state before the VM is restored
+        over it (a failure: logged, and the VM resumes over its patched overlay as before)."""
+        if self.chain_limit < 1 or set(verified) != {MEMORY, DISK}:
+            return None
+        try:
+            dec = self._feed.pump.decoder if self._feed is not None else None
+            if dec is None or dec.header is None or not dec.ended:
+                return None
+            log_cut = (dec.next_seq - 1, dec.header.clock_origin_us)    # the end-of-log frame's seq
+            nxt = chain.prepare(self.checkpoint, roots, state.disk, verified, trees, log_cut=log_cut,
+                                chain_limit=self.chain_limit)
+            head = savefmt.read_header(state.memory).qemu_offset
+            with open(state.memory, "rb") as f:
+                self._next = (nxt, state.memory, f.read(head), verified[MEMORY])
+        except (ReplayMigrateError, OSError) as e:
+            self.log.error("could not register the next checkpoint: %s", e)
+            return None
+        return nxt
+
+    def _over_next(self, nxt: ckpt.Checkpoint, disk: Path, run_dir: Path) -> None:
+        """The VM's disk becomes a new overlay over the next checkpoint's (which holds its content now)."""
+        disk.unlink(missing_ok=True)
+        create_overlay(disk, nxt.disk)
+        (run_dir / "checkpoint").write_text(nxt.name + "\n")
+
+    def _complete_next(self) -> None:
+        """After the resume: the verified memory image (its head, which the restore rewrote, put back)
+        goes into the next checkpoint, and the chain is pruned. Logged, never raised: the VM runs."""
+        if self._next is None:
+            return
+        nxt, image, head, tree = self._next
+        self._next = None
+        try:
+            with open(image, "r+b") as f:
+                f.write(head)
+            chain.complete(nxt, image, tree)
+            chain.prune(nxt.manifest.lineage, keep=nxt.name)
+        except (ReplayMigrateError, OSError) as e:
+            self.log.error("could not complete the next checkpoint %s: %s", nxt.name, e)
+            image.unlink(missing_ok=True)
+            return
+        self.report.next_checkpoint = nxt.name
 
     def _discard(self) -> None:
         """The migration failed: the target's clone is not the user's VM; remove it."""
@@ -937,5 +1045,6 @@ def merged_report(src: SourceSide, tgt: TargetSide) -> Report:
         r.downtime_breakdown = downtime_breakdown(spans, src.t_paused, tgt.t_resumed)
     r.timeline = [span.as_list() for span in spans]
     r.verified = src.report.verified and tgt.report.verified
+    r.next_checkpoint = tgt.report.next_checkpoint or src.report.next_checkpoint
     r.finish()
     return r

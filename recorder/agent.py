@@ -1,36 +1,39 @@
-"""The in-guest recorder agent: capture X input, encode the log, stream it to the host.
+"""The in-guest recorder agent: capture the user's input, encode the log, stream it to the host.
 
-Runs on the guest's own python3 with python3-xlib and python3-msgpack only (Debian bookworm: Python
-3.11, python-xlib 0.33, msgpack 1.0.3)::
+Runs on the guest's own python3 with python3-pynput, python3-xlib and python3-msgpack only (Debian
+bookworm: Python 3.11, pynput 1.7.5, python-xlib 0.33, msgpack 1.0.3)::
 
     PYTHONPATH=/usr/local/lib/replay-migrate python3 -m recorder.agent \\
         --port /dev/virtio-ports/org.replaymigrate.log.0 --display :0 --ready-mark /dev/ttyS0
 
+Capture and the screen are behind ``recorder.capture``'s interface; the one backend is
+``pynput-xorg`` (``recorder.pynput_xorg``: pynput's listener on X RECORD, python-xlib for the screen).
+Its name is in the channel's hello.
+
 Threads, and why:
 
-- main: X RECORD (``record_enable_context`` blocks for the life of the context). Its callback only
-  parses the 32-byte events and puts tuples on a queue: it never blocks on I/O, so a slow or absent
-  host never stalls capture.
+- main: waits on the capture backend (``CaptureBackend.wait``) and takes the signals.
+- capture (the backend's: pynput's listener thread): parses events and puts them on a queue, nothing
+  else; it never blocks on I/O, so a slow or absent host never stalls capture.
 - pump: the only owner of the log encoder, the channel protocol (``AgentSide``), the fallback log
   file and the port. Frames every ``frame_events`` events or ``frame_ms``, appends each frame to the
   fallback file, reads attach/ack/expect/check and writes hello/frames/echoes/check answers when the
   port is writable. It hands check requests to the flusher (``CheckQueue``) and gets the digests
   back on its queue, so sampling the screen never holds up the port.
-- flusher: RECORD hands over intercepted events only when the server flushes output to *some* client
-  (DESIGN.md §7), so motion could sit for seconds. This thread's own connection selects motion and
-  key events on the root window and does a round trip every ``flush_ms``. The same connection takes
-  the screen samples for sync marks and for the host's checks (a connection must stay in one
-  thread): one code path (``Sampler``), so a check on the replay target computes its digest exactly
-  as the recording's sync mark was computed.
+- flusher (the screen thread): services the backend's screen every ``flush_ms`` (on X, RECORD hands
+  over intercepted events only when the server flushes output to *some* client, DESIGN.md §7, so
+  ``recorder.xorg.XScreen`` keeps it flowing) and takes the screen samples for sync marks and for the
+  host's checks: one code path (``ScreenSource.sample``), so a check on the replay target computes
+  its digest exactly as the recording's sync mark was computed.
 
 The port is opened non-blocking: with no host connected a virtio port reports POLLHUP and a write
 would block, so nothing is ever written blindly; frames wait in the resend buffer (bounded; the
 fallback file has every frame) until a host attaches (``recorder.channel``).
 
-Timing: X events carry the server's millisecond clock, which is taken as is (unwrapped across its
-32-bit wrap) rather than the moment the callback ran, so RECORD's buffering does not distort the
-gaps (a double click recorded 100 ms apart would replay as two single clicks). The server's clock is
-anchored to ours once at start with a property change round trip.
+Timing: events carry the backend's millisecond clock (on X, the server's), which is taken as is
+(unwrapped across its 32-bit wrap) rather than the moment the agent got them, so buffering does not
+distort the gaps (a double click recorded 100 ms apart would replay as two single clicks). That clock
+is anchored to ours once at start (``CaptureBackend.now_ms``).
 
 On SIGTERM/SIGINT the agent ends the log (an END event), tries for ``drain_s`` to get everything
 to an attached host, and exits 0.
@@ -54,8 +57,26 @@ import tty
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from types import FrameType
-from typing import Any
 
+from recorder.capture import (
+    BACKENDS,
+    DEFAULT_BACKEND,
+    DEFAULT_SYNC_MAX_PHASES,
+    DEFAULT_SYNC_MAX_WAIT_MS,
+    DEFAULT_SYNC_SAMPLE_MS,
+    DEFAULT_SYNC_SETTLE_MS,
+    DEFAULT_SYNC_SIZE,
+    DEFAULT_SYNC_WINDOW_MAX,
+    BackendUnavailable,
+    CaptureBackend,
+    Captured,
+    CaptureStarted,
+    InputKind,
+    SampleError,
+    ScreenSource,
+    SyncPolicy,
+    open_desktop,
+)
 from recorder.channel import (
     DEFAULT_MAX_PENDING_CHECKS,
     DEFAULT_RESEND_LIMIT_BYTES,
@@ -67,6 +88,7 @@ from recorder.channel import (
     Skipped,
 )
 from recorder.logformat import (
+    MAX_COORD,
     Button,
     EncodedFrame,
     Event,
@@ -79,15 +101,6 @@ from recorder.logformat import (
 )
 
 log = logging.getLogger("recorder.agent")
-
-_XLIB_MISSING: str | None = None
-try:
-    from Xlib import X, Xatom, display
-    from Xlib.error import DisplayError, XError
-    from Xlib.ext import record
-    from Xlib.protocol import rq
-except ImportError as _e:  # reported by main(): the rest of the module (and its tests) works without
-    _XLIB_MISSING = str(_e)
 
 try:
     from replay_migrate import __version__ as AGENT_VERSION
@@ -107,39 +120,18 @@ size: typing makes ~14 events/s, and 100 ms frames measured 18.6 bytes/event, 25
 DEFAULT_MOTION_WINDOW_MS = 20
 DEFAULT_FLUSH_MS = 100
 """RECORD flush round trip period (DESIGN.md §7: motion otherwise sits buffered for seconds)."""
-DEFAULT_SYNC_SIZE = 64
-"""Side of the square sampled around the pointer after a click (px)."""
 DEFAULT_SYNC_IDLE_MS = 300
 """A sync mark is taken once no key or button event came for this long after one did."""
-DEFAULT_SYNC_SETTLE_MS = 1000
-"""A sync mark names a screen only once its region has looked the same for this long, all of it
-after the mark was due (``Settler``). Two equal samples 100 ms apart (the rule before) could name
-the xterm between a command's Enter and its output under TCG, a screen the replaying target had
-already left when it looked. Longer than the output pauses of the shipped workloads' commands,
-shorter than a user's pause to read."""
-DEFAULT_SYNC_MAX_PHASES = 2
-"""A region that alternates between at most this many looks, the current one seen before, counts as
-settled: a blinking text cursor (Tk's 600/300 ms) never holds still for ``DEFAULT_SYNC_SETTLE_MS``,
-and the target sees every phase again while it waits."""
-DEFAULT_SYNC_SAMPLE_MS = 200
-"""How often a region is sampled while it settles: a window-sized GetImage is ~1 MB of pixels the
-guest copies and digests, and the settle rule needs the interval covered, not every frame of it."""
-DEFAULT_SYNC_MAX_WAIT_MS = 5000
-"""A region still changing this long after the mark was due gets no mark at all: a mark of a
-screen in motion names a moment the target may pass before it looks (a failed mark that costs
-the replay its wait and proves nothing)."""
-DEFAULT_SYNC_WINDOW_MAX = (640, 800)
-"""Largest region sampled from the focused window after typing (from its top-left corner)."""
 DEFAULT_RETRY_MS = 200
 """How often to look again at a port that is missing or has no host (POLLHUP)."""
 DEFAULT_QUEUE_MAX = 100_000
 """Captured events waiting for the pump; beyond this they are dropped and counted (never blocks)."""
 DEFAULT_DRAIN_S = 2.0
 """On exit, how long to keep sending to an attached host."""
+STOP_TIMEOUT_S = 2.0
+"""On exit, how long the capture backend gets to stop."""
 READ_CHUNK = 64 * 1024
 
-_READY = "ready"
-_X_KEY_PRESS, _X_KEY_RELEASE, _X_BUTTON_PRESS, _X_BUTTON_RELEASE, _X_MOTION = 2, 3, 4, 5, 6
 
 
 def uptime() -> float:
@@ -275,17 +267,6 @@ class Port:
         self.retry_at = now + self.retry_s
 
 
-@dataclass
-class SyncPolicy:
-    size: int = DEFAULT_SYNC_SIZE
-    idle_ms: int = DEFAULT_SYNC_IDLE_MS
-    window_max: tuple[int, int] = DEFAULT_SYNC_WINDOW_MAX
-    settle_ms: int = DEFAULT_SYNC_SETTLE_MS
-    sample_ms: int = DEFAULT_SYNC_SAMPLE_MS
-    max_phases: int = DEFAULT_SYNC_MAX_PHASES
-    max_wait_ms: int = DEFAULT_SYNC_MAX_WAIT_MS
-
-
 class Settle(enum.Enum):
     """What ``Settler.add`` decided about a region."""
 
@@ -366,72 +347,6 @@ class SyncTrigger:
             return True
 
 
-class Sampler:
-    """Samples screen regions to canonical RGB (see ``logformat.region_digest``) via GetImage."""
-
-    def __init__(self, disp: Any, policy: SyncPolicy) -> None:
-        self.d = disp
-        self.policy = policy
-        scr = disp.screen()
-        self.root = scr.root
-        self.width, self.height = scr.width_in_pixels, scr.height_in_pixels
-        info = disp.display.info
-        bpp = {f.depth: f.bits_per_pixel for f in info.pixmap_formats}.get(scr.root_depth)
-        visual = next((v for dp in scr.allowed_depths for v in dp.visuals if v.visual_id == scr.root_visual),
-                      None)
-        masks = (visual.red_mask, visual.green_mask, visual.blue_mask) if visual is not None else None
-        self.lsb_first = info.image_byte_order == 0
-        self.ok = bpp == 32 and masks == (0xFF0000, 0x00FF00, 0x0000FF)
-        if not self.ok:
-            log.warning("screen is %s bpp with masks %s: sync marks and checks disabled", bpp, masks)
-
-    def region(self, label: str) -> tuple[int, int, int, int]:
-        """The region to sample: around the pointer for a click, the focused window for typing."""
-        ptr = self.root.query_pointer()
-        px, py = ptr.root_x, ptr.root_y
-        win = None
-        if label == "typing":
-            focus = self.d.get_input_focus().focus
-            win = focus if hasattr(focus, "id") and focus.id != self.root.id else None
-            if win is None and ptr.child:  # PointerRoot focus (no window manager): the pointer's window
-                win = ptr.child
-        if win is not None:
-            top = self._toplevel(win)
-            if top is not None:
-                g = top.get_geometry()
-                pos = top.translate_coords(self.root, 0, 0)
-                x, y = -pos.x, -pos.y
-                mw, mh = self.policy.window_max
-                return self._clip(x, y, min(g.width, mw), min(g.height, mh))
-        s = self.policy.size
-        return self._clip(px - s // 2, py - s // 2, s, s)
-
-    def _toplevel(self, win: Any) -> Any:
-        for _ in range(64):
-            parent = win.query_tree().parent
-            pid = getattr(parent, "id", parent)
-            if not pid or pid == self.root.id:
-                return win
-            win = parent
-        return None
-
-    def _clip(self, x: int, y: int, w: int, h: int) -> tuple[int, int, int, int]:
-        x0, y0 = max(0, x), max(0, y)
-        x1, y1 = min(self.width, x + w), min(self.height, y + h)
-        return x0, y0, max(1, x1 - x0), max(1, y1 - y0)
-
-    def sample(self, x: int, y: int, w: int, h: int) -> bytes:
-        """Canonical RGB of a region (within the screen; X raises BadMatch otherwise). A whole
-        1280x800 screen measured ~35 ms on Xvfb (GetImage + reordering)."""
-        data = self.root.get_image(x, y, w, h, X.ZPixmap, 0xFFFFFFFF).data
-        rgb = bytearray(w * h * 3)
-        r, g, b = (2, 1, 0) if self.lsb_first else (1, 2, 3)
-        rgb[0::3] = data[r::4]
-        rgb[1::3] = data[g::4]
-        rgb[2::3] = data[b::4]
-        return bytes(rgb)
-
-
 @dataclass(frozen=True, slots=True)
 class CheckAnswer:
     """Flusher → pump: the digest for a host's check (b"" if the region could not be sampled)."""
@@ -470,35 +385,20 @@ class CheckQueue:
 # ------------------------------------------------------------------------------------------ threads
 
 
-def _server_time(disp: Any) -> int:
-    """The X server's current time (ms): change a property on a scratch window and read the
-    PropertyNotify's timestamp."""
-    win = disp.screen().root.create_window(-1, -1, 1, 1, 0, X.CopyFromParent,
-                                           override_redirect=True, event_mask=X.PropertyChangeMask)
-    win.change_property(Xatom.WM_NAME, Xatom.STRING, 8, b"replay-migrate-clock")
-    disp.flush()
-    while True:
-        ev = disp.next_event()
-        if ev.type == X.PropertyNotify and ev.window.id == win.id:
-            t = int(ev.time)
-            win.destroy()
-            disp.flush()
-            return t
-
-
 class Flusher(threading.Thread):
-    """Keeps RECORD flowing (selection on root + round trip every ``flush_ms``), takes sync marks and
-    answers the host's checks. ``sampler`` is None if the screen cannot be sampled: no marks, and
-    every check is answered with an empty digest."""
+    """The screen thread: services the backend's screen every ``flush_ms`` (on X: the RECORD flush),
+    takes sync marks and answers the host's checks. ``sampler`` is the screen, or None if it cannot be
+    sampled: no marks, and every check is answered with an empty digest."""
 
-    def __init__(self, disp: Any, flush_ms: int, sampler: Sampler | None, trigger: SyncTrigger | None,
-                 checks: CheckQueue, clock: Clock, put: Callable[[object], None],
-                 on_fatal: Callable[[str], None]) -> None:
+    def __init__(self, screen: ScreenSource, flush_ms: int, sampler: ScreenSource | None,
+                 trigger: SyncTrigger | None, checks: CheckQueue, clock: Clock, put: Callable[[object], None],
+                 on_fatal: Callable[[str], None], policy: SyncPolicy | None = None) -> None:
         super().__init__(name="flusher", daemon=True)
-        self.d, self.flush_s = disp, flush_ms / 1000
+        self.screen, self.flush_s = screen, flush_ms / 1000
         self.sampler, self.trigger, self.checks, self.clock, self.put = sampler, trigger, checks, clock, put
         self.on_fatal = on_fatal
         self.stop = threading.Event()
+        self.policy = policy or SyncPolicy()
         self._settling: tuple[int, tuple[int, int, int, int], Settler] | None = None
         """(the due mark's generation, its region, the samples so far)"""
         self._sampled_ns = 0
@@ -507,16 +407,12 @@ class Flusher(threading.Thread):
 
     def run(self) -> None:
         try:
-            self.d.screen().root.change_attributes(
-                event_mask=X.PointerMotionMask | X.KeyPressMask | X.KeyReleaseMask)
-            self.d.sync()
-            fd = self.d.fileno()
+            self.screen.service(False)
+            fd = self.screen.fileno()
+            fds = [self.checks.fileno()] + ([fd] if fd is not None else [])
             while not self.stop.is_set():
-                ready, _, _ = select.select([fd, self.checks.fileno()], [], [], self.flush_s)
-                while self.d.pending_events():
-                    self.d.next_event()
-                if fd not in ready:
-                    self.d.get_input_focus()  # a round trip: the server writes to us, RECORD flushes
+                ready, _, _ = select.select(fds, [], [], self.flush_s)
+                self.screen.service(fd not in ready)
                 for req in self.checks.take():
                     self.put(CheckAnswer(req.req_id, self._check(req)))
                 self._maybe_sync()
@@ -532,7 +428,7 @@ class Flusher(threading.Thread):
             return b""
         try:
             return region_digest(s.sample(req.x, req.y, req.w, req.h))
-        except XError as e:  # e.g. the screen shrank (RandR) since we connected
+        except SampleError as e:  # e.g. the screen shrank (RandR) since we connected
             log.debug("check %d: sample failed: %s", req.req_id, e)
             return b""
 
@@ -547,15 +443,15 @@ class Flusher(threading.Thread):
             return
         label, gen = due
         if (self._settling is not None and self._settling[0] == gen
-                and now - self._sampled_ns < self.sampler.policy.sample_ms * 1_000_000):
+                and now - self._sampled_ns < self.policy.sample_ms * 1_000_000):
             return
         self._sampled_ns = now
         try:
             if self._settling is None or self._settling[0] != gen:
-                self._settling = (gen, self.sampler.region(label), Settler(self.sampler.policy, now))
+                self._settling = (gen, self.sampler.region(label), Settler(self.policy, now))
             _, region, settler = self._settling
             digest = region_digest(self.sampler.sample(*region))
-        except XError as e:  # a window went away between the queries: no mark this time
+        except SampleError as e:  # a window went away between the queries: no mark this time
             log.debug("sync sample failed: %s", e)
             self._settling = None
             self.trigger.done(gen)
@@ -573,7 +469,6 @@ class Flusher(threading.Thread):
         x, y, w, h = region
         self.put(SyncMark(self.clock.from_mono(time.monotonic_ns()), x, y, w, h, digest, label))
 
-
 @dataclass
 class PumpConfig:
     frame_events: int = DEFAULT_FRAME_EVENTS
@@ -589,7 +484,8 @@ class Pump(threading.Thread):
 
     def __init__(self, header: LogHeader, clock: Clock, port: Port, fallback: FallbackLog,
                  cfg: PumpConfig, q: queue.Queue[object], wake_r: int, trigger: SyncTrigger | None,
-                 checks: CheckQueue, ready_mark: str | None, on_fatal: Callable[[str], None]) -> None:
+                 checks: CheckQueue, ready_mark: str | None, on_fatal: Callable[[str], None], *,
+                 backend: str = "") -> None:
         super().__init__(name="pump", daemon=True)
         self.clock, self.port, self.fallback, self.cfg = clock, port, fallback, cfg
         self.q, self.wake_r, self.trigger, self.ready_mark = q, wake_r, trigger, ready_mark
@@ -597,7 +493,7 @@ class Pump(threading.Thread):
         self.on_fatal = on_fatal
         self.encoder = LogEncoder(header, motion_window_us=cfg.motion_window_ms * 1000,
                                   frame_events=cfg.frame_events)
-        self.agent = AgentSide(agent_version=header.agent_version, width=header.width,
+        self.agent = AgentSide(agent_version=header.agent_version, backend=backend, width=header.width,
                                height=header.height, keymap=header.keymap,
                                resend_limit_bytes=cfg.resend_bytes, fallback=fallback.read)
         self.out = b""
@@ -622,26 +518,25 @@ class Pump(threading.Thread):
             return
         if self.encoder.ended:
             return  # stopping: the log is closed
-        if item == _READY:
+        if isinstance(item, CaptureStarted):
             self._ready()
             return
         ev: Event
         if isinstance(item, SyncMark):
             ev = replace(item, t_us=max(item.t_us, self.encoder.last_t_us))
             self.stats["sync"] += 1
-        elif isinstance(item, tuple):
-            typ, detail, x, y, server_ms = item
-            t = max(self.clock.from_server(server_ms), self.encoder.last_t_us)
-            if typ in (_X_KEY_PRESS, _X_KEY_RELEASE):
-                if not 8 <= detail <= 255:
+        elif isinstance(item, Captured):
+            t = max(self.clock.from_server(item.time_ms), self.encoder.last_t_us)
+            if item.kind is InputKind.KEY:
+                if not 8 <= item.code <= 255:
                     return
-                ev = Key(t, detail, typ == _X_KEY_PRESS)
-            elif typ in (_X_BUTTON_PRESS, _X_BUTTON_RELEASE):
-                if not 1 <= detail <= 255:
+                ev = Key(t, item.code, item.down)
+            elif item.kind is InputKind.BUTTON:
+                if not 1 <= item.code <= 255:
                     return
-                ev = Button(t, detail, typ == _X_BUTTON_PRESS)
+                ev = Button(t, item.code, item.down)
             else:
-                ev = Motion(t, min(max(x, 0), 32767), min(max(y, 0), 32767))
+                ev = Motion(t, min(max(item.x, 0), MAX_COORD), min(max(item.y, 0), MAX_COORD))
             self.agent.captured(ev)
             if self.trigger is not None:
                 self.trigger.note(ev, now)
@@ -799,22 +694,6 @@ class _Stop(Exception):
     pass
 
 
-def _keymap_name(disp: Any) -> str:
-    """The XKB layout (and variant) from the root window's _XKB_RULES_NAMES, e.g. ``us``."""
-    try:
-        prop = disp.screen().root.get_full_property(disp.intern_atom("_XKB_RULES_NAMES"), Xatom.STRING)
-        if prop is not None:
-            raw = prop.value if isinstance(prop.value, bytes | str) else bytes(prop.value)
-            names = (raw.decode("latin-1") if isinstance(raw, bytes) else raw).split("\0")
-            layout = names[2] if len(names) > 2 else ""
-            variant = names[3] if len(names) > 3 else ""
-            if layout:
-                return f"{layout}({variant})" if variant else layout
-    except Exception as e:  # the property is a nicety: never fail the agent for it
-        log.debug("no XKB rules names: %s", e)
-    return "us"
-
-
 def _size(s: str) -> tuple[int, int]:
     w, _, h = s.lower().partition("x")
     try:
@@ -839,6 +718,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--log-file", default=DEFAULT_LOG_FILE,
                    help="fallback log with every frame (default %(default)s, on tmpfs)")
     p.add_argument("--display", default=os.environ.get("DISPLAY", ":0"), help="X display (default $DISPLAY)")
+    p.add_argument("--backend", choices=sorted(BACKENDS), default=DEFAULT_BACKEND,
+                   help="capture backend (default %(default)s)")
     p.add_argument("--ready-mark", help="file/tty to write 'RM_MARK AGENT_READY uptime=S' to when capturing")
     p.add_argument("--checkpoint-id", default="", help="checkpoint the session starts from (log header)")
     p.add_argument("--frame-events", type=_positive, default=DEFAULT_FRAME_EVENTS)
@@ -869,24 +750,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="recorder-agent: %(levelname)s %(message)s", stream=sys.stderr)
-    if _XLIB_MISSING is not None:
-        log.error("python3-xlib is missing: %s", _XLIB_MISSING)
-        return 3
+    policy = SyncPolicy(args.sync_size, args.sync_window_max, settle_ms=args.sync_settle_ms,
+                        sample_ms=args.sync_sample_ms, max_phases=DEFAULT_SYNC_MAX_PHASES,
+                        max_wait_ms=args.sync_max_wait_ms)
     try:
-        rec, aux, local = (display.Display(args.display) for _ in range(3))
-    except (DisplayError, OSError) as e:
-        log.error("cannot open display %s: %s", args.display, e)
-        return 4
-    if not rec.has_extension("RECORD"):
-        log.error("display %s has no RECORD extension", args.display)
-        return 4
+        desktop = open_desktop(args.backend, args.display, policy)
+    except BackendUnavailable as e:
+        log.error("%s", e)
+        return 3 if e.missing_package else 4
+    capture: CaptureBackend = desktop.capture
 
     # the clock anchor and the header
-    server_ms = _server_time(local)
-    clock = Clock(server_ms, time.monotonic_ns(), time.time_ns() // 1000)
-    scr = local.screen()
-    header = LogHeader(scr.width_in_pixels, scr.height_in_pixels, _keymap_name(local), args.checkpoint_id,
-                       clock.origin_wall_us, AGENT_VERSION)
+    clock = Clock(capture.now_ms(), time.monotonic_ns(), time.time_ns() // 1000)
+    screen = desktop.screen
+    header = LogHeader(screen.width, screen.height, desktop.keymap, args.checkpoint_id, clock.origin_wall_us,
+                       AGENT_VERSION)
 
     q: queue.Queue[object] = queue.Queue(maxsize=args.queue_max)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -898,6 +776,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.write(wake_w, b"\0")
 
     def put(item: object) -> None:
+        # called from the capture backend's thread for every event: never blocks
         try:
             q.put_nowait(item)
         except queue.Full:
@@ -908,34 +787,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         fatal.append(why)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    policy = SyncPolicy(args.sync_size, args.sync_idle_ms, args.sync_window_max, settle_ms=args.sync_settle_ms,
-                        sample_ms=args.sync_sample_ms, max_wait_ms=args.sync_max_wait_ms)
-    screen = Sampler(aux, policy)
-    sampler = screen if screen.ok else None  # the host's checks need it even with --no-sync
+    sampler = screen if screen.readable else None  # the host's checks need it even with --no-sync
     trigger = SyncTrigger(args.sync_idle_ms) if sampler is not None and not args.no_sync else None
     checks = CheckQueue()
     cfg = PumpConfig(args.frame_events, args.frame_ms, args.motion_window_ms, args.resend_bytes,
                      args.retry_ms, args.drain_s)
     fallback = FallbackLog(args.log_file)
     pump = Pump(header, clock, Port(args.port, args.retry_ms), fallback, cfg, q, wake_r, trigger, checks,
-                args.ready_mark, on_fatal)
-    flusher = Flusher(aux, args.flush_ms, sampler, trigger, checks, clock, put, on_fatal)
-
-    ev_field = rq.EventField(None)  # type: ignore[arg-type]  # python-xlib passes None itself
-    device = (X.KeyPress, X.KeyRelease, X.ButtonPress, X.ButtonRelease, X.MotionNotify)
-
-    def on_record(reply: Any) -> None:
-        # runs in the main thread for every RECORD reply: parse and enqueue, nothing else
-        if reply.category == record.StartOfData:
-            put(_READY)
-            return
-        if reply.category != record.FromServer or reply.client_swapped or not reply.data:
-            return
-        data = reply.data
-        while len(data) >= 32:
-            ev, data = ev_field.parse_binary_value(data, rec.display, None, None)
-            if ev.type in device:
-                put((ev.type, ev.detail, ev.root_x, ev.root_y, ev.time))
+                args.ready_mark, on_fatal, backend=capture.name)
+    flusher = Flusher(screen, args.flush_ms, sampler, trigger, checks, clock, put, on_fatal, policy)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the shutdown short
@@ -946,23 +806,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     status = 0
     try:
-        ctx = rec.record_create_context(0, [record.AllClients], [{
-            "core_requests": (0, 0), "core_replies": (0, 0), "ext_requests": (0, 0, 0, 0),
-            "ext_replies": (0, 0, 0, 0), "delivered_events": (0, 0),
-            "device_events": (X.KeyPress, X.MotionNotify),
-            "errors": (0, 0), "client_started": False, "client_died": False,
-        }])
         pump.start()
         flusher.start()
-        log.info("recording %s (%dx%d, keymap %s) to %s and %s", args.display, header.width, header.height,
-                 header.keymap, args.port, args.log_file)
-        rec.record_enable_context(ctx, on_record)  # returns only if the context is disabled
-        log.error("the RECORD context ended")
+        capture.start(put)
+        log.info("recording %s through %s (%dx%d, keymap %s) to %s and %s", args.display, capture.name,
+                 header.width, header.height, header.keymap, args.port, args.log_file)
+        capture.wait()  # returns only if capture ends by itself; a signal raises _Stop here
+        log.error("capture ended: %s", capture.error or "no reason given")
         status = 1
     except _Stop as e:
         log.info("stopping (%s)", e)
     except Exception as e:
-        log.error("X connection failed: %s: %s", type(e).__name__, e)
+        log.error("capture failed: %s: %s", type(e).__name__, e)
         status = 1
     if fatal:
         log.error("%s", fatal[0])
@@ -972,14 +827,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     flusher.stop.set()
     pump.stop_requested.set()
     wake()
+    capture.stop(STOP_TIMEOUT_S)
     if pump.is_alive():
         pump.join(args.drain_s + 5)
     fallback.close()
     s = pump.stats
     log.info("%d events, %d sync marks (%d not taken: the screen never settled), %d checks answered, "
              "%d frames (%d re-read from the fallback log, %d lost), %d events dropped (queue full)",
-             s["events"], s["sync"], flusher.unsettled, s["checks"], s["frames"], pump.agent.recovered_frames,
-             pump.agent.lost_frames, dropped[0])
+             s["events"], s["sync"], flusher.unsettled, s["checks"], s["frames"],
+             pump.agent.recovered_frames, pump.agent.lost_frames, dropped[0])
     return status
 
 

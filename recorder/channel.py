@@ -8,7 +8,9 @@ that a disconnect cut in the middle::
 The crc32 covers everything before it. Bodies (positional msgpack arrays):
 
     guest → host
-      1  HELLO   [version, token, session, agent_version, width, height, keymap, next_seq, resume_from]
+      1  HELLO   [version, token, session, agent_version, width, height, keymap, next_seq, resume_from,
+                  backend]            backend: the agent's capture backend, e.g. "pynput-xorg" (absent
+                                      from agents before it: read as "")
       2  FRAME   [seq, frame]           frame = one log frame (recorder.logformat), its own seq inside
       3  ECHO    [replay_seq]
       4  CHECKED [req_id, digest]       digest = region_digest of the region, or b"" if it cannot be sampled
@@ -316,6 +318,7 @@ class AgentSide:
         self,
         *,
         agent_version: str,
+        backend: str = "",
         width: int,
         height: int,
         keymap: str,
@@ -327,6 +330,7 @@ class AgentSide:
         max_pending_checks: int = DEFAULT_MAX_PENDING_CHECKS,
     ) -> None:
         self.agent_version = agent_version
+        self.backend = backend
         self.width, self.height, self.keymap = width, height, keymap
         self.session = session if session is not None else os.urandom(TOKEN_BYTES)
         self.resend_limit_bytes = resend_limit_bytes
@@ -435,7 +439,7 @@ class AgentSide:
             self.state = AgentState.ATTACHED
             self._control = [_encode(MsgType.HELLO, [
                 CHANNEL_VERSION, token, self.session, self.agent_version, self.width, self.height,
-                self.keymap, self.next_seq, start,
+                self.keymap, self.next_seq, start, self.backend,
             ])]
             self._asked.clear()  # an older host's requests: nobody waits for their answers
             self._checked.clear()
@@ -531,6 +535,9 @@ class Hello:
     session: bytes
     restarted: bool
     """The agent is not the one seen before: its log starts again at seq 0 (a new log)."""
+    backend: str = ""
+    """The agent's capture backend (``recorder.capture``), e.g. ``pynput-xorg``; "" from an agent that
+    does not say."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -732,8 +739,11 @@ class HostSide:
                 f"the agent resumes at frame {resume_from} but the host needs {self.next_seq} "
                 f"(the agent has made frames < {next_seq})"
             )
+        backend = body[9] if len(body) > 9 else ""
+        if type(backend) is not str:
+            raise ProtocolError("the agent's hello has a malformed backend name")
         hello = Hello(agent_version, width, height, keymap, next_seq, resume_from, session,
-                      restarted and self.session != b"")
+                      restarted and self.session != b"", backend)
         self.session = session
         self.next_seq = resume_from
         self.state = HostState.STREAMING

@@ -603,6 +603,12 @@ class LogDecoder:
     follow without gaps, each frame's base time joins the previous frame's last event, nothing follows
     the end-of-log event, and the whole log stays within ``max_log_bytes``. ``close()`` says whether
     the input stopped in the middle of a frame (or, if required, before the end of the log).
+
+    ``resume_at``, ``origin_us``: the log goes on from a checkpoint taken while its agent recorded
+    (``store.chain``, ``store.fromdomain``): frames 1 .. ``resume_at`` - 1 are in the checkpoint's
+    state, so the header is followed by frame ``resume_at``, whose base time starts where it does. Only
+    for the agent's log the checkpoint saw, whose header has clock origin ``origin_us``: a log of an
+    agent started since (another origin) is read from frame 1 as any other.
     """
 
     def __init__(
@@ -611,7 +617,15 @@ class LogDecoder:
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         max_log_bytes: int = DEFAULT_MAX_LOG_BYTES,
         max_events_per_frame: int = DEFAULT_MAX_EVENTS_PER_FRAME,
+        resume_at: int = 1,
+        origin_us: int = 0,
     ) -> None:
+        if resume_at < 1:
+            raise ValueError("resume_at is a frame after the header (>= 1)")
+        self.resume_at = resume_at
+        self.origin_us = origin_us
+        self._joining = False
+        """The next events frame is the first after a checkpoint's cut: its base time starts anew."""
         self.max_frame_bytes = max_frame_bytes
         self.max_log_bytes = max_log_bytes
         self.max_events_per_frame = max_events_per_frame
@@ -659,9 +673,17 @@ class LogDecoder:
             if self.header is not None:
                 raise LogFormatError(f"{where}: a second header")
             self.header = frame.header
+            if self.resume_at > 1 and frame.header.clock_origin_us == self.origin_us:
+                self.next_seq = self.resume_at - 1      # + 1 below
+                self._joining = True
         else:
             if self.header is None:
                 raise LogFormatError(f"{where}: events before the header")
+            if self._joining:
+                if frame.base_us < self.t_us:
+                    raise LogFormatError(f"{where}: frame starts at {frame.base_us} µs, before the header's clock")
+                self.t_us = frame.base_us
+                self._joining = False
             if frame.base_us != self.t_us:
                 raise LogFormatError(
                     f"{where}: frame starts at {frame.base_us} µs, the previous one ended at {self.t_us} µs"

@@ -23,7 +23,7 @@ log() { printf 'setup-host: %s\n' "$*" >&2; }
 export DEBIAN_FRONTEND=noninteractive
 BACKPORTS_PKGS=(qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev)
 PLAIN_PKGS=(pkg-config gcc python3-dev python3-venv mmdebstrap e2fsprogs zstd b3sum rsync iproute2
-            xvfb xdotool x11-utils python3-xlib python3-msgpack procps haproxy)
+            xvfb xdotool x11-utils python3-xlib python3-msgpack python3-pynput procps haproxy)
 
 version_ge() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" = "$2" ]; }
 installed_version() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null | sed 's/^[0-9]*://' || true; }

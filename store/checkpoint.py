@@ -3,10 +3,22 @@
 Both sites hold the same checkpoint before a migration; a clone starts from it by *restoring*
 (seconds) instead of booting (~35 s under TCG). A checkpoint folder holds::
 
-    disk.qcow2      qcow2 overlay over the guest image's base.qcow2 (never written again)
+    disk.qcow2      qcow2 overlay over its base (never written again)
     memory.sav      libvirt sparse save image of the running desktop
-    manifest.json   what it is: image recipe, virt type, sizes, timings, later root hashes
+    manifest.json   what it is: its origin and base, virt type, sizes, timings, later root hashes
     screen.png      the desktop at save time
+
+A checkpoint comes from one of three places (``Manifest.origin``):
+
+- ``image``: the guest image booted to its settled desktop (``create``); its disk is an overlay over
+  the image's ``base.qcow2``, found by the image recipe's hash.
+- ``domain``: a running domain of the user's (``store.fromdomain``); its disk is an overlay over the
+  domain's own qcow2 image, which becomes read-only and is identified by its path and a digest
+  (``Manifest.base``), and its virt type and machine come from the domain's XML (kept in the save
+  image's header, and its persistent definition in ``domain.xml``).
+- ``migration``: the state both sites verified at the end of a migration (``store.chain``): the
+  next common checkpoint, whose disk is an overlay over an earlier checkpoint's (``Manifest.parent``
+  and ``backing``) and whose trees the migration computed.
 
 Clones live in ``<state>/clones/<name>/``: their own overlay over the checkpoint's disk, serial
 log, recorder socket, and the name of their checkpoint (``checkpoint``). Every checkpoint or clone
@@ -16,22 +28,26 @@ outside those two folders, whatever the name.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from replay_migrate import savefmt
 from replay_migrate.errors import BadNameError, CheckpointError, NoSuchDomainError, UsageError, VMError
 from replay_migrate.files import atomic_write
 from store.images import ensure_image, prune_images
 from store.paths import check_name, checkpoint_path, checkpoints_dir, clone_path, clones_dir
 from vm.machine import Hypervisor, Machine, create_overlay, file_allocated, remove_run_dir
 from vm.probe import choose_virt
-from vm.spec import DomainSpec, GuestImage, VirtType, check_kernel_args
+from vm.spec import Boot, DomainSpec, GuestImage, VirtType, check_kernel_args
 
 log = logging.getLogger("replay_migrate.checkpoint")
 DOMAIN_PREFIX = "rm-"
@@ -40,6 +56,7 @@ SETTLE_S = 15.0
 """Idle time after the desktop is up before saving, so boot-time writers (font caches, udev,
 journald) are done and clones start from a quiet guest."""
 MANIFEST_VERSION = 1
+ORIGIN_IMAGE, ORIGIN_DOMAIN, ORIGIN_MIGRATION = "image", "domain", "migration"
 
 
 @dataclass
@@ -60,11 +77,37 @@ class Manifest:
     kernel_args: list[str] = field(default_factory=list)
     """Extra guest kernel arguments the checkpoint was booted with (guest settings such as
     ``norandmaps``): part of what the checkpoint is, like its image."""
+    origin: str = ORIGIN_IMAGE
+    """``image``, ``domain`` or ``migration`` (see the module docstring)."""
+    base: dict[str, Any] = field(default_factory=dict)
+    """A domain checkpoint's base image: path, format, size, mtime_ns and blake3 of its bytes."""
+    parent: str = ""
+    """A migration checkpoint's predecessor: the checkpoint the migration started from."""
+    backing: str = ""
+    """The checkpoint whose disk this one's disk.qcow2 is an overlay over (``parent``, or the chain's
+    root when the chain was cut short: ``store.chain``)."""
+    chain: str = ""
+    """The root checkpoint (image or domain) a migration checkpoint's chain starts from."""
+    lineage: str = ""
+    """The first migration checkpoint of this one's chain: one lineage per VM (many VMs may start from
+    one root), the unit ``store.chain.prune`` bounds."""
+    depth: int = 0
+    """How many migration checkpoints this one's disk stacks over the root's."""
+    log_resume: int = 1
+    log_origin_us: int = 0
+    """The recorder agent's log in this checkpoint's state (``recorder.logformat.LogDecoder``): it was
+    taken while the agent recorded (a domain's, or after a migration), so frames 1 .. log_resume - 1
+    of the log with clock origin log_origin_us are in the state; a migration from a clone of it
+    forwards the header and the frames from log_resume on, or the log was replayed twice."""
+    files: dict[str, str] = field(default_factory=dict)
+    """sha256 of files both sites must hold byte for byte (a migration checkpoint's disk.qcow2)."""
 
     @classmethod
     def load(cls, path: Path) -> Manifest:
         try:
             data: dict[str, Any] = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise TypeError("not an object")
             return cls(**data)
         except FileNotFoundError:
             raise CheckpointError(f"{path.parent}: no manifest (incomplete checkpoint)") from None
@@ -109,11 +152,56 @@ class Checkpoint:
         m = self.manifest
         return GuestImage(Path(m.image_dir), m.image_recipe)
 
+    @property
+    def boot(self) -> GuestImage | Boot:
+        """What a clone of this checkpoint may boot (``vm.spec.check_saved_domain``): the guest
+        image's kernel and initrd, or for a user's domain the boot it had when it was checkpointed
+        here (its save image's header); a migration checkpoint's is its chain root's."""
+        ck, m = self, self.manifest
+        if m.origin == ORIGIN_MIGRATION and m.chain:
+            ck = Checkpoint(checkpoint_path(m.chain))
+            m = ck.manifest
+        if m.origin == ORIGIN_DOMAIN:
+            return Boot.of(savefmt.read_header(ck.memory).xml)
+        return ck.image
+
     def check(self) -> None:
         for p in (self.disk, self.memory, self.manifest_path):
             if not p.is_file():
                 raise CheckpointError(f"checkpoint {self.name!r} is incomplete: {p.name} is missing")
-        self.image.check()
+        m = self.manifest
+        if m.origin == ORIGIN_IMAGE:
+            self.image.check()
+        elif m.origin == ORIGIN_DOMAIN:
+            base = Path(str(m.base.get("path", "")))
+            if not base.is_file():
+                raise CheckpointError(f"checkpoint {self.name!r}: its base image {base} is missing")
+        elif m.origin == ORIGIN_MIGRATION:
+            if not m.backing or not Checkpoint(checkpoint_path(m.backing)).disk.is_file():
+                raise CheckpointError(f"checkpoint {self.name!r}: the checkpoint under its disk, "
+                                      f"{m.backing!r}, is missing")
+        else:
+            raise CheckpointError(f"checkpoint {self.name!r}: unknown origin {m.origin!r}")
+
+    @property
+    def in_use_lock(self) -> Path:
+        """A session that uses this checkpoint holds a shared lock on this file (``in_use``); pruning
+        takes it exclusively or leaves the checkpoint alone."""
+        return self.dir / IN_USE_LOCK
+
+
+IN_USE_LOCK = ".in-use"
+
+
+@contextlib.contextmanager
+def in_use(ck: Checkpoint) -> Iterator[None]:
+    """Hold checkpoint ``ck`` for the duration (a migration's side): it is not pruned meanwhile."""
+    fd = os.open(ck.in_use_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
 
 
 def get(name: str) -> Checkpoint:
@@ -202,23 +290,51 @@ def ensure(hv: Hypervisor, name: str, **kw: Any) -> tuple[Checkpoint, bool]:
                 return ck, False
         except CheckpointError as e:
             log.warning("recreating checkpoint %s: %s", name, e)
-        remove(hv, name)
+        remove(hv, name, with_chain=True)
     ck = create(hv, name, image=image, **kw)
     for old in prune_images({image.recipe_hash} | {c.manifest.image_recipe for c in list_all()}):
         log.info("removed the unused guest image %s", old.name)
     return ck, True
 
 
-def remove(hv: Hypervisor, name: str) -> None:
+def remove(hv: Hypervisor, name: str, *, with_chain: bool = False) -> None:
     """Delete checkpoint ``name`` (and nothing else: see ``named_path``); refused while clones of
-    it are defined."""
+    it are defined or other checkpoints stack on it. ``with_chain``: first the migration checkpoints
+    whose chain starts from it (a root whose image changed: they are stale too), refused while one
+    of them has clones."""
     d = checkpoint_path(name)
     if not d.is_dir():
         raise CheckpointError(f"no checkpoint named {name!r}")
+    if with_chain:
+        members = [c for c in list_all() if c.name != name and _chain_of(c) == name]
+        users = [f"{c} (of {m.name})" for m in members for c in clones_of(m.name) if hv.exists(c)]
+        if users:
+            raise CheckpointError(f"checkpoints after {name!r} are used by {', '.join(users)}: remove them first")
+        for m in members:
+            shutil.rmtree(m.dir)
     users = [c for c in clones_of(name) if hv.exists(c)]
     if users:
         raise CheckpointError(f"checkpoint {name!r} is used by {', '.join(users)}: remove them first")
+    over = [c.name for c in list_all() if c.name != name and _backing_of(c) == name]
+    if over:
+        raise CheckpointError(f"the disks of checkpoints {', '.join(over)} are overlays over {name!r}'s: "
+                              "remove them first")
     shutil.rmtree(d)
+
+
+def _chain_of(c: Checkpoint) -> str:
+    try:
+        m = c.manifest
+    except CheckpointError:
+        return ""
+    return m.chain if m.origin == ORIGIN_MIGRATION else ""
+
+
+def _backing_of(c: Checkpoint) -> str:
+    try:
+        return c.manifest.backing
+    except CheckpointError:     # not a checkpoint we can read: nothing of it stacks on another
+        return ""
 
 
 def clones_of(name: str) -> list[str]:
@@ -260,11 +376,12 @@ def run_dir_of(m: Machine) -> Path:
 
 
 def start_clone(hv: Hypervisor, ck: Checkpoint, name: str, *, paused: bool = False,
-                replace: bool = False) -> Machine:
+                replace: bool = False, uuid_: str | None = None) -> Machine:
     """Start domain ``name`` as a clone of checkpoint ``ck`` (restore, not boot), with the host's
     wall-clock time (the checkpoint's is minutes or days old). Every clone is set so when it starts,
-    the source's and the target's alike, so both keep one clock. ``paused``: the caller resumes it
-    and then calls ``Machine.sync_clock``."""
+    the source's and the target's alike, so both keep one clock. A migration's checkpoint was saved
+    with the guest's file systems frozen (the target's suspend): its clones are thawed first.
+    ``paused``: the caller resumes it, thaws it (``Machine.fsthaw``) and calls ``Machine.sync_clock``."""
     run_dir = clone_dir(name)
     ck.check()
     if hv.exists(name):
@@ -277,9 +394,11 @@ def start_clone(hv: Hypervisor, ck: Checkpoint, name: str, *, paused: bool = Fal
     create_overlay(run_dir / "disk.qcow2", ck.disk)
     try:
         m = hv.restore_clone(ck.memory, name=name, disk=run_dir / "disk.qcow2", run_dir=run_dir,
-                             paused=paused, guest=ck.image)
+                             paused=paused, uuid_=uuid_, guest=ck.boot)
         if not paused:
             m.wait_agent()
+            if ck.manifest.origin == ORIGIN_MIGRATION:
+                m.fsthaw()      # a migration's state was saved frozen (its guest agent refuses the clock)
             offset = m.sync_clock()
             log.info("%s: clock set to the host's (off by %.3f s now)", name, offset)
         return m
@@ -287,6 +406,11 @@ def start_clone(hv: Hypervisor, ck: Checkpoint, name: str, *, paused: bool = Fal
         _remove_domain(hv, name)
         remove_run_dir(run_dir)
         raise
+
+
+def remove_run_dir_of(name: str) -> None:
+    """Delete clone ``name``'s folder (checked name), if there is one."""
+    remove_run_dir(clone_dir(name))
 
 
 def remove_clone(hv: Hypervisor, name: str) -> None:

@@ -139,6 +139,10 @@ def export_checkpoint(name: str, write: Callable[[bytes], object], *, level: int
     """Write checkpoint ``name`` as one stream through ``write`` (a file's or a pipe's). Computes
     the checkpoint's trees first if they were never computed (its root hashes go in the manifest)."""
     ck = ckpt.get(name)
+    if ck.manifest.origin != ckpt.ORIGIN_IMAGE:    # its base and log cut have no place in the stream
+        raise CheckpointError(f"checkpoint {name!r} is a {ck.manifest.origin} checkpoint: export carries "
+                              "checkpoints of the guest image only (copy a user's domain's checkpoint folder "
+                              "and the base image it names; a migration's is made at both sites)")
     t0 = time.monotonic()
     checkpoint_trees(ck)
     m = ck.manifest

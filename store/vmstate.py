@@ -51,7 +51,7 @@ TREES_LOCK = ".trees.lock"
 """The lock file in a checkpoint's folder under which its trees are computed or loaded."""
 
 
-def _stamp(path: Path) -> bytes:
+def file_stamp(path: Path) -> bytes:
     """Identity of a file nobody writes in place (checkpoint files never change once made)."""
     st = path.stat()
     return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode()
@@ -81,26 +81,8 @@ def checkpoint_trees(ck: Checkpoint) -> CheckpointTrees:
         raise ImageError(f"{ck.dir}: cannot lock the checkpoint's trees: {e.strerror}") from e
     with lock:
         with MemoryImageSource(ck.memory) as src:
-            memory = load_or_build(src, ck.dir / "memory.tree", _stamp(ck.memory), FANOUT)
-        digests_path = ck.dir / "disk.leaves.npz"
-        stamp_path = ck.dir / "disk.leaves.stamp"
-        disk: LeafDigests | None = None
-        if digests_path.exists() and stamp_path.exists() and stamp_path.read_bytes() == _stamp(ck.disk):
-            try:
-                size = qemu_img_info(str(ck.disk), fmt="qcow2", force_share=True)[0].get("virtual-size")
-                if not isinstance(size, int):
-                    raise ImageError(f"{ck.disk}: qemu-img info gives no virtual size")
-                disk = LeafDigests.load(digests_path, expect_size=size)   # a file of another size is stale
-            except ImageError as e:
-                log.warning("recomputing the disk digests of %s: %s", ck.name, e)
-        if disk is None:
-            log.info("hashing the guest-visible disk of checkpoint %s (once)", ck.name)
-            disk = compute_leaf_digests(ck.disk, fmt="qcow2")
-            disk.save(digests_path)             # then the stamp that says it is current
-            try:
-                atomic_write(stamp_path, _stamp(ck.disk))
-            except OSError as e:
-                raise ImageError(f"{stamp_path}: cannot write: {e.strerror}") from e
+            memory = load_or_build(src, ck.dir / "memory.tree", file_stamp(ck.memory), FANOUT)
+        disk = _disk_leaves(ck)
         trees = CheckpointTrees(memory, disk, _memory_similar(ck, memory))
         m = ck.manifest
         roots = {MEMORY: memory.root.hex(), DISK: trees.disk_tree.root.hex()}
@@ -114,7 +96,7 @@ def _memory_similar(ck: Checkpoint, memory: MerkleTree) -> SimilarityIndex:
     """The similarity index of the checkpoint's non-zero memory pages, computed once (~3 s for a
     1 GiB guest) and loaded afterwards (called under the trees lock)."""
     path, stamp_path = ck.dir / "memory.similar.npz", ck.dir / "memory.similar.stamp"
-    if path.exists() and stamp_path.exists() and stamp_path.read_bytes() == _stamp(ck.memory):
+    if path.exists() and stamp_path.exists() and stamp_path.read_bytes() == file_stamp(ck.memory):
         try:
             return SimilarityIndex.load(path, expect_leaves=memory.leaf_count)
         except ImageError as e:
@@ -126,10 +108,46 @@ def _memory_similar(ck: Checkpoint, memory: MerkleTree) -> SimilarityIndex:
         index = index_of(memory.leaf_count, full, src.read)
     index.save(path)
     try:
-        atomic_write(stamp_path, _stamp(ck.memory))
+        atomic_write(stamp_path, file_stamp(ck.memory))
     except OSError as e:
         raise ImageError(f"{stamp_path}: cannot write: {e.strerror}") from e
     return index
+
+
+def _disk_leaves(ck: Checkpoint) -> LeafDigests:
+    """(Under the checkpoint's TREES_LOCK) its disk's leaf digests, saved or computed and saved."""
+    digests_path = ck.dir / "disk.leaves.npz"
+    stamp_path = ck.dir / "disk.leaves.stamp"
+    disk: LeafDigests | None = None
+    if digests_path.exists() and stamp_path.exists() and stamp_path.read_bytes() == file_stamp(ck.disk):
+        try:
+            size = qemu_img_info(str(ck.disk), fmt="qcow2", force_share=True)[0].get("virtual-size")
+            if not isinstance(size, int):
+                raise ImageError(f"{ck.disk}: qemu-img info gives no virtual size")
+            disk = LeafDigests.load(digests_path, expect_size=size)   # a file of another size is stale
+        except ImageError as e:
+            log.warning("recomputing the disk digests of %s: %s", ck.name, e)
+    if disk is None:
+        log.info("hashing the guest-visible disk of checkpoint %s (once)", ck.name)
+        disk = compute_leaf_digests(ck.disk, fmt="qcow2")
+        disk.save(digests_path)             # then the stamp that says it is current
+        try:
+            atomic_write(stamp_path, file_stamp(ck.disk))
+        except OSError as e:
+            raise ImageError(f"{stamp_path}: cannot write: {e.strerror}") from e
+    return disk
+
+
+def checkpoint_disk_leaves(ck: Checkpoint) -> LeafDigests:
+    """The leaf digests of the checkpoint's guest-visible disk only (computed once, as in
+    :func:`checkpoint_trees`)."""
+    lock = ExitStack()
+    try:
+        lock.enter_context(locked(ck.dir / TREES_LOCK))
+    except OSError as e:
+        raise ImageError(f"{ck.dir}: cannot lock the checkpoint's trees: {e.strerror}") from e
+    with lock:
+        return _disk_leaves(ck)
 
 
 @dataclass(frozen=True)

@@ -46,9 +46,28 @@ def hv() -> Iterator[Hypervisor]:
     except HostError as e:
         pytest.fail(f"VM tests need libvirtd: {e}", pytrace=False)
     cleanup(h, CLONE_PREFIX)          # leftovers of an interrupted run
+    remove_test_checkpoints()
     yield h
     cleanup(h, CLONE_PREFIX)
+    remove_test_checkpoints()
     h.close()
+
+
+def remove_test_checkpoints() -> list[str]:
+    """The checkpoints VM tests made besides the shared one: every migration registers the next
+    common checkpoint (store.chain; ~300 MiB of memory image each) in the test checkpoint's chain,
+    and tests checkpoint domains of their own (named CLONE_PREFIX...). Called with no clone left."""
+    removed = []
+    for ck in ckpt.list_all():
+        try:
+            m = ck.manifest
+        except ReplayMigrateError:
+            continue
+        if ck.name.startswith(CLONE_PREFIX) or (m.origin == ckpt.ORIGIN_MIGRATION
+                                                and (m.chain == TEST_CHECKPOINT or m.chain.startswith(CLONE_PREFIX))):
+            shutil.rmtree(ck.dir)
+            removed.append(ck.name)
+    return removed
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
-"""recorder.agent for real: Xvfb with RECORD, the agent on Debian's /usr/bin/python3 (python3-xlib,
-python3-msgpack), real input from xdotool, and the host side of the channel in this process.
+"""recorder.agent for real: Xvfb with RECORD, the agent on Debian's /usr/bin/python3 (python3-pynput,
+python3-xlib, python3-msgpack: its capture backend is pynput-xorg), real input from xdotool, and the host
+side of the channel in this process.
 
 The port stand-in is a pty: like a virtio-serial port its slave end is a character device the agent
 opens by path (``O_RDWR | O_NONBLOCK``), it is bidirectional, and a host that does not read makes
@@ -15,7 +16,6 @@ import os
 import pty
 import re
 import select
-import shutil
 import signal
 import subprocess
 import time
@@ -26,8 +26,10 @@ from operator import contains
 from pathlib import Path
 
 import pytest
+from xkit import REPO, SYSTEM_PYTHON, H, W, xdo, xvfb
 
-from recorder.agent import DEFAULT_SYNC_MAX_WAIT_MS, DEFAULT_SYNC_SETTLE_MS, Settle, Settler, SyncPolicy
+from recorder.agent import Settle, Settler
+from recorder.capture import DEFAULT_SYNC_MAX_WAIT_MS, DEFAULT_SYNC_SETTLE_MS, SyncPolicy
 from recorder.channel import Checked, Echo, Hello, HostSide, LogFrame
 from recorder.logformat import (
     Button,
@@ -45,54 +47,11 @@ from replayer.clock import ManualClock
 from replayer.keymap import char_stroke
 from replayer.logfeed import LogPump
 
-REPO = Path(__file__).resolve().parents[1]
-SYSTEM_PYTHON = "/usr/bin/python3"
-XVFB = "/usr/bin/Xvfb"
-W, H = 1280, 800
-
-
-def missing_prerequisites() -> list[str]:
-    missing = []
-    if not os.access(XVFB, os.X_OK):
-        missing.append(f"{XVFB} (apt-get install xvfb)")
-    if shutil.which("xdotool") is None:
-        missing.append("xdotool (apt-get install xdotool)")
-    if not os.access(SYSTEM_PYTHON, os.X_OK):
-        missing.append(SYSTEM_PYTHON)
-    else:
-        for mod, pkg in (("Xlib", "python3-xlib"), ("msgpack", "python3-msgpack")):
-            r = subprocess.run([SYSTEM_PYTHON, "-c", f"import {mod}"], capture_output=True)
-            if r.returncode != 0:
-                missing.append(f"{pkg} for {SYSTEM_PYTHON} (apt-get install {pkg})")
-    return missing
-
 
 @pytest.fixture(scope="module")
 def display() -> Iterator[str]:
-    missing = missing_prerequisites()
-    if missing:
-        pytest.fail("cannot test the recorder agent; missing: " + "; ".join(missing))
-    r, w = os.pipe()
-    proc = subprocess.Popen(
-        [XVFB, "-displayfd", str(w), "-screen", "0", f"{W}x{H}x24", "+extension", "RECORD",
-         "-nolisten", "tcp", "-br", "-noreset"],
-        pass_fds=[w], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    os.close(w)
-    try:
-        ready, _, _ = select.select([r], [], [], 20)
-        num = os.read(r, 64).decode().strip() if ready else ""
-        if not num.isdigit():
-            pytest.fail("Xvfb did not start (no display number on -displayfd)")
-        yield f":{num}"
-    finally:
-        os.close(r)
-        proc.terminate()
-        proc.wait(10)
-
-
-def xdo(disp: str, *args: str) -> None:
-    subprocess.run(["xdotool", *args], env={**os.environ, "DISPLAY": disp}, check=True, timeout=30)
+    with xvfb() as disp:
+        yield disp
 
 
 class Agent:
@@ -287,6 +246,7 @@ def test_records_real_input_in_order(display: str, agent_factory: Callable[..., 
     assert host.pump(lambda: bool(host.hellos), 10), agent.stderr()
     hello = host.hellos[0]
     assert (hello.width, hello.height, hello.keymap) == (W, H, "us")
+    assert hello.backend == "pynput-xorg"
 
     xdo(display, "mousemove", "100", "150")
     xdo(display, "type", "--delay", "30", "hello world 42")
@@ -323,6 +283,37 @@ def test_records_real_input_in_order(display: str, agent_factory: Callable[..., 
     # the fallback file holds exactly the same log
     log = read_log(str(agent.log_file))
     assert list(log.events) == host.events
+
+
+def test_gaps_are_the_x_servers_not_when_the_agent_got_the_events(
+    display: str, agent_factory: Callable[..., Agent]
+) -> None:
+    """A double click 100 ms apart stays 100 ms apart in the log though the agent gets both clicks at
+    once (it is stopped while they happen): the times are the X server's, which pynput's public
+    callbacks do not give (recorder.pynput_xorg)."""
+    agent = agent_factory()
+    host = Host(agent)
+    host.connect()
+    assert host.pump(lambda: bool(host.hellos), 10), agent.stderr()
+    xdo(display, "mousemove", "200", "200")
+    assert host.pump(lambda: ("motion", 200, 200) in host.inputs(), 5), agent.stderr()
+    os.kill(agent.proc.pid, signal.SIGSTOP)
+    try:
+        xdo(display, "click", "--repeat", "2", "--delay", "100", "1")
+        xdo(display, "keydown", "KP_1", "keyup", "KP_1", "keydown", "1", "keyup", "1")
+    finally:
+        os.kill(agent.proc.pid, signal.SIGCONT)
+    # the keypad's 1 and the main row's: one keysym to pynput's callbacks, two keycodes here (xdotool
+    # toggles NumLock, keycode 77, around KP_1)
+    want = [*click(1), *click(1), ("key", 87, True), ("key", 87, False), ("key", 10, True), ("key", 10, False)]
+
+    def recorded() -> list[tuple[object, ...]]:
+        return [i for i in host.inputs()[1:] if i[:2] != ("key", 77)]
+
+    assert host.pump(lambda: recorded() == want, 5), (recorded(), agent.stderr())
+    presses = [e for e in host.events if isinstance(e, Button) and e.down]
+    assert 90_000 <= presses[1].t_us - presses[0].t_us <= 250_000, presses
+    assert agent.stop() == 0
 
 
 def test_reconnect_loses_and_duplicates_nothing(display: str, agent_factory: Callable[..., Agent]) -> None:

@@ -282,6 +282,24 @@ def test_hello_of_another_channel_version_is_fatal() -> None:
         h.receive_data(head + body + struct.pack(">I", zlib.crc32(head + body)))
 
 
+def test_hello_says_the_capture_backend_and_an_older_agents_says_nothing() -> None:
+    a = AgentSide(agent_version="t", backend="pynput-xorg", width=1, height=1, keymap="us")
+    h = HostSide()
+    h.connect()
+    (hello,) = [e for e in exchange(a, h) if isinstance(e, Hello)]
+    assert hello.backend == "pynput-xorg"
+    for extra, expect in (([], ""), ([7], None)):   # a 9-field hello (before backends), a bad one
+        h = HostSide(token_source=lambda: b"tok")
+        h.connect()
+        raw = msg(ch.MsgType.HELLO, [ch.CHANNEL_VERSION, b"tok", b"s", "v", 1, 1, "us", 0, 0, *extra])
+        if expect is None:
+            with pytest.raises(ProtocolError, match="backend"):
+                h.receive_data(raw)
+        else:
+            (old,) = h.receive_data(raw)
+            assert isinstance(old, Hello) and old.backend == expect
+
+
 def test_expect_then_capture_echoes_once() -> None:
     log = Log()
     a = agent_with(log, 0)

@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -224,3 +225,33 @@ def test_a_clone_starts_with_the_hosts_clock_and_no_copy_of_the_memory_image(
     assert sorted(p.name for p in m.run_dir.glob("*.sav")) == []
     paused = make_clone(paused=True)            # a paused clone is the caller's to resume and set
     assert sorted(p.name for p in paused.run_dir.glob("*.sav")) == []
+
+
+def _manifest(name: str, **kw: object) -> ckpt.Manifest:
+    return ckpt.Manifest(name=name, image_recipe="", image_dir="", virt="qemu", memory_mib=1, created=0.0,
+                         boot_to_desktop_s=0.0, save_s=0.0, memory_apparent_bytes=0, memory_allocated_bytes=0,
+                         disk_allocated_bytes=0, **kw)  # type: ignore[arg-type]
+
+
+def test_a_checkpoint_others_stack_on_is_removed_only_with_its_chain(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next common checkpoints' disks are overlays over their root's: `checkpoint rm` of the root
+    is refused while they exist, and a root recreated for a new image (``ensure``) takes its stale
+    chain with it."""
+    monkeypatch.setenv("REPLAY_MIGRATE_STATE", str(tmp_path))
+    for name, kw in (("root", {"origin": "domain"}),
+                     ("root-1", {"origin": "migration", "chain": "root", "backing": "root", "parent": "root"}),
+                     ("other", {"origin": "domain"})):
+        d = tmp_path / "checkpoints" / name
+        d.mkdir(parents=True)
+        _manifest(name, **kw).save(d / "manifest.json")
+
+    class NoDomains:
+        def exists(self, name: str) -> bool:
+            return False
+
+    hv: Any = NoDomains()
+    with pytest.raises(CheckpointError, match="overlays over 'root'"):
+        ckpt.remove(hv, "root")
+    ckpt.remove(hv, "root", with_chain=True)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["other"]

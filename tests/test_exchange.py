@@ -332,3 +332,17 @@ def test_the_manifest_in_the_stream_names_both_roots_and_the_base(sites: Sites) 
     assert doc["base"] == {"recipe": RECIPE, "blake3": exchange.base_digest(sites.image),
                            "size": sites.image.base.stat().st_size}
     assert [f["name"] for f in doc["files"]] == ["memory.sav", "disk.qcow2", "screen.png"]
+
+
+@pytest.mark.parametrize("origin", [ckpt.ORIGIN_DOMAIN, ckpt.ORIGIN_MIGRATION])
+def test_only_a_checkpoint_of_the_guest_image_is_exported(sites: Sites, origin: str) -> None:
+    """The stream carries an image checkpoint (its base found by recipe at the other site); a user's
+    domain's or a migration's would arrive as one, its base and its log cut lost."""
+    ck = ckpt.get("ck")
+    m = ck.manifest
+    m.origin, m.base, m.chain, m.backing, m.log_resume = origin, {"path": str(sites.image.base)}, "ck", "ck", 7
+    m.save(ck.manifest_path)
+    out: list[bytes] = []
+    with pytest.raises(CheckpointError, match=f"a {origin} checkpoint"):
+        export_checkpoint("ck", out.append)
+    assert out == []

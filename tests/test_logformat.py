@@ -511,3 +511,29 @@ def test_only_a_whole_unended_log_can_be_ended() -> None:
     dec.feed(whole)
     with pytest.raises(LogFormatError):
         dec.end_frame()                                  # ended already
+
+
+def _frames(n: int) -> list[bytes]:
+    enc = LogEncoder(HEADER, frame_events=1, motion_window_us=0)
+    out = [enc.start().data]
+    for i in range(n):
+        out += [f.data for f in enc.add(Key(1000 * (i + 1), 38, i % 2 == 0))]
+    return out
+
+
+def test_a_log_goes_on_from_a_checkpoints_cut() -> None:
+    """After a checkpoint taken while the agent recorded, the log's header is followed by the first
+    frame the checkpoint does not hold (store.chain): the frames before it are not replayed twice."""
+    frames = _frames(5)                                  # header + frames 1..5
+    dec = LogDecoder(resume_at=3, origin_us=HEADER.clock_origin_us)
+    got = [f for data in (frames[0], *frames[3:]) for f in dec.feed(data)]
+    assert [f.seq for f in got] == [0, 3, 4, 5]
+    assert [e.t_us for f in got if isinstance(f, EventsFrame) for e in f.events] == [3000, 4000, 5000]
+    with pytest.raises(LogFormatError, match="seq 1, expected 3"):      # the checkpoint holds frame 1
+        LogDecoder(resume_at=3, origin_us=HEADER.clock_origin_us).feed(frames[0] + frames[1])
+    # an agent started since the checkpoint (another clock origin): its whole log is new
+    other = LogDecoder(resume_at=3, origin_us=HEADER.clock_origin_us + 1)
+    assert [f.seq for data in frames for f in other.feed(data)] == [0, 1, 2, 3, 4, 5]
+    with pytest.raises(LogFormatError, match="seq 3, expected 1"):
+        other2 = LogDecoder(resume_at=3, origin_us=HEADER.clock_origin_us + 1)
+        other2.feed(frames[0] + frames[3])

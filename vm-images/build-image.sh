@@ -23,7 +23,7 @@ PKGS=(
   systemd-sysv udev kmod procps
   linux-image-amd64 initramfs-tools zstd
   xserver-xorg-core xserver-xorg-input-libinput xinit x11-utils x11-xserver-utils xfonts-base fonts-dejavu-core fontconfig
-  xterm python3 python3-tk python3-xlib python3-msgpack xdotool
+  xterm python3 python3-tk python3-xlib python3-msgpack python3-pynput xdotool dex
   qemu-guest-agent
   gcc make libc6-dev
 )

@@ -23,11 +23,11 @@ import os
 import secrets
 import shutil
 import socket
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,20 @@ import libvirt_qemu
 from replay_migrate import savefmt
 from replay_migrate.errors import HostError, ImageError, NoSuchDomainError, VMError
 from replay_migrate.tools import run_tool
+from vm import guest
+from vm.guest import ExecResult
 from vm.screen import Screenshot
-from vm.spec import SCREEN, DomainSpec, GuestImage, check_saved_domain, clone_xml, domain_name
+from vm.spec import (
+    RECORDER_CHANNEL,
+    SCREEN,
+    Boot,
+    DomainSpec,
+    GuestImage,
+    check_saved_domain,
+    clone_xml,
+    domain_name,
+    refuse_doctype,
+)
 
 URI = "qemu:///system"
 CONNECT_TIMEOUT_S = 20.0
@@ -153,7 +165,8 @@ class Hypervisor:
         return Machine(self, dom)
 
     def restore_clone(self, memory_image: Path, *, name: str, disk: Path, run_dir: Path,
-                      paused: bool = False, copy: bool = True, guest: GuestImage | None = None,
+                      paused: bool = False, copy: bool = True, consume: bool = True,
+                      uuid_: str | None = None, guest: GuestImage | Boot | None = None,
                       channels: int = SAVE_CHANNELS) -> Machine:
         """Start domain ``name`` from ``memory_image`` with a clone's identity.
 
@@ -161,10 +174,12 @@ class Hypervisor:
         image). With ``copy`` the image is copied to ``run_dir/memory.sav`` first and only read,
         so any number of clones can be made from one checkpoint; without, the image's own header
         is rewritten (a migrated image the target now owns). Either way the image the domain was
-        restored from is deleted once it runs (see :meth:`restore`); ``memory_image`` itself is
-        kept when it was copied. With ``guest`` (the guest image the domain runs), the saved
-        domain must be one this project defines (``vm.spec.check_saved_domain``) before libvirt,
-        which runs it as root, sees it: a checkpoint from another site or a peer's patched image.
+        restored from is deleted once it runs (see :meth:`restore`; not with ``consume=False``:
+        the caller takes it, e.g. into the next checkpoint); ``memory_image`` itself is kept when
+        it was copied. ``uuid_``: the clone's UUID (default: a new one). With ``guest`` (the guest
+        image the domain runs, or a user's domain's boot), the saved domain must be one this project
+        defines (``vm.spec.check_saved_domain``) before libvirt, which runs it as root, sees it: a
+        checkpoint from another site or a peer's patched image.
         """
         if self.exists(name):
             raise VMError(f"a domain named {name!r} already exists")
@@ -172,19 +187,22 @@ class Hypervisor:
             raise ImageError(f"clone disk {disk} does not exist")
         header = savefmt.read_header(memory_image)
         if guest is not None:
-            check_saved_domain(header.xml, guest)
+            refuse_doctype(header.xml)
+        xml = clone_xml(header.xml, name, disk, run_dir, uuid_=uuid_)
+        if guest is not None:       # what libvirt will run: a user's domain's pty serial is a file by now
+            check_saved_domain(xml, guest)
         image = memory_image
         if copy:
             image = run_dir / "memory.sav"
             sparse_copy(memory_image, image)
         (run_dir / "serial.log").unlink(missing_ok=True)
         try:
-            savefmt.rewrite_xml(image, clone_xml(header.xml, name, disk, run_dir))
+            savefmt.rewrite_xml(image, xml)
         except BaseException:
             if copy:
                 image.unlink(missing_ok=True)
             raise
-        return self.restore(image, paused=paused, consume=True, channels=channels)
+        return self.restore(image, paused=paused, consume=consume or copy, channels=channels)
 
     def restore(self, memory_image: Path, *, paused: bool = False, consume: bool = False,
                 channels: int = SAVE_CHANNELS) -> Machine:
@@ -206,13 +224,6 @@ class Hypervisor:
         if consume:
             memory_image.unlink(missing_ok=True)
         return self.lookup(name)
-
-
-@dataclass
-class ExecResult:
-    exit_code: int
-    stdout: str
-    stderr: str
 
 
 class Machine:
@@ -257,7 +268,7 @@ class Machine:
     @property
     def run_dir(self) -> Path:
         """The folder of the domain's serial log and recorder socket (from its XML)."""
-        el = ET.fromstring(self.xml).find("devices/serial/source")
+        el = ET.fromstring(self.xml).find("devices/serial[@type='file']/source")
         if el is None or not el.get("path"):
             raise VMError(f"{self.name!r} is not one of ours: no serial log file")
         return Path(str(el.get("path"))).parent
@@ -315,8 +326,13 @@ class Machine:
         own screenshot API hands back whatever QEMU picks (PNG on QEMU 10), which would need a
         PNG decoder here for no gain."""
         self._require("take a screenshot of", MachineState.RUNNING, MachineState.PAUSED)
-        # a name of its own: two threads of one process may take screenshots of one domain
-        path = self.run_dir / f".screendump-{os.getpid()}-{secrets.token_hex(6)}.ppm"
+        # a name of its own: two threads of one process may take screenshots of one domain; in the
+        # run folder of ours, in a private one of a domain that has none (a user's, before it is a clone)
+        try:
+            folder, scratch = self.run_dir, None
+        except VMError:
+            folder = scratch = Path(tempfile.mkdtemp(prefix="rm-screendump-"))
+        path = folder / f".screendump-{os.getpid()}-{secrets.token_hex(6)}.ppm"
         try:
             self.qmp("screendump", filename=str(path), format="ppm")
             return Screenshot.from_ppm(path.read_bytes())
@@ -324,6 +340,8 @@ class Machine:
             raise VMError(f"screenshot of {self.name!r}: {e}") from e
         finally:
             path.unlink(missing_ok=True)
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
 
     def qmp(self, command: str, **arguments: Any) -> Any:
         """One QMP command through libvirt's monitor passthrough."""
@@ -370,38 +388,53 @@ class Machine:
 
     def exec(self, shell: str, *, timeout: float = EXEC_TIMEOUT_S,
              env: Sequence[str] = ("DISPLAY=:0", "HOME=/root",
-                                   "PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")) -> ExecResult:
-        """Run ``shell`` with /bin/sh in the guest and wait for it."""
-        started = self.agent("guest-exec", path="/bin/sh", arg=["-c", shell], env=list(env),
-                             **{"capture-output": True})
-        pid = started["pid"]
+                                   "PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"),
+             max_output: int = guest.DEFAULT_MAX_OUTPUT, stdin: bytes | None = None) -> ExecResult:
+        """Run ``shell`` with /bin/sh in the guest and wait for it; its stdout and stderr may be at
+        most ``max_output`` bytes each (VMError beyond: the guest decides what it prints)."""
+        args: dict[str, Any] = {"capture-output": True}
+        if stdin is not None:
+            args["input-data"] = base64.b64encode(stdin).decode()
+        pid = guest.exec_pid(self.agent("guest-exec", path="/bin/sh", arg=["-c", shell], env=list(env), **args))
         deadline = time.monotonic() + timeout
         while True:
-            st = self.agent("guest-exec-status", pid=pid)
-            if st.get("exited"):
-                out = base64.b64decode(st.get("out-data", "")).decode("utf-8", "replace")
-                err = base64.b64decode(st.get("err-data", "")).decode("utf-8", "replace")
-                return ExecResult(int(st.get("exitcode", -1)), out, err)
+            result = guest.exec_status(self.agent("guest-exec-status", pid=pid), max_output)
+            if result is not None:
+                return result
             if time.monotonic() > deadline:
                 raise VMError(f"guest command in {self.name!r} did not finish in {timeout:.0f} s: "
                               f"{shell[:80]!r}")
             time.sleep(0.05)
 
-    def read_file(self, path: str, *, max_bytes: int = 16 << 20) -> bytes:
-        """Read a guest file through the agent (guest-file-open/read)."""
-        handle = self.agent("guest-file-open", path=path, mode="rb")
+    def read_file(self, path: str, *, max_bytes: int = guest.DEFAULT_MAX_FILE) -> bytes:
+        """Read a guest file through the agent (guest-file-open/read), at most ``max_bytes``: every
+        chunk is checked against what was asked before it is decoded."""
+        handle = guest.file_handle(self.agent("guest-file-open", path=path, mode="rb"))
         data = bytearray()
         try:
-            while len(data) <= max_bytes:
-                r = self.agent("guest-file-read", handle=handle, count=1 << 20)
-                data += base64.b64decode(r.get("buf-b64", ""))
-                if r.get("eof"):
+            while True:
+                ask = min(guest.READ_CHUNK, max_bytes + 1 - len(data))
+                chunk, eof = guest.read_chunk(self.agent("guest-file-read", handle=handle, count=ask), ask)
+                data += chunk
+                if len(data) > max_bytes:
+                    raise VMError(f"{path} in {self.name!r} is larger than {max_bytes} bytes")
+                if eof or not chunk:
                     break
-            else:
-                raise VMError(f"{path} in {self.name!r} is larger than {max_bytes} bytes")
         finally:
             self.agent("guest-file-close", handle=handle)
         return bytes(data)
+
+    def write_file(self, path: str, data: bytes) -> None:
+        """Create or truncate guest file ``path`` and write ``data`` (guest-file-open/write/close):
+        the guest agent runs as root, so the caller picks the path with care."""
+        handle = guest.file_handle(self.agent("guest-file-open", path=path, mode="wb"))
+        try:
+            for off in range(0, len(data), guest.WRITE_CHUNK):
+                piece = data[off : off + guest.WRITE_CHUNK]
+                args: dict[str, Any] = {"handle": handle, "buf-b64": base64.b64encode(piece).decode()}
+                guest.written(self.agent("guest-file-write", **args), len(piece))
+        finally:
+            self.agent("guest-file-close", handle=handle)
 
     def sync_clock(self) -> float:
         """Set the guest's wall clock to the host's; returns guest minus host (s) afterwards.
@@ -466,8 +499,62 @@ class Machine:
                               f"(serial console: {path})")
             time.sleep(0.1)
 
+    def recorder_channel(self, *, live: bool = True) -> ET.Element | None:
+        """The recorder's virtio-serial channel in the domain's live (or persistent) definition."""
+        flags = 0 if live else libvirt.VIR_DOMAIN_XML_INACTIVE
+        root = ET.fromstring(str(self._call("reading the XML of", self.dom.XMLDesc, flags)))
+        for ch in root.findall("devices/channel"):
+            target = ch.find("target")
+            if target is not None and target.get("type") == "virtio" and target.get("name") == RECORDER_CHANNEL:
+                return ch
+        return None
+
     def recorder_socket(self) -> Path:
-        return self.run_dir / "recorder.sock"
+        """The host end of the recorder channel: the unix socket its live definition names (our
+        clones name one in their folder; libvirt makes one for a channel attached without a path)."""
+        ch = self.recorder_channel()
+        src = ch.find("source") if ch is not None else None
+        if ch is None or ch.get("type") != "unix" or src is None or not src.get("path"):
+            raise VMError(f"{self.name!r} has no recorder channel ({RECORDER_CHANNEL}): "
+                          f"`replay-migrate agent install {self.name}` adds it")
+        return Path(str(src.get("path")))
+
+    @property
+    def persistent(self) -> bool:
+        return bool(self._call("asking whether it is persistent:", self.dom.isPersistent))
+
+    def attach_recorder_channel(self) -> tuple[bool, bool]:
+        """Add the recorder's virtio-serial channel where it is missing: hot-plugged into the running
+        domain and into its persistent definition (a transient domain has none). Returns (live,
+        persistent): whether the running guest and the definition have it now. A live attach libvirt
+        or QEMU refuses leaves the definition changed (the next start has the channel)."""
+        xml = (f"<channel type='unix'><source mode='bind'/>"
+               f"<target type='virtio' name='{RECORDER_CHANNEL}'/></channel>")
+        live = self.recorder_channel() is not None
+        config = not self.persistent or self.recorder_channel(live=False) is not None
+        if not config:
+            self._call("adding the recorder channel to the definition of", self.dom.attachDeviceFlags, xml,
+                       libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+            config = True
+        if not live and self.state is not MachineState.SHUTOFF:
+            try:
+                self.dom.attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+                live = True
+            except libvirt.libvirtError as e:
+                self.log.warning("hot-plugging the recorder channel failed: %s", e.get_error_message())
+        return live, config and self.persistent
+
+    def detach_recorder_channel(self) -> None:
+        """Remove the recorder channel from the running domain and from its definition, where present."""
+        ch = self.recorder_channel()
+        if ch is not None and self.state is not MachineState.SHUTOFF:
+            self._call("unplugging the recorder channel of", self.dom.detachDeviceFlags,
+                       ET.tostring(ch, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        if self.persistent:
+            ch = self.recorder_channel(live=False)
+            if ch is not None:
+                self._call("removing the recorder channel from the definition of", self.dom.detachDeviceFlags,
+                           ET.tostring(ch, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_CONFIG)
 
     def open_recorder(self, timeout: float = 10.0) -> socket.socket:
         """Connect to the host end of the recorder's virtio-serial channel (a unix socket)."""

@@ -81,6 +81,22 @@ class GuestImage:
                 raise ImageError(f"guest image {self.dir}: {p.name} is missing")
 
 
+@dataclass(frozen=True)
+class Boot:
+    """What a domain boots (``<os><kernel>``, ``<os><initrd>``: absent is None) when it is not a
+    guest image of ours: a user's domain, checkpointed at this site (``store.fromdomain``)."""
+
+    kernel: Path | None
+    initrd: Path | None
+
+    @classmethod
+    def of(cls, xml: str) -> Boot:
+        """The boot of domain XML ``xml``."""
+        root = ET.fromstring(xml)
+        kernel, initrd = root.findtext("os/kernel"), root.findtext("os/initrd")
+        return cls(Path(kernel) if kernel else None, Path(initrd) if initrd else None)
+
+
 def emulator_path() -> str:
     """The QEMU binary the domains of this host run (the one on ``$PATH``)."""
     return shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
@@ -121,10 +137,12 @@ class DomainSpec:
             kernel_args="".join(f" {a}" for a in check_kernel_args(self.kernel_args)))
 
 
-def clone_xml(saved_xml: str, name: str, disk: Path, run_dir: Path) -> str:
-    """The saved domain's XML with a clone's identity: name, a new UUID, its own disk overlay,
-    serial log and recorder socket; the guest agent's socket path is dropped so libvirt makes a
-    new one. Everything the guest sees (devices, CPU, memory) stays as saved."""
+def clone_xml(saved_xml: str, name: str, disk: Path, run_dir: Path, *, uuid_: str | None = None) -> str:
+    """The saved domain's XML with a clone's identity: name, a new UUID (or ``uuid_``: a user's
+    domain restarted as a clone keeps its own), its own disk overlay, serial log and recorder
+    socket; the guest agent's socket path is dropped so libvirt makes a new one. Everything the
+    guest sees (devices, CPU, memory) stays as saved. The first serial port becomes a log file in
+    the clone's folder (a user's domain may have a pty there: the folder is how a clone is known)."""
     try:
         root = ET.fromstring(saved_xml)
     except ET.ParseError as e:
@@ -138,12 +156,28 @@ def clone_xml(saved_xml: str, name: str, disk: Path, run_dir: Path) -> str:
         return el
 
     one("name").text = name
-    one("uuid").text = str(uuid.uuid4())
+    one("uuid").text = uuid_ or str(uuid.uuid4())
     disk_el = one("devices/disk[@device='disk']")
     one("devices/disk[@device='disk']/source").set("file", str(disk))
     for bs in disk_el.findall("backingStore"):
         disk_el.remove(bs)
-    one("devices/serial/source").set("path", str(spec.serial_log))
+    devices = one("devices")
+    serial = root.find("devices/serial")
+    if serial is None:
+        serial = ET.SubElement(devices, "serial")
+        ET.SubElement(serial, "target", port="0")
+    if serial.get("type") != "file":
+        serial.set("type", "file")
+        for console in root.findall("devices/console"):
+            target = console.find("target")
+            if target is None or target.get("type", "serial") == "serial":
+                devices.remove(console)      # libvirt makes it again from the serial port
+    source = serial.find("source")
+    if source is None:
+        source = ET.Element("source")
+        serial.insert(0, source)
+    source.attrib.clear()
+    source.set("path", str(spec.serial_log))
     for console in root.findall("devices/console/source"):
         console.set("path", str(spec.serial_log))    # the alias libvirt keeps of the serial port
     for ch in root.findall("devices/channel"):
@@ -195,17 +229,24 @@ LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 RANDOM_SOURCES = frozenset({"/dev/urandom", "/dev/random"})
 
 
-def check_saved_domain(xml: str, image: GuestImage, *, emulator: str | None = None) -> None:
+def refuse_doctype(xml: str) -> None:
+    """ImageError if domain XML from elsewhere has a DOCTYPE or entities (libvirt never writes one):
+    before anything parses it."""
+    if "<!DOCTYPE" in xml.upper() or "<!ENTITY" in xml.upper():
+        raise ImageError("the saved domain XML has a DOCTYPE (libvirt never writes one)")
+
+
+def check_saved_domain(xml: str, image: GuestImage | Boot, *, emulator: str | None = None) -> None:
     """Refuse (ImageError) a saved domain unless it is one this project would define: a domain
     from another site's checkpoint is restored by libvirt as root, so its XML decides which
     program runs (``<emulator>``), which kernel boots, and which host files the guest reads or
     writes. Accepted: the template's elements and devices (and what libvirt adds to them), the
-    emulator of this host, the kernel and initrd of ``image``, the disk, serial log and channels
+    emulator of this host, the kernel and initrd of ``image`` (a :class:`Boot`: those a user's
+    domain had when this site checkpointed it, or none), the disk, serial log and channels
     that :func:`clone_xml` rewrites, VNC on loopback, ``/dev/urandom`` as the entropy source. Not:
     a DOCTYPE, elements of other XML namespaces (``qemu:commandline``), firmware, host devices,
     file systems, other disks or ports, any other host path."""
-    if "<!DOCTYPE" in xml.upper() or "<!ENTITY" in xml.upper():
-        raise ImageError("the saved domain XML has a DOCTYPE (libvirt never writes one)")
+    refuse_doctype(xml)
     try:
         root = ET.fromstring(xml)
     except ET.ParseError as e:
@@ -234,7 +275,7 @@ def check_saved_domain(xml: str, image: GuestImage, *, emulator: str | None = No
     if extra:
         raise refuse(f"<os><{extra[0]}> (only kernel, initrd, cmdline, boot)")
     for tag, want in (("kernel", image.kernel), ("initrd", image.initrd)):
-        if os_el.findtext(tag) != str(want):
+        if os_el.findtext(tag) != (None if want is None else str(want)):
             raise refuse(f"its {tag} is {str(os_el.findtext(tag))[:200]!r}, not this site's {want} (the guest "
                          "image must be at the same path on both sites)")
     devices = root.find("devices")

@@ -266,6 +266,8 @@ class Endpoint(Generic[S]):
                                          f"leaves, or a block of more than {LEAF_SIZE} bytes")
         if isinstance(result, Hashed) and (not isinstance(result.root, bytes) or len(result.root) != DIGEST_SIZE):
             raise LocalProtocolError(f"{self.side}: a root of {DIGEST_SIZE} bytes expected")
+        if isinstance(result, Hashed) and result.tree is not None and result.tree.root != result.root:
+            raise LocalProtocolError(f"{self.side}: a tree whose root is not the root answered")
 
     def _fail(self, code: FailCode, tell_peer: bool = True) -> None:
         if terminal(self._table, self.state):

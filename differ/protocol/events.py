@@ -14,6 +14,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from differ.merkle import MerkleTree
 from differ.protocol.messages import FailCode
 
 # -- events --------------------------------------------------------------------------------------
@@ -124,14 +125,16 @@ class WriteLeaves:
 @dataclass(frozen=True)
 class HashImage:
     """(Target) the root of the patched copy of image ``name`` in a tree of ``fanout``: compared
-    with the source's 32-byte root before anything is committed."""
+    with the source's 32-byte root before anything is committed. The adapter may answer with the
+    whole tree too: once verified it describes the committed image (``Target.verified_trees``, which
+    the next common checkpoint keeps instead of hashing the image again)."""
 
     name: str
     fanout: int
     id: int = 0
 
-    def answer(self, root: bytes) -> Hashed:
-        return Hashed(self.id, root)
+    def answer(self, root: bytes, tree: MerkleTree | None = None) -> Hashed:
+        return Hashed(self.id, root, tree)
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,8 @@ class LeavesRead:
 class Hashed:
     id: int
     root: bytes
+    tree: MerkleTree | None = field(default=None, repr=False, compare=False)
+    """The patched image's tree (optional; its root must be ``root``)."""
 
 
 @dataclass(frozen=True)

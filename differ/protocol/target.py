@@ -120,6 +120,14 @@ class Target(Endpoint[TargetState]):
         return {im.name: im.shape.root for im in self._by_gi if im.shape is not None}
 
     @property
+    def verified_trees(self) -> dict[str, MerkleTree]:
+        """The committed images' trees by name, once VERIFIED (those the adapter answered with, or
+        this side's view of an untouched image): the source's trees, leaf for leaf."""
+        if self.state is not TargetState.VERIFIED:
+            return {}
+        return {im.name: im.verified_tree for im in self._by_gi if im.verified_tree is not None}
+
+    @property
     def progress(self) -> tuple[int, int]:
         """(leaves applied, leaves requested)."""
         return self._applied, self._plan.total
@@ -316,22 +324,24 @@ class Target(Endpoint[TargetState]):
         for im in self._by_gi:
             assert im.shape is not None and im.view is not None
             sel = self._plan.img == im.gi
+            tree: MerkleTree | None
             if self.dry_run:
-                root = im.view.replace_leaves(self._plan.leaf[sel], self._plan.full[sel]).root if sel.any() \
-                    else im.view.root
+                tree = im.view.replace_leaves(self._plan.leaf[sel], self._plan.full[sel]) if sel.any() else im.view
+                root = tree.root
             elif self.verify_written and (sel.any() or im.shape.size != im.tree.size):
                 # every written leaf read back as written (_check_written): its digest is the one
                 # verified on arrival, and hashing it again would hash the page twice
                 if im.shape.size > im.tree.size:
                     yield from self._check_zero_tail(im, self._plan.leaf[sel])
-                root = im.view.replace_leaves(self._plan.leaf[sel], self._plan.full[sel]).root if sel.any() \
-                    else im.view.root
+                tree = im.view.replace_leaves(self._plan.leaf[sel], self._plan.full[sel]) if sel.any() else im.view
+                root = tree.root
             elif im.touched or self.verify_untouched:
                 hashed = yield HashImage(im.name, im.shape.fanout)
                 assert isinstance(hashed, Hashed)
-                root = hashed.root
+                root, tree = hashed.root, hashed.tree
             else:
-                root = im.view.root
+                root, tree = im.view.root, im.view
+            im.verified_tree = tree
             if root != im.shape.root:
                 raise VerificationError(f"image {im.name!r}: the patched image's root differs from the source's")
         if not self.dry_run:

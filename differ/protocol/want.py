@@ -44,6 +44,8 @@ class ImageState:
         self.from_base: npt.NDArray[np.bool_] = np.zeros(0, dtype=bool)
         """Per differing leaf: the source said it holds the base's content there."""
         self.touched = False
+        self.verified_tree: MerkleTree | None = None
+        """The committed image's tree, once VERIFIED (the next common checkpoint reuses it)."""
 
     def own_length(self, leaf: int) -> int:
         """Length of ``leaf`` in my image after the resize."""
