@@ -69,10 +69,13 @@ def modelled_timing(row: dict[str, Any], shape: Shape) -> dict[str, Any]:
     docstring for the model); pure, so it is tested without VMs."""
     n = link_bytes(row)
     e2e = max(row["total_s"], n / shape.bytes_per_s + JOB_ROUND_TRIPS * shape.rtt_ms / 1000)
-    out: dict[str, Any] = {"e2e_s": round(e2e, 3), "downtime_s": round(row["downtime_s"] + DOWNTIME_LIMIT_S, 3),
+    down = row["downtime_s"]
+    measured = "downtime unknown" if down is None else f"downtime {down * 1000:.0f} ms"
+    out: dict[str, Any] = {"e2e_s": round(e2e, 3),
+                           "downtime_s": None if down is None else round(down + DOWNTIME_LIMIT_S, 3),
                            "link_s": round(n / shape.bytes_per_s, 3),
                            "how": ("modelled from a migration measured between site A and site B on the unshaped "
-                                   f"veth ({row['total_s']:.1f} s, downtime {row['downtime_s'] * 1000:.0f} ms): "
+                                   f"veth ({row['total_s']:.1f} s, {measured}): "
                                    "bytes / rate; downtime at most measured + QEMU's "
                                    f"{DOWNTIME_LIMIT_S * 1000:.0f} ms limit")}
     dirty = row.get("dirty_bytes_s", 0)
@@ -111,8 +114,13 @@ def _leg(src_hv: Hypervisor, dst_hv: Hypervisor, m: Machine, ck: ckpt.Checkpoint
            "iterations": nat["iterations"], "postcopy_requests": nat["postcopy_requests"],
            "postcopy_switched": nat["postcopy_switched"],
            "dirty_bytes_s": nat["dirty_rate_pages_s"] * nat["page_bytes"]}
+    if nat["postcopy_switched"] and not nat["downtime_s"] and not report["wire_bytes"]:
+        # libvirt keeps no completed statistics of a job that switched to post-copy: its bytes are
+        # the veth's count alone, its downtime is not known (never 0)
+        row["downtime_s"] = None
     log(f"{variant.value} {src_hv.uri} -> {dst_hv.uri}: {row['wire_bytes']:,} B (veth {row['veth_bytes']:,} B) in "
-        f"{row['total_s']:.1f} s, downtime {row['downtime_s'] * 1000:.0f} ms")
+        f"{row['total_s']:.1f} s, downtime "
+        + ("unknown" if row["downtime_s"] is None else f"{row['downtime_s'] * 1000:.0f} ms"))
     return migrated, row
 
 

@@ -409,9 +409,11 @@ def native_rows(results: Mapping[str, Any]) -> list[list[str]]:
             if "error" in r:
                 rows.append([wl, key, "could not run: " + r["error"], "", "", "", "", ""])
                 continue
+            stats = (f"{human(r['wire_bytes'])} (memory {human(r['memory_bytes'])}, disk {human(r['disk_bytes'])})"
+                     if r["wire_bytes"] else "unknown (no statistics after post-copy)")
+            down = "unknown" if r["downtime_s"] is None else f"{1000 * r['downtime_s']:.0f} ms"
             rows.append([wl, key + (f" ({r['compression']})" if r.get("compression") else ""),
-                         f"{human(r['wire_bytes'])} (memory {human(r['memory_bytes'])}, disk {human(r['disk_bytes'])})",
-                         human(r["veth_bytes"]), f"{r['total_s']:.1f} s", f"{1000 * r['downtime_s']:.0f} ms",
+                         stats, human(r["veth_bytes"]), f"{r['total_s']:.1f} s", down,
                          str(r["iterations"]),
                          str(r["postcopy_requests"]) + ("" if r.get("postcopy_switched", True) else
                                                         " (finished in pre-copy before the switch)")])

@@ -53,3 +53,19 @@ def test_native_rows_join_the_report_beside_replay_and_the_reason_one_could_not_
     assert "two libvirt hosts" in md
     assert "could not run: post-copy cannot run: X" in md
     assert "340.0 MiB" in md and "159 ms" in md
+
+
+def test_a_switched_post_copy_leg_shows_its_downtime_and_statistics_as_unknown_never_zero() -> None:
+    """libvirt keeps no completed statistics of a job that switched to post-copy: the row used to
+    print 0 B and 0 ms. Its bytes are the veth's count; its downtime is unknown."""
+    post = {**ROW, "variant": "postcopy", "wire_bytes": 0, "memory_bytes": 0, "disk_bytes": 0,
+            "downtime_s": None, "postcopy_requests": 120, "postcopy_switched": True}
+    t = modelled_timing(post, SHAPES[0])
+    assert t["downtime_s"] is None and "downtime unknown" in t["how"]
+    assert t["e2e_s"] == round((352 << 20) / SHAPES[0].bytes_per_s + JOB_ROUND_TRIPS * 0.04, 3)
+    native = {"rows": {"native-postcopy": post}, "timing": {s.key: {"native-postcopy": modelled_timing(post, s)}
+                                                            for s in SHAPES}}
+    md = tables.render_markdown(_results(native))
+    row = next(line for line in md.splitlines() if "| native-postcopy" in line)
+    assert "unknown (no statistics after post-copy)" in row and "| unknown |" in row
+    assert "0 ms" not in row and "| 0 B" not in row
