@@ -25,12 +25,13 @@ lint: setup
 unit: setup
 	$(PY) -m pytest -m "not vm" $(PYTEST_ARGS)
 
-# every benchmark (~30 min, the migration one starts VMs); BENCH="differ scaling" runs only those
+# the benchmarks (< 30 min, the migration one starts VMs; scaling, chain and the load test only when named:
+# BENCH="scaling chain service"); BENCH="differ scaling" runs only those
 BENCH ?=
 bench: setup
 	$(PY) bench/run.py $(BENCH)
 
-# only the scaling benchmark (also part of `make bench`): tree build, walk and transfer against image
+# only the scaling benchmark (not in the default `make bench`): tree build, walk and transfer against image
 # size (1, 4, 16 GiB sparse synthetic images) and divergence, hashing in a 4/8 GiB guest's downtime;
 # ~2.5 min here, ~6.5 GiB of temporary disk; writes bench/results/scaling.{md,json,png}
 bench-scaling: setup
