@@ -53,6 +53,7 @@ from types import TracebackType
 from typing import Any
 
 from bench.netns import LinkConfig, NetnsLink
+from differ.patch import sparse_copy
 from replay_migrate.errors import HostError
 from store.paths import cache_root, state_root
 from vm.spec import GuestImage
@@ -311,7 +312,7 @@ class SiteB:
             except OSError as e:
                 if e.errno != errno.EXDEV:
                     raise
-                _run(["cp", "--sparse=always", "--reflink=auto", str(f), str(dst / f.name)], timeout=600)
+                sparse_copy(f, dst / f.name)
         return dst
 
     def copy_checkpoint(self, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
