@@ -46,7 +46,7 @@ loadtest: setup
 
 # the long session (replayer/workloads/long.wl: ~11 min of a user's typing in the xterm and the
 # notepad) migrated once over the first shaped link, with its baselines: sync marks met/failed and
-# bytes against the plain transfer, in bench/results/long.{md,json} and long-*.png (~15 min with the bench
+# bytes against the plain transfer, in bench/results/long.{md,json} and long-*.png (~12-15 min with the bench
 # checkpoint cached; not part of `make bench`, whose migration.* it leaves alone)
 bench-long: setup
 	$(PY) bench/bench_migration.py --workloads long --out bench/results --name long
