@@ -46,10 +46,10 @@ loadtest: setup
 
 # the long session (replayer/workloads/long.wl: ~11 min of a user's typing in the xterm and the
 # notepad) migrated once over the first shaped link, with its baselines: sync marks met/failed and
-# bytes against the plain transfer, in bench/results/long/ (~15 min with the bench checkpoint cached;
-# not part of `make bench`)
+# bytes against the plain transfer, in bench/results/long.{md,json} and long-*.png (~12-15 min with the bench
+# checkpoint cached; not part of `make bench`, whose migration.* it leaves alone)
 bench-long: setup
-	$(PY) bench/bench_migration.py --workloads long --out bench/results/long
+	$(PY) bench/bench_migration.py --workloads long --out bench/results --name long
 
 # every decoder of peer or file bytes on 100,000 generated inputs each (~5 min on 2 cores; not part
 # of `make test`, whose unit tests run the same targets on a few hundred inputs); the table goes to

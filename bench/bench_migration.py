@@ -13,7 +13,8 @@ what the rest is by the guest's own page flags, read in restored copies of both 
 each migration the workload's checks run in the migrated VM; one that fails fails the benchmark
 (exit 4) once every workload is measured. The baselines' real byte counts are then sent over each
 shaped link by a small TCP sender and timed, and the short workloads migrate once more at
-100 Mbit/s / 5 ms. Writes ``migration.md``, ``migration.json`` and PNG plots to ``--out``.
+100 Mbit/s / 5 ms. Writes ``migration.md``, ``migration.json`` and PNG plots to ``--out`` (``--name``
+changes the stem: ``make bench-long`` writes ``long.md``, ``long.json`` and ``long-*.png`` beside them).
 
 Then libvirt's own live migration (pre-copy, pre-copy compressed, post-copy) of one clone per
 workload between two libvirt hosts, site A and site B (``bench/bench_native.py``; its shaped-link
@@ -559,21 +560,34 @@ def failed_checks(results: dict[str, Any]) -> list[str]:
             for link, run in w.get("runs", {}).items() for c in run.get("checks", []) if c["exit_code"] != 0]
 
 
-def write_results(results: dict[str, Any], out: Path) -> Path:
+REPORT_NAME = "migration"
+"""Stem of the report's files in ``--out``: ``migration.md``, ``migration.json`` and unprefixed plots;
+another stem (``--name long``) prefixes the plots too, so a separate run never overwrites the suite's."""
+
+
+def write_results(results: dict[str, Any], out: Path, name: str = REPORT_NAME) -> Path:
     out.mkdir(parents=True, exist_ok=True)
+    pre = "" if name == REPORT_NAME else f"{name}-"
     order = {name: i for i, name in enumerate(WORKLOADS)}
     results["workloads"] = dict(sorted(results["workloads"].items(), key=lambda kv: order.get(kv[0], len(order))))
-    (out / "migration.json").write_text(json.dumps(results, indent=2) + "\n")
-    plots = [p for p in (tables.plot_bytes(results, out / "bytes.png"),
-                         tables.plot_time(results, out / "time_vs_bandwidth.png"),
-                         tables.plot_divergence(results, out / "divergence.png"),
-                         tables.plot_downtime(results, out / "downtime.png")) if p is not None]
-    stale = out / "time_vs_bandwidth.png"
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    plots = [p for p in (tables.plot_bytes(results, out / f"{pre}bytes.png"),
+                         tables.plot_time(results, out / f"{pre}time_vs_bandwidth.png"),
+                         tables.plot_divergence(results, out / f"{pre}divergence.png"),
+                         tables.plot_downtime(results, out / f"{pre}downtime.png")) if p is not None]
+    stale = out / f"{pre}time_vs_bandwidth.png"
     if stale not in plots:
         stale.unlink(missing_ok=True)
-    md = out / "migration.md"
+    md = out / f"{name}.md"
     md.write_text(tables.render_markdown(results, [p.name for p in plots]))
     return md
+
+
+def _report_name(v: str) -> str:
+    """A stem that stays a file name in --out (letters, digits, - and _)."""
+    if not v or not all(c.isalnum() or c in "-_" for c in v):
+        raise argparse.ArgumentTypeError(f"not a plain file stem: {v!r}")
+    return v
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -583,6 +597,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--native-workloads", nargs="+", default=list(NATIVE_WORKLOADS), metavar="WORKLOAD",
                     help="those of --workloads libvirt's live migration also runs on (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--name", default=REPORT_NAME, type=_report_name,
+                    help="stem of the report's files in --out (default %(default)s: migration.md, migration.json)")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--no-link", action="store_true", help="do not shape the link (no shaped times; exit 0)")
     ap.add_argument("--keep-work", action="store_true", help="keep the saved states in --work afterwards")
@@ -609,14 +625,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="only re-render the report and plots of an earlier run's migration.json into --out")
     args = ap.parse_args(argv)
     if args.render is not None:
-        md = write_results(json.loads(args.render.read_text()), args.out)
+        md = write_results(json.loads(args.render.read_text()), args.out, args.name)
         print(md.read_text())
         return 0
     if os.geteuid() != 0:
         print("bench_migration: needs root (network namespaces, libvirt)", file=sys.stderr)
         return EXIT_NO_NETEM
     results, no_netem = run_all(args)
-    md = write_results(results, args.out)
+    md = write_results(results, args.out, args.name)
     print(md.read_text())
     failed = failed_checks(results)
     if failed:

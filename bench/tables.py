@@ -204,7 +204,9 @@ def breakdown_rows(results: Mapping[str, Any]) -> list[list[str]]:
 def mark_rows(results: Mapping[str, Any]) -> list[list[str]]:
     """Sync marks per workload and link: how many the target met and which it did not (a failed
     mark is a replay that drifted from the source's screen, or one the agent took of a transient
-    screen: it costs the replay its wait, never correctness)."""
+    screen: it costs the replay its wait, never correctness). *Passed*: a mark of a screen the source
+    showed while a command ran, which the target had left when it looked, and the region's next mark
+    (before any input) was met."""
     rows: list[list[str]] = []
     for wl, w in results["workloads"].items():
         for link, run in w.get("runs", {}).items():
@@ -212,7 +214,8 @@ def mark_rows(results: Mapping[str, Any]) -> list[list[str]]:
             if "sync_met" not in rep:
                 continue
             failed = list(rep.get("sync_failed", []))
-            rows.append([wl, _link_name(results, link), str(rep["sync_met"]), str(len(failed)),
+            rows.append([wl, _link_name(results, link), str(rep["sync_met"]), str(rep.get("sync_passed", 0)),
+                         str(len(failed)),
                          "; ".join(failed) if failed else "-"])
     return rows
 
@@ -389,7 +392,7 @@ def goal_lines(results: Mapping[str, Any]) -> list[str]:
         reps = [r["replay"] for r in w.get("runs", {}).values() if "sync_met" in (r.get("replay") or {})]
         if reps:
             failed = sum(len(r.get("sync_failed", [])) for r in reps)
-            met = sum(int(r["sync_met"]) for r in reps)
+            met = sum(int(r["sync_met"]) + int(r.get("sync_passed", 0)) for r in reps)
             lines.append(f"- {wl}: {failed} of {met + failed} sync marks failed over {len(reps)} run(s) "
                          f"(goal: none): {'met' if failed == 0 else 'NOT met'}")
     if not any(w.get("timing", {}).get(GOAL_LINK) for w in results["workloads"].values()):
@@ -471,7 +474,9 @@ def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> st
     rows = mark_rows(results)
     if rows:
         out.append("\n## Sync marks (the target's replay waiting on the source's settled screens)\n")
-        out.append(md_table(["workload", "link", "met", "failed", "failed marks"], rows))
+        out.append("A mark *passed*: the source showed it while a command ran, the target had left it when it "
+                   "looked, and the region's next mark, before any input, was met.\n\n")
+        out.append(md_table(["workload", "link", "met", "passed", "failed", "failed marks"], rows))
     downtime = downtime_tables(results)
     if downtime:
         out.append("\n## Where the downtime goes\n")

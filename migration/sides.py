@@ -67,6 +67,8 @@ from migration.diffio import AsyncAdapter
 from migration.halves import Figures, added, all_true, largest, local, measured_by, preferred
 from migration.suspenddir import suspend_image
 from migration.timeline import SOURCE, TARGET, Timeline, downtime_breakdown, excluded_seconds, merge
+from recorder.agent import DEFAULT_FRAME_MS, DEFAULT_SYNC_IDLE_MS
+from recorder.capture import DEFAULT_SYNC_SETTLE_MS
 from recorder.logformat import Button, Key, LogDecoder, SyncMark
 from replay_migrate import savefmt
 from replay_migrate.errors import (
@@ -105,11 +107,18 @@ from store.vmstate import (
 )
 from vm.machine import Hypervisor, Machine, MachineState, create_overlay, file_allocated
 
-FLUSH_S = 3.0
-"""Longest the source's agent gets before the guest is frozen: its frames are cut every 250 ms, and
-the last sync mark comes 300 ms after the last key once the region has held still for 1 s
-(``recorder.agent.DEFAULT_SYNC_SETTLE_MS``; none if it never does). That mark matters: the target
-waits for it, so it saves only once its screen looks like the source's."""
+MARK_LATE_S = 1.0
+"""How much later than ``DEFAULT_SYNC_IDLE_MS + DEFAULT_SYNC_SETTLE_MS`` after the last key the
+agent's mark of a screen that held still at once may come: one sample period, and the guest's time to
+copy and digest a window-sized region. Measured on ``unpack``'s recording under TCG: 0.13-0.48 s
+(marks 1.43-1.78 s after the key); twice the worst as margin."""
+FLUSH_S = (DEFAULT_SYNC_IDLE_MS + DEFAULT_SYNC_SETTLE_MS + DEFAULT_FRAME_MS) / 1000 + MARK_LATE_S
+"""Longest the source's agent gets before the guest is frozen (2.55 s with the agent's defaults):
+the last sync mark of a screen that held still comes ``DEFAULT_SYNC_IDLE_MS`` (0.3 s) after the last
+key, once the region has held still for ``DEFAULT_SYNC_SETTLE_MS`` (1 s), give or take
+``MARK_LATE_S``, and its frame is cut within ``DEFAULT_FRAME_MS`` (0.25 s). That mark matters: the
+target waits for it, so it saves only once its screen looks like the source's. A screen still
+changing gets its mark later or never; waiting for it would be the user's time, not the target's."""
 MIN_FLUSH_S = 0.5
 """Shortest wait before freezing (two frame periods): once no key or button event came since the
 log's last sync mark (the user was idle and the screen settled), nothing more is coming."""

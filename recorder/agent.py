@@ -61,6 +61,8 @@ from types import FrameType
 from recorder.capture import (
     BACKENDS,
     DEFAULT_BACKEND,
+    DEFAULT_SYNC_FOLLOW_MS,
+    DEFAULT_SYNC_FOLLOW_SAMPLE_MS,
     DEFAULT_SYNC_MAX_PHASES,
     DEFAULT_SYNC_MAX_WAIT_MS,
     DEFAULT_SYNC_SAMPLE_MS,
@@ -308,6 +310,62 @@ class Settler:
             return Settle.GAVE_UP
         return Settle.WAIT
 
+    @property
+    def looks(self) -> frozenset[bytes]:
+        """The digests in the current window: one look, or a blinking cursor's phases."""
+        return frozenset(d for _, d in self._samples)
+
+
+class RegionWatch:
+    """One region, from the moment its mark fell due until the next key or button (the caller ends
+    it) or ``follow_ms`` after ``input_ns``: the first look it settles on is marked, and so is every
+    later look it settles on that is not one of the marked one's phases. Sans-I/O, like ``Settler``.
+
+    Why watch on: a screen that held still for ``settle_ms`` after the input may still change without
+    input (a command that ran quietly prints and returns to the prompt). A mark names the screen
+    the user saw while the command ran, a moment the target may have passed; without a mark of
+    the screen that followed, the replay types the user's next command into the target's still
+    running one, where the keys echo twice and the screen differs for good (``unpack``'s marks,
+    README). The replayer passes over a marked look the target skipped when the next mark of the
+    region, before any input, is met (``replayer.replay``)."""
+
+    def __init__(self, policy: SyncPolicy, due_ns: int, input_ns: int | None = None) -> None:
+        self.policy = policy
+        self.until_ns = (due_ns if input_ns is None else input_ns) + policy.follow_ms * 1_000_000
+        self._settler = Settler(policy, due_ns)
+        self._marked: frozenset[bytes] = frozenset()
+        self.marks = 0
+        self.gave_up = False
+        """The region did not settle within ``max_wait_ms`` of the mark falling due (it may still,
+        later, while it is watched)."""
+
+    @property
+    def interval_ns(self) -> int:
+        """How long to wait before the next sample: slower once a look was marked."""
+        ms = self.policy.follow_sample_ms if self.marks else self.policy.sample_ms
+        return ms * 1_000_000
+
+    def expired(self, t_ns: int) -> bool:
+        return t_ns >= self.until_ns
+
+    def add(self, t_ns: int, digest: bytes) -> bytes | None:
+        """The digest to mark now, or None (not settled, or settled on the look already marked)."""
+        verdict = self._settler.add(t_ns, digest)
+        if verdict is Settle.WAIT:
+            return None
+        looks = self._settler.looks
+        self._settler = Settler(self.policy, t_ns)  # a new window from this sample: the next change
+        self._settler.add(t_ns, digest)
+        if verdict is Settle.GAVE_UP:
+            if not self.marks:
+                self.gave_up = True
+            return None
+        if digest in self._marked:
+            return None
+        self._marked = looks
+        self.marks += 1
+        return digest
+
 
 class SyncTrigger:
     """Shared between the pump (which sees input) and the flusher (which samples the screen): a
@@ -337,6 +395,11 @@ class SyncTrigger:
             if self._pending is None or mono_ns - self._last_ns < self.idle_ns:
                 return None
             return self._pending[0], self._gen
+
+    def generation(self) -> tuple[int, int]:
+        """How many key and button events came so far, and when the last one did (monotonic ns)."""
+        with self._lock:
+            return self._gen, self._last_ns
 
     def done(self, gen: int) -> bool:
         """Clear the pending mark if no input came since ``due()``; say whether to emit it."""
@@ -399,11 +462,13 @@ class Flusher(threading.Thread):
         self.on_fatal = on_fatal
         self.stop = threading.Event()
         self.policy = policy or SyncPolicy()
-        self._settling: tuple[int, tuple[int, int, int, int], Settler] | None = None
-        """(the due mark's generation, its region, the samples so far)"""
+        self._watch: tuple[int, str, tuple[int, int, int, int], RegionWatch] | None = None
+        """(the due mark's input generation, its label, its region, what was seen of it so far)"""
         self._sampled_ns = 0
         self.unsettled = 0
-        """Marks given up because their region never settled."""
+        """Marks not taken when due because their region did not settle within ``max_wait_ms``."""
+        self.followed = 0
+        """Marks of a look a region settled on without input after its first mark."""
 
     def run(self) -> None:
         try:
@@ -433,41 +498,53 @@ class Flusher(threading.Thread):
             return b""
 
     def _maybe_sync(self) -> None:
-        """Take the due mark once its region has settled (``Settler``); none if it never does."""
+        """Take the due mark once its region has settled, and one more for each new look it
+        settles on before the next input (``RegionWatch``); none while it keeps changing."""
         if self.sampler is None or self.trigger is None:
             return
         now = time.monotonic_ns()
         due = self.trigger.due(now)
-        if due is None:
-            self._settling = None
-            return
-        label, gen = due
-        if (self._settling is not None and self._settling[0] == gen
-                and now - self._sampled_ns < self.policy.sample_ms * 1_000_000):
-            return
+        gen, input_ns = self.trigger.generation()
+        if self._watch is not None and (self._watch[0] != gen or self._watch[3].expired(now)):
+            self._end_watch()  # input came since (its own mark falls due later), or watched long enough
+        if self._watch is None:
+            if due is None:
+                return
+            label, gen = due
+        else:
+            label = self._watch[1]
+            if now - self._sampled_ns < self._watch[3].interval_ns:
+                return
         self._sampled_ns = now
         try:
-            if self._settling is None or self._settling[0] != gen:
-                self._settling = (gen, self.sampler.region(label), Settler(self.policy, now))
-            _, region, settler = self._settling
+            if self._watch is None:
+                self._watch = (gen, label, self.sampler.region(label), RegionWatch(self.policy, now, input_ns))
+            _, _, region, watch = self._watch
             digest = region_digest(self.sampler.sample(*region))
         except SampleError as e:  # a window went away between the queries: no mark this time
             log.debug("sync sample failed: %s", e)
-            self._settling = None
+            self._watch = None
             self.trigger.done(gen)
             return
-        verdict = settler.add(time.monotonic_ns(), digest)
-        if verdict is Settle.WAIT:
+        mark = watch.add(time.monotonic_ns(), digest)
+        if mark is None:
             return
-        self._settling = None
         if not self.trigger.done(gen):
+            self._watch = None
             return  # input came while sampling: the next mark is due later
-        if verdict is Settle.GAVE_UP:
-            self.unsettled += 1
-            log.debug("no sync mark: %dx%d at %d,%d still changing", region[2], region[3], region[0], region[1])
-            return
+        if watch.marks > 1:
+            self.followed += 1
         x, y, w, h = region
-        self.put(SyncMark(self.clock.from_mono(time.monotonic_ns()), x, y, w, h, digest, label))
+        self.put(SyncMark(self.clock.from_mono(time.monotonic_ns()), x, y, w, h, mark, label))
+
+    def _end_watch(self) -> None:
+        assert self._watch is not None
+        watch = self._watch[3]
+        if watch.gave_up and not watch.marks:
+            self.unsettled += 1
+            x, y, w, h = self._watch[2]
+            log.debug("no sync mark: %dx%d at %d,%d never settled", w, h, x, y)
+        self._watch = None
 
 @dataclass
 class PumpConfig:
@@ -738,6 +815,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="how often a settling region is sampled (default %(default)s)")
     p.add_argument("--sync-max-wait-ms", type=_positive, default=DEFAULT_SYNC_MAX_WAIT_MS,
                    help="no mark if the region has not settled by then (default %(default)s)")
+    p.add_argument("--sync-follow-ms", type=_positive, default=DEFAULT_SYNC_FOLLOW_MS,
+                   help="how long after the last input a marked region is watched for new looks that come "
+                        "without input, each marked once settled (default %(default)s)")
+    p.add_argument("--sync-follow-sample-ms", type=_positive, default=DEFAULT_SYNC_FOLLOW_SAMPLE_MS,
+                   help="how often a marked region is sampled while watched (default %(default)s)")
     p.add_argument("--no-sync", action="store_true", help="no sync marks")
     p.add_argument("--retry-ms", type=_positive, default=DEFAULT_RETRY_MS)
     p.add_argument("--queue-max", type=_positive, default=DEFAULT_QUEUE_MAX)
@@ -752,7 +834,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="recorder-agent: %(levelname)s %(message)s", stream=sys.stderr)
     policy = SyncPolicy(args.sync_size, args.sync_window_max, settle_ms=args.sync_settle_ms,
                         sample_ms=args.sync_sample_ms, max_phases=DEFAULT_SYNC_MAX_PHASES,
-                        max_wait_ms=args.sync_max_wait_ms)
+                        max_wait_ms=args.sync_max_wait_ms, follow_ms=args.sync_follow_ms,
+                        follow_sample_ms=args.sync_follow_sample_ms)
     try:
         desktop = open_desktop(args.backend, args.display, policy)
     except BackendUnavailable as e:
@@ -832,9 +915,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         pump.join(args.drain_s + 5)
     fallback.close()
     s = pump.stats
-    log.info("%d events, %d sync marks (%d not taken: the screen never settled), %d checks answered, "
-             "%d frames (%d re-read from the fallback log, %d lost), %d events dropped (queue full)",
-             s["events"], s["sync"], flusher.unsettled, s["checks"], s["frames"],
+    log.info("%d events, %d sync marks (%d of screens that came without input; %d not taken: the screen "
+             "never settled), %d checks answered, %d frames (%d re-read from the fallback log, %d lost), "
+             "%d events dropped (queue full)",
+             s["events"], s["sync"], flusher.followed, flusher.unsettled, s["checks"], s["frames"],
              pump.agent.recovered_frames, pump.agent.lost_frames, dropped[0])
     return status
 

@@ -148,9 +148,20 @@ DEFAULT_SYNC_SAMPLE_MS = 200
 """How often a region is sampled while it settles: a window-sized GetImage is ~1 MB of pixels the
 guest copies and digests, and the settle rule needs the interval covered, not every frame of it."""
 DEFAULT_SYNC_MAX_WAIT_MS = 5000
-"""A region still changing this long after the mark was due gets no mark at all: a mark of a
-screen in motion names a moment the target may pass before it looks (a failed mark that costs
-the replay its wait and proves nothing)."""
+"""A region still changing this long after the mark was due gets no mark then (a mark of a screen in
+motion names a moment the target may pass before it looks: a failed mark that costs the replay its
+wait and proves nothing); it is still watched (``DEFAULT_SYNC_FOLLOW_MS``) and marked once it settles."""
+DEFAULT_SYNC_FOLLOW_MS = 180_000
+"""How long after the last key or button the region of the due mark is watched for screens that
+come without input: a command's output and prompt arriving after the screen had held still for
+``DEFAULT_SYNC_SETTLE_MS`` (``tar`` under TCG: 8 s of a still command line, then its output). Each
+new look it settles on gets a mark of its own, so the replayer waits for the command to finish before
+it types the next one (typed into a running command, the same keys echo twice and the screen
+differs for good). Longer than the longest command of the shipped workloads (``build``: ~150 s)."""
+DEFAULT_SYNC_FOLLOW_SAMPLE_MS = 500
+"""How often a region that was marked is sampled while it is watched for output without input:
+slower than while it settles (a window-sized sample is ~1 MB the guest copies and digests, for
+minutes), fast enough to cover ``DEFAULT_SYNC_SETTLE_MS`` with samples."""
 
 
 @dataclass(frozen=True)
@@ -164,6 +175,8 @@ class SyncPolicy:
     sample_ms: int = DEFAULT_SYNC_SAMPLE_MS
     max_phases: int = DEFAULT_SYNC_MAX_PHASES
     max_wait_ms: int = DEFAULT_SYNC_MAX_WAIT_MS
+    follow_ms: int = DEFAULT_SYNC_FOLLOW_MS
+    follow_sample_ms: int = DEFAULT_SYNC_FOLLOW_SAMPLE_MS
 
 
 class BackendUnavailable(Exception):

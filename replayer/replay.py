@@ -7,6 +7,9 @@ events and let a button release overtake later keys). Idle gaps longer than ``ga
 compressed. A sync mark makes the replayer wait until the screen region it names shows the recorded
 digest: a click is only replayed once the window it lands in looks as it did. The wait is as long
 as the source took to reach the mark from the input before it, plus a slack (``SYNC_SLACK_S``).
+The agent marks every look a region settles on until the next input (``recorder.agent.RegionWatch``):
+the first may be a screen the source showed while a command ran quietly, which a faster target can
+skip; such a mark is *passed* when the next mark of that region, before any key or button, is met.
 
 Time comes from a :class:`replayer.clock.Clock` passed in (the host's by default), and the machine
 and the recorder link are what :class:`InputTarget` and :class:`EchoLink` say a replay needs of
@@ -22,6 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from recorder.capture import DEFAULT_SYNC_FOLLOW_MS, DEFAULT_SYNC_MAX_WAIT_MS
 from recorder.channel import HostEvent, LogFrame
 from recorder.logformat import Button, End, Event, Key, LogHeader, Motion, SyncMark
 from replay_migrate.errors import ReplayError
@@ -42,9 +46,10 @@ SYNC_SLACK_ENDED_S = 1.0
 """The same once the source has ended the log: its VM is frozen and every second of waiting is
 downtime. The agent marks only settled screens, so a mark the target does not show by then is one
 the replay drifted from; giving up costs at most some divergence, never correctness."""
-SYNC_REACH_MAX_S = 30.0
-"""Longest time a log may claim the source took to reach a mark (the agent gives up on a region
-that has not settled within seconds): bounds the wait a hostile or broken log can ask for."""
+SYNC_REACH_MAX_S = (DEFAULT_SYNC_FOLLOW_MS + DEFAULT_SYNC_MAX_WAIT_MS) / 1000
+"""Longest time a log may claim the source took to reach a mark: the agent watches a region for new
+looks up to ``DEFAULT_SYNC_FOLLOW_MS`` after the last input (a command's output and prompt), so a
+true mark comes within that and one settle; bounds the wait a hostile or broken log can ask for."""
 SYNC_POLL_S = 0.1
 """How often an unmet sync mark's region is checked again."""
 
@@ -93,6 +98,9 @@ class ReplayStats:
     injected: int = 0
     skipped_motion: int = 0
     sync_met: int = 0
+    sync_passed: int = 0
+    """Marks not met whose region's next mark, before any key or button, was: a screen the source
+    showed while a command ran, which the target had already left when it looked."""
     sync_failed: list[str] = field(default_factory=list)
     seconds: float = 0.0
     echo_max_s: float = 0.0
@@ -104,7 +112,8 @@ class ReplayStats:
 
     def as_dict(self) -> dict[str, object]:
         return {"events": self.events, "injected": self.injected, "skipped_motion": self.skipped_motion,
-                "sync_met": self.sync_met, "sync_failed": list(self.sync_failed),
+                "sync_met": self.sync_met, "sync_passed": self.sync_passed,
+                "sync_failed": list(self.sync_failed),
                 "seconds": round(self.seconds, 3), "echo_max_s": round(self.echo_max_s, 4),
                 "echo_mean_s": round(self.echo_total_s / self.injected, 4) if self.injected else 0.0,
                 "ended": self.ended, "settled": self.settled}
@@ -142,6 +151,9 @@ class Replayer:
         self._t0 = clock.now()
         self._input: tuple[int, float] | None = None
         """The last key or button: its time in the log (µs) and when the target echoed it (clock s)."""
+        self._unmet: tuple[SyncMark, str] | None = None
+        """The last mark not met, while no key or button came after it: a later mark of its region
+        that is met passes it, the next input (or the end of the replay) fails it."""
         self._log_ended = threading.Event()
         self._stop = threading.Event()
         self.on_progress: Callable[[int], None] | None = None
@@ -183,12 +195,27 @@ class Replayer:
             if isinstance(ev, SyncMark):
                 self._sync(ev)
             else:
+                if not isinstance(ev, Motion):
+                    self._fail_unmet()
                 self._inject(ev)
             self._last_t_us = ev.t_us
             if self.on_progress is not None:
                 self.on_progress(self.stats.events)
+        if not self._stop.is_set():
+            self._fail_unmet()
         self.stats.seconds = self.clock.now() - self._t0
         return self.stats
+
+    def _fail_unmet(self) -> None:
+        """The last unmet mark was not passed by a later one of its region: it failed."""
+        if self._unmet is None:
+            return
+        _, what = self._unmet
+        self._unmet = None
+        if self.config.strict_sync:
+            raise ReplayError(what)
+        self.log.warning("%s", what)
+        self.stats.sync_failed.append(what)
 
     def _wait_gap(self, t_us: int) -> None:
         now = self.clock.now()
@@ -255,13 +282,19 @@ class Replayer:
             if digest == mark.digest:
                 self.stats.sync_met += 1
                 self.stats.settled = True
+                if self._unmet is not None:
+                    if (self._unmet[0].x, self._unmet[0].y, self._unmet[0].w, self._unmet[0].h) == \
+                            (mark.x, mark.y, mark.w, mark.h):
+                        self.log.info("%s passed: the target reached the next look of its region", self._unmet[1])
+                        self.stats.sync_passed += 1
+                        self._unmet = None
+                    else:
+                        self._fail_unmet()
                 return
             if self.clock.now() > deadline:
+                self._fail_unmet()
                 what = f"{describe(mark)} ({mark.w}x{mark.h} at {mark.x},{mark.y})"
-                if self.config.strict_sync:
-                    raise ReplayError(f"{what} was not met within {self.clock.now() - start:.1f} s")
-                self.log.warning("%s not met", what)
-                self.stats.sync_failed.append(what)
+                self._unmet = (mark, f"{what} was not met within {self.clock.now() - start:.1f} s")
                 self.stats.settled = False
                 return
             if self._pause(SYNC_POLL_S):

@@ -28,8 +28,13 @@ from pathlib import Path
 import pytest
 from xkit import REPO, SYSTEM_PYTHON, H, W, xdo, xvfb
 
-from recorder.agent import Settle, Settler
-from recorder.capture import DEFAULT_SYNC_MAX_WAIT_MS, DEFAULT_SYNC_SETTLE_MS, SyncPolicy
+from recorder.agent import RegionWatch, Settle, Settler
+from recorder.capture import (
+    DEFAULT_SYNC_FOLLOW_MS,
+    DEFAULT_SYNC_MAX_WAIT_MS,
+    DEFAULT_SYNC_SETTLE_MS,
+    SyncPolicy,
+)
 from recorder.channel import Checked, Echo, Hello, HostSide, LogFrame
 from recorder.logformat import (
     Button,
@@ -536,6 +541,53 @@ def test_a_region_that_keeps_changing_gets_no_mark() -> None:
     three = [b"a", b"b", b"c"]                    # more looks than a cursor's two phases
     verdict, _, _ = _settle(lambda t: three[round(t * 10) % 3])
     assert verdict is Settle.GAVE_UP
+
+
+def _watch(looks: Callable[[float], bytes], until_s: float, policy: SyncPolicy | None = None
+           ) -> tuple[list[tuple[float, bytes]], RegionWatch]:
+    """Sample a region from the moment its mark fell due (clock 0) as the flusher does, at the
+    watch's own rate, until ``until_s`` or the watch expires: the marks it takes, with their times."""
+    clock = ManualClock()
+    watch = RegionWatch(policy or SyncPolicy(), 0)
+    marks: list[tuple[float, bytes]] = []
+    while clock.now() < until_s and not watch.expired(round(clock.now() * 1e9)):
+        mark = watch.add(round(clock.now() * 1e9), looks(clock.now()))
+        if mark is not None:
+            marks.append((clock.now(), mark))
+        clock.sleep(watch.interval_ns / 1e9)
+    return marks, watch
+
+
+def test_output_that_comes_without_input_after_the_screen_held_still_gets_a_mark_of_its_own() -> None:
+    """unpack's ``tar``: the xterm showed the command line, still, for 8 s, then "unpacked" and the
+    prompt, with no input in between. The first mark named the running command; the screen the user
+    typed the next command into was never marked, so the replay typed it into the target's running
+    tar, where it echoed twice (the target's screen never matched again: README, sync marks)."""
+    marks, _ = _watch(lambda t: b"tar running" if t < 8.0 else b"unpacked, prompt", until_s=30.0)
+    assert [m for _, m in marks] == [b"tar running", b"unpacked, prompt"]
+    assert marks[1][0] >= 8.0 + DEFAULT_SYNC_SETTLE_MS / 1000 - 1e-6
+
+
+def test_a_watched_region_that_holds_still_or_blinks_is_marked_once() -> None:
+    marks, _ = _watch(lambda t: b"A", until_s=60.0)
+    assert [m for _, m in marks] == [b"A"]
+    marks, _ = _watch(lambda t: b"on" if (t + 1e-9) % 0.9 < 0.6 else b"off", until_s=60.0)
+    assert len(marks) == 1
+
+
+def test_a_region_that_settles_only_after_the_mark_gave_up_is_still_marked() -> None:
+    """A compiler printing for 20 s, then the prompt: no mark while it prints (a moving screen),
+    one once it settles, though that is long after ``max_wait_ms``."""
+    marks, watch = _watch(lambda t: f"line {round(t * 10)}".encode() if t < 20.0 else b"prompt", until_s=40.0)
+    assert watch.gave_up and [m for _, m in marks] == [b"prompt"]
+
+
+def test_a_region_is_watched_for_the_follow_interval_only() -> None:
+    marks, watch = _watch(lambda t: b"A", until_s=1e9)
+    assert watch.expired(DEFAULT_SYNC_FOLLOW_MS * 1_000_000) and len(marks) == 1
+    policy = SyncPolicy(follow_ms=10_000)
+    marks, _ = _watch(lambda t: b"A" if t < 20.0 else b"B", until_s=1e9, policy=policy)
+    assert [m for _, m in marks] == [b"A"]
 
 
 def test_the_settle_interval_is_observed_even_when_samples_are_slow() -> None:

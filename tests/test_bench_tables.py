@@ -120,17 +120,17 @@ def test_breakdown_adds_both_sides() -> None:
 
 def test_sync_marks_are_reported_per_workload_and_link() -> None:
     results = copy.deepcopy(RESULTS)
-    results["workloads"]["notes"]["runs"]["10M-40ms"]["replay"] = {"sync_met": 6, "sync_failed": []}
+    results["workloads"]["notes"]["runs"]["10M-40ms"]["replay"] = {"sync_met": 6, "sync_passed": 1, "sync_failed": []}
     results["workloads"]["shell"]["runs"]["10M-40ms"]["replay"] = {
         "sync_met": 1, "sync_failed": ["sync mark 'typing' at 102.276 s (508x732 at 1,1)"]}
     assert mark_rows(results) == [
-        ["notes", "10 Mbit/s, 40 ms RTT", "6", "0", "-"],
-        ["shell", "10 Mbit/s, 40 ms RTT", "1", "1", "sync mark 'typing' at 102.276 s (508x732 at 1,1)"]]
+        ["notes", "10 Mbit/s, 40 ms RTT", "6", "1", "0", "-"],
+        ["shell", "10 Mbit/s, 40 ms RTT", "1", "0", "1", "sync mark 'typing' at 102.276 s (508x732 at 1,1)"]]
     lines = goal_lines(results)
-    assert "- notes: 0 of 6 sync marks failed over 1 run(s) (goal: none): met" in lines
+    assert "- notes: 0 of 7 sync marks failed over 1 run(s) (goal: none): met" in lines
     assert "- shell: 1 of 2 sync marks failed over 1 run(s) (goal: none): NOT met" in lines
     md = render_markdown(results)
-    assert "## Sync marks" in md and "| shell | 10 Mbit/s, 40 ms RTT | 1 | 1 |" in md
+    assert "## Sync marks" in md and "| shell | 10 Mbit/s, 40 ms RTT | 1 | 0 | 1 |" in md
     assert mark_rows(RESULTS) == [] and "## Sync marks" not in render_markdown(RESULTS)   # runs without it
 
 

@@ -283,6 +283,56 @@ def test_an_unmet_mark_fails_a_strict_replay() -> None:
         rep.replay([SyncMark(0, 0, 0, 8, 8, b"A", "typing")])
 
 
+class _Screens(_Link):
+    """A target whose region shows ``looks[i]`` from ``looks[i][0]`` s on (clock)."""
+
+    def __init__(self, clock: ManualClock, looks: list[tuple[float, bytes]]) -> None:
+        super().__init__(clock)
+        self.looks = looks
+
+    def check(self, x: int, y: int, w: int, h: int, timeout: float,
+              on_event: list[HostEvent] | None = None) -> bytes:
+        self.checks += 1
+        return [d for t, d in self.looks if self.clock.now() >= t][-1]
+
+
+def _command_then_output() -> list[Event]:
+    """unpack's find | sha256sum as recorded: Enter at 0 s, a mark of the running command at 1.7 s
+    (it had held still for 1 s), the prompt 0.3 s later without input and its own mark at 3.5 s,
+    then the user's next key."""
+    return [Key(0, 36, True), Key(100_000, 36, False),
+            SyncMark(1_700_000, 1, 1, 508, 732, b"running", "typing"),
+            SyncMark(3_500_000, 1, 1, 508, 732, b"prompt", "typing"),
+            Key(15_000_000, 25, True), Key(15_100_000, 25, False)]
+
+
+def test_a_mark_of_a_screen_the_target_skipped_is_passed_by_the_next_look_it_meets() -> None:
+    """The target's command finished sooner: it never showed the running command when it looked,
+    but it reaches the prompt, which the next mark names before any input: not a failed mark."""
+    clock = ManualClock()
+    rep = Replayer(_Machine(), _Screens(clock, [(0.0, b"typing"), (1.0, b"prompt")]),
+                   ReplayConfig(sync_slack_s=1.0), clock=clock)
+    stats = rep.replay(_command_then_output())
+    assert (stats.sync_met, stats.sync_passed, stats.sync_failed) == (1, 1, [])
+
+
+def test_an_unmet_mark_is_failed_by_the_next_input_or_the_end() -> None:
+    clock = ManualClock()
+    rep = Replayer(_Machine(), _Screens(clock, [(0.0, b"elsewhere")]), ReplayConfig(sync_slack_s=1.0),
+                   clock=clock)
+    stats = rep.replay(_command_then_output())
+    assert stats.sync_met == 0 and stats.sync_passed == 0 and len(stats.sync_failed) == 2
+    clock = ManualClock()
+    rep = Replayer(_Machine(), _Screens(clock, [(0.0, b"typing"), (1.0, b"prompt")]),
+                   ReplayConfig(sync_slack_s=1.0), clock=clock)
+    stats = rep.replay(_command_then_output()[:3])    # the source froze before its next mark
+    assert stats.sync_met == 0 and len(stats.sync_failed) == 1
+    other_region = [*_command_then_output()[:3], SyncMark(3_500_000, 0, 0, 64, 64, b"prompt", "click")]
+    rep = Replayer(_Machine(), _Screens(clock, [(0.0, b"prompt")]), ReplayConfig(sync_slack_s=1.0), clock=clock)
+    stats = rep.replay(other_region)
+    assert (stats.sync_met, stats.sync_passed, len(stats.sync_failed)) == (1, 0, 1)
+
+
 class _SlowChecks(_Link):
     """An agent too loaded to answer the first ``slow`` screen checks in time."""
 
