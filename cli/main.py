@@ -374,8 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernel-arg", action="append", default=None, metavar="ARG",
                    help="append ARG to the guest kernel's command line (repeatable; replaces the default "
                         f"{' '.join(ckpt.IMAGE_KERNEL_ARGS)}, which zeroes freed memory so that it travels as "
-                        "zeros: fewer bytes per migration for a few per cent of CPU on every free; see the "
-                        "README's guest settings), e.g. norandmaps")
+                        "zeros: ~9 times fewer bytes on a compile session's migration, ~9 per cent of CPU on a "
+                        "compile under TCG; see the README's guest settings), e.g. norandmaps")
     p.add_argument("--no-default-kernel-args", action="store_true",
                    help=f"boot the image without the default {' '.join(ckpt.IMAGE_KERNEL_ARGS)}")
     p = add(ck, "list", cmd_checkpoint_list, "list checkpoints")
