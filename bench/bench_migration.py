@@ -451,7 +451,8 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     if args.target_args:
         notes.append(f"The targets ran as a variant: `bench.sides target ... {shlex.join(args.target_args)}`.")
     with Hypervisor() as hv:
-        ck, created = ckpt.ensure(hv, args.checkpoint, kernel_args=args.kernel_arg)
+        kernel_args = [] if args.no_default_kernel_args and args.kernel_arg is None else args.kernel_arg
+        ck, created = ckpt.ensure(hv, args.checkpoint, kernel_args=kernel_args)
         log(f"checkpoint {ck.name}: {'created' if created else 'cached'}")
         trees = checkpoint_trees(ck)
         manifest = ck.manifest
@@ -487,7 +488,8 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
                         notes.append(f"`{wl}` ran as the bench-only trimmed copy `{path.relative_to(REPO)}`.")
                     if shapes:
                         link.shape(shapes[0])
-                    run = migrate(hv, ck, wl, path, link, first, token, keyring, work, keep=not args.migrations_only,
+                    run = migrate(hv, ck, wl, path, link, first, token, keyring, work,
+                                  keep=args.keep_work or not args.migrations_only,
                                   target_args=args.target_args, suspend_dir=args.suspend_dir)
                     shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
                     w: dict[str, Any] = {"file": str(shown), "session_s": round(run.source["drive_s"], 1),
@@ -601,12 +603,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="stem of the report's files in --out (default %(default)s: migration.md, migration.json)")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--no-link", action="store_true", help="do not shape the link (no shaped times; exit 0)")
-    ap.add_argument("--keep-work", action="store_true", help="keep the saved states in --work afterwards")
+    ap.add_argument("--keep-work", action="store_true",
+                    help="keep the saved states in --work afterwards (with --migrations-only too: to measure "
+                         "baselines and variants offline on them, bench/levers.py)")
     ap.add_argument("--checkpoint", default=CHECKPOINT, help="the checkpoint to migrate clones of (made or "
                     "remade for the current image and --kernel-arg; default %(default)s)")
-    ap.add_argument("--kernel-arg", action="append", default=[], metavar="ARG",
+    ap.add_argument("--kernel-arg", action="append", default=None, metavar="ARG",
                     help="guest kernel argument the checkpoint is booted with (repeatable: norandmaps, "
-                         "init_on_free=1); a checkpoint made with others is made anew")
+                         "init_on_free=1; default: the image's, store.checkpoint.IMAGE_KERNEL_ARGS = "
+                         f"{' '.join(ckpt.IMAGE_KERNEL_ARGS)}); a checkpoint made with others is made anew")
+    ap.add_argument("--no-default-kernel-args", action="store_true",
+                    help="boot the checkpoint without the image's default kernel arguments (a baseline)")
     ap.add_argument("--no-page-flags", dest="page_flags", action="store_false",
                     help="name the residue's pages by content only (no restored copies of the states)")
     ap.add_argument("--migrations-only", action="store_true",

@@ -446,7 +446,8 @@ def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> st
     link = meta.get("link", {})
     out = ["# Migration benchmark: replay-migrate against the baselines\n",
            f"Run {meta.get('date', '?')} on {meta.get('host', '?')}; checkpoint `{meta.get('checkpoint', '?')}` "
-           f"({meta.get('virt', '?')}, {meta.get('memory_mib', '?')} MiB guest); this benchmark took "
+           f"({meta.get('virt', '?')}, {meta.get('memory_mib', '?')} MiB guest, kernel arguments "
+           f"{' '.join(f'`{a}`' for a in meta.get('kernel_args', [])) or 'none'}); this benchmark took "
            f"{meta.get('elapsed_s', 0) / 60:.1f} min. Every method is measured on the same source state "
            "(the one replay-migrate's source saved at suspend).\n"]
     shaper = link.get("shaper") or ("tc netem" if link.get("netem") and link.get("shapes") else None)

@@ -258,3 +258,11 @@ def test_checks_and_state_making_goals() -> None:
     md = render_markdown(res)
     assert "## Where the residue goes" in md and "## Checks in the migrated VM" in md
     assert "FAILED (exit 1): no y" in md
+
+
+def test_the_report_names_the_checkpoints_kernel_arguments() -> None:
+    """A report's bytes depend on them (init_on_free=1 cut build's ninefold): the header says which."""
+    with_args = copy.deepcopy(RESULTS)
+    with_args["meta"]["kernel_args"] = ["init_on_free=1"]
+    assert "MiB guest, kernel arguments `init_on_free=1`)" in render_markdown(with_args)
+    assert "kernel arguments none)" in render_markdown(RESULTS)

@@ -88,6 +88,30 @@ def test_a_manifest_records_the_kernel_args_and_older_ones_load_without(tmp_path
     assert ckpt.Manifest.load(path).kernel_args == []
 
 
+def test_the_image_checkpoints_boot_with_init_on_free_unless_told_otherwise() -> None:
+    assert ckpt.IMAGE_KERNEL_ARGS == ("init_on_free=1",)
+    assert ckpt.kernel_args_for(None) == ckpt.IMAGE_KERNEL_ARGS
+    assert ckpt.kernel_args_for([]) == ()
+    assert ckpt.kernel_args_for(["norandmaps"]) == ("norandmaps",)
+    with pytest.raises(UsageError):
+        ckpt.kernel_args_for(["init_on_free=1 quiet"])
+
+
+def test_a_checkpoint_made_with_other_kernel_args_is_not_reused() -> None:
+    """`ensure` remakes what `is_current` refuses: a checkpoint of the older default (no arguments,
+    or a manifest from before they were recorded) is remade with init_on_free=1 for the bench, the
+    demo and the tests; one made explicitly without arguments is reused when asked for that."""
+    m = ckpt.Manifest(name="m", image_recipe="r" * 16, image_dir="/x", virt="qemu", memory_mib=1, created=0.0,
+                      boot_to_desktop_s=0.0, save_s=0.0, memory_apparent_bytes=0, memory_allocated_bytes=0,
+                      disk_allocated_bytes=0)
+    assert not ckpt.is_current(m, "r" * 16, None)
+    assert ckpt.is_current(m, "r" * 16, [])
+    m.kernel_args = ["init_on_free=1"]
+    assert ckpt.is_current(m, "r" * 16, None)
+    assert not ckpt.is_current(m, "s" * 16, None)
+    assert not ckpt.is_current(m, "r" * 16, ["init_on_free=1", "norandmaps"])
+
+
 def test_manifest_saved_by_many_writers_at_once(tmp_path: Path) -> None:
     """Both sides of one-host migrate record the roots in the manifest: no shared temporary file
     (the second rename failed), no temporary file left, always a whole manifest."""

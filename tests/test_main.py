@@ -135,3 +135,20 @@ def test_a_failed_export_leaves_no_half_stream(tmp_path: Path, monkeypatch: pyte
     assert main(["checkpoint", "export", "ck", "--out", str(out)]) in (ImageError.exit_code, CheckpointError.exit_code)
     assert "not a libvirt save image" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_checkpoint_create_names_its_default_kernel_args_and_their_cost(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["checkpoint", "create", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "replaces the default init_on_free=1" in out and "--no-default-kernel-args" in out
+    assert "per cent of CPU" in out
+
+
+def test_checkpoint_create_refuses_a_bad_kernel_arg_before_libvirt(capsys: pytest.CaptureFixture[str],
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    monkeypatch.setenv("REPLAY_MIGRATE_STATE", str(tmp_path))
+    assert main(["--connect", "qemu:///no-such-daemon", "checkpoint", "create", "c", "--no-default-kernel-args",
+                 "--kernel-arg", "a b"]) == UsageError.exit_code
+    assert "not a plain kernel argument" in capsys.readouterr().err
