@@ -75,6 +75,10 @@ class GuestClock(enum.Enum):
     """The host's clock at start, events replayed as they arrive (as before issue 13)."""
     SOURCE = "source"
     """The source guest's timeline, when the source sends it (else as HOST)."""
+    MONOTONIC = "monotonic"
+    """As SOURCE, with the lag the target's clone was restored after the source's (at least the
+    configured one, at most ``MAX_LAG_S``): both guests' monotonic clocks agree at every input too,
+    and every second of that lag is downtime at the end (a measurement, not for use)."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,13 @@ def check_lag(lag_s: float) -> float:
     if not (math.isfinite(lag_s) and 0.0 <= lag_s <= MAX_LAG_S):
         raise ValueError(f"the replay lag must be in 0..{MAX_LAG_S:.0f} s, not {lag_s!r}")
     return lag_s
+
+
+def restore_lag_s(clock: SourceClock, origin_us: int, before_s: float) -> float:
+    """How much later the target's clone was restored than the source's (s), from its log's clock
+    origin and its guest's offset to the host before its clock was set (its wall clock was then
+    ``origin + t``, so its log time 0 was at host time ``origin - before``)."""
+    return (origin_us - before_s * 1e6 - clock.zero_us) / 1e6
 
 
 def target_offset_s(clock: SourceClock, lag_s: float) -> float:

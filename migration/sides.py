@@ -864,7 +864,8 @@ class TargetSide:
                         self.report.log_frames += 1
                         continue
                     if not self._clock_set and feed.pump.header is not None:
-                        await self._set_clock(m, replayer)     # before the replay sees an event
+                        # before the replay sees an event
+                        await self._set_clock(m, replayer, feed.pump.header.clock_origin_us)
                     received[0] += feed.put(ev.data)
                     self.report.log_bytes += len(ev.data)
                     self.report.log_frames += 1
@@ -908,15 +909,25 @@ class TargetSide:
             raise LogFormatError("the source sent two different clocks")
         self.source_clock = clock
 
-    async def _set_clock(self, m: Machine, replayer: Replayer) -> None:
+    async def _set_clock(self, m: Machine, replayer: Replayer, origin_us: int) -> None:
         """Set the clone's clock once, before the first event: on the source's timeline, ``lag``
         behind, if the source sent one (and replay on it), else to the host's."""
         clock = self.source_clock
-        offset = guestclock.target_offset_s(clock, self.clock_lag_s) if clock is not None else 0.0
+        lag = [self.clock_lag_s]
+
+        def offset(before: float) -> float:
+            if clock is None:
+                return 0.0
+            if self.guest_clock is guestclock.GuestClock.MONOTONIC:
+                lag[0] = min(max(lag[0], guestclock.restore_lag_s(clock, origin_us, before)), guestclock.MAX_LAG_S)
+            return guestclock.target_offset_s(clock, lag[0])
+
         done = await in_thread(ckpt.set_clock_of, m, m.run_dir, offset)
         self.clock_offset_s = done.offset_us / 1e6
         if clock is not None:
-            replayer.timeline = guestclock.timeline_due(clock, self.clock_lag_s, time.time(), replayer.clock.now())
+            replayer.timeline = guestclock.timeline_due(clock, lag[0], time.time(), replayer.clock.now())
+            replayer.timeline_slack_s = lag[0] + guestclock.MAX_HOST_SKEW_S
+            self.log.info("%s replays %.3f s behind the source, on its timeline", m.name, lag[0])
         self._clock_set = True
 
     async def _take_over(self, m: Machine) -> None:

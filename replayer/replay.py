@@ -50,8 +50,9 @@ SYNC_POLL_S = 0.1
 """How often an unmet sync mark's region is checked again."""
 TIMELINE_SLACK_S = 6.0
 """On a timeline (:attr:`Replayer.timeline`), the longest an event waits beyond its recorded gap
-since the event before: an honest timeline never makes it wait longer than the gap, but the first
-event, the lag and the two hosts' clocks disagreeing (``migration.guestclock``) add up to this."""
+since the event before, unless the caller says otherwise (:attr:`Replayer.timeline_slack_s`): an
+honest timeline never makes it wait longer than the gap, but the first event waits for the lag and
+the two hosts' clocks disagreeing (``migration.guestclock``: 1 s and at most 5 s)."""
 
 
 class InputTarget(Protocol):
@@ -155,6 +156,8 @@ class Replayer:
         """When log time 0 is due on ``clock`` if the replay follows the source's timeline
         (``migration.guestclock``): each event is then injected at that plus its log time, a
         constant lag behind the source, or at once if it came later; None: as events arrive."""
+        self.timeline_slack_s = TIMELINE_SLACK_S
+        """The most an event waits on the timeline beyond its recorded gap (a peer's bad timeline)."""
         self.wall: Callable[[], float] = time.time
         """The host's wall clock, for :attr:`ReplayStats.inputs`."""
         self._input: tuple[int, float] | None = None
@@ -213,7 +216,7 @@ class Replayer:
             # on the source's timeline: due at its log time plus the lag, never more than the
             # recorded gap (+ slack) after the event before (a timeline a peer got wrong)
             recorded = max(0, t_us - self._last_t_us) / 1e6 if self._last_t_us is not None else 0.0
-            self._due = min(self.timeline + t_us / 1e6, now + recorded + TIMELINE_SLACK_S)
+            self._due = min(self.timeline + t_us / 1e6, now + recorded + self.timeline_slack_s)
             if self._due > now:
                 self._pause(self._due - now)
             return

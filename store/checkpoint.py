@@ -35,7 +35,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -412,12 +412,14 @@ def start_clone(hv: Hypervisor, ck: Checkpoint, name: str, *, paused: bool = Fal
         raise
 
 
-def set_clock_of(m: Machine, run_dir: Path, offset_s: float = 0.0) -> CloneClock:
-    """Set a clone's wall clock to the host's plus ``offset_s`` (``Machine.sync_clock``) and record
-    in its folder how far that moved it (``migration.guestclock``: the source's timeline is its
-    log's clock origin plus this step). Its offset is read before and after: the guest agent's
-    reply latency is in both and cancels in the step."""
+def set_clock_of(m: Machine, run_dir: Path, offset_s: float | Callable[[float], float] = 0.0) -> CloneClock:
+    """Set a clone's wall clock to the host's plus ``offset_s`` (``Machine.sync_clock``; a function:
+    of the guest's offset before) and record in its folder how far that moved it
+    (``migration.guestclock``: the source's timeline is its log's clock origin plus this step). Its
+    offset is read before and after: an error of the guest agent's round trip in both cancels."""
     before = m.clock_offset()
+    if callable(offset_s):
+        offset_s = offset_s(before)
     after = m.sync_clock(offset_s)
     clock = CloneClock.measured(before, after)
     save_record(run_dir, clock)

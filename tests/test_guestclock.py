@@ -94,3 +94,10 @@ def test_input_gaps_pair_the_guests_clocks_in_order() -> None:
     assert gaps["wall"] == {"n": 2, "min": 0.0, "median": 200.0, "max": 200.0}
     # an older source sent no timeline: only the monotonic gap; nothing echoed: nothing
     assert set(gc.input_gaps(inputs, [], None, 0.0)) == {"mono"} and gc.input_gaps(inputs, [], None, 0.0)["mono"] == {}
+
+
+def test_the_restore_lag_is_how_much_later_the_targets_log_time_0_was_on_the_hosts_clock() -> None:
+    origin_us = 1_700_000_000_000_000
+    src = gc.SourceClock(zero_us=origin_us + 86_400_000_000, offset_us=0)
+    # the target's guest, not yet set, shows origin + t: a day and 4.5 s behind its host
+    assert gc.restore_lag_s(src, origin_us, before_s=-86_404.5) == pytest.approx(4.5)

@@ -128,7 +128,7 @@ def test_a_target_on_the_sources_timeline_sets_its_clock_lag_behind_and_replays_
     side._on_clock(guestclock.encode(guestclock.SourceClock(zero, 20_000)))
     guest = _ClockedGuest(tmp_path, off=-86_400.0)
     rep = Replayer(cast(Machine, guest), cast(RecorderLink, None))
-    asyncio.run(side._set_clock(cast(Machine, guest), rep))
+    asyncio.run(side._set_clock(cast(Machine, guest), rep, 0))
     assert guest.sets == [pytest.approx(0.02 - guestclock.DEFAULT_LAG_S)]
     assert side.clock_offset_s == pytest.approx(0.02 - guestclock.DEFAULT_LAG_S)
     assert load_record(tmp_path) == CloneClock.measured(-86_400.0, 0.02 - guestclock.DEFAULT_LAG_S)
@@ -138,6 +138,24 @@ def test_a_target_on_the_sources_timeline_sets_its_clock_lag_behind_and_replays_
         side._on_clock(guestclock.encode(guestclock.SourceClock(zero, 20_000)))
 
 
+@pytest.mark.parametrize("restored_after_s, lag_s", [(4.0, 4.0), (0.2, guestclock.DEFAULT_LAG_S),
+                                                      (60.0, guestclock.MAX_LAG_S)])
+def test_a_monotonic_target_lags_as_much_as_its_clone_was_restored_after_the_sources(
+        tmp_path: Path, restored_after_s: float, lag_s: float) -> None:
+    side = _target(GuestClock.MONOTONIC)
+    origin = int((time.time() - 86_400) * 1e6)
+    zero = int((time.time() - 60) * 1e6)
+    side._on_clock(guestclock.encode(guestclock.SourceClock(zero, 0)))
+    # its guest shows origin + t: its log time 0 was restored_after_s after the source's
+    guest = _ClockedGuest(tmp_path, off=(origin - zero) / 1e6 - restored_after_s)
+    rep = Replayer(cast(Machine, guest), cast(RecorderLink, None))
+    asyncio.run(side._set_clock(cast(Machine, guest), rep, origin))
+    assert guest.sets == [pytest.approx(-lag_s)]
+    assert rep.timeline_slack_s == pytest.approx(lag_s + guestclock.MAX_HOST_SKEW_S)
+    assert rep.timeline is not None
+    assert rep.timeline - time.monotonic() == pytest.approx(-60 + lag_s, abs=0.5)
+
+
 def test_a_target_of_an_older_source_or_one_out_of_bounds_takes_the_hosts_clock(tmp_path: Path) -> None:
     for sent in ([], [guestclock.SourceClock(int((time.time() + 3600) * 1e6), 0)]):
         side = _target(GuestClock.SOURCE)
@@ -145,7 +163,7 @@ def test_a_target_of_an_older_source_or_one_out_of_bounds_takes_the_hosts_clock(
             side._on_clock(guestclock.encode(clock))       # an hour in the future: ignored
         guest = _ClockedGuest(tmp_path, off=-5.0)
         rep = Replayer(cast(Machine, guest), cast(RecorderLink, None))
-        asyncio.run(side._set_clock(cast(Machine, guest), rep))
+        asyncio.run(side._set_clock(cast(Machine, guest), rep, 0))
         assert side.source_clock is None and guest.sets == [0.0] and rep.timeline is None
 
 
