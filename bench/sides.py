@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 from differ.patch import sparse_copy
-from migration.guestclock import DEFAULT_LAG_S, GuestClock
 from migration.sides import SourceSide, TargetSide
 from migration.suspenddir import suspend_dir_arg
 from replayer.drive import drive
@@ -99,8 +98,7 @@ async def run_source(args: argparse.Namespace) -> dict[str, Any]:
         m = StampedMachine(hv, hv.lookup(args.domain).dom)
         async with SessionClient(args.url, load_credential(None, Role.SOURCE)) as client:
             src = SourceSide(hv, m, ck, client, suspend_dir=args.suspend_dir,
-                             chain_limit=0,   # measured states only: no next checkpoint
-                             send_clock=True)  # the bench's targets are this code: they read it
+                             chain_limit=0)   # measured states only: no next checkpoint
             stop = asyncio.Event()
             streaming = asyncio.create_task(src.stream_log(stop))
             t_start = time.monotonic()
@@ -138,15 +136,12 @@ async def run_target(args: argparse.Namespace) -> dict[str, Any]:
             stamps["t_attached"] = time.monotonic()
             side = TargetSide(hv, ck, client, args.name, replay=ReplayConfig(gap_cap_s=args.gap_cap),
                               in_place=not args.copy_sinks, verify_written=not args.rehash,
-                              suspend_dir=args.suspend_dir, chain_limit=0,
-                              guest_clock=GuestClock(args.guest_clock), clock_lag_s=args.clock_lag)
+                              suspend_dir=args.suspend_dir, chain_limit=0)
             side.on_saved = saved
             side.on_verified = verified
             report = await side.run()
     replay = asdict(side.replay_stats) if side.replay_stats is not None else {}
-    return {**stamps, "t_resumed": side.t_resumed, "report": report.as_dict(), "whole": side.whole, "replay": replay,
-            "guest_clock": args.guest_clock, "clock_gaps": side.clock_gaps,
-            "source_clock": asdict(side.source_clock) if side.source_clock is not None else None}
+    return {**stamps, "t_resumed": side.t_resumed, "report": report.as_dict(), "whole": side.whole, "replay": replay}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -172,11 +167,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "(before issue 13: a variant to measure against)")
             p.add_argument("--rehash", action="store_true", help="verify by rehashing the patched images whole "
                            "(before issue 13)")
-            p.add_argument("--guest-clock", choices=[c.value for c in GuestClock], default=GuestClock.HOST.value,
-                           help="the clone's clock: the host's, or the source's timeline with a constant "
-                           "replay lag (migration.guestclock; default %(default)s)")
-            p.add_argument("--clock-lag", type=float, default=DEFAULT_LAG_S,
-                           help="the replay lag on the source's timeline (default %(default)s s)")
             p.add_argument("--keep-verified", type=Path, default=None,
                            help="keep the patched, verified state here before the VM resumes from it")
     args = ap.parse_args(argv)

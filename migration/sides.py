@@ -61,7 +61,7 @@ from differ.protocol import (
 from differ.protocol import Verified as DiffVerified
 from differ.source import BlockSink
 from differ.transfer import make_source, make_target
-from migration import guestclock, halves
+from migration import halves
 from migration.cancel import drop, in_thread
 from migration.diffio import AsyncAdapter
 from migration.halves import Figures, added, all_true, largest, local, measured_by, preferred
@@ -88,7 +88,6 @@ from server.clientcore import Frame, LogEnded, SessionFailedError
 from server.wire import Reason, Role, State, Stream
 from store import chain
 from store import checkpoint as ckpt
-from store.cloneclock import load_record
 from store.vmstate import (
     DISK,
     MEMORY,
@@ -310,13 +309,9 @@ class SourceSide:
 
     def __init__(self, hv: Hypervisor, machine: Machine, checkpoint: ckpt.Checkpoint, client: SessionClient,
                  *, params: ProtocolParams | None = None, suspend_dir: Path | None = None,
-                 chain_limit: int = chain.DEFAULT_CHAIN_LIMIT, send_clock: bool = False) -> None:
+                 chain_limit: int = chain.DEFAULT_CHAIN_LIMIT) -> None:
         self.hv = hv
         self.machine = machine
-        self.send_clock = send_clock
-        """Tell the target this side's timeline (``migration.guestclock``) right after the log's
-        header, so it can replay on it; an older target refuses that message."""
-        self._clock_sent = False
         self.suspend_dir = suspend_dir
         """Where to save the VM at suspend (``migration.suspenddir``: a tmpfs folder; None, or no
         room there: the clone's folder)."""
@@ -387,36 +382,10 @@ class SourceSide:
             self.link.ack(fr.seq)        # journalled in the session: the agent may forget it
             self.report.log_bytes += len(fr.data)
             self.report.log_frames += 1
-            if fr.seq == 0:
-                await self._send_clock()
         behind = self.client.in_flight(Stream.LOG)
         self.progress_note(f"{self.report.log_frames} frames; the target is {_kib(behind)} behind")
         self.progress("recording", self.report.log_bytes, 0)
         return len(frames)
-
-    def source_clock(self) -> guestclock.SourceClock | None:
-        """This side's timeline (``migration.guestclock``), if it can be known: its clone's clock
-        record, and a checkpoint booted from the image (whose clock nothing stepped since its agent
-        started: its log's clock origin is the guest's clock before the clone's step)."""
-        header = self._log.header
-        if header is None or self._ck_manifest.origin != ckpt.ORIGIN_IMAGE:
-            return None
-        clone = load_record(self.run_dir)
-        return None if clone is None else guestclock.source_clock(header.clock_origin_us, clone)
-
-    async def _send_clock(self) -> None:
-        if not self.send_clock or self._clock_sent:
-            return
-        clock = self.source_clock()
-        if clock is None:
-            self.log.info("no clock record of %s from an image checkpoint: the target keeps its host's clock",
-                          self.machine.name)
-            return
-        data = guestclock.encode(clock)
-        await self.client.send_log(data)
-        self._clock_sent = True
-        self.report.log_bytes += len(data)
-        self.report.log_frames += 1
 
     async def _end_log(self) -> None:
         """Close the forwarded log with its end-of-log event (the agent records on until the VM is
@@ -709,22 +678,9 @@ class TargetSide:
     def __init__(self, hv: Hypervisor, checkpoint: ckpt.Checkpoint, client: SessionClient, name: str,
                  *, replay: ReplayConfig | None = None, params: ProtocolParams | None = None,
                  in_place: bool = True, verify_written: bool = True, suspend_dir: Path | None = None,
-                 chain_limit: int = chain.DEFAULT_CHAIN_LIMIT,
-                 guest_clock: guestclock.GuestClock = guestclock.GuestClock.HOST,
-                 clock_lag_s: float = guestclock.DEFAULT_LAG_S) -> None:
+                 chain_limit: int = chain.DEFAULT_CHAIN_LIMIT) -> None:
         self.hv = hv
         self.checkpoint = checkpoint
-        self.guest_clock = guest_clock
-        """HOST: the clone gets the host's clock at start and replays events as they come; SOURCE:
-        it waits for the source's timeline and replays on it (``migration.guestclock``)."""
-        self.clock_lag_s = guestclock.check_lag(clock_lag_s)
-        self.source_clock: guestclock.SourceClock | None = None
-        """The source's timeline, if it sent one within bounds."""
-        self.clock_offset_s: float | None = None
-        """The clone's guest clock minus the host's after it was set."""
-        self.clock_gaps: dict[str, dict[str, float]] = {}
-        """How far apart the guests' clocks were at the replayed inputs (``guestclock.input_gaps``)."""
-        self._clock_set = guest_clock is guestclock.GuestClock.HOST
         self.suspend_dir = suspend_dir
         """Where to save the replayed clone at suspend, patch it and restore it from
         (``migration.suspenddir``: a tmpfs folder; None, or no room there: the clone's folder)."""
@@ -783,11 +739,7 @@ class TargetSide:
                           "(remove it with `replay-migrate vm rm`, or choose another name)")
         try:
             self._trees = asyncio.create_task(asyncio.to_thread(checkpoint_trees, self.checkpoint))
-            m = await in_thread(ckpt.start_clone, self.hv, self.checkpoint, self.name,
-                                set_clock=self.guest_clock is guestclock.GuestClock.HOST)
-            if self._clock_set:
-                clone = load_record(m.run_dir)
-                self.clock_offset_s = clone.offset_us / 1e6 if clone is not None else None
+            m = await in_thread(ckpt.start_clone, self.hv, self.checkpoint, self.name)
             self.machine = m
             self.started.set()
             await self._follow(m)
@@ -858,14 +810,6 @@ class TargetSide:
                 except TimeoutError:
                     continue
                 if isinstance(ev, Frame) and ev.stream is Stream.LOG:
-                    if guestclock.is_clock_message(ev.data):
-                        self._on_clock(ev.data)
-                        self.report.log_bytes += len(ev.data)
-                        self.report.log_frames += 1
-                        continue
-                    if not self._clock_set and feed.pump.header is not None:
-                        # before the replay sees an event
-                        await self._set_clock(m, replayer, feed.pump.header.clock_origin_us)
                     received[0] += feed.put(ev.data)
                     self.report.log_bytes += len(ev.data)
                     self.report.log_frames += 1
@@ -886,49 +830,10 @@ class TargetSide:
             raise result[0]
         stats = result[0]
         self.replay_stats = stats
-        self.clock_gaps = guestclock.input_gaps(stats.inputs, stats.echoed_us, self.source_clock,
-                                                self.clock_offset_s)
-        self.log.info("guest clocks at the replayed inputs, target minus source (ms): %s", self.clock_gaps)
         self.report.replay_s = time.monotonic() - t0
         self.report.events_replayed = stats.injected
         self.report.sync_marks_met = stats.sync_met
         self.report.sync_marks_failed = len(stats.sync_failed)
-
-    def _on_clock(self, data: bytes) -> None:
-        """The source's timeline (before any event): kept if within bounds, else ignored (logged:
-        the clone then gets its host's clock, as from an older source). Malformed, twice
-        different, or after the replay started: LogFormatError, like any broken log."""
-        clock = guestclock.decode(data)
-        if self._clock_set and self.guest_clock is guestclock.GuestClock.SOURCE:
-            raise LogFormatError("the source's clock came after the replay started")
-        problem = guestclock.check(clock, time.time())
-        if problem is not None:
-            self.log.warning("ignoring the source's clock (%s): the clone keeps its host's", problem)
-            return
-        if self.source_clock is not None and self.source_clock != clock:
-            raise LogFormatError("the source sent two different clocks")
-        self.source_clock = clock
-
-    async def _set_clock(self, m: Machine, replayer: Replayer, origin_us: int) -> None:
-        """Set the clone's clock once, before the first event: on the source's timeline, ``lag``
-        behind, if the source sent one (and replay on it), else to the host's."""
-        clock = self.source_clock
-        lag = [self.clock_lag_s]
-
-        def offset(before: float) -> float:
-            if clock is None:
-                return 0.0
-            if self.guest_clock is guestclock.GuestClock.MONOTONIC:
-                lag[0] = min(max(lag[0], guestclock.restore_lag_s(clock, origin_us, before)), guestclock.MAX_LAG_S)
-            return guestclock.target_offset_s(clock, lag[0])
-
-        done = await in_thread(ckpt.set_clock_of, m, m.run_dir, offset)
-        self.clock_offset_s = done.offset_us / 1e6
-        if clock is not None:
-            replayer.timeline = guestclock.timeline_due(clock, lag[0], time.time(), replayer.clock.now())
-            replayer.timeline_slack_s = lag[0] + guestclock.MAX_HOST_SKEW_S
-            self.log.info("%s replays %.3f s behind the source, on its timeline", m.name, lag[0])
-        self._clock_set = True
 
     async def _take_over(self, m: Machine) -> None:
         """Quiesce like the source did, then walk, patch, verify, restore and resume."""

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from recorder.channel import HostEvent, LogFrame
-from recorder.logformat import Button, End, Event, EventsFrame, Key, LogHeader, Motion, SyncMark, decode_frame
-from replay_migrate.errors import LogFormatError, ReplayError
+from recorder.logformat import Button, End, Event, Key, LogHeader, Motion, SyncMark
+from replay_migrate.errors import ReplayError
 from replayer.clock import REAL_CLOCK, Clock
 from replayer.drive import to_qmp
 from replayer.link import CheckTimeout
@@ -48,11 +47,6 @@ SYNC_REACH_MAX_S = 30.0
 that has not settled within seconds): bounds the wait a hostile or broken log can ask for."""
 SYNC_POLL_S = 0.1
 """How often an unmet sync mark's region is checked again."""
-TIMELINE_SLACK_S = 6.0
-"""On a timeline (:attr:`Replayer.timeline`), the longest an event waits beyond its recorded gap
-since the event before, unless the caller says otherwise (:attr:`Replayer.timeline_slack_s`): an
-honest timeline never makes it wait longer than the gap, but the first event waits for the lag and
-the two hosts' clocks disagreeing (``migration.guestclock``: 1 s and at most 5 s)."""
 
 
 class InputTarget(Protocol):
@@ -100,12 +94,6 @@ class ReplayStats:
     skipped_motion: int = 0
     sync_met: int = 0
     sync_failed: list[str] = field(default_factory=list)
-    inputs: list[tuple[int, float]] = field(default_factory=list)
-    """Each key and button replayed: its time in the log (µs) and the host's wall clock when the
-    target's guest echoed it (s since the epoch): how far behind the source the target replays."""
-    echoed_us: list[int] = field(default_factory=list)
-    """The target agent's own log time of each key and button it recorded (the replayed ones, in
-    order): against the log's, how far apart the two guests' monotonic clocks are at one input."""
     seconds: float = 0.0
     echo_max_s: float = 0.0
     echo_total_s: float = 0.0
@@ -152,14 +140,6 @@ class Replayer:
         gap (capped). Echo latency does not push the schedule back, so a replay that fell behind
         catches up instead of trailing the source by the sum of all echo waits."""
         self._t0 = clock.now()
-        self.timeline: float | None = None
-        """When log time 0 is due on ``clock`` if the replay follows the source's timeline
-        (``migration.guestclock``): each event is then injected at that plus its log time, a
-        constant lag behind the source, or at once if it came later; None: as events arrive."""
-        self.timeline_slack_s = TIMELINE_SLACK_S
-        """The most an event waits on the timeline beyond its recorded gap (a peer's bad timeline)."""
-        self.wall: Callable[[], float] = time.time
-        """The host's wall clock, for :attr:`ReplayStats.inputs`."""
         self._input: tuple[int, float] | None = None
         """The last key or button: its time in the log (µs) and when the target echoed it (clock s)."""
         self._log_ended = threading.Event()
@@ -212,14 +192,6 @@ class Replayer:
 
     def _wait_gap(self, t_us: int) -> None:
         now = self.clock.now()
-        if self.timeline is not None:
-            # on the source's timeline: due at its log time plus the lag, never more than the
-            # recorded gap (+ slack) after the event before (a timeline a peer got wrong)
-            recorded = max(0, t_us - self._last_t_us) / 1e6 if self._last_t_us is not None else 0.0
-            self._due = min(self.timeline + t_us / 1e6, now + recorded + self.timeline_slack_s)
-            if self._due > now:
-                self._pause(self._due - now)
-            return
         if self._last_t_us is None:
             self._due = now
             return
@@ -252,7 +224,6 @@ class Replayer:
         self.stats.echo_max_s = max(self.stats.echo_max_s, dt)
         if not isinstance(ev, Motion):
             self._input = (ev.t_us, self.clock.now())
-            self.stats.inputs.append((ev.t_us, self.wall()))
 
     def _sync_deadline(self, mark: SyncMark, start: float) -> float:
         """When to give up on ``mark``: the source took ``mark.t - t`` from its last key or button
@@ -302,14 +273,3 @@ class Replayer:
         for ev in events:
             if isinstance(ev, LogFrame):
                 self.link.ack(ev.seq)
-                self._note_echoed(ev.data)
-
-    def _note_echoed(self, data: bytes) -> None:
-        """Keep the target agent's log time of each key and button in its frame (a measurement:
-        a frame it cannot read is skipped)."""
-        try:
-            frame = decode_frame(data)
-        except LogFormatError:
-            return
-        if isinstance(frame, EventsFrame):
-            self.stats.echoed_us += [e.t_us for e in frame.events if isinstance(e, Key | Button)]

@@ -35,7 +35,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,6 @@ from typing import Any
 from replay_migrate import savefmt
 from replay_migrate.errors import BadNameError, CheckpointError, NoSuchDomainError, UsageError, VMError
 from replay_migrate.files import atomic_write
-from store.cloneclock import CloneClock, save_record
 from store.images import ensure_image, prune_images
 from store.paths import check_name, checkpoint_path, checkpoints_dir, clone_path, clones_dir
 from vm.machine import Hypervisor, Machine, create_overlay, file_allocated, remove_run_dir
@@ -377,15 +376,12 @@ def run_dir_of(m: Machine) -> Path:
 
 
 def start_clone(hv: Hypervisor, ck: Checkpoint, name: str, *, paused: bool = False,
-                replace: bool = False, uuid_: str | None = None, set_clock: bool = True) -> Machine:
+                replace: bool = False, uuid_: str | None = None) -> Machine:
     """Start domain ``name`` as a clone of checkpoint ``ck`` (restore, not boot), with the host's
     wall-clock time (the checkpoint's is minutes or days old). Every clone is set so when it starts,
-    the source's and the target's alike, so both keep one clock; how far the set moved it is kept
-    in the clone's folder (:func:`set_clock`). A migration's checkpoint was saved
+    the source's and the target's alike, so both keep one clock. A migration's checkpoint was saved
     with the guest's file systems frozen (the target's suspend): its clones are thawed first.
-    ``paused``: the caller resumes it, thaws it (``Machine.fsthaw``) and calls ``Machine.sync_clock``.
-    ``set_clock=False``: the caller sets the clock (:func:`set_clock`; a migration's target that
-    follows the source's timeline sets it once that arrives)."""
+    ``paused``: the caller resumes it, thaws it (``Machine.fsthaw``) and calls ``Machine.sync_clock``."""
     run_dir = clone_dir(name)
     ck.check()
     if hv.exists(name):
@@ -403,29 +399,13 @@ def start_clone(hv: Hypervisor, ck: Checkpoint, name: str, *, paused: bool = Fal
             m.wait_agent()
             if ck.manifest.origin == ORIGIN_MIGRATION:
                 m.fsthaw()      # a migration's state was saved frozen (its guest agent refuses the clock)
-            if set_clock:
-                set_clock_of(m, run_dir)
+            offset = m.sync_clock()
+            log.info("%s: clock set to the host's (off by %.3f s now)", name, offset)
         return m
     except BaseException:
         _remove_domain(hv, name)
         remove_run_dir(run_dir)
         raise
-
-
-def set_clock_of(m: Machine, run_dir: Path, offset_s: float | Callable[[float], float] = 0.0) -> CloneClock:
-    """Set a clone's wall clock to the host's plus ``offset_s`` (``Machine.sync_clock``; a function:
-    of the guest's offset before) and record in its folder how far that moved it
-    (``migration.guestclock``: the source's timeline is its log's clock origin plus this step). Its
-    offset is read before and after: an error of the guest agent's round trip in both cancels."""
-    before = m.clock_offset()
-    if callable(offset_s):
-        offset_s = offset_s(before)
-    after = m.sync_clock(offset_s)
-    clock = CloneClock.measured(before, after)
-    save_record(run_dir, clock)
-    log.info("%s: clock set to the host's%s (moved %.3f s; off by %.3f s now)", m.name,
-             f" {offset_s:+.3f} s" if offset_s else "", clock.step_us / 1e6, after)
-    return clock
 
 
 def remove_run_dir_of(name: str) -> None:

@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 
-from recorder.channel import HostEvent, LogFrame
-from recorder.logformat import Button, Event, Key, LogEncoder, LogHeader, Motion, SyncMark, read_log
+from recorder.channel import HostEvent
+from recorder.logformat import Button, Event, Key, Motion, SyncMark, read_log
 from replay_migrate.errors import ReplayError
 from replayer.clock import ManualClock
 from replayer.drive import drive
 from replayer.link import CheckTimeout, RecorderLink, record
 from replayer.logfeed import LogPump
-from replayer.replay import SYNC_POLL_S, TIMELINE_SLACK_S, ReplayConfig, Replayer, describe
+from replayer.replay import SYNC_POLL_S, ReplayConfig, Replayer, describe
 from replayer.workload import load_workload, parse_workload, shipped_workloads, synthesize
 from vm.machine import Machine
 
@@ -180,72 +180,6 @@ def test_schedule_does_not_accumulate_echo_latency() -> None:
     assert stats.injected == 5 and link.expected == [1, 2, 3, 4, 5]
     assert round(stats.seconds, 3) == round(0.1 + 0.1 + 2.0 + 0.1 + 0.04, 3)
     assert round(stats.echo_max_s, 3) == 0.04
-
-
-def test_on_a_timeline_each_event_is_due_at_its_log_time_plus_the_timeline() -> None:
-    """The source's timeline (``migration.guestclock``): a constant lag, idle gaps kept whole (no
-    gap cap: the source waited them too), echo latency absorbed, a late event injected at once."""
-    clock = ManualClock(100.0)
-    link = _Link(clock, echo_s=0.04)
-    rep = Replayer(_Machine(), link, ReplayConfig(gap_cap_s=2.0), clock=clock)
-    rep.timeline = 100.5                       # log time 0 is due half a second from now
-    keys = [Key(t, 38, n % 2 == 0) for n, t in enumerate((0, 100_000, 5_100_000, 5_110_000))]
-    rep.replay(keys)
-    assert [round(w, 3) for w in clock.waits] == [0.5, 0.06, 4.96]      # the 4th is late: no wait
-    assert round(clock.now(), 3) == round(100.5 + 5.1 + 0.04 + 0.04, 3)
-
-
-def test_a_timeline_in_the_future_waits_at_most_the_recorded_gap_plus_the_slack() -> None:
-    """A peer's timeline an hour ahead cannot stall the replay: no wait exceeds the event's recorded
-    gap since the one before plus ``TIMELINE_SLACK_S``."""
-    clock = ManualClock(0.0)
-    rep = Replayer(_Machine(), _Link(clock), clock=clock)
-    rep.timeline = 3600.0
-    rep.replay([Key(0, 38, True), Key(100_000, 38, False), Key(200_000, 38, True)])
-    assert [round(w, 3) for w in clock.waits] == [TIMELINE_SLACK_S, round(0.1 + TIMELINE_SLACK_S, 3),
-                                                  round(0.1 + TIMELINE_SLACK_S, 3)]
-
-
-class _RecordingLink(_Link):
-    """An agent that also records what it echoes, as the target's agent does: one log frame per
-    key or button, at its own log time ``skew_us`` after the event's."""
-
-    def __init__(self, clock: ManualClock, skew_us: int) -> None:
-        super().__init__(clock)
-        self.skew_us = skew_us
-        self.events: list[Key | Button | Motion] = []
-        self.acked: list[int] = []
-
-    def expect(self, replay_seq: int, event: Key | Button | Motion) -> None:
-        super().expect(replay_seq, event)
-        self.events.append(event)
-
-    def wait_echo(self, replay_seq: int, timeout: float, on_event: list[HostEvent] | None = None) -> bool:
-        ev = self.events[-1]
-        if on_event is not None and not isinstance(ev, Motion):
-            seq = len(self.acked) + 1
-            enc = LogEncoder(LogHeader(1280, 800, "us", "ck", 0, "t"), motion_window_us=0)
-            enc.start()
-            enc.next_seq = seq
-            moved = Key(ev.t_us + self.skew_us, ev.keycode, ev.down) if isinstance(ev, Key) else \
-                Button(ev.t_us + self.skew_us, ev.button, ev.down)
-            on_event += [LogFrame(f.seq, f.data) for f in enc.add(moved) + enc.flush()]
-            on_event.append(LogFrame(seq, b"RM garbage"))      # a frame it cannot read is skipped
-        return super().wait_echo(replay_seq, timeout, on_event)
-
-    def ack(self, seq: int) -> None:
-        self.acked.append(seq)
-
-
-def test_the_replay_keeps_each_inputs_log_time_wall_time_and_the_targets_own_log_time() -> None:
-    clock = ManualClock(0.0)
-    link = _RecordingLink(clock, skew_us=-3_000_000)
-    rep = Replayer(_Machine(), link, clock=clock)
-    rep.wall = lambda: 1000.0 + clock.now()
-    stats = rep.replay([Motion(5_000_000, 5, 5), Key(5_100_000, 38, True), Button(5_200_000, 1, True)])
-    assert [t for t, _ in stats.inputs] == [5_100_000, 5_200_000]
-    assert [round(w, 3) for _, w in stats.inputs] == [1000.1, 1000.2]
-    assert stats.echoed_us == [2_100_000, 2_200_000]
 
 
 def test_a_replay_that_fell_behind_catches_up_without_waiting() -> None:

@@ -12,26 +12,21 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import cast
 
 import pytest
 from conftest import CLONE_PREFIX
 
 from cli.migrate import _loopback_service, migrate_embedded, state_comparison
 from differ.protocol import ImageStats, TransferStats, TransferSummary
-from migration import guestclock
 from migration.cancel import supervise
-from migration.guestclock import GuestClock
 from migration.sides import Report, SourceSide, TargetSide
 from recorder.logformat import Key, LogHeader, encode_log, peek_frame
 from replay_migrate.errors import LogFormatError, ReplayMigrateError, VerificationError
 from replayer.drive import drive
-from replayer.link import RecorderLink
-from replayer.replay import ReplayConfig, Replayer
+from replayer.replay import ReplayConfig
 from replayer.workload import parse_workload
 from server.client import SessionClient, create_session
 from store import checkpoint as ckpt
-from store.cloneclock import CloneClock, load_record
 from store.vmstate import VmState
 from vm.machine import Hypervisor, Machine, MachineState
 
@@ -96,86 +91,6 @@ def test_report_takes_every_number_of_the_transfer_summary() -> None:
     assert {f.name: getattr(r, f.name) for f in fields(TransferSummary)} == asdict(stats.summary())
     assert (r.hash_bytes, r.referenced_blocks, r.delta_blocks, r.full_blocks) == (72, 6, 9, 8)
     assert r.divergent_blocks == {"memory": 9, "disk": 2}
-
-
-class _ClockedGuest:
-    """What setting a clone's clock needs of a Machine: a guest clock ``off`` seconds from the host's."""
-
-    name = "rm-test-clock"
-
-    def __init__(self, run_dir: Path, off: float) -> None:
-        self.run_dir, self.off = run_dir, off
-        self.sets: list[float] = []
-
-    def clock_offset(self) -> float:
-        return self.off
-
-    def sync_clock(self, offset_s: float = 0.0) -> float:
-        self.sets.append(offset_s)
-        self.off = offset_s
-        return self.off
-
-
-def _target(mode: GuestClock) -> TargetSide:
-    """A target side whose hypervisor, checkpoint and session are never touched by what is tested."""
-    return TargetSide(cast(Hypervisor, None), cast(ckpt.Checkpoint, None), cast(SessionClient, None),
-                      "rm-test-clock", guest_clock=mode)
-
-
-def test_a_target_on_the_sources_timeline_sets_its_clock_lag_behind_and_replays_on_it(tmp_path: Path) -> None:
-    side = _target(GuestClock.SOURCE)
-    zero = int((time.time() - 60) * 1e6)
-    side._on_clock(guestclock.encode(guestclock.SourceClock(zero, 20_000)))
-    guest = _ClockedGuest(tmp_path, off=-86_400.0)
-    rep = Replayer(cast(Machine, guest), cast(RecorderLink, None))
-    asyncio.run(side._set_clock(cast(Machine, guest), rep, 0))
-    assert guest.sets == [pytest.approx(0.02 - guestclock.DEFAULT_LAG_S)]
-    assert side.clock_offset_s == pytest.approx(0.02 - guestclock.DEFAULT_LAG_S)
-    assert load_record(tmp_path) == CloneClock.measured(-86_400.0, 0.02 - guestclock.DEFAULT_LAG_S)
-    assert rep.timeline is not None       # log time 0 due 59 s ago on this host's monotonic clock
-    assert rep.timeline - time.monotonic() == pytest.approx(-60 + guestclock.DEFAULT_LAG_S, abs=0.5)
-    with pytest.raises(LogFormatError, match="after the replay started"):
-        side._on_clock(guestclock.encode(guestclock.SourceClock(zero, 20_000)))
-
-
-@pytest.mark.parametrize("restored_after_s, lag_s", [(4.0, 4.0), (0.2, guestclock.DEFAULT_LAG_S),
-                                                      (60.0, guestclock.MAX_LAG_S)])
-def test_a_monotonic_target_lags_as_much_as_its_clone_was_restored_after_the_sources(
-        tmp_path: Path, restored_after_s: float, lag_s: float) -> None:
-    side = _target(GuestClock.MONOTONIC)
-    origin = int((time.time() - 86_400) * 1e6)
-    zero = int((time.time() - 60) * 1e6)
-    side._on_clock(guestclock.encode(guestclock.SourceClock(zero, 0)))
-    # its guest shows origin + t: its log time 0 was restored_after_s after the source's
-    guest = _ClockedGuest(tmp_path, off=(origin - zero) / 1e6 - restored_after_s)
-    rep = Replayer(cast(Machine, guest), cast(RecorderLink, None))
-    asyncio.run(side._set_clock(cast(Machine, guest), rep, origin))
-    assert guest.sets == [pytest.approx(-lag_s)]
-    assert rep.timeline_slack_s == pytest.approx(lag_s + guestclock.MAX_HOST_SKEW_S)
-    assert rep.timeline is not None
-    assert rep.timeline - time.monotonic() == pytest.approx(-60 + lag_s, abs=0.5)
-
-
-def test_a_target_of_an_older_source_or_one_out_of_bounds_takes_the_hosts_clock(tmp_path: Path) -> None:
-    for sent in ([], [guestclock.SourceClock(int((time.time() + 3600) * 1e6), 0)]):
-        side = _target(GuestClock.SOURCE)
-        for clock in sent:
-            side._on_clock(guestclock.encode(clock))       # an hour in the future: ignored
-        guest = _ClockedGuest(tmp_path, off=-5.0)
-        rep = Replayer(cast(Machine, guest), cast(RecorderLink, None))
-        asyncio.run(side._set_clock(cast(Machine, guest), rep, 0))
-        assert side.source_clock is None and guest.sets == [0.0] and rep.timeline is None
-
-
-def test_a_target_refuses_two_different_clocks_and_a_malformed_one() -> None:
-    side = _target(GuestClock.HOST)          # keeps it only to measure the gaps
-    zero = int((time.time() - 60) * 1e6)
-    side._on_clock(guestclock.encode(guestclock.SourceClock(zero, 0)))
-    side._on_clock(guestclock.encode(guestclock.SourceClock(zero, 0)))         # resent: the same
-    with pytest.raises(LogFormatError, match="two different"):
-        side._on_clock(guestclock.encode(guestclock.SourceClock(zero + 1, 0)))
-    with pytest.raises(LogFormatError):
-        side._on_clock(guestclock.MAGIC + b"junk")
 
 
 @pytest.mark.vm

@@ -436,10 +436,8 @@ class Machine:
         finally:
             self.agent("guest-file-close", handle=handle)
 
-    def sync_clock(self, offset_s: float = 0.0) -> float:
-        """Set the guest's wall clock to the host's (plus ``offset_s``: a migration's target puts
-        its guest on the source's timeline, ``migration.guestclock``); returns guest minus host
-        (s) afterwards.
+    def sync_clock(self) -> float:
+        """Set the guest's wall clock to the host's; returns guest minus host (s) afterwards.
 
         A restored guest's clock goes on from the moment it was saved (a clone: the checkpoint's;
         a migrated VM: the source's at suspend). Set through the guest agent's ``guest-set-time``
@@ -448,19 +446,16 @@ class Machine:
         RTC counts whole seconds) against 0.04 s. The agent then runs ``hwclock -w``, which writes
         /etc/adjtime, so the file systems must not be frozen; it takes ~2 s under TCG."""
         self._require("set the clock of", MachineState.RUNNING)
-        now = time.time_ns() + round(offset_s * 1e9)
+        now = time.time_ns()
         self._call("setting the clock of", self.dom.setTime,
                    {"seconds": now // 1_000_000_000, "nseconds": now % 1_000_000_000}, 0)
         return self.clock_offset()
 
     def clock_offset(self) -> float:
-        """The guest's wall clock minus the host's, in seconds (guest agent ``guest-get-time``),
-        against the host's clock halfway through the call: the guest read its clock somewhere in
-        it, and a round trip takes tens of ms under TCG (against the end: 0.1 s off, measured)."""
+        """The guest's wall clock minus the host's, in seconds (guest agent ``guest-get-time``)."""
         self._require("read the clock of", MachineState.RUNNING)
-        t0 = time.time()
         t = self._call("reading the clock of", self.dom.getTime, 0)
-        return float(t["seconds"] + t["nseconds"] / 1e9 - (t0 + time.time()) / 2)
+        return float(t["seconds"] + t["nseconds"] / 1e9 - time.time())
 
     def fsfreeze(self) -> int:
         """Flush and freeze the guest's file systems (clean journal for the disk diff)."""
