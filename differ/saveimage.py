@@ -39,6 +39,7 @@ from replay_migrate import savefmt
 from replay_migrate.errors import ImageError, ReplayMigrateError
 from replay_migrate.safeopen import open_regular
 from replay_migrate.savefmt import DEFAULT_MAX_DATA_LEN, FORMAT_SPARSE, SaveHeader
+from replay_migrate.sparse import DEFAULT_COPY_CHUNK, data_extents
 
 QEMU_VM_FILE_MAGIC = b"QEVM"
 QEMU_VM_FILE_VERSION = 3
@@ -475,37 +476,11 @@ class SaveImage:
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
-DEFAULT_COPY_CHUNK = 8 << 20
-"""Bytes moved per system call when copying a range (large: copies run at disk speed)."""
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 _fallocate.restype = ctypes.c_int
-
-
-def data_extents(fd: int, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
-    """Yield ``(start, end)`` of the data (non-hole) extents of ``fd`` within ``[start, end)``.
-
-    Uses SEEK_DATA/SEEK_HOLE so holes are never read; a file system without them yields one extent."""
-    if end is None:
-        end = os.fstat(fd).st_size
-    pos = start
-    while pos < end:
-        try:
-            pos = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:
-                return
-            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-                yield pos, end
-                return
-            raise
-        if pos >= end:
-            return
-        hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
-        yield pos, hole
-        pos = hole
 
 
 def _write_zeros(fd: int, offset: int, length: int, chunk: int = DEFAULT_COPY_CHUNK) -> None:

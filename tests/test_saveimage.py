@@ -25,8 +25,9 @@ from hypothesis import strategies as st
 
 from bench.fuzz_targets import fuzz_one
 from differ import saveimage
-from differ.saveimage import ImageWriter, SaveImage, copy_range, data_extents, parse_save_image, punch_hole
+from differ.saveimage import ImageWriter, SaveImage, copy_range, parse_save_image, punch_hole
 from replay_migrate.errors import ImageError
+from replay_migrate.sparse import data_extents
 from vm.machine import Hypervisor, Machine
 
 PAGE = 4096
