@@ -39,7 +39,7 @@ from replay_migrate import savefmt
 from replay_migrate.errors import ImageError, ReplayMigrateError
 from replay_migrate.safeopen import open_regular
 from replay_migrate.savefmt import DEFAULT_MAX_DATA_LEN, FORMAT_SPARSE, SaveHeader
-from replay_migrate.sparse import DEFAULT_COPY_CHUNK, data_extents
+from replay_migrate.sparse import DEFAULT_COPY_CHUNK, data_extents, pwrite_all
 
 QEMU_VM_FILE_MAGIC = b"QEVM"
 QEMU_VM_FILE_VERSION = 3
@@ -487,17 +487,9 @@ def _write_zeros(fd: int, offset: int, length: int, chunk: int = DEFAULT_COPY_CH
     zeros = bytes(min(chunk, length))
     while length > 0:
         n = min(len(zeros), length)
-        _pwrite_all(fd, zeros[:n] if n < len(zeros) else zeros, offset)
+        pwrite_all(fd, zeros[:n] if n < len(zeros) else zeros, offset)
         offset += n
         length -= n
-
-
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
 
 
 def punch_hole(fd: int, offset: int, length: int) -> bool:
@@ -545,7 +537,7 @@ def _copy_data(src_fd: int, dst_fd: int, start: int, end: int, chunk: int) -> No
             data = os.pread(src_fd, n, pos)
             if not data:
                 raise OSError(errno.EIO, f"source ended at {pos} while copying up to {end}")
-            _pwrite_all(dst_fd, data, pos)
+            pwrite_all(dst_fd, data, pos)
             done = len(data)
         pos += done
 
@@ -572,7 +564,7 @@ class ImageWriter:
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         try:
-            _pwrite_all(self._fd, data, offset)
+            pwrite_all(self._fd, data, offset)
         except OSError as e:
             raise self._fail(f"writing {len(data)} bytes at {offset}", e) from None
 

@@ -119,11 +119,12 @@ def _copy_nonzero(sfd: int, dfd: int, start: int, end: int, chunk: int, page: in
             while k < n and data[k:k + page] != zero[:n - k]:
                 k += page
             if first < n:
-                _pwrite_all(dfd, memoryview(data)[first:min(k, n)], pos + first)
+                pwrite_all(dfd, memoryview(data)[first:min(k, n)], pos + first)
         pos += n
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (``pwrite`` may write less than asked)."""
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
