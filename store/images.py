@@ -86,6 +86,9 @@ def ensure_image(*, force: bool = False) -> ImageResult:
         if shutil.which("mmdebstrap") is None:
             raise HostError("mmdebstrap is not installed (run scripts/setup-host.sh)")
         partial = out.with_name(rh + ".partial")
+        if partial.exists():            # a dead build's that remove_stale_builds had to leave
+            raise ImageError(f"{partial}, a dead build's folder, could not be removed (something is mounted under "
+                             "it): unmount it and remove the folder, then build again")
         log.info("building guest image %s (recipe changed or not cached)", rh)
         t0 = time.monotonic()
         try:

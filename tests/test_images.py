@@ -135,6 +135,22 @@ def test_a_killed_builds_folders_stay_while_it_writes_and_go_with_the_next_build
     assert build_folders() == []
 
 
-def test_nothing_mounted_is_removed() -> None:
+def test_nothing_mounted_is_removed(stub_cache: Path) -> None:
+    """mmdebstrap (root mode) mounts the host's /dev/shm, /proc and /sys inside its chroot: a build
+    killed there leaves them mounted, and removing such a folder would empty the host's. Here a
+    tmpfs mounted in a private mount namespace (gone with it) stands for them."""
     assert "/proc" in images._mounts_under(Path("/proc"))
     assert images._mounts_under(REPO / "vm-images") == []
+    dead = images.images_dir() / (images.recipe_hash() + ".partial")
+    (dead / "rootfs" / "dev" / "shm").mkdir(parents=True)
+    code = ("import sys\nfrom store import images\nprint(images.remove_stale_builds())\n"
+            "try:\n    images.ensure_image()\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-ec",
+                        'mount -t tmpfs rm-test "$1/rootfs/dev/shm" && touch "$1/rootfs/dev/shm/host-file" && '
+                        'exec "$2" -c "$3"', "sh", str(dead), sys.executable, code],
+                       capture_output=True, text=True, cwd=REPO, check=False, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["[]", f"ImageError {dead}, a dead build's folder, could not be removed "
+                                     "(something is mounted under it): unmount it and remove the folder, then "
+                                     "build again"], r.stderr
+    assert (dead / "rootfs" / "dev" / "shm").is_dir()
