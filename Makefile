@@ -58,6 +58,7 @@ FUZZ_ARGS ?=
 fuzz: setup
 	$(PY) -m bench.fuzz --out bench/results/fuzz.md $(FUZZ_ARGS)
 
-# destroy every domain this project defined (names start with rm-) and their clone folders
+# destroy every domain this project defined (names start with rm-), their clone folders and the images
+# killed migrations left in the suspend folder (bench's default /dev/shm, and $REPLAY_MIGRATE_SUSPEND_DIR)
 clean-vms: setup
-	$(PY) -m cli.cleanup
+	$(PY) -m cli.cleanup $(if $(wildcard /dev/shm/replay-migrate),--suspend-dir /dev/shm)

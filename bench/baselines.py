@@ -34,12 +34,12 @@ from differ.blocks import MemoryImageSource, Qcow2OverlaySource
 from differ.merkle import MerkleTree
 from differ.patch import MemoryImageSink, Qcow2OverlaySink
 from differ.protocol import TransferStats
-from differ.saveimage import data_extents
 from differ.source import BlockSink, BlockSource
 from differ.sync import sync_local
+from replay_migrate.sparse import data_extents, sparse_copy
 from store.checkpoint import Checkpoint
 from store.vmstate import DISK, FANOUT, MEMORY, CheckpointTrees, VmState, open_sources, plain_transfer_bytes
-from vm.machine import create_overlay, sparse_copy
+from vm.machine import create_overlay
 
 ZSTD_LEVEL = 3
 """Same level as the transfer protocol's blocks and the plain-transfer baseline."""

@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import json
 import logging
-import os
 import sys
 import time
 import traceback
@@ -37,9 +35,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from differ.patch import sparse_copy
 from migration.sides import SourceSide, TargetSide
 from migration.suspenddir import suspend_dir_arg
+from replay_migrate.sparse import link_or_copy, sparse_copy
 from replayer.drive import drive
 from replayer.replay import ReplayConfig
 from replayer.workload import load_workload
@@ -82,13 +80,8 @@ def keep_state(state: VmState, keep: Path, *, copy: bool = False, copy_disk: boo
         dst.unlink(missing_ok=True)
         if copy or (copy_disk and name == KEPT_DISK):
             sparse_copy(src, dst)
-            continue
-        try:
-            os.link(src, dst)
-        except OSError as e:       # another file system, or another mount of it (a site's bind mount)
-            if e.errno != errno.EXDEV:
-                raise
-            sparse_copy(src, dst)
+        else:
+            link_or_copy(src, dst)
 
 
 async def run_source(args: argparse.Namespace) -> dict[str, Any]:

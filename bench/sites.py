@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import json
 import os
 import re
@@ -53,8 +52,8 @@ from types import TracebackType
 from typing import Any
 
 from bench.netns import LinkConfig, NetnsLink
-from differ.patch import sparse_copy
 from replay_migrate.errors import HostError
+from replay_migrate.sparse import link_or_copy
 from store.paths import cache_root, state_root
 from vm.spec import GuestImage
 
@@ -307,12 +306,7 @@ class SiteB:
         for f in image.dir.iterdir():
             if not f.is_file() or (dst / f.name).exists():
                 continue
-            try:
-                os.link(f, dst / f.name)
-            except OSError as e:
-                if e.errno != errno.EXDEV:
-                    raise
-                sparse_copy(f, dst / f.name)
+            link_or_copy(f, dst / f.name)
         return dst
 
     def copy_checkpoint(self, name: str) -> tuple[dict[str, Any], dict[str, Any]]:

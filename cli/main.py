@@ -200,9 +200,13 @@ def cmd_vm_list(args: argparse.Namespace) -> int:
 
 
 def cmd_vm_rm(args: argparse.Namespace) -> int:
+    """Each clone's domain, folder and the image a killed migration saved into the suspend folder."""
+    from migration.suspenddir import remove_saved_image
+
     with _hv(args) as hv:
         for name in args.names:
             ckpt.remove_clone(hv, name)
+            remove_saved_image(name, args.suspend_dir)
     return 0
 
 
@@ -403,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(vmp, "list", cmd_vm_list, "list our domains")
     p = add(vmp, "rm", cmd_vm_rm, "destroy clones and delete their files")
     p.add_argument("names", nargs="+")
+    migrate.add_suspend_dir_argument(p, rm=True)
     p = add(vmp, "resume", cmd_vm_resume,
             "put back a VM a killed migration left paused, frozen or saved (restore, resume, thaw)")
     p.add_argument("name")

@@ -656,8 +656,14 @@ def _token_file_arg(p: argparse.ArgumentParser) -> None:
                    help=f"the service's shared token, which creates sessions (default: ${TOKEN_ENV})")
 
 
-def add_suspend_dir_argument(p: argparse.ArgumentParser) -> None:
-    """``--suspend-dir``: where a migration saves the VMs at suspend (``migration.suspenddir``)."""
+def add_suspend_dir_argument(p: argparse.ArgumentParser, *, rm: bool = False) -> None:
+    """``--suspend-dir``: where a migration saves the VMs at suspend (``migration.suspenddir``);
+    ``rm``: where commands that delete clones look for the images killed migrations left."""
+    if rm:
+        p.add_argument("--suspend-dir", type=suspend_dir_arg, default=suspend_dir_from_env(), metavar="DIR",
+                       help="also delete the image each clone saved into DIR's private folder (a migration killed "
+                            f"after its suspend leaves it there; default: ${SUSPEND_DIR_ENV})")
+        return
     p.add_argument("--suspend-dir", type=suspend_dir_arg, default=suspend_dir_from_env(), metavar="DIR",
                    help="save the VM at suspend into DIR (a tmpfs such as /dev/shm: the save, hashing, patching "
                         "and restore run at memory speed; a private subfolder is made there); without it, or when DIR "

@@ -25,12 +25,13 @@ import numpy.typing as npt
 from numpy.lib import format as np_format
 
 from differ.merkle import MAX_LOAD_LEAVES, known_arrays
-from differ.saveimage import DEFAULT_MAX_RAM_BLOCKS, DEFAULT_MAX_SCAN, SaveImage, SaveLayout, data_extents
+from differ.saveimage import DEFAULT_MAX_RAM_BLOCKS, DEFAULT_MAX_SCAN, SaveImage, SaveLayout
 from differ.source import LEAF_SIZE, ZERO_LEAF_DIGEST, BlockSource, ImageKind, KnownArrays
 from replay_migrate.errors import ImageError
 from replay_migrate.files import atomic_write
 from replay_migrate.safeopen import check_regular, open_regular
 from replay_migrate.savefmt import DEFAULT_MAX_DATA_LEN, MAGICS
+from replay_migrate.sparse import data_extents
 from replay_migrate.tools import run_tool
 
 QCOW2_MAGIC = b"QFI\xfb"

@@ -20,15 +20,10 @@ deltas.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import Self
-
-import numpy as np
 
 from differ.blocks import (
     DEFAULT_QEMU_TIMEOUT,
@@ -40,85 +35,19 @@ from differ.blocks import (
     detect_format,
     qemu_img_info,
 )
-from differ.saveimage import DEFAULT_COPY_CHUNK, ImageWriter, data_extents
+from differ.saveimage import ImageWriter
 from differ.source import LEAF_SIZE, BlockSink, BlockSource
 from replay_migrate.errors import ImageError
-from replay_migrate.safeopen import check_replaceable, open_regular
+from replay_migrate.safeopen import check_replaceable
+from replay_migrate.sparse import sparse_copy
 from replay_migrate.tools import run_tool
 
-FICLONE = 0x40049409
-"""ioctl that makes the copy share the original's extents (btrfs, XFS): instant and exact."""
 DEFAULT_MAX_BATCH_BYTES = 64 << 20
 """Pending qcow2 leaf data held in memory before it is written with one qemu-io run."""
 DEFAULT_MAX_COMMANDS = 1024
 """Most ``-c`` commands per qemu-io invocation."""
 DEFAULT_MAX_ARGV_BYTES = 256 << 10
 """Most argument bytes per qemu-io invocation (far below Linux's ARG_MAX)."""
-
-
-def sparse_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, chunk: int = DEFAULT_COPY_CHUNK) -> str:
-    """Copy ``src`` to the new file ``dst`` keeping it sparse (``cp --sparse=always``): a reflink
-    where the file system can, else only the source's data extents, skipping all-zero 4 KiB pages.
-    Returns ``"reflink"`` or ``"sparse"``. ``dst`` must not exist; the source's mode is kept."""
-    spath, dpath = os.fspath(src), os.fspath(dst)
-    sfd, _ = open_regular(spath, "image to copy", error=ImageError)
-    try:
-        try:
-            dfd = os.open(dpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError as e:
-            raise ImageError(f"{dpath}: cannot create the working copy: {e.strerror}") from None
-        try:
-            shutil.copymode(spath, dpath)
-            try:
-                fcntl.ioctl(dfd, FICLONE, sfd)
-                return "reflink"
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.ENOSYS):
-                    raise
-            size = os.fstat(sfd).st_size
-            os.ftruncate(dfd, size)
-            for start, end in data_extents(sfd, 0, size):
-                _copy_nonzero(sfd, dfd, start, end, chunk)
-            return "sparse"
-        except OSError as e:
-            os.close(dfd)
-            dfd = -1
-            os.unlink(dpath)
-            raise ImageError(f"{spath}: copying to {dpath} failed: {e.strerror}") from None
-        finally:
-            if dfd >= 0:
-                os.close(dfd)
-    finally:
-        os.close(sfd)
-
-
-def _copy_nonzero(sfd: int, dfd: int, start: int, end: int, chunk: int) -> None:
-    """Copy ``[start, end)`` writing only the 4 KiB pages that are not all zeros."""
-    chunk = max(LEAF_SIZE, chunk - chunk % LEAF_SIZE)
-    pos = start - start % LEAF_SIZE
-    while pos < end:
-        data = os.pread(sfd, min(chunk, end - pos), pos)
-        if not data:
-            raise OSError(errno.EIO, f"source ended at {pos}")
-        whole = len(data) - len(data) % LEAF_SIZE
-        pages = np.frombuffer(data, dtype=np.uint8, count=whole).reshape(-1, LEAF_SIZE)
-        nonzero: list[bool] = np.asarray(pages.any(axis=1), dtype=np.bool_).tolist()
-        if whole < len(data):
-            nonzero.append(any(data[whole:]))
-        k = 0
-        while k < len(nonzero):
-            if not nonzero[k]:
-                k += 1
-                continue
-            first = k
-            while k < len(nonzero) and nonzero[k]:
-                k += 1
-            piece = memoryview(data)[first * LEAF_SIZE : k * LEAF_SIZE]
-            offset = pos + first * LEAF_SIZE
-            while piece:
-                n = os.pwrite(dfd, piece, offset)
-                piece, offset = piece[n:], offset + n
-        pos += len(data)
 
 
 def _sibling_path(path: str, tag: str) -> str:
@@ -157,7 +86,7 @@ class _CopySink:
             self.copy_path, self.copy_method = self.path, "in place"
         else:
             self.copy_path = _sibling_path(self.path, "rm-patch")
-            self.copy_method = sparse_copy(self.path, self.copy_path)
+            self.copy_method = sparse_copy(self.path, self.copy_path, page=LEAF_SIZE)
         self._state = "open"
 
     def _check_open(self) -> None:

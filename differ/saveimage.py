@@ -39,6 +39,7 @@ from replay_migrate import savefmt
 from replay_migrate.errors import ImageError, ReplayMigrateError
 from replay_migrate.safeopen import open_regular
 from replay_migrate.savefmt import DEFAULT_MAX_DATA_LEN, FORMAT_SPARSE, SaveHeader
+from replay_migrate.sparse import DEFAULT_COPY_CHUNK, data_extents, pwrite_all
 
 QEMU_VM_FILE_MAGIC = b"QEVM"
 QEMU_VM_FILE_VERSION = 3
@@ -475,8 +476,6 @@ class SaveImage:
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
-DEFAULT_COPY_CHUNK = 8 << 20
-"""Bytes moved per system call when copying a range (large: copies run at disk speed)."""
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _fallocate = _libc.fallocate
@@ -484,45 +483,13 @@ _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_l
 _fallocate.restype = ctypes.c_int
 
 
-def data_extents(fd: int, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
-    """Yield ``(start, end)`` of the data (non-hole) extents of ``fd`` within ``[start, end)``.
-
-    Uses SEEK_DATA/SEEK_HOLE so holes are never read; a file system without them yields one extent."""
-    if end is None:
-        end = os.fstat(fd).st_size
-    pos = start
-    while pos < end:
-        try:
-            pos = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:
-                return
-            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-                yield pos, end
-                return
-            raise
-        if pos >= end:
-            return
-        hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
-        yield pos, hole
-        pos = hole
-
-
 def _write_zeros(fd: int, offset: int, length: int, chunk: int = DEFAULT_COPY_CHUNK) -> None:
     zeros = bytes(min(chunk, length))
     while length > 0:
         n = min(len(zeros), length)
-        _pwrite_all(fd, zeros[:n] if n < len(zeros) else zeros, offset)
+        pwrite_all(fd, zeros[:n] if n < len(zeros) else zeros, offset)
         offset += n
         length -= n
-
-
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
 
 
 def punch_hole(fd: int, offset: int, length: int) -> bool:
@@ -570,7 +537,7 @@ def _copy_data(src_fd: int, dst_fd: int, start: int, end: int, chunk: int) -> No
             data = os.pread(src_fd, n, pos)
             if not data:
                 raise OSError(errno.EIO, f"source ended at {pos} while copying up to {end}")
-            _pwrite_all(dst_fd, data, pos)
+            pwrite_all(dst_fd, data, pos)
             done = len(data)
         pos += done
 
@@ -597,7 +564,7 @@ class ImageWriter:
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         try:
-            _pwrite_all(self._fd, data, offset)
+            pwrite_all(self._fd, data, offset)
         except OSError as e:
             raise self._fail(f"writing {len(data)} bytes at {offset}", e) from None
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from replay_migrate.errors import UsageError
 from replay_migrate.safeopen import check_output_dir, make_output_dir
+from store.paths import check_name
 
 SUSPEND_DIR_ENV = "REPLAY_MIGRATE_SUSPEND_DIR"
 """The environment's default for ``--suspend-dir`` (unset or empty: the state folder's disk)."""
@@ -100,3 +101,47 @@ def saved_images(run_dir: Path, suspend_dir: Path | None) -> list[Path]:
     if suspend_dir is not None:
         found.append(suspend_dir / SUBDIR / f"{run_dir.name}.sav")
     return [p for p in found if p.is_file() and not p.is_symlink()]
+
+
+def remove_saved_image(name: str, suspend_dir: Path | None) -> Path | None:
+    """Delete the image clone ``name`` saved into ``suspend_dir``'s private folder, if there is one
+    (a migration killed after its save: SIGKILL runs no cleanup, and a 1 GiB guest's image holds
+    ~250 MiB of RAM on a tmpfs until someone deletes it); returns its path, or None. Only the file
+    this module names (:func:`suspend_image`: ``<suspend_dir>/replay-migrate/<name>.sav``, ``name``
+    a checked clone name), and only in a private folder of this user's: nothing anybody else could
+    have planted or pointed elsewhere."""
+    if suspend_dir is None:
+        return None
+    check_name(name, "clone")
+    d = suspend_dir / SUBDIR
+    try:
+        st = os.lstat(d)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise UsageError(f"suspend folder {d} is not a private folder of this user's (0700): not deleting there")
+    image = d / f"{name}.sav"
+    try:
+        if not stat.S_ISREG(os.lstat(image).st_mode):
+            raise UsageError(f"{image} is not a saved image (not a regular file): not deleting it")
+        image.unlink()
+    except FileNotFoundError:
+        return None
+    log.info("deleted %s (a saved image of %s a migration left)", image, name)
+    return image
+
+
+def saved_image_names(suspend_dir: Path) -> list[str]:
+    """The clone names of the images in ``suspend_dir``'s private folder (``<name>.sav``, regular
+    files with a clone name; anything else there is not this project's and is not listed)."""
+    d = suspend_dir / SUBDIR
+    if not d.is_dir() or d.is_symlink():
+        return []
+    names = []
+    for p in d.iterdir():
+        if p.suffix == ".sav" and p.is_file() and not p.is_symlink():
+            try:
+                names.append(check_name(p.stem, "clone"))
+            except UsageError:
+                continue
+    return sorted(names)

@@ -79,16 +79,19 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
 def run_tool(argv: Sequence[str | os.PathLike[str]], *, what: str, error: ErrorClass,
              timeout: float = DEFAULT_TIMEOUT_S, check: bool = True, cwd: str | os.PathLike[str] | None = None,
              env: Mapping[str, str] | None = None, max_output: int = DEFAULT_MAX_OUTPUT,
-             max_stderr: int = DEFAULT_MAX_STDERR) -> ToolResult:
+             max_stderr: int = DEFAULT_MAX_STDERR, pass_fds: Sequence[int] = ()) -> ToolResult:
     """Run ``argv`` and return its output; ``what`` says what it does for the messages
-    ("{path}: qemu-img info": "... failed: <the tool's last line>"). See the module's docstring."""
+    ("{path}: qemu-img info": "... failed: <the tool's last line>"). See the module's docstring.
+    ``pass_fds``: descriptors the tool (and whatever it starts) inherits, e.g. a held ``flock`` that
+    must stay held while any process of the tool lives, this one killed or not."""
     args = tuple(os.fspath(a) for a in argv)
     if not args:
         raise ValueError("run_tool needs a command")
     t0 = time.monotonic()
     try:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                cwd=cwd, env=None if env is None else dict(env), close_fds=True)
+                                cwd=cwd, env=None if env is None else dict(env), close_fds=True,
+                                pass_fds=tuple(pass_fds))
     except OSError as e:
         if isinstance(e, FileNotFoundError) and cwd is not None and not os.path.isdir(cwd):
             raise error(f"{what}: the working folder {os.fspath(cwd)} does not exist") from None

@@ -34,7 +34,6 @@ never deleted here.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import logging
@@ -49,9 +48,10 @@ import numpy as np
 
 from differ.blocks import LeafDigests, Qcow2OverlaySource
 from differ.merkle import MerkleTree, leaf_digest
-from differ.patch import Qcow2OverlaySink, sparse_copy
+from differ.patch import Qcow2OverlaySink
 from replay_migrate.errors import CheckpointError, ImageError
 from replay_migrate.files import atomic_write, locked
+from replay_migrate.sparse import move
 from replay_migrate.tools import run_tool
 from store import checkpoint as ckpt
 from store.paths import MAX_NAME_LEN, check_name, checkpoint_path, checkpoints_dir
@@ -190,30 +190,12 @@ def complete(ck: ckpt.Checkpoint, memory_image: Path, memory_tree: MerkleTree) -
         if memory_tree.root.hex() != m.roots.get(MEMORY):
             raise CheckpointError(f"{memory_image}: its tree is not the verified state's")
         _check_head(memory_image, memory_tree)
-        _move(memory_image, ck.memory)
+        move(memory_image, ck.memory)
         memory_tree.save(ck.dir / "memory.tree", file_stamp(ck.memory))
         m.memory_apparent_bytes = ck.memory.stat().st_size
         m.memory_allocated_bytes = file_allocated(ck.memory)
         m.save(ck.manifest_path)
     return True
-
-
-def _move(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst``; across file systems (a state saved into a tmpfs suspend folder,
-    ``migration.suspenddir``) a sparse copy beside ``dst`` renamed over it, then ``src`` deleted."""
-    try:
-        os.replace(src, dst)
-        return
-    except OSError as e:
-        if e.errno != errno.EXDEV:
-            raise
-    partial = dst.with_name(dst.name + ".partial")
-    try:
-        sparse_copy(src, partial)
-        os.replace(partial, dst)
-    finally:
-        partial.unlink(missing_ok=True)
-    src.unlink()
 
 
 HEAD_LEAVES = 32

@@ -37,6 +37,7 @@ from typing import Any
 
 import blake3
 
+from replay_migrate import sparse
 from replay_migrate.errors import (
     CheckpointError,
     ImageError,
@@ -112,22 +113,15 @@ def base_digest(image: GuestImage) -> str:
 
 
 def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
-    """The file's data as page-aligned ``(start, end)`` ranges (SEEK_DATA/SEEK_HOLE; the last may
-    end at ``size``): everything outside is a hole, never read."""
+    """The file's data as page-aligned ``(start, end)`` ranges (the last may end at ``size``),
+    overlapping ones merged: everything outside is a hole, never read."""
     out: list[tuple[int, int]] = []
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:            # ENXIO: no data after pos
-            break
-        end = os.lseek(fd, start, os.SEEK_HOLE)
+    for start, end in sparse.data_extents(fd, 0, size):
         start, end = start // PAGE * PAGE, min(size, -(-end // PAGE) * PAGE)
         if out and start <= out[-1][1]:
             out[-1] = (out[-1][0], max(out[-1][1], end))
         else:
             out.append((start, end))
-        pos = end
     return out
 
 

@@ -40,9 +40,10 @@ import libvirt
 
 from replay_migrate.errors import CheckpointError, ImageError, ReplayMigrateError, VMError
 from replay_migrate.files import atomic_write
+from replay_migrate.sparse import sparse_copy
 from store import checkpoint as ckpt
 from store.paths import checkpoint_path
-from vm.machine import Hypervisor, Machine, MachineState, create_overlay, file_allocated, sparse_copy
+from vm.machine import Hypervisor, Machine, MachineState, create_overlay, file_allocated
 from vm.spec import Boot, VirtType, check_saved_domain, clone_xml
 
 log = logging.getLogger("replay_migrate.fromdomain")
@@ -217,7 +218,7 @@ def _put_back(hv: Hypervisor, domain: str, folder: Path, why: BaseException) -> 
         if (folder / "domain.xml").is_file() and not hv.exists(domain):
             hv.conn.defineXML((folder / "domain.xml").read_text())
         copy = folder / "restore.sav"
-        sparse_copy(folder / "memory.sav", copy)
+        sparse_copy(folder / "memory.sav", copy, replace=True)
         hv.restore(copy, consume=True)
     except ReplayMigrateError as e:
         log.error("could not restore %s: %s (its state is in %s)", domain, e, folder / "memory.sav")

@@ -64,38 +64,102 @@ def images_dir() -> Path:
 
 
 def ensure_image(*, force: bool = False) -> ImageResult:
-    """The image for the current recipe, building it if it is not in the cache."""
+    """The image for the current recipe, building it if it is not in the cache.
+
+    A build writes into folders named after its recipe (:data:`BUILD_FOLDER`: ``<hash>.partial``,
+    and the script's ``<hash>.partial.build.XXXXXX``) and holds the cache's lock all along, in every
+    process it starts: the lock's descriptor is passed down, so a build whose Python caller was
+    killed (its processes go on) still holds it. Whoever holds the lock therefore knows no build is
+    writing, and removes what builds that died left (:func:`remove_stale_builds`; a morning of
+    interrupted builds left 8 GB). A failed build removes its own at once when its processes are
+    all gone, else the next build does."""
     rh = recipe_hash()
     out = images_dir() / rh
     image = GuestImage(out, rh)
     images_dir().mkdir(parents=True, exist_ok=True)
-    with open(images_dir() / ".lock", "w") as lock:
+    with open(images_dir() / LOCK_NAME, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)   # one build at a time; a second caller reuses it
+        remove_stale_builds()
         if out.is_dir() and not force:
             image.check()
             return ImageResult(image, False, 0.0)
         if shutil.which("mmdebstrap") is None:
             raise HostError("mmdebstrap is not installed (run scripts/setup-host.sh)")
         partial = out.with_name(rh + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
+        if partial.exists():            # a dead build's that remove_stale_builds had to leave
+            raise ImageError(f"{partial}, a dead build's folder, could not be removed (something is mounted under "
+                             "it): unmount it and remove the folder, then build again")
         log.info("building guest image %s (recipe changed or not cached)", rh)
         t0 = time.monotonic()
         try:
             r = run_tool(["bash", BUILD_SCRIPT, partial, REPO], what=f"building the guest image {rh}",
                          error=ImageError, timeout=BUILD_TIMEOUT_S, check=False, max_output=BUILD_LOG_MAX,
-                         max_stderr=BUILD_LOG_MAX)
+                         max_stderr=BUILD_LOG_MAX, pass_fds=(lock.fileno(),))
         except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
+            lock.close()
+            _remove_if_all_gone()
             raise
         if r.returncode != 0:
-            shutil.rmtree(partial, ignore_errors=True)
+            lock.close()
+            _remove_if_all_gone()
             raise ImageError(f"image build failed:\n{(r.stdout + r.stderr).strip()[-2000:]}")
         shutil.rmtree(out, ignore_errors=True)
         partial.rename(out)
         seconds = time.monotonic() - t0
         (out / "build.log").write_text(r.stdout + r.stderr + f"\nseconds={seconds:.1f}\n")
+        remove_stale_builds()       # the script's own work folder, if its clean-up did not run
         image.check()
         return ImageResult(image, True, seconds)
+
+
+LOCK_NAME = ".lock"
+"""The image cache's lock file: held by a build (all of its processes) and by a prune."""
+BUILD_FOLDER = re.compile(r"[0-9a-f]{16}\.partial(\.build\.[A-Za-z0-9]{6})?")
+"""The folders a build writes before its image is whole (``build-image.sh`` makes the second)."""
+
+
+def remove_stale_builds() -> list[Path]:
+    """Remove the folders of builds that are gone (:data:`BUILD_FOLDER` names only, never through a
+    link, never a folder something is mounted under: a build killed inside mmdebstrap may leave its
+    chroot's /proc or /dev mounted there). Call it holding the cache's lock: then no build is
+    writing. Returns what was removed."""
+    removed = []
+    for p in sorted(images_dir().iterdir()):
+        if not BUILD_FOLDER.fullmatch(p.name) or p.is_symlink() or not p.is_dir():
+            continue
+        mounts = _mounts_under(p)
+        if mounts:
+            log.error("not removing the dead image build %s: %s mounted under it (umount them first)", p,
+                      ", ".join(mounts))
+            continue
+        log.info("removing %s, left by an image build that is gone", p)
+        shutil.rmtree(p)
+        removed.append(p)
+    return removed
+
+
+def _remove_if_all_gone() -> None:
+    """After a failed build: remove its folders now if none of its processes holds the lock any
+    more (else they are still writing; the next build removes them)."""
+    with open(images_dir() / LOCK_NAME, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("the failed image build's processes still run: the next build removes its folders")
+            return
+        remove_stale_builds()
+
+
+def _mounts_under(folder: Path) -> list[str]:
+    """Mount points at or below ``folder`` (``/proc/self/mountinfo``; its paths escape blanks as \\040)."""
+    top = os.path.realpath(folder)
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
+            if point == top or point.startswith(top + "/"):
+                found.append(point)
+    return found
 
 
 def prune_images(keep: set[str]) -> list[Path]:
@@ -104,7 +168,7 @@ def prune_images(keep: set[str]) -> list[Path]:
     removed: list[Path] = []
     if not images_dir().exists():
         return removed
-    with open(images_dir() / ".lock", "w") as lock:
+    with open(images_dir() / LOCK_NAME, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         for p in images_dir().iterdir():
             if p.is_dir() and re.fullmatch(r"[0-9a-f]{16}", p.name) and p.name not in keep:

@@ -5,6 +5,7 @@ test module of the decoder each one fuzzes)."""
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,21 @@ def test_the_registry() -> None:
     assert {"log", "channel-host", "channel-agent", "protocol-target", "protocol-source", "save-image",
             "save-header", "tree-file", "leaf-digests"} <= set(names)
     assert targets_by_name([PICKY])["picky"] is PICKY
+
+
+OWN_TESTS = {"session": "test_session.py", "checkpoint-stream": "test_ckstream.py", "cli-files": "test_fileargs.py"}
+"""Targets whose unit tests have strategies of their own (hypothesis-built envelopes, odd files)."""
+
+
+def test_make_test_runs_every_target() -> None:
+    """Each registered target's unit tests: ``fuzz_tests(NAME)`` (tests/fuzzkit.py) in the test
+    module of its decoder, once, or a test module of its own strategies."""
+    tests = Path(__file__).parent
+    calls = re.findall(r'fuzz_tests\("([a-z-]+)"', "".join(p.read_text() for p in sorted(tests.glob("test_*.py"))))
+    assert len(calls) == len(set(calls))
+    assert set(calls) | set(OWN_TESTS) == {t.name for t in targets()}
+    for name, module in OWN_TESTS.items():
+        assert "def test_fuzz" in (tests / module).read_text(), name
 
 
 @pytest.mark.parametrize("name", [t.name for t in targets()])

@@ -21,12 +21,10 @@ from typing import Any
 import blake3
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from fuzzkit import fuzz_tests
 from numpy.lib import format as np_format
 from test_saveimage import PAGE, build_save_image
 
-from bench.fuzz_targets import fuzz_one
 from differ import blocks
 from differ.blocks import (
     LeafDigests,
@@ -588,20 +586,6 @@ def test_missing_qemu_img_is_a_host_error(tmp_path: Path, chain: tuple[Path, Pat
         Qcow2OverlaySource(ov, backing_tree=tree, qemu_img=str(tmp_path / "no-qemu-img"))
 
 
-# -- fuzz: the target `make fuzz` runs on 100,000 inputs (bench/fuzz_targets.py), here on a few ----------
+# -- fuzz: the target `make fuzz` runs on 100,000 inputs (bench/fuzz_targets), here on a few -------------
 
-FUZZ = settings(max_examples=150, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-
-@FUZZ
-@given(st.randoms(use_true_random=False))
-def test_fuzz_leaf_digests(rng: random.Random) -> None:
-    """Structurally valid inputs, mutated: the decoder lets out ImageError."""
-    fuzz_one("leaf-digests", rng)
-
-
-@FUZZ
-@given(st.binary(max_size=2048))
-def test_fuzz_leaf_digests_raw_bytes(data: bytes) -> None:
-    fuzz_one("leaf-digests", data)
+test_fuzz_leaf_digests, test_fuzz_leaf_digests_raw_bytes = fuzz_tests("leaf-digests")

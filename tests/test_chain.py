@@ -5,7 +5,6 @@ tests/test_fromdomain.py.)"""
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import subprocess
@@ -160,28 +159,3 @@ def test_a_checkpoint_with_other_roots_is_refused(tmp_path: Path, monkeypatch: p
     m.save(nxt.manifest_path)
     with pytest.raises(CheckpointError, match="other roots"):
         chain.prepare(root, roots, state, trees, ck_trees)
-
-
-def test_an_image_in_a_tmpfs_suspend_folder_moves_into_the_checkpoint_by_copy(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A state saved into a tmpfs suspend folder (``--suspend-dir``) is on another file system than
-    the checkpoint store: a rename fails with EXDEV, and the image must arrive whole all the same,
-    holes kept, and leave the suspend folder."""
-    src, dst = tmp_path / "shm" / "x.sav", tmp_path / "store" / "memory.sav"
-    src.parent.mkdir()
-    dst.parent.mkdir()
-    with open(src, "wb") as f:
-        f.write(b"head")
-        f.seek(1 << 20)
-        f.write(b"tail")
-    real = os.replace
-
-    def replace(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> None:
-        if Path(a) == src:
-            raise OSError(errno.EXDEV, "Invalid cross-device link")
-        real(a, b)
-
-    monkeypatch.setattr(os, "replace", replace)
-    chain._move(src, dst)
-    assert not src.exists() and dst.read_bytes() == b"head" + bytes((1 << 20) - 4) + b"tail"
-    assert not dst.with_name("memory.sav.partial").exists()

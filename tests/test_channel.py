@@ -4,17 +4,16 @@ resynchronisation on a damaged stream, expect/echo, screen checks, and hostile b
 from __future__ import annotations
 
 import itertools
-import random
 import struct
 import zlib
 from typing import Any
 
 import msgpack
 import pytest
+from fuzzkit import fuzz_tests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench.fuzz_targets import fuzz_one
 from recorder import channel as ch
 from recorder.channel import (
     AgentSide,
@@ -523,34 +522,7 @@ def test_a_malformed_check_answer_resyncs_and_loses_nothing(body: list[object]) 
     assert frames_of(evs) == [3, 4]  # after 0..2 before it
 
 
-# -- fuzz: the target `make fuzz` runs on 100,000 inputs (bench/fuzz_targets.py), here on a few ----------
+# -- fuzz: the target `make fuzz` runs on 100,000 inputs (bench/fuzz_targets), here on a few -------------
 
-FUZZ = settings(max_examples=150, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-
-@FUZZ
-@given(st.randoms(use_true_random=False))
-def test_fuzz_channel_host(rng: random.Random) -> None:
-    """Structurally valid inputs, mutated: the host lets out only a ProtocolError (when the agent
-    cannot be talked to at all), and delivers frames in order, once each."""
-    fuzz_one("channel-host", rng)
-
-
-@FUZZ
-@given(st.binary(max_size=2048))
-def test_fuzz_channel_host_raw_bytes(data: bytes) -> None:
-    fuzz_one("channel-host", data)
-
-
-@FUZZ
-@given(st.randoms(use_true_random=False))
-def test_fuzz_channel_agent(rng: random.Random) -> None:
-    """Structurally valid inputs, mutated: the agent never raises on what a host sends."""
-    fuzz_one("channel-agent", rng)
-
-
-@FUZZ
-@given(st.binary(max_size=2048))
-def test_fuzz_channel_agent_raw_bytes(data: bytes) -> None:
-    fuzz_one("channel-agent", data)
+test_fuzz_channel_host, test_fuzz_channel_host_raw_bytes = fuzz_tests("channel-host")
+test_fuzz_channel_agent, test_fuzz_channel_agent_raw_bytes = fuzz_tests("channel-agent")

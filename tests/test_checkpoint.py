@@ -279,3 +279,34 @@ def test_a_checkpoint_others_stack_on_is_removed_only_with_its_chain(tmp_path: P
         ckpt.remove(hv, "root")
     ckpt.remove(hv, "root", with_chain=True)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["other"]
+
+
+def test_vm_rm_deletes_the_image_a_killed_migration_left_in_the_suspend_folder(store: Path, tmp_path: Path) -> None:
+    """A target killed with SIGKILL after its save runs no cleanup: its image stays in the tmpfs
+    suspend folder (and in RAM). ``vm rm`` deletes it with the clone; nothing else there goes."""
+    import signal
+    import subprocess
+    import sys
+
+    shm = tmp_path / "shm"
+    shm.mkdir(mode=0o1777)
+    saver = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom pathlib import Path\nfrom migration.suspenddir import suspend_image\n"
+         "p = suspend_image(Path(sys.argv[1]), Path(sys.argv[2]), 1 << 20)\np.write_bytes(b'saved RAM')\n"
+         "print(p, flush=True)\nsys.stdin.read()\n", str(store / "clones" / "c1"), str(shm)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert saver.stdout is not None
+    image = Path(saver.stdout.readline().strip())
+    saver.send_signal(signal.SIGKILL)
+    assert saver.wait() == -signal.SIGKILL
+    assert image.read_bytes() == b"saved RAM"
+    other = image.with_name("c2.sav")
+    other.write_bytes(b"another clone's")
+    assert main(["--connect", TEST_URI, "vm", "rm", "c1", "--suspend-dir", str(shm)]) == 0
+    assert not image.exists() and not (store / "clones" / "c1").exists()
+    assert other.read_bytes() == b"another clone's" and (store / "clones" / "c2").is_dir()
+    # the environment's folder is the default (a process of its own: main's parser is built once)
+    r = subprocess.run([sys.executable, "-m", "cli.main", "--connect", TEST_URI, "vm", "rm", "c2"], text=True,
+                       capture_output=True, env={**os.environ, "REPLAY_MIGRATE_SUSPEND_DIR": str(shm)}, check=False)
+    assert r.returncode == 0, r.stderr
+    assert not other.exists()

@@ -24,7 +24,8 @@ class Package:
 
 LAYOUT: tuple[Package, ...] = (
     Package("replay_migrate", "shared root: version, the exception hierarchy, safe file opening and cache-file "
-            "writes, the external-tool runner, the libvirt save-header codec (stdlib only: the guest runs it too)",
+            "writes, sparse copies and moves, the external-tool runner, the libvirt save-header codec (stdlib "
+            "only: the guest runs it too)",
             ()),
     Package("recorder", "in-guest agent (capture, sync marks, the virtio-serial channel); the input-log codec "
             "(sans-I/O)", ("replay_migrate",)),

@@ -3,7 +3,6 @@ LogFormatError (property tests: every split point, every truncation, fuzzed byte
 
 from __future__ import annotations
 
-import random
 import struct
 import zlib
 from pathlib import Path
@@ -11,10 +10,10 @@ from typing import Any
 
 import msgpack
 import pytest
+from fuzzkit import fuzz_tests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench.fuzz_targets import fuzz_one
 from recorder import logformat as lf
 from recorder.logformat import (
     Button,
@@ -468,23 +467,9 @@ def test_write_read_log_and_main(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert lf.main([str(tmp_path / "missing")]) == 1
 
 
-# -- fuzz: the target `make fuzz` runs on 100,000 inputs (bench/fuzz_targets.py), here on a few ----------
+# -- fuzz: the target `make fuzz` runs on 100,000 inputs (bench/fuzz_targets), here on a few -------------
 
-FUZZ = settings(max_examples=200, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-
-@FUZZ
-@given(st.randoms(use_true_random=False))
-def test_fuzz_log(rng: random.Random) -> None:
-    """Structurally valid inputs, mutated: the decoder lets out LogFormatError."""
-    fuzz_one("log", rng)
-
-
-@FUZZ
-@given(st.binary(max_size=2048))
-def test_fuzz_log_raw_bytes(data: bytes) -> None:
-    fuzz_one("log", data)
+test_fuzz_log, test_fuzz_log_raw_bytes = fuzz_tests("log", examples=200)
 
 
 def test_a_relay_ends_a_log_it_did_not_encode() -> None:

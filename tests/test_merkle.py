@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import random
 import struct
 import threading
 import tracemalloc
@@ -15,10 +14,8 @@ import blake3
 import numpy as np
 import pytest
 import zstandard
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from fuzzkit import fuzz_tests
 
-from bench.fuzz_targets import fuzz_one
 from differ import merkle
 from differ.memsource import MemorySource
 from differ.merkle import (
@@ -399,20 +396,6 @@ def test_bad_known_arrays_raise_image_error(zi: list[int], gi: list[int]) -> Non
         MerkleTree.build(src, workers=1)
 
 
-# -- fuzz: the target `make fuzz` runs on 100,000 inputs (bench/fuzz_targets.py), here on a few ----------
+# -- fuzz: the target `make fuzz` runs on 100,000 inputs (bench/fuzz_targets), here on a few -------------
 
-FUZZ = settings(max_examples=150, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-
-@FUZZ
-@given(st.randoms(use_true_random=False))
-def test_fuzz_tree_file(rng: random.Random) -> None:
-    """Structurally valid inputs, mutated: the decoder lets out ImageError."""
-    fuzz_one("tree-file", rng)
-
-
-@FUZZ
-@given(st.binary(max_size=2048))
-def test_fuzz_tree_file_raw_bytes(data: bytes) -> None:
-    fuzz_one("tree-file", data)
+test_fuzz_tree_file, test_fuzz_tree_file_raw_bytes = fuzz_tests("tree-file")

@@ -15,10 +15,10 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -401,37 +401,54 @@ def test_a_signal_during_the_suspend_restores_the_source(when: str, event: int, 
     assert_source_runs_as_it_was(hv, source.name)
 
 
+@dataclass(frozen=True)
+class Served:
+    """A running ``serve`` and one session made there by ``session new``: its credential files."""
+
+    url: str
+    source: Path
+    target: Path
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    """The README's first two steps, each its own process: ``serve`` on a free loopback port, then
+    ``session new`` there; the service gets SIGTERM (and must end) after the test."""
+    env_token = {TOKEN_ENV: os.urandom(12).hex()}
+    serve = _child(["serve", "--listen", "127.0.0.1:0"], env=env_token)
+    try:
+        assert serve.stdout is not None
+        url = serve.stdout.readline().split()[-1]           # "serving on ws://127.0.0.1:PORT"
+        assert url.startswith("ws://"), url
+        creds = Served(url, tmp_path / "source.credential", tmp_path / "target.credential")
+        made = _child(["session", "new", "--to", url, "--source-credential", str(creds.source),
+                       "--target-credential", str(creds.target)], env=env_token)
+        code, err = _finish(made)
+        assert code == 0, err
+        yield creds
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        _finish(serve)
+
+
 @pytest.mark.vm
 @pytest.mark.parametrize("stopped", ["record", "follow"])
 def test_separate_processes_cancel_each_other(stopped: str, make_clone: Callable[..., Machine], hv: Hypervisor,
-                                              checkpoint: ckpt.Checkpoint, events: DomainEvents) -> None:
+                                              checkpoint: ckpt.Checkpoint, events: DomainEvents,
+                                              served: Served) -> None:
     """`record --to` and `follow` as the two sites run them: SIGTERM to one while the log streams
     ends both. The one signalled exits 143; the other learns from the session at once and exits
     with its error; the source runs on untouched and the target's clone is removed."""
     source = make_clone()
     source.wait_agent()
     target = f"{ckpt.DOMAIN_PREFIX}test-{os.getpid()}-{stopped}-target"
-    token = os.urandom(12).hex()
-    env_token = {TOKEN_ENV: token}
-    serve = _child(["serve", "--listen", "127.0.0.1:0"], env=env_token)
-    try:
-        assert serve.stdout is not None
-        url = serve.stdout.readline().split()[-1]           # "serving on ws://127.0.0.1:PORT"
-        assert url.startswith("ws://"), url
-        creds = Path(tempfile.mkdtemp(prefix="rm-creds-"))
-        made = _child(["session", "new", "--to", url, "--source-credential", str(creds / "source"),
-                       "--target-credential", str(creds / "target")], env=env_token)
-        assert _finish(made)[0] == 0
-        mark = len(events.seen)
-        follow = _child(["follow", "--from", url, "--credential", str(creds / "target"), "--checkpoint",
-                         checkpoint.name, "--name", target])
-        record = _child(["record", source.name, "--to", url, "--credential", str(creds / "source")])
-        events.wait_for(target, libvirt.VIR_DOMAIN_EVENT_STARTED, after=mark)
-        (record if stopped == "record" else follow).send_signal(signal.SIGTERM)
-        (rc, rerr), (fc, ferr) = _finish(record), _finish(follow)
-    finally:
-        serve.send_signal(signal.SIGTERM)
-        _finish(serve)
+    mark = len(events.seen)
+    follow = _child(["follow", "--from", served.url, "--credential", str(served.target), "--checkpoint",
+                     checkpoint.name, "--name", target])
+    record = _child(["record", source.name, "--to", served.url, "--credential", str(served.source)])
+    events.wait_for(target, libvirt.VIR_DOMAIN_EVENT_STARTED, after=mark)
+    (record if stopped == "record" else follow).send_signal(signal.SIGTERM)
+    (rc, rerr), (fc, ferr) = _finish(record), _finish(follow)
     signalled, other = ((rc, rerr), (fc, ferr)) if stopped == "record" else ((fc, ferr), (rc, rerr))
     assert signalled[0] == 128 + signal.SIGTERM, signalled[1]
     assert other[0] not in (0, 1), other[1]                 # the project's error, not a traceback
@@ -442,7 +459,8 @@ def test_separate_processes_cancel_each_other(stopped: str, make_clone: Callable
 
 @pytest.mark.vm
 def test_separate_processes_print_the_same_whole_report(make_clone: Callable[..., Machine], hv: Hypervisor,
-                                                        checkpoint: ckpt.Checkpoint, events: DomainEvents) -> None:
+                                                        checkpoint: ckpt.Checkpoint, events: DomainEvents,
+                                                        served: Served) -> None:
     """Issue 12 item 5: the README's recipe, each step its own process (`serve`; `follow` at the
     target; `record --to` and `suspend` at the source). Each side printed only its half and zeros
     for the rest; now `follow --json` and `suspend --json` print the same object, every figure
@@ -450,27 +468,14 @@ def test_separate_processes_print_the_same_whole_report(make_clone: Callable[...
     source = make_clone()
     source.wait_agent()
     target = f"{ckpt.DOMAIN_PREFIX}test-{os.getpid()}-whole-target"
-    token = os.urandom(12).hex()
-    env_token = {TOKEN_ENV: token}
-    serve = _child(["serve", "--listen", "127.0.0.1:0"], env=env_token)
-    try:
-        assert serve.stdout is not None
-        url = serve.stdout.readline().split()[-1]           # "serving on ws://127.0.0.1:PORT"
-        creds = Path(tempfile.mkdtemp(prefix="rm-creds-"))
-        made = _child(["session", "new", "--to", url, "--source-credential", str(creds / "source"),
-                       "--target-credential", str(creds / "target")], env=env_token)
-        assert _finish(made)[0] == 0
-        mark = len(events.seen)
-        follow = _child(["follow", "--from", url, "--credential", str(creds / "target"), "--checkpoint",
-                         checkpoint.name, "--name", target, "--json"])
-        record = _child(["record", source.name, "--to", url, "--credential", str(creds / "source"), "--json"])
-        events.wait_for(target, libvirt.VIR_DOMAIN_EVENT_STARTED, after=mark)
-        drive(source, parse_workload('click 250 400\ntype "echo whole > /root/whole.txt; sync\\n"\nwait 1'))
-        suspend = _child(["suspend", source.name, "--json"])
-        (sc, sout, serr), (rc, rout, rerr), (fc, fout, ferr) = _outputs(suspend), _outputs(record), _outputs(follow)
-    finally:
-        serve.send_signal(signal.SIGTERM)
-        _finish(serve)
+    mark = len(events.seen)
+    follow = _child(["follow", "--from", served.url, "--credential", str(served.target), "--checkpoint",
+                     checkpoint.name, "--name", target, "--json"])
+    record = _child(["record", source.name, "--to", served.url, "--credential", str(served.source), "--json"])
+    events.wait_for(target, libvirt.VIR_DOMAIN_EVENT_STARTED, after=mark)
+    drive(source, parse_workload('click 250 400\ntype "echo whole > /root/whole.txt; sync\\n"\nwait 1'))
+    suspend = _child(["suspend", source.name, "--json"])
+    (sc, sout, serr), (rc, rout, rerr), (fc, fout, ferr) = _outputs(suspend), _outputs(record), _outputs(follow)
     assert (sc, rc, fc) == (0, 0, 0), serr + rerr + ferr
     at_source, by_recorder, at_target = json.loads(sout), json.loads(rout), json.loads(fout)
     assert at_source == by_recorder == at_target

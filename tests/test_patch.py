@@ -25,7 +25,6 @@ from differ.patch import (
     Qcow2OverlaySink,
     RawImageSink,
     open_sink,
-    sparse_copy,
 )
 from differ.source import LEAF_SIZE, BlockSink, BlockSource
 from replay_migrate.errors import ImageError
@@ -174,22 +173,6 @@ def test_raw_sink(tmp_path: Path) -> None:
         sink.commit()
     assert filecmp.cmp(a, b, shallow=False)
     assert allocated(b) <= allocated(a)
-
-
-def test_sparse_copy_punches_zero_pages(tmp_path: Path) -> None:
-    src, dst = tmp_path / "s", tmp_path / "d"
-    with open(src, "wb") as f:
-        f.write(os.urandom(LEAF_SIZE) + bytes(20 * LEAF_SIZE) + os.urandom(100))  # zeros as data
-        f.truncate(64 * LEAF_SIZE + 7)
-    os.chmod(src, 0o640)
-    assert sparse_copy(src, dst) in ("reflink", "sparse")
-    assert filecmp.cmp(src, dst, shallow=False)
-    assert os.stat(dst).st_mode & 0o777 == 0o640
-    assert allocated(dst) <= allocated(src)
-    with pytest.raises(ImageError, match="cannot create"):
-        sparse_copy(src, dst)  # never overwrites
-    with pytest.raises(ImageError, match="cannot open"):
-        sparse_copy(tmp_path / "missing", tmp_path / "x")
 
 
 # ---------------------------------------------------------------- qcow2 overlays

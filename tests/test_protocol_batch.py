@@ -6,14 +6,17 @@ from __future__ import annotations
 import struct
 import tracemalloc
 from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
 
+import blake3
 import msgpack
 import pytest
 import zstandard
 from diffpair import PAGE, Pair, one, pump, rand, replayed
 
 from differ.merkle import MerkleTree
-from differ.protocol import SourceState, TargetState
+from differ.protocol import SourceState, TargetState, batch
 from replay_migrate.errors import ProtocolError, VerificationError
 
 
@@ -243,3 +246,27 @@ def test_an_xor_against_a_similar_leaf_needs_the_base_relative_walk() -> None:
 
     with pytest.raises(ProtocolError, match="a base leaf the target does not have"):
         pump(pair, tamper)
+
+
+def test_a_leaf_held_or_received_once_is_hashed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four leaves refer to one leaf the target holds, three carry one new content (one sent, two
+    duplicates): the batch hashes each content once, not once per position."""
+    hashed: list[bytes] = []
+
+    def counting(data: bytes = b"", **kw: Any) -> Any:
+        hashed.append(bytes(data))
+        return blake3.blake3(data, **kw)
+
+    monkeypatch.setattr(batch, "blake3", SimpleNamespace(blake3=counting))
+    b = rand(64 * PAGE)
+    a = bytearray(b)
+    held, new = b[3 * PAGE : 4 * PAGE], rand(PAGE, 9)
+    for k in (10, 20, 30, 40):
+        a[k * PAGE : (k + 1) * PAGE] = held
+    for k in (12, 22, 32):
+        a[k * PAGE : (k + 1) * PAGE] = new
+    pair = one(bytes(a), b)
+    img = pair.run().images["disk"]
+    assert (img.referenced, img.duplicate, img.full, pair.target.stats.batches) == (4, 2, 1, 1)
+    assert pair.data() == bytes(a)
+    assert sorted(hashed) == sorted([held, new])

@@ -3,15 +3,11 @@ allocating by what the target announces; the leaves it sends are read ahead thro
 
 from __future__ import annotations
 
-import random
-
 import msgpack
 import pytest
 from diffpair import PAGE, V, hello_bytes, one, peak_of, rand, replayed, walk_to_want
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from fuzzkit import fuzz_tests
 
-from bench.fuzz_targets import fuzz_one
 from differ.merkle import MerkleTree
 from differ.protocol import Holding, ImageSpec, Of, ProtocolParams, ReadLeaves, Source, SourceState
 from differ.protocol.params import READ_RUN
@@ -141,21 +137,6 @@ def test_resume_is_refused_outside_the_block_phase_and_beyond_what_was_sent() ->
     assert src.state is SourceState.IDLE
 
 
-# -- fuzz: the target `make fuzz` runs on 100,000 inputs (bench/fuzz_targets.py), here on a few ----------
+# -- fuzz: the target `make fuzz` runs on 100,000 inputs (bench/fuzz_targets), here on a few -------------
 
-FUZZ = settings(max_examples=150, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-
-@FUZZ
-@given(st.randoms(use_true_random=False))
-def test_fuzz_protocol_source(rng: random.Random) -> None:
-    """Structurally valid inputs, mutated: the decoder lets out ProtocolError."""
-    fuzz_one("protocol-source", rng)
-
-
-@FUZZ
-@given(st.binary(max_size=2048))
-def test_fuzz_protocol_source_raw_bytes(data: bytes) -> None:
-    fuzz_one("protocol-source", data)
-
+test_fuzz_protocol_source, test_fuzz_protocol_source_raw_bytes = fuzz_tests("protocol-source")

@@ -11,10 +11,10 @@ import blake3
 import msgpack
 import pytest
 from diffpair import PAGE, InPlaceImage, InPlaceSink, Pair, mtype, one, peak_of, rand, replayed, tree_bytes
+from fuzzkit import fuzz_tests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench.fuzz_targets import fuzz_one
 from differ import merkle
 from differ.memsource import MemoryImage, MemorySink, MemorySource
 from differ.merkle import MerkleTree
@@ -521,22 +521,6 @@ def test_a_failed_target_tells_the_source() -> None:
     assert pair.source.state is SourceState.FAILED and pair.sinks["disk"].aborted
 
 
-# -- fuzz: the target `make fuzz` runs on 100,000 inputs (bench/fuzz_targets.py), here on a few ----------
+# -- fuzz: the target `make fuzz` runs on 100,000 inputs (bench/fuzz_targets), here on a few -------------
 
-FUZZ = settings(max_examples=150, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-
-@FUZZ
-@given(st.randoms(use_true_random=False))
-def test_fuzz_protocol_target(rng: random.Random) -> None:
-    """Recorded transfers, a message mutated: the target lets out only project errors, and if it
-    verifies, it committed the source's bytes."""
-    fuzz_one("protocol-target", rng)
-
-
-@FUZZ
-@given(st.binary(max_size=2048))
-def test_fuzz_protocol_target_raw_bytes(data: bytes) -> None:
-    fuzz_one("protocol-target", data)
-
+test_fuzz_protocol_target, test_fuzz_protocol_target_raw_bytes = fuzz_tests("protocol-target")

@@ -4,17 +4,14 @@ images); the one codec both the VM layer and ``differ.saveimage`` go through."""
 from __future__ import annotations
 
 import os
-import random
 import threading
 import tracemalloc
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from fuzzkit import fuzz_tests
 from test_saveimage import build_save_image
 
-from bench.fuzz_targets import fuzz_one
 from differ.saveimage import parse_save_image
 from replay_migrate.errors import ImageError
 from replay_migrate.savefmt import (
@@ -198,20 +195,6 @@ def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
     assert out and isinstance(out[0], ImageError) and "not a regular file" in str(out[0])
 
 
-# -- fuzz: the target `make fuzz` runs on 100,000 inputs (bench/fuzz_targets.py), here on a few ----------
+# -- fuzz: the target `make fuzz` runs on 100,000 inputs (bench/fuzz_targets), here on a few -------------
 
-FUZZ = settings(max_examples=150, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-
-@FUZZ
-@given(st.randoms(use_true_random=False))
-def test_fuzz_save_header(rng: random.Random) -> None:
-    """Structurally valid inputs, mutated: the decoder lets out ImageError."""
-    fuzz_one("save-header", rng)
-
-
-@FUZZ
-@given(st.binary(max_size=2048))
-def test_fuzz_save_header_raw_bytes(data: bytes) -> None:
-    fuzz_one("save-header", data)
+test_fuzz_save_header, test_fuzz_save_header_raw_bytes = fuzz_tests("save-header")

@@ -20,13 +20,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from fuzzkit import fuzz_tests
 
-from bench.fuzz_targets import fuzz_one
 from differ import saveimage
-from differ.saveimage import ImageWriter, SaveImage, copy_range, data_extents, parse_save_image, punch_hole
+from differ.saveimage import ImageWriter, SaveImage, copy_range, parse_save_image, punch_hole
 from replay_migrate.errors import ImageError
+from replay_migrate.sparse import data_extents
 from vm.machine import Hypervisor, Machine
 
 PAGE = 4096
@@ -642,20 +641,6 @@ def test_patched_image_resumes_as_the_other_clone(make_clone: Callable[..., Mach
     assert back.exec("echo written-after-restore > /root/after.txt && sync && cat /root/after.txt").exit_code == 0
 
 
-# -- fuzz: the target `make fuzz` runs on 100,000 inputs (bench/fuzz_targets.py), here on a few ----------
+# -- fuzz: the target `make fuzz` runs on 100,000 inputs (bench/fuzz_targets), here on a few -------------
 
-FUZZ = settings(max_examples=150, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-
-@FUZZ
-@given(st.randoms(use_true_random=False))
-def test_fuzz_save_image(rng: random.Random) -> None:
-    """Structurally valid inputs, mutated: the decoder lets out ImageError."""
-    fuzz_one("save-image", rng)
-
-
-@FUZZ
-@given(st.binary(max_size=2048))
-def test_fuzz_save_image_raw_bytes(data: bytes) -> None:
-    fuzz_one("save-image", data)
+test_fuzz_save_image, test_fuzz_save_image_raw_bytes = fuzz_tests("save-image")

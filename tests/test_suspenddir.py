@@ -14,6 +14,8 @@ from migration.suspenddir import (
     SUBDIR,
     SUSPEND_DIR_ENV,
     has_room,
+    remove_saved_image,
+    saved_image_names,
     saved_images,
     suspend_dir_arg,
     suspend_dir_from_env,
@@ -100,3 +102,39 @@ def test_the_environment_names_the_default(monkeypatch: pytest.MonkeyPatch) -> N
     assert suspend_dir_from_env() is None
     monkeypatch.setenv(SUSPEND_DIR_ENV, "/dev/shm")
     assert suspend_dir_from_env() == "/dev/shm"
+
+
+def test_removing_a_saved_image_deletes_only_that_clones(tmp_path: Path, run_dir: Path) -> None:
+    shm = tmp_path / "shm"
+    image = suspend_image(run_dir, shm, 1 << 20)
+    image.write_bytes(b"ram")
+    (image.parent / "rm-b.sav").write_bytes(b"ram")
+    assert saved_image_names(shm) == ["rm-a", "rm-b"]
+    assert remove_saved_image("rm-a", shm) == image and not image.exists()
+    assert remove_saved_image("rm-a", shm) is None and remove_saved_image("rm-a", None) is None
+    assert remove_saved_image("rm-a", tmp_path / "no-such-folder") is None
+    assert saved_image_names(shm) == ["rm-b"]
+    with pytest.raises(UsageError):
+        remove_saved_image("../rm-b", shm)
+    assert (image.parent / "rm-b.sav").exists()
+
+
+def test_nothing_is_deleted_through_a_folder_or_a_link_not_ours(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "rm-a.sav").write_bytes(b"precious")
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    (shm / SUBDIR).symlink_to(victim)
+    with pytest.raises(UsageError, match="not a private folder"):
+        remove_saved_image("rm-a", shm)
+    assert saved_image_names(shm) == []
+    (shm / SUBDIR).unlink()
+    (shm / SUBDIR).mkdir(mode=0o700)
+    (shm / SUBDIR / "rm-a.sav").symlink_to(victim / "rm-a.sav")
+    with pytest.raises(UsageError, match="not a regular file"):
+        remove_saved_image("rm-a", shm)
+    os.chmod(shm / SUBDIR, 0o777)
+    with pytest.raises(UsageError, match="not a private folder"):
+        remove_saved_image("rm-a", shm)
+    assert (victim / "rm-a.sav").read_bytes() == b"precious"

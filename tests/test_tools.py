@@ -104,3 +104,15 @@ def test_one_runner_for_every_tool() -> None:
             if "import subprocess" in text or "from subprocess" in text:
                 users.add(str(path.relative_to(root)))
     assert users == {"replay_migrate/tools.py", *LONG_LIVED}
+
+
+def test_a_passed_descriptor_reaches_the_tool_and_no_other_does() -> None:
+    r, w = os.pipe()
+    try:
+        run_tool(["bash", "-c", f"echo passed >&{w}"], what="bash", error=ImageError, pass_fds=(w,))
+        assert os.read(r, 100) == b"passed\n"
+        with pytest.raises(ImageError, match="Bad file descriptor"):
+            run_tool(["bash", "-c", f"echo leaked >&{w}"], what="bash", error=ImageError)
+    finally:
+        os.close(r)
+        os.close(w)

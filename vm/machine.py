@@ -36,6 +36,7 @@ import libvirt_qemu
 
 from replay_migrate import savefmt
 from replay_migrate.errors import HostError, ImageError, NoSuchDomainError, VMError
+from replay_migrate.sparse import sparse_copy
 from replay_migrate.tools import run_tool
 from vm import guest
 from vm.guest import ExecResult
@@ -95,13 +96,6 @@ def create_overlay(path: Path, backing: Path) -> None:
     path.unlink(missing_ok=True)
     run_tool(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", "qcow2", str(path)],
              what=f"{path}: qemu-img create (a new overlay)", error=ImageError)
-
-
-def sparse_copy(src: Path, dst: Path) -> None:
-    """Copy keeping holes (a 1 GiB memory image with 250 MiB in use copies in ~0.6 s)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    run_tool(["cp", "--sparse=always", "--reflink=auto", str(src), str(dst)], what=f"{src}: copying it to {dst}",
-             error=ImageError)
 
 
 class Hypervisor:
@@ -194,7 +188,8 @@ class Hypervisor:
         image = memory_image
         if copy:
             image = run_dir / "memory.sav"
-            sparse_copy(memory_image, image)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            sparse_copy(memory_image, image, replace=True)
         (run_dir / "serial.log").unlink(missing_ok=True)
         try:
             savefmt.rewrite_xml(image, xml)

@@ -5,7 +5,9 @@ rebuilt and checked against the source's digest before anything is written.
 Nothing here is allowed to trust the batch: a body is decompressed only as a zstd frame that
 declares exactly the bytes its entries need (:func:`differ.bounded.decompress_exact`), a batch
 may not need more than ``max_message_bytes``, and content the target proposed itself (a
-reference, its base's leaf, a duplicate) is hashed too: a stale tree would show here.
+reference, its base's leaf) is hashed too: a stale tree would show here. Each content is hashed
+once: a leaf several positions refer to once a batch, a duplicate not again (its original was
+verified on arrival, with the digest the duplicate takes).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from differ.merkle import leaf_length, zero_digest
 from differ.protocol.endpoint import read_leaves
 from differ.protocol.events import Holding, Of, Request, Result
 from differ.protocol.framing import Message
+from differ.protocol.index import Location
 from differ.protocol.leaves import fit, has_base_leaf, n_sub, xor
 from differ.protocol.messages import CONFIRMED, HOW, SENT, Ans, How, Req, binary, integer, unpack_bits
 from differ.protocol.params import ProtocolParams
@@ -193,6 +196,7 @@ def apply_batch(layout: Layout, plan: Plan, images: Sequence[ImageState], params
     rests, body = layout.rests, layout.body
     ready: list[Ready] = []
     b_off = r_off = 0
+    hashed: dict[Location, bytes] = {}  # a held leaf checked here → its bytes (several may refer to one)
     for j, entry in enumerate(layout.entries):
         kind, length = entry.kind, entry.length
         pos = layout.start + j
@@ -201,16 +205,24 @@ def apply_batch(layout: Layout, plan: Plan, images: Sequence[ImageState], params
         req = Req(int(plan.req[pos]))
         prefix = plan.prefix[pos].tobytes()
         data: bytes | None
+        check_held = kind is Ans.OK
         if kind is Ans.OK and req is Req.REF:
             assert plan.index is not None
-            digest = plan.index.digest(plan.ref[pos])
+            loc = plan.ref[pos]
+            digest = plan.index.digest(loc)
             data = referenced[pos]
+            # several positions may refer to one leaf the target holds: its bytes are hashed once
+            check_held = hashed.get(loc) != data
+            hashed[loc] = data
         elif kind is Ans.OK and req is Req.DUP:
             ref = plan.dup[pos]
             digest = plan.full[ref].tobytes()
             data = plan.dup_cache.get(ref)
             if data is None:
                 raise ProtocolError("duplicate of a leaf not received")
+            if len(data) != length:
+                raise ProtocolError("duplicate of a leaf of another length")
+            check_held = False  # what the cache holds was verified against this digest on arrival
         elif kind is Ans.OK and req is Req.BASE:
             assert im.base_view is not None
             digest = im.base_view.leaf(leaf)
@@ -242,7 +254,7 @@ def apply_batch(layout: Layout, plan: Plan, images: Sequence[ImageState], params
             digest = blake3.blake3(data).digest()
             if digest[: len(check)] != check:
                 raise VerificationError(f"image {im.name!r}: leaf {leaf} does not match the source's digest")
-        if kind not in SENT and data is not None and blake3.blake3(data).digest() != digest:
+        if check_held and data is not None and blake3.blake3(data).digest() != digest:
             # content the target proposed from what it holds: a stale tree would show here
             raise VerificationError(f"image {im.name!r}: leaf {leaf} does not match the source's digest")
         plan.full[pos] = np.frombuffer(digest, dtype=np.uint8)
