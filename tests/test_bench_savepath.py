@@ -59,5 +59,7 @@ def test_the_table_has_a_row_per_measured_method_with_medians() -> None:
     assert cells[5] == "1.65"               # libvirt after QEMU: median of 1.65, 0.65, 2.65
     assert cells[6] == "0.80 (0.40-1.20)"
     assert cells[9] == "1024 / 320"
+    failed = table([Result(METHODS["disk"], [], error="run 1: Unable to read from monitor")])
+    assert len(failed) == 3 and "failed: run 1: Unable to read from monitor" in failed[2]
     text = report([Result(METHODS["tmpfs"], runs)], [1.9, 1.7, 2.0], "bench")
     assert "| tmpfs | 3 |" in text and "1.90 s (median of 3" in text

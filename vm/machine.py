@@ -312,8 +312,9 @@ class Machine:
     def save(self, path: Path, *, channels: int = SAVE_CHANNELS) -> None:
         """Save memory + device state in the sparse format; the domain is gone afterwards.
         ``channels`` > 1: that many parallel channels write the RAM (libvirt's
-        ``parallel.channels``, QEMU's multifd over the sparse format). Callers pause first: a save
-        of a running TCG guest in this format crashed QEMU (bench/results/savepath.md)."""
+        ``parallel.channels``, QEMU's multifd over the sparse format). Never with
+        ``VIR_DOMAIN_SAVE_BYPASS_CACHE`` on the restore before it: that save crashed QEMU twice
+        (bench/results/savepath.md)."""
         self._require("save", MachineState.RUNNING, MachineState.PAUSED)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)
