@@ -25,16 +25,19 @@ BENCHES: list[tuple[str, list[str], bool]] = [
     ("service", [sys.executable, "-m", "bench.bench_service", "--out", str(HERE / "results")], True),
     ("chain", [sys.executable, str(HERE / "bench_chain.py"), "--out", str(HERE / "results")], True),
     ("roundtrip", [sys.executable, str(HERE / "roundtrip.py")], False),
+    # where a save and a restore of the guest spend their time, per libvirt save option (~3 min, one clone)
+    ("savepath", [sys.executable, "-m", "bench.bench_savepath", "--out", str(HERE / "results")], True),
     ("migration", [sys.executable, str(HERE / "bench_migration.py"), "--out", str(HERE / "results")], True),
     # issue 13's bytes levers (guest kernel arguments, the zstd level) on real migrations, each
     # variant beside its baseline: ~50 min, `make bench BENCH=levers`
     ("levers", [sys.executable, "-m", "bench.levers", "all", "--out", str(HERE / "results")], True),
 ]
-OPT_IN = frozenset({"service", "scaling", "chain", "levers"})
+OPT_IN = frozenset({"service", "scaling", "chain", "levers", "savepath"})
 """Benchmarks run only when named (the default run is every other one, under 30 minutes here): the
 load test (~8 min, `make loadtest`), the scaling of each phase with image size (~2.5 min and ~6.5 GiB
-of disk, `make bench-scaling`), the backing-chain reads (~2.5 min, `make bench BENCH=chain`) and the
-bytes levers on real migrations (~50 min, `make bench BENCH=levers`: bench/results/levers.md)."""
+of disk, `make bench-scaling`), the backing-chain reads (~2.5 min, `make bench BENCH=chain`), the
+bytes levers on real migrations (~50 min, `make bench BENCH=levers`: bench/results/levers.md) and
+where a save and a restore spend their time (~3 min, `make bench BENCH=savepath`)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -63,7 +63,9 @@ EXEC_TIMEOUT_S = 120.0
 MARK_TIMEOUT_S = 240.0
 """Default wait for a serial-console mark (a TCG boot to the desktop takes ~35 s)."""
 SAVE_CHANNELS = 1
-"""Channels that write (and read back) a saved state's RAM: 1, one stream (see ``Machine.save``)."""
+"""Channels that write (and read back) a saved state's RAM: 1, one multifd stream (see ``Machine.save``).
+More gain nothing here: QEMU writes the guest's ~320 MiB in ~0.3 s with one, and the rest of the
+save call is libvirt's teardown (bench/results/savepath.md)."""
 
 # libvirt prints every error to stderr by default; we raise ours instead
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -305,7 +307,9 @@ class Machine:
     def save(self, path: Path, *, channels: int = SAVE_CHANNELS) -> None:
         """Save memory + device state in the sparse format; the domain is gone afterwards.
         ``channels`` > 1: that many parallel channels write the RAM (libvirt's
-        ``parallel.channels``, QEMU's multifd over the sparse format)."""
+        ``parallel.channels``, QEMU's multifd over the sparse format). Never with
+        ``VIR_DOMAIN_SAVE_BYPASS_CACHE`` on the restore before it: that save crashed QEMU twice
+        (bench/results/savepath.md)."""
         self._require("save", MachineState.RUNNING, MachineState.PAUSED)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)
