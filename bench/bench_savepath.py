@@ -268,7 +268,28 @@ def table(results: Sequence[Result]) -> list[str]:
     return rows
 
 
-def report(results: Sequence[Result], zombies: Sequence[float], checkpoint: str) -> str:
+def libvirtd_reaper(proc: Path = Path("/proc")) -> str:
+    """Who reaps the QEMU processes libvirtd daemonizes: libvirtd's parent when that is a subreaper
+    (``tini`` from scripts/setup-host.sh), else PID 1; named by its command."""
+    def comm(pid: str) -> str:
+        try:
+            return (proc / pid / "comm").read_text().strip()
+        except OSError:
+            return "?"
+    for d in proc.iterdir():
+        if d.name.isdigit() and comm(d.name) == "libvirtd":
+            try:
+                ppid = (d / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            except (OSError, IndexError):
+                break
+            if ppid != "1":
+                return f"its parent `{comm(ppid)}` (a subreaper, started by scripts/setup-host.sh)"
+            break
+    return f"PID 1 (`{comm('1')}`)"
+
+
+def report(results: Sequence[Result], zombies: Sequence[float], checkpoint: str,
+           reaper: str = "PID 1") -> str:
     lines = [
         "# Save and restore: where the downtime's floor is",
         "",
@@ -280,8 +301,9 @@ def report(results: Sequence[Result], zombies: Sequence[float], checkpoint: str)
         *table(results),
         "",
         f"An orphaned process stays a zombie here for {_f(_med(zombies))} s (median of {len(zombies)}; "
-        f"{', '.join(f'{z:.2f}' for z in zombies)}): libvirt's save returns only once PID 1 reaped QEMU "
-        "(`virProcessKillPainfully` polls `kill(pid, 0)` every 200 ms, true for a zombie).",
+        f"{', '.join(f'{z:.2f}' for z in zombies)}) when PID 1 reaps it. libvirt's save returns only once "
+        "QEMU is reaped (`virProcessKillPainfully` polls `kill(pid, 0)` every 200 ms, true for a zombie); "
+        f"in this run QEMU was reaped by {reaper}.",
         "",
     ]
     return "\n".join(lines)
@@ -321,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             shm.unlink(missing_ok=True)
             ckpt.remove_clone(hv, CLONE)
-    text = report(results, zombies, args.checkpoint)
+    text = report(results, zombies, args.checkpoint, libvirtd_reaper())
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "savepath.md").write_text(text)

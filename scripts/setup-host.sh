@@ -5,7 +5,8 @@
 #   - bookworm-backports libvirt >= 11.2 and QEMU >= 9.0 (the sparse save format needs them)
 #   - the tools the image build, tests and benchmarks use (mmdebstrap, Xvfb, b3sum, rsync, haproxy, ...)
 #   - the libvirt-qemu user and kvm group, qemu.conf settings for a container without systemd
-#   - virtlogd and libvirtd started if not running; waits until qemu:///system answers
+#   - virtlogd and libvirtd started if not running (libvirtd under a reaper where PID 1 is not an
+#     init); waits until qemu:///system answers
 #   - the venv at .venv with libvirt-python built from source against the installed headers
 #   - the native leaf hashing library (differ/_leafhash.so) from blake3's C sources in Debian's
 #     librust-blake3-dev; where it cannot be installed or built, leaves are hashed in Python
@@ -23,7 +24,7 @@ log() { printf 'setup-host: %s\n' "$*" >&2; }
 export DEBIAN_FRONTEND=noninteractive
 BACKPORTS_PKGS=(qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev)
 PLAIN_PKGS=(pkg-config gcc python3-dev python3-venv mmdebstrap e2fsprogs zstd b3sum rsync iproute2
-            xvfb xdotool x11-utils python3-xlib python3-msgpack python3-pynput procps haproxy)
+            xvfb xdotool x11-utils python3-xlib python3-msgpack python3-pynput procps haproxy tini)
 
 version_ge() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" = "$2" ]; }
 installed_version() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null | sed 's/^[0-9]*://' || true; }
@@ -77,7 +78,30 @@ if [ "$restart_libvirtd" = 1 ] && pgrep -x libvirtd >/dev/null; then
   for _ in $(seq 50); do pgrep -x libvirtd >/dev/null || break; sleep 0.1; done
 fi
 pgrep -x virtlogd >/dev/null || { log "starting virtlogd"; virtlogd -d; }
-pgrep -x libvirtd >/dev/null || { log "starting libvirtd"; libvirtd -d; }
+# libvirtd daemonizes each QEMU, so a QEMU that exits is reaped by the nearest subreaper, else by
+# PID 1, and libvirt's save and destroy return only once QEMU's pid is gone. Where PID 1 is not an
+# init (this machine's left zombies ~1.8 s: bench/results/savepath.md) every save and destroy paid
+# that; `tini -s` above libvirtd reaps them at once. Under systemd PID 1 reaps promptly.
+pid1=$(cat /proc/1/comm 2>/dev/null || true)
+reaper_wanted=0
+case "$pid1" in systemd|init|tini|dumb-init|runit|s6-svscan) ;; *) reaper_wanted=1 ;; esac
+lvpid=$(pgrep -xo libvirtd || true)
+if [ -n "$lvpid" ] && [ "$reaper_wanted" = 1 ]; then
+  lvparent=$(ps -o ppid= -p "$lvpid" | tr -d ' ')
+  if [ "$(cat "/proc/$lvparent/comm" 2>/dev/null || true)" != tini ]; then
+    log "libvirtd runs without a reaper (PID 1 is $pid1): restarting it under tini -s"
+    pkill -x libvirtd || true
+    for _ in $(seq 50); do pgrep -x libvirtd >/dev/null || break; sleep 0.1; done
+  fi
+fi
+if ! pgrep -x libvirtd >/dev/null; then
+  if [ "$reaper_wanted" = 1 ]; then
+    log "starting libvirtd under tini -s (PID 1 is $pid1)"
+    setsid tini -s -- libvirtd </dev/null >>/var/log/libvirt/libvirtd-foreground.log 2>&1 &
+  else
+    log "starting libvirtd"; libvirtd -d
+  fi
+fi
 for i in $(seq 100); do
   virsh -c qemu:///system version >/dev/null 2>&1 && break
   [ "$i" = 100 ] && { log "libvirtd did not answer on qemu:///system within 20 s"; exit 1; }

@@ -13,7 +13,18 @@ import libvirt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_savepath import METHODS, Method, Result, Run, SaveWatcher, _running, report, save_params, table
+from bench.bench_savepath import (
+    METHODS,
+    Method,
+    Result,
+    Run,
+    SaveWatcher,
+    _running,
+    libvirtd_reaper,
+    report,
+    save_params,
+    table,
+)
 from replay_migrate import savefmt
 
 
@@ -63,3 +74,19 @@ def test_the_table_has_a_row_per_measured_method_with_medians() -> None:
     assert len(failed) == 3 and "failed: run 1: Unable to read from monitor" in failed[2]
     text = report([Result(METHODS["tmpfs"], runs)], [1.9, 1.7, 2.0], "bench")
     assert "| tmpfs | 3 |" in text and "1.90 s (median of 3" in text
+
+
+def test_the_reaper_is_libvirtds_parent_when_it_is_not_pid_1(tmp_path: Path) -> None:
+    def proc(pid: int, comm: str, ppid: int) -> None:
+        d = tmp_path / str(pid)
+        d.mkdir()
+        (d / "comm").write_text(comm + "\n")
+        (d / "stat").write_text(f"{pid} ({comm}) S {ppid} 1 1 0\n")
+    proc(1, "process_api", 0)
+    proc(40, "libvirtd", 1)
+    assert libvirtd_reaper(tmp_path) == "PID 1 (`process_api`)"
+    (tmp_path / "40" / "stat").write_text("40 (libvirtd) S 30 1 1 0\n")
+    proc(30, "tini", 1)
+    assert libvirtd_reaper(tmp_path).startswith("its parent `tini` (a subreaper")
+    text = report([], [1.9], "bench", libvirtd_reaper(tmp_path))
+    assert "when PID 1 reaps it" in text and "reaped by its parent `tini`" in text
