@@ -660,15 +660,14 @@ def add_suspend_dir_argument(p: argparse.ArgumentParser, *, rm: bool = False) ->
     """``--suspend-dir``: where a migration saves the VMs at suspend (``migration.suspenddir``);
     ``rm``: where commands that delete clones look for the images killed migrations left."""
     if rm:
-        p.add_argument("--suspend-dir", type=suspend_dir_arg, default=suspend_dir_from_env(), metavar="DIR",
-                       help="also delete the image each clone saved into DIR's private folder (a migration killed "
-                            f"after its suspend leaves it there; default: ${SUSPEND_DIR_ENV})")
-        return
+        what = ("also delete the image each clone saved into DIR's private folder, where a migration "
+                "killed after its suspend leaves it")
+    else:
+        what = ("save the VM at suspend into DIR (a tmpfs such as /dev/shm: the save, hashing, patching "
+                "and restore run at memory speed; a private subfolder is made there); without it, or when DIR "
+                "has no room for the guest's RAM, the clone's folder on the state disk")
     p.add_argument("--suspend-dir", type=suspend_dir_arg, default=suspend_dir_from_env(), metavar="DIR",
-                   help="save the VM at suspend into DIR (a tmpfs such as /dev/shm: the save, hashing, patching "
-                        "and restore run at memory speed; a private subfolder is made there); without it, or when DIR "
-                        f"has no room for the guest's RAM, the clone's folder on the state disk (default: "
-                        f"${SUSPEND_DIR_ENV})")
+                   help=f"{what} (default: ${SUSPEND_DIR_ENV})")
 
 
 def _chain_limit_arg(p: argparse.ArgumentParser) -> None:
