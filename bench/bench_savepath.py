@@ -13,7 +13,8 @@ of the call is libvirt's own teardown. The restore is split at QEMU's start (its
 The same run measures how long an orphaned process stays a zombie on this host: libvirt daemonizes
 QEMU, so after a save QEMU is reaped by PID 1 (or the nearest subreaper), and libvirt's
 ``virProcessKillPainfully`` polls ``kill(pid, 0)`` every 200 ms, which succeeds on a zombie: the
-save call cannot return before PID 1 reaps it. Writes ``savepath.md`` and ``savepath.json``.
+save call cannot return before QEMU is reaped (by PID 1, or by ``tini -s`` above libvirtd where
+scripts/setup-host.sh put it; the report names which). Writes ``savepath.md`` and ``savepath.json``.
 """
 
 from __future__ import annotations

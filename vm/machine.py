@@ -64,8 +64,9 @@ MARK_TIMEOUT_S = 240.0
 """Default wait for a serial-console mark (a TCG boot to the desktop takes ~35 s)."""
 SAVE_CHANNELS = 1
 """Channels that write (and read back) a saved state's RAM: 1, one multifd stream (see ``Machine.save``).
-More gain nothing here: QEMU writes the guest's ~320 MiB in ~0.3 s with one, and the rest of the
-save call is libvirt's teardown (bench/results/savepath.md)."""
+QEMU writes the guest's ~300 MiB in ~0.3-0.4 s with one. Two saved in 0.48 s against 0.67 s and
+restored in 0.68 s against 0.73 s (bench/results/savepath.md, libvirtd under a reaper); not the
+default until a migration run measures it (the image is the same sparse format either way)."""
 
 # libvirt prints every error to stderr by default; we raise ours instead
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
