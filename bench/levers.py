@@ -137,21 +137,18 @@ class Results:
                    [CostRow(**r) for r in d.get("cost", [])])
 
     def save(self, path: Path) -> None:
+        from replay_migrate.files import atomic_write
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"migrations": [asdict(r) for r in self.migrations],
-                                   "zstd": [asdict(r) for r in self.zstd],
-                                   "cost": [asdict(r) for r in self.cost]}, indent=2) + "\n")
-        tmp.replace(path)
+        atomic_write(path, (json.dumps({"migrations": [asdict(r) for r in self.migrations],
+                                        "zstd": [asdict(r) for r in self.zstd],
+                                        "cost": [asdict(r) for r in self.cost]}, indent=2) + "\n").encode(),
+                     durable=False)
 
 
 # ---- rendering (pure) ------------------------------------------------------------------------------
 def _pct(x: float) -> str:
     return "-" if x != x else f"{100 * x:.1f} %"
-
-
-def _kib(n: float) -> str:
-    return f"{n / 1024:,.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):,.2f} MiB"
 
 
 def migration_table(rows: Sequence[MigrationRow], cost: Sequence[CostRow]) -> str:
