@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -42,9 +43,9 @@ from typing import Any
 
 from replay_migrate import savefmt
 from replay_migrate.errors import BadNameError, CheckpointError, NoSuchDomainError, UsageError, VMError
-from replay_migrate.files import atomic_write
+from replay_migrate.files import atomic_write, locked
 from store.images import ensure_image, prune_images
-from store.paths import check_name, checkpoint_path, checkpoints_dir, clone_path, clones_dir
+from store.paths import check_name, checkpoint_path, checkpoints_dir, clone_path, clones_dir, state_root
 from vm.machine import Hypervisor, Machine, create_overlay, file_allocated, remove_run_dir
 from vm.probe import choose_virt
 from vm.spec import Boot, DomainSpec, GuestImage, VirtType, check_kernel_args
@@ -234,12 +235,41 @@ def kernel_args_for(given: Sequence[str] | None) -> tuple[str, ...]:
     return check_kernel_args(IMAGE_KERNEL_ARGS if given is None else given)
 
 
+CREATE_LOCK = ".create-{name}.lock"
+"""Held (in the checkpoints folder) while checkpoint ``name`` is checked and made: two commands
+making the same checkpoint at once would share its ``.partial`` folder and boot domain."""
+
+
+def creation_domain(name: str) -> str:
+    """The domain that boots checkpoint ``name`` while it is made: named after the state folder too
+    (a short digest of its path), so that two state folders on one libvirt host (a test root and the
+    user's, two sites' roots in a bench) making a checkpoint of the same name never remove each
+    other's booting domain."""
+    root = hashlib.sha256(os.fsencode(state_root().resolve())).hexdigest()[:8]
+    return f"{DOMAIN_PREFIX}ckpt-{check_name(name, 'checkpoint')}-{root}"
+
+
+def _creation_lock(name: str) -> contextlib.AbstractContextManager[None]:
+    """:data:`CREATE_LOCK` of checkpoint ``name`` (the name checked before it names a file)."""
+    checkpoint_path(name)
+    checkpoints_dir().mkdir(parents=True, exist_ok=True)
+    return locked(checkpoints_dir() / CREATE_LOCK.format(name=name))
+
+
 def create(hv: Hypervisor, name: str, *, memory_mib: int = 1024, settle_s: float = SETTLE_S,
            image: GuestImage | None = None, virt: VirtType | None = None,
            kernel_args: Sequence[str] | None = None) -> Checkpoint:
     """Boot the guest image to the settled desktop and save it as checkpoint ``name``;
     ``kernel_args`` are appended to the guest kernel's command line (checked first; None:
     :data:`IMAGE_KERNEL_ARGS`, ``()``: none)."""
+    with _creation_lock(name):
+        return _create(hv, name, memory_mib=memory_mib, settle_s=settle_s, image=image, virt=virt,
+                       kernel_args=kernel_args)
+
+
+def _create(hv: Hypervisor, name: str, *, memory_mib: int, settle_s: float, image: GuestImage | None,
+            virt: VirtType | None, kernel_args: Sequence[str] | None) -> Checkpoint:
+    """:func:`create`, its lock held."""
     ck = Checkpoint(checkpoint_path(name))
     args = kernel_args_for(kernel_args)
     if ck.dir.exists():
@@ -251,7 +281,7 @@ def create(hv: Hypervisor, name: str, *, memory_mib: int = 1024, settle_s: float
     log.info("creating checkpoint %s: booting the guest to its desktop (~1-2 min under TCG)", name)
     partial = ck.dir.with_name(name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    dom_name = f"{DOMAIN_PREFIX}ckpt-{name}"
+    dom_name = creation_domain(name)
     _remove_domain(hv, dom_name)
     create_overlay(partial / "disk.qcow2", image.base)
     spec = DomainSpec(name=dom_name, image=image, disk=partial / "disk.qcow2",
@@ -301,7 +331,12 @@ def ensure(hv: Hypervisor, name: str, **kw: Any) -> tuple[Checkpoint, bool]:
     """Checkpoint ``name`` for the current image recipe and ``kernel_args`` (None or not given:
     :data:`IMAGE_KERNEL_ARGS`): reused if it exists and matches, (re)created otherwise, so a
     checkpoint booted with other arguments (an older default) is remade. Returns (checkpoint, created)."""
-    ck = Checkpoint(checkpoint_path(name))
+    with _creation_lock(name):
+        return _ensure(hv, Checkpoint(checkpoint_path(name)), name, **kw)
+
+
+def _ensure(hv: Hypervisor, ck: Checkpoint, name: str, **kw: Any) -> tuple[Checkpoint, bool]:
+    """:func:`ensure`, its lock held."""
     image = ensure_image().image
     want_args = list(kernel_args_for(kw.get("kernel_args")))
     if ck.manifest_path.is_file():
@@ -313,7 +348,8 @@ def ensure(hv: Hypervisor, name: str, **kw: Any) -> tuple[Checkpoint, bool]:
         except CheckpointError as e:
             log.warning("recreating checkpoint %s: %s", name, e)
         remove(hv, name, with_chain=True)
-    ck = create(hv, name, image=image, **{**kw, "kernel_args": want_args})
+    ck = _create(hv, name, **{"memory_mib": 1024, "settle_s": SETTLE_S, "virt": None, **kw,
+                              "image": image, "kernel_args": want_args})
     for old in prune_images({image.recipe_hash} | {c.manifest.image_recipe for c in list_all()}):
         log.info("removed the unused guest image %s", old.name)
     return ck, True

@@ -3,18 +3,20 @@ that must never become paths outside the state folder."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from cli.fileargs import TEST_URI
 from cli.main import main
-from replay_migrate.errors import CheckpointError, ImageError, UsageError
+from replay_migrate.errors import BadNameError, CheckpointError, ImageError, UsageError
 from store import checkpoint as ckpt
 from store.images import recipe_hash
 from vm.machine import Hypervisor, Machine
@@ -310,3 +312,43 @@ def test_vm_rm_deletes_the_image_a_killed_migration_left_in_the_suspend_folder(s
                        capture_output=True, env={**os.environ, "REPLAY_MIGRATE_SUSPEND_DIR": str(shm)}, check=False)
     assert r.returncode == 0, r.stderr
     assert not other.exists()
+
+
+def test_creation_domain_is_named_after_the_state_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two state folders on one libvirt host making checkpoint ``demo`` at once boot two domains:
+    one root's create must not remove the other's booting domain (it did when both were
+    ``rm-ckpt-demo``)."""
+    monkeypatch.setenv("REPLAY_MIGRATE_STATE", str(tmp_path / "one"))
+    one = ckpt.creation_domain("demo")
+    assert one == ckpt.creation_domain("demo")
+    assert one.startswith(ckpt.DOMAIN_PREFIX + "ckpt-demo-")
+    monkeypatch.setenv("REPLAY_MIGRATE_STATE", str(tmp_path / "two"))
+    assert ckpt.creation_domain("demo") != one
+    for bad in BAD_NAMES:
+        with pytest.raises(BadNameError):
+            ckpt.creation_domain(bad)
+
+
+def test_create_waits_for_another_creation_of_the_same_name(store: Path) -> None:
+    """A second ``create`` of a name waits for the first (they would share the ``.partial`` folder)
+    and then finds the checkpoint made: refused, nothing booted (the libvirt connection is never used)."""
+    lock = store / "checkpoints" / ckpt.CREATE_LOCK.format(name="a")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    outcome: list[BaseException | None] = []
+
+    def second() -> None:
+        try:
+            ckpt.create(cast(Hypervisor, None), "a")
+            outcome.append(None)
+        except BaseException as e:      # the thread's outcome, checked below
+            outcome.append(e)
+
+    t = threading.Thread(target=second)
+    t.start()
+    t.join(0.5)
+    assert t.is_alive() and not outcome          # waiting on the lock
+    os.close(fd)
+    t.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], CheckpointError)
+    assert "exists already" in str(outcome[0])
