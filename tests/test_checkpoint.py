@@ -242,13 +242,18 @@ def clock_offset(m: Machine) -> float:
 def test_a_clone_starts_with_the_hosts_clock_and_no_copy_of_the_memory_image(
         make_clone: Callable[..., Machine], checkpoint: ckpt.Checkpoint) -> None:
     """A restored clone kept the checkpoint's wall-clock time (a guest showed 10:58 at 11:08), and
-    its 1 GiB (apparent) copy of the memory image stayed in its folder after the restore."""
+    its 1 GiB (apparent) copy of the memory image stayed in its folder after the restore. Its
+    kernel runs with the checkpoint's default arguments (``IMAGE_KERNEL_ARGS``)."""
     age = time.time() - checkpoint.manifest.created
     if age < 10:            # not a wait for anything: a fresh checkpoint's clock is not behind yet
         time.sleep(10 - age)
     m = make_clone()
     assert abs(clock_offset(m)) < 2.0, clock_offset(m)
     assert sorted(p.name for p in m.run_dir.glob("*.sav")) == []
+    # the kernel it runs was booted with the checkpoint's arguments (the image's defaults here)
+    cmdline = m.exec("cat /proc/cmdline").stdout.split()
+    assert checkpoint.manifest.kernel_args == list(ckpt.IMAGE_KERNEL_ARGS)
+    assert set(ckpt.IMAGE_KERNEL_ARGS) <= set(cmdline), cmdline
     paused = make_clone(paused=True)            # a paused clone is the caller's to resume and set
     assert sorted(p.name for p in paused.run_dir.glob("*.sav")) == []
 
