@@ -222,7 +222,8 @@ def mark_rows(results: Mapping[str, Any]) -> list[list[str]]:
 
 PHASE_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("target tail", ("target replay", "target settle", "target freeze", "target pause")),
-    ("save", ("source drain", "source save", "source screenshot", "target save")),
+    ("save", ("source drain", "source save", "source screenshot", "target save", "source save end",
+              "target save end")),
     ("hash", ("source open", "source hash", "source checkpoint trees", "target open", "target hash",
               "target checkpoint trees", "target copy")),
     ("walk", ("target walk", "source walk")),
@@ -232,7 +233,8 @@ PHASE_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("restore", ("target restore", "target agent", "target thaw")),
 )
 """The phases of ``migration.timeline`` in the groups issue 13 names (anything else: "other"):
-the target's tail (replay catching up, settle, freeze), the saves (the source's drain too), the
+the target's tail (replay catching up, settle, freeze), the saves (the source's drain too, and the
+rest of the save call after the image was whole when the hashing ended before it), the
 hashing (opening the images, the trees), the walk, the blocks (the source's reads in them),
 the patch writes, the verification (read-back, commit, telling the session), the restore (the
 guest agent answering and the file systems thawed: the user's programs wait until then)."""

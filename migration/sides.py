@@ -65,7 +65,7 @@ from migration import halves
 from migration.cancel import drop, in_thread
 from migration.diffio import AsyncAdapter
 from migration.halves import Figures, added, all_true, largest, local, measured_by, preferred
-from migration.suspenddir import suspend_image
+from migration.suspenddir import save_until_whole, suspend_image
 from migration.timeline import SOURCE, TARGET, Timeline, downtime_breakdown, excluded_seconds, merge
 from recorder.agent import DEFAULT_FRAME_MS, DEFAULT_SYNC_IDLE_MS
 from recorder.capture import DEFAULT_SYNC_SETTLE_MS
@@ -302,6 +302,24 @@ def _set_clock(m: Machine, log: logging.Logger) -> None:
         log.warning("could not set the clock of %s to the host's: %s", m.name, e)
 
 
+async def _save_ended(saving: asyncio.Task[None] | None, tl: Timeline) -> None:
+    """Wait for the save call whose image was whole before (``save_until_whole``; the hashing read
+    it meanwhile): its error, if any, raised here, before the walk relies on the saved state."""
+    if saving is not None:
+        with tl.phase("save end"):
+            await saving
+
+
+async def _save_settled(saving: asyncio.Task[None] | None, log: logging.Logger) -> None:
+    """On a failure: wait for a save call still running to end (nothing may touch the domain, to put
+    it back or discard it, before libvirt is done with it); its own error only logged."""
+    if saving is None:
+        return
+    await asyncio.wait({saving})
+    if not saving.cancelled() and saving.exception() is not None:
+        log.warning("the save failed too: %s", saving.exception())
+
+
 async def _give_up(client: SessionClient, e: BaseException, log: logging.Logger) -> None:
     """Fail the session so the peer learns at once (unless the session already ended)."""
     if isinstance(e, SessionFailedError):
@@ -353,6 +371,8 @@ class SourceSide:
         """What was forwarded, decoded: checked before it is sent on, and ended at suspend."""
         self._trees: asyncio.Task[CheckpointTrees] | None = None
         self._image: Path | None = None
+        self._saving: asyncio.Task[None] | None = None
+        """The save call at suspend, running on after its image is whole (``save_until_whole``)."""
         """Where ``suspend`` saves the VM (known before the save starts: a cancelled save may
         still have completed, and the cleanup restores from it)."""
         self.committing = False
@@ -469,7 +489,7 @@ class SourceSide:
                 await self.client.end_log()
             self._image = image = await in_thread(self._suspend_image)
             with tl.phase("save"):
-                await in_thread(m.save, image)
+                self._saving = await save_until_whole(m, image)
             self.saved_allocated_bytes = file_allocated(image)
             self.progress("saving", self.saved_allocated_bytes, 0)
             self.state_files = VmState(image, self.run_dir / "disk.qcow2", self.checkpoint)
@@ -479,6 +499,7 @@ class SourceSide:
                 await self.client.wait_confirmed(CONFIRM_TIMEOUT_S)
             self.t_confirmed = time.monotonic()
         except BaseException as e:
+            await asyncio.shield(_save_settled(self._saving, self.log))
             if self.client.confirmed or (isinstance(e, SessionFailedError) and not e.keep_vm):
                 raise      # the target runs the VM now: the source must not come back too
             await asyncio.shield(_give_up(self.client, e, self.log))
@@ -545,6 +566,7 @@ class SourceSide:
             t0 = time.monotonic()
             with tl.phase("hash"):
                 mine = await asyncio.to_thread(build_trees, sources)
+            await _save_ended(self._saving, tl)
             with tl.phase("open"):
                 bases = checkpoint_images(self.checkpoint, trees, stack)
                 core, io = make_source(source_images(sources, mine, bases), self.params)
@@ -694,6 +716,8 @@ class TargetSide:
         """Where to save the replayed clone at suspend, patch it and restore it from
         (``migration.suspenddir``: a tmpfs folder; None, or no room there: the clone's folder)."""
         self._image: Path | None = None
+        self._saving: asyncio.Task[None] | None = None
+        """The save call at suspend, running on after its image is whole (``save_until_whole``)."""
         self.in_place = in_place
         """Patch the clone's own images (``differ.patch``: no copy; an abort deletes them, and the
         clone is discarded on any failure anyway). False: patch copies, as ``sync`` does."""
@@ -761,6 +785,7 @@ class TargetSide:
                 raise
             if self._trees is not None:
                 self._trees.cancel()
+            await asyncio.shield(_save_settled(self._saving, self.log))
             await asyncio.shield(_give_up(self.client, e, self.log))
             await asyncio.shield(in_thread(self._discard))
             raise
@@ -859,7 +884,7 @@ class TargetSide:
         self.progress("saving", 0, 0)
         self._image = image = await in_thread(suspend_image, run_dir, self.suspend_dir, m.memory_bytes())
         with tl.phase("save"):
-            await in_thread(m.save, image)
+            self._saving = await save_until_whole(m, image)
         state = VmState(image, run_dir / "disk.qcow2", self.checkpoint)
         self.progress("saving", file_allocated(image), 0)
         if self.on_saved is not None:
@@ -885,6 +910,7 @@ class TargetSide:
             try:
                 with tl.phase("hash"):
                     mine = await in_thread(build_trees, sources)
+                await _save_ended(self._saving, tl)
             except BaseException:
                 with contextlib.suppress(BaseException):
                     for sink in (await copying).values():

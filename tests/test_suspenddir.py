@@ -4,7 +4,9 @@ tmpfs when it has room, the clone's folder otherwise; nothing another user plant
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,14 +16,17 @@ from migration.suspenddir import (
     SUBDIR,
     SUSPEND_DIR_ENV,
     has_room,
+    image_whole,
     remove_saved_image,
+    save_until_whole,
     saved_image_names,
     saved_images,
     suspend_dir_arg,
     suspend_dir_from_env,
     suspend_image,
 )
-from replay_migrate.errors import UsageError
+from replay_migrate import savefmt
+from replay_migrate.errors import UsageError, VMError
 
 
 @pytest.fixture
@@ -138,3 +143,86 @@ def test_nothing_is_deleted_through_a_folder_or_a_link_not_ours(tmp_path: Path) 
     with pytest.raises(UsageError, match="not a private folder"):
         remove_saved_image("rm-a", shm)
     assert (victim / "rm-a.sav").read_bytes() == b"precious"
+
+
+class SlowSave:
+    """A save as libvirt's goes, in steps the test releases: the header with the partial magic, then
+    the final magic (QEMU done), then the call's return (libvirt stopping QEMU). Each step waits on
+    its own event; ``fail_at`` makes a step raise instead."""
+
+    def __init__(self, fail_at: str | None = None) -> None:
+        self.steps = {k: threading.Event() for k in ("partial", "whole", "return")}
+        self.fail_at = fail_at
+        self.found_old = False
+
+    def save(self, path: Path) -> None:
+        self.found_old = path.exists()
+        for step, magic in (("partial", savefmt.PARTIAL_MAGIC), ("whole", savefmt.MAGIC), ("return", None)):
+            assert self.steps[step].wait(10)
+            if self.fail_at == step:
+                raise VMError(f"save failed at {step}")
+            if magic is not None:
+                with open(path, "r+b" if path.exists() else "wb") as f:
+                    f.write(magic + bytes(64))
+
+    def release(self, *steps: str) -> None:
+        for step in steps:
+            self.steps[step].set()
+
+
+def test_the_save_returns_once_its_image_is_whole_and_runs_on(tmp_path: Path) -> None:
+    """The hashing starts when the image is whole, not when libvirt's call returns (0.2-0.6 s later,
+    its QEMU stopped): the returned task is the call, still running."""
+    image = tmp_path / "s.sav"
+    image.write_bytes(savefmt.MAGIC + bytes(64))         # an older image of that name: not this one
+    saver = SlowSave()
+
+    async def run() -> None:
+        saver.release("partial")
+        waiting = asyncio.ensure_future(save_until_whole(saver, image, poll_s=0.001))
+        done, _ = await asyncio.wait({waiting}, timeout=0.2)
+        assert not done and not image_whole(image)       # partial header: still saving
+        saver.release("whole")
+        task = await asyncio.wait_for(waiting, 10)
+        assert image_whole(image) and not task.done()
+        saver.release("return")
+        await asyncio.wait_for(task, 10)
+
+    asyncio.run(run())
+    assert not saver.found_old
+
+
+@pytest.mark.parametrize("fail_at", ["partial", "whole"])
+def test_a_save_that_fails_before_its_image_is_whole_raises(tmp_path: Path, fail_at: str) -> None:
+    saver = SlowSave(fail_at)
+    saver.release("partial", "whole", "return")
+    with pytest.raises(VMError, match=f"failed at {fail_at}"):
+        asyncio.run(save_until_whole(saver, tmp_path / "s.sav", poll_s=0.001))
+
+
+def test_a_save_that_fails_after_its_image_is_whole_raises_from_its_task(tmp_path: Path) -> None:
+    """libvirt may still fail the call after the image is whole: the caller learns it from the task
+    before it relies on the save."""
+    saver = SlowSave("return")
+    saver.release("partial", "whole")
+
+    async def run() -> None:
+        task = await save_until_whole(saver, tmp_path / "s.sav", poll_s=0.001)
+        saver.release("return")
+        with pytest.raises(VMError, match="failed at return"):
+            await task
+
+    asyncio.run(run())
+
+
+def test_image_whole_reads_only_a_final_regular_header(tmp_path: Path) -> None:
+    assert not image_whole(tmp_path / "missing.sav")
+    (tmp_path / "empty.sav").write_bytes(b"")
+    assert not image_whole(tmp_path / "empty.sav")
+    (tmp_path / "part.sav").write_bytes(savefmt.PARTIAL_MAGIC + bytes(64))
+    assert not image_whole(tmp_path / "part.sav")
+    (tmp_path / "whole.sav").write_bytes(savefmt.MAGIC + bytes(64))
+    assert image_whole(tmp_path / "whole.sav")
+    (tmp_path / "link.sav").symlink_to(tmp_path / "whole.sav")
+    with pytest.raises(OSError):
+        image_whole(tmp_path / "link.sav")
