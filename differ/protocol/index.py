@@ -42,14 +42,13 @@ def _words(digests: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
 
 
 def rows_equal(digests: npt.NDArray[np.uint8], digest: bytes) -> npt.NDArray[np.bool_]:
-    """Which rows of ``digests`` (``(n, 32) uint8``) are ``digest``: the first 8 bytes compared as
-    one word, the rest only where those match (a digest's first word rarely matches by chance)."""
-    d = _words(digests)
-    want = np.frombuffer(digest, dtype=np.uint8)
-    out: npt.NDArray[np.bool_] = d.view("<u8")[:, 0] == want[:8].view("<u8")[0]
-    cand = np.flatnonzero(out)
-    if len(cand):
-        out[cand] = (d[cand] == want).all(axis=1)
+    """Which rows of ``digests`` (``(n, 32) uint8``) are ``digest``, compared as four 64-bit words
+    (a byte-wise compare and ``all`` over 32 columns costs several times more)."""
+    w = _words(digests).view("<u8")
+    want = np.frombuffer(digest, dtype="<u8")
+    out: npt.NDArray[np.bool_] = w[:, 0] == want[0]
+    for k in range(1, len(want)):
+        out &= w[:, k] == want[k]
     return out
 
 
