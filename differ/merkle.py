@@ -103,6 +103,19 @@ def leaf_length(size: int, index: int, leaf_size: int = LEAF_SIZE) -> int:
     return max(0, min(leaf_size, size - index * leaf_size))
 
 
+def rows_equal(digests: npt.NDArray[np.uint8], digest: bytes) -> npt.NDArray[np.bool_]:
+    """Which rows of ``digests`` (``(n, 32) uint8``) are ``digest``, compared as four 64-bit words:
+    a byte-wise compare and an ``all`` over 32 columns costs several times more (~35 ms for the
+    1.5 GiB disk's 383 k leaves, once per opened overlay, against ~3 ms)."""
+    d = digests if digests.flags.c_contiguous else np.ascontiguousarray(digests)
+    w = d.view("<u8")
+    want = np.frombuffer(digest, dtype="<u8")
+    out: npt.NDArray[np.bool_] = w[:, 0] == want[0]
+    for k in range(1, len(want)):
+        out &= w[:, k] == want[k]
+    return out
+
+
 def node_digest(children: bytes | memoryview) -> bytes:
     """An interior node over the concatenated digests of its children."""
     return blake3.blake3(children, key=NODE_KEY).digest()
@@ -213,8 +226,7 @@ class MerkleTree:
         n = self.leaf_count
         mask = np.zeros(n, dtype=bool)
         if n:
-            full = np.frombuffer(zero_digest(self.leaf_size), dtype=np.uint8)
-            mask[:] = (self.leaves == full).all(axis=1)
+            mask[:] = rows_equal(self.leaves, zero_digest(self.leaf_size))
             last = np.frombuffer(zero_digest(self.leaf_length(n - 1)), dtype=np.uint8)
             mask[n - 1] = bool((self.leaves[n - 1] == last).all())
         return mask

@@ -399,3 +399,20 @@ def test_bad_known_arrays_raise_image_error(zi: list[int], gi: list[int]) -> Non
 # -- fuzz: the target `make fuzz` runs on 100,000 inputs (bench/fuzz_targets), here on a few -------------
 
 test_fuzz_tree_file, test_fuzz_tree_file_raw_bytes = fuzz_tests("tree-file")
+
+
+def test_zero_masks_name_the_zero_leaves_by_whole_digest() -> None:
+    """MerkleTree's and LeafDigests' zero masks (compared as 64-bit words) agree with a byte-wise
+    compare, also for a digest that shares only its first word with the zero leaf's."""
+    from differ.blocks import LeafDigests
+    from differ.merkle import rows_equal, zero_digest
+
+    data = bytes(3 * LEAF_SIZE) + os.urandom(LEAF_SIZE) + bytes(LEAF_SIZE) + bytes(100)
+    tree = MerkleTree.from_bytes(data)
+    assert tree.zero_mask().tolist() == [True, True, True, False, True, True]
+    leaves = tree.leaves.copy()
+    leaves[1, 8:] ^= 1                                  # first word of the zero digest, the rest not
+    near = LeafDigests(leaves, len(data))
+    byte_wise = (leaves == np.frombuffer(zero_digest(), np.uint8)).all(axis=1)
+    assert near.zero_mask().tolist() == byte_wise.tolist() == [True, False, True, False, True, False]
+    assert rows_equal(leaves[::2], zero_digest()).tolist() == byte_wise[::2].tolist()

@@ -106,7 +106,8 @@ def test_lookup_names_what_the_sorted_index_named() -> None:
 
 
 def test_row_keys_and_rows_equal_agree_with_the_plain_forms() -> None:
-    from differ.protocol.index import prefix_keys, row_keys, rows_equal
+    from differ.merkle import rows_equal
+    from differ.protocol.index import prefix_keys, row_keys
 
     rng = np.random.default_rng(3)
     d = rng.integers(0, 256, size=(100, 32), dtype=np.uint8)

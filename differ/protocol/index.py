@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from differ.merkle import ABSENT_DIGEST, MerkleTree, zero_digest
+from differ.merkle import ABSENT_DIGEST, MerkleTree, rows_equal
 from differ.protocol.events import Holding
 
 Location = tuple[int, int]
@@ -41,17 +41,6 @@ def _words(digests: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     return digests if digests.flags.c_contiguous else np.ascontiguousarray(digests)
 
 
-def rows_equal(digests: npt.NDArray[np.uint8], digest: bytes) -> npt.NDArray[np.bool_]:
-    """Which rows of ``digests`` (``(n, 32) uint8``) are ``digest``, compared as four 64-bit words
-    (a byte-wise compare and ``all`` over 32 columns costs several times more)."""
-    w = _words(digests).view("<u8")
-    want = np.frombuffer(digest, dtype="<u8")
-    out: npt.NDArray[np.bool_] = w[:, 0] == want[0]
-    for k in range(1, len(want)):
-        out &= w[:, k] == want[k]
-    return out
-
-
 def row_keys(digests: npt.NDArray[np.uint8], nbytes: int) -> npt.NDArray[np.uint64]:
     """:func:`prefix_keys` of every row, read as one big-endian word per row (no copy of the rows)."""
     word = _words(digests).view(">u8")[:, 0].astype(np.uint64)
@@ -61,13 +50,9 @@ def row_keys(digests: npt.NDArray[np.uint8], nbytes: int) -> npt.NDArray[np.uint
 def indexable(tree: MerkleTree) -> npt.NDArray[np.int64]:
     """The leaves of ``tree`` an index holds (ascending): neither zero leaves (they travel as zero
     confirmations) nor leaves of unknown content (:data:`~differ.merkle.ABSENT_DIGEST`)."""
-    n = tree.leaf_count
-    if n == 0:
+    if tree.leaf_count == 0:
         return np.zeros(0, dtype=np.int64)
-    leaves = tree.leaves
-    zero = rows_equal(leaves, zero_digest(tree.leaf_size))
-    zero[n - 1] = leaves[n - 1].tobytes() == zero_digest(tree.leaf_length(n - 1))     # as MerkleTree.zero_mask
-    return np.flatnonzero(~(zero | rows_equal(leaves, ABSENT_DIGEST))).astype(np.int64)
+    return np.flatnonzero(~(tree.zero_mask() | rows_equal(tree.leaves, ABSENT_DIGEST))).astype(np.int64)
 
 
 class ContentIndex:
