@@ -240,10 +240,45 @@ class MerkleTree:
     # -- derived trees -----------------------------------------------------------------------
 
     def replace_leaves(self, indices: npt.NDArray[np.int64], digests: UInt8Array) -> MerkleTree:
-        """A tree with leaves ``indices`` set to ``digests`` (rebuilds the interior: ~n/fanout hashes)."""
+        """A tree with leaves ``indices`` set to ``digests``: only their ancestors are hashed again
+        (the target's verify of a few thousand written leaves, not the whole interior)."""
         leaves = self.leaves.copy()
         leaves[indices] = digests
-        return MerkleTree(leaves, self.size, self.fanout, self.leaf_size)
+        return self._rehashed(leaves, np.asarray(indices, dtype=np.int64), self.size)
+
+    def _rehashed(self, leaves: UInt8Array, changed: npt.NDArray[np.int64], size: int) -> MerkleTree:
+        """A tree of this one's leaf count and fanout over ``leaves``, which differ from this tree's
+        at most at ``changed``: the interior nodes above no changed leaf are this tree's, the others
+        hashed again, one native call per level (the same digests a full build gives)."""
+        n, f = self.leaf_count, self.fanout
+        if leaves.shape != (n, DIGEST_SIZE) or leaf_count_for(size, self.leaf_size) != n:
+            raise ValueError("a rehashed tree keeps its leaf count")
+        levels = [leaves]
+        idx = np.unique(changed)
+        if len(idx) and (idx[0] < 0 or idx[-1] >= n):
+            raise IndexError("changed leaf outside the tree")
+        for old in self._levels[1:]:
+            below = levels[-1]
+            idx = np.unique(idx // f)
+            level = old.copy()
+            full = idx[(idx + 1) * f <= len(below)]           # parents with a whole group of children
+            if len(full):
+                groups = below[: len(below) // f * f].reshape(-1, f * DIGEST_SIZE)[full]
+                level[full] = leafhash.hash_nodes(groups.reshape(-1, DIGEST_SIZE), f, NODE_KEY)
+            if len(full) < len(idx):                          # the last parent, of a short group
+                last = int(idx[-1])
+                level[last] = leafhash.hash_nodes(below[last * f :], f, NODE_KEY)[0]
+            levels.append(level)
+        return MerkleTree._of_levels(tuple(levels), size, f, self.leaf_size)
+
+    @classmethod
+    def _of_levels(cls, levels: tuple[UInt8Array, ...], size: int, fanout: int, leaf_size: int) -> MerkleTree:
+        """A tree over levels already hashed (:meth:`_rehashed`)."""
+        tree = cls.__new__(cls)
+        tree.size, tree.leaf_count, tree.fanout, tree.leaf_size = size, len(levels[0]), fanout, leaf_size
+        tree._levels = levels
+        tree._root = root_digest(tree.top, size, tree.leaf_count, fanout, leaf_size)
+        return tree
 
     def resized(self, size: int, fanout: int | None = None) -> MerkleTree:
         """This image's tree as it will be after ``set_size(size)``, in a tree of ``fanout``.
@@ -265,6 +300,10 @@ class MerkleTree:
         if n_new > n_old:
             leaves[n_old:] = np.frombuffer(zero_digest(self.leaf_size), dtype=np.uint8)
             leaves[n_new - 1] = np.frombuffer(zero_digest(leaf_length(size, n_new - 1)), dtype=np.uint8)
+        if n_new == n_old and fanout == self.fanout:
+            # the common case of a saved memory image a few bytes longer or shorter: only the last
+            # leaf changed, and only its ancestors are hashed again (both sides do this in the walk)
+            return self._rehashed(leaves, np.arange(max(0, n_new - 1), n_new, dtype=np.int64), size)
         return MerkleTree(leaves, size, fanout, self.leaf_size)
 
     def differing_leaves(self, other: MerkleTree) -> npt.NDArray[np.int64]:
