@@ -225,7 +225,7 @@ class RawImageSink(_FileSink):
 _ZEROS = bytes(LEAF_SIZE)
 
 
-def is_zero(data: bytes) -> bool:
+def is_zero(data: bytes | bytearray | memoryview) -> bool:
     """Whether a leaf's bytes (at most ``LEAF_SIZE``) are all zeros: a compare that stops at the
     first other byte (~0.1 µs for a page of data) where ``count(0)`` scanned every byte (~6 µs), per
     leaf written inside the downtime."""
