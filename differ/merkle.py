@@ -271,6 +271,45 @@ class MerkleTree:
             levels.append(level)
         return MerkleTree._of_levels(tuple(levels), size, f, self.leaf_size)
 
+    def root_with(self, indices: npt.NDArray[np.int64], digests: UInt8Array) -> bytes:
+        """The root this tree would have with leaves ``indices`` set to ``digests`` (as
+        :meth:`replace_leaves`, whose tree has this root), without building that tree: only the
+        changed nodes' groups are gathered and hashed, no level is copied. The target checks a
+        patched image's root with it inside the downtime; the tree itself is built when asked for."""
+        n, f = self.leaf_count, self.fanout
+        idx = np.asarray(indices, dtype=np.int64)
+        vals = np.asarray(digests, dtype=np.uint8).reshape(-1, DIGEST_SIZE)
+        if len(idx) != len(vals):
+            raise ValueError("as many digests as indices")
+        if len(idx) == 0:
+            return self.root
+        if idx.min() < 0 or idx.max() >= n:
+            raise IndexError("changed leaf outside the tree")
+        order = np.argsort(idx, kind="stable")
+        idx, vals = idx[order], vals[order]
+        last = np.ones(len(idx), dtype=bool)                  # the last digest given for a leaf wins
+        last[:-1] = idx[1:] != idx[:-1]
+        idx, vals = idx[last], vals[last]
+        for below in self._levels[:-1]:
+            parents = np.unique(idx // f)
+            groups = np.zeros((len(parents), f, DIGEST_SIZE), dtype=np.uint8)
+            for k in range(f):                                # each parent's old children, column k
+                child = parents * f + k
+                ok = child < len(below)
+                groups[ok, k] = below[child[ok]]
+            groups[np.searchsorted(parents, idx // f), idx % f] = vals
+            new = np.empty((len(parents), DIGEST_SIZE), dtype=np.uint8)
+            short = (parents + 1) * f > len(below)            # the last parent's group may be short
+            whole = np.flatnonzero(~short)
+            if len(whole):
+                new[whole] = leafhash.hash_nodes(groups[whole].reshape(-1, DIGEST_SIZE), f, NODE_KEY)
+            for j in np.flatnonzero(short).tolist():
+                width = len(below) - int(parents[j]) * f
+                new[j] = leafhash.hash_nodes(groups[j, :width], f, NODE_KEY)[0]
+            idx, vals = parents, new
+        top = vals[0].tobytes() if len(idx) else self.top
+        return root_digest(top, self.size, n, f, self.leaf_size)
+
     @classmethod
     def _of_levels(cls, levels: tuple[UInt8Array, ...], size: int, fanout: int, leaf_size: int) -> MerkleTree:
         """A tree over levels already hashed (:meth:`_rehashed`)."""
@@ -527,3 +566,21 @@ def _hash_overlapped(
         finally:
             for f in pending:
                 f.cancel()
+
+
+class ReplacedTree:
+    """A tree with some leaves replaced, not built yet: its root (:meth:`MerkleTree.root_with`,
+    from the changed paths) at once, the tree itself (:meth:`MerkleTree.replace_leaves`, a copy of
+    every level) when :meth:`tree` is first called."""
+
+    def __init__(self, tree: MerkleTree, leaves: npt.NDArray[np.int64], digests: UInt8Array) -> None:
+        self._base, self._leaves, self._digests = tree, leaves, digests
+        self.root = tree.root_with(leaves, digests)
+        self._tree: MerkleTree | None = None if len(leaves) else tree
+
+    def tree(self) -> MerkleTree:
+        if self._tree is None:
+            self._tree = self._base.replace_leaves(self._leaves, self._digests)
+            if self._tree.root != self.root:
+                raise AssertionError("the replaced tree's root is not the root computed from its paths")
+        return self._tree

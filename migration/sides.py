@@ -726,7 +726,7 @@ class TargetSide:
         self.name = name
         self.chain_limit = chain_limit
         self._feed: EventFeed | None = None
-        self._next: tuple[ckpt.Checkpoint, Path, bytes, MerkleTree] | None = None
+        self._next: tuple[ckpt.Checkpoint, Path, bytes, Mapping[str, MerkleTree]] | None = None
         """(next checkpoint, the verified memory image, its original head, its tree) until the image
         is handed to the checkpoint after the resume."""
         self.replay_config = replay or ReplayConfig()
@@ -1007,7 +1007,7 @@ class TargetSide:
     def _note_request(self, req: Request, start: float, end: float) -> None:
         self.timeline.add(request_phase(req), start, end)
 
-    def _prepare_next(self, roots: dict[str, bytes], state: VmState, verified: dict[str, MerkleTree],
+    def _prepare_next(self, roots: dict[str, bytes], state: VmState, verified: Mapping[str, MerkleTree],
                       trees: CheckpointTrees) -> ckpt.Checkpoint | None:
         """The next common checkpoint's disk, built from the verified state before the VM is restored
         over it (a failure: logged, and the VM resumes over its patched overlay as before)."""
@@ -1022,7 +1022,8 @@ class TargetSide:
                                 chain_limit=self.chain_limit)
             head = savefmt.read_header(state.memory).qemu_offset
             with open(state.memory, "rb") as f:
-                self._next = (nxt, state.memory, f.read(head), verified[MEMORY])
+                # the memory tree is built (Target.verified_trees) only once the VM runs again
+                self._next = (nxt, state.memory, f.read(head), verified)
         except (ReplayMigrateError, OSError) as e:
             self.log.error("could not register the next checkpoint: %s", e)
             return None
@@ -1039,12 +1040,12 @@ class TargetSide:
         goes into the next checkpoint, and the chain is pruned. Logged, never raised: the VM runs."""
         if self._next is None:
             return
-        nxt, image, head, tree = self._next
+        nxt, image, head, trees = self._next
         self._next = None
         try:
             with open(image, "r+b") as f:
                 f.write(head)
-            chain.complete(nxt, image, tree)
+            chain.complete(nxt, image, trees[MEMORY])
             chain.prune(nxt.manifest.lineage, keep=nxt.name)
         except (ReplayMigrateError, OSError) as e:
             self.log.error("could not complete the next checkpoint %s: %s", nxt.name, e)

@@ -446,3 +446,18 @@ def test_replace_leaves_and_resized_rehash_only_what_changed_and_equal_a_full_bu
             want = MerkleTree(want_leaves, other, fanout)
             assert [lv.tobytes() for lv in got.levels] == [lv.tobytes() for lv in want.levels]
             assert got.root == want.root
+
+
+@pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 257, 5000])
+def test_root_with_is_the_root_of_the_replaced_tree(n: int) -> None:
+    rng = np.random.default_rng(100 + n)
+    for fanout in (2, 16):
+        tree = MerkleTree(rng.integers(0, 256, size=(n, 32), dtype=np.uint8), n * LEAF_SIZE - 7, fanout)
+        for k in (0, 1, 5, n, 2 * n):
+            idx = rng.integers(0, n, size=k).astype(np.int64)     # repeats: the last one given wins
+            if k == 1:
+                idx[:] = n - 1
+            new = rng.integers(0, 256, size=(k, 32), dtype=np.uint8)
+            assert tree.root_with(idx, new) == tree.replace_leaves(idx, new).root
+    with pytest.raises(IndexError):
+        tree.root_with(np.array([n], dtype=np.int64), np.zeros((1, 32), np.uint8))
