@@ -95,10 +95,10 @@ from store.vmstate import (
     MEMORY,
     CheckpointTrees,
     VmState,
-    build_trees,
     checkpoint_images,
     checkpoint_trees,
     make_sinks,
+    open_and_build,
     open_sources,
     open_target_images,
     plain_transfer_bytes,
@@ -254,9 +254,9 @@ def _open_checkpoint_images(ck: ckpt.Checkpoint, trees: CheckpointTrees,
     """Open the checkpoint's images (``checkpoint_images``) onto ``stack`` in a thread, while the
     side hashes its saved state: they depend on the checkpoint only, and opening them is mostly
     waiting on ``qemu-img info`` and ``map`` of its disk (~25 ms inside the downtime otherwise).
-    Nothing else touches ``stack`` until the task is awaited; after a failure, :func:`_settled`
-    waits for it, so what it opened is closed with the stack."""
-    return asyncio.ensure_future(in_thread(checkpoint_images, ck, trees, stack))
+    The thread has a stack of its own, entered in ``stack`` here; after a failure,
+    :func:`_settled` waits for it, so what it opened is closed with ``stack``."""
+    return asyncio.ensure_future(in_thread(checkpoint_images, ck, trees, stack.enter_context(ExitStack())))
 
 
 async def _settled(task: asyncio.Future[Any]) -> None:
@@ -556,14 +556,13 @@ class SourceSide:
         with tl.phase("checkpoint trees"):
             trees = await (self._trees or asyncio.to_thread(checkpoint_trees, self.checkpoint))
         with ExitStack() as stack:
-            with tl.phase("open"):
-                sources = stack.enter_context(open_sources(self.state_files, trees))
             self.progress("hashing", _state_bytes(self.state_files), 0)
             t0 = time.monotonic()
             opening = _open_checkpoint_images(self.checkpoint, trees, stack)
             try:
-                with tl.phase("hash"):
-                    mine = await asyncio.to_thread(build_trees, sources)
+                with tl.phase("hash"):      # the disk overlay is opened while the memory image hashes
+                    sources, mine = await in_thread(open_and_build, self.state_files, trees,
+                                                    stack.enter_context(ExitStack()))
             except BaseException:
                 await _settled(opening)
                 raise
@@ -894,8 +893,6 @@ class TargetSide:
         t0 = time.monotonic()
         walked = [0.0]
         with ExitStack() as stack:
-            with tl.phase("open"):
-                sources = stack.enter_context(open_sources(state, trees))
             self.progress("hashing", _state_bytes(state), 0)
 
             def copy() -> dict[str, BlockSink]:
@@ -907,8 +904,8 @@ class TargetSide:
             opening = _open_checkpoint_images(self.checkpoint, trees, stack)
             try:
                 try:
-                    with tl.phase("hash"):
-                        mine = await in_thread(build_trees, sources)
+                    with tl.phase("hash"):  # the disk overlay is opened while the memory image hashes
+                        sources, mine = await in_thread(open_and_build, state, trees, stack.enter_context(ExitStack()))
                 except BaseException:
                     with contextlib.suppress(BaseException):
                         for sink in (await copying).values():
