@@ -7,13 +7,13 @@
 Both sides run as ``migration.sides`` runs them (the target patches a scratch copy of its kept
 state in place and verifies the written leaves; the source answers with its similarity index),
 one after the other in this process: each side's time is its own CPU (and page-cache reads), the
-link is not modelled. Per side and phase: ``open`` (sources, checkpoint images, the core),
-``hash`` (the saved state's trees), ``walk`` (the cores' work until the target's want is sent:
-walk parts, the target's decision per leaf and the fingerprints it reads), ``blocks`` (the
-source's reads, XOR and zstd per leaf and per batch; the target's checks per batch), ``patch``
-(writes), ``verify`` (read-back, roots). Times are medians over ``--reps`` runs; the wire
-transcript's digest (the fingerprint key is fixed here) shows whether two code versions put the
-same bytes on the wire.
+link is not modelled. Per side and phase: ``open`` (the checkpoint's images, the core, the
+target's sinks), ``hash`` (opening the saved state and building its trees), ``walk`` (the cores'
+work until the target's want is sent: walk parts, the target's decision per leaf and the
+fingerprints it reads), ``blocks`` (the source's reads, XOR and zstd per leaf and per batch; the
+target's checks per batch), ``patch`` (writes), ``verify`` (read-back, roots). Times are medians
+over ``--reps`` runs; the wire transcript's digest (the fingerprint key is fixed here) shows
+whether two code versions put the same bytes on the wire.
 """
 
 from __future__ import annotations
@@ -34,12 +34,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from differ.merkle import MerkleTree
 from differ.protocol import Request, WalkDone
+from differ.source import BlockSource
 from differ.transfer import BlockingSource, BlockingTarget, make_source, make_target, run_local
 from migration.sides import request_phase
 from replay_migrate.sparse import sparse_copy
 from store import checkpoint as ckpt
 from store.vmstate import (
+    CheckpointTrees,
     VmState,
     build_trees,
     checkpoint_images,
@@ -109,6 +112,18 @@ def _instrument(side: str, blocking: BlockingSource | BlockingTarget, clock: Clo
     core.data_to_send = sent  # type: ignore[method-assign]
 
 
+def open_hashed(state: VmState, trees: CheckpointTrees,
+                stack: ExitStack) -> tuple[dict[str, BlockSource], dict[str, MerkleTree]]:
+    """A side's sources and trees as ``migration.sides`` gets them: ``open_and_build`` (the disk
+    overlay opened while the memory image hashes) where the code has it, else one after the other."""
+    try:
+        from store.vmstate import open_and_build
+    except ImportError:
+        sources = stack.enter_context(open_sources(state, trees))
+        return sources, build_trees(sources)
+    return open_and_build(state, trees, stack)
+
+
 def run_once(ck: ckpt.Checkpoint, kept: Path, scratch: Path,
              profile: cProfile.Profile | None = None) -> tuple[dict[tuple[str, str], float], str, int]:
     """One diff of the kept pair: (seconds per (side, phase), wire digest, wire bytes)."""
@@ -122,17 +137,15 @@ def run_once(ck: ckpt.Checkpoint, kept: Path, scratch: Path,
         clock = Clock()
         wire = hashlib.sha256()
         with ExitStack() as stack:
-            s_src = clock.timed("source", "open", lambda: stack.enter_context(open_sources(src_state, trees)))
-            s_trees = clock.timed("source", "hash", lambda: build_trees(s_src))
+            s_src, s_trees = clock.timed("source", "hash", lambda: open_hashed(src_state, trees, stack))
 
             def source_core() -> BlockingSource:
                 bases = checkpoint_images(ck, trees, stack)
                 return BlockingSource(*make_source(source_images(s_src, s_trees, bases)))
 
             source = clock.timed("source", "open", source_core)
-            t_src = clock.timed("target", "open", lambda: stack.enter_context(open_sources(tgt_state, trees)))
             sinks = clock.timed("target", "open", lambda: make_sinks(tgt_state, trees, durable=False, in_place=True))
-            t_trees = clock.timed("target", "hash", lambda: build_trees(t_src))
+            t_src, t_trees = clock.timed("target", "hash", lambda: open_hashed(tgt_state, trees, stack))
 
             def target_core() -> BlockingTarget:
                 bases = checkpoint_images(ck, trees, stack)
