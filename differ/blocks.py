@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 from numpy.lib import format as np_format
 
-from differ.merkle import MAX_LOAD_LEAVES, known_arrays
+from differ.merkle import MAX_LOAD_LEAVES, known_arrays, rows_equal
 from differ.saveimage import DEFAULT_MAX_RAM_BLOCKS, DEFAULT_MAX_SCAN, SaveImage, SaveLayout
 from differ.source import LEAF_SIZE, ZERO_LEAF_DIGEST, BlockSource, ImageKind, KnownArrays
 from replay_migrate.errors import ImageError
@@ -325,8 +325,7 @@ class LeafDigests:
 
     def zero_mask(self) -> npt.NDArray[np.bool_]:
         """True for leaves whose digest is the zero-leaf digest."""
-        zero = np.frombuffer(ZERO_LEAF_DIGEST, dtype=np.uint8)
-        return np.asarray((self.digests == zero).all(axis=1), dtype=np.bool_)
+        return rows_equal(self.digests, ZERO_LEAF_DIGEST)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write an uncompressed ``.npz`` (digests, size, format) atomically, through a temporary

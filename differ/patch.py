@@ -161,7 +161,7 @@ class _FileSink(_CopySink):
         self._check_open()
         _check_leaf(index, data)
         offset = index * LEAF_SIZE
-        if data.count(0) == len(data):
+        if is_zero(data):
             end = offset + len(data)
             if self._writer.size() < end:
                 self._writer.truncate(end)
@@ -220,6 +220,16 @@ class RawImageSink(_FileSink):
         self._check_open()
         self._finish_writes()
         return RawImageSource(self.copy_path)
+
+
+_ZEROS = bytes(LEAF_SIZE)
+
+
+def is_zero(data: bytes | bytearray | memoryview) -> bool:
+    """Whether a leaf's bytes (at most ``LEAF_SIZE``) are all zeros: a compare that stops at the
+    first other byte (~0.1 µs for a page of data) where ``count(0)`` scanned every byte (~6 µs), per
+    leaf written inside the downtime."""
+    return data == _ZEROS[: len(data)]
 
 
 def _check_leaf(index: int, data: bytes) -> None:
@@ -282,7 +292,7 @@ class Qcow2OverlaySink(_CopySink):
         """Queue a leaf; an all-zero one becomes ``write -z`` (no data file, no allocation)."""
         self._check_open()
         _check_leaf(index, data)
-        if data.count(0) == len(data):
+        if is_zero(data):
             self.zero(index)
             return
         old = self._pending.get(index)

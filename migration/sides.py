@@ -60,9 +60,9 @@ from differ.protocol import (
 )
 from differ.protocol import Verified as DiffVerified
 from differ.source import BlockSink
-from differ.transfer import make_source, make_target
+from differ.transfer import ReferenceImage, make_source, make_target
 from migration import halves
-from migration.cancel import drop, in_thread
+from migration.cancel import drop, in_thread, settle
 from migration.diffio import AsyncAdapter
 from migration.halves import Figures, added, all_true, largest, local, measured_by, preferred
 from migration.suspenddir import save_until_whole, suspend_image
@@ -95,10 +95,10 @@ from store.vmstate import (
     MEMORY,
     CheckpointTrees,
     VmState,
-    build_trees,
     checkpoint_images,
     checkpoint_trees,
     make_sinks,
+    open_and_build,
     open_sources,
     open_target_images,
     plain_transfer_bytes,
@@ -247,6 +247,23 @@ async def _pump_diff(client: SessionClient, side: AsyncAdapter[Source] | AsyncAd
                     on_event(dev)
             for msg in side.data_to_send():
                 await client.send_diff(msg)
+
+
+def _open_checkpoint_images(ck: ckpt.Checkpoint, trees: CheckpointTrees,
+                            stack: ExitStack) -> asyncio.Task[dict[str, ReferenceImage]]:
+    """Open the checkpoint's images (``checkpoint_images``) onto ``stack`` in a thread, while the
+    side hashes its saved state: they depend on the checkpoint only, and opening them is mostly
+    waiting on ``qemu-img info`` and ``map`` of its disk (~25 ms inside the downtime otherwise).
+    The thread has a stack of its own, entered in ``stack`` here; after a failure,
+    :func:`_settled` waits for it, so what it opened is closed with ``stack``."""
+    return asyncio.ensure_future(in_thread(checkpoint_images, ck, trees, stack.enter_context(ExitStack())))
+
+
+async def _settled(task: asyncio.Future[Any]) -> None:
+    """Wait for ``task`` to end whatever cancels the waiter; its exception counts as seen (the
+    caller raises its own)."""
+    await settle([task])
+    drop(task)
 
 
 def _wire(client: SessionClient) -> int:
@@ -560,15 +577,19 @@ class SourceSide:
         with tl.phase("checkpoint trees"):
             trees = await (self._trees or asyncio.to_thread(checkpoint_trees, self.checkpoint))
         with ExitStack() as stack:
-            with tl.phase("open"):
-                sources = stack.enter_context(open_sources(self.state_files, trees))
             self.progress("hashing", _state_bytes(self.state_files), 0)
             t0 = time.monotonic()
-            with tl.phase("hash"):
-                mine = await asyncio.to_thread(build_trees, sources)
-            await _save_ended(self._saving, tl)
+            opening = _open_checkpoint_images(self.checkpoint, trees, stack)
+            try:
+                with tl.phase("hash"):      # the disk overlay is opened while the memory image hashes
+                    sources, mine = await in_thread(open_and_build, self.state_files, trees,
+                                                    stack.enter_context(ExitStack()))
+                await _save_ended(self._saving, tl)
+            except BaseException:
+                await _settled(opening)
+                raise
             with tl.phase("open"):
-                bases = checkpoint_images(self.checkpoint, trees, stack)
+                bases = await opening
                 core, io = make_source(source_images(sources, mine, bases), self.params)
             src = AsyncAdapter(core, io, on_request=self._note_request)
             tl.ready()
@@ -728,7 +749,7 @@ class TargetSide:
         self.name = name
         self.chain_limit = chain_limit
         self._feed: EventFeed | None = None
-        self._next: tuple[ckpt.Checkpoint, Path, bytes, MerkleTree] | None = None
+        self._next: tuple[ckpt.Checkpoint, Path, bytes, Mapping[str, MerkleTree]] | None = None
         """(next checkpoint, the verified memory image, its original head, its tree) until the image
         is handed to the checkpoint after the resume."""
         self.replay_config = replay or ReplayConfig()
@@ -897,8 +918,6 @@ class TargetSide:
         t0 = time.monotonic()
         walked = [0.0]
         with ExitStack() as stack:
-            with tl.phase("open"):
-                sources = stack.enter_context(open_sources(state, trees))
             self.progress("hashing", _state_bytes(state), 0)
 
             def copy() -> dict[str, BlockSink]:
@@ -907,18 +926,23 @@ class TargetSide:
 
             # sinks (copies, unless in place) made while hashing; nothing fsynced: restored at once
             copying = asyncio.create_task(asyncio.to_thread(copy))
+            opening = _open_checkpoint_images(self.checkpoint, trees, stack)
             try:
-                with tl.phase("hash"):
-                    mine = await in_thread(build_trees, sources)
-                await _save_ended(self._saving, tl)
+                try:
+                    with tl.phase("hash"):  # the disk overlay is opened while the memory image hashes
+                        sources, mine = await in_thread(open_and_build, state, trees, stack.enter_context(ExitStack()))
+                    await _save_ended(self._saving, tl)
+                except BaseException:
+                    with contextlib.suppress(BaseException):
+                        for sink in (await copying).values():
+                            sink.abort()
+                    raise
+                sinks = await copying
             except BaseException:
-                with contextlib.suppress(BaseException):
-                    for sink in (await copying).values():
-                        sink.abort()
+                await _settled(opening)
                 raise
-            sinks = await copying
             with tl.phase("open"):
-                bases = checkpoint_images(self.checkpoint, trees, stack)
+                bases = await opening
                 images = stack.enter_context(open_target_images(state, trees, sources, mine, bases=bases,
                                                                 sinks=sinks))
                 core, io = make_target(images, self.params, references=references(bases),
@@ -1006,7 +1030,7 @@ class TargetSide:
     def _note_request(self, req: Request, start: float, end: float) -> None:
         self.timeline.add(request_phase(req), start, end)
 
-    def _prepare_next(self, roots: dict[str, bytes], state: VmState, verified: dict[str, MerkleTree],
+    def _prepare_next(self, roots: dict[str, bytes], state: VmState, verified: Mapping[str, MerkleTree],
                       trees: CheckpointTrees) -> ckpt.Checkpoint | None:
         """The next common checkpoint's disk, built from the verified state before the VM is restored
         over it (a failure: logged, and the VM resumes over its patched overlay as before)."""
@@ -1021,7 +1045,8 @@ class TargetSide:
                                 chain_limit=self.chain_limit)
             head = savefmt.read_header(state.memory).qemu_offset
             with open(state.memory, "rb") as f:
-                self._next = (nxt, state.memory, f.read(head), verified[MEMORY])
+                # the memory tree is built (Target.verified_trees) only once the VM runs again
+                self._next = (nxt, state.memory, f.read(head), verified)
         except (ReplayMigrateError, OSError) as e:
             self.log.error("could not register the next checkpoint: %s", e)
             return None
@@ -1038,12 +1063,12 @@ class TargetSide:
         goes into the next checkpoint, and the chain is pruned. Logged, never raised: the VM runs."""
         if self._next is None:
             return
-        nxt, image, head, tree = self._next
+        nxt, image, head, trees = self._next
         self._next = None
         try:
             with open(image, "r+b") as f:
                 f.write(head)
-            chain.complete(nxt, image, tree)
+            chain.complete(nxt, image, trees[MEMORY])
             chain.prune(nxt.manifest.lineage, keep=nxt.name)
         except (ReplayMigrateError, OSError) as e:
             self.log.error("could not complete the next checkpoint %s: %s", nxt.name, e)

@@ -40,7 +40,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
@@ -89,7 +89,7 @@ def _relative_backing(ck_name: str) -> str:
     return f"../{ck_name}/disk.qcow2"
 
 
-def prepare(parent: ckpt.Checkpoint, roots: dict[str, bytes], state_disk: Path, trees: dict[str, MerkleTree],
+def prepare(parent: ckpt.Checkpoint, roots: dict[str, bytes], state_disk: Path, trees: Mapping[str, MerkleTree],
             parent_trees: CheckpointTrees, *, log_cut: tuple[int, int] = (1, 0),
             chain_limit: int = DEFAULT_CHAIN_LIMIT) -> ckpt.Checkpoint:
     """The next checkpoint with its disk built and its disk tree saved; its memory comes with

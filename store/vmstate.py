@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -176,6 +177,26 @@ def open_sources(state: VmState, trees: CheckpointTrees) -> Iterator[dict[str, B
 
 def build_trees(sources: dict[str, BlockSource]) -> dict[str, MerkleTree]:
     return {name: MerkleTree.build(src, FANOUT) for name, src in sources.items()}
+
+
+def open_and_build(state: VmState, trees: CheckpointTrees,
+                   stack: ExitStack) -> tuple[dict[str, BlockSource], dict[str, MerkleTree]]:
+    """:func:`open_sources` onto ``stack`` and :func:`build_trees`, the disk overlay opened (a
+    ``qemu-img info`` and ``map``: ~25 ms of waiting on processes, inside the downtime) in a
+    thread while the memory image hashes. Whatever fails, what was opened is on ``stack`` or
+    closed."""
+    state.check()
+    memory = stack.enter_context(MemoryImageSource(state.memory))
+    with ThreadPoolExecutor(1, thread_name_prefix="open-disk") as pool:
+        opening = pool.submit(Qcow2OverlaySource, state.disk, backing_tree=trees.disk)
+        try:
+            memory_tree = MerkleTree.build(memory, FANOUT)
+        except BaseException:
+            with suppress(BaseException):
+                opening.result().close()
+            raise
+        disk = stack.enter_context(opening.result())
+    return {MEMORY: memory, DISK: disk}, {MEMORY: memory_tree, DISK: MerkleTree.build(disk, FANOUT)}
 
 
 def source_images(sources: dict[str, BlockSource], trees: dict[str, MerkleTree],

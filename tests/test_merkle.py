@@ -399,3 +399,65 @@ def test_bad_known_arrays_raise_image_error(zi: list[int], gi: list[int]) -> Non
 # -- fuzz: the target `make fuzz` runs on 100,000 inputs (bench/fuzz_targets), here on a few -------------
 
 test_fuzz_tree_file, test_fuzz_tree_file_raw_bytes = fuzz_tests("tree-file")
+
+
+def test_zero_masks_name_the_zero_leaves_by_whole_digest() -> None:
+    """MerkleTree's and LeafDigests' zero masks (compared as 64-bit words) agree with a byte-wise
+    compare, also for a digest that shares only its first word with the zero leaf's."""
+    from differ.blocks import LeafDigests
+    from differ.merkle import rows_equal, zero_digest
+
+    data = bytes(3 * LEAF_SIZE) + os.urandom(LEAF_SIZE) + bytes(LEAF_SIZE) + bytes(100)
+    tree = MerkleTree.from_bytes(data)
+    assert tree.zero_mask().tolist() == [True, True, True, False, True, True]
+    leaves = tree.leaves.copy()
+    leaves[1, 8:] ^= 1                                  # first word of the zero digest, the rest not
+    near = LeafDigests(leaves, len(data))
+    byte_wise = (leaves == np.frombuffer(zero_digest(), np.uint8)).all(axis=1)
+    assert near.zero_mask().tolist() == byte_wise.tolist() == [True, False, True, False, True, False]
+    assert rows_equal(leaves[::2], zero_digest()).tolist() == byte_wise[::2].tolist()
+
+
+@pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 255, 256, 257, 4097, 5000])
+def test_replace_leaves_and_resized_rehash_only_what_changed_and_equal_a_full_build(n: int) -> None:
+    """The interior of a tree with some leaves replaced (or resized to a size of the same leaf
+    count) is hashed again only above the changed leaves: every level equals a full build's."""
+    rng = np.random.default_rng(n)
+    for fanout in (2, 16):
+        leaves = rng.integers(0, 256, size=(n, 32), dtype=np.uint8)
+        size = n * LEAF_SIZE - 100
+        tree = MerkleTree(leaves, size, fanout)
+        for k in (0, 1, 3, n):
+            idx = rng.choice(n, size=min(k, n), replace=False).astype(np.int64)
+            if k == 1:
+                idx = np.array([n - 1], dtype=np.int64)           # the last, short group's path
+            new = rng.integers(0, 256, size=(len(idx), 32), dtype=np.uint8)
+            got = tree.replace_leaves(idx, new)
+            want_leaves = leaves.copy()
+            want_leaves[idx] = new
+            want = MerkleTree(want_leaves, size, fanout)
+            assert [lv.tobytes() for lv in got.levels] == [lv.tobytes() for lv in want.levels]
+            assert got.root == want.root and (got.size, got.fanout, got.leaf_count) == (size, fanout, n)
+        assert tree.leaves.tobytes() == leaves.tobytes()            # the tree itself is left alone
+        for other in (size + 50, size - 3000):
+            got = tree.resized(other)
+            want_leaves = leaves.copy()
+            want_leaves[n - 1] = np.frombuffer(merkle.ABSENT_DIGEST, dtype=np.uint8)
+            want = MerkleTree(want_leaves, other, fanout)
+            assert [lv.tobytes() for lv in got.levels] == [lv.tobytes() for lv in want.levels]
+            assert got.root == want.root
+
+
+@pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 257, 5000])
+def test_root_with_is_the_root_of_the_replaced_tree(n: int) -> None:
+    rng = np.random.default_rng(100 + n)
+    for fanout in (2, 16):
+        tree = MerkleTree(rng.integers(0, 256, size=(n, 32), dtype=np.uint8), n * LEAF_SIZE - 7, fanout)
+        for k in (0, 1, 5, n, 2 * n):
+            idx = rng.integers(0, n, size=k).astype(np.int64)     # repeats: the last one given wins
+            if k == 1:
+                idx[:] = n - 1
+            new = rng.integers(0, 256, size=(k, 32), dtype=np.uint8)
+            assert tree.root_with(idx, new) == tree.replace_leaves(idx, new).root
+    with pytest.raises(IndexError):
+        tree.root_with(np.array([n], dtype=np.int64), np.zeros((1, 32), np.uint8))

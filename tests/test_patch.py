@@ -403,3 +403,16 @@ def test_an_aborted_in_place_qcow2_sink_deletes_the_overlay(tmp_path: Path, qemu
     sink.flush()
     sink.abort()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.raw"]
+
+
+def test_is_zero_tells_a_leaf_of_zeros_at_any_length() -> None:
+    from differ.patch import is_zero
+
+    page = bytearray(LEAF_SIZE)
+    assert is_zero(bytes(page)) and is_zero(bytes(100)) and is_zero(bytes(1))
+    for at in (0, 1, 2047, LEAF_SIZE - 1):
+        page[at] = 1
+        assert not is_zero(bytes(page)) and not is_zero(bytes(page[: at + 1]))
+        assert is_zero(bytes(page[:at]))                  # (an empty leaf never reaches a sink)
+        page[at] = 0
+    assert is_zero(bytearray(64)) and is_zero(memoryview(bytes(64))) and not is_zero(memoryview(b"\0\1"))

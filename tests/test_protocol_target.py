@@ -524,3 +524,23 @@ def test_a_failed_target_tells_the_source() -> None:
 # -- fuzz: the target `make fuzz` runs on 100,000 inputs (bench/fuzz_targets), here on a few -------------
 
 test_fuzz_protocol_target, test_fuzz_protocol_target_raw_bytes = fuzz_tests("protocol-target")
+
+
+@pytest.mark.parametrize("mode", ["verify_written", "dry_run", "rehash"])
+def test_verified_trees_are_the_sources_trees(mode: str) -> None:
+    """Target.verified_trees (the next common checkpoint's trees) equal the source's, level for
+    level, however the target verified: from its written leaves (the tree built on first access),
+    a dry run's digests, or a rehash of the patched image; grown and shrunk images too."""
+    from differ.merkle import ReplacedTree
+
+    b = rand(40 * PAGE + 100)
+    for a in (bytes(b[: 5 * PAGE]) + rand(PAGE, 3) + bytes(b[6 * PAGE :]), b + rand(3 * PAGE, 4), b[: 20 * PAGE + 9]):
+        pair = one(a, b, verify_written=mode == "verify_written", dry_run=mode == "dry_run")
+        pair.run()
+        trees = pair.target.core.verified_trees
+        assert set(trees) == {"disk"} and len(trees) == 1
+        if mode != "rehash":
+            assert isinstance(pair.target.core._by_gi[0].verified_tree, ReplacedTree)
+        want = MerkleTree.from_bytes(a, 4)
+        assert [lv.tobytes() for lv in trees["disk"].levels] == [lv.tobytes() for lv in want.levels]
+        assert trees["disk"].root == want.root == pair.target.roots["disk"]

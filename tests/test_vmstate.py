@@ -226,3 +226,35 @@ def test_sync_makes_the_target_identical_and_it_resumes_as_the_source(
     back.fsthaw()
     assert back.exec(FILES).stdout == files_a
     assert back.exec("echo alive > /root/after && sync && cat /root/after").stdout == "alive\n"
+
+
+def test_open_and_build_opens_and_hashes_as_open_sources_and_build_trees(tmp_path: Path) -> None:
+    """The disk overlay opened in a thread while the memory image hashes: the same sources and
+    trees as one after the other, and on a failure nothing is left open."""
+    import dataclasses
+    from contextlib import ExitStack
+
+    import numpy as np
+
+    from differ.blocks import LeafDigests
+    from replay_migrate.errors import ImageError
+    from store.vmstate import build_trees, open_and_build, open_sources
+
+    ck = synthetic_checkpoint(tmp_path)
+    trees = checkpoint_trees(ck)
+    state = state_of(tmp_path, ck, "s", {7: b"\x42" * 4096}, "write -P 0x33 5M 1M")
+    with open_sources(state, trees) as sources:
+        want = build_trees(sources)
+        want_sizes = {name: src.size for name, src in sources.items()}
+    fds = len(os.listdir("/proc/self/fd"))
+    with ExitStack() as stack:
+        got_sources, got = open_and_build(state, trees, stack)
+        assert list(got_sources) == list(want) == list(got)
+        assert {name: src.size for name, src in got_sources.items()} == want_sizes
+        assert {n: t.levels[0].tobytes() for n, t in got.items()} == {n: t.levels[0].tobytes() for n, t in want.items()}
+        assert {n: t.root for n, t in got.items()} == {n: t.root for n, t in want.items()}
+    assert len(os.listdir("/proc/self/fd")) == fds
+    other = LeafDigests(np.zeros((10, 32), dtype=np.uint8), 10 * 4096)     # a backing tree of another size
+    with pytest.raises(ImageError, match="backing tree"), ExitStack() as stack:
+        open_and_build(state, dataclasses.replace(trees, disk=other), stack)
+    assert len(os.listdir("/proc/self/fd")) == fds

@@ -19,13 +19,13 @@ land, or landed elsewhere, reads back as other bytes and fails the check.
 from __future__ import annotations
 
 import os
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from differ.merkle import DIGEST_SIZE, MerkleTree, leaf_count_for, leaf_length
+from differ.merkle import DIGEST_SIZE, MerkleTree, ReplacedTree, leaf_count_for, leaf_length
 from differ.protocol._state import TARGET, Call, TargetState
 from differ.protocol.batch import Ready, apply_batch, read_layout
 from differ.protocol.endpoint import Endpoint, Handler, HandlerFn, ImageSpec, check_images, read_leaves
@@ -52,6 +52,23 @@ from differ.protocol.walk import Walk, first_level, walk_bytes
 from differ.protocol.want import ImageState, Plan, decide
 from differ.source import LEAF_SIZE
 from replay_migrate.errors import ProtocolError, VerificationError
+
+
+class VerifiedTrees(Mapping[str, MerkleTree]):
+    """The verified trees by image name, each built on first access (see :class:`~differ.merkle.ReplacedTree`)."""
+
+    def __init__(self, trees: Mapping[str, MerkleTree | ReplacedTree]) -> None:
+        self._trees = dict(trees)
+
+    def __getitem__(self, name: str) -> MerkleTree:
+        t = self._trees[name]
+        return t.tree() if isinstance(t, ReplacedTree) else t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._trees)
+
+    def __len__(self) -> int:
+        return len(self._trees)
 
 
 class Target(Endpoint[TargetState]):
@@ -120,12 +137,14 @@ class Target(Endpoint[TargetState]):
         return {im.name: im.shape.root for im in self._by_gi if im.shape is not None}
 
     @property
-    def verified_trees(self) -> dict[str, MerkleTree]:
+    def verified_trees(self) -> Mapping[str, MerkleTree]:
         """The committed images' trees by name, once VERIFIED (those the adapter answered with, or
-        this side's view of an untouched image): the source's trees, leaf for leaf."""
+        this side's view of an untouched image): the source's trees, leaf for leaf. A tree the
+        target verified from its written leaves is built on first access (~10-40 ms per image:
+        its leaves copied), so a caller that needs it only after the VM resumed pays it then."""
         if self.state is not TargetState.VERIFIED:
             return {}
-        return {im.name: im.verified_tree for im in self._by_gi if im.verified_tree is not None}
+        return VerifiedTrees({im.name: im.verified_tree for im in self._by_gi if im.verified_tree is not None})
 
     @property
     def progress(self) -> tuple[int, int]:
@@ -324,16 +343,15 @@ class Target(Endpoint[TargetState]):
         for im in self._by_gi:
             assert im.shape is not None and im.view is not None
             sel = self._plan.img == im.gi
-            tree: MerkleTree | None
-            if self.dry_run:
-                tree = im.view.replace_leaves(self._plan.leaf[sel], self._plan.full[sel]) if sel.any() else im.view
-                root = tree.root
-            elif self.verify_written and (sel.any() or im.shape.size != im.tree.size):
-                # every written leaf read back as written (_check_written): its digest is the one
-                # verified on arrival, and hashing it again would hash the page twice
-                if im.shape.size > im.tree.size:
+            tree: MerkleTree | ReplacedTree | None
+            if self.dry_run or (self.verify_written and (sel.any() or im.shape.size != im.tree.size)):
+                # verify_written: every written leaf read back as written (_check_written): its
+                # digest is the one verified on arrival, and hashing it again would hash the page
+                # twice. The root is computed from the changed paths only; the tree is built when
+                # asked for (verified_trees), not inside the downtime
+                if not self.dry_run and im.shape.size > im.tree.size:
                     yield from self._check_zero_tail(im, self._plan.leaf[sel])
-                tree = im.view.replace_leaves(self._plan.leaf[sel], self._plan.full[sel]) if sel.any() else im.view
+                tree = ReplacedTree(im.view, self._plan.leaf[sel], self._plan.full[sel])
                 root = tree.root
             elif im.touched or self.verify_untouched:
                 hashed = yield HashImage(im.name, im.shape.fanout)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from differ.merkle import DIGEST_SIZE, MerkleTree, leaf_length, zero_digest
+from differ.merkle import DIGEST_SIZE, MerkleTree, ReplacedTree, leaf_length, zero_digest
 from differ.protocol.endpoint import ImageSpec, read_leaves
 from differ.protocol.events import Holding, Of, Request, Result, SetSize
 from differ.protocol.index import ContentIndex, Location
@@ -44,8 +44,9 @@ class ImageState:
         self.from_base: npt.NDArray[np.bool_] = np.zeros(0, dtype=bool)
         """Per differing leaf: the source said it holds the base's content there."""
         self.touched = False
-        self.verified_tree: MerkleTree | None = None
-        """The committed image's tree, once VERIFIED (the next common checkpoint reuses it)."""
+        self.verified_tree: MerkleTree | ReplacedTree | None = None
+        """The committed image's tree, once VERIFIED (the next common checkpoint reuses it), or
+        what builds it when asked (``Target.verified_trees``)."""
 
     def own_length(self, leaf: int) -> int:
         """Length of ``leaf`` in my image after the resize."""
