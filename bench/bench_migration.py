@@ -199,8 +199,11 @@ class Run:
         return {
             "e2e_s": t["t_resumed"] - s["t_request"] - hooks,
             "downtime_s": t["t_resumed"] - s["t_paused"] - hooks,
-            # what the baselines pay too: the wait for the agent's last frames is replay's alone
+            # what the baselines pay too: the wait for the agent's last frames, and for the target
+            # to catch up (migration.catchup), are replay's alone (the VM runs: in e2e, not downtime)
             "quiesce_s": max(0.0, s["t_paused"] - s["t_request"] - s.get("flush_s", FLUSH_S)),
+            "flush_s": s.get("flush_s", FLUSH_S),
+            "catchup_s": s.get("catchup_s", 0.0),
             "save_s": s["t_saved"] - s["t_paused"],
             "restore_s": t["t_resumed"] - t["t_verified"],
             "replay_lag_s": t["t_saved"] - s["t_paused"],
