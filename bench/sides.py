@@ -106,7 +106,8 @@ async def run_source(args: argparse.Namespace) -> dict[str, Any]:
                 keep_state(src.state_files, args.keep)
             await src.release()         # the links keep what the bench measures on
     return {"t_start": t_start, "t_request": t_request, "t_paused": m.t_paused, "t_saved": m.t_saved,
-            "t_done": t_done, "flush_s": src.flush_s, "events_driven": driven.events, "drive_s": driven.seconds,
+            "t_done": t_done, "flush_s": src.flush_s, "catchup_s": src.catchup_s,
+            "caught_up": src.caught_up, "events_driven": driven.events, "drive_s": driven.seconds,
             "report": report.as_dict(), "whole": src.whole}
 
 

@@ -47,7 +47,7 @@ def human_bytes(n: float) -> str:
 
 PHASE_UNITS: Final[Mapping[str, str]] = {
     "recording": "B", "saving": "B", "hashing": "B", "walk": "B", "blocks": "B", "transfer": "blocks",
-    "replay": "events", "verify": "B", "restore": "",
+    "replay": "events", "verify": "B", "restore": "", "catch-up": "frames",
 }
 """What each phase of a migration counts (``B``: bytes, shown as KiB/MiB with a rate); a phase
 not listed counts plain units."""

@@ -63,6 +63,7 @@ from differ.source import BlockSink
 from differ.transfer import ReferenceImage, make_source, make_target
 from migration import halves
 from migration.cancel import drop, in_thread, settle
+from migration.catchup import CATCHUP_POLL_S, PauseGate, ReplayProgress, wait_to_pause
 from migration.diffio import AsyncAdapter
 from migration.halves import Figures, added, all_true, largest, local, measured_by, preferred
 from migration.suspenddir import save_until_whole, suspend_image
@@ -398,7 +399,15 @@ class SourceSide:
         """Whether no key or button event came since the log's last sync mark (the agent takes one
         after them once the screen settles; pointer motion alone brings none)."""
         self.flush_s = 0.0
-        """How long ``suspend`` waited for the agent's last frames before freezing the guest."""
+        """How long ``suspend`` waited before freezing the guest: for the agent's last frames, then
+        for the target to replay them (``migration.catchup``): the VM ran meanwhile."""
+        self.catchup_s = 0.0
+        """The part of ``flush_s`` spent waiting for the target alone (its screen had settled)."""
+        self.caught_up = False
+        """Whether the target had replayed every frame forwarded when the VM was paused."""
+        self._sent_log = 0
+        """The seq of the last log frame sent into the session."""
+        self._gate: PauseGate | None = None
         self.timeline = Timeline(SOURCE)
         """This side's phases (``migration.timeline``): where its share of the downtime went."""
         self.t_paused = 0.0
@@ -413,7 +422,7 @@ class SourceSide:
         return (0 < seq < m.log_resume and header is not None
                 and header.clock_origin_us == m.log_origin_us)
 
-    async def _forward(self, poll_s: float) -> int:
+    async def _forward(self, poll_s: float, *, show: bool = True) -> int:
         frames = await in_thread(self.link.frames, poll_s)
         for fr in frames:
             for ev in self._log.feed(fr.data):
@@ -421,17 +430,24 @@ class SourceSide:
                     self.settled = True
                 elif isinstance(ev, (Key, Button)):     # pointer motion alone brings no new mark
                     self.settled = False
+                    if self._gate is not None:          # typed while the suspend waits
+                        self._gate.input(time.monotonic())
             if self._in_checkpoint(fr.seq):
                 self.link.ack(fr.seq)
                 continue
-            await self.client.send_log(fr.data)
+            self._sent_log = await self.client.send_log(fr.data)
             self.link.ack(fr.seq)        # journalled in the session: the agent may forget it
             self.report.log_bytes += len(fr.data)
             self.report.log_frames += 1
-        behind = self.client.in_flight(Stream.LOG)
-        self.progress_note(f"{self.report.log_frames} frames; the target is {_kib(behind)} behind")
-        self.progress("recording", self.report.log_bytes, 0)
+        if show:
+            behind = self.client.in_flight(Stream.LOG)
+            self.progress_note(f"{self.report.log_frames} frames; the target is {_kib(behind)} behind")
+            self.progress("recording", self.report.log_bytes, 0)
         return len(frames)
+
+    def _show_catch_up(self, sent: int, replayed: int) -> None:
+        self.progress_note(f"the target replayed log frame {replayed} of {sent}; the VM runs on")
+        self.progress("catch-up", replayed, sent)
 
     async def _end_log(self) -> None:
         """Close the forwarded log with its end-of-log event (the agent records on until the VM is
@@ -480,10 +496,22 @@ class SourceSide:
         t_pause = time.monotonic()
         try:
             t0 = time.monotonic()
+            self._gate = gate = PauseGate(t0, FLUSH_S, MIN_FLUSH_S)
             with tl.phase("flush"):
-                while time.monotonic() < t0 + FLUSH_S and not (self.settled and time.monotonic() >= t0 + MIN_FLUSH_S):
+                while not (gate.flushed(time.monotonic(), self.settled) or gate.timed_out(time.monotonic())):
                     await self._forward(0.1)
+            t_flushed = time.monotonic()
+            with tl.phase("catch-up"):      # the VM runs on: before the pause, not downtime
+                waited = await wait_to_pause(
+                    gate, lambda: self._forward(CATCHUP_POLL_S, show=False),
+                    lambda: (self.settled, self._sent_log, self.client.peer_replayed), on_wait=self._show_catch_up)
+            self._gate = None
+            self.caught_up = waited.caught_up
             self.flush_s = time.monotonic() - t0
+            self.catchup_s = time.monotonic() - t_flushed
+            self.log.info("paused %.2f s after the suspend began (%.2f s for the target, which %s)", self.flush_s,
+                          self.catchup_s, "caught up" if waited.caught_up
+                          else f"replayed frame {waited.replayed} of {waited.sent}: the rest is in the downtime")
             self.progress("saving", 0, 0)
             # freezing flushes each file system first (FIFREEZE syncs it); a separate `sync` through
             # the guest agent cost another 0.1-0.7 s under TCG
@@ -783,6 +811,8 @@ class TargetSide:
         """This side's phases (``migration.timeline``): where its share of the downtime went."""
         self.t_log_ended = 0.0
         """When the source's end of log arrived (this side's view of the source's pause)."""
+        self.t_last_event = 0.0
+        """When the replay went through its last event (the settle before the freeze counts from it)."""
         self.log = logging.getLogger(f"replay_migrate.target.{name}")
 
     async def run(self) -> Report:
@@ -841,10 +871,31 @@ class TargetSide:
         self._feed = feed
         replayer = Replayer(m, link, self.replay_config)
         received = [0]
+        # how far the replay is, told to the source: it waits for it before it pauses (migration.catchup)
+        position = ReplayProgress()
+        loop = asyncio.get_running_loop()
+        moved = asyncio.Event()
 
         def replayed(n: int) -> None:      # (in the replay thread)
+            self.t_last_event = time.monotonic()
             self.progress_note(f"{received[0] - n} events behind the source")
             self.progress("replay", n, received[0])
+            if position.went_through(n):
+                loop.call_soon_threadsafe(moved.set)
+
+        following = [True]
+
+        async def tell_source() -> None:
+            while True:
+                await moved.wait()
+                moved.clear()
+                if not following[0]:
+                    return
+                try:
+                    await self.client.replayed(position.replayed)
+                except ReplayMigrateError as e:     # the session failing: recv() raises it too
+                    self.log.info("replay progress not told: %s", e)
+                    return
 
         replayer.on_progress = replayed
         result: list[ReplayStats | BaseException] = []
@@ -858,6 +909,7 @@ class TargetSide:
         t0 = time.monotonic()
         worker = threading.Thread(target=run_replay, name=f"replay-{m.name}", daemon=True)
         worker.start()
+        teller = asyncio.create_task(tell_source())
         try:
             while not (result and isinstance(result[0], BaseException)):
                 try:
@@ -865,7 +917,10 @@ class TargetSide:
                 except TimeoutError:
                     continue
                 if isinstance(ev, Frame) and ev.stream is Stream.LOG:
-                    received[0] += feed.put(ev.data)
+                    events = feed.put(ev.data)
+                    received[0] += events
+                    if position.arrived(ev.seq, events):
+                        moved.set()
                     self.report.log_bytes += len(ev.data)
                     self.report.log_frames += 1
                 elif isinstance(ev, LogEnded):
@@ -879,6 +934,11 @@ class TargetSide:
         finally:
             feed.close()
             await in_thread(worker.join)
+            following[0] = False        # not cancelled: a flush cut short would lose the acks it took
+            moved.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(teller), ABORT_TIMEOUT_S)
+            drop(teller)
             link.close()
             self.timeline.add("replay", t0)
         if isinstance(result[0], BaseException):
@@ -895,8 +955,11 @@ class TargetSide:
         tl = self.timeline
         t_end = time.monotonic()
         settled = self.replay_stats is not None and self.replay_stats.settled
-        with tl.phase("settle"):
-            await asyncio.sleep(SETTLED_S if settled else SETTLE_S)
+        with tl.phase("settle"):        # from the last event: a target that caught up before the
+            # source paused (migration.catchup) has had its settle already
+            wait = (SETTLED_S if settled else SETTLE_S) - (t_end - (self.t_last_event or t_end))
+            if wait > 0:
+                await asyncio.sleep(wait)
         with tl.phase("freeze"):
             await in_thread(m.fsfreeze)            # flushes, like the source's (no extra sync)
         with tl.phase("pause"):

@@ -10,7 +10,8 @@ its own caller's mistake (a message its role never sends, or one the state it ha
 allow yet) is a :class:`~replay_migrate.errors.LocalProtocolError` that never reaches the wire.
 
 What the table does not say, the handlers check: sequence numbers, the log's end, that the target
-acked the whole log before ``phase diffing``.  Two rules of a session that a restarted service
+acked the whole log before ``phase diffing``, that ``replayed`` names a log frame the source sent
+and never goes backwards.  Two rules of a session that a restarted service
 re-created (:attr:`server.session.Session.restored`) sit beside it in the core: a control already
 applied is a no-op, and a frame its sender journalled before it attached there is accepted in any
 live state.  A FAILED session has no row: its failure is the answer to everything.
@@ -35,6 +36,7 @@ class PeerMessage(enum.Enum):
     LOG = "log"
     LOG_END = "log_end"
     SUSPEND = "suspend"
+    REPLAYED = "replayed"
     DIFF_S2T = "diff s2t"
     DIFF_T2S = "diff t2s"
     ACK_LOG = "ack log"
@@ -70,11 +72,11 @@ def _table() -> dict[State, dict[Role, dict[PeerMessage, State]]]:
     return {
         S.RECORDING: {
             SRC: {**stay(S.RECORDING, M.LOG, M.LOG_END, M.ACK_T2S), M.SUSPEND: S.SUSPENDING, M.ABORT: S.FAILED},
-            TGT: {**stay(S.RECORDING, M.ACK_LOG, M.ACK_S2T), M.ABORT: S.FAILED},
+            TGT: {**stay(S.RECORDING, M.REPLAYED, M.ACK_LOG, M.ACK_S2T), M.ABORT: S.FAILED},
         },
         S.SUSPENDING: {     # the source's diff messages may start while the target still replays
             SRC: {**stay(S.SUSPENDING, M.LOG, M.LOG_END, M.DIFF_S2T, M.ACK_T2S), M.ABORT: S.FAILED},
-            TGT: {**stay(S.SUSPENDING, M.DIFF_T2S, M.ACK_LOG, M.ACK_S2T), M.PHASE_DIFFING: S.DIFFING,
+            TGT: {**stay(S.SUSPENDING, M.REPLAYED, M.DIFF_T2S, M.ACK_LOG, M.ACK_S2T), M.PHASE_DIFFING: S.DIFFING,
                   M.ABORT: S.FAILED},
         },
         S.DIFFING: {

@@ -259,6 +259,19 @@ class SessionClient:
         """(Source) RECORDING → SUSPENDING; returns once the service moved."""
         await self._control(self._core.suspend, State.SUSPENDING)
 
+    async def replayed(self, seq: int) -> None:
+        """(Target) the replay went through log frame ``seq`` (and all before it): told to the
+        source, throttled (:data:`~server.clientcore.REPLAYED_INTERVAL_S`, at once on reaching the
+        last frame received).  Returns once it is on the wire, or dropped by the throttle."""
+        self._check()
+        if self._core.replay_progress(seq, self._clock()):
+            await self._flush()
+
+    @property
+    def peer_replayed(self) -> int:
+        """(Source) the last log frame the target said it replayed (0 before it said anything)."""
+        return self._core.replayed if self.role is Role.SOURCE else 0
+
     async def send_diff(self, data: bytes) -> int:
         """One opaque diff-protocol message to the other side; returns its seq.  The target's first
         one waits until the session is SUSPENDING (the source's doing)."""

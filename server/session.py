@@ -84,6 +84,8 @@ class Session:
         self.log_end: int | None = None
         self.roots: dict[str, bytes] | None = None
         self.released = released
+        self.replayed = 0
+        """The last log frame the target said it replayed (``replayed``), relayed to the source."""
         #: some peer was attached to this session before this object existed (a service restart,
         #: or the session was dropped while nobody was attached): controls may repeat
         self.restored = state is not State.RECORDING
@@ -177,6 +179,8 @@ class Session:
             link.push(report)
         if self.released:
             link.push(encode("released"))
+        if role is Role.SOURCE and self.replayed:   # a source that was away when it came
+            link.push(encode("replayed", seq=self.replayed))
         for stream in advanced:
             self._forward_ack(stream)
         self.pump_to(role)         # log frames, log_end, then diff messages: the live order
@@ -333,6 +337,21 @@ class Session:
         self.log.info("log ended at frame %d", last)
         self.pump_to(Role.TARGET)
 
+    def _on_replayed(self, role: Role, msg: dict[str, Any], now: float) -> None:
+        """Relay the target's replay progress to the source, once per new frame: only frames the
+        source sent (the service holds or held them), never backwards."""
+        seq = msg["seq"]
+        log = self._relays[Stream.LOG]
+        sent = max(log.next_in, log.resend_below) - 1
+        if seq > sent:
+            raise SessionViolation(Reason.BAD_SEQUENCE, f"replayed {seq}, but the source sent log frames up to {sent}")
+        if seq < self.replayed:
+            raise SessionViolation(Reason.BAD_SEQUENCE, f"replayed {seq} after {self.replayed}: backwards")
+        if seq == self.replayed:
+            return                          # again, after a reconnect
+        self.replayed = seq
+        self._send(Role.SOURCE, encode("replayed", seq=seq))
+
     def _on_phase_diffing(self, role: Role, msg: dict[str, Any], now: float) -> None:
         if self.log_end is None or self._relays[Stream.LOG].acked != self.log_end:
             raise SessionViolation(Reason.WRONG_STATE, "phase diffing before the whole log was acked")
@@ -439,6 +458,7 @@ _HANDLERS: Final[Mapping[PeerMessage, _Handler]] = {
     PeerMessage.DIFF_T2S: Session._on_frame, PeerMessage.ACK_LOG: Session._on_ack,
     PeerMessage.ACK_S2T: Session._on_ack, PeerMessage.ACK_T2S: Session._on_ack,
     PeerMessage.LOG_END: Session._on_log_end, PeerMessage.SUSPEND: Session._only_the_transition,
+    PeerMessage.REPLAYED: Session._on_replayed,
     PeerMessage.PHASE_DIFFING: Session._on_phase_diffing,
     PeerMessage.PHASE_TRANSFERRING: Session._only_the_transition, PeerMessage.VERIFIED: Session._on_verified,
     PeerMessage.RESUMED: Session._only_the_transition, PeerMessage.RELEASED: Session._on_released,

@@ -1,4 +1,4 @@
-"""The session-handoff protocol on the wire, version 2 (DESIGN.md §8): its vocabulary (states,
+"""The session-handoff protocol on the wire, version 3 (DESIGN.md §8): its vocabulary (states,
 roles, streams, phases, the reasons a failure may give), the envelope codec with one schema per
 message type, and the claim a peer attaches with.  Everything here crosses the wire; what may be
 sent when is :mod:`server._state`'s table.
@@ -29,6 +29,13 @@ attached        svc → peer      ``session``, ``state``, ``next``/``acked`` {st
 log             src → svc → tgt ``seq``, ``data``.  RECORDING, SUSPENDING; none after log_end.
 log_end         src → svc → tgt ``seq`` = last log seq (0: empty log); every frame before it.
 suspend         src → svc       RECORDING → SUSPENDING.
+replayed        tgt → svc → src ``seq``: the last log frame the target has replayed (every event of
+                                it and of every frame before it went through its replay: injected,
+                                sync marks waited on).  RECORDING, SUSPENDING; never beyond the
+                                log frames the source sent, never backwards (``bad_sequence``),
+                                the same again is a no-op.  The source keeps its VM running at
+                                suspend until the target caught up (``migration.catchup``); the
+                                service gives the last one to a source on every attach.
 diff            both via svc    ``dir`` s2t|t2s (must match the sender), ``seq``, ``data``.
                                 SUSPENDING, DIFFING, TRANSFERRING.
 ack             both ways       ``stream``, ``seq``: cumulative.  Receiver → svc: frames ≤ seq
@@ -68,7 +75,9 @@ import msgpack
 
 from replay_migrate.errors import ProtocolError
 
-PROTOCOL_VERSION: Final = 2
+PROTOCOL_VERSION: Final = 3
+"""2: per-role credentials, sessions re-created from the peers' claims. 3: ``replayed`` (an older
+peer would take it for an unknown message mid-migration: refused at attach instead)."""
 #: bytes a data message adds around its payload, generously: senders keep payloads under
 #: ``max_message - ENVELOPE_OVERHEAD``.
 ENVELOPE_OVERHEAD: Final = 256
@@ -319,6 +328,7 @@ _SCHEMA: Final[Mapping[str, Mapping[str, _Check]]] = {
     "log": {"seq": _seq(1), "data": _is_bytes},
     "log_end": {"seq": _seq(0)},
     "suspend": {},
+    "replayed": {"seq": _seq(0)},
     "diff": {"dir": _words(frozenset({Stream.S2T.value, Stream.T2S.value})), "seq": _seq(1), "data": _is_bytes},
     "ack": {"stream": _words(_STREAM_NAMES), "seq": _seq(0)},
     "phase": {"phase": _words(frozenset(p.value for p in Phase))},

@@ -118,6 +118,7 @@ FUZZ_TEMPLATES: list[dict[str, Any]] = [
     {"t": "attach", "role": "target", "session": SID, "resume_from": {"log": 1, "s2t": 1}, "resume": True,
      "claim": Claim.initial(Role.TARGET).to_wire()},
     {"t": "log", "seq": 1, "data": b"x"}, {"t": "log_end", "seq": 0}, {"t": "suspend"},
+    {"t": "replayed", "seq": 1},
     {"t": "diff", "dir": "s2t", "seq": 1, "data": b""}, {"t": "ack", "stream": "log", "seq": 1},
     {"t": "phase", "phase": "diffing"}, {"t": "verified", "roots": ROOTS}, {"t": "resumed"}, {"t": "released"},
     {"t": "abort", "reason": "cancelled"},

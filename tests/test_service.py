@@ -289,6 +289,7 @@ async def exchange(src: SessionClient, tgt: SessionClient, log: list[bytes], s2t
             if isinstance(ev, Frame):
                 assert ev.stream is Stream.LOG   # no diff message overtakes log_end
                 got_log.append(ev.data)
+                await tgt.replayed(ev.seq)      # replayed at once; the client throttles
                 if len(got_log) == 120:
                     await hook("target log")
             elif isinstance(ev, LogEnded):
@@ -336,6 +337,7 @@ def test_migration_survives_cuts_in_the_log_and_in_the_blocks() -> None:
             assert src.duplicates == tgt.duplicates == 0   # the service re-sent nothing twice
             assert src.reconnects >= 2 and tgt.reconnects >= 2
             assert src.confirmed and src.roots == ROOTS
+            assert src.peer_replayed == len(log)           # the last one told reached the source
             session = reg.lookup(src_cred.session)
             assert session is not None and session.state is State.RESUMED
             await src.close()

@@ -31,7 +31,7 @@ from replay_migrate.errors import ProtocolError
 from server.keyring import Grant
 from server.limits import Limits
 from server.link import CLOSE_POLICY, CLOSE_SUPERSEDED, Link
-from server.wire import FRAME_COST, Claim, Reason, Role, State, Stream, decode, encode
+from server.wire import FRAME_COST, Claim, Reason, Role, SessionViolation, State, Stream, decode, encode
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -541,3 +541,36 @@ def test_fuzz_mutated_envelopes(data: bytes) -> None:
 @given(hs.binary(max_size=300))
 def test_fuzz_random_bytes(data: bytes) -> None:
     fuzz_session_message(data)
+
+
+def test_replayed_goes_to_the_source_once_per_new_frame_and_again_when_it_attaches() -> None:
+    _, s, src, tgt = pair()
+    for seq in (1, 2, 3):
+        src.send("log", seq=seq, data=b"L")
+    tgt.out()
+    tgt.send("replayed", seq=2)
+    assert [m for m in src.out() if m["t"] == "replayed"] == [{"v": V, "t": "replayed", "seq": 2}]
+    tgt.send("replayed", seq=2)                 # again (after a reconnect): nothing new
+    assert src.out() == []
+    src.reconnect()
+    src.attach(resume=True, claim=claim_of(State.RECORDING, Role.SOURCE, nxt={Stream.LOG: 4}))
+    assert [m for m in src.out() if m["t"] == "replayed"] == [{"v": V, "t": "replayed", "seq": 2}]
+    src.send("suspend")
+    tgt.send("replayed", seq=3)
+    assert [m["seq"] for m in src.out() if m["t"] == "replayed"] == [3]
+    assert s.replayed == 3 and s.failure is None
+
+
+@pytest.mark.parametrize(("seq", "what"), [(4, "the source sent log frames up to 3"), (1, "backwards")])
+def test_replayed_beyond_what_the_source_sent_or_backwards_fails_the_session(seq: int, what: str,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
+    _, s, src, tgt = pair()
+    for n in (1, 2, 3):
+        src.send("log", seq=n, data=b"L")
+    tgt.send("replayed", seq=2)
+    src.out()
+    tgt.out()
+    with pytest.raises(SessionViolation, match=what):
+        s.receive(Role.TARGET, {"v": V, "t": "replayed", "seq": seq}, 0.0)
+    assert_failed(s, src, tgt, Reason.BAD_SEQUENCE)
+    assert what in caplog.text

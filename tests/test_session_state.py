@@ -25,6 +25,7 @@ EXAMPLES: dict[PeerMessage, dict[str, Any]] = {
     PeerMessage.LOG: {"t": "log", "seq": 2, "data": b"x"},
     PeerMessage.LOG_END: {"t": "log_end", "seq": 1},
     PeerMessage.SUSPEND: {"t": "suspend"},
+    PeerMessage.REPLAYED: {"t": "replayed", "seq": 1},
     PeerMessage.DIFF_S2T: {"t": "diff", "dir": "s2t", "seq": 1, "data": b"x"},
     PeerMessage.DIFF_T2S: {"t": "diff", "dir": "t2s", "seq": 1, "data": b"x"},
     PeerMessage.ACK_LOG: {"t": "ack", "stream": "log", "seq": 1},
@@ -82,7 +83,7 @@ def test_every_message_of_every_role_in_every_state_does_what_the_table_says(sta
         if state is State.RESUMED:                 # finished: only that connection is refused
             assert st(s) is State.RESUMED and s.failure is None
             assert [m for m in sender.out() if m["t"] == "error"] == [
-                {"v": 2, "t": "error", "code": reason.code, "reason": reason.value, "keep_vm": False}]
+                {"v": 3, "t": "error", "code": reason.code, "reason": reason.value, "keep_vm": False}]
             assert sender.link.close_code == CLOSE_POLICY and other.out() == [] and other.link.close_code is None
         else:
             assert_failed(s, src, tgt, reason)

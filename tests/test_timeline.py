@@ -91,3 +91,19 @@ def test_spans_travel_as_lists_in_a_report() -> None:
     assert spans_of({}) == []
     with pytest.raises(ValueError):
         spans_of({"timeline": [[1, 2, 3, 4]]})
+
+
+def test_the_wait_for_the_target_before_the_pause_is_no_downtime_and_its_settle_none_after() -> None:
+    """The source waited for the target to catch up (migration.catchup) before its pause: its flush
+    and catch-up are outside the downtime, and the target's tail is only the log's end arriving
+    (the source's drain), its settle of no length (it settled while the source still ran)."""
+    src = _spans(SOURCE, ("flush", -3.0, -1.0), ("catch-up", -1.0, -0.4), ("freeze", -0.4, -0.1),
+                 ("pause", -0.1, 0.0), ("drain", 0.0, 0.15), ("save", 0.15, 0.85), ("hash", 0.9, 1.1),
+                 (READY, 1.1, 1.1), ("walk", 1.3, 2.0))
+    tgt = _spans(TARGET, ("replay", -30.0, 0.2), ("settle", 0.2, 0.2), ("freeze", 0.2, 0.3), ("pause", 0.3, 0.31),
+                 ("save", 0.31, 1.0), ("hash", 1.0, 1.3), (READY, 1.3, 1.3), ("walk", 1.3, 2.0))
+    b = downtime_breakdown(merge(src, tgt), 0.0, 2.0)
+    assert list(b) == ["target replay", "target freeze", "target pause", "target save", "target hash",
+                       "target walk"]
+    assert b["target replay"] == pytest.approx(0.2)
+    assert sum(b.values()) == pytest.approx(2.0)

@@ -67,21 +67,28 @@ def test_every_message_type_round_trips() -> None:
     (msgpack.packb([1, 2]), Reason.BAD_MESSAGE),                            # not a map
     (packed(v=1, t="suspend"), Reason.BAD_VERSION),
     (packed(v="2", t="suspend"), Reason.BAD_VERSION),
-    (packed(v=2.0, t="suspend"), Reason.BAD_VERSION),
+    (packed(v=3.0, t="suspend"), Reason.BAD_VERSION),
+    (packed(v=2, t="suspend"), Reason.BAD_VERSION),                         # before replayed existed
     (packed(t="suspend"), Reason.BAD_VERSION),
-    (packed(v=2, t="nonsense"), Reason.BAD_MESSAGE),
-    (packed(v=2, t=7), Reason.BAD_MESSAGE),
-    (packed(v=2, t="log", seq=1), Reason.BAD_MESSAGE),                      # a field missing
-    (packed(v=2, t="log", seq=1, data=b"", more=1), Reason.BAD_MESSAGE),    # one too many
-    (packed(v=2, t="log", seq=0, data=b""), Reason.BAD_MESSAGE),            # seqs start at 1
-    (packed(v=2, t="log", seq=True, data=b""), Reason.BAD_MESSAGE),         # a bool is no int here
-    (packed(v=2, t="log", seq=2**63, data=b""), Reason.BAD_MESSAGE),
-    (packed(v=2, t="log", seq=1, data="text"), Reason.BAD_MESSAGE),
-    (packed(v=2, t="diff", dir="log", seq=1, data=b""), Reason.BAD_MESSAGE),
-    (packed(v=2, t="ack", stream="x", seq=1), Reason.BAD_MESSAGE),
-    (packed(v=2, t="abort", reason="wrong_state"), Reason.BAD_MESSAGE),     # not a reason a peer gives
-    (packed(v=2, t="verified", roots={}), Reason.BAD_MESSAGE),
-    (packed(v=2, t="attach", role="source", session="no dots.", resume_from={"t2s": 1}, resume=False,
+    (packed(v=3, t="nonsense"), Reason.BAD_MESSAGE),
+    (packed(v=3, t=7), Reason.BAD_MESSAGE),
+    (packed(v=3, t="log", seq=1), Reason.BAD_MESSAGE),                      # a field missing
+    (packed(v=3, t="log", seq=1, data=b"", more=1), Reason.BAD_MESSAGE),    # one too many
+    (packed(v=3, t="log", seq=0, data=b""), Reason.BAD_MESSAGE),            # seqs start at 1
+    (packed(v=3, t="log", seq=True, data=b""), Reason.BAD_MESSAGE),         # a bool is no int here
+    (packed(v=3, t="log", seq=2**63, data=b""), Reason.BAD_MESSAGE),
+    (packed(v=3, t="log", seq=1, data="text"), Reason.BAD_MESSAGE),
+    (packed(v=3, t="diff", dir="log", seq=1, data=b""), Reason.BAD_MESSAGE),
+    (packed(v=3, t="ack", stream="x", seq=1), Reason.BAD_MESSAGE),
+    (packed(v=3, t="replayed"), Reason.BAD_MESSAGE),
+    (packed(v=3, t="replayed", seq=-1), Reason.BAD_MESSAGE),
+    (packed(v=3, t="replayed", seq=2**63), Reason.BAD_MESSAGE),
+    (packed(v=3, t="replayed", seq=1.0), Reason.BAD_MESSAGE),
+    (packed(v=3, t="replayed", seq=False), Reason.BAD_MESSAGE),
+    (packed(v=3, t="replayed", seq=1, data=b""), Reason.BAD_MESSAGE),
+    (packed(v=3, t="abort", reason="wrong_state"), Reason.BAD_MESSAGE),     # not a reason a peer gives
+    (packed(v=3, t="verified", roots={}), Reason.BAD_MESSAGE),
+    (packed(v=3, t="attach", role="source", session="no dots.", resume_from={"t2s": 1}, resume=False,
             claim=Claim.initial(Role.SOURCE).to_wire()), Reason.BAD_MESSAGE),
 ])
 def test_what_the_schema_refuses(data: bytes, reason: Reason) -> None:
@@ -137,11 +144,11 @@ def test_a_claim_round_trips_and_must_be_consistent() -> None:
 
 
 def test_frames_and_errors_have_one_envelope_each() -> None:
-    assert decode(frame_message(Stream.LOG, 3, b"f"), LIMIT) == {"v": 2, "t": "log", "seq": 3, "data": b"f"}
-    assert decode(frame_message(Stream.T2S, 1, b"d"), LIMIT) == {"v": 2, "t": "diff", "dir": "t2s", "seq": 1,
+    assert decode(frame_message(Stream.LOG, 3, b"f"), LIMIT) == {"v": 3, "t": "log", "seq": 3, "data": b"f"}
+    assert decode(frame_message(Stream.T2S, 1, b"d"), LIMIT) == {"v": 3, "t": "diff", "dir": "t2s", "seq": 1,
                                                                  "data": b"d"}
     assert decode(error_message(Reason.IDLE_TIMEOUT, True), LIMIT) == {
-        "v": 2, "t": "error", "code": 408, "reason": "idle_timeout", "keep_vm": True}
+        "v": 3, "t": "error", "code": 408, "reason": "idle_timeout", "keep_vm": True}
 
 
 def test_reasons_have_codes_and_a_violation_is_the_peers_protocol_error() -> None:
