@@ -143,17 +143,20 @@ class ResidueRow:
     words: dict[str, int] = field(default_factory=dict)
 
 
-WORD_USER = "user-space address"
+WORD_MOVED = "user-space address, moved"
+WORD_USER = "user-space address, other"
 WORD_KERNEL = "kernel address"
 WORD_OTHER = "neither"
-WORD_KINDS = (WORD_USER, WORD_KERNEL, WORD_OTHER)
+WORD_KINDS = (WORD_MOVED, WORD_USER, WORD_KERNEL, WORD_OTHER)
 
 
 def word_census(a: bytes, b: bytes) -> dict[str, int]:
-    """The 8-byte words at which pages ``a`` and ``b`` differ, by what either side holds there: a
-    user-space address (the range :func:`bench.divergence.owner_hint` takes for one: what ASLR
-    moves from run to run), else a kernel address (top 16 bits set), else neither (data, counters,
-    random bytes)."""
+    """The 8-byte words at which pages ``a`` and ``b`` differ, by what they hold: a user-space
+    address on both sides at the same offset within a page (:data:`WORD_MOVED`: one pointer
+    relocated by whole pages, what address-space randomisation does to a process started after the
+    checkpoint), else a user-space address on either side (the range
+    :func:`bench.divergence.owner_hint` takes for one: a pointer to another object, mostly), else
+    a kernel address (top 16 bits set), else neither (data, counters, random bytes)."""
     import numpy as np
 
     from bench.divergence import _USER_HI, _USER_LO
@@ -161,10 +164,12 @@ def word_census(a: bytes, b: bytes) -> dict[str, int]:
     wa, wb = np.frombuffer(a[:n], "<u8"), np.frombuffer(b[:n], "<u8")
     diff = wa != wb
     wa, wb = wa[diff], wb[diff]
-    user = ((wa >= _USER_LO) & (wa < _USER_HI)) | ((wb >= _USER_LO) & (wb < _USER_HI))
-    kernel = ~user & (((wa >> np.uint64(48)) == 0xFFFF) | ((wb >> np.uint64(48)) == 0xFFFF))
-    return {WORD_USER: int(user.sum()), WORD_KERNEL: int(kernel.sum()),
-            WORD_OTHER: int(diff.sum() - user.sum() - kernel.sum())}
+    ua, ub = (wa >= _USER_LO) & (wa < _USER_HI), (wb >= _USER_LO) & (wb < _USER_HI)
+    moved = ua & ub & ((wa & np.uint64(0xFFF)) == (wb & np.uint64(0xFFF)))
+    user = ~moved & (ua | ub)
+    kernel = ~(ua | ub) & (((wa >> np.uint64(48)) == 0xFFFF) | ((wb >> np.uint64(48)) == 0xFFFF))
+    counts = {WORD_MOVED: int(moved.sum()), WORD_USER: int(user.sum()), WORD_KERNEL: int(kernel.sum())}
+    return {**counts, WORD_OTHER: int(diff.sum()) - sum(counts.values())}
 
 
 @dataclass
@@ -277,8 +282,9 @@ def residue_table(rows: Sequence[ResidueRow]) -> str:
     """Per kept migration: divergent memory leaves, those held nowhere at the target and their cost,
     the largest page kinds among them, and the differing words by what they hold."""
     out = ["| workload | variant | round | divergent leaves | held nowhere | their bytes | held nowhere, by kind "
-           "(content) | differing words: user-space address | kernel address | neither |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "(content) | differing words: user-space address, moved | user-space address, other | kernel address "
+           "| neither |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(r.kinds.items(), key=lambda kv: -kv[1])[:4])
         total = sum(r.words.values()) or 1
@@ -311,8 +317,10 @@ def render(res: Results, verdict: str = "") -> str:
                   "another page of its memory or disk, or in the checkpoint) with their cost (zstd of each, "
                   "whole or XOR the checkpoint's page), their kinds named from their content "
                   "(`bench.divergence.owner_hint`), and every 8-byte word at which the divergent leaves "
-                  "differ, by whether either side holds a user-space address there (what address-space "
-                  "randomisation moves), a kernel address, or neither.", "",
+                  "differ: a user-space address on both sides at the same offset within a page (moved: one "
+                  "pointer relocated by whole pages, what address-space randomisation does to a process "
+                  "started after the checkpoint), another user-space address on either side (a pointer to "
+                  "another object, mostly), a kernel address, or neither (data).", "",
                   residue_table(res.residue), ""]
     if res.cost:
         parts += ["## What a kernel argument costs the user", "",
