@@ -4,6 +4,7 @@
     python -m bench.levers migrate --variant iof --kernel-arg init_on_free=1 --workloads build ...
     python -m bench.levers zstd --variant base --workloads build notes shell --levels 3 6 9 12 19
     python -m bench.levers cost --variant base --variant iof [--lock F]
+    python -m bench.levers residue --variant both --round r1 --workloads notes shell   # on `migrate --keep` states
     python -m bench.levers render [--out bench/results]
     python -m bench.levers all          # what `make bench BENCH=levers` runs (~50 min; opt-in)
 
@@ -16,7 +17,10 @@ percentages are each variant's against its own baselines, as in ``migration.md``
 the transfer between the kept source and target states in memory (``store.vmstate.sync_states``,
 a dry run: the migration's own choices) at each zstd level, with the CPU time it took. ``cost``
 times a guest-side compile (``COST_COMMAND``) in a clone of each variant's checkpoint: what a kernel
-argument costs the user. Every result is appended to ``<root>/levers.json``; ``render`` writes
+argument costs the user. ``residue`` says where the residue of kept states is (off the VM lock: the
+page kinds by content, :func:`bench.divergence.owner_hint`) and how many of the differing 8-byte words
+are user-space addresses (what address-space randomisation moves), kernel addresses or neither.
+Every result is appended to ``<root>/levers.json``; ``render`` writes
 ``levers.md`` and ``levers.json`` to ``--out``.
 """
 
@@ -123,10 +127,57 @@ class CostRow:
 
 
 @dataclass
+class ResidueRow:
+    """Where one kept migration's memory residue is: its divergent leaves, the ones the target holds
+    nowhere (by page kind from their content, and what they cost), and every differing 8-byte word of
+    the divergent leaves by what it holds on either side (:func:`word_census`)."""
+
+    variant: str
+    workload: str
+    round: str
+    divergent: int
+    nowhere: int
+    nowhere_bytes: int
+    kinds: dict[str, int] = field(default_factory=dict)
+    kind_bytes: dict[str, int] = field(default_factory=dict)
+    words: dict[str, int] = field(default_factory=dict)
+
+
+WORD_MOVED = "user-space address, moved"
+WORD_USER = "user-space address, other"
+WORD_KERNEL = "kernel address"
+WORD_OTHER = "neither"
+WORD_KINDS = (WORD_MOVED, WORD_USER, WORD_KERNEL, WORD_OTHER)
+
+
+def word_census(a: bytes, b: bytes) -> dict[str, int]:
+    """The 8-byte words at which pages ``a`` and ``b`` differ, by what they hold: a user-space
+    address on both sides at the same offset within a page (:data:`WORD_MOVED`: one pointer
+    relocated by whole pages, what address-space randomisation does to a process started after the
+    checkpoint), else a user-space address on either side (the range
+    :func:`bench.divergence.owner_hint` takes for one: a pointer to another object, mostly), else
+    a kernel address (top 16 bits set), else neither (data, counters, random bytes)."""
+    import numpy as np
+
+    from bench.divergence import _USER_HI, _USER_LO
+    n = min(len(a), len(b)) // 8 * 8
+    wa, wb = np.frombuffer(a[:n], "<u8"), np.frombuffer(b[:n], "<u8")
+    diff = wa != wb
+    wa, wb = wa[diff], wb[diff]
+    ua, ub = (wa >= _USER_LO) & (wa < _USER_HI), (wb >= _USER_LO) & (wb < _USER_HI)
+    moved = ua & ub & ((wa & np.uint64(0xFFF)) == (wb & np.uint64(0xFFF)))
+    user = ~moved & (ua | ub)
+    kernel = ~(ua | ub) & (((wa >> np.uint64(48)) == 0xFFFF) | ((wb >> np.uint64(48)) == 0xFFFF))
+    counts = {WORD_MOVED: int(moved.sum()), WORD_USER: int(user.sum()), WORD_KERNEL: int(kernel.sum())}
+    return {**counts, WORD_OTHER: int(diff.sum()) - sum(counts.values())}
+
+
+@dataclass
 class Results:
     migrations: list[MigrationRow] = field(default_factory=list)
     zstd: list[ZstdRow] = field(default_factory=list)
     cost: list[CostRow] = field(default_factory=list)
+    residue: list[ResidueRow] = field(default_factory=list)
 
     @classmethod
     def load(cls, path: Path) -> Results:
@@ -134,7 +185,7 @@ class Results:
             return cls()
         d = json.loads(path.read_text())
         return cls([MigrationRow(**r) for r in d.get("migrations", [])], [ZstdRow(**r) for r in d.get("zstd", [])],
-                   [CostRow(**r) for r in d.get("cost", [])])
+                   [CostRow(**r) for r in d.get("cost", [])], [ResidueRow(**r) for r in d.get("residue", [])])
 
     def save(self, path: Path) -> None:
         from replay_migrate.files import atomic_write
@@ -142,7 +193,8 @@ class Results:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, (json.dumps({"migrations": [asdict(r) for r in self.migrations],
                                         "zstd": [asdict(r) for r in self.zstd],
-                                        "cost": [asdict(r) for r in self.cost]}, indent=2) + "\n").encode(),
+                                        "cost": [asdict(r) for r in self.cost],
+                                        "residue": [asdict(r) for r in self.residue]}, indent=2) + "\n").encode(),
                      durable=False)
 
 
@@ -226,6 +278,22 @@ def cost_table(rows: Sequence[CostRow]) -> str:
     return "\n".join(out)
 
 
+def residue_table(rows: Sequence[ResidueRow]) -> str:
+    """Per kept migration: divergent memory leaves, those held nowhere at the target and their cost,
+    the largest page kinds among them, and the differing words by what they hold."""
+    out = ["| workload | variant | round | divergent leaves | held nowhere | their bytes | held nowhere, by kind "
+           "(content) | differing words: user-space address, moved | user-space address, other | kernel address "
+           "| neither |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(r.kinds.items(), key=lambda kv: -kv[1])[:4])
+        total = sum(r.words.values()) or 1
+        words = " | ".join(f"{r.words.get(k, 0):,} ({100 * r.words.get(k, 0) / total:.0f} %)" for k in WORD_KINDS)
+        out.append(f"| {r.workload} | {r.variant} | {r.round} | {r.divergent:,} | {r.nowhere:,} | "
+                   f"{r.nowhere_bytes:,} | {kinds} | {words} |")
+    return "\n".join(out)
+
+
 def render(res: Results, verdict: str = "") -> str:
     parts = ["# Bytes levers of issue 13, measured on real migrations",
              "",
@@ -242,6 +310,18 @@ def render(res: Results, verdict: str = "") -> str:
     if res.migrations:
         parts += ["## Migrations", "", migration_table(res.migrations, res.cost), "",
                   "Means per workload and variant:", "", summary_table(res.migrations), ""]
+    if res.residue:
+        parts += ["## Where the residue is", "",
+                  "On the states a migration kept (`residue`, off the VM lock): the memory leaves where the "
+                  "replayed target differs from the source, the ones it holds nowhere (not as a zero page, at "
+                  "another page of its memory or disk, or in the checkpoint) with their cost (zstd of each, "
+                  "whole or XOR the checkpoint's page), their kinds named from their content "
+                  "(`bench.divergence.owner_hint`), and every 8-byte word at which the divergent leaves "
+                  "differ: a user-space address on both sides at the same offset within a page (moved: one "
+                  "pointer relocated by whole pages, what address-space randomisation does to a process "
+                  "started after the checkpoint), another user-space address on either side (a pointer to "
+                  "another object, mostly), a kernel address, or neither (data).", "",
+                  residue_table(res.residue), ""]
     if res.cost:
         parts += ["## What a kernel argument costs the user", "",
                   f"`{COST_COMMAND}` in a clone of each variant's checkpoint (TCG), {COST_REPEATS} times:", "",
@@ -384,6 +464,48 @@ def cost(args: argparse.Namespace) -> int:
     return 0
 
 
+def residue_of_kept(variant: str, workload: str, rnd: str, wdir: Path) -> ResidueRow:
+    """:class:`ResidueRow` of the source and target states a ``migrate --keep`` left in ``wdir``."""
+    from collections import Counter
+
+    from bench.residue import HELD_NOWHERE, residue
+    from bench.sides import KEPT_DISK, KEPT_MEMORY
+    from differ.blocks import MemoryImageSource
+    from differ.merkle import MerkleTree
+    from store import checkpoint as ckpt
+    from store.vmstate import FANOUT, VmState, checkpoint_trees
+    ck = ckpt.get(CHECKPOINT_PREFIX + variant)
+    src = VmState(wdir / "source" / KEPT_MEMORY, wdir / "source" / KEPT_DISK, ck)
+    tgt = VmState(wdir / "target" / KEPT_MEMORY, wdir / "target" / KEPT_DISK, ck)
+    mem = residue(src, tgt, checkpoint_trees(ck)).images["memory"]
+    words: Counter[str] = Counter()
+    with MemoryImageSource(src.memory) as s_mem, MemoryImageSource(tgt.memory) as t_mem:
+        ts, tt = MerkleTree.build(s_mem, FANOUT), MerkleTree.build(t_mem, FANOUT)
+        leaves = ts.differing_leaves(tt)
+        for leaf in leaves[leaves < min(ts.leaf_count, tt.leaf_count)].tolist():
+            words.update(word_census(s_mem.read(leaf, 1), t_mem.read(leaf, 1)))
+    return ResidueRow(variant, workload, rnd, mem.divergent, mem.held.get(HELD_NOWHERE, 0),
+                      mem.nowhere_bytes, mem.nowhere_kinds, mem.nowhere_kind_bytes,
+                      {k: words.get(k, 0) for k in WORD_KINDS})
+
+
+def residue_cmd(args: argparse.Namespace) -> int:
+    """Where the residue is, on the states of an earlier ``migrate --keep`` (no VM: off the lock)."""
+    res = Results.load(args.root / "levers.json")
+    for wl in args.workloads:
+        wdir = args.root / "work" / f"{args.variant}-{args.round}" / wl
+        if not (wdir / "source").is_dir():
+            log(f"residue {args.variant}/{wl} ({args.round}): no kept states in {wdir}")
+            return 1
+        row = residue_of_kept(args.variant, wl, args.round, wdir)
+        res.residue = [r for r in res.residue if (r.variant, r.workload, r.round) != (args.variant, wl, args.round)]
+        res.residue.append(row)
+        res.save(args.root / "levers.json")
+        log(f"residue {args.variant}/{wl}: {row.divergent} divergent, {row.nowhere} held nowhere "
+            f"({row.nowhere_bytes:,} B); words {row.words}")
+    return 0
+
+
 def render_cmd(args: argparse.Namespace) -> int:
     res = Results.load(args.root / "levers.json")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -431,6 +553,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     c = sub.add_parser("cost", help="a guest compile timed in a clone of each variant's checkpoint")
     c.add_argument("--variant", action="append", choices=sorted(VARIANTS), required=True)
     c.add_argument("--lock", type=Path, default=None)
+    d = sub.add_parser("residue", help="where the residue is, on the kept states of an earlier `migrate --keep`")
+    d.add_argument("--variant", choices=sorted(VARIANTS), required=True)
+    d.add_argument("--round", default="r1")
+    d.add_argument("--workloads", nargs="+", required=True)
     r = sub.add_parser("render", help="levers.md and levers.json from the results so far")
     r.add_argument("--out", type=Path, default=HERE / "results")
     r.add_argument("--verdict", type=Path, default=HERE / "levers-verdict.md",
@@ -441,7 +567,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.root is None:
         args.root = _root()
-    return {"migrate": migrate, "zstd": zstd, "cost": cost, "render": render_cmd, "all": all_cmd}[args.cmd](args)
+    return {"migrate": migrate, "zstd": zstd, "cost": cost, "render": render_cmd, "residue": residue_cmd,
+            "all": all_cmd}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,17 @@ import argparse
 from pathlib import Path
 
 from bench import levers
-from bench.levers import CostRow, MigrationRow, Results, ZstdRow
+from bench.levers import (
+    WORD_KERNEL,
+    WORD_MOVED,
+    WORD_OTHER,
+    WORD_USER,
+    CostRow,
+    MigrationRow,
+    ResidueRow,
+    Results,
+    ZstdRow,
+)
 
 
 def _row(variant: str, wire: int, plain: int, no_replay: int, rnd: str = "r1") -> MigrationRow:
@@ -19,7 +29,9 @@ def _row(variant: str, wire: int, plain: int, no_replay: int, rnd: str = "r1") -
 
 def test_results_round_trip_through_the_json_file(tmp_path: Path) -> None:
     res = Results([_row("base", 100, 1000, 200)], [ZstdRow("base", "build", 3, 500, 400, 1.5)],
-                  [CostRow("iof", ["init_on_free=1"], [10, 12, 11])])
+                  [CostRow("iof", ["init_on_free=1"], [10, 12, 11])],
+                  [ResidueRow("both", "notes", "r1", 10, 4, 900, {"unrecognised": 4}, {"unrecognised": 900},
+                              {WORD_MOVED: 4, WORD_USER: 1, WORD_KERNEL: 2, WORD_OTHER: 3})])
     path = tmp_path / "sub" / "levers.json"
     res.save(path)
     back = Results.load(path)
@@ -76,3 +88,35 @@ def test_a_migration_that_wrote_nothing_fails_and_adds_no_row(tmp_path: Path) ->
 def test_the_lock_wraps_the_command_only_when_asked() -> None:
     assert levers._locked(["x", "y"], None) == ["x", "y"]
     assert levers._locked(["x"], Path("/tmp/l")) == ["flock", "/tmp/l", "x"]
+
+
+def _words(*ws: int) -> bytes:
+    return b"".join(w.to_bytes(8, "little") for w in ws)
+
+
+def test_the_word_census_names_each_differing_word_by_what_either_side_holds() -> None:
+    heap, lib, kern = 0x5612_3456_7890, 0x7F3A_0000_1000, 0xFFFF_8880_0123_4560
+    # the heap pointer relocated by whole pages (as ASLR moves it), a pointer to another object,
+    # a pointer on one side only, a kernel pointer, data
+    a = _words(1, heap, heap, 7, kern, 0, 42, lib, kern)
+    b = _words(1, 0x55AB_0000_1890, heap + 0x10, 8, kern + 64, kern, 42, 3, lib)
+    # equal words are not counted; a user-space address on either side wins over a kernel one
+    assert levers.word_census(a, b) == {WORD_MOVED: 1, WORD_USER: 3, WORD_KERNEL: 2, WORD_OTHER: 1}
+    assert levers.word_census(a, a) == {WORD_MOVED: 0, WORD_USER: 0, WORD_KERNEL: 0, WORD_OTHER: 0}
+    # a trailing partial word is ignored rather than misread
+    assert sum(levers.word_census(a + b"x", b + b"y").values()) == 7
+
+
+def test_the_residue_table_gives_each_word_kind_its_share() -> None:
+    row = ResidueRow("both", "notes", "r1", 2_976, 2_193, 600_000, {"a": 5, "b": 9, "c": 1, "d": 2, "e": 3},
+                     {}, {WORD_MOVED: 500, WORD_USER: 100, WORD_KERNEL: 300, WORD_OTHER: 100})
+    line = levers.residue_table([row]).splitlines()[2]
+    assert "| 2,976 | 2,193 | 600,000 | b 9, a 5, e 3, d 2 |" in line
+    assert line.endswith("| 500 (50 %) | 100 (10 %) | 300 (30 %) | 100 (10 %) |")
+    assert "## Where the residue is" in levers.render(Results(residue=[row]))
+
+
+def test_a_residue_without_kept_states_fails_and_adds_no_row(tmp_path: Path) -> None:
+    args = argparse.Namespace(root=tmp_path, variant="both", round="r1", workloads=["notes"])
+    assert levers.residue_cmd(args) == 1
+    assert Results.load(tmp_path / "levers.json") == Results()
