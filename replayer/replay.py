@@ -131,6 +131,31 @@ def describe(ev: Event) -> str:
     return f"end of log at {ev.t_us / 1e6:.3f} s"
 
 
+@dataclass
+class SyncWait:
+    """What the target's region showed while one sync mark was waited on: tells a target that
+    settled on another screen (drift: one look, held) from one still changing (a slow target, or a
+    screen that never holds still) in the failed mark's own message."""
+
+    start: float
+    looks: list[tuple[float, bytes]] = field(default_factory=list)
+    """(clock s, digest) each time the answer changed; b"" for a check the agent did not answer."""
+
+    def add(self, t: float, digest: bytes) -> None:
+        if not self.looks or self.looks[-1][1] != digest:
+            self.looks.append((t, digest))
+
+    @property
+    def distinct(self) -> int:
+        return len({d for _, d in self.looks})
+
+    def describe(self, now: float) -> str:
+        if not self.looks:
+            return "no check answered"
+        held = now - self.looks[-1][0]
+        return f"the target showed {len(self.looks)} look(s), {self.distinct} distinct, the last for {held:.1f} s"
+
+
 class Replayer:
     """Injects events into ``machine`` one at a time, closed loop over ``link``, on ``clock``'s time."""
 
@@ -158,6 +183,9 @@ class Replayer:
         self._stop = threading.Event()
         self.on_progress: Callable[[int], None] | None = None
         """Called with the number of events replayed so far, after each one."""
+        self.on_unmet: Callable[[SyncMark, SyncWait], None] | None = None
+        """Called (in the replay thread) when a mark's wait ran out, with what the target's region
+        showed meanwhile: a diagnosis hook (``TargetSide.sync_dump`` saves the region's pixels)."""
         self.log = logging.getLogger(f"replay_migrate.replay.{machine.name}")
 
     def log_ended(self) -> None:
@@ -268,6 +296,7 @@ class Replayer:
         """Wait until the target's agent sees the region as the source's did. Asked of the agent,
         not taken from a QEMU screenshot: that one includes X's software cursor, GetImage not."""
         start = self.clock.now()
+        seen = SyncWait(start)
         while True:
             deadline = self._sync_deadline(mark, start)
             others: list[HostEvent] = []
@@ -279,6 +308,7 @@ class Replayer:
                 self.log.warning("%s", e)
                 digest = b""
             self._ack_frames(others)
+            seen.add(self.clock.now(), digest)
             if digest == mark.digest:
                 self.stats.sync_met += 1
                 self.stats.settled = True
@@ -294,8 +324,11 @@ class Replayer:
             if self.clock.now() > deadline:
                 self._fail_unmet()
                 what = f"{describe(mark)} ({mark.w}x{mark.h} at {mark.x},{mark.y})"
-                self._unmet = (mark, f"{what} was not met within {self.clock.now() - start:.1f} s")
+                self._unmet = (mark, f"{what} was not met within {self.clock.now() - start:.1f} s "
+                                     f"({seen.describe(self.clock.now())})")
                 self.stats.settled = False
+                if self.on_unmet is not None:
+                    self.on_unmet(mark, seen)
                 return
             if self._pause(SYNC_POLL_S):
                 return

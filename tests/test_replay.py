@@ -372,3 +372,16 @@ def test_an_event_the_guest_does_not_echo_fails_the_replay() -> None:
     clock = ManualClock()
     with pytest.raises(ReplayError, match=re.escape("(key 38 press at 0.000 s) was not echoed by the guest within 10")):
         Replayer(_Machine(), Deaf(clock), clock=clock).replay([Key(0, 38, True)])
+
+
+def test_an_unmet_mark_says_what_the_target_showed_and_calls_the_hook() -> None:
+    """A target that settled on another screen (one look, held) reads differently from one still
+    changing when the wait ran out; the hook gets the mark and the looks, in the replay thread."""
+    clock = ManualClock()
+    got: list[tuple[SyncMark, list[bytes]]] = []
+    rep = Replayer(_Machine(), _Screens(clock, [(0.0, b"x"), (0.5, b"y"), (0.9, b"x")]),
+                   ReplayConfig(sync_slack_s=2.0), clock=clock)
+    rep.on_unmet = lambda mark, wait: got.append((mark, [d for _, d in wait.looks]))
+    stats = rep.replay(_typed_then_marked(0.0))
+    assert len(got) == 1 and got[0][0].digest == b"A" and got[0][1] == [b"x", b"y", b"x"]
+    assert "3 look(s), 2 distinct, the last for 1." in stats.sync_failed[0]
