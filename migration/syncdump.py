@@ -7,7 +7,8 @@ log carries only the region's digest, so telling them apart needs the pixels: wi
 region of every mark as its screen shows it when the mark reaches the host, and the log as it
 forwarded it; the target saves the region of every mark whose wait ran out, with the looks it
 showed meanwhile (``replayer.replay.SyncWait``). ``source-marks.jsonl`` and ``target-marks.jsonl``
-list them, one object a line: both sides may share one folder.
+list them, one object a line (``host_t``: the host's monotonic clock when the region was taken, one
+clock for both sides on one host): both sides may share one folder.
 
 The pixels come from QEMU's screendump (``Machine.screenshot``), not from the agent: that one
 includes X's software cursor, which the agent's GetImage leaves out, so a difference of one
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -91,7 +93,7 @@ class SyncDump:
     def target_unmet(self, screen: Screen, mark: SyncMark, wait: SyncWait) -> None:
         """The target's region of ``mark`` when its wait ran out, and what it showed meanwhile."""
         looks = [{"t": round(t - wait.start, 3), "digest": d.hex()} for t, d in wait.looks]
-        self._save(screen, mark, {"looks": looks})
+        self._save(screen, mark, {"waited_from": wait.start, "looks": looks})
 
     def _save(self, screen: Screen, mark: SyncMark, extra: dict[str, object]) -> None:
         name = mark_name(self.side, mark)
@@ -101,7 +103,7 @@ class SyncDump:
         except ReplayMigrateError as e:
             log.warning("sync dump: %s", e)
             return
-        entry = {"side": self.side, "t_s": mark.t_us / 1e6, "label": mark.label,
+        entry = {"side": self.side, "host_t": time.monotonic(), "t_s": mark.t_us / 1e6, "label": mark.label,
                  "region": [mark.x, mark.y, mark.w, mark.h], "digest": mark.digest.hex(), "png": name, **extra}
         with self._lock:
             self._marks.write((json.dumps(entry) + "\n").encode())
