@@ -301,7 +301,8 @@ class Replayer:
     def _sync_deadline(self, mark: SyncMark, start: float, behind: bool = False) -> float:
         """When to give up on ``mark``: the source took ``mark.t - t`` from its last key or button
         (at log time ``t``) to show the mark's screen, so the target gets as long from its echo of
-        that input, plus the slack (less once the source ended the log). ``behind``: the target
+        that input (or from ``start``, when the replay got to the mark, if that is later), plus the
+        slack (less once the source ended the log). ``behind``: the target
         still shows the region's previous mark, so ``sync_behind_ratio`` of that time more."""
         ended = self._log_ended.is_set() and not self.config.strict_sync
         slack = min(self.config.sync_slack_s, self.config.sync_slack_ended_s) if ended else self.config.sync_slack_s
@@ -311,7 +312,9 @@ class Replayer:
         reach = min(max(0, mark.t_us - t_us) / 1e6, self.config.sync_reach_max_s)
         if behind:
             reach *= 1 + self.config.sync_behind_ratio
-        return echoed_at + reach + slack
+        # never less than the slack from when the replay got to the mark: a mark is placed where its
+        # look was first seen, and reaches the target only once the source's agent saw it settle
+        return max(echoed_at + reach, start) + slack
 
     def _behind(self, mark: SyncMark, digest: bytes) -> bool:
         """Whether the target's region shows the look of that region's last met mark, with no key

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -420,3 +420,22 @@ def test_a_long_wait_checks_the_region_less_often() -> None:
     stats = Replayer(_Machine(), link, clock=clock).replay(_computed_then_marked())
     assert stats.sync_met == 2 and 50.0 <= clock.now() < 50.0 + SYNC_POLL_MAX_S
     assert link.checks < 50.0 / SYNC_POLL_MAX_S + 30           # every 0.1 s: ~480
+
+
+def test_a_mark_that_reaches_the_target_late_still_gets_the_slack() -> None:
+    """The mark is placed where its look was first seen, and reaches the target only after the
+    source's agent saw the look settle (1 s and more later): once the replay gets to it, it still
+    has the slack (here once the log ended: 1 s), not a deadline already past."""
+    clock = ManualClock()
+
+    def feed() -> Iterator[Event]:
+        *typed, mark = _typed_then_marked(0.3)
+        yield from typed
+        clock.advance(3.0)                          # the frame with the mark arrives
+        yield mark
+
+    rep = Replayer(_Machine(), _Link(clock, b"B"), ReplayConfig(sync_slack_s=5.0, sync_slack_ended_s=1.0),
+                   clock=clock)
+    rep.log_ended()
+    stats = rep.replay(feed())
+    assert len(stats.sync_failed) == 1 and 4.1 <= clock.now() <= 4.1 + 2 * SYNC_POLL_S
