@@ -352,8 +352,9 @@ class RegionWatch:
 
     @property
     def interval_ns(self) -> int:
-        """How long to wait before the next sample: slower once a look was marked."""
-        ms = self.policy.follow_sample_ms if self.marks else self.policy.sample_ms
+        """How long to wait before the next sample: slower once a look was offered (marked, or
+        left out for input logged since it was first seen)."""
+        ms = self.policy.follow_sample_ms if self._offered else self.policy.sample_ms
         return ms * 1_000_000
 
     def expired(self, t_ns: int) -> bool:

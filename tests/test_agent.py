@@ -633,6 +633,7 @@ def test_a_look_not_marked_is_offered_again_once_it_settles_anew() -> None:
     assert len(offered) >= 2 and offered[1] - offered[0] >= DEFAULT_SYNC_SETTLE_MS   # never taken()
     # placed from the sample that ended the previous window on: after the input that kept it out
     assert watch.since_ns == offered[-2] * 1_000_000
+    assert watch.interval_ns == SyncPolicy().follow_sample_ms * 1_000_000     # sampled as a watched one
 
 
 def test_pointer_motion_logged_after_the_look_was_seen_keeps_the_mark_out() -> None:
