@@ -45,9 +45,11 @@ HEADER = LogHeader(1280, 800, "us", "bench", 1_700_000_000_000_000, "bench")
 
 def with_sync_marks(events: Sequence[Event], idle_ms: int = DEFAULT_SYNC_IDLE_MS,
                     settle_ms: int = DEFAULT_SYNC_SETTLE_MS) -> list[Event]:
-    """Insert the sync marks the agent would take: ``idle_ms`` plus ``settle_ms`` (a still screen)
-    after the last key/button event of a burst, 64x64 around the pointer after a click, a
-    window-sized region after typing."""
+    """Insert the sync marks the agent would take after the last key/button event of a burst
+    followed by ``idle_ms`` plus ``settle_ms`` with no event at all (a still screen, and no pointer
+    motion logged after the look was first seen), placed where the look was first seen
+    (``idle_ms`` after that event); 64x64 around the pointer after a click, a window-sized region
+    after typing."""
     out: list[Event] = []
     idle = (idle_ms + settle_ms) * 1000
     last: Event | None = None
@@ -57,8 +59,8 @@ def with_sync_marks(events: Sequence[Event], idle_ms: int = DEFAULT_SYNC_IDLE_MS
             last = ev
         nxt = next((e for e in events[i + 1 :] if isinstance(e, Key | Button)), None)
         if last is ev and (nxt is None or nxt.t_us - ev.t_us >= idle):
-            t = ev.t_us + idle
-            if not (i + 1 < len(events) and events[i + 1].t_us < t):
+            t = ev.t_us + idle_ms * 1000
+            if not (i + 1 < len(events) and events[i + 1].t_us < ev.t_us + idle):
                 label = "click" if isinstance(ev, Button) else "typing"
                 w, h = (64, 64) if label == "click" else (504, 732)
                 out.append(SyncMark(t, 600, 300, w, h, region_digest(t.to_bytes(8, "big")), label))

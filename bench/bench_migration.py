@@ -250,9 +250,10 @@ def _remove_ours(hv: Hypervisor, names: Sequence[str]) -> None:
 
 def migrate(hv: Hypervisor, ck: ckpt.Checkpoint, wl: str, workload: Path, link: NetnsLink, link_key: str,
             token: str, keyring: Keyring, work: Path, *, keep: bool, target_args: Sequence[str] = (),
-            suspend_dir: Path | None = None) -> Run:
+            suspend_dir: Path | None = None, sync_dump: Path | None = None) -> Run:
     """Source clone driven by ``workload`` in the source namespace, target clone replaying in the
-    target namespace, the service there too; returns when the target runs the migrated VM."""
+    target namespace, the service there too; returns when the target runs the migrated VM.
+    ``sync_dump``: both sides keep sync marks' regions in ``sync_dump/WORKLOAD-LINK``."""
     src_name, tgt_name = f"{PREFIX}{wl}-src", f"{PREFIX}{wl}-tgt"
     wdir = work / wl
     wdir.mkdir(parents=True, exist_ok=True)
@@ -280,6 +281,9 @@ def migrate(hv: Hypervisor, ck: ckpt.Checkpoint, wl: str, workload: Path, link: 
         if keep:
             tgt_argv += ["--keep", str(wdir / "target")]
             src_argv += ["--keep", str(wdir / "source")]
+        if sync_dump is not None:
+            tgt_argv += ["--sync-dump", str(sync_dump / f"{wl}-{link_key}")]
+            src_argv += ["--sync-dump", str(sync_dump / f"{wl}-{link_key}")]
         tgt = Proc("target", link.tgt(tgt_argv), wdir / f"target-{link_key}.log",
                    _env(token, **{CREDENTIAL_ENV: str(tgt_cred)}))
         procs.append(tgt)
@@ -494,7 +498,8 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
                         link.shape(shapes[0])
                     run = migrate(hv, ck, wl, path, link, first, token, keyring, work,
                                   keep=args.keep_work or not args.migrations_only,
-                                  target_args=args.target_args, suspend_dir=args.suspend_dir)
+                                  target_args=args.target_args, suspend_dir=args.suspend_dir,
+                                  sync_dump=args.sync_dump)
                     shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
                     w: dict[str, Any] = {"file": str(shown), "session_s": round(run.source["drive_s"], 1),
                                          "runs": {first: run.as_dict()}, "bytes": {}}
@@ -515,7 +520,8 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
                         if wl not in REPEAT_AT_SECOND_LINK or args.first_link_only:
                             continue
                         run = migrate(hv, ck, wl, workload_file(wl), link, shape.key, token, keyring, work,
-                                      keep=False, target_args=args.target_args, suspend_dir=args.suspend_dir)
+                                      keep=False, target_args=args.target_args, suspend_dir=args.suspend_dir,
+                                      sync_dump=args.sync_dump)
                         w = results["workloads"][wl]
                         w["runs"][shape.key] = run.as_dict()
                         d = run.derived()
@@ -634,6 +640,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--suspend-dir", type=lambda v: suspend_dir_arg(v) if v else None, default=DEFAULT_SUSPEND_DIR,
                     metavar="DIR", help="both sides save their VMs at suspend here (default: %(default)s; '' for the "
                     "clone folders on the state disk)")
+    ap.add_argument("--sync-dump", type=Path, default=None, metavar="DIR",
+                    help="both sides keep sync marks' regions as PNG in DIR/WORKLOAD-LINK (the source every "
+                         "mark's and the forwarded log, the target those it did not meet: migration.syncdump)")
     ap.add_argument("--no-native", dest="native", action="store_false",
                     help="skip libvirt's own live migration between two libvirt hosts (bench/bench_native.py)")
     ap.add_argument("--render", type=Path, metavar="JSON",

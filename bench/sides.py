@@ -37,6 +37,7 @@ from typing import Any
 
 from migration.sides import SourceSide, TargetSide
 from migration.suspenddir import suspend_dir_arg
+from migration.syncdump import SyncDump
 from replay_migrate.sparse import link_or_copy, sparse_copy
 from replayer.drive import drive
 from replayer.replay import ReplayConfig
@@ -92,6 +93,8 @@ async def run_source(args: argparse.Namespace) -> dict[str, Any]:
         async with SessionClient(args.url, load_credential(None, Role.SOURCE)) as client:
             src = SourceSide(hv, m, ck, client, suspend_dir=args.suspend_dir,
                              chain_limit=0)   # measured states only: no next checkpoint
+            if args.sync_dump is not None:
+                src.sync_dump = SyncDump(args.sync_dump, "source")
             stop = asyncio.Event()
             streaming = asyncio.create_task(src.stream_log(stop))
             t_start = time.monotonic()
@@ -133,6 +136,8 @@ async def run_target(args: argparse.Namespace) -> dict[str, Any]:
                               suspend_dir=args.suspend_dir, chain_limit=0)
             side.on_saved = saved
             side.on_verified = verified
+            if args.sync_dump is not None:
+                side.sync_dump = SyncDump(args.sync_dump, "target")
             report = await side.run()
     replay = asdict(side.replay_stats) if side.replay_stats is not None else {}
     return {**stamps, "t_resumed": side.t_resumed, "report": report.as_dict(), "whole": side.whole, "replay": replay}
@@ -150,6 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--connect", default="qemu:///system", help="this side's libvirt (default: %(default)s)")
         p.add_argument("--suspend-dir", type=suspend_dir_arg, default=None,
                        help="save the VM at suspend here (a tmpfs; default: the clone's folder)")
+        p.add_argument("--sync-dump", type=Path, default=None, metavar="DIR",
+                       help="keep sync marks' regions here as PNG (migration.syncdump: the source every "
+                            "mark's, the target those it did not meet)")
         if role == "source":
             p.add_argument("--domain", required=True)
             p.add_argument("--workload", type=Path, required=True)

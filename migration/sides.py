@@ -67,6 +67,7 @@ from migration.catchup import CATCHUP_POLL_S, PauseGate, ReplayProgress, wait_to
 from migration.diffio import AsyncAdapter
 from migration.halves import Figures, added, all_true, largest, local, measured_by, preferred
 from migration.suspenddir import save_until_whole, suspend_image
+from migration.syncdump import SyncDump
 from migration.timeline import SOURCE, TARGET, Timeline, downtime_breakdown, excluded_seconds, merge
 from recorder.agent import DEFAULT_FRAME_MS, DEFAULT_SYNC_IDLE_MS
 from recorder.capture import DEFAULT_SYNC_SETTLE_MS
@@ -384,6 +385,9 @@ class SourceSide:
         """A detail of the current phase for the progress line."""
         self.screenshot_at_suspend: Path | None = None
         """Where to save the source's screen at the moment it is paused (the demo shows it)."""
+        self.sync_dump: SyncDump | None = None
+        """Keeps every sync mark's region as the screen shows it when the mark arrives, and the
+        log as forwarded (``migration.syncdump``: diagnosis of failed marks)."""
         self.link = RecorderLink(machine)
         self._log = LogPump()
         """What was forwarded, decoded: checked before it is sent on, and ended at suspend."""
@@ -425,9 +429,14 @@ class SourceSide:
     async def _forward(self, poll_s: float, *, show: bool = True) -> int:
         frames = await in_thread(self.link.frames, poll_s)
         for fr in frames:
+            dump = self.sync_dump
+            if dump is not None:
+                dump.log_frame(fr.data)
             for ev in self._log.feed(fr.data):
                 if isinstance(ev, SyncMark):
                     self.settled = True
+                    if dump is not None:
+                        await in_thread(dump.source_mark, self.machine, ev)
                 elif isinstance(ev, (Key, Button)):     # pointer motion alone brings no new mark
                     self.settled = False
                     if self._gate is not None:          # typed while the suspend waits
@@ -799,6 +808,9 @@ class TargetSide:
         self.on_verified: Callable[[VmState], None] | None = None
         """Called with the patched, verified state before the VM is restored from it (the demo and
         the tests compare it with the source's there: once the guest runs, it writes)."""
+        self.sync_dump: SyncDump | None = None
+        """Keeps the region of every sync mark whose wait ran out as the target's screen shows it
+        then, with what it showed meanwhile (``migration.syncdump``)."""
         self.on_saved: Callable[[VmState], None] | None = None
         """Called with the replayed clone's own state right after it is saved, before the walk
         patches it (the benchmark keeps it there to find what replay left divergent)."""
@@ -870,6 +882,9 @@ class TargetSide:
         feed = EventFeed(LogPump(decoder=LogDecoder(resume_at=m_ck.log_resume, origin_us=m_ck.log_origin_us)))
         self._feed = feed
         replayer = Replayer(m, link, self.replay_config)
+        dump = self.sync_dump
+        if dump is not None:
+            replayer.on_unmet = lambda mark, wait: dump.target_unmet(m, mark, wait)
         received = [0]
         # how far the replay is, told to the source: it waits for it before it pauses (migration.catchup)
         position = ReplayProgress()

@@ -55,7 +55,7 @@ import threading
 import time
 import tty
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import FrameType
 
 from recorder.capture import (
@@ -315,6 +315,12 @@ class Settler:
         """The digests in the current window: one look, or a blinking cursor's phases."""
         return frozenset(d for _, d in self._samples)
 
+    @property
+    def since_ns(self) -> int:
+        """When the window's first sample was taken: the region showed its look (or its phases)
+        from then on, so the look follows from the input before that moment alone."""
+        return self._samples[0][0]
+
 
 class RegionWatch:
     """One region, from the moment its mark fell due until the next key or button (the caller ends
@@ -334,6 +340,11 @@ class RegionWatch:
         self.until_ns = (due_ns if input_ns is None else input_ns) + policy.follow_ms * 1_000_000
         self._settler = Settler(policy, due_ns)
         self._marked: frozenset[bytes] = frozenset()
+        self._offered: frozenset[bytes] = frozenset()
+        self.since_ns = 0
+        """When the look :meth:`add` offered was first seen (``Settler.since_ns``): the mark's place
+        in the log. Input logged after that moment but before the mark would make the replay wait,
+        with that input replayed, for a look the source showed without it."""
         self.marks = 0
         self.gave_up = False
         """The region did not settle within ``max_wait_ms`` of the mark falling due (it may still,
@@ -341,19 +352,23 @@ class RegionWatch:
 
     @property
     def interval_ns(self) -> int:
-        """How long to wait before the next sample: slower once a look was marked."""
-        ms = self.policy.follow_sample_ms if self.marks else self.policy.sample_ms
+        """How long to wait before the next sample: slower once a look was offered (marked, or
+        left out for input logged since it was first seen)."""
+        ms = self.policy.follow_sample_ms if self._offered else self.policy.sample_ms
         return ms * 1_000_000
 
     def expired(self, t_ns: int) -> bool:
         return t_ns >= self.until_ns
 
     def add(self, t_ns: int, digest: bytes) -> bytes | None:
-        """The digest to mark now, or None (not settled, or settled on the look already marked)."""
+        """The digest to mark now, or None (not settled, or settled on the look already marked).
+        ``t_ns`` is when the sample was *started*: a look is placed no later than it was seen.
+        The caller confirms with :meth:`taken`; a look it could not mark is offered again once it
+        has settled anew."""
         verdict = self._settler.add(t_ns, digest)
         if verdict is Settle.WAIT:
             return None
-        looks = self._settler.looks
+        looks, since = self._settler.looks, self._settler.since_ns
         self._settler = Settler(self.policy, t_ns)  # a new window from this sample: the next change
         self._settler.add(t_ns, digest)
         if verdict is Settle.GAVE_UP:
@@ -362,9 +377,13 @@ class RegionWatch:
             return None
         if digest in self._marked:
             return None
-        self._marked = looks
-        self.marks += 1
+        self._offered, self.since_ns = looks, since
         return digest
+
+    def taken(self) -> None:
+        """The look :meth:`add` offered was marked: its phases are not marked again."""
+        self._marked = self._offered
+        self.marks += 1
 
 
 class SyncTrigger:
@@ -378,8 +397,11 @@ class SyncTrigger:
         self._gen = 0
         self._pending: tuple[str, int, int] | None = None
         self._last_ns = 0
+        self._last_event_us = 0
 
     def note(self, ev: Event, mono_ns: int) -> None:
+        with self._lock:
+            self._last_event_us = max(self._last_event_us, ev.t_us)
         if isinstance(ev, Motion):
             return
         with self._lock:
@@ -401,6 +423,11 @@ class SyncTrigger:
         with self._lock:
             return self._gen, self._last_ns
 
+    def last_event_us(self) -> int:
+        """Log time of the latest event the pump has logged, pointer motion included."""
+        with self._lock:
+            return self._last_event_us
+
     def done(self, gen: int) -> bool:
         """Clear the pending mark if no input came since ``due()``; say whether to emit it."""
         with self._lock:
@@ -408,6 +435,15 @@ class SyncTrigger:
                 return False
             self._pending = None
             return True
+
+
+def mark_place(seen_us: int, trigger: SyncTrigger) -> int | None:
+    """The log time of a mark of a look first seen at ``seen_us`` (log µs), or None if the pump
+    logged input since (pointer motion: a key or button ends the watch). A mark goes into the log
+    after every event logged before it; the target replays those and then waits for the look, so
+    one logged after the look was seen may be why the target never shows it (``notes``: the
+    pointer entering the Save button lights it up; the mark named the notepad from before)."""
+    return None if trigger.last_event_us() >= seen_us else seen_us
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,6 +505,8 @@ class Flusher(threading.Thread):
         """Marks not taken when due because their region did not settle within ``max_wait_ms``."""
         self.followed = 0
         """Marks of a look a region settled on without input after its first mark."""
+        self.misplaced = 0
+        """Looks not marked (when they settled) because input came after they were first seen."""
 
     def run(self) -> None:
         try:
@@ -526,16 +564,21 @@ class Flusher(threading.Thread):
             self._watch = None
             self.trigger.done(gen)
             return
-        mark = watch.add(time.monotonic_ns(), digest)
+        mark = watch.add(now, digest)
         if mark is None:
             return
         if not self.trigger.done(gen):
             self._watch = None
             return  # input came while sampling: the next mark is due later
+        t_us = mark_place(self.clock.from_mono(watch.since_ns), self.trigger)
+        if t_us is None:
+            self.misplaced += 1     # offered again once it settles anew
+            return
+        watch.taken()
         if watch.marks > 1:
             self.followed += 1
         x, y, w, h = region
-        self.put(SyncMark(self.clock.from_mono(time.monotonic_ns()), x, y, w, h, mark, label))
+        self.put(SyncMark(t_us, x, y, w, h, mark, label))
 
     def _end_watch(self) -> None:
         assert self._watch is not None
@@ -600,7 +643,12 @@ class Pump(threading.Thread):
             return
         ev: Event
         if isinstance(item, SyncMark):
-            ev = replace(item, t_us=max(item.t_us, self.encoder.last_t_us))
+            if item.t_us < self.encoder.last_t_us:
+                # input the flusher had not heard of (RECORD hands it over late) came after the
+                # look was first seen: in the log before the mark, it would be replayed before it
+                self.stats["sync_misplaced"] += 1
+                return
+            ev = item
             self.stats["sync"] += 1
         elif isinstance(item, Captured):
             t = max(self.clock.from_server(item.time_ms), self.encoder.last_t_us)
@@ -916,9 +964,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     fallback.close()
     s = pump.stats
     log.info("%d events, %d sync marks (%d of screens that came without input; %d not taken: the screen "
-             "never settled), %d checks answered, %d frames (%d re-read from the fallback log, %d lost), "
-             "%d events dropped (queue full)",
-             s["events"], s["sync"], flusher.followed, flusher.unsettled, s["checks"], s["frames"],
+             "never settled; %d not taken: input came after the look was first seen), %d checks answered, "
+             "%d frames (%d re-read from the fallback log, %d lost), %d events dropped (queue full)",
+             s["events"], s["sync"], flusher.followed, flusher.unsettled,
+             flusher.misplaced + s["sync_misplaced"], s["checks"], s["frames"],
              pump.agent.recovered_frames, pump.agent.lost_frames, dropped[0])
     return status
 

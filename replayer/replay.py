@@ -50,8 +50,22 @@ SYNC_REACH_MAX_S = (DEFAULT_SYNC_FOLLOW_MS + DEFAULT_SYNC_MAX_WAIT_MS) / 1000
 """Longest time a log may claim the source took to reach a mark: the agent watches a region for new
 looks up to ``DEFAULT_SYNC_FOLLOW_MS`` after the last input (a command's output and prompt), so a
 true mark comes within that and one settle; bounds the wait a hostile or broken log can ask for."""
+SYNC_BEHIND_RATIO = 1.0
+"""While the target's region still shows the look of that region's previous met mark (the screen
+the source left *without input*: a command still running), the target is behind, not drifted: it
+computes what the source computed, on a host where both VMs and the replay share the cores. It may
+then take this fraction of the source's time longer, on top of the slack: ``generate``'s data set
+took the source ~50 s, and a target 10 % slower missed a 5 s slack. A target that shows any other
+look gets the plain bound (a drifted replay costs no more waiting than before)."""
 SYNC_POLL_S = 0.1
-"""How often an unmet sync mark's region is checked again."""
+"""How often an unmet sync mark's region is checked again, at first..."""
+SYNC_POLL_GROWTH = 0.05
+"""...then every this fraction of the time waited so far (a check samples a window-sized region in
+the target's guest: ~1 MB copied and digested, CPU the guest's own computation, the one the mark
+waits for, then lacks)..."""
+SYNC_POLL_MAX_S = 0.5
+"""...but at least this often (what a long wait adds to the moment the mark is seen met; the
+source's agent samples a watched region as often, ``DEFAULT_SYNC_FOLLOW_SAMPLE_MS``)."""
 
 
 class InputTarget(Protocol):
@@ -86,6 +100,7 @@ class ReplayConfig:
     sync_slack_s: float = SYNC_SLACK_S
     sync_slack_ended_s: float = SYNC_SLACK_ENDED_S
     sync_reach_max_s: float = SYNC_REACH_MAX_S
+    sync_behind_ratio: float = SYNC_BEHIND_RATIO
     strict_sync: bool = False
     """Fail (ReplayError) on a sync mark that is not met instead of counting it."""
     speed: float = 1.0
@@ -131,6 +146,31 @@ def describe(ev: Event) -> str:
     return f"end of log at {ev.t_us / 1e6:.3f} s"
 
 
+@dataclass
+class SyncWait:
+    """What the target's region showed while one sync mark was waited on: tells a target that
+    settled on another screen (drift: one look, held) from one still changing (a slow target, or a
+    screen that never holds still) in the failed mark's own message."""
+
+    start: float
+    looks: list[tuple[float, bytes]] = field(default_factory=list)
+    """(clock s, digest) each time the answer changed; b"" for a check the agent did not answer."""
+
+    def add(self, t: float, digest: bytes) -> None:
+        if not self.looks or self.looks[-1][1] != digest:
+            self.looks.append((t, digest))
+
+    @property
+    def distinct(self) -> int:
+        return len({d for _, d in self.looks})
+
+    def describe(self, now: float) -> str:
+        if not self.looks:
+            return "no check answered"
+        held = now - self.looks[-1][0]
+        return f"the target showed {len(self.looks)} look(s), {self.distinct} distinct, the last for {held:.1f} s"
+
+
 class Replayer:
     """Injects events into ``machine`` one at a time, closed loop over ``link``, on ``clock``'s time."""
 
@@ -151,6 +191,8 @@ class Replayer:
         self._t0 = clock.now()
         self._input: tuple[int, float] | None = None
         """The last key or button: its time in the log (µs) and when the target echoed it (clock s)."""
+        self._last_met: SyncMark | None = None
+        """The last mark met while no key or button came after it (``_behind``)."""
         self._unmet: tuple[SyncMark, str] | None = None
         """The last mark not met, while no key or button came after it: a later mark of its region
         that is met passes it, the next input (or the end of the replay) fails it."""
@@ -158,6 +200,9 @@ class Replayer:
         self._stop = threading.Event()
         self.on_progress: Callable[[int], None] | None = None
         """Called with the number of events replayed so far, after each one."""
+        self.on_unmet: Callable[[SyncMark, SyncWait], None] | None = None
+        """Called (in the replay thread) when a mark's wait ran out, with what the target's region
+        showed meanwhile: a diagnosis hook (``TargetSide.sync_dump`` saves the region's pixels)."""
         self.log = logging.getLogger(f"replay_migrate.replay.{machine.name}")
 
     def log_ended(self) -> None:
@@ -235,6 +280,7 @@ class Replayer:
             self.pointer = (ev.x, ev.y)
         else:
             self.stats.settled = False
+            self._last_met = None
         qmp = to_qmp(ev, self.machine.screen_size)
         self._seq += 1
         self.link.expect(self._seq, ev)
@@ -252,24 +298,37 @@ class Replayer:
         if not isinstance(ev, Motion):
             self._input = (ev.t_us, self.clock.now())
 
-    def _sync_deadline(self, mark: SyncMark, start: float) -> float:
+    def _sync_deadline(self, mark: SyncMark, start: float, behind: bool = False) -> float:
         """When to give up on ``mark``: the source took ``mark.t - t`` from its last key or button
         (at log time ``t``) to show the mark's screen, so the target gets as long from its echo of
-        that input, plus the slack (less once the source ended the log)."""
+        that input (or from ``start``, when the replay got to the mark, if that is later), plus the
+        slack (less once the source ended the log). ``behind``: the target
+        still shows the region's previous mark, so ``sync_behind_ratio`` of that time more."""
         ended = self._log_ended.is_set() and not self.config.strict_sync
         slack = min(self.config.sync_slack_s, self.config.sync_slack_ended_s) if ended else self.config.sync_slack_s
         if self._input is None:
             return start + slack
         t_us, echoed_at = self._input
         reach = min(max(0, mark.t_us - t_us) / 1e6, self.config.sync_reach_max_s)
-        return echoed_at + reach + slack
+        if behind:
+            reach *= 1 + self.config.sync_behind_ratio
+        # never less than the slack from when the replay got to the mark: a mark is placed where its
+        # look was first seen, and reaches the target only once the source's agent saw it settle
+        return max(echoed_at + reach, start) + slack
+
+    def _behind(self, mark: SyncMark, digest: bytes) -> bool:
+        """Whether the target's region shows the look of that region's last met mark, with no key
+        or button since: where the source's screen was before it changed by itself."""
+        last = self._last_met
+        return (last is not None and digest == last.digest
+                and (last.x, last.y, last.w, last.h) == (mark.x, mark.y, mark.w, mark.h))
 
     def _sync(self, mark: SyncMark) -> None:
         """Wait until the target's agent sees the region as the source's did. Asked of the agent,
         not taken from a QEMU screenshot: that one includes X's software cursor, GetImage not."""
         start = self.clock.now()
+        seen = SyncWait(start)
         while True:
-            deadline = self._sync_deadline(mark, start)
             others: list[HostEvent] = []
             try:
                 digest = self.link.check(mark.x, mark.y, mark.w, mark.h, self.config.echo_timeout_s, others)
@@ -279,9 +338,11 @@ class Replayer:
                 self.log.warning("%s", e)
                 digest = b""
             self._ack_frames(others)
+            seen.add(self.clock.now(), digest)
             if digest == mark.digest:
                 self.stats.sync_met += 1
                 self.stats.settled = True
+                self._last_met = mark
                 if self._unmet is not None:
                     if (self._unmet[0].x, self._unmet[0].y, self._unmet[0].w, self._unmet[0].h) == \
                             (mark.x, mark.y, mark.w, mark.h):
@@ -291,13 +352,19 @@ class Replayer:
                     else:
                         self._fail_unmet()
                 return
-            if self.clock.now() > deadline:
+            deadline = self._sync_deadline(mark, start, self._behind(mark, digest))
+            if self.clock.now() >= deadline:
                 self._fail_unmet()
                 what = f"{describe(mark)} ({mark.w}x{mark.h} at {mark.x},{mark.y})"
-                self._unmet = (mark, f"{what} was not met within {self.clock.now() - start:.1f} s")
+                self._unmet = (mark, f"{what} was not met within {self.clock.now() - start:.1f} s "
+                                     f"({seen.describe(self.clock.now())})")
                 self.stats.settled = False
+                if self.on_unmet is not None:
+                    self.on_unmet(mark, seen)
                 return
-            if self._pause(SYNC_POLL_S):
+            now = self.clock.now()
+            poll = min(SYNC_POLL_MAX_S, max(SYNC_POLL_S, (now - start) * SYNC_POLL_GROWTH))
+            if self._pause(min(poll, deadline - now)):      # the last check at the deadline
                 return
 
     def _ack_frames(self, events: list[HostEvent]) -> None:

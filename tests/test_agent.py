@@ -28,11 +28,25 @@ from pathlib import Path
 import pytest
 from xkit import REPO, SYSTEM_PYTHON, H, W, xdo, xvfb
 
-from recorder.agent import RegionWatch, Settle, Settler
+from recorder.agent import (
+    CheckQueue,
+    Clock,
+    FallbackLog,
+    Port,
+    Pump,
+    PumpConfig,
+    RegionWatch,
+    Settle,
+    Settler,
+    SyncTrigger,
+    mark_place,
+)
 from recorder.capture import (
     DEFAULT_SYNC_FOLLOW_MS,
     DEFAULT_SYNC_MAX_WAIT_MS,
     DEFAULT_SYNC_SETTLE_MS,
+    Captured,
+    InputKind,
     SyncPolicy,
 )
 from recorder.channel import Checked, Echo, Hello, HostSide, LogFrame
@@ -43,6 +57,7 @@ from recorder.logformat import (
     EventsFrame,
     Key,
     LogDecoder,
+    LogHeader,
     Motion,
     SyncMark,
     read_log,
@@ -553,6 +568,7 @@ def _watch(looks: Callable[[float], bytes], until_s: float, policy: SyncPolicy |
     while clock.now() < until_s and not watch.expired(round(clock.now() * 1e9)):
         mark = watch.add(round(clock.now() * 1e9), looks(clock.now()))
         if mark is not None:
+            watch.taken()
             marks.append((clock.now(), mark))
         clock.sleep(watch.interval_ns / 1e9)
     return marks, watch
@@ -596,3 +612,59 @@ def test_the_settle_interval_is_observed_even_when_samples_are_slow() -> None:
     policy = SyncPolicy(settle_ms=1000, max_wait_ms=5000)
     verdict, t, digest = _settle(lambda t: b"old" if t < 0.5 else b"new", tick_s=0.4, policy=policy)
     assert verdict is Settle.SETTLED and digest == b"new" and t >= 0.5 + 1.0
+
+
+# ---- where a sync mark goes in the log ------------------------------------------------------------
+def test_a_mark_is_placed_where_its_look_was_first_seen_not_where_it_settled() -> None:
+    """The look held from the first sample of its window: the mark's place in the log is there,
+    not a settle interval (and a slow sample) later, when input may have come meanwhile."""
+    watch = RegionWatch(SyncPolicy(), 0)
+    t = 0.0
+    while (mark := watch.add(round(t * 1e9), b"notepad")) is None:
+        t += 0.2
+    assert mark == b"notepad" and t >= DEFAULT_SYNC_SETTLE_MS / 1000 and watch.since_ns == 0
+    watch.taken()
+    assert watch.marks == 1
+
+
+def test_a_look_not_marked_is_offered_again_once_it_settles_anew() -> None:
+    watch = RegionWatch(SyncPolicy(), 0)
+    offered = [t for t in range(0, 5000, 200) if watch.add(t * 1_000_000, b"notepad") is not None]
+    assert len(offered) >= 2 and offered[1] - offered[0] >= DEFAULT_SYNC_SETTLE_MS   # never taken()
+    # placed from the sample that ended the previous window on: after the input that kept it out
+    assert watch.since_ns == offered[-2] * 1_000_000
+    assert watch.interval_ns == SyncPolicy().follow_sample_ms * 1_000_000     # sampled as a watched one
+
+
+def test_pointer_motion_logged_after_the_look_was_seen_keeps_the_mark_out() -> None:
+    """notes: the notepad held still from 1.0 s; the pointer entered the Save button (lighting it up)
+    at 1.2 s, before the mark was taken. Logged after that motion, the mark made the target replay
+    it and wait for the unlit button: never met. No mark there; one seen after the motion is fine."""
+    trigger = SyncTrigger(300)
+    trigger.note(Key(0, 36, False), 0)
+    assert mark_place(1_000_000, trigger) == 1_000_000
+    trigger.note(Motion(1_200_000, 560, 14), 0)
+    assert mark_place(1_000_000, trigger) is None
+    assert mark_place(1_300_000, trigger) == 1_300_000
+
+
+def test_the_pump_drops_a_mark_seen_before_input_it_has_logged(tmp_path: Path) -> None:
+    """RECORD hands the flusher's thread input late (while a large region is sampled, nothing flushes
+    it): a motion the flusher had not heard of may reach the log first. The mark would follow it."""
+    r, w = os.pipe()
+    try:
+        clock = Clock(0, 0, 0)
+        log_path = tmp_path / "session.rmlog"
+        pump = Pump(LogHeader(W, H, "us", "", 0, "0"), clock, Port(str(tmp_path / "port"), 200),
+                    FallbackLog(str(log_path)), PumpConfig(), None, r, SyncTrigger(300),  # type: ignore[arg-type]
+                    CheckQueue(), None, lambda why: None)
+        pump._take(Captured(InputKind.MOTION, 0, False, 560, 14, 1200))
+        pump._take(SyncMark(1_000_000, 520, 0, 500, 740, b"unlit", "typing"))
+        pump._take(SyncMark(1_300_000, 520, 0, 500, 740, b"lit", "typing"))
+        pump._store(pump.encoder.flush())
+        pump.fallback.close()
+    finally:
+        os.close(r)
+        os.close(w)
+    marks = [e for e in LogPump(require_end=False).feed(log_path.read_bytes()) if isinstance(e, SyncMark)]
+    assert [m.digest for m in marks] == [b"lit"] and pump.stats["sync_misplaced"] == 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from replayer.clock import ManualClock
 from replayer.drive import drive
 from replayer.link import CheckTimeout, RecorderLink, record
 from replayer.logfeed import LogPump
-from replayer.replay import SYNC_POLL_S, ReplayConfig, Replayer, describe
+from replayer.replay import SYNC_POLL_MAX_S, SYNC_POLL_S, ReplayConfig, Replayer, describe
 from replayer.workload import load_workload, parse_workload, shipped_workloads, synthesize
 from vm.machine import Machine
 
@@ -218,7 +218,7 @@ def test_an_unmet_mark_waits_less_once_the_source_ended_the_log() -> None:
                    clock=clock)
     rep.replay([mark])
     assert 5.0 <= clock.now() < 5.5 and len(rep.stats.sync_failed) == 1
-    assert set(clock.waits) == {SYNC_POLL_S}
+    assert clock.waits[0] == SYNC_POLL_S and max(clock.waits) <= SYNC_POLL_MAX_S
     clock.t = 100.0
     rep.log_ended()
     rep.replay([mark])
@@ -251,12 +251,12 @@ def test_a_mark_waits_as_long_as_the_source_took_to_reach_it_plus_the_slack() ->
     clock = ManualClock()
     link = _LateScreen(clock, at=9.0, echo_s=0.05)
     rep = Replayer(_Machine(), link, ReplayConfig(sync_slack_s=2.0), clock=clock)
-    assert rep.replay(_typed_then_marked(8.0)).sync_met == 1 and 9.0 <= clock.now() < 9.0 + 2 * SYNC_POLL_S
+    assert rep.replay(_typed_then_marked(8.0)).sync_met == 1 and 9.0 <= clock.now() < 9.0 + SYNC_POLL_MAX_S
     clock = ManualClock()
     rep = Replayer(_Machine(), _LateScreen(clock, at=1e9, echo_s=0.05), ReplayConfig(sync_slack_s=2.0), clock=clock)
     stats = rep.replay(_typed_then_marked(8.0))
     echoed = 0.1 + 0.05                           # the release's echo: the wait counts from there
-    assert len(stats.sync_failed) == 1 and echoed + 8.0 + 2.0 < clock.now() <= echoed + 10.0 + 2 * SYNC_POLL_S
+    assert len(stats.sync_failed) == 1 and echoed + 8.0 + 2.0 <= clock.now() <= echoed + 10.0 + 2 * SYNC_POLL_S
 
 
 def test_a_mark_a_log_claims_took_long_waits_at_most_the_named_bound() -> None:
@@ -264,7 +264,7 @@ def test_a_mark_a_log_claims_took_long_waits_at_most_the_named_bound() -> None:
     rep = Replayer(_Machine(), _LateScreen(clock, at=1e9), ReplayConfig(sync_slack_s=1.0, sync_reach_max_s=30.0,
                                                                       gap_cap_s=0.0), clock=clock)
     rep.replay(_typed_then_marked(3600.0))
-    assert 31.0 < clock.now() <= 31.0 + 2 * SYNC_POLL_S
+    assert 31.0 <= clock.now() <= 31.0 + 2 * SYNC_POLL_S
 
 
 def test_once_the_log_ended_a_mark_still_gets_the_source_time_but_less_slack() -> None:
@@ -273,7 +273,7 @@ def test_once_the_log_ended_a_mark_still_gets_the_source_time_but_less_slack() -
                                                                       gap_cap_s=0.0), clock=clock)
     rep.log_ended()
     rep.replay(_typed_then_marked(3.0))
-    assert 3.5 < clock.now() <= 3.5 + 2 * SYNC_POLL_S
+    assert 3.5 <= clock.now() <= 3.5 + 2 * SYNC_POLL_S
 
 
 def test_an_unmet_mark_fails_a_strict_replay() -> None:
@@ -372,3 +372,70 @@ def test_an_event_the_guest_does_not_echo_fails_the_replay() -> None:
     clock = ManualClock()
     with pytest.raises(ReplayError, match=re.escape("(key 38 press at 0.000 s) was not echoed by the guest within 10")):
         Replayer(_Machine(), Deaf(clock), clock=clock).replay([Key(0, 38, True)])
+
+
+def test_an_unmet_mark_says_what_the_target_showed_and_calls_the_hook() -> None:
+    """A target that settled on another screen (one look, held) reads differently from one still
+    changing when the wait ran out; the hook gets the mark and the looks, in the replay thread."""
+    clock = ManualClock()
+    got: list[tuple[SyncMark, list[bytes]]] = []
+    rep = Replayer(_Machine(), _Screens(clock, [(0.0, b"x"), (0.5, b"y"), (0.9, b"x")]),
+                   ReplayConfig(sync_slack_s=2.0), clock=clock)
+    rep.on_unmet = lambda mark, wait: got.append((mark, [d for _, d in wait.looks]))
+    stats = rep.replay(_typed_then_marked(0.0))
+    assert len(got) == 1 and got[0][0].digest == b"A" and got[0][1] == [b"x", b"y", b"x"]
+    assert "3 look(s), 2 distinct, the last for 1." in stats.sync_failed[0]
+
+
+def _computed_then_marked() -> list[Event]:
+    """generate's data set as recorded: Enter at 0 s, the running command's mark at 1.5 s, then,
+    without input, the prompt's mark when the command finished, 50 s after the Enter."""
+    return [Key(0, 36, True), Key(100_000, 36, False),
+            SyncMark(1_600_000, 1, 1, 508, 732, b"running", "typing"),
+            SyncMark(50_100_000, 1, 1, 508, 732, b"prompt", "typing")]
+
+
+def test_a_target_still_running_the_command_is_behind_not_drifted() -> None:
+    """The target computes the same 50 s as the source, on cores both VMs share: it finished 8 s
+    later (the bench's failed generate marks). Still showing the region's previous mark, it is
+    behind and gets ``sync_behind_ratio`` of the source's time more; a target showing any other
+    look gets the plain bound."""
+    clock = ManualClock()
+    looks = [(0.0, b"running"), (58.0, b"prompt")]
+    stats = Replayer(_Machine(), _Screens(clock, looks), ReplayConfig(sync_slack_s=5.0, gap_cap_s=60.0),
+                     clock=clock).replay(_computed_then_marked())
+    assert (stats.sync_met, stats.sync_failed) == (2, []) and 58.0 <= clock.now() < 58.0 + SYNC_POLL_MAX_S
+    clock = ManualClock()
+    looks = [(0.0, b"running"), (10.0, b"elsewhere")]
+    stats = Replayer(_Machine(), _Screens(clock, looks), ReplayConfig(sync_slack_s=5.0, gap_cap_s=60.0),
+                     clock=clock).replay(_computed_then_marked())
+    assert stats.sync_met == 1 and len(stats.sync_failed) == 1 and 55.0 <= clock.now() < 55.0 + SYNC_POLL_MAX_S
+
+
+def test_a_long_wait_checks_the_region_less_often() -> None:
+    """A check samples a window-sized region in the target's guest, CPU its computation lacks:
+    every 0.1 s at first, then ever less often, never less than every SYNC_POLL_MAX_S."""
+    clock = ManualClock()
+    link = _Screens(clock, [(0.0, b"running"), (50.0, b"prompt")])
+    stats = Replayer(_Machine(), link, clock=clock).replay(_computed_then_marked())
+    assert stats.sync_met == 2 and 50.0 <= clock.now() < 50.0 + SYNC_POLL_MAX_S
+    assert link.checks < 50.0 / SYNC_POLL_MAX_S + 30           # every 0.1 s: ~480
+
+
+def test_a_mark_that_reaches_the_target_late_still_gets_the_slack() -> None:
+    """The mark is placed where its look was first seen, and reaches the target only after the
+    source's agent saw the look settle (1 s and more later): once the replay gets to it, it still
+    has the slack (here once the log ended: 1 s), not a deadline already past."""
+    clock = ManualClock()
+
+    def feed() -> Iterator[Event]:
+        *typed, mark = _typed_then_marked(0.3)
+        yield from typed
+        clock.advance(3.0)                          # the frame with the mark arrives
+        yield mark
+
+    rep = Replayer(_Machine(), _Link(clock, b"B"), ReplayConfig(sync_slack_s=5.0, sync_slack_ended_s=1.0),
+                   clock=clock)
+    rep.log_ended()
+    stats = rep.replay(feed())
+    assert len(stats.sync_failed) == 1 and 4.1 <= clock.now() <= 4.1 + 2 * SYNC_POLL_S
