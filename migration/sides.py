@@ -334,8 +334,8 @@ async def _save_settled(saving: asyncio.Task[None] | None, log: logging.Logger) 
     it back or discard it, before libvirt is done with it); its own error only logged."""
     if saving is None:
         return
-    await asyncio.wait({saving})
-    if not saving.cancelled() and saving.exception() is not None:
+    await settle([saving])
+    if saving.done() and not saving.cancelled() and saving.exception() is not None:
         log.warning("the save failed too: %s", saving.exception())
 
 

@@ -24,7 +24,7 @@ import stat
 from pathlib import Path
 from typing import Protocol
 
-from migration.cancel import in_thread
+from migration.cancel import drop, in_thread, settle
 from replay_migrate import savefmt
 from replay_migrate.errors import UsageError
 from replay_migrate.safeopen import check_output_dir, make_output_dir
@@ -190,9 +190,8 @@ async def save_until_whole(m: Saver, image: Path, *, poll_s: float = WHOLE_POLL_
                 return task
             await asyncio.wait({task}, timeout=poll_s)
     except BaseException:
-        await asyncio.wait({task})          # never leave the save running behind a cancellation
-        if not task.cancelled():
-            task.exception()                # retrieved: this error is the one raised
+        await settle([task])                # never leave the save running behind a cancellation
+        drop(task)                          # ended: its error, if any, counts as seen (this one is raised)
         raise
     task.result()                           # ended before the image was seen whole: its error, if any
     return task
