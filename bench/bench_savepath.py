@@ -35,8 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import libvirt
 
-from migration.suspenddir import private_dir
-from replay_migrate import savefmt
+from migration.suspenddir import image_whole, private_dir
 from store import checkpoint as ckpt
 from vm.machine import Hypervisor, Machine, file_allocated
 
@@ -121,14 +120,6 @@ def _running(pid: int) -> bool:
         return False
 
 
-def _magic(path: Path) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(savefmt.MAGIC))
-    except OSError:
-        return b""
-
-
 class SaveWatcher(threading.Thread):
     """Notes when the image being saved is complete and when QEMU ``pid`` exited."""
 
@@ -142,7 +133,7 @@ class SaveWatcher(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set() and (self.final is None or self.exited is None):
             now = time.monotonic() - self.t0
-            if self.final is None and _magic(self.image) == savefmt.MAGIC:
+            if self.final is None and image_whole(self.image):
                 self.final = now
             if self.exited is None and self.pid is not None and not _running(self.pid):
                 self.exited = now
