@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "`agent install`) instead of booting the image")
     p.add_argument("--agent-timeout", type=positive, default=10.0,
                    help="with --domain: seconds the recorder agent has to answer (default %(default)s)")
-    p.add_argument("--memory-mib", type=positive_int, default=1024)
+    p.add_argument("--memory-mib", type=positive_int, default=ckpt.MEMORY_MIB)
     p.add_argument("--settle", type=non_negative, default=ckpt.SETTLE_S, help="idle seconds before saving")
     p.add_argument("--kernel-arg", action="append", default=None, metavar="ARG",
                    help="append ARG to the guest kernel's command line (repeatable; replaces the default "

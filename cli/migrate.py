@@ -104,6 +104,7 @@ def print_report(report: dict[str, Any], as_json: bool, title: str = "migration"
         ["replay", fig("replay_s", lambda v: f"{v:.1f} s")],
         ["diff (tree walk)", fig("diff_s", lambda v: f"{v:.2f} s")],
         ["transfer", fig("transfer_s", lambda v: f"{v:.2f} s")],
+        ["catch-up (VM running, target replaying)", fig("catchup_s", lambda v: f"{v:.1f} s")],
         ["downtime (source paused → target resumed)", fig("downtime_s", lambda v: f"{v:.1f} s")],
         ["next common checkpoint", report.get("next_checkpoint") or "-"],
     ]

@@ -178,6 +178,9 @@ class Report:
     diff_s: float = preferred(Role.TARGET, 0.0)
     transfer_s: float = preferred(Role.TARGET, 0.0)
     downtime_s: float = measured_by(Role.SOURCE, 0.0)
+    catchup_s: float = measured_by(Role.SOURCE, 0.0)
+    """Seconds the source kept the VM running at suspend for the target's replay alone (its own
+    screen had settled): not downtime, but part of the time from ``suspend`` to the resumed VM."""
     downtime_breakdown: dict[str, float] = local()  # noqa: RUF009 (a dataclasses.field with a factory)
     """Seconds per phase along the downtime's critical path (``migration.timeline``): both sides'
     phases in an embedded migration, this side's own otherwise."""
@@ -561,6 +564,7 @@ class SourceSide:
             await asyncio.shield(in_thread(self._restore))
             raise
         self.report.downtime_s = self.t_confirmed - t_pause
+        self.report.catchup_s = round(self.catchup_s, 3)
         self.report.verified = True
         self.report.wire_bytes = self.client.wire_bytes_sent + self.client.wire_bytes_received
         # the report's baseline, once the VM runs at the target: never inside the downtime (it

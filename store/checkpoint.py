@@ -53,6 +53,8 @@ from vm.spec import Boot, DomainSpec, GuestImage, VirtType, check_kernel_args
 log = logging.getLogger("replay_migrate.checkpoint")
 DOMAIN_PREFIX = "rm-"
 """Every domain this project defines is named with this prefix (clean-up finds them by it)."""
+MEMORY_MIB = 1024
+"""Guest memory of a checkpoint unless told otherwise (the desktop and the workloads fit in it)."""
 SETTLE_S = 15.0
 """Idle time after the desktop is up before saving, so boot-time writers (font caches, udev,
 journald) are done and clones start from a quiet guest."""
@@ -256,7 +258,7 @@ def _creation_lock(name: str) -> contextlib.AbstractContextManager[None]:
     return locked(checkpoints_dir() / CREATE_LOCK.format(name=name))
 
 
-def create(hv: Hypervisor, name: str, *, memory_mib: int = 1024, settle_s: float = SETTLE_S,
+def create(hv: Hypervisor, name: str, *, memory_mib: int = MEMORY_MIB, settle_s: float = SETTLE_S,
            image: GuestImage | None = None, virt: VirtType | None = None,
            kernel_args: Sequence[str] | None = None) -> Checkpoint:
     """Boot the guest image to the settled desktop and save it as checkpoint ``name``;
@@ -267,9 +269,10 @@ def create(hv: Hypervisor, name: str, *, memory_mib: int = 1024, settle_s: float
                        kernel_args=kernel_args)
 
 
-def _create(hv: Hypervisor, name: str, *, memory_mib: int, settle_s: float, image: GuestImage | None,
-            virt: VirtType | None, kernel_args: Sequence[str] | None) -> Checkpoint:
-    """:func:`create`, its lock held."""
+def _create(hv: Hypervisor, name: str, *, memory_mib: int = MEMORY_MIB, settle_s: float = SETTLE_S,
+            image: GuestImage | None = None, virt: VirtType | None = None,
+            kernel_args: Sequence[str] | None = None) -> Checkpoint:
+    """:func:`create`, its lock held (the lock is not re-entrant: :func:`ensure` calls this)."""
     ck = Checkpoint(checkpoint_path(name))
     args = kernel_args_for(kernel_args)
     if ck.dir.exists():
@@ -348,8 +351,7 @@ def _ensure(hv: Hypervisor, ck: Checkpoint, name: str, **kw: Any) -> tuple[Check
         except CheckpointError as e:
             log.warning("recreating checkpoint %s: %s", name, e)
         remove(hv, name, with_chain=True)
-    ck = _create(hv, name, **{"memory_mib": 1024, "settle_s": SETTLE_S, "virt": None, **kw,
-                              "image": image, "kernel_args": want_args})
+    ck = _create(hv, name, **{**kw, "image": image, "kernel_args": want_args})
     for old in prune_images({image.recipe_hash} | {c.manifest.image_recipe for c in list_all()}):
         log.info("removed the unused guest image %s", old.name)
     return ck, True

@@ -28,7 +28,7 @@ TARGET_STATS = TransferStats(images={"memory": ImageStats(divergent=9, reference
 
 def source_report() -> Report:
     r = Report(log_bytes=900, log_frames=12, wire_bytes=8000, baseline_bytes=40000, downtime_s=3.25,
-               diff_s=0.4, transfer_s=0.6, verified=True)
+               catchup_s=0.8, diff_s=0.4, transfer_s=0.6, verified=True)
     r.add_transfer(SOURCE_STATS)
     r.finish()
     return r
@@ -46,7 +46,8 @@ def test_a_half_leaves_what_only_the_other_side_knows_unknown() -> None:
     assert set(src) == set(tgt) == halves.carried(Report)
     assert src["events_replayed"] is src["replay_s"] is src["sync_marks_met"] is None
     assert tgt["downtime_s"] is tgt["baseline_bytes"] is tgt["savings"] is tgt["wire_bytes"] is None
-    assert src["downtime_s"] == 3.25 and tgt["replay_s"] == 11.5
+    assert tgt["catchup_s"] is None
+    assert src["downtime_s"] == 3.25 and src["catchup_s"] == 0.8 and tgt["replay_s"] == 11.5
 
 
 def test_both_sides_make_the_same_whole_and_the_transfer_adds_up_as_in_one_process() -> None:

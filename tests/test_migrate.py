@@ -63,7 +63,8 @@ def test_a_figure_no_side_could_tell_is_shown_as_unknown_never_zero(capsys: pyte
     print_report(whole, False)
     out = capsys.readouterr().out
     rows = {cells[1].strip(): cells[2].strip() for cells in (line.split("|") for line in out.splitlines()[2:])}
-    for name in ("downtime (source paused → target resumed)", "savings vs baseline", "block bytes", "hash bytes",
+    for name in ("downtime (source paused → target resumed)", "catch-up (VM running, target replaying)",
+                 "savings vs baseline", "block bytes", "hash bytes",
                  "plain state transfer (baseline)", "wire bytes (all traffic)"):
         assert rows[name] == "unknown", name
     assert rows["sent as reference / delta / full"] == "unknown / unknown / unknown"
