@@ -97,7 +97,8 @@ def measured_precopy_timing(run: Mapping[str, Any], date: str) -> dict[str, Any]
     head = (f"measured on the shaped link, {date} (`make bench-precopy`: the veth limited to "
             f"{float(run['rate_mbit']):g} Mbit/s each way by tbf, no added delay; libvirt's bandwidth "
             f"{run.get('bandwidth', '?')})")
-    dirty = f"dirty rate {8 * int(run['dirty_bytes_s']) / 1e6:.2f} Mbit/s"
+    dirty = (f"dirty rate {8 * int(run['dirty_bytes_s']) / 1e6:.2f} Mbit/s (at most "
+             f"{8 * int(run.get('dirty_bytes_s_max', run['dirty_bytes_s'])) / 1e6:.2f})")
     left = int(run.get("memory_remaining_bytes", 0)) / (1 << 20)
     if run["converged"]:
         return {"e2e_s": float(run["total_s"]), "downtime_s": float(run["downtime_s"]), "measured": True,
@@ -486,9 +487,10 @@ def goal_lines(results: Mapping[str, Any]) -> list[str]:
                      else "")
         lines.append(line)
     for wl, w in results["workloads"].items():
-        vs = downtime_vs_precopy(w)
-        if vs:
-            lines.append(f"- {wl} at 10 Mbit/s: {vs}")
+        for s in results["meta"].get("link", {}).get("shapes", []):
+            vs = downtime_vs_precopy(w, s["key"])
+            if vs:
+                lines.append(f"- {wl} at {_link_name(results, s['key'])}: {vs}")
     for wl, w in results["workloads"].items():
         reps = [r["replay"] for r in w.get("runs", {}).values() if "sync_met" in (r.get("replay") or {})]
         if reps:
