@@ -351,17 +351,35 @@ def render_markdown(results: Mapping[str, Any]) -> str:
                      "-" if r.get("setup_s") is None else f"{r['setup_s']:.2f} s",
                      f"{_mib(r['veth_bytes'])} (memory {_mib(r['memory_bytes'])}, disk {_mib(r['disk_bytes'])})",
                      str(r["iterations"]),
-                     f"{r['dirty_bytes_s'] * 8 / 1e6:.2f} Mbit/s (max {r['dirty_bytes_s_max'] * 8 / 1e6:.2f})"])
+                     f"{r['dirty_bytes_s'] * 8 / 1e6:.2f} Mbit/s (max {r['dirty_bytes_s_max'] * 8 / 1e6:.2f})",
+                     f"{r.get('date', meta['date'])}, `{r.get('commit', meta['commit'])}`"])
     from bench.tables import md_table
 
     out.append(md_table(["workload", "link", "libvirt bandwidth", "converged", "total time", "downtime", "setup",
-                         "bytes on the veth (job: memory, disk)", "memory passes", "dirty rate (last, max)"], rows))
+                         "bytes on the veth (job: memory, disk)", "memory passes", "dirty rate (last, max)",
+                         "run, commit"], rows))
     out.append("\nWhat the workload was: " + "; ".join(
         sorted({f"{r['workload']}: " + (f"driven by `{r['drove']}` at site A" if r["drove"]
                                          else "the restored checkpoint, idle") for r in results["runs"]})) + ".\n")
     for note in meta.get("notes", []):
         out.append(f"- {note}")
     return "\n".join(out) + "\n"
+
+
+def merge_runs(earlier: Sequence[Mapping[str, Any]], new: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The earlier runs of a workload and rate not measured again, then the new ones."""
+    again = {(r["workload"], float(r["rate_mbit"])) for r in new}
+    kept = [dict(r) for r in earlier if (r.get("workload"), float(r.get("rate_mbit", -1))) not in again]
+    return [*kept, *new]
+
+
+def _earlier_runs(path: Path) -> list[dict[str, Any]]:
+    from bench.tables import load_shaped_precopy
+
+    old = load_shaped_precopy(path)
+    if old is None:
+        return []
+    return [{"date": old["meta"]["date"], "commit": old["meta"].get("commit", "?"), **r} for r in old["runs"]]
 
 
 def _commit() -> str:
@@ -383,6 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--on-timeout", choices=ON_TIMEOUT, default=ON_TIMEOUT[0],
                     help="suspend: pause the guest so the job finishes (virsh --timeout-suspend); abort: abort it")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the earlier runs of other workloads or rates (each run names its date and commit)")
     args = ap.parse_args(argv)
     if any(r <= 0 for r in args.rates) or args.timeout <= 0:
         ap.error("rates and timeout must be positive")
@@ -408,7 +428,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         finally:
             site.stop(wipe=True)
-    results = {"meta": {"date": date, "commit": _commit(), "host": f"{platform.node()}, {len(_cpus())} CPUs",
+    commit = _commit()
+    for r in runs:
+        r.update(date=date, commit=commit)
+    if args.merge:
+        runs = merge_runs(_earlier_runs(args.out / f"{RESULT_NAME}.json"), runs)
+    results = {"meta": {"date": date, "commit": commit, "host": f"{platform.node()}, {len(_cpus())} CPUs",
                         "libvirt": f"libvirt {lib // 1000000}.{lib // 1000 % 1000}.{lib % 1000}",
                         "qemu": f"QEMU {qemu // 1000000}.{qemu // 1000 % 1000}.{qemu % 1000}",
                         "checkpoint": ck.name, "memory_mib": ck.manifest.memory_mib,

@@ -154,7 +154,8 @@ def apply_shaped_precopy(results: Mapping[str, Any], shaped: Mapping[str, Any] |
             runs = [r for r in shaped["runs"]
                     if r.get("workload") == wl and float(r.get("rate_mbit", -1)) == rates[link]]
             if runs:
-                per_method["native-precopy"] = measured_precopy_timing(runs[-1], shaped["meta"]["date"])
+                per_method["native-precopy"] = measured_precopy_timing(runs[-1],
+                                                                       runs[-1].get("date", shaped["meta"]["date"]))
                 n += 1
     return n
 

@@ -10,6 +10,7 @@ from bench.bench_precopy import (
     aborted_row,
     bandwidth_text,
     converged_row,
+    merge_runs,
     render_markdown,
     running_job,
     summary,
@@ -96,3 +97,16 @@ def test_the_report_has_time_downtime_bytes_passes_dirty_rate_and_convergence_pe
     assert "driven by `notes.wl` at site A" in md
     assert "did not converge in 360 s" in summary(_results()["runs"][1])
     assert bandwidth_text(12) == "12 MiB/s"
+
+
+def test_a_merged_file_keeps_earlier_runs_of_what_was_not_measured_again() -> None:
+    earlier = [{"workload": "notes", "rate_mbit": 10.0, "date": "old"}, {"workload": "notes", "rate_mbit": 100.0,
+                                                                          "date": "old"}]
+    new = [{"workload": "notes", "rate_mbit": 10, "date": "new"}, {"workload": "shell", "rate_mbit": 10.0,
+                                                                   "date": "new"}]
+    merged = merge_runs(earlier, new)
+    assert [(r["workload"], r["rate_mbit"], r["date"]) for r in merged] == [
+        ("notes", 100.0, "old"), ("notes", 10, "new"), ("shell", 10.0, "new")]
+    md = render_markdown({**_results(), "runs": [{**_results()["runs"][0], "date": "2026-01-02 03:04 UTC",
+                                                   "commit": "fedcba9"}]})
+    assert "| 2026-01-02 03:04 UTC, `fedcba9` |" in md

@@ -312,6 +312,11 @@ def test_measured_shaped_precopy_replaces_the_model_only_for_its_workload_and_li
     assert "| 262.4 s | 0.4 s | measured on the shaped link, 2026-11-28 01:30 UTC" in md
     assert "modelled from a migration measured" in md                    # the others
     assert apply_shaped_precopy(_with_native(), None) == 0
+    # a run merged from an earlier file names its own date
+    dated = _with_native()
+    apply_shaped_precopy(dated, {"meta": {"date": "file"}, "runs": [_shaped_run(10.0, date="its own")]})
+    assert dated["workloads"]["notes"]["timing"]["10M-40ms"]["native-precopy"]["how"].startswith(
+        "measured on the shaped link, its own")
 
 
 def test_a_shaped_precopy_that_did_not_converge_has_no_downtime_and_says_so() -> None:
