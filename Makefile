@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint unit bench bench-scaling bench-long loadtest fuzz clean-vms
+.PHONY: setup demo test lint unit bench bench-scaling bench-long bench-precopy loadtest fuzz clean-vms
 
 setup:
 	bash scripts/setup-host.sh
@@ -50,6 +50,14 @@ loadtest: setup
 # checkpoint cached; not part of `make bench`, whose migration.* it leaves alone)
 bench-long: setup
 	$(PY) bench/bench_migration.py --workloads long --out bench/results --name long
+
+# libvirt's pre-copy live migration (site A -> site B) of the `notes` session measured with the veth between the
+# sites limited to 100 and 10 Mbit/s (tc tbf; ~8-12 min, the 10 Mbit/s leg alone ~4.5 min; not part of `make bench`):
+# bench/results/precopy-shaped.{md,json}, whose times migration.md's libvirt pre-copy rows then use instead of
+# the model (PRECOPY_ARGS="--idle" migrates the restored checkpoint without driving the workload)
+PRECOPY_ARGS ?=
+bench-precopy: setup
+	$(PY) -m bench.bench_precopy --out bench/results $(PRECOPY_ARGS)
 
 # every decoder of peer or file bytes on 100,000 generated inputs each (~5 min on 2 cores; not part
 # of `make test`, whose unit tests run the same targets on a few hundred inputs); the table goes to

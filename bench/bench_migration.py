@@ -18,7 +18,9 @@ changes the stem: ``make bench-long`` writes ``long.md``, ``long.json`` and ``lo
 
 Then libvirt's own live migration (pre-copy, pre-copy compressed, post-copy) of one clone per
 workload between two libvirt hosts, site A and site B (``bench/bench_native.py``; its shaped-link
-times are modelled from the unshaped measurement, see there; ``--no-native`` skips it). The replay
+times are modelled from the unshaped measurement, see there, except the pre-copy's where
+``bench/results/precopy-shaped.json`` of ``make bench-precopy`` measured it on the shaped veth;
+``--no-native`` skips it). The replay
 rows above still run under one daemon, their sides in two network namespaces.
 
 The link is shaped by ``tc netem`` where the kernel has it, else by the userspace link emulator
@@ -581,8 +583,19 @@ REPORT_NAME = "migration"
 another stem (``--name long``) prefixes the plots too, so a separate run never overwrites the suite's."""
 
 
-def write_results(results: dict[str, Any], out: Path, name: str = REPORT_NAME) -> Path:
+def write_results(results: dict[str, Any], out: Path, name: str = REPORT_NAME,
+                  shaped_precopy: Path | None = tables.SHAPED_PRECOPY_JSON) -> Path:
+    """The report's files; libvirt's pre-copy times on a shaped link are ``shaped_precopy``'s
+    measurement (``make bench-precopy``) where it has the workload and the link's rate, modelled
+    otherwise."""
     out.mkdir(parents=True, exist_ok=True)
+    shaped = tables.load_shaped_precopy(shaped_precopy) if shaped_precopy is not None else None
+    if tables.apply_shaped_precopy(results, shaped):
+        assert shaped is not None
+        note = tables.shaped_precopy_note(shaped)
+        notes = results["meta"].setdefault("notes", [])
+        if note not in notes:
+            notes.append(note)
     pre = "" if name == REPORT_NAME else f"{name}-"
     order = {name: i for i, name in enumerate(WORKLOADS)}
     results["workloads"] = dict(sorted(results["workloads"].items(), key=lambda kv: order.get(kv[0], len(order))))

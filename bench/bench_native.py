@@ -18,7 +18,9 @@ ports only), and a real 10 Mbit/s run of ~330 MiB takes ~5 min per leg. The migr
 the unshaped veth; at a shaped rate R the end-to-end time is taken as max(measured, bytes / R +
 the link's RTT per round of the job) and the downtime as the measured one plus at most QEMU's
 downtime limit (QEMU sizes the last pass to fit that limit at the bandwidth it sees), and a
-pre-copy whose dirty rate exceeds R is marked as not converging at that rate.
+pre-copy whose dirty rate exceeds R is marked as not converging at that rate. ``make bench-precopy``
+(:mod:`bench.bench_precopy`) measures the pre-copy with the veth itself limited to the link's rate;
+the report uses its times instead of this model where it has the workload and the rate.
 """
 
 from __future__ import annotations

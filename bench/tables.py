@@ -8,6 +8,7 @@ link and method, and ``divergence``.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,6 +41,12 @@ TOP_PAIRS = 8
 """``source kind -> target kind`` pairs of the residue listed per workload."""
 GOAL_LINK = "10M-40ms"
 UNSHAPED = "unshaped"
+SHAPED_PRECOPY_JSON = Path(__file__).resolve().parent / "results" / "precopy-shaped.json"
+"""libvirt's pre-copy measured on the shaped veth (``bench/bench_precopy.py``, ``make bench-precopy``):
+where it has the workload and the link's rate, its times replace the model's."""
+GOAL_DOWNTIME_VS_PRECOPY = 10.0
+"""Issue 13: replay-migrate's downtime within this factor of libvirt's pre-copy downtime (same
+workload and link)."""
 
 
 human = human_bytes
@@ -82,6 +89,75 @@ def bytes_rows(results: Mapping[str, Any]) -> list[list[str]]:
             rows.append([wl, label, human(b[key]), f"{b[key]:,}",
                          *(("" if base == key else saving(b[key], b.get(base, 0))) for base in BASELINES)])
     return rows
+
+
+def measured_precopy_timing(run: Mapping[str, Any], date: str) -> dict[str, Any]:
+    """One pre-copy of ``bench/bench_precopy.py`` as a timing entry of the report: its measured time
+    and downtime, or none when it did not converge (aborted after its timeout)."""
+    head = (f"measured on the shaped link, {date} (`make bench-precopy`: the veth limited to "
+            f"{float(run['rate_mbit']):g} Mbit/s each way by tbf, no added delay; libvirt's bandwidth "
+            f"{run.get('bandwidth', '?')})")
+    dirty = (f"dirty rate {8 * int(run['dirty_bytes_s']) / 1e6:.2f} Mbit/s (at most "
+             f"{8 * int(run.get('dirty_bytes_s_max', run['dirty_bytes_s'])) / 1e6:.2f})")
+    left = int(run.get("memory_remaining_bytes", 0)) / (1 << 20)
+    if run["converged"]:
+        return {"e2e_s": float(run["total_s"]), "downtime_s": float(run["downtime_s"]), "measured": True,
+                "how": f"{head}: {int(run['iterations'])} memory passes, {dirty}"}
+    if run.get("finish") == "suspended":
+        return {"e2e_s": float(run["total_s"]), "downtime_s": float(run["downtime_s"]), "measured": True,
+                "converges": False, "forced": True,
+                "how": (f"{head}: did not converge in {float(run['suspended_after_s']):.0f} s ({left:.1f} MiB still to "
+                        f"send, {dirty}); finished as `virsh migrate --timeout-suspend` does: the guest paused, "
+                        "the rest sent in the pause, which is the downtime")}
+    return {"e2e_s": None, "downtime_s": None, "measured": True, "converges": False,
+            "how": (f"{head}: did not converge in {float(run['aborted_after_s']):.0f} s ({int(run['iterations'])} "
+                    f"memory passes, {left:.1f} MiB still to send, {dirty}); aborted")}
+
+
+def load_shaped_precopy(path: Path = SHAPED_PRECOPY_JSON) -> dict[str, Any] | None:
+    """``precopy-shaped.json``, or None when there is none; one that is not such a file is refused."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a bench_precopy result: {e}") from e
+    if (not isinstance(data, dict) or not isinstance(data.get("runs"), list)
+            or not isinstance(data.get("meta", {}).get("date"), str)
+            or not all(isinstance(r, dict) for r in data["runs"])):
+        raise ValueError(f"{path}: not a bench_precopy result (no meta.date or runs)")
+    return data
+
+
+def shaped_precopy_note(shaped: Mapping[str, Any]) -> str:
+    """The report's note on where the measured pre-copy rows come from."""
+    return (f"libvirt's pre-copy rows whose \"how\" says *measured on the shaped link* are `make bench-precopy`'s "
+            f"({shaped['meta']['date']}, commit {shaped['meta'].get('commit', '?')}: the veth between the sites "
+            "limited to the link's rate, [precopy-shaped.md](precopy-shaped.md)); libvirt's other shaped-link rows "
+            "are modelled.")
+
+
+def apply_shaped_precopy(results: Mapping[str, Any], shaped: Mapping[str, Any] | None) -> int:
+    """Put measured shaped-link pre-copy times in place of the modelled ones: for every workload and
+    link of ``results`` that has a modelled ``native-precopy`` timing and a run in ``shaped`` of the
+    same workload at the link's rate (the last such run). Returns how many were replaced; the
+    others keep the model."""
+    if not shaped:
+        return 0
+    rates = {s["key"]: float(s["rate_mbit"]) for s in results["meta"].get("link", {}).get("shapes", [])
+             if "rate_mbit" in s}
+    n = 0
+    for wl, w in results["workloads"].items():
+        for link, per_method in w.get("timing", {}).items():
+            if link not in rates or "native-precopy" not in per_method:
+                continue
+            runs = [r for r in shaped["runs"]
+                    if r.get("workload") == wl and float(r.get("rate_mbit", -1)) == rates[link]]
+            if runs:
+                per_method["native-precopy"] = measured_precopy_timing(runs[-1],
+                                                                       runs[-1].get("date", shaped["meta"]["date"]))
+                n += 1
+    return n
 
 
 def time_rows(results: Mapping[str, Any]) -> list[list[str]]:
@@ -353,6 +429,27 @@ def residue_section(wl: str, r: Mapping[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def downtime_vs_precopy(w: Mapping[str, Any], link: str = GOAL_LINK) -> str | None:
+    """replay-migrate's downtime against libvirt's pre-copy's on ``link`` (issue 13's goal: within
+    :data:`GOAL_DOWNTIME_VS_PRECOPY` x), saying whether the latter was measured there or modelled."""
+    t = w.get("timing", {}).get(link, {})
+    rm, pre = t.get("replay-migrate"), t.get("native-precopy")
+    if not rm or not pre or rm.get("downtime_s") is None:
+        return None
+    how = "measured on the shaped link" if pre.get("measured") else "modelled"
+    if pre.get("forced"):
+        how += ", not converging: the guest paused to finish"
+    if pre.get("downtime_s") is None:
+        if pre.get("converges") is False:
+            return (f"downtime {rm['downtime_s']:.1f} s; libvirt's pre-copy did not converge on this link ({how}): "
+                    "no downtime of its own to compare")
+        return None
+    ratio = rm["downtime_s"] / pre["downtime_s"] if pre["downtime_s"] > 0 else math.inf
+    verdict = "met" if ratio <= GOAL_DOWNTIME_VS_PRECOPY else "NOT met"
+    return (f"downtime {rm['downtime_s']:.2f} s vs libvirt pre-copy's {pre['downtime_s']:.2f} s ({how}): "
+            f"{ratio:.1f}x (goal <= {GOAL_DOWNTIME_VS_PRECOPY:g}x): {verdict}")
+
+
 def goal_lines(results: Mapping[str, Any]) -> list[str]:
     """Issues 6's and 13's goals, reported (never asserted)."""
     lines = []
@@ -390,6 +487,11 @@ def goal_lines(results: Mapping[str, Any]) -> list[str]:
             line += (f"; by this run's fixed times and bytes it is faster below ~{b:.1f} Mbit/s" if b != math.inf
                      else "")
         lines.append(line)
+    for wl, w in results["workloads"].items():
+        for s in results["meta"].get("link", {}).get("shapes", []):
+            vs = downtime_vs_precopy(w, s["key"])
+            if vs:
+                lines.append(f"- {wl} at {_link_name(results, s['key'])}: {vs}")
     for wl, w in results["workloads"].items():
         reps = [r["replay"] for r in w.get("runs", {}).values() if "sync_met" in (r.get("replay") or {})]
         if reps:
@@ -438,7 +540,9 @@ def native_section(results: Mapping[str, Any]) -> list[str]:
             "libvirt's completed statistics leave the overlay's NBD copy out, so the bytes above (and the model) "
             "are the veth's count. Their shaped-link times above are modelled from these (bytes / rate; "
             "downtime at most the measured one plus QEMU's 300 ms downtime limit), not measured: libvirt's "
-            "migration ports are not behind the bench's link shaper.\n",
+            "migration ports are not behind the bench's link shaper; except the pre-copy rows whose \"how\" says "
+            "*measured on the shaped link*: those are `make bench-precopy`'s (`bench/bench_precopy.py`, the veth "
+            "limited to the link's rate, [precopy-shaped.md](precopy-shaped.md)).\n",
             md_table(["workload", "variant", "bytes (job statistics)", "bytes on the veth", "time", "downtime",
                       "memory passes", "post-copy page requests"], rows)]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.tables import (
+    apply_shaped_precopy,
     break_even_mbit,
     breakdown_rows,
     bytes_rows,
@@ -20,6 +22,7 @@ from bench.tables import (
     downtime_tables,
     goal_lines,
     human,
+    load_shaped_precopy,
     mark_rows,
     md_table,
     phase_group,
@@ -266,3 +269,114 @@ def test_the_report_names_the_checkpoints_kernel_arguments() -> None:
     with_args["meta"]["kernel_args"] = ["init_on_free=1"]
     assert "MiB guest, kernel arguments `init_on_free=1`)" in render_markdown(with_args)
     assert "kernel arguments none)" in render_markdown(RESULTS)
+
+
+# ---- libvirt's pre-copy: measured on the shaped link where bench_precopy has it, modelled otherwise ----
+MODELLED = {"e2e_s": 251.9, "downtime_s": 0.406, "how": "modelled from a migration measured ... on the unshaped veth"}
+
+
+def _shaped_run(rate: float, **kw: Any) -> dict[str, Any]:
+    run = {"workload": "notes", "rate_mbit": rate, "converged": True, "total_s": 262.4, "downtime_s": 0.385,
+           "iterations": 5, "dirty_bytes_s": 300_000, "bandwidth": "unlimited (libvirt's default)",
+           "memory_remaining_bytes": 0, "aborted_after_s": None}
+    return {**run, **kw}
+
+
+def _with_native() -> dict[str, Any]:
+    results = copy.deepcopy(RESULTS)
+    for w in results["workloads"].values():
+        for link in ("10M-40ms", "100M-5ms"):
+            w["timing"].setdefault(link, {})["native-precopy"] = dict(MODELLED)
+    return results
+
+
+def test_measured_shaped_precopy_replaces_the_model_only_for_its_workload_and_link_rate() -> None:
+    results = _with_native()
+    shaped = {"meta": {"date": "2026-11-28 01:30 UTC"},
+              "runs": [_shaped_run(10.0, total_s=999.0), _shaped_run(10.0), _shaped_run(40.0),
+                       {**_shaped_run(100.0), "workload": "elsewhere"}]}
+    assert apply_shaped_precopy(results, shaped) == 1
+    notes = results["workloads"]["notes"]["timing"]
+    got = notes["10M-40ms"]["native-precopy"]
+    # the last run of that workload at that rate; its time and downtime as measured
+    assert (got["e2e_s"], got["downtime_s"]) == (262.4, 0.385)
+    assert got["how"].startswith("measured on the shaped link, 2026-11-28 01:30 UTC")
+    # no run of notes at 100 Mbit/s (one at 40, one of another workload): the model stays
+    assert notes["100M-5ms"]["native-precopy"] == MODELLED
+    assert results["workloads"]["shell"]["timing"]["10M-40ms"]["native-precopy"] == MODELLED
+    # a workload without a modelled row gets none made up
+    bare = copy.deepcopy(RESULTS)
+    assert apply_shaped_precopy(bare, shaped) == 0
+    assert "native-precopy" not in bare["workloads"]["notes"]["timing"]["10M-40ms"]
+    md = render_markdown(results)
+    assert "| 262.4 s | 0.4 s | measured on the shaped link, 2026-11-28 01:30 UTC" in md
+    assert "modelled from a migration measured" in md                    # the others
+    assert apply_shaped_precopy(_with_native(), None) == 0
+    # a run merged from an earlier file names its own date
+    dated = _with_native()
+    apply_shaped_precopy(dated, {"meta": {"date": "file"}, "runs": [_shaped_run(10.0, date="its own")]})
+    assert dated["workloads"]["notes"]["timing"]["10M-40ms"]["native-precopy"]["how"].startswith(
+        "measured on the shaped link, its own")
+
+
+def test_a_shaped_precopy_that_did_not_converge_has_no_downtime_and_says_so() -> None:
+    results = _with_native()
+    stuck = _shaped_run(10.0, converged=False, total_s=None, downtime_s=None, aborted_after_s=360.0,
+                        memory_remaining_bytes=40 << 20, iterations=30, dirty_bytes_s=2_000_000)
+    assert apply_shaped_precopy(results, {"meta": {"date": "d"}, "runs": [stuck]}) == 1
+    got = results["workloads"]["notes"]["timing"]["10M-40ms"]["native-precopy"]
+    assert got["downtime_s"] is None and got["e2e_s"] is None and got["converges"] is False
+    assert "did not converge in 360 s" in got["how"] and "40.0 MiB still to send" in got["how"]
+    assert "16.00 Mbit/s" in got["how"]                                   # the dirty rate against the link
+    assert not any(ln.startswith("- notes at 100 Mbit/s") for ln in goal_lines(results))  # no replay run there
+    line = next(ln for ln in goal_lines(results) if ln.startswith("- notes at 10 Mbit/s, 40 ms RTT: downtime"))
+    assert "did not converge" in line
+
+
+def test_a_shaped_precopy_finished_by_pausing_the_guest_counts_the_pause_as_its_downtime() -> None:
+    results = _with_native()
+    forced = _shaped_run(10.0, converged=False, finish="suspended", suspended_after_s=360.0, total_s=371.5,
+                         downtime_s=7.2, memory_remaining_bytes=6 << 20, dirty_bytes_s=1_240_000)
+    apply_shaped_precopy(results, {"meta": {"date": "d"}, "runs": [forced]})
+    got = results["workloads"]["notes"]["timing"]["10M-40ms"]["native-precopy"]
+    assert (got["e2e_s"], got["downtime_s"], got["converges"]) == (371.5, 7.2, False)
+    assert "did not converge in 360 s (6.0 MiB still to send" in got["how"] and "--timeout-suspend" in got["how"]
+    line = next(ln for ln in goal_lines(results) if ln.startswith("- notes at 10 Mbit/s, 40 ms RTT: downtime"))
+    assert "the guest paused to finish" in line and "2.5x" in line
+
+
+def test_the_downtime_goal_against_precopy_names_what_it_compares_with() -> None:
+    results = _with_native()
+    modelled = [ln for ln in goal_lines(results) if "vs libvirt pre-copy" in ln]
+    assert any("notes" in ln and "(modelled)" in ln and "44.3x" in ln and "NOT met" in ln for ln in modelled)
+    apply_shaped_precopy(results, {"meta": {"date": "d"}, "runs": [_shaped_run(10.0, downtime_s=2.0)]})
+    measured = next(ln for ln in goal_lines(results) if ln.startswith("- notes at 10 Mbit/s, 40 ms RTT: downtime"))
+    assert "(measured on the shaped link)" in measured and "9.0x" in measured and ": met" in measured
+
+
+def test_the_shaped_precopy_file_is_read_if_there_and_refused_if_it_is_not_one(tmp_path: Path) -> None:
+    assert load_shaped_precopy(tmp_path / "none.json") is None
+    good = tmp_path / "p.json"
+    good.write_text('{"meta": {"date": "d"}, "runs": [{"workload": "notes"}]}')
+    assert load_shaped_precopy(good) == {"meta": {"date": "d"}, "runs": [{"workload": "notes"}]}
+    for text in ("not json", "[]", '{"runs": []}', '{"meta": {"date": "d"}, "runs": [1]}'):
+        good.write_text(text)
+        with pytest.raises(ValueError, match="not a bench_precopy result"):
+            load_shaped_precopy(good)
+
+
+def test_the_report_written_uses_the_shaped_precopy_file_and_says_where_it_comes_from(tmp_path: Path) -> None:
+    from bench.bench_migration import write_results
+
+    shaped = tmp_path / "precopy-shaped.json"
+    shaped.write_text(json.dumps({"meta": {"date": "2026-11-28 01:30 UTC", "commit": "abc1234"},
+                                  "runs": [_shaped_run(10.0)]}))
+    results = _with_native()
+    md = write_results(results, tmp_path / "out", shaped_precopy=shaped).read_text()
+    assert "measured on the shaped link, 2026-11-28 01:30 UTC" in md and "commit abc1234" in md
+    # rendered again (``--render``): the note once
+    again = write_results(json.loads((tmp_path / "out" / "migration.json").read_text()), tmp_path / "out",
+                          shaped_precopy=shaped).read_text()
+    assert again.count("are `make bench-precopy`'s") == 1
+    plain = write_results(_with_native(), tmp_path / "out2", shaped_precopy=tmp_path / "absent.json").read_text()
+    assert "measured on the shaped link" not in plain.split("## Time")[1].split("## libvirt")[0]

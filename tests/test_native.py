@@ -130,7 +130,8 @@ def test_the_target_xml_moves_the_files_and_keeps_the_machine(tmp_path: Path) ->
 COMPLETED = {"type": 3, "operation": 6, "time_elapsed": 2612, "downtime": 159, "downtime_net": 150,
              "data_processed": 338_000_000, "data_total": 1_400_000_000, "memory_processed": 330_000_000,
              "memory_total": 1_090_000_000, "disk_processed": 8_000_000, "memory_iteration": 3,
-             "memory_dirty_rate": 120, "memory_page_size": 4096, "memory_postcopy_requests": 0}
+             "memory_dirty_rate": 120, "memory_page_size": 4096, "memory_postcopy_requests": 0,
+             "setup_time": 12}
 
 
 def test_the_completed_job_statistics_give_bytes_time_and_downtime() -> None:
@@ -138,6 +139,7 @@ def test_the_completed_job_statistics_give_bytes_time_and_downtime() -> None:
     assert (s.total_s, s.downtime_s) == (2.612, 0.159)
     assert (s.memory_bytes, s.disk_bytes, s.data_bytes) == (330_000_000, 8_000_000, 338_000_000)
     assert s.iterations == 3 and s.dirty_rate_pages_s * s.page_bytes == 120 * 4096
+    assert s.setup_s == 0.012                       # before the first pass: not downtime, but in the time
     # a libvirt that reports no data_processed still counts memory and disk
     s2 = NativeStats.from_job_stats({k: v for k, v in COMPLETED.items() if k != "data_processed"})
     assert s2.data_bytes == 338_000_000
@@ -148,7 +150,8 @@ def test_the_completed_job_statistics_give_bytes_time_and_downtime() -> None:
 
 
 @pytest.mark.parametrize("bad", [{"time_elapsed": None}, {"downtime": -1}, {"memory_processed": MAX_STAT_BYTES + 1},
-                                 {"disk_processed": "12"}, {"memory_iteration": True}, {"time_elapsed": 2.5}])
+                                 {"disk_processed": "12"}, {"memory_iteration": True}, {"time_elapsed": 2.5},
+                                 {"setup_time": -3}])
 def test_job_statistics_that_make_no_sense_are_refused(bad: dict[str, Any]) -> None:
     stats = {**COMPLETED, **bad}
     if bad.get("time_elapsed", 0) is None:

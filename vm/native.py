@@ -391,6 +391,9 @@ class NativeStats:
     page_bytes: int
     postcopy_requests: int
     compression_bytes: int
+    setup_s: float = 0.0
+    """QEMU's setup before the first pass (``setup_time``; 0 when libvirt does not report it): part
+    of the time, not of the downtime."""
 
     @classmethod
     def from_job_stats(cls, stats: Mapping[str, Any], *, wall_s: float | None = None) -> NativeStats:
@@ -415,6 +418,7 @@ class NativeStats:
             page_bytes=_count(stats, "memory_page_size", 1 << 30) or 4096,
             postcopy_requests=_count(stats, "memory_postcopy_requests", 1 << 40),
             compression_bytes=_count(stats, "compression_bytes", MAX_STAT_BYTES),
+            setup_s=_count(stats, "setup_time", MAX_STAT_MS) / 1000,
         )
 
     def as_dict(self) -> dict[str, Any]:
