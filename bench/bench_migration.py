@@ -66,7 +66,7 @@ from migration.suspenddir import suspend_dir_arg
 from migration.timeline import downtime_breakdown, excluded_seconds, merge, spans_of
 from replay_migrate.errors import HostError
 from replayer.drive import run_checks
-from replayer.workload import find_workload, load_workload, synthesize
+from replayer.workload import find_workload, load_workload, session_seconds
 from server.credentials import CREDENTIAL_ENV, KEY_ENV, TOKEN_ENV
 from server.keyring import MIN_KEY_BYTES, SESSION_ID_BYTES, Keyring
 from store import checkpoint as ckpt
@@ -259,7 +259,7 @@ def migrate(hv: Hypervisor, ck: ckpt.Checkpoint, wl: str, workload: Path, link: 
     src_name, tgt_name = f"{PREFIX}{wl}-src", f"{PREFIX}{wl}-tgt"
     wdir = work / wl
     wdir.mkdir(parents=True, exist_ok=True)
-    duration = synthesize(load_workload(workload))[-1].t_us / 1e6
+    duration = session_seconds(load_workload(workload))
     _remove_ours(hv, (src_name, tgt_name))
     # the bench holds the service key, so it derives the session's credentials itself (the service
     # keeps no state to consult); each side gets only its own

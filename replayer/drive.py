@@ -13,9 +13,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from recorder.logformat import Button, Event, Key, Motion
+from recorder.logformat import Button, Key, Motion
 from replay_migrate.errors import VMError
-from replayer.workload import Action, Check, checks, synthesize
+from replayer.workload import Action, Check, checks, timeline
 from vm import input as vi
 from vm.machine import Machine
 
@@ -45,7 +45,7 @@ def drive(machine: Machine, actions: Sequence[Action], *, seed: int = 0, speed: 
           stop: threading.Event | None = None) -> DriveStats:
     """Inject ``actions`` (see ``replayer.workload``) into ``machine`` with human timing; return
     early once ``stop`` is set (the command was cancelled: the user stops typing at once)."""
-    events: list[Event] = synthesize(actions, seed=seed)
+    events, length = timeline(actions, seed=seed)
     halt = stop if stop is not None else threading.Event()
     t0 = time.monotonic()
     last = t0 - MIN_EVENT_GAP_S
@@ -60,7 +60,7 @@ def drive(machine: Machine, actions: Sequence[Action], *, seed: int = 0, speed: 
         machine.send_input(to_qmp(ev, machine.screen_size))
         last = time.monotonic()
         n += 1
-    end = t0 + (events[-1].t_us / 1e6 / speed if events else 0.0)
+    end = t0 + length / speed
     if end > time.monotonic():
         halt.wait(end - time.monotonic())       # trailing waits of the workload
     return DriveStats(n, time.monotonic() - t0)

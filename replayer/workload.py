@@ -388,6 +388,24 @@ def synthesize(
     """Primitive timed events (µs from 0) a user performing ``actions`` would produce; deterministic
     for a given seed. Pointer paths are straight lines with an ease-in-out, sampled every
     ``timing.motion_interval``; waits become idle time; checks make no events."""
+    return timeline(actions, seed=seed, start=start, timing=timing)[0]
+
+
+def session_seconds(actions: Sequence[Action], *, seed: int = 0, timing: Timing | None = None) -> float:
+    """How long a user performing ``actions`` is at it, trailing waits included: what a driver
+    must let pass before the session counts as done. The last event's time is not that: a workload
+    that ends with ``wait 5`` (its last command's effects) has no event after it."""
+    return timeline(actions, seed=seed, timing=timing)[1]
+
+
+def timeline(
+    actions: Sequence[Action],
+    *,
+    seed: int = 0,
+    start: tuple[int, int] = (640, 400),
+    timing: Timing | None = None,
+) -> tuple[list[Event], float]:
+    """:func:`synthesize`'s events, and the session's length in seconds (:func:`session_seconds`)."""
     tm = timing or Timing()
     rng = random.Random(seed)
     events: list[Event] = []
@@ -461,7 +479,7 @@ def synthesize(
                 pause(tm.scroll_gap)
         elif isinstance(a, Wait):
             t += a.seconds
-    return events
+    return events, t
 
 
 def checks(actions: Sequence[Action]) -> list[Check]:
@@ -478,8 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for f in args.files:
             actions = load_workload(find_workload(f))
-            evs = synthesize(actions)
-            dur = evs[-1].t_us / 1e6 if evs else 0.0
+            evs, dur = timeline(actions)
             waits = sum(a.seconds for a in actions if isinstance(a, Wait))
             n_checks = len(checks(actions))
             print(f"{f}: {len(actions)} actions, {len(evs)} events, ~{dur:.0f} s ({waits:.0f} s waiting)"

@@ -26,8 +26,10 @@ from replayer.workload import (
     get_workload,
     load_workload,
     parse_workload,
+    session_seconds,
     shipped_workloads,
     synthesize,
+    timeline,
 )
 
 
@@ -228,3 +230,44 @@ def test_a_fifo_or_a_device_is_refused_not_read(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="is a character device"):
         get_workload("/dev/zero")
     assert wl.main(["notes", str(tmp_path / "fifo.wl")]) == UsageError.exit_code
+
+
+def test_build_types_no_key_while_a_command_runs() -> None:
+    """Keys typed while a command prints echo among its output in the order they and it came: a
+    target whose command ends a key earlier or later shows another screen for good, and the sync
+    mark after it fails (bench/results/marks.md, "build": the source's make ended among the keys of
+    the next command, typed after a fixed wait shorter than the build on a loaded host). So the
+    user of ``build`` waits for the prompt after ``cp`` and queues the rest on make's command line:
+    no key comes after it, whatever the build's flags and duration."""
+    acts = [a for a in load_workload(shipped_workloads()["build"]) if not isinstance(a, Check)]
+    typed = [i for i, a in enumerate(acts) if isinstance(a, TypeText)]
+    make = next(i for i in typed if isinstance(a := acts[i], TypeText) and a.text.startswith("make"))
+    assert any(isinstance(a, Wait) and a.seconds >= 1 for a in acts[typed[0]:make]), "no wait after cp"
+    assert typed[-1] == make, "keys typed after make started"
+    line = acts[make]
+    assert isinstance(line, TypeText) and "src/lua -e" in line.text and "sha256sum" in line.text
+    build_wait = acts[make + 1:]
+    assert len(build_wait) == 1 and isinstance(build_wait[0], Wait) and build_wait[0].seconds >= 150
+
+
+def test_a_session_lasts_until_its_trailing_wait_ends() -> None:
+    """A workload's last ``wait`` is time for its last command's effects (the checksums written,
+    the build done): the driver must let it pass before the session is over, though no event
+    comes after it. The bench drove ``build`` for the time of its last key and migrated while make
+    still ran."""
+    acts = parse_workload('click 10 10\ntype "make\\n"\nwait 185')
+    evs, length = timeline(acts, seed=3)
+    assert evs == synthesize(acts, seed=3)
+    assert length == session_seconds(acts, seed=3)
+    assert length == pytest.approx(evs[-1].t_us / 1e6 + 185, abs=1.0)
+    assert session_seconds(parse_workload("wait 2")) == 2
+    assert session_seconds(parse_workload("")) == 0
+    for name, path in shipped_workloads().items():
+        session = [a for a in load_workload(path) if not isinstance(a, Check)]
+        trailing = 0.0
+        while session and isinstance(last := session[-1], Wait):
+            trailing += last.seconds
+            session.pop()
+        # the trailing waits, after the last key's own gap (< 1 s)
+        extra = session_seconds(load_workload(path)) - synthesize(load_workload(path))[-1].t_us / 1e6
+        assert trailing <= extra < trailing + 1, name
