@@ -160,8 +160,15 @@ class Report:
     hash_bytes: int = added()
     block_bytes: int = added()
     fingerprint_bytes: int = added()
+    kind_bytes: int = added()
+    """Per-leaf request and answer kinds of the diff (``TransferStats.kind_bytes``)."""
+    framing_bytes: int = added()
+    """The diff-protocol messages' envelopes (``TransferStats.framing_bytes``)."""
     wire_bytes: int = measured_by(Role.SOURCE)
     """All traffic of the source's connection to the session (the target's carries about as much)."""
+    wire_detail: dict[str, int] = local()  # noqa: RUF009 (a dataclasses.field with a factory)
+    """This side's connection by what it carries (``SessionClient.wire_detail``): log and diff
+    payloads, their session envelopes, acks, replay progress, control messages."""
     baseline_bytes: int = measured_by(Role.SOURCE)
     savings: float = measured_by(Role.SOURCE, 0.0)
     divergent_blocks: dict[str, int] = largest()  # noqa: RUF009 (a dataclasses.field with a factory)
@@ -563,6 +570,7 @@ class SourceSide:
         self.report.downtime_s = self.t_confirmed - t_pause
         self.report.verified = True
         self.report.wire_bytes = self.client.wire_bytes_sent + self.client.wire_bytes_received
+        self.report.wire_detail = self.client.wire_detail()
         # the report's baseline, once the VM runs at the target: never inside the downtime (it
         # reads and compresses every leaf that changed since the checkpoint, on the cores the
         # target's restore needs)
@@ -868,6 +876,7 @@ class TargetSide:
         except (ReplayMigrateError, TimeoutError) as err:
             self.log.warning("the source did not acknowledge the confirm: %s", err or "timeout")
         self.report.wire_bytes = self.client.wire_bytes_sent + self.client.wire_bytes_received
+        self.report.wire_detail = self.client.wire_detail()
         # the source's half comes before its released (unless a service restart lost it)
         if self.client.peer_report is None:
             self.log.warning("the source sent no report: its figures are unknown")

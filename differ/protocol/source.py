@@ -379,6 +379,7 @@ class Source(Endpoint[SourceState]):
         st = self.stats
         st.leaf_digest_bytes += len(msg["h"])
         st.block_bytes += len(msg.get("z", msg.get("r", b""))) + len(msg["dm"]) + len(xl)
+        st.kind_bytes += len(msg["k"])
         st.batches += 1
         return msg
 

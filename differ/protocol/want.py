@@ -181,6 +181,7 @@ def decide(
         stats.bitmap_bytes += len(part["m"])
         stats.leaf_digest_bytes += len(part["c"])
         stats.fingerprint_bytes += len(fps)
+        stats.kind_bytes += len(part["k"]) + len(part["u"])
         parts.append(part)
         p_img.append(np.full(len(lv), im.gi, dtype=np.int64))
         p_leaf.append(lv)
