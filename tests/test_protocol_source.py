@@ -140,3 +140,23 @@ def test_resume_is_refused_outside_the_block_phase_and_beyond_what_was_sent() ->
 # -- fuzz: the target `make fuzz` runs on 100,000 inputs (bench/fuzz_targets), here on a few -------------
 
 test_fuzz_protocol_source, test_fuzz_protocol_source_raw_bytes = fuzz_tests("protocol-source")
+
+
+def test_a_reference_found_by_the_short_walk_prefix_is_confirmed_with_its_check_bytes() -> None:
+    """The walk's digests are 5 bytes: a reference the target found by that prefix carries
+    ``ref_check_bytes`` more of its candidate's digest, and the source confirms it only when they
+    are its leaf's too (else it sends the block, and the transfer still verifies)."""
+    b = rand(16 * PAGE, seed=21)
+    a = bytearray(b)
+    a[4 * PAGE : 5 * PAGE] = b[9 * PAGE : 10 * PAGE]        # the target holds page 4's content at 9
+    pair = one(bytes(a), b)
+    want = msgpack.unpackb(walk_to_want(pair))
+    part = want["p"][0]
+    assert list(part["k"]) == [2]                           # Req.REF
+    params = ProtocolParams()
+    assert params.digest_bytes + params.ref_rest >= 8 and len(part["c"]) == params.ref_rest
+    part["c"] = bytes(x ^ 0xFF for x in part["c"])          # a candidate that agrees on the prefix only
+    pair.source.receive_data(msgpack.packb(want))
+    stats = pair.run()
+    assert stats.verified and pair.data() == bytes(a)
+    assert (stats.images["disk"].full, stats.images["disk"].referenced) == (1, 0)  # sent, not confirmed

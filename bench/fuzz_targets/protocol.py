@@ -333,7 +333,7 @@ def _rewrite_want(rng: random.Random, msg: dict[str, Any]) -> dict[str, Any]:
     raw = part.get("f")
     f: bytes = raw if isinstance(raw, bytes) else b""
     part["f"] = (f + rng.randbytes(max(0, need - len(f))))[:need]
-    part["c"] = b""  # check_bytes is 0: a reference confirmation carries nothing
+    part["c"] = rng.randbytes(kinds.count(2) * PROTOCOL_PARAMS.ref_rest)  # a reference's check bytes
     parts[i] = part
     return {**msg, "p": parts}
 

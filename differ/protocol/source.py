@@ -96,6 +96,7 @@ class Source(Endpoint[SourceState]):
         self._sub = self.params.sub_block_size
         self._fb = self.params.fingerprint_bytes
         self._cb = self.params.check_bytes
+        self._rb = self.params.ref_check_bytes
         self._key = b""
         # the plan (one entry per requested leaf, images in order, leaves ascending)
         self._p_img = np.zeros(0, dtype=np.int64)
@@ -142,7 +143,7 @@ class Source(Endpoint[SourceState]):
         if mtype is MsgType.WALK:
             return walk_bytes(leaves, self._t, len(self._images))
         if mtype is MsgType.WANT:
-            per_leaf = 2 + self._cb + 4 + -(-LEAF_SIZE // self._sub) * self._fb
+            per_leaf = 2 + self._rb + 4 + -(-LEAF_SIZE // self._sub) * self._fb
             return MESSAGE_SLACK * (1 + len(self._images)) + leaves * per_leaf
         return 0
 
@@ -156,6 +157,7 @@ class Source(Endpoint[SourceState]):
             raise ProtocolError("sub-block size is not a power of two")
         self._fb = integer(msg, "fb", MIN_FINGERPRINT_BYTES, MAX_FINGERPRINT_BYTES)
         self._cb = integer(msg, "cb", 0, DIGEST_SIZE - self._t)
+        self._rb = integer(msg, "rb", 0, DIGEST_SIZE - self._t)
         self._key = binary(msg, "key", KEY_SIZE)
         theirs = [Shape.decode(v, p) for v in array(msg, "img", max_len=p.max_images)]
         base_roots = array(msg, "br", len(theirs))
@@ -215,7 +217,7 @@ class Source(Endpoint[SourceState]):
         parts = array(msg, "p", len(self._images))
         imgs, leaves, reqs, auxs = [], [], [], []
         cands, fps = [], []
-        rest = self._cb
+        rest = self._rb
         pos = 0
         fp_off = 0
         cand_row = 0
@@ -395,7 +397,7 @@ class Source(Endpoint[SourceState]):
         reference's check bytes, the base's leaf, zeros, an earlier leaf), else ZERO for a zero
         leaf, else -1 (its bytes are needed); and whether an XOR against the base is worth trying."""
         n = len(self._p_leaf)
-        t, cb = self._t, self._cb
+        t, cb = self._t, self._rb
         digests = np.empty((n, DIGEST_SIZE), dtype=np.uint8)
         lengths = np.empty(n, dtype=np.int64)
         ok = np.zeros(n, dtype=bool)

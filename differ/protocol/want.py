@@ -110,7 +110,7 @@ def decide(
     """All walks are over: decide per differing leaf how to get it; the want's parts and the plan.
     Asks for the resized images' sizes to be set (they are then *touched*) and for the own blocks
     that fingerprints are made of."""
-    t, cb = params.digest_bytes, params.check_bytes
+    t, cb = params.digest_bytes, params.ref_rest
     holdings: list[tuple[Holding, MerkleTree]] = []
     if any(len(im.diff_leaves) for im in by_gi):  # ~50 ms per GiB held: only when needed
         holdings = [(Holding(Of.IMAGE, im.name), im.tree) for im in images]
