@@ -32,9 +32,11 @@ from differ.protocol.messages import (
     Shape,
     array,
     binary,
+    get_kinds,
     integer,
     mapping,
     pack_bits,
+    put_kinds,
     unpack_bits,
 )
 from differ.protocol.params import (
@@ -236,7 +238,7 @@ class Source(Endpoint[SourceState]):
             lv = walk.sent_nodes[mask]
             if len(lv) == 0:
                 raise ProtocolError(f"{what}: no differing leaf")
-            kinds = np.frombuffer(binary(part, "k", len(lv)), dtype=np.uint8)
+            kinds = np.frombuffer(get_kinds(part, len(lv), len(lv), what), dtype=np.uint8)
             if (kinds > max(Req)).any():
                 raise ProtocolError(f"{what}: unknown request kind")
             if walk.base is None and (kinds == Req.BASE).any():
@@ -370,7 +372,8 @@ class Source(Endpoint[SourceState]):
             self._starts.append(pos)
         body = b"".join(payload)
         z = self._cctx.compress(body) if body else b""
-        msg: dict[str, Any] = {"n": n, "o": start, "k": bytes(kinds), "h": b"".join(rests), "dm": b"".join(masks)}
+        msg: dict[str, Any] = {"n": n, "o": start, "h": b"".join(rests), "dm": b"".join(masks)}
+        kind_bytes = put_kinds(msg, bytes(kinds), self._cctx, count=True)
         xl = b"".join(xrefs)
         if xl:
             msg["xl"] = xl
@@ -381,7 +384,7 @@ class Source(Endpoint[SourceState]):
         st = self.stats
         st.leaf_digest_bytes += len(msg["h"])
         st.block_bytes += len(msg.get("z", msg.get("r", b""))) + len(msg["dm"]) + len(xl)
-        st.kind_bytes += len(msg["k"])
+        st.kind_bytes += kind_bytes
         st.batches += 1
         return msg
 
