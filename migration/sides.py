@@ -66,6 +66,7 @@ from migration.cancel import drop, in_thread, settle
 from migration.catchup import CATCHUP_POLL_S, PauseGate, ReplayProgress, wait_to_pause
 from migration.diffio import AsyncAdapter
 from migration.halves import Figures, added, all_true, largest, local, measured_by, preferred
+from migration.logbatch import LOG_BATCH_S, LogBatch
 from migration.suspenddir import save_until_whole, suspend_image
 from migration.syncdump import SyncDump
 from migration.timeline import SOURCE, TARGET, Timeline, downtime_breakdown, excluded_seconds, merge
@@ -362,8 +363,12 @@ class SourceSide:
 
     def __init__(self, hv: Hypervisor, machine: Machine, checkpoint: ckpt.Checkpoint, client: SessionClient,
                  *, params: ProtocolParams | None = None, suspend_dir: Path | None = None,
-                 chain_limit: int = chain.DEFAULT_CHAIN_LIMIT) -> None:
+                 chain_limit: int = chain.DEFAULT_CHAIN_LIMIT, log_batch_s: float = LOG_BATCH_S) -> None:
         self.hv = hv
+        self._held = LogBatch(log_batch_s)
+        """Agent frames read but not yet forwarded (``migration.logbatch``; ``log_batch_s`` 0: none)."""
+        self._holding = True
+        """Whether frames may be held (while the user works; never from the suspend on)."""
         self.machine = machine
         self.suspend_dir = suspend_dir
         """Where to save the VM at suspend (``migration.suspenddir``: a tmpfs folder; None, or no
@@ -451,15 +456,24 @@ class SourceSide:
             if self._in_checkpoint(fr.seq):
                 self.link.ack(fr.seq)
                 continue
-            self._sent_log = await self.client.send_log(fr.data)
-            self.link.ack(fr.seq)        # journalled in the session: the agent may forget it
-            self.report.log_bytes += len(fr.data)
-            self.report.log_frames += 1
+            self._held.add(fr.seq, fr.data, time.monotonic())
+        await self._forward_held(force=not self._holding)
         if show:
             behind = self.client.in_flight(Stream.LOG)
             self.progress_note(f"{self.report.log_frames} frames; the target is {_kib(behind)} behind")
             self.progress("recording", self.report.log_bytes, 0)
         return len(frames)
+
+    async def _forward_held(self, *, force: bool) -> None:
+        """Forward the held agent frames once they are due (``migration.logbatch``), or at once when
+        ``force``d; each is acked to the agent only once its session frame is journalled."""
+        if not self._held.due(time.monotonic(), force=force):
+            return
+        for last, data in self._held.take(self.client.max_payload):
+            self._sent_log = await self.client.send_log(data)
+            self.link.ack(last)          # journalled in the session: the agent may forget it
+            self.report.log_bytes += len(data)
+            self.report.log_frames += 1
 
     def _show_catch_up(self, sent: int, replayed: int) -> None:
         self.progress_note(f"the target replayed log frame {replayed} of {sent}; the VM runs on")
@@ -468,6 +482,7 @@ class SourceSide:
     async def _end_log(self) -> None:
         """Close the forwarded log with its end-of-log event (the agent records on until the VM is
         saved, so it never writes one itself): the target then tells a whole log from a cut one."""
+        await self._forward_held(force=True)
         self.log_end = (self._log.decoder.next_seq, self._log.header.clock_origin_us if self._log.header else 0)
         data = self._log.end_frame()
         await self.client.send_log(data)
@@ -510,6 +525,7 @@ class SourceSide:
         m = self.machine
         tl = self.timeline
         t_pause = time.monotonic()
+        self._holding = False           # the target needs every frame now: none is held from here on
         try:
             t0 = time.monotonic()
             self._gate = gate = PauseGate(t0, FLUSH_S, MIN_FLUSH_S)
