@@ -11,7 +11,8 @@ PROTOCOL_VERSION = 4
 """2: base-relative walk, per-block check bytes (``cb``) instead of whole digests. 3: a block may
 travel XOR another leaf of the base than its own (the most similar one: ``Ans.XSIM``, ``xl``).
 4: a reference candidate carries ``ref_check_bytes`` (``rb``) of its digest, apart from the
-blocks' ``check_bytes``: the walk's digests shrank from 8 to 5 bytes."""
+blocks' ``check_bytes``: the walk's digests shrank from 8 to 5 bytes; per-leaf kinds may travel
+as a zstd frame (``kz``, in a blocks message with their count ``kn``)."""
 
 MIN_DIGEST_BYTES, MAX_DIGEST_BYTES = 4, DIGEST_SIZE
 MIN_SUB_BLOCK, MAX_SUB_BLOCK = 64, LEAF_SIZE
