@@ -90,6 +90,9 @@ class Source(Endpoint[SourceState]):
         self._cctx = zstandard.ZstdCompressor(
             level=self.params.zstd_level, write_checksum=False, write_content_size=True, write_dict_id=False
         )
+        self._bctx = zstandard.ZstdCompressor(
+            level=self.params.batch_zstd_level, write_checksum=False, write_content_size=True, write_dict_id=False
+        )
         for im in self._images:
             self.stats.images[im.name] = ImageStats(leaves=im.tree.leaf_count)
             self.stats.flat_hash_bytes += DIGEST_SIZE * im.tree.leaf_count
@@ -371,7 +374,7 @@ class Source(Endpoint[SourceState]):
         if fixed_end is None:
             self._starts.append(pos)
         body = b"".join(payload)
-        z = self._cctx.compress(body) if body else b""
+        z = self._bctx.compress(body) if body else b""
         msg: dict[str, Any] = {"n": n, "o": start, "h": b"".join(rests), "dm": b"".join(masks)}
         kind_bytes = put_kinds(msg, bytes(kinds), self._cctx, count=True)
         xl = b"".join(xrefs)
