@@ -43,3 +43,11 @@ def test_payloads_stay_within_the_limit_in_order() -> None:
     assert [(last, len(d)) for last, d in out] == [(2, 80), (3, 30), (4, 90), (5, 5)]   # a larger frame alone
     assert b"".join(d for _, d in out) == b"".join(bytes([s]) * n for s, n in ((1, 40), (2, 40), (3, 30), (4, 90),
                                                                               (5, 5)))
+
+
+def test_by_default_nothing_waits() -> None:
+    """The default holds no frame (the target's replay would start later and the suspend wait for
+    it): only frames read together go as one."""
+    b = LogBatch()
+    b.add(1, b"x", now=5.0)
+    assert b.due(5.0)
