@@ -253,9 +253,16 @@ def _cause_section(wl: str, d: Mapping[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+SESSION_PARTS: tuple[str, ...] = ("log_envelopes", "diff_envelopes", "acks", "replayed", "control")
+"""The session's own bytes on the source's socket (``SessionClient.wire_detail``): the envelopes of
+log frames and diff messages, acks, the target's replay progress, every other session message."""
+
+
 def breakdown_rows(results: Mapping[str, Any]) -> list[list[str]]:
     """Where replay-migrate's bytes go (first run of each workload): log, walk hashes, delta
-    fingerprints, blocks, and the rest (websocket framing, session control)."""
+    fingerprints, blocks, the diff's per-leaf kinds and its messages' envelopes, the session's
+    envelopes and messages (from the source's ``wire_detail``, when the run has it), and whatever
+    none of these accounts for."""
     rows: list[list[str]] = []
     for wl, w in results["workloads"].items():
         runs = w.get("runs", {})
@@ -267,10 +274,19 @@ def breakdown_rows(results: Mapping[str, Any]) -> list[list[str]]:
         hashes = s.get("hash_bytes", 0) + t.get("hash_bytes", 0)
         fps = s.get("fingerprint_bytes", 0) + t.get("fingerprint_bytes", 0)
         blocks = s.get("block_bytes", 0) + t.get("block_bytes", 0)
+        kinds = s.get("kind_bytes", 0) + t.get("kind_bytes", 0)
+        framing = s.get("framing_bytes", 0) + t.get("framing_bytes", 0)
+        detail = s.get("wire_detail") or {}
+        session = {k: detail.get(k, 0) for k in SESSION_PARTS}
+        if detail:
+            log = detail.get("log_data", log)
         wire = s.get("wire_bytes", 0)
         div = t.get("divergent_blocks") or s.get("divergent_blocks", {})
-        rows.append([wl, human(wire), human(log), human(hashes), human(fps), human(blocks),
-                     human(max(0, wire - log - hashes - fps - blocks)),
+        rest = wire - log - hashes - fps - blocks - kinds - framing - sum(session.values())
+        rows.append([wl, human(wire), human(log), human(hashes), human(fps), human(blocks), human(kinds),
+                     human(framing),
+                     " / ".join(human(v) for v in session.values()) if detail else "-",
+                     human(rest) if rest >= 0 else f"-{human(-rest)}",
                      f"{div.get('memory', 0)} / {div.get('disk', 0)}",
                      f"{t.get('referenced_blocks', 0)} / {t.get('delta_blocks', 0)} / {t.get('full_blocks', 0)}",
                      str(t.get("round_trips", 0))])
@@ -569,9 +585,13 @@ def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> st
                          "vs no-replay"], bytes_rows(results)))
     rows = breakdown_rows(results)
     if rows:
-        out.append("\nWhere replay-migrate's bytes go (wire = everything on the source's socket):\n")
+        out.append("\nWhere replay-migrate's bytes go (wire = everything on the source's socket; *leaf kinds*: "
+                   "the diff's per-leaf request and answer kinds; *diff envelopes*: its messages' msgpack "
+                   "envelopes; *session*: log-frame envelopes / diff-frame envelopes / acks / the target's "
+                   "replay progress / other session messages; *rest*: what none of these accounts for):\n")
         out.append(md_table(["workload", "wire", "input log", "walk hashes", "delta fingerprints", "blocks",
-                             "framing, control", "divergent leaves mem / disk",
+                             "leaf kinds", "diff envelopes", "session: log / diff / acks / replayed / control",
+                             "rest", "divergent leaves mem / disk",
                              "sent as reference / delta / full", "round trips"], rows))
     out.append("\n## Time: end to end (migrate requested -> VM running at the target) and downtime "
                "(source paused -> target running)\n")

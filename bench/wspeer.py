@@ -217,7 +217,9 @@ class LeanPeer:
                     raise TransportError(f"handshake refused: HTTP {ev.status_code}")
                 self._open = True
                 assert self._transport is not None
-                self.ws.send_binary(self.core.attach_message())
+                attach = self.core.attach_message()
+                self.ws.send_binary(attach)
+                self.wire_bytes_sent += len(attach)     # as SessionClient counts it
                 continue
             if not isinstance(ev, WsFrame):
                 continue

@@ -66,6 +66,7 @@ from migration.cancel import drop, in_thread, settle
 from migration.catchup import CATCHUP_POLL_S, PauseGate, ReplayProgress, wait_to_pause
 from migration.diffio import AsyncAdapter
 from migration.halves import Figures, added, all_true, largest, local, measured_by, preferred
+from migration.logbatch import LOG_BATCH_S, LogBatch
 from migration.suspenddir import save_until_whole, suspend_image
 from migration.syncdump import SyncDump
 from migration.timeline import SOURCE, TARGET, Timeline, downtime_breakdown, excluded_seconds, merge
@@ -160,8 +161,15 @@ class Report:
     hash_bytes: int = added()
     block_bytes: int = added()
     fingerprint_bytes: int = added()
+    kind_bytes: int = added()
+    """Per-leaf request and answer kinds of the diff (``TransferStats.kind_bytes``)."""
+    framing_bytes: int = added()
+    """The diff-protocol messages' envelopes (``TransferStats.framing_bytes``)."""
     wire_bytes: int = measured_by(Role.SOURCE)
     """All traffic of the source's connection to the session (the target's carries about as much)."""
+    wire_detail: dict[str, int] = local()  # noqa: RUF009 (a dataclasses.field with a factory)
+    """This side's connection by what it carries (``SessionClient.wire_detail``): log and diff
+    payloads, their session envelopes, acks, replay progress, control messages."""
     baseline_bytes: int = measured_by(Role.SOURCE)
     savings: float = measured_by(Role.SOURCE, 0.0)
     divergent_blocks: dict[str, int] = largest()  # noqa: RUF009 (a dataclasses.field with a factory)
@@ -358,8 +366,12 @@ class SourceSide:
 
     def __init__(self, hv: Hypervisor, machine: Machine, checkpoint: ckpt.Checkpoint, client: SessionClient,
                  *, params: ProtocolParams | None = None, suspend_dir: Path | None = None,
-                 chain_limit: int = chain.DEFAULT_CHAIN_LIMIT) -> None:
+                 chain_limit: int = chain.DEFAULT_CHAIN_LIMIT, log_batch_s: float = LOG_BATCH_S) -> None:
         self.hv = hv
+        self._held = LogBatch(log_batch_s)
+        """Agent frames read but not yet forwarded (``migration.logbatch``; ``log_batch_s`` 0: none)."""
+        self._holding = True
+        """Whether frames may be held (while the user works; never from the suspend on)."""
         self.machine = machine
         self.suspend_dir = suspend_dir
         """Where to save the VM at suspend (``migration.suspenddir``: a tmpfs folder; None, or no
@@ -447,15 +459,24 @@ class SourceSide:
             if self._in_checkpoint(fr.seq):
                 self.link.ack(fr.seq)
                 continue
-            self._sent_log = await self.client.send_log(fr.data)
-            self.link.ack(fr.seq)        # journalled in the session: the agent may forget it
-            self.report.log_bytes += len(fr.data)
-            self.report.log_frames += 1
+            self._held.add(fr.seq, fr.data, time.monotonic())
+        await self._forward_held(force=not self._holding)
         if show:
             behind = self.client.in_flight(Stream.LOG)
             self.progress_note(f"{self.report.log_frames} frames; the target is {_kib(behind)} behind")
             self.progress("recording", self.report.log_bytes, 0)
         return len(frames)
+
+    async def _forward_held(self, *, force: bool) -> None:
+        """Forward the held agent frames once they are due (``migration.logbatch``), or at once when
+        ``force``d; each is acked to the agent only once its session frame is journalled."""
+        if not self._held.due(time.monotonic(), force=force):
+            return
+        for last, data in self._held.take(self.client.max_payload):
+            self._sent_log = await self.client.send_log(data)
+            self.link.ack(last)          # journalled in the session: the agent may forget it
+            self.report.log_bytes += len(data)
+            self.report.log_frames += 1
 
     def _show_catch_up(self, sent: int, replayed: int) -> None:
         self.progress_note(f"the target replayed log frame {replayed} of {sent}; the VM runs on")
@@ -464,6 +485,7 @@ class SourceSide:
     async def _end_log(self) -> None:
         """Close the forwarded log with its end-of-log event (the agent records on until the VM is
         saved, so it never writes one itself): the target then tells a whole log from a cut one."""
+        await self._forward_held(force=True)
         self.log_end = (self._log.decoder.next_seq, self._log.header.clock_origin_us if self._log.header else 0)
         data = self._log.end_frame()
         await self.client.send_log(data)
@@ -506,6 +528,7 @@ class SourceSide:
         m = self.machine
         tl = self.timeline
         t_pause = time.monotonic()
+        self._holding = False           # the target needs every frame now: none is held from here on
         try:
             t0 = time.monotonic()
             self._gate = gate = PauseGate(t0, FLUSH_S, MIN_FLUSH_S)
@@ -567,6 +590,7 @@ class SourceSide:
         self.report.catchup_s = round(self.catchup_s, 3)
         self.report.verified = True
         self.report.wire_bytes = self.client.wire_bytes_sent + self.client.wire_bytes_received
+        self.report.wire_detail = self.client.wire_detail()
         # the report's baseline, once the VM runs at the target: never inside the downtime (it
         # reads and compresses every leaf that changed since the checkpoint, on the cores the
         # target's restore needs)
@@ -872,6 +896,7 @@ class TargetSide:
         except (ReplayMigrateError, TimeoutError) as err:
             self.log.warning("the source did not acknowledge the confirm: %s", err or "timeout")
         self.report.wire_bytes = self.client.wire_bytes_sent + self.client.wire_bytes_received
+        self.report.wire_detail = self.client.wire_detail()
         # the source's half comes before its released (unless a service restart lost it)
         if self.client.peer_report is None:
             self.log.warning("the source sent no report: its figures are unknown")

@@ -44,7 +44,7 @@ from server.clientcore import ClientState, Event, Failed, Frame, SessionFailedEr
 from server.credentials import TOKEN_ENV
 from server.keyring import CREATE_PATH, Credential
 from server.limits import Limits
-from server.wire import Phase, Reason, Role, State, Stream, decode, encode, state_reached
+from server.wire import Phase, Reason, Role, State, Stream, decode, encode, frame_payload, message_type, state_reached
 
 _DEFAULTS: Final = Limits()
 
@@ -184,6 +184,12 @@ class SessionClient:
         self.reconnects = 0
         self.wire_bytes_sent = 0
         self.wire_bytes_received = 0
+        self.wire_by_type: dict[str, int] = {}
+        """Bytes sent and received per message type (``server.wire.message_type``): where the
+        session's bytes go (:meth:`wire_detail`)."""
+        self.payload_bytes = 0
+        """Payload bytes of the log and diff frames sent and received (every transmission)."""
+        self.log_payload_bytes = 0
 
     # -- properties
     @property
@@ -215,6 +221,31 @@ class SessionClient:
     def connection(self) -> ClientConnection | None:
         """The current websocket, if any (tests cut it with ``connection.transport.abort()``)."""
         return self._ws
+
+    def wire_detail(self) -> dict[str, int]:
+        """This connection's bytes by what they carry: log frames and diff-protocol messages
+        (``log_data``, ``diff_data``), their session envelopes (``log_envelopes``,
+        ``diff_envelopes``), the acks, the target's replay progress (``replayed``) and every other
+        session message (``control``: attach, states, phases, suspend, verified, confirm...).
+        The values add up to :attr:`wire_bytes_sent` + :attr:`wire_bytes_received`."""
+        by = dict(self.wire_by_type)
+        log, diff = self.log_payload_bytes, self.payload_bytes - self.log_payload_bytes
+        out = {"log_data": log, "log_envelopes": by.pop("log", 0) - log, "diff_data": diff,
+               "diff_envelopes": by.pop("diff", 0) - diff, "acks": by.pop("ack", 0),
+               "replayed": by.pop("replayed", 0)}
+        out["control"] = sum(by.values())
+        return out
+
+    def _count(self, data: bytes) -> int:
+        """Account one message sent or received (:meth:`wire_detail`); its length."""
+        t = message_type(data)
+        self.wire_by_type[t] = self.wire_by_type.get(t, 0) + len(data)
+        if t in ("log", "diff"):
+            payload = frame_payload(data)
+            self.payload_bytes += payload
+            if t == "log":
+                self.log_payload_bytes += payload
+        return len(data)
 
     # -- lifecycle
     async def __aenter__(self) -> SessionClient:
@@ -418,7 +449,7 @@ class SessionClient:
                     await ws.send(msg)
                 except ConnectionClosed:
                     return  # the reader notices; the next attach re-plans what to send
-                self.wire_bytes_sent += len(msg)
+                self.wire_bytes_sent += self._count(msg)
 
     async def _supervise(self) -> None:
         backoff: Backoff | None = None
@@ -476,12 +507,14 @@ class SessionClient:
         attached, resumed = False, self._core.ever_attached
         try:
             async with asyncio.timeout(self._open_timeout):
-                await ws.send(self._core.attach_message())
+                attach = self._core.attach_message()
+                await ws.send(attach)
+                self.wire_bytes_sent += self._count(attach)
                 data = await ws.recv()
             while True:
-                self.wire_bytes_received += len(data)
                 if isinstance(data, str):
                     raise ProtocolError("the handoff service sent a text frame")
+                self.wire_bytes_received += self._count(data)
                 events = self._core.receive(data)
                 if self._core.attached and not attached:
                     attached = True

@@ -370,6 +370,31 @@ def decode(data: bytes, max_size: int) -> dict[str, Any]:
     return obj
 
 
+def message_type(data: bytes) -> str:
+    """The type of one envelope, for byte accounting only (no check): :func:`encode` writes
+    ``{"v": V, "t": TYPE, ...}``, so the type is read in place without decoding the payload; an
+    envelope another encoder made is decoded whole. ``"?"`` when it is not an envelope."""
+    if len(data) > 7 and 0x80 <= data[0] <= 0x8F and data[1:3] == b"\xa1v" and data[4:6] == b"\xa1t" \
+            and 0xA0 <= data[6] <= 0xBF:
+        return bytes(data[7 : 7 + (data[6] & 0x1F)]).decode("ascii", "replace")
+    try:
+        obj = msgpack.unpackb(data, raw=False)
+    except Exception:  # accounting only: whatever msgpack raises for bad input
+        return "?"
+    t = obj.get("t") if isinstance(obj, dict) else None
+    return t if isinstance(t, str) else "?"
+
+
+def frame_payload(data: bytes) -> int:
+    """The payload length of a ``log`` or ``diff`` envelope (0 if it has none), for byte accounting."""
+    try:
+        obj = msgpack.unpackb(data, raw=False)
+    except Exception:  # accounting only: whatever msgpack raises for bad input
+        return 0
+    payload = obj.get("data") if isinstance(obj, dict) else None
+    return len(payload) if isinstance(payload, bytes) else 0
+
+
 def frame_message(stream: Stream, seq: int, data: bytes) -> bytes:
     """The envelope of one frame: ``log`` for the log, ``diff`` with its direction for the rest."""
     if stream is Stream.LOG:

@@ -288,6 +288,7 @@ def hello_bytes(**override: object) -> bytes:
         "sb": 256,
         "fb": 4,
         "cb": 0,
+        "rb": 3,
         "key": KEY,
         "img": [{"n": "disk", "s": 4 * PAGE, "l": 4, "f": 4, "r": bytes(32)}],
         "br": [None],

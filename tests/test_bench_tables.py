@@ -118,7 +118,25 @@ def test_time_rows_name_the_link_and_the_replay_lag() -> None:
 def test_breakdown_adds_both_sides() -> None:
     row = breakdown_rows(RESULTS)[0]
     assert row[3] == human(5000) and row[4] == human(4000) and row[5] == human(50_000)
-    assert row[7] == "100 / 3" and row[8] == "40 / 50 / 13"
+    assert row[10] == "100 / 3" and row[11] == "40 / 50 / 13"
+    assert row[8] == "-"                                # no session detail in that run
+
+
+def test_breakdown_accounts_every_byte_of_the_socket() -> None:
+    """The session's envelopes, acks, replay progress and control messages, and the diff's leaf
+    kinds and envelopes, each in a column: nothing is left as an unexplained rest."""
+    results = copy.deepcopy(RESULTS)
+    run = results["workloads"]["notes"]["runs"]["10M-40ms"]
+    run["report"].update(kind_bytes=300, framing_bytes=200, wire_detail={
+        "log_data": 1000, "log_envelopes": 2700, "diff_data": 5000 + 4000 + 50_000 + 550 + 350,
+        "diff_envelopes": 400, "acks": 2600,
+        "replayed": 1800, "control": 900})
+    run["target_report"].update(kind_bytes=250, framing_bytes=150)
+    run["report"]["wire_bytes"] = sum(run["report"]["wire_detail"].values())
+    row = breakdown_rows(results)[0]
+    assert row[6] == human(550) and row[7] == human(350)
+    assert row[8] == " / ".join(human(v) for v in (2700, 400, 2600, 1800, 900))
+    assert row[9] == human(0)
 
 
 def test_sync_marks_are_reported_per_workload_and_link() -> None:

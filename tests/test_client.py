@@ -13,6 +13,7 @@ import pytest
 from replay_migrate.errors import TransportError, UsageError
 from server.backoff import ReconnectPolicy
 from server.client import SessionClient, create_session, session_url
+from server.clientcore import Frame
 from server.keyring import Keyring
 from server.limits import Limits
 from server.service import ServiceConfig, start_service
@@ -83,4 +84,41 @@ def test_the_reconnect_budget_runs_on_the_clock_it_is_given() -> None:
         with pytest.raises(TransportError, match=r"within 3 attempts / 12\.0 s"):
             await c.wait_confirmed(timeout=10)
         await c.close()
+    run(body())
+
+
+def test_wire_detail_accounts_every_byte_of_the_connection() -> None:
+    """A source that sends log frames, reads the target's replay progress and exchanges diff
+    messages: its bytes by kind add up to all it sent and received, and the payloads are exact."""
+    async def body() -> None:
+        async with start_service(config()) as url:
+            src_cred, tgt_cred = await create_session(url, TOKEN)
+            src, tgt = client(url, src_cred), client(url, tgt_cred)
+            await src.connect()
+            await tgt.connect()
+            for k in range(5):
+                await src.send_log(bytes([k]) * (100 + k))
+            seen = 0
+            while seen < 5:
+                ev = await tgt.recv(5)
+                if isinstance(ev, Frame):
+                    seen += 1
+                    await tgt.replayed(ev.seq)
+            await src.end_log()
+            await src.suspend()
+            await tgt.send_diff(b"d" * 300)
+            while not isinstance(await src.recv(5), Frame):
+                pass
+            await src.send_diff(b"e" * 200)
+            while not isinstance(await tgt.recv(5), Frame):
+                pass
+            await src.drain(5)
+            await src.close()
+            await tgt.close()
+            detail = src.wire_detail()
+            assert sum(detail.values()) == src.wire_bytes_sent + src.wire_bytes_received
+            assert detail["log_data"] == sum(100 + k for k in range(5))
+            assert detail["diff_data"] == 500
+            assert detail["log_envelopes"] > 0 and detail["diff_envelopes"] > 0
+            assert detail["acks"] > 0 and detail["replayed"] > 0 and detail["control"] > 0
     run(body())

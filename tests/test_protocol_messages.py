@@ -4,13 +4,26 @@ entries, and the code a failure is reported with."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import numpy as np
 import pytest
+import zstandard
 
 from differ.merkle import MerkleTree
 from differ.protocol import FailCode, ProtocolParams, fail_code
-from differ.protocol.messages import Shape, array, binary, integer, mapping, pack_bits, string, unpack_bits
+from differ.protocol.messages import (
+    Shape,
+    array,
+    binary,
+    get_kinds,
+    integer,
+    mapping,
+    pack_bits,
+    put_kinds,
+    string,
+    unpack_bits,
+)
 from replay_migrate.errors import ImageError, ProtocolError, VerificationError
 
 
@@ -59,3 +72,26 @@ def test_fail_codes() -> None:
     assert fail_code(ProtocolError("x")) is FailCode.PROTOCOL
     assert fail_code(asyncio.CancelledError()) is fail_code(KeyboardInterrupt()) is FailCode.ABORTED
     assert fail_code(ImageError("x")) is fail_code(OSError()) is FailCode.INTERNAL
+
+
+def test_kinds_travel_compressed_within_their_announced_count() -> None:
+    """Runs of one kind (a want's thousands of references or blocks) travel as a zstd frame, which
+    is decompressed only to the count the receiver expects or the message announces within its
+    bound: another count, a bomb, or both forms at once are refused."""
+    cctx = zstandard.ZstdCompressor()
+    kinds = bytes([2] * 700 + [0] * 300)
+    msg: dict[str, Any] = {}
+    assert put_kinds(msg, kinds, cctx, count=True) < 100 and "k" not in msg and msg["kn"] == 1000
+    assert get_kinds(msg, None, 1000, "blocks") == kinds
+    with pytest.raises(ProtocolError):
+        get_kinds(msg, None, 999, "blocks")                       # more than this batch may hold
+    with pytest.raises(ProtocolError):
+        get_kinds({**msg, "kn": 999}, None, 1000, "blocks")      # a frame of another size
+    with pytest.raises(ProtocolError):
+        get_kinds({**msg, "k": kinds}, None, 1000, "blocks")
+    bomb = {"kz": cctx.compress(bytes(1 << 20)), "kn": 1 << 20}
+    with pytest.raises(ProtocolError):
+        get_kinds(bomb, None, 4096, "blocks")
+    part: dict[str, Any] = {}
+    assert put_kinds(part, bytes([1, 2, 3]), cctx, count=False) == 3 and part == {"k": bytes([1, 2, 3])}
+    assert get_kinds(part, 3, 3, "want") == bytes([1, 2, 3])

@@ -16,7 +16,8 @@ def test_params_validation() -> None:
         {"max_message_bytes": 1000},
         {"window": 0},
         {"max_leaves": 0},
-        {"check_bytes": 25},
+        {"check_bytes": 28},
+        {"ref_check_bytes": 29},
         {"max_pending_bytes": 1000},
         {"max_logical_bytes": 1000},
     ):

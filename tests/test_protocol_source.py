@@ -3,9 +3,12 @@ allocating by what the target announces; the leaves it sends are read ahead thro
 
 from __future__ import annotations
 
+import random
+
 import msgpack
 import pytest
-from diffpair import PAGE, V, hello_bytes, one, peak_of, rand, replayed, walk_to_want
+import zstandard
+from diffpair import PAGE, V, hello_bytes, one, peak_of, pump, rand, replayed, walk_to_want
 from fuzzkit import fuzz_tests
 
 from differ.merkle import MerkleTree
@@ -140,3 +143,43 @@ def test_resume_is_refused_outside_the_block_phase_and_beyond_what_was_sent() ->
 # -- fuzz: the target `make fuzz` runs on 100,000 inputs (bench/fuzz_targets), here on a few -------------
 
 test_fuzz_protocol_source, test_fuzz_protocol_source_raw_bytes = fuzz_tests("protocol-source")
+
+
+def test_a_reference_found_by_the_short_walk_prefix_is_confirmed_with_its_check_bytes() -> None:
+    """The walk's digests are 5 bytes: a reference the target found by that prefix carries
+    ``ref_check_bytes`` more of its candidate's digest, and the source confirms it only when they
+    are its leaf's too (else it sends the block, and the transfer still verifies)."""
+    b = rand(16 * PAGE, seed=21)
+    a = bytearray(b)
+    a[4 * PAGE : 5 * PAGE] = b[9 * PAGE : 10 * PAGE]        # the target holds page 4's content at 9
+    pair = one(bytes(a), b)
+    want = msgpack.unpackb(walk_to_want(pair))
+    part = want["p"][0]
+    assert list(part["k"]) == [2]                           # Req.REF
+    params = ProtocolParams()
+    assert params.digest_bytes + params.ref_rest >= 8 and len(part["c"]) == params.ref_rest
+    part["c"] = bytes(x ^ 0xFF for x in part["c"])          # a candidate that agrees on the prefix only
+    pair.source.receive_data(msgpack.packb(want))
+    stats = pair.run()
+    assert stats.verified and pair.data() == bytes(a)
+    assert (stats.images["disk"].full, stats.images["disk"].referenced) == (1, 0)  # sent, not confirmed
+
+
+def test_a_batch_body_is_compressed_at_the_batch_level() -> None:
+    """Each blocks message's body is compressed once at ``batch_zstd_level`` (6), not at the fast
+    level of the per-leaf trials: 17 KB less on a real migration's 275 KB of blocks."""
+    rng = random.Random(5)
+    words = [bytes(rng.choice(b"abcdefghijklmnop") for _ in range(rng.randint(2, 9))) for _ in range(400)]
+    text = b" ".join(rng.choice(words) for _ in range(40 * PAGE // 5))[: 40 * PAGE]
+    b = bytes(40 * PAGE)
+    pair = one(text, b)
+    bodies = [msgpack.unpackb(d)["z"] for who, d in pump(pair) if who == "S" and msgpack.unpackb(d)["t"] == "blocks"]
+    assert bodies and pair.data() == text
+    params = ProtocolParams()
+
+    def size(level: int, raw: bytes) -> int:
+        return len(zstandard.ZstdCompressor(level=level, write_checksum=False, write_dict_id=False).compress(raw))
+
+    raws = [zstandard.ZstdDecompressor().decompress(z) for z in bodies]
+    assert [len(z) for z in bodies] == [size(params.batch_zstd_level, r) for r in raws]
+    assert sum(len(z) for z in bodies) < sum(size(params.zstd_level, r) for r in raws)

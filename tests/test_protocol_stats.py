@@ -30,7 +30,7 @@ def test_every_counter_merges_without_being_listed() -> None:
     b.images["disk"] = numbered(ImageStats(resized=True), 100)
     b.images["memory"] = ImageStats(leaves=9)
     m = a.merged(b)
-    assert len(int_fields(m)) == 11 and len(int_fields(ImageStats())) == 11  # the test sees them all
+    assert len(int_fields(m)) == 12 and len(int_fields(ImageStats())) == 11  # the test sees them all
     for name in int_fields(m):
         va, vb = getattr(a, name), getattr(b, name)
         assert getattr(m, name) == (max(va, vb) if name == "flat_hash_bytes" else va + vb), name
@@ -42,6 +42,7 @@ def test_every_counter_merges_without_being_listed() -> None:
     assert m.images["memory"] == b.images["memory"] and m.images["memory"] is not b.images["memory"]
     assert m.wire_total == 14 and m.hash_bytes == sum(
         getattr(m, f) for f in ("root_bytes", "walk_digest_bytes", "bitmap_bytes", "leaf_digest_bytes"))
+    assert m.framing_bytes == m.wire_total - m.hash_bytes - m.fingerprint_bytes - m.block_bytes - m.kind_bytes
 
 
 def test_summary_and_dict() -> None:

@@ -8,7 +8,7 @@ import pytest
 from diffpair import PAGE, one, rand, replayed
 
 from differ.merkle import MerkleTree
-from differ.protocol import TransferStats
+from differ.protocol import ProtocolParams, TransferStats
 from differ.protocol.walk import Walk, children, first_level, walk_bytes
 from replay_migrate.errors import ProtocolError
 
@@ -21,7 +21,7 @@ def test_ping_pong_walk_round_trips() -> None:
     a[500 * PAGE] ^= 1
     stats = one(bytes(a), b).run()
     assert stats.round_trips == 4 and stats.images["disk"].divergent == 1
-    assert stats.walk_digest_bytes == 5 * 4 * 8  # four children per level, 8-byte digests
+    assert stats.walk_digest_bytes == 5 * 4 * ProtocolParams().digest_bytes  # four children per level
 
 
 def test_base_relative_walk_costs_bits_where_both_kept_the_base() -> None:

@@ -251,6 +251,8 @@ def test_property_target_equals_source(
     assert image.data == a and stats.verified and sink.committed
     view = MerkleTree.from_bytes(b).resized(len(a))  # B as it is after set_size(len(a))
     assert stats.images["x"].divergent == len(MerkleTree.from_bytes(a).differing_leaves(view))
+    # every wire byte is counted as content or as framing (envelopes): kinds both ways if any leaf differs
+    assert (stats.kind_bytes > 0) == (stats.images["x"].divergent > 0) and stats.framing_bytes > 0
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

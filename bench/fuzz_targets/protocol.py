@@ -173,6 +173,15 @@ def _mutate_body(rng: random.Random, body: bytes) -> bytes:
     return mutate_bytes(rng, bytes(zstandard.ZstdCompressor().compress(body)))
 
 
+def _raw_kinds(part: dict[str, Any]) -> dict[str, Any]:
+    """``part`` with its kinds as ``k`` rather than a zstd frame ``kz`` (and its count ``kn``)."""
+    if "kz" not in part:
+        return part
+    out = {k: v for k, v in part.items() if k not in ("kz", "kn")}
+    out["k"] = _unzstd(part["kz"])
+    return out
+
+
 def _mutate_bits(rng: random.Random, bits: bytes) -> bytes:
     if bits and rng.random() < 0.7:
         b = bytearray(bits)
@@ -193,6 +202,10 @@ def mutate_protocol_message(rng: random.Random, data: bytes) -> bytes:
         return _packb(mutate_obj(rng, msg))
     op = rng.randrange(10)
     t = msg.get("t")
+    if op <= 5:     # compressed kinds as they are (both forms are accepted), so that they mutate too
+        msg = _raw_kinds(msg)
+        if isinstance(msg.get("p"), list):
+            msg["p"] = [_raw_kinds(p) if isinstance(p, dict) else p for p in msg["p"]]
     if op <= 1 and t == "blocks" and isinstance(msg.get("k"), bytes):
         return _packb(_rewrite_blocks(rng, msg))
     if op <= 1 and t == "want" and isinstance(msg.get("p"), list):
@@ -333,7 +346,7 @@ def _rewrite_want(rng: random.Random, msg: dict[str, Any]) -> dict[str, Any]:
     raw = part.get("f")
     f: bytes = raw if isinstance(raw, bytes) else b""
     part["f"] = (f + rng.randbytes(max(0, need - len(f))))[:need]
-    part["c"] = b""  # check_bytes is 0: a reference confirmation carries nothing
+    part["c"] = rng.randbytes(kinds.count(2) * PROTOCOL_PARAMS.ref_rest)  # a reference's check bytes
     parts[i] = part
     return {**msg, "p": parts}
 

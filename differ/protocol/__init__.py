@@ -31,8 +31,10 @@ Improvements over "one level per round trip, digests one way, bitmaps back":
   image at fan-out 16: 4 round trips to the first block instead of 6). Parity is chosen per image
   so that the source sends the leaf level (the source always sends even levels, the target odd
   ones) and the target can answer it with its requests at once.
-* **truncated walk digests** (``digest_bytes``, 8 by default): a node collision only makes the walk
-  miss a difference, which the final root check (full 32-byte digests) turns into FAILED.
+* **truncated walk digests** (``digest_bytes``, 5 by default): a node collision only makes the walk
+  miss a difference, which the final root check (full 32-byte digests) turns into FAILED (~2^-40
+  per differing node compared; a reference the target finds by the prefix is confirmed with
+  ``ref_check_bytes`` more).
 * **base-relative walk**: both sides started from the same checkpoint, so when both hold its trees
   (the *base*, same root) a node whose digest equals the base's travels as one bit. Replay makes
   both sides change mostly the same pages, so the walk still descends into them, but each level's
@@ -40,7 +42,7 @@ Improvements over "one level per round trip, digests one way, bitmaps back":
   content while the target changed it is taken from the target's copy of the base.
 * **requests decided by the target**: for a differing leaf whose source digest prefix the target
   already holds (own images, references, base, or another leaf earlier in this transfer) it asks
-  for a *confirmation* (with ``check_bytes`` more of its candidate's digest, none by default) and
+  for a *confirmation* (a reference with ``ref_check_bytes`` more of its candidate's digest) and
   the source answers with one byte; zero leaves need no bytes at all. Otherwise it asks for the
   block, with keyed fingerprints of its own block's sub-blocks so the source can send only the
   sub-blocks that differ (a *delta*: DESIGN.md §5 found half of divergent pages differ in ≤ 8

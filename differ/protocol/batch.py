@@ -26,7 +26,7 @@ from differ.protocol.events import Holding, Of, Request, Result
 from differ.protocol.framing import Message
 from differ.protocol.index import Location
 from differ.protocol.leaves import fit, has_base_leaf, n_sub, xor
-from differ.protocol.messages import CONFIRMED, HOW, SENT, Ans, How, Req, binary, integer, unpack_bits
+from differ.protocol.messages import CONFIRMED, HOW, SENT, Ans, How, Req, binary, get_kinds, integer, unpack_bits
 from differ.protocol.params import ProtocolParams
 from differ.protocol.want import ImageState, Plan, own_blocks
 from replay_migrate.errors import ProtocolError, VerificationError
@@ -63,7 +63,7 @@ def read_layout(msg: Message, plan: Plan, applied: int, images: Sequence[ImageSt
     o = integer(msg, "o", 0, total)
     if o != applied:
         raise ProtocolError("blocks message does not start where the previous one ended")
-    kinds = binary(msg, "k", max_len=min(params.max_batch_entries, total - o))
+    kinds = get_kinds(msg, None, min(params.max_batch_entries, total - o), "blocks message")
     if not kinds:
         raise ProtocolError("empty blocks message")
     rests = binary(msg, "h")

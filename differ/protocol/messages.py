@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import zstandard
 
+from differ.bounded import decompress_exact
 from differ.merkle import DIGEST_SIZE, MAX_FANOUT, MIN_FANOUT, MerkleTree, leaf_count_for
 from differ.protocol.params import ProtocolParams
 from differ.source import LEAF_SIZE
@@ -169,6 +171,34 @@ def mapping(v: Any, what: str) -> dict[str, Any]:
     if not isinstance(v, dict):
         raise ProtocolError(f"{what} is not a map")
     return v
+
+
+def put_kinds(msg: dict[str, Any], kinds: bytes, cctx: zstandard.ZstdCompressor, *, count: bool) -> int:
+    """Put per-leaf kinds into ``msg``: ``k`` as they are, or ``kz``, a zstd frame of them, when
+    that is smaller (runs of one kind: 2,974 kinds of a real migration's want took 322 bytes);
+    ``count``: with ``kn``, their number, for a receiver that cannot know it beforehand. The
+    bytes it put."""
+    z = cctx.compress(kinds)
+    if len(z) + (6 if count else 0) >= len(kinds):
+        msg["k"] = kinds
+        return len(kinds)
+    msg["kz"] = z
+    if count:
+        msg["kn"] = len(kinds)
+    return len(z) + (6 if count else 0)
+
+
+def get_kinds(msg: dict[str, Any], length: int | None, max_len: int, what: str) -> bytes:
+    """The kinds :func:`put_kinds` put: ``length`` of them when the receiver knows how many (else
+    ``kn``, at most ``max_len``); a compressed frame is decompressed only to that size."""
+    if "kz" not in msg:
+        return binary(msg, "k", length, max_len)
+    if "k" in msg:
+        raise ProtocolError(f"{what}: both raw and compressed kinds")
+    n = length if length is not None else integer(msg, "kn", 1, max_len)
+    if n > max_len:
+        raise ProtocolError(f"{what}: more kinds than allowed")
+    return decompress_exact(binary(msg, "kz", max_len=n + 64), n, ProtocolError, f"{what} kinds")
 
 
 def pack_bits(mask: npt.NDArray[np.bool_]) -> bytes:

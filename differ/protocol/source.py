@@ -32,9 +32,11 @@ from differ.protocol.messages import (
     Shape,
     array,
     binary,
+    get_kinds,
     integer,
     mapping,
     pack_bits,
+    put_kinds,
     unpack_bits,
 )
 from differ.protocol.params import (
@@ -88,6 +90,9 @@ class Source(Endpoint[SourceState]):
         self._cctx = zstandard.ZstdCompressor(
             level=self.params.zstd_level, write_checksum=False, write_content_size=True, write_dict_id=False
         )
+        self._bctx = zstandard.ZstdCompressor(
+            level=self.params.batch_zstd_level, write_checksum=False, write_content_size=True, write_dict_id=False
+        )
         for im in self._images:
             self.stats.images[im.name] = ImageStats(leaves=im.tree.leaf_count)
             self.stats.flat_hash_bytes += DIGEST_SIZE * im.tree.leaf_count
@@ -96,6 +101,7 @@ class Source(Endpoint[SourceState]):
         self._sub = self.params.sub_block_size
         self._fb = self.params.fingerprint_bytes
         self._cb = self.params.check_bytes
+        self._rb = self.params.ref_check_bytes
         self._key = b""
         # the plan (one entry per requested leaf, images in order, leaves ascending)
         self._p_img = np.zeros(0, dtype=np.int64)
@@ -142,7 +148,7 @@ class Source(Endpoint[SourceState]):
         if mtype is MsgType.WALK:
             return walk_bytes(leaves, self._t, len(self._images))
         if mtype is MsgType.WANT:
-            per_leaf = 2 + self._cb + 4 + -(-LEAF_SIZE // self._sub) * self._fb
+            per_leaf = 2 + self._rb + 4 + -(-LEAF_SIZE // self._sub) * self._fb
             return MESSAGE_SLACK * (1 + len(self._images)) + leaves * per_leaf
         return 0
 
@@ -156,6 +162,7 @@ class Source(Endpoint[SourceState]):
             raise ProtocolError("sub-block size is not a power of two")
         self._fb = integer(msg, "fb", MIN_FINGERPRINT_BYTES, MAX_FINGERPRINT_BYTES)
         self._cb = integer(msg, "cb", 0, DIGEST_SIZE - self._t)
+        self._rb = integer(msg, "rb", 0, DIGEST_SIZE - self._t)
         self._key = binary(msg, "key", KEY_SIZE)
         theirs = [Shape.decode(v, p) for v in array(msg, "img", max_len=p.max_images)]
         base_roots = array(msg, "br", len(theirs))
@@ -215,7 +222,7 @@ class Source(Endpoint[SourceState]):
         parts = array(msg, "p", len(self._images))
         imgs, leaves, reqs, auxs = [], [], [], []
         cands, fps = [], []
-        rest = self._cb
+        rest = self._rb
         pos = 0
         fp_off = 0
         cand_row = 0
@@ -234,7 +241,7 @@ class Source(Endpoint[SourceState]):
             lv = walk.sent_nodes[mask]
             if len(lv) == 0:
                 raise ProtocolError(f"{what}: no differing leaf")
-            kinds = np.frombuffer(binary(part, "k", len(lv)), dtype=np.uint8)
+            kinds = np.frombuffer(get_kinds(part, len(lv), len(lv), what), dtype=np.uint8)
             if (kinds > max(Req)).any():
                 raise ProtocolError(f"{what}: unknown request kind")
             if walk.base is None and (kinds == Req.BASE).any():
@@ -367,8 +374,9 @@ class Source(Endpoint[SourceState]):
         if fixed_end is None:
             self._starts.append(pos)
         body = b"".join(payload)
-        z = self._cctx.compress(body) if body else b""
-        msg: dict[str, Any] = {"n": n, "o": start, "k": bytes(kinds), "h": b"".join(rests), "dm": b"".join(masks)}
+        z = self._bctx.compress(body) if body else b""
+        msg: dict[str, Any] = {"n": n, "o": start, "h": b"".join(rests), "dm": b"".join(masks)}
+        kind_bytes = put_kinds(msg, bytes(kinds), self._cctx, count=True)
         xl = b"".join(xrefs)
         if xl:
             msg["xl"] = xl
@@ -379,6 +387,7 @@ class Source(Endpoint[SourceState]):
         st = self.stats
         st.leaf_digest_bytes += len(msg["h"])
         st.block_bytes += len(msg.get("z", msg.get("r", b""))) + len(msg["dm"]) + len(xl)
+        st.kind_bytes += kind_bytes
         st.batches += 1
         return msg
 
@@ -394,7 +403,7 @@ class Source(Endpoint[SourceState]):
         reference's check bytes, the base's leaf, zeros, an earlier leaf), else ZERO for a zero
         leaf, else -1 (its bytes are needed); and whether an XOR against the base is worth trying."""
         n = len(self._p_leaf)
-        t, cb = self._t, self._cb
+        t, cb = self._t, self._rb
         digests = np.empty((n, DIGEST_SIZE), dtype=np.uint8)
         lengths = np.empty(n, dtype=np.int64)
         ok = np.zeros(n, dtype=bool)

@@ -92,6 +92,8 @@ class TransferSummary:
     hash_bytes: int
     block_bytes: int
     fingerprint_bytes: int
+    kind_bytes: int
+    framing_bytes: int
     round_trips: int
     divergent_blocks: dict[str, int]
     referenced_blocks: int
@@ -113,6 +115,9 @@ class TransferStats:
     fingerprint_bytes: int = 0
     block_bytes: int = 0
     """Block payload on the wire: compressed batch bodies plus delta sub-block bitmaps."""
+    kind_bytes: int = 0
+    """Per-leaf request and answer kinds (the want's ``k``, its duplicate positions ``u``, every
+    blocks message's ``k``): one byte per divergent leaf each way."""
     wire_bytes: dict[str, int] = field(default_factory=dict)
     messages: dict[str, int] = field(default_factory=dict)
     received_bytes: int = 0
@@ -135,6 +140,12 @@ class TransferStats:
         return sum(self.wire_bytes.values())
 
     @property
+    def framing_bytes(self) -> int:
+        """What the messages cost beyond the counted content: msgpack envelopes and field names,
+        the walk's level numbers, sizes and names in hello and tree, acks, fragments."""
+        return self.wire_total - self.hash_bytes - self.fingerprint_bytes - self.block_bytes - self.kind_bytes
+
+    @property
     def plain_bytes(self) -> int:
         return sum(s.plain_bytes for s in self.images.values())
 
@@ -147,6 +158,8 @@ class TransferStats:
             hash_bytes=self.hash_bytes,
             block_bytes=self.block_bytes,
             fingerprint_bytes=self.fingerprint_bytes,
+            kind_bytes=self.kind_bytes,
+            framing_bytes=self.framing_bytes,
             round_trips=self.round_trips,
             divergent_blocks={name: s.divergent for name, s in self.images.items()},
             referenced_blocks=sum(s.referenced_blocks for s in imgs),
@@ -158,5 +171,6 @@ class TransferStats:
         d = asdict(self)
         d["hash_bytes"] = self.hash_bytes
         d["wire_total"] = self.wire_total
+        d["framing_bytes"] = self.framing_bytes
         d["plain_bytes"] = self.plain_bytes
         return d

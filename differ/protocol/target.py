@@ -163,7 +163,7 @@ class Target(Endpoint[TargetState]):
         self._send(
             MsgType.HELLO,
             {"db": p.digest_bytes, "sb": p.sub_block_size, "fb": p.fingerprint_bytes, "cb": p.check_bytes,
-             "key": self._key, "img": shapes, "br": base_roots},
+             "rb": p.ref_rest, "key": self._key, "img": shapes, "br": base_roots},
         )
         self._check_to(Call.START.value, to)
 

@@ -11,13 +11,14 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import zstandard
 
 from differ.merkle import DIGEST_SIZE, MerkleTree, ReplacedTree, leaf_length, zero_digest
 from differ.protocol.endpoint import ImageSpec, read_leaves
 from differ.protocol.events import Holding, Of, Request, Result, SetSize
 from differ.protocol.index import ContentIndex, Location
 from differ.protocol.leaves import fingerprints, fit
-from differ.protocol.messages import Req, Shape, pack_bits
+from differ.protocol.messages import Req, Shape, pack_bits, put_kinds
 from differ.protocol.params import ProtocolParams
 from differ.protocol.stats import TransferStats
 from differ.protocol.walk import Walk
@@ -110,7 +111,9 @@ def decide(
     """All walks are over: decide per differing leaf how to get it; the want's parts and the plan.
     Asks for the resized images' sizes to be set (they are then *touched*) and for the own blocks
     that fingerprints are made of."""
-    t, cb = params.digest_bytes, params.check_bytes
+    t, cb = params.digest_bytes, params.ref_rest
+    cctx = zstandard.ZstdCompressor(level=params.zstd_level, write_checksum=False, write_content_size=True,
+                                    write_dict_id=False)
     holdings: list[tuple[Holding, MerkleTree]] = []
     if any(len(im.diff_leaves) for im in by_gi):  # ~50 ms per GiB held: only when needed
         holdings = [(Holding(Of.IMAGE, im.name), im.tree) for im in images]
@@ -173,7 +176,6 @@ def decide(
             fps = b"".join(fingerprints(blocks[leaf], sub, fb, key) for leaf in fp_leaves)
         part = {
             "m": pack_bits(im.want_mask),
-            "k": kinds.tobytes(),
             "c": b"".join(cands),
             "u": np.asarray(dups, dtype="<u4").tobytes(),
             "f": fps,
@@ -181,6 +183,7 @@ def decide(
         stats.bitmap_bytes += len(part["m"])
         stats.leaf_digest_bytes += len(part["c"])
         stats.fingerprint_bytes += len(fps)
+        stats.kind_bytes += put_kinds(part, kinds.tobytes(), cctx, count=False) + len(part["u"])
         parts.append(part)
         p_img.append(np.full(len(lv), im.gi, dtype=np.int64))
         p_leaf.append(lv)
