@@ -82,7 +82,7 @@ class ProtocolParams:
     check_bytes: int = 0
     """Bytes of a leaf's digest, beyond the walk's ``digest_bytes``, that travel with every block
     for an earlier, stronger per-block check. 0: each block is checked
-    against its walk prefix (2^-64 per block to pass wrongly) and every image against its 32-byte
+    against its walk prefix (2^-40 per block to pass wrongly with 5 bytes) and every image against its 32-byte
     root before anything is committed, which is what makes a transfer correct; the 24 bytes per
     block that full digests would add were 14 % of a real migration's wire bytes."""
     base: bool = True
