@@ -136,11 +136,7 @@ def run_native(hv: Hypervisor, ck: ckpt.Checkpoint, wl: str, workload: Path, sit
         hosts = [hv, hb]
 
         def clean() -> None:
-            for name in names:
-                ckpt.remove_clone(hv, name)
-                if hb.exists(name):
-                    hb.lookup(name).remove()
-                shutil.rmtree(site.cfg.folder("state") / "clones" / name, ignore_errors=True)
+            site.remove_clones(hv, hb, names)
 
         clean()
         try:

@@ -263,11 +263,7 @@ def run(hv: Hypervisor, ck: ckpt.Checkpoint, workload: Path, site: SiteB, prefix
     rows: list[dict[str, Any]] = []
     with Hypervisor(site.uri) as hb:
         def clean() -> None:
-            for name in names:
-                ckpt.remove_clone(hv, name)
-                if hb.exists(name):
-                    hb.lookup(name).remove()
-                shutil.rmtree(site.cfg.folder("state") / "clones" / name, ignore_errors=True)
+            site.remove_clones(hv, hb, names)
 
         clean()
         try:

@@ -45,7 +45,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -54,7 +54,9 @@ from typing import Any
 from bench.netns import LinkConfig, NetnsLink
 from replay_migrate.errors import HostError
 from replay_migrate.sparse import link_or_copy
+from store import checkpoint as ckpt
 from store.paths import cache_root, state_root
+from vm.machine import Hypervisor
 from vm.spec import GuestImage
 
 REPO = Path(__file__).resolve().parent.parent
@@ -188,6 +190,15 @@ class SiteB:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+    def remove_clones(self, here: Hypervisor, there: Hypervisor, names: Iterable[str]) -> None:
+        """Every clone in ``names`` at site A (``here``) and at this site (``there``, with its folder):
+        what a native leg may have left on either side, whatever state it ended in."""
+        for name in names:
+            ckpt.remove_clone(here, name)
+            if there.exists(name):
+                there.lookup(name).remove()
+            shutil.rmtree(self.cfg.folder("state") / "clones" / name, ignore_errors=True)
 
     # ---- life cycle ---------------------------------------------------------------------------------
     def start(self) -> SiteB:
