@@ -425,9 +425,7 @@ def run_native_rows(hv: Hypervisor, ck: ckpt.Checkpoint, workloads: Sequence[str
     beside the rows above; site B is started for it and stopped (and wiped) afterwards."""
     t0 = time.monotonic()
     with running() as site:
-        site.link_image(ck.image)
-        log(f"native: copying checkpoint {ck.name} to site B")
-        site.copy_checkpoint(ck.name)
+        site.hold(ck, log)
         for wl in workloads:
             merge_into(results.setdefault(wl, {}), run_native(hv, ck, wl, workload_file(wl), site, PREFIX))
     notes.append("replay-migrate's rows and the baselines ran under one libvirt daemon (site A), its two sides in "

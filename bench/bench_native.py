@@ -190,9 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         site = SiteB()
         try:
             site.start()
-            site.link_image(ck.image)
-            log(f"copying checkpoint {ck.name} to site B")
-            site.copy_checkpoint(ck.name)
+            site.hold(ck, log)
             out = run_native(hv, ck, path.stem, path, site, PREFIX)
         finally:
             site.stop(wipe=True)

@@ -414,9 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         site = SiteB()
         try:
             site.start()
-            site.link_image(ck.image)
-            log(f"copying checkpoint {ck.name} to site B")
-            site.copy_checkpoint(ck.name)
+            site.hold(ck, log)
             runs = run(hv, ck, path, site, PREFIX, args.rates, args.timeout, on_timeout=args.on_timeout,
                        drive_workload=not args.idle)
         except ReplayMigrateError as e:

@@ -45,7 +45,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -319,6 +319,13 @@ class SiteB:
                 continue
             link_or_copy(f, dst / f.name)
         return dst
+
+    def hold(self, ck: ckpt.Checkpoint, say: Callable[[str], None] = print) -> None:
+        """Give site B what a migration from site A needs of ``ck``: its guest image (linked) and
+        the checkpoint itself (exported at A, imported at B)."""
+        self.link_image(ck.image)
+        say(f"copying checkpoint {ck.name} to site B")
+        self.copy_checkpoint(ck.name)
 
     def copy_checkpoint(self, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """``checkpoint export NAME`` at site A piped into ``checkpoint import`` at site B (both
